@@ -1,0 +1,86 @@
+"""Kernel API: the only entry points the attention hook and the engine call.
+
+``backend``: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for CUDA tensors, torch otherwise). The
+environment variable ``HF_PAGED_BACKEND`` (same values) overrides it for the whole process; tests set
+it to ``triton`` together with ``TRITON_INTERPRET=1`` to run the Triton kernels on CPU.
+
+Example::
+
+    write_kv(key, value, k_cache, v_cache, slot_mapping)
+    out = paged_attention(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=0.125)
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import reference
+
+BACKENDS = ("auto", "triton", "torch")
+
+
+def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
+    """The backend that will run for ``tensor``: the env override first, then ``backend``."""
+    chosen = os.environ.get("HF_PAGED_BACKEND", "").strip().lower() or backend
+    if chosen not in BACKENDS:
+        raise ValueError(f"unknown kernel backend {chosen!r}; allowed: {', '.join(BACKENDS)}")
+    if chosen == "auto":
+        return "triton" if tensor.is_cuda else "torch"
+    return chosen
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> None:
+    """Store new ``key``/``value`` ``[T, KVH, D]`` at ``slot_mapping`` ``[T]`` (-1 = skip) in place."""
+    if resolve_backend(backend, key) == "triton":
+        from .cache_write import write_kv_triton
+
+        return write_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    return reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Causal attention of packed new tokens ``[T, H, D]`` over paged K/V; returns ``[T, H, D]``.
+
+    ``cu_seqlens_q`` ``[S+1]`` delimits the new tokens of S sequences; ``seq_lens`` ``[S]`` counts each
+    sequence's tokens including the new ones; ``block_tables`` ``[S, max_blocks]``. ``max_seqlen_q``/
+    ``max_seqlen_k`` are optional host-side hints that spare a device sync.
+    """
+    if resolve_backend(backend, query) == "triton":
+        from .attention import paged_attention_triton
+
+        return paged_attention_triton(
+            query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
+            sliding_window=sliding_window, softcap=softcap,
+            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        )
+    return reference.paged_attention(
+        query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
+        sliding_window=sliding_window, softcap=softcap,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+    )
+
+
+__all__ = ["write_kv", "paged_attention", "resolve_backend", "BACKENDS"]

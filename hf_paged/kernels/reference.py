@@ -1,0 +1,174 @@
+"""Pure-torch paged attention: the CPU backend and the oracle the Triton kernels are tested against.
+
+KV layout: ``k_cache``/``v_cache`` are ``[num_blocks, block_size, num_kv_heads, head_dim]``; a token's
+slot is ``block * block_size + offset``. Queries of S sequences are packed back to back
+(``cu_seqlens_q``); sequence i's queries are its last ``q_len_i`` positions and attend causally to
+all ``seq_lens[i]`` tokens before and including them.
+
+Speed matters here because this is what runs on CPU: decode rows (one query each) are computed in
+one batched SDPA call over gathered blocks; prefill rows are batched when padding them to a common
+length wastes little, and computed one by one otherwise (never a loop per decode row).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+# Pad prefill rows into one batch only while the padded work stays within this factor of the real work.
+_PAD_WASTE_LIMIT = 1.5
+
+
+def write_kv(
+    key: torch.Tensor,
+    value: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    slot_mapping: torch.Tensor,
+) -> None:
+    """Scatter ``key``/``value`` ``[T, KVH, D]`` into their slots; slot -1 marks a token not to store."""
+    if key.shape[0] == 0:
+        return
+    num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]
+    slots = slot_mapping.to(device=k_cache.device, dtype=torch.long)
+    valid = slots >= 0
+    if not bool(valid.all()):
+        key, value, slots = key[valid], value[valid], slots[valid]
+    k_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, key.to(k_cache.dtype))
+    v_cache.view(-1, num_kv_heads, head_dim).index_copy_(0, slots, value.to(v_cache.dtype))
+
+
+def gather_kv(
+    cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int
+) -> torch.Tensor:
+    """Contiguous ``[S, KVH, L, D]`` copy of the first ``num_tokens`` (rounded up to a block) of each table."""
+    block_size = cache.shape[1]
+    nblocks = -(-num_tokens // block_size)
+    tables = block_tables[:, :nblocks].to(device=cache.device, dtype=torch.long).clamp_(min=0)
+    kv = cache[tables]  # [S, nblocks, block_size, KVH, D]
+    s = kv.shape[0]
+    return kv.view(s, nblocks * block_size, cache.shape[2], cache.shape[3]).transpose(1, 2)
+
+
+def _attend(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    mask: torch.Tensor,
+    scale: float,
+    softcap: float | None,
+) -> torch.Tensor:
+    """q ``[n, H, Lq, D]``, k/v ``[n, KVH, Lk, D]``, boolean mask ``[n, 1, Lq, Lk]`` -> ``[n, H, Lq, D]``."""
+    if softcap is None or softcap == 0.0:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    # SDPA has no logit soft-capping: explicit scores, grouped so KV heads are never repeated.
+    n, num_heads, lq, d = q.shape
+    kvh = k.shape[1]
+    g = num_heads // kvh
+    qg = q.reshape(n, kvh, g * lq, d)
+    scores = torch.matmul(qg.float(), k.float().transpose(-1, -2)) * scale
+    scores = torch.tanh(scores / softcap) * softcap
+    scores = scores.view(n, kvh, g, lq, -1).masked_fill(~mask.unsqueeze(2), float("-inf"))
+    probs = torch.softmax(scores, dim=-1).view(n, kvh, g * lq, -1)
+    out = torch.matmul(probs, v.float())
+    return out.view(n, num_heads, lq, d).to(q.dtype)
+
+
+def _key_mask(
+    q_pos: torch.Tensor, k_pos: torch.Tensor, seq_len: torch.Tensor, sliding_window: int | None
+) -> torch.Tensor:
+    """Allowed (query, key) pairs; positions are absolute within each sequence."""
+    mask = (k_pos <= q_pos) & (k_pos < seq_len)
+    if sliding_window is not None and sliding_window > 0:
+        mask &= k_pos > q_pos - sliding_window
+    return mask
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> torch.Tensor:
+    """Attention of packed queries ``[T, H, D]`` over paged K/V. Returns ``[T, H, D]``.
+
+    Tokens past ``cu_seqlens_q[-1]`` (padding rows) get zeros.
+    """
+    out = torch.zeros_like(query)
+    num_seqs = seq_lens.shape[0]
+    if num_seqs == 0 or query.shape[0] == 0:
+        return out
+    # fp16 attention on CPU is slow and not always supported: compute in fp32 there.
+    work_dtype = torch.float32 if (query.device.type == "cpu" and query.dtype == torch.float16) else None
+    cu = cu_seqlens_q.tolist()
+    lens = seq_lens.tolist()
+    q_lens = [cu[i + 1] - cu[i] for i in range(num_seqs)]
+    decode = [i for i in range(num_seqs) if q_lens[i] == 1 and lens[i] > 0]
+    prefill = [i for i in range(num_seqs) if q_lens[i] > 1]
+    device = query.device
+    if decode:
+        _decode(query, k_cache, v_cache, block_tables, cu, lens, decode, out,
+                scale, sliding_window, softcap, work_dtype)
+    if prefill:
+        real = sum(q_lens[i] * lens[i] for i in prefill)
+        padded = len(prefill) * max(q_lens[i] for i in prefill) * max(lens[i] for i in prefill)
+        groups = [prefill] if padded <= _PAD_WASTE_LIMIT * real else [[i] for i in prefill]
+        for group in groups:
+            _prefill(query, k_cache, v_cache, block_tables, cu, lens, q_lens, group, out,
+                     scale, sliding_window, softcap, work_dtype, device)
+    return out
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
+    return t if dtype is None else t.to(dtype)
+
+
+def _decode(query, k_cache, v_cache, block_tables, cu, lens, rows, out,
+            scale, sliding_window, softcap, work_dtype) -> None:
+    device = query.device
+    rows_t = torch.tensor(rows, device=device)
+    tok = torch.tensor([cu[i] for i in rows], device=device)
+    seq = torch.tensor([lens[i] for i in rows], device=device)
+    max_k = max(lens[i] for i in rows)
+    tables = block_tables.index_select(0, rows_t.to(block_tables.device))
+    k = _cast(gather_kv(k_cache, tables, max_k), work_dtype)
+    v = _cast(gather_kv(v_cache, tables, max_k), work_dtype)
+    k_pos = torch.arange(k.shape[2], device=device)
+    mask = _key_mask((seq - 1)[:, None], k_pos[None, :], seq[:, None], sliding_window)
+    q = _cast(query.index_select(0, tok), work_dtype).unsqueeze(2)  # [n, H, 1, D]
+    res = _attend(q, k.to(device), v.to(device), mask[:, None, None, :], scale, softcap)
+    out.index_copy_(0, tok, res.squeeze(2).to(out.dtype))
+
+
+def _prefill(query, k_cache, v_cache, block_tables, cu, lens, q_lens, rows, out,
+             scale, sliding_window, softcap, work_dtype, device) -> None:
+    n = len(rows)
+    max_q = max(q_lens[i] for i in rows)
+    max_k = max(lens[i] for i in rows)
+    # Flat source token index of each real query and its destination in the padded [n, max_q] grid.
+    src = torch.cat([torch.arange(cu[i], cu[i + 1], device=device) for i in rows])
+    dst = torch.cat([torch.arange(q_lens[i], device=device) + j * max_q for j, i in enumerate(rows)])
+    num_heads, head_dim = query.shape[1], query.shape[2]
+    q = query.new_zeros(n * max_q, num_heads, head_dim, dtype=work_dtype or query.dtype)
+    q.index_copy_(0, dst, _cast(query.index_select(0, src), work_dtype))
+    q = q.view(n, max_q, num_heads, head_dim).transpose(1, 2)
+    tables = block_tables.index_select(0, torch.tensor(rows, device=block_tables.device))
+    k = _cast(gather_kv(k_cache, tables, max_k), work_dtype).to(device)
+    v = _cast(gather_kv(v_cache, tables, max_k), work_dtype).to(device)
+    seq = torch.tensor([lens[i] for i in rows], device=device)[:, None, None]
+    qlen = torch.tensor([q_lens[i] for i in rows], device=device)[:, None, None]
+    q_idx = torch.arange(max_q, device=device)[None, :, None]
+    k_pos = torch.arange(k.shape[2], device=device)[None, None, :]
+    mask = _key_mask(seq - qlen + q_idx, k_pos, seq, sliding_window)
+    # Padded query rows would see no key at all (softmax of all -inf is NaN): let them see key 0.
+    mask |= (q_idx >= qlen) & (k_pos == 0)
+    res = _attend(q, k, v, mask[:, None], scale, softcap)  # [n, H, max_q, D]
+    res = res.transpose(1, 2).reshape(n * max_q, num_heads, head_dim)
+    out.index_copy_(0, src, res.index_select(0, dst).to(out.dtype))
