@@ -1,0 +1,77 @@
+"""The attention and mask functions that transformers calls for a wrapped model.
+
+Registered under the name ``"hf_paged"`` with ``AttentionInterface`` and ``AttentionMaskInterface``.
+The attention function stores the layer's new K/V in their slots and attends over the paged K/V of
+each sequence through its block table, all described by the ``paged_metadata`` keyword argument.
+No dense mask is ever built: causality, padding and sliding windows follow from the metadata.
+"""
+from __future__ import annotations
+
+import torch
+from transformers import AttentionInterface
+from transformers.masking_utils import AttentionMaskInterface
+
+from . import kernels
+from .kv.metadata import PagedMetadata
+
+ATTN_NAME = "hf_paged"
+
+
+def paged_attention_forward(
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    key: torch.Tensor,
+    value: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    scaling: float | None = None,
+    dropout: float = 0.0,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    paged_metadata: PagedMetadata | None = None,
+    s_aux: torch.Tensor | None = None,
+    **kwargs,
+) -> tuple[torch.Tensor, None]:
+    """``query`` ``[B, H, q, D]``, ``key``/``value`` ``[B, KVH, q, D]`` (this forward's tokens only)."""
+    if paged_metadata is None:
+        raise RuntimeError(
+            "hf_paged attention ran without paged_metadata: call the model wrapped by hf_paged.wrap() "
+            "(its forward hook plans the KV slots) or pass paged_metadata from the engine")
+    if s_aux is not None:
+        raise NotImplementedError("attention sinks (s_aux) are not supported by hf_paged")
+    meta = paged_metadata
+    layer = module.layer_idx
+    k_cache, v_cache = meta.pool.k[layer], meta.pool.v[layer]
+    b, h, q, d = query.shape
+    kvh = key.shape[1]
+    if k_cache.shape[2] != kvh or k_cache.shape[3] != key.shape[3]:
+        raise ValueError(f"layer {layer}: K/V of shape {tuple(key.shape)} do not fit the pool's "
+                         f"{tuple(k_cache.shape[2:])} (kv heads, head dim)")
+    t = meta.on(query.device)
+    flat_k = key.transpose(1, 2).reshape(b * q, kvh, key.shape[3])
+    flat_v = value.transpose(1, 2).reshape(b * q, kvh, value.shape[3])
+    kernels.write_kv(flat_k, flat_v, k_cache, v_cache, t.slot_mapping)
+    flat_q = query.transpose(1, 2).reshape(b * q, h, d)
+    if t.token_index is not None:
+        flat_q = flat_q.index_select(0, t.token_index)
+    out = kernels.paged_attention(
+        flat_q, k_cache, v_cache, t.block_tables, t.cu_seqlens_q, t.seq_lens,
+        scale=d ** -0.5 if scaling is None else scaling,
+        sliding_window=sliding_window, softcap=softcap,
+        max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k,
+    )
+    if t.token_index is not None:
+        full = out.new_zeros(b * q, h, value.shape[3])
+        full.index_copy_(0, t.token_index, out)
+        out = full
+    return out.view(b, q, h, -1), None
+
+
+def paged_mask(*args, **kwargs) -> None:
+    """No dense mask: paged attention derives causality and padding from its metadata."""
+    return None
+
+
+def register() -> None:
+    """Make ``attn_implementation="hf_paged"`` known to transformers (idempotent)."""
+    AttentionInterface.register(ATTN_NAME, paged_attention_forward)
+    AttentionMaskInterface.register(ATTN_NAME, paged_mask)

@@ -1,0 +1,110 @@
+"""KVPool: the per-layer block tensors of a paged KV cache and the allocator that hands them out."""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import torch
+
+from .blocks import BlockAllocator
+
+_UNITS = {"": 1, "b": 1, "k": 1e3, "kb": 1e3, "m": 1e6, "mb": 1e6, "g": 1e9, "gb": 1e9, "t": 1e12, "tb": 1e12,
+          "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+
+
+def parse_bytes(value: int | float | str) -> int:
+    """``"1GiB"``, ``"512MB"``, ``2e9`` -> bytes."""
+    if isinstance(value, (int, float)):
+        if value <= 0:
+            raise ValueError(f"kv_memory must be positive, got {value}")
+        return int(value)
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([a-zA-Z]*)\s*", str(value))
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"kv_memory {value!r} is not a size such as 1GiB, 512MiB, 2GB or a number of bytes")
+    out = int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+    if out <= 0:
+        raise ValueError(f"kv_memory must be positive, got {value!r}")
+    return out
+
+
+@dataclass(slots=True, frozen=True)
+class LayerSpec:
+    """Shape and placement of one attention layer's KV blocks."""
+
+    num_kv_heads: int
+    head_dim: int
+    dtype: torch.dtype
+    device: torch.device
+
+
+class KVPool:
+    """Block tensors ``[num_blocks, block_size, num_kv_heads, head_dim]`` per layer, one allocator.
+
+    Each layer's pair lives on that layer's device, so an accelerate ``device_map`` spreads the cache
+    the way it spreads the weights. Sized once; nothing grows per request.
+    """
+
+    def __init__(self, layers: list[LayerSpec], num_blocks: int, block_size: int,
+                 enable_prefix_caching: bool = True) -> None:
+        self.layers = layers
+        self.block_size = block_size
+        self.allocator = BlockAllocator(num_blocks, block_size, enable_prefix_caching)
+        # Zero-filled: attention multiplies masked-out (never written) slots by 0, and 0 * NaN is NaN.
+        self.k = [torch.zeros(num_blocks, block_size, s.num_kv_heads, s.head_dim, dtype=s.dtype, device=s.device)
+                  for s in layers]
+        self.v = [torch.zeros_like(k) for k in self.k]
+
+    @property
+    def num_blocks(self) -> int:
+        return self.allocator.num_blocks
+
+    @staticmethod
+    def bytes_per_block(layers: list[LayerSpec], block_size: int) -> int:
+        return sum(2 * block_size * s.num_kv_heads * s.head_dim * s.dtype.itemsize for s in layers)
+
+    @classmethod
+    def sized(cls, layers: list[LayerSpec], block_size: int, *, kv_memory: int | float | str | None = None,
+              num_blocks: int | None = None, enable_prefix_caching: bool = True) -> "KVPool":
+        """A pool of ``num_blocks`` blocks, or as many as fit in ``kv_memory`` bytes."""
+        if block_size < 1 or block_size & (block_size - 1):
+            raise ValueError(f"block_size must be a power of two, got {block_size}")
+        per_block = cls.bytes_per_block(layers, block_size)
+        if num_blocks is not None and kv_memory is not None:
+            raise ValueError("give either kv_memory or num_blocks, not both")
+        if num_blocks is None:
+            budget = parse_bytes(kv_memory) if kv_memory is not None else default_kv_memory(layers[0].device)
+            num_blocks = budget // per_block
+            if num_blocks < 1:
+                raise ValueError(f"kv_memory={kv_memory!r} holds no block: one block of {block_size} tokens "
+                                 f"takes {per_block} bytes across all layers")
+        if num_blocks < 1:
+            raise ValueError(f"num_blocks must be positive, got {num_blocks}")
+        return cls(layers, int(num_blocks), block_size, enable_prefix_caching)
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.k + self.v)
+
+    def copy_blocks(self, pairs: list[tuple[int, int]]) -> None:
+        """Copy whole blocks ``src -> dst`` in every layer (copy-on-write)."""
+        if not pairs:
+            return
+        for k, v in zip(self.k, self.v):
+            src = torch.tensor([p[0] for p in pairs], device=k.device)
+            dst = torch.tensor([p[1] for p in pairs], device=k.device)
+            k.index_copy_(0, dst, k.index_select(0, src))
+            v.index_copy_(0, dst, v.index_select(0, src))
+
+
+def default_kv_memory(device: torch.device) -> int:
+    """Half the free memory of a GPU; on CPU 1 GiB or a tenth of the available RAM, whichever is less."""
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    try:
+        import os
+
+        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        avail = 8 * 2**30
+    return int(min(2**30, avail // 10))

@@ -1,0 +1,236 @@
+"""``wrap(model)`` / ``unwrap(model)``: install paged KV storage into an unmodified HF decoder model.
+
+Wrapping (1) registers the ``hf_paged`` attention and mask functions and switches the model to them,
+(2) allocates one :class:`KVPool` sized from ``kv_memory`` or ``num_blocks``, (3) adds a forward
+pre-hook that plans each forward's KV slots into a :class:`PagedKVCache` and hands the attention
+layers a ``paged_metadata`` kwarg, and (4) makes ``model.generate`` use a fresh paged cache per call
+and give its blocks back when it returns.
+
+Example::
+
+    model = hf_paged.wrap(AutoModelForCausalLM.from_pretrained(path), kv_memory="1GiB")
+    out = model.generate(**tok(prompts, return_tensors="pt", padding=True), max_new_tokens=64)
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+
+from . import attention
+from .kv.cache import PagedKVCache
+from .kv.pool import KVPool, LayerSpec
+
+logger = logging.getLogger(__name__)
+
+# Architectures whose greedy, batched, sampled and beam outputs are tested token for token.
+SUPPORTED_MODEL_TYPES = (
+    "llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "phi3", "gpt_neox", "gpt2", "opt",
+)
+# Attention features the paged kernels do not implement.
+_REJECTED = {
+    "gpt_oss": "attention sinks",
+    "llama4": "chunked attention",
+    "llama4_text": "chunked attention",
+    "deepseek_v2": "multi-head latent attention",
+    "deepseek_v3": "multi-head latent attention",
+    "gemma3n": "KV sharing across layers",
+    "gemma3n_text": "KV sharing across layers",
+}
+_LAYER_TYPES = {"full_attention", "sliding_attention"}
+
+
+class UnsupportedModelError(ValueError):
+    """The model cannot keep its KV cache in hf_paged's blocks."""
+
+
+@dataclass(slots=True)
+class WrapState:
+    pool: KVPool
+    previous_attn: str | None
+    cache_kwarg: str
+    options: dict
+    hooks: list = field(default_factory=list)
+
+
+def _unsupported(model: torch.nn.Module, why: str) -> UnsupportedModelError:
+    name = type(model).__name__
+    return UnsupportedModelError(
+        f"hf_paged cannot wrap {name}: {why}. Supported: decoder-only models that route attention "
+        f"through transformers' AttentionInterface, tested for model types {', '.join(SUPPORTED_MODEL_TYPES)}.")
+
+
+def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The self-attention modules of ``model``, ordered by ``layer_idx``."""
+    mods = [m for m in model.modules()
+            if isinstance(getattr(m, "layer_idx", None), int) and type(m).__name__.endswith("Attention")]
+    return sorted(mods, key=lambda m: m.layer_idx)
+
+
+def _check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(model, "generate"):
+        raise _unsupported(model, "it is not a transformers generative model")
+    if getattr(config, "is_encoder_decoder", False):
+        raise _unsupported(model, "encoder-decoder models are not supported")
+    model_type = getattr(config, "model_type", "?")
+    if model_type in _REJECTED:
+        raise _unsupported(model, f"its {_REJECTED[model_type]} is not implemented")
+    if not getattr(model, "_supports_attention_backend", False):
+        raise _unsupported(model, "its modeling code does not route attention through AttentionInterface")
+    layer_types = getattr(config, "layer_types", None)
+    if layer_types and not set(layer_types) <= _LAYER_TYPES:
+        raise _unsupported(model, f"it has layer types {sorted(set(layer_types) - _LAYER_TYPES)}")
+    mods = attention_modules(model)
+    n = getattr(config, "num_hidden_layers", len(mods))
+    if not mods or [m.layer_idx for m in mods] != list(range(n)):
+        raise _unsupported(model, "its attention modules do not map one to one onto layer indices")
+    if model_type not in SUPPORTED_MODEL_TYPES:
+        warnings.warn(f"hf_paged: model type {model_type!r} is not in the tested set; outputs may differ",
+                      stacklevel=3)
+    return mods
+
+
+def _layer_specs(model: torch.nn.Module, mods: list[torch.nn.Module]) -> list[LayerSpec]:
+    config = model.config
+    heads = config.num_attention_heads
+    kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    specs = []
+    for m in mods:
+        head_dim = getattr(m, "head_dim", None) or getattr(m, "head_size", None) or config.hidden_size // heads
+        param = next(m.parameters())
+        specs.append(LayerSpec(int(kv_heads), int(head_dim), param.dtype, param.device))
+    return specs
+
+
+def _cache_kwarg(model: torch.nn.Module) -> str:
+    # transformers 5.2x renamed the forward argument ``past_key_values`` to ``cache``.
+    params = inspect.signature(type(model).forward).parameters
+    return "cache" if "cache" in params else "past_key_values"
+
+
+def _bound_input(model, args, kwargs, name, position):
+    if name in kwargs:
+        return kwargs[name]
+    return args[position] if len(args) > position else None
+
+
+def _pre_hook(model, args, kwargs):
+    state: WrapState = model._hf_paged
+    if kwargs.get("paged_metadata") is not None:  # the engine planned this forward itself
+        return None
+    key = state.cache_kwarg
+    cache = kwargs.get(key, kwargs.get("past_key_values"))
+    if cache is None:
+        cache = PagedKVCache(state.pool)
+        cache._transient = not kwargs.get("use_cache", True)
+        kwargs[key] = cache
+    elif not isinstance(cache, PagedKVCache):
+        raise ValueError(
+            f"a model wrapped by hf_paged keeps its KV cache in paged blocks; got a {type(cache).__name__}. "
+            "Pass no cache, or hf_paged.PagedKVCache(hf_paged.kv_pool(model)) to continue from an earlier call")
+    if "past_key_values" in kwargs and key != "past_key_values":
+        kwargs[key] = kwargs.pop("past_key_values")
+    ids = _bound_input(model, args, kwargs, "input_ids", 0)
+    embeds = kwargs.get("inputs_embeds")
+    shape_src = ids if ids is not None else embeds
+    if shape_src is None:
+        return None
+    batch, q_len = shape_src.shape[0], shape_src.shape[1]
+    mask = _bound_input(model, args, kwargs, "attention_mask", 1)
+    new_mask = None
+    if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= q_len:
+        new_mask = mask[:, -q_len:].bool()
+    kwargs["paged_metadata"] = cache.plan(batch, q_len, new_mask, ids)
+    return args, kwargs
+
+
+def _post_hook(model, args, kwargs, output):
+    state: WrapState = model._hf_paged
+    cache = kwargs.get(state.cache_kwarg, kwargs.get("past_key_values"))
+    if isinstance(cache, PagedKVCache):
+        cache.end_step()
+        if getattr(cache, "_transient", False):
+            cache.release()
+    return output
+
+
+def _paged_generate(model, original, *args, **kwargs):
+    state: WrapState = model._hf_paged
+    if any(kwargs.get(k) is not None for k in ("cache", "past_key_values")):
+        return original(*args, **kwargs)
+    cache = PagedKVCache(state.pool)
+    kwargs[state.cache_kwarg] = cache
+    # Checkpoints such as Gemma2 ask for a "hybrid" cache; the paged cache replaces it.
+    kwargs.setdefault("cache_implementation", None)
+    try:
+        return original(*args, **kwargs)
+    finally:
+        cache.release()
+
+
+def wrap(model: torch.nn.Module, *, block_size: int = 16, kv_memory: int | float | str | None = None,
+         num_blocks: int | None = None, enable_prefix_caching: bool = True) -> torch.nn.Module:
+    """Make ``model`` keep its KV cache in paged blocks. Returns the same model object.
+
+    ``kv_memory`` (bytes or ``"1GiB"``) or ``num_blocks`` sizes the pool once; by default it takes
+    half the free GPU memory, or on CPU 1 GiB or a tenth of the available RAM. Idempotent: wrapping a
+    wrapped model with the same options changes nothing; other options rebuild the pool.
+    """
+    options = dict(block_size=block_size, kv_memory=kv_memory, num_blocks=num_blocks,
+                   enable_prefix_caching=enable_prefix_caching)
+    state = getattr(model, "_hf_paged", None)
+    if state is not None:
+        if state.options == options or (kv_memory is None and num_blocks is None
+                                         and block_size == state.options["block_size"]):
+            return model
+        unwrap(model)
+    mods = _check_supported(model)
+    attention.register()
+    pool = KVPool.sized(_layer_specs(model, mods), block_size, kv_memory=kv_memory, num_blocks=num_blocks,
+                        enable_prefix_caching=enable_prefix_caching)
+    previous = getattr(model.config, "_attn_implementation", None)
+    state = WrapState(pool, previous, _cache_kwarg(model), options)
+    model._hf_paged = state
+    _set_attn(model, attention.ATTN_NAME)
+    state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True))
+    model.generate = functools.partial(_paged_generate, model, type(model).generate.__get__(model))
+    logger.info("hf_paged: %d blocks x %d tokens (%.1f MiB)", pool.num_blocks, block_size, pool.nbytes / 2**20)
+    return model
+
+
+def unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """Undo :func:`wrap`: the model's own attention and caches again; the pool is dropped."""
+    state = getattr(model, "_hf_paged", None)
+    if state is None:
+        return model
+    for h in state.hooks:
+        h.remove()
+    model.__dict__.pop("generate", None)
+    _set_attn(model, state.previous_attn or "sdpa")
+    del model._hf_paged
+    return model
+
+
+def _set_attn(model: torch.nn.Module, name: str) -> None:
+    setter = getattr(model, "set_attn_implementation", None)
+    if setter is not None:
+        setter(name)
+    else:
+        model.config._attn_implementation = name
+
+
+def is_wrapped(model: torch.nn.Module) -> bool:
+    return getattr(model, "_hf_paged", None) is not None
+
+
+def kv_pool(model: torch.nn.Module) -> KVPool:
+    """The pool of a wrapped model (for stats and tests)."""
+    if not is_wrapped(model):
+        raise ValueError("model is not wrapped by hf_paged.wrap()")
+    return model._hf_paged.pool
