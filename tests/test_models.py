@@ -1,0 +1,78 @@
+"""Tests for hf_paged.models: the bundled default model and local loading.
+
+The default model is converted from GGUF once per machine; the
+``default_model`` fixture is session-scoped so it is loaded once per run.
+"""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from hf_paged import models
+
+
+@pytest.fixture(scope="session")
+def default_model():
+    """(model, tokenizer) of the default model, converting it on first use."""
+    return models.load_default_model()
+
+
+def test_default_model_answers_paris(default_model):
+    model, tok = default_model
+    assert model.config.model_type == "llama"
+    assert type(model).__name__ == "LlamaForCausalLM"
+    assert model.config.num_hidden_layers == 30
+    assert not model.training
+    assert model.dtype == torch.float32
+    assert tok.chat_template
+    assert tok.eos_token == "<|im_end|>"
+    eos = model.generation_config.eos_token_id
+    assert tok.eos_token_id in (eos if isinstance(eos, list) else [eos])
+
+    messages = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(
+        messages, add_generation_prompt=True, return_tensors="pt", return_dict=True
+    )
+    with torch.no_grad():
+        out = model.generate(**inputs, max_new_tokens=20, do_sample=False)
+    reply = tok.decode(out[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True)
+    assert "Paris" in reply, reply
+
+
+def test_second_ensure_is_cached(default_model, monkeypatch):
+    def boom(target):
+        raise AssertionError("ensure_default_model() converted again")
+
+    monkeypatch.setattr(models, "_convert_default_model", boom)
+    start = time.monotonic()
+    path = models.ensure_default_model()
+    assert time.monotonic() - start < 1.0
+    assert path == models.default_model_dir()
+    assert (path / "model.safetensors").is_file()
+    assert (path / models.COMPLETE_MARKER).is_file()
+
+
+def test_cache_env_var_redirects(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_PAGED_CACHE", str(tmp_path))
+    assert models.default_model_dir() == tmp_path / "SmolLM2-135M-Instruct"
+
+    monkeypatch.delenv("HF_PAGED_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert models.default_model_dir() == tmp_path / "xdg" / "hf_paged" / "SmolLM2-135M-Instruct"
+
+
+def test_load_model_missing_path():
+    with pytest.raises(ValueError, match="/nonexistent"):
+        models.load_model("/nonexistent")
+
+
+def test_load_model_object_without_tokenizer(default_model):
+    model, tok = default_model
+    # The loaded model remembers its local folder, so the tokenizer can be found.
+    same, tok2 = models.load_model(model)
+    assert same is model
+    assert tok2.chat_template == tok.chat_template
+    assert models.load_model(model, tokenizer=tok)[1] is tok

@@ -1,0 +1,62 @@
+"""Tiny randomly initialised decoder models, one per supported architecture, saved with safetensors."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+import transformers as tf
+
+VOCAB = 256
+PAD, BOS, EOS = 0, 1, 2
+
+_COMMON = dict(vocab_size=VOCAB, pad_token_id=PAD, bos_token_id=BOS, eos_token_id=EOS, tie_word_embeddings=False)
+_ROPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+             max_position_embeddings=512)
+
+# model_type -> (config class, kwargs). GQA wherever the architecture has it; small sliding windows so
+# generation crosses them.
+CONFIGS: dict[str, tuple[str, dict]] = {
+    "llama": ("LlamaConfig", dict(_ROPE, num_key_value_heads=2)),
+    "mistral": ("MistralConfig", dict(_ROPE, num_key_value_heads=2, sliding_window=24)),
+    "qwen2": ("Qwen2Config", dict(_ROPE, num_key_value_heads=2)),
+    "qwen3": ("Qwen3Config", dict(_ROPE, num_key_value_heads=2, head_dim=16)),
+    "gemma": ("GemmaConfig", dict(_ROPE, num_key_value_heads=1, head_dim=16)),
+    "gemma2": ("Gemma2Config", dict(_ROPE, num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+                                    sliding_window=16, attn_logit_softcapping=20.0,
+                                    final_logit_softcapping=15.0, query_pre_attn_scalar=16)),
+    "gemma3_text": ("Gemma3TextConfig", dict(_ROPE, num_hidden_layers=3, num_key_value_heads=2, head_dim=16,
+                                             sliding_window=16, query_pre_attn_scalar=16,
+                                             layer_types=["sliding_attention", "sliding_attention",
+                                                          "full_attention"])),
+    "phi3": ("Phi3Config", dict(_ROPE, num_key_value_heads=2)),
+    "gpt_neox": ("GPTNeoXConfig", dict(_ROPE, rotary_pct=0.5)),
+    "gpt2": ("GPT2Config", dict(n_embd=64, n_layer=2, n_head=4, n_positions=512)),
+    "opt": ("OPTConfig", dict(hidden_size=64, ffn_dim=128, num_hidden_layers=2, num_attention_heads=4,
+                              max_position_embeddings=512, word_embed_proj_dim=64)),
+}
+ARCHS = list(CONFIGS)
+
+
+def make_config(arch: str):
+    cls_name, kwargs = CONFIGS[arch]
+    cfg = getattr(tf, cls_name)(**_COMMON, **kwargs)
+    # Larger weights than the default init make attention patterns sharp, so a cache bug changes tokens.
+    cfg.initializer_range = 0.15
+    return cfg
+
+
+def build(arch: str, root: Path, seed: int = 0) -> Path:
+    """Create, save (safetensors) and return the folder of a tiny random ``arch`` model."""
+    path = root / arch
+    if (path / "config.json").exists():
+        return path
+    torch.manual_seed(seed)
+    model = tf.AutoModelForCausalLM.from_config(make_config(arch))
+    model.generation_config.pad_token_id = PAD
+    model.save_pretrained(path, safe_serialization=True)
+    return path
+
+
+def load(path: Path) -> torch.nn.Module:
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    return model.eval()
