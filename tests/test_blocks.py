@@ -1,0 +1,180 @@
+"""BlockAllocator: unit tests and random operation sequences checked against every invariant."""
+from __future__ import annotations
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from hf_paged.kv.blocks import BlockAllocator, BlockTable, KVCacheFullError
+
+
+def test_append_allocates_on_demand_and_free_returns_everything():
+    a = BlockAllocator(8, 4)
+    t = BlockTable()
+    slots, copies = a.append_slots(t, 6)
+    assert copies == [] and len(t.blocks) == 2 and t.num_tokens == 6
+    assert slots[:4] == [t.blocks[0] * 4 + i for i in range(4)]
+    assert slots[4:] == [t.blocks[1] * 4, t.blocks[1] * 4 + 1]
+    slots, _ = a.append_slots(t, 2)
+    assert len(t.blocks) == 2 and slots == [t.blocks[1] * 4 + 2, t.blocks[1] * 4 + 3]
+    a.check([t])
+    a.free(t)
+    assert a.num_free == 8 and t.blocks == []
+    a.check([])
+
+
+def test_fork_shares_and_copy_on_write_copies_the_partial_block():
+    a = BlockAllocator(8, 4)
+    parent = BlockTable()
+    a.append_slots(parent, 6)
+    child = a.fork(parent)
+    assert child.blocks == parent.blocks and a.num_used == 2
+    assert all(a.ref_count(b) == 2 for b in parent.blocks)
+    slots, copies = a.append_slots(child, 1)
+    assert copies == [(parent.blocks[1], child.blocks[1])]
+    assert child.blocks[0] == parent.blocks[0] and child.blocks[1] != parent.blocks[1]
+    assert slots == [child.blocks[1] * 4 + 2]
+    # The parent is the only owner of its last block now: no copy.
+    _, copies = a.append_slots(parent, 1)
+    assert copies == []
+    a.check([parent, child])
+    a.free(parent)
+    a.free(child)
+    a.check([])
+
+
+def test_full_shared_block_needs_no_copy():
+    a = BlockAllocator(8, 4)
+    p = BlockTable()
+    a.append_slots(p, 4)
+    c = a.fork(p)
+    _, copies = a.append_slots(c, 1)
+    assert copies == [] and c.blocks[0] == p.blocks[0]
+    a.free(p), a.free(c)
+    a.check([])
+
+
+def test_out_of_blocks_is_all_or_nothing():
+    a = BlockAllocator(2, 4)
+    t = BlockTable()
+    a.append_slots(t, 5)
+    with pytest.raises(KVCacheFullError, match="kv_memory"):
+        a.append_slots(t, 4)
+    assert t.num_tokens == 5 and len(t.blocks) == 2
+    a.check([t])
+    a.free(t)
+
+
+def test_double_free_is_detected():
+    a = BlockAllocator(4, 4)
+    t = BlockTable()
+    a.append_slots(t, 3)
+    stale = BlockTable(list(t.blocks), t.num_tokens)
+    a.free(t)
+    with pytest.raises(AssertionError, match="double free"):
+        a.free(stale)
+
+
+def test_prefix_cache_hit_and_lru_reuse():
+    a = BlockAllocator(4, 2)
+    tokens = [5, 6, 7, 8, 9]
+    t = BlockTable()
+    a.append_slots(t, 5)
+    a.publish(t, tokens)
+    assert a.num_cached == 2  # two full blocks
+    first_two = t.blocks[:2]
+    a.free(t)
+    assert a.num_free == 4 and a.num_cached == 2
+    hit = a.match_prefix(tokens + [1, 2], max_tokens=6)
+    assert hit.blocks == first_two and hit.num_tokens == 4
+    assert a.prefix_hits == 2
+    # Another prompt that diverges in the second block hits only the first.
+    other = a.match_prefix([5, 6, 0, 0, 1])
+    assert other.blocks == first_two[:1]
+    a.free(hit), a.free(other)
+    # Allocation uses never-cached blocks before evicting cached ones.
+    t2 = BlockTable()
+    a.append_slots(t2, 4)
+    assert not set(t2.blocks) & set(first_two)
+    a.append_slots(t2, 2)  # must evict the least recently used cached block
+    assert a.num_cached == 1
+    a.check([t2])
+    a.free(t2)
+    a.check([])
+
+
+def test_truncate_unpublishes_a_block_that_will_be_rewritten():
+    a = BlockAllocator(4, 2)
+    t = BlockTable()
+    a.append_slots(t, 4)
+    a.publish(t, [1, 2, 3, 4])
+    a.truncate(t, 3)
+    assert a.num_cached == 1 and len(t.hashes) == 1
+    a.check([t])
+    a.free(t)
+
+
+# ---------------------------------------------------------------- property-based
+ops = st.lists(
+    st.tuples(st.sampled_from(["new", "append", "fork", "free", "publish", "match", "truncate"]),
+              st.integers(0, 50), st.integers(1, 40)),
+    min_size=1, max_size=60,
+)
+
+
+@settings(max_examples=150, deadline=None)
+@given(ops=ops, block_size=st.sampled_from([1, 2, 4, 8]), num_blocks=st.integers(1, 24))
+def test_random_operation_sequences_keep_invariants(ops, block_size, num_blocks):
+    a = BlockAllocator(num_blocks, block_size)
+    tables: list[tuple[BlockTable, list[int]]] = []
+    store: dict[int, int] = {}  # simulated KV pool: slot -> token written there
+    for op, pick, n in ops:
+        target = tables[pick % len(tables)] if tables else None
+        if op == "new" or target is None:
+            tables.append((BlockTable(), []))
+        elif op == "append":
+            t, toks = target
+            before = (list(t.blocks), t.num_tokens)
+            try:
+                slots, copies = a.append_slots(t, n)
+            except KVCacheFullError:
+                assert (t.blocks, t.num_tokens) == before
+            else:
+                new = list(range(pick, pick + n))
+                assert len(slots) == n == len(set(slots))
+                for src, dst in copies:
+                    assert a.ref_count(dst) == 1 and src != dst
+                    for i in range(block_size):
+                        if src * block_size + i in store:
+                            store[dst * block_size + i] = store[src * block_size + i]
+                for slot, tok in zip(slots, new):
+                    store[slot] = tok
+                toks.extend(new)
+        elif op == "fork":
+            t, toks = target
+            tables.append((a.fork(t), list(toks)))
+        elif op == "free":
+            a.free(target[0])
+            tables.remove(target)
+        elif op == "publish":
+            a.publish(*target)
+        elif op == "match":
+            t, toks = target
+            hit = a.match_prefix(toks)
+            assert hit.num_tokens <= len(toks) and hit.num_tokens % block_size == 0
+            tables.append((hit, list(toks[: hit.num_tokens])))
+        elif op == "truncate":
+            t, toks = target
+            keep = min(n, t.num_tokens)
+            a.truncate(t, keep)
+            del toks[keep:]
+        a.check([t for t, _ in tables])
+        # Every table reads back exactly its own tokens: copy-on-write and prefix hits never let
+        # one sequence's writes show up in another's blocks.
+        for t, toks in tables:
+            got = [store.get(t.blocks[p // block_size] * block_size + p % block_size) for p in range(t.num_tokens)]
+            assert got == toks
+    for t, _ in tables:
+        a.free(t)
+    a.check([])
+    assert a.num_free == num_blocks
