@@ -1,0 +1,94 @@
+"""``hf-paged``: command line entry point.
+
+    hf-paged demo                       # the default model: wrapped generate() + streamed batch
+    hf-paged generate "Hello" "Hi"      # one reply per prompt (chat template applied)
+    hf-paged chat                       # interactive chat, streamed
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+
+
+def _pipeline(args):
+    from .engine.pipeline import PagedPipeline
+
+    return PagedPipeline.from_pretrained(args.model, kv_memory=args.kv_memory, max_num_seqs=args.max_num_seqs)
+
+
+def cmd_generate(args) -> None:
+    with _pipeline(args) as pipe:
+        chats = [[{"role": "user", "content": p}] for p in args.prompts]
+        for prompt, res in zip(args.prompts, pipe.generate(chats, max_new_tokens=args.max_new_tokens,
+                                                            do_sample=args.temperature > 0,
+                                                            temperature=args.temperature or 1.0)):
+            print(f"> {prompt}\n{res.text}\n")
+
+
+def cmd_chat(args) -> None:
+    with _pipeline(args) as pipe:
+        history: list[dict] = []
+        print("hf_paged chat on", args.model, "- empty line or Ctrl-D quits", file=sys.stderr)
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                break
+            history.append({"role": "user", "content": line})
+            reply = ""
+            for ev in pipe.stream(history, max_new_tokens=args.max_new_tokens, do_sample=False):
+                print(ev.text, end="", flush=True)
+                reply += ev.text
+            print()
+            history.append({"role": "assistant", "content": reply})
+
+
+def cmd_demo(args) -> None:
+    import torch
+
+    import hf_paged
+
+    t0 = time.perf_counter()
+    model, tok = hf_paged.load_default_model()
+    print(f"default model loaded in {time.perf_counter() - t0:.1f} s")
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    ref = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    hf_paged.wrap(model, kv_memory=args.kv_memory)
+    out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
+    n = inputs["input_ids"].shape[1]
+    print("wrapped generate():", tok.decode(out[0, n:], skip_special_tokens=True))
+    print("same tokens as before wrap():", torch.equal(ref, out))
+    from .engine.pipeline import PagedPipeline
+
+    questions = ["Name three colors.", "What is 2+2?", "Say hello in French.", "Why is the sky blue?"]
+    with PagedPipeline(model, tok, kv_memory=args.kv_memory) as pipe:
+        print("\nstreaming one reply while three others run in the same batch:")
+        others = [pipe.submit([{"role": "user", "content": q}], max_new_tokens=48) for q in questions[1:]]
+        for ev in pipe.stream([{"role": "user", "content": questions[0]}], max_new_tokens=48):
+            print(ev.text, end="", flush=True)
+        print()
+        for q, h in zip(questions[1:], others):
+            print(f"> {q}\n{h.result().text}")
+        print("\nengine stats:", pipe.stats())
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(prog="hf-paged")
+    ap.add_argument("--model", default="default", help='local model folder or "default"')
+    ap.add_argument("--kv-memory", default="512MiB")
+    ap.add_argument("--max-num-seqs", type=int, default=64)
+    sub = ap.add_subparsers(dest="cmd", required=True)
+    g = sub.add_parser("generate")
+    g.add_argument("prompts", nargs="+")
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0)
+    c = sub.add_parser("chat")
+    c.add_argument("--max-new-tokens", type=int, default=256)
+    sub.add_parser("demo")
+    args = ap.parse_args(argv)
+    {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo}[args.cmd](args)
+
+
+if __name__ == "__main__":
+    main()
