@@ -1,0 +1,60 @@
+"""What the engine hands back: per-sequence completions, per-request outputs and stream events."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(slots=True)
+class CompletionOutput:
+    index: int
+    text: str
+    token_ids: list[int]
+    finish_reason: str | None
+    logprobs: list[float] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """All continuations of one prompt; ``.text``/``.token_ids``/``.finish_reason`` are the first one's."""
+
+    request_id: str
+    prompt: object
+    prompt_token_ids: list[int]
+    outputs: list[CompletionOutput] = field(default_factory=list)
+    error: str | None = None
+
+    @property
+    def text(self) -> str:
+        return self.outputs[0].text
+
+    @property
+    def token_ids(self) -> list[int]:
+        return self.outputs[0].token_ids
+
+    @property
+    def finish_reason(self) -> str | None:
+        return self.outputs[0].finish_reason
+
+    @property
+    def logprobs(self) -> list[float] | None:
+        return self.outputs[0].logprobs
+
+
+@dataclass(slots=True)
+class StreamEvent:
+    """One new token of one continuation (``index``); the last event of a request has ``output``."""
+
+    request_id: str
+    index: int
+    token_id: int | None
+    text: str
+    logprob: float | None = None
+    top_logprobs: list[tuple[int, float]] | None = None
+    finish_reason: str | None = None
+    output: RequestOutput | None = None
+    error: str | None = None
+
+    @property
+    def finished(self) -> bool:
+        return self.output is not None or self.error is not None

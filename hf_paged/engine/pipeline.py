@@ -1,0 +1,198 @@
+"""PagedPipeline: continuous-batching generation on a background thread, for any number of callers.
+
+Example::
+
+    pipe = hf_paged.PagedPipeline(model, tokenizer, kv_memory="2GiB", max_num_seqs=128)
+    results = pipe.generate(["Hi", [{"role": "user", "content": "Hello"}]], max_new_tokens=64)
+    for event in pipe.stream("Tell me a story", max_new_tokens=200):
+        print(event.text, end="", flush=True)
+"""
+from __future__ import annotations
+
+import itertools
+import logging
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
+from typing import Any
+
+import torch
+
+from ..kv.pool import KVPool
+from ..wrap import kv_pool, wrap
+from .detokenizer import IncrementalDetokenizer
+from .engine import Engine
+from .outputs import RequestOutput, StreamEvent
+from .params import SamplingParams
+from .request import Request
+
+logger = logging.getLogger(__name__)
+
+Prompt = str | list[dict] | list[int]
+
+
+class PagedPipeline:
+    def __init__(self, model: torch.nn.Module, tokenizer, *, kv_memory: int | str | None = None,
+                 num_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 128,
+                 max_batch_tokens: int = 2048, enable_prefix_caching: bool = True,
+                 max_model_len: int | None = None) -> None:
+        if tokenizer is None:
+            raise ValueError("tokenizer is required")
+        wrap(model, block_size=block_size, kv_memory=kv_memory, num_blocks=num_blocks,
+             enable_prefix_caching=enable_prefix_caching)
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.pool: KVPool = kv_pool(model)
+        ctx = getattr(model.config, "max_position_embeddings", None) or 2**31
+        self.max_model_len = min(max_model_len or ctx, ctx)
+        self.engine = Engine(model, tokenizer, self.pool, max_num_seqs=max_num_seqs,
+                             max_batch_tokens=max_batch_tokens, max_model_len=self.max_model_len)
+        self._inbox: queue.SimpleQueue[tuple[str, Request]] = queue.SimpleQueue()
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._start_lock = threading.Lock()
+        self._closed = False
+
+    @classmethod
+    def from_pretrained(cls, path: str, *, dtype: torch.dtype | str | None = None, device: str | None = None,
+                        device_map: Any = None, **kwargs) -> "PagedPipeline":
+        """Load a local model folder (or ``"default"``) and build a pipeline on it."""
+        from ..models import load_model
+
+        model, tok = load_model(path, dtype=dtype, device=device, device_map=device_map)
+        return cls(model, tok, **kwargs)
+
+    # ------------------------------------------------------------------ submission
+    def encode(self, prompt: Prompt) -> list[int]:
+        """Token ids of a string, a chat message list (chat template applied) or a token id list."""
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError("prompt: must not be empty")
+            return list(self.tokenizer(prompt)["input_ids"])
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+            bad = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
+            if bad:
+                raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary")
+            return list(prompt)
+        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+            if getattr(self.tokenizer, "chat_template", None) is None:
+                raise ValueError("prompt: chat messages need a tokenizer with a chat template")
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            if isinstance(ids, dict) or hasattr(ids, "keys"):
+                ids = ids["input_ids"]
+            return list(ids)
+        raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
+
+    def _make_request(self, prompt: Prompt, kwargs: dict) -> Request:
+        params = SamplingParams.from_request(self.model.generation_config, **kwargs)
+        ids = self.encode(prompt)
+        total = len(ids) + params.max_new_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens "
+                             f"({params.max_new_tokens}) = {total} exceeds the model's context of "
+                             f"{self.max_model_len} tokens")
+        blocks = -(-total // self.pool.block_size)
+        if blocks > self.pool.num_blocks:
+            raise ValueError(f"max_new_tokens: a sequence of {total} tokens needs {blocks} KV blocks but the "
+                             f"pool has {self.pool.num_blocks}; raise kv_memory/num_blocks or lower max_new_tokens")
+        return Request(f"req-{next(self._ids)}", prompt, ids, params, self._cancel)
+
+    def submit(self, prompt: Prompt, **kwargs) -> Request:
+        """Queue one prompt; returns its handle at once. Raises ValueError on invalid input."""
+        return self._enqueue([self._make_request(prompt, kwargs)])[0]
+
+    def _enqueue(self, reqs: list[Request]) -> list[Request]:
+        if self._closed:
+            raise RuntimeError("pipeline is closed")
+        self._ensure_thread()
+        for r in reqs:
+            self._inbox.put(("add", r))
+        return reqs
+
+    def generate(self, prompts: Prompt | Sequence[Prompt], *, progress: bool | None = None,
+                 **kwargs) -> RequestOutput | list[RequestOutput]:
+        """Generate for one prompt or a list; results in order. Every prompt is validated first."""
+        single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict)))
+        batch = [prompts] if single else list(prompts)
+        reqs = self._enqueue([self._make_request(p, kwargs) for p in batch])
+        show = len(reqs) > 1 if progress is None else progress
+        results = []
+        try:
+            from tqdm.auto import tqdm
+
+            for r in tqdm(reqs, desc="generate", unit="req", disable=not show):
+                results.append(r.result())
+        except BaseException:
+            for r in reqs:
+                r.cancel()
+            raise
+        return results[0] if single else results
+
+    def stream(self, prompt: Prompt, **kwargs) -> Iterator[StreamEvent]:
+        """Events as tokens come; leaving the loop early cancels the request."""
+        yield from self.submit(prompt, **kwargs)
+
+    async def astream(self, prompt: Prompt, **kwargs) -> AsyncIterator[StreamEvent]:
+        """``async for`` version of :meth:`stream`; cancelling the task cancels the request."""
+        async for ev in self.submit(prompt, **kwargs):
+            yield ev
+
+    def stats(self) -> dict:
+        return self.engine.stats()
+
+    # ------------------------------------------------------------------ background loop
+    def _cancel(self, req: Request) -> None:
+        self._inbox.put(("cancel", req))
+
+    def _ensure_thread(self) -> None:
+        with self._start_lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="hf_paged-engine", daemon=True)
+                self._thread.start()
+
+    def _detok(self, req: Request, params: SamplingParams) -> IncrementalDetokenizer:
+        return IncrementalDetokenizer(self.tokenizer, req.prompt_ids, skip_special_tokens=params.skip_special_tokens,
+                                      stop=params.stop)
+
+    def _drain(self, block: bool) -> bool:
+        """Apply queued adds/cancels; returns False when asked to stop."""
+        while True:
+            try:
+                kind, req = self._inbox.get(block=block, timeout=None)
+            except queue.Empty:
+                return True
+            block = False
+            if kind == "stop":
+                return False
+            if kind == "add":
+                if req.cancelled:
+                    continue
+                self.engine.add(req, self._detok)
+            elif kind == "cancel" and req.request_id in self.engine.requests:
+                self.engine.cancel(req)
+
+    def _loop(self) -> None:
+        while self._drain(block=not self.engine.has_work()):
+            try:
+                self.engine.step()
+            except Exception as exc:  # one bad batch must not take the server down
+                logger.exception("engine step failed")
+                for req in list(self.engine.requests.values()):
+                    self.engine.fail(req, f"{type(exc).__name__}: {exc}")
+        for req in list(self.engine.requests.values()):
+            self.engine.cancel(req)
+
+    def close(self) -> None:
+        """Cancel what is running and stop the background thread."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._thread is not None:
+            self._inbox.put(("stop", None))
+            self._thread.join(timeout=30)
+
+    def __enter__(self) -> "PagedPipeline":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()

@@ -1,0 +1,104 @@
+"""Request: a submitted prompt and the handle its submitter holds (events, result, cancel)."""
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+from collections.abc import AsyncIterator, Iterator
+from typing import Any
+
+from .outputs import CompletionOutput, RequestOutput, StreamEvent
+
+
+class Request:
+    """Handle of a submitted request. Thread-safe; iterate it for events or call :meth:`result`.
+
+    Example::
+
+        handle = pipe.submit("Hello", max_new_tokens=16)
+        for event in handle: print(event.text, end="")
+        handle.cancel()   # at any time; its blocks are freed within one engine step
+    """
+
+    def __init__(self, request_id: str, prompt: Any, prompt_ids: list[int], params: Any,
+                 canceller: Any) -> None:
+        self.request_id = request_id
+        self.prompt = prompt
+        self.prompt_ids = prompt_ids
+        self.params = params
+        self.seqs: list = []  # engine side
+        self._canceller = canceller
+        self._events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
+        self._async: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+        self._output: RequestOutput | None = None
+        self.cancelled = False
+
+    # ------------------------------------------------------------------ engine side
+    def emit(self, event: StreamEvent) -> None:
+        with self._lock:
+            self._events.put(event)
+            for loop, q in self._async:
+                loop.call_soon_threadsafe(q.put_nowait, event)
+            if event.finished:
+                self._output = event.output
+                self._done.set()
+
+    def build_output(self, error: str | None = None) -> RequestOutput:
+        outs = [CompletionOutput(s.index, s.detok.text if s.detok else "", s.output_ids, s.finish_reason,
+                                 s.logprobs if self.params.logprobs else None,
+                                 s.top_logprobs if self.params.top_logprobs else None)
+                for s in self.seqs]
+        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, error)
+
+    # ------------------------------------------------------------------ user side
+    @property
+    def done(self) -> bool:
+        return self._done.is_set()
+
+    def cancel(self) -> None:
+        """Stop generating; the result keeps what was generated, with finish_reason "cancelled"."""
+        if not self._done.is_set():
+            self.cancelled = True
+            self._canceller(self)
+
+    def result(self, timeout: float | None = None) -> RequestOutput:
+        if not self._done.wait(timeout):
+            raise TimeoutError(f"request {self.request_id} not finished after {timeout} s")
+        out = self._output
+        if out is not None and out.error is not None:
+            raise RuntimeError(f"request {self.request_id} failed: {out.error}")
+        return out
+
+    def __iter__(self) -> Iterator[StreamEvent]:
+        try:
+            while True:
+                ev = self._events.get()
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not self._done.is_set():  # the consumer went away: stop the work
+                self.cancel()
+
+    async def __aiter__(self) -> AsyncIterator[StreamEvent]:
+        loop = asyncio.get_running_loop()
+        q: asyncio.Queue[StreamEvent] = asyncio.Queue()
+        with self._lock:
+            # Events emitted before we attached are in the thread queue; move them over first.
+            while True:
+                try:
+                    q.put_nowait(self._events.get_nowait())
+                except queue.Empty:
+                    break
+            self._async.append((loop, q))
+        try:
+            while True:
+                ev = await q.get()
+                yield ev
+                if ev.finished:
+                    return
+        finally:
+            if not self._done.is_set():
+                self.cancel()

@@ -1,0 +1,142 @@
+"""Scheduler: which sequences run in the next step and how many tokens each, under a token budget.
+
+Every step packs the decode token of each running sequence and chunks of waiting prompts into one
+flat batch (chunked prefill) of at most ``max_batch_tokens``. Blocks come from the allocator on
+demand; when none is left, the newest running sequence is preempted: its blocks are freed and it is
+queued to be recomputed (prefix caching usually makes that recomputation cheap).
+"""
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+from ..kv.blocks import BlockAllocator, BlockTable, KVCacheFullError
+from .sequence import Sequence, SeqStatus
+
+
+@dataclass(slots=True)
+class ScheduledSeq:
+    seq: Sequence
+    num_tokens: int  # tokens fed this step: token_ids[start:start+num_tokens]
+    start: int  # == seq.num_computed when scheduled
+    slots: list[int]
+    copies: list[tuple[int, int]]  # copy-on-write block copies to do before the forward
+
+    @property
+    def samples(self) -> bool:
+        """This chunk reaches the sequence's last token, so its logits give the next token."""
+        return self.start + self.num_tokens == self.seq.num_tokens
+
+
+@dataclass(slots=True)
+class Schedule:
+    seqs: list[ScheduledSeq] = field(default_factory=list)
+    preempted: list[Sequence] = field(default_factory=list)
+
+    @property
+    def copies(self) -> list[tuple[int, int]]:
+        return [c for s in self.seqs for c in s.copies]
+
+    @property
+    def num_tokens(self) -> int:
+        return sum(s.num_tokens for s in self.seqs)
+
+
+class Scheduler:
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int = 128, max_batch_tokens: int = 2048) -> None:
+        if max_num_seqs < 1 or max_batch_tokens < 1:
+            raise ValueError("max_num_seqs and max_batch_tokens must be positive")
+        self.allocator = allocator
+        self.max_num_seqs = max_num_seqs
+        self.max_batch_tokens = max_batch_tokens
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.num_preemptions = 0
+
+    # ------------------------------------------------------------------ queue
+    def add(self, seq: Sequence) -> None:
+        seq.status = SeqStatus.WAITING
+        self.waiting.append(seq)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, seq: Sequence, reason: str) -> None:
+        """Take ``seq`` out of the queues and give its blocks back."""
+        if seq.status is SeqStatus.RUNNING:
+            self.running.remove(seq)
+        elif seq.status is SeqStatus.WAITING:
+            self.waiting.remove(seq)
+        self.allocator.free(seq.table)
+        seq.status = SeqStatus.FINISHED
+        seq.finish_reason = reason
+
+    def start(self, seq: Sequence) -> None:
+        """Put a sequence that already holds its blocks (a forked sibling) straight into the batch."""
+        seq.status = SeqStatus.RUNNING
+        self.running.append(seq)
+
+    # ------------------------------------------------------------------ step
+    def schedule(self) -> Schedule:
+        out = Schedule()
+        budget = self.max_batch_tokens
+        # 1. Sequences already running, oldest first: decode tokens and unfinished prompt chunks.
+        i = 0
+        while i < len(self.running) and budget > 0:
+            seq = self.running[i]
+            n = min(seq.num_pending, budget)
+            if n <= 0:
+                i += 1
+                continue
+            while True:
+                try:
+                    slots, copies = self.allocator.append_slots(seq.table, n)
+                    break
+                except KVCacheFullError:
+                    victim = self.running[-1]
+                    self._preempt(victim, out)
+                    if victim is seq:
+                        break
+            if seq.status is not SeqStatus.RUNNING:  # preempted itself: nothing else to free
+                break
+            out.seqs.append(ScheduledSeq(seq, n, seq.num_computed, slots, copies))
+            budget -= n
+            i += 1
+        # 2. Waiting prompts (and preempted sequences), first come first served.
+        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+            seq = self.waiting[0]
+            if not seq.table.blocks:
+                # Leave one token to compute: its logits give the next token.
+                hit = self.allocator.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1)
+                seq.table = hit
+                seq.num_computed = hit.num_tokens
+            n = min(seq.num_pending, budget)
+            if self.allocator.blocks_needed(seq.table, n) > self.allocator.num_free:
+                # Not now: give back the prefix hit (its blocks stay cached) and wait for space.
+                self.allocator.free(seq.table)
+                seq.table, seq.num_computed = BlockTable(), 0
+                break
+            slots, copies = self.allocator.append_slots(seq.table, n)
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            out.seqs.append(ScheduledSeq(seq, n, seq.num_computed, slots, copies))
+            budget -= n
+        return out
+
+    def _preempt(self, seq: Sequence, out: Schedule) -> None:
+        """Free ``seq``'s blocks and queue it first in line for recomputation."""
+        # The victim is the newest running sequence, never one already scheduled this step.
+        self.running.remove(seq)
+        self.allocator.free(seq.table)
+        seq.num_computed = 0
+        seq.status = SeqStatus.WAITING
+        self.waiting.appendleft(seq)
+        out.preempted.append(seq)
+        self.num_preemptions += 1
+
+    def advance(self, sched: ScheduledSeq) -> None:
+        """Account the tokens just computed and publish the now-full blocks to the prefix cache."""
+        seq = sched.seq
+        seq.num_computed = sched.start + sched.num_tokens
+        self.allocator.publish(seq.table, seq.token_ids)

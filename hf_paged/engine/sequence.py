@@ -1,0 +1,61 @@
+"""Sequence: one generated continuation of a request, as the scheduler and runner see it."""
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+from typing import Any
+
+from ..kv.blocks import BlockTable
+
+
+class SeqStatus(enum.Enum):
+    WAITING = "waiting"  # queued for (re)computation of its tokens
+    RUNNING = "running"  # holds blocks; gets tokens computed every step
+    FORKING = "forking"  # a sibling waiting for its parent's prompt, whose blocks it will share
+    FINISHED = "finished"
+
+
+@dataclass(slots=True, eq=False)
+class Sequence:
+    """Token ids (prompt then output), the blocks that hold their K/V and how many are computed.
+
+    Invariant while running: ``num_computed <= len(token_ids)``; the tokens past ``num_computed`` are
+    the next ones to feed (a prompt chunk, or the single last sampled token when decoding).
+    """
+
+    seq_id: int
+    token_ids: list[int]
+    num_prompt: int
+    params: Any  # SamplingParams
+    request: Any = None  # the owning request (pipeline side)
+    index: int = 0  # which of the request's num_return_sequences
+    table: BlockTable = field(default_factory=BlockTable)
+    num_computed: int = 0
+    status: SeqStatus = SeqStatus.WAITING
+    finish_reason: str | None = None
+    generator: Any = None  # torch.Generator of a seeded request
+    detok: Any = None  # IncrementalDetokenizer
+    logprobs: list = field(default_factory=list)
+    top_logprobs: list = field(default_factory=list)
+    children: list["Sequence"] = field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.token_ids)
+
+    @property
+    def num_generated(self) -> int:
+        return len(self.token_ids) - self.num_prompt
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.num_prompt:]
+
+    @property
+    def num_pending(self) -> int:
+        """Tokens whose K/V still have to be computed."""
+        return len(self.token_ids) - self.num_computed
+
+    @property
+    def finished(self) -> bool:
+        return self.status is SeqStatus.FINISHED
