@@ -63,3 +63,15 @@ def test_beam_search(model):
     ref, out = _both(model, _batch([10, 4]), max_new_tokens=16, num_beams=3, do_sample=False,
                      num_return_sequences=2, early_stopping=True)
     assert torch.equal(ref, out)
+
+
+def test_default_model_chat_reply_unchanged_by_wrap():
+    model, tok = hf_paged.load_default_model()
+    chats = [[{"role": "user", "content": "What is the capital of France?"}],
+             [{"role": "user", "content": "Give me two rhymes for 'cat'."}]]
+    tok.padding_side = "left"
+    texts = [tok.apply_chat_template(c, add_generation_prompt=True, tokenize=False) for c in chats]
+    batch = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    ref, out = _both(model, batch, max_new_tokens=32, do_sample=False)
+    assert torch.equal(ref, out)
+    assert "Paris" in tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
