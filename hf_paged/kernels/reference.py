@@ -43,8 +43,12 @@ def gather_kv(
     """Contiguous ``[S, KVH, L, D]`` copy of the first ``num_tokens`` (rounded up to a block) of each table."""
     block_size = cache.shape[1]
     nblocks = -(-num_tokens // block_size)
-    tables = block_tables[:, :nblocks].to(device=cache.device, dtype=torch.long).clamp_(min=0)
+    tables = block_tables[:, :nblocks].to(device=cache.device, dtype=torch.long).clamp(min=0)
     kv = cache[tables]  # [S, nblocks, block_size, KVH, D]
+    if kv.dtype in (torch.float16, torch.bfloat16):
+        # Slots past a sequence's end hold whatever an earlier owner of the block left; an fp16
+        # overflow there (inf) would turn masked-out weights into NaN (0 * inf).
+        torch.nan_to_num_(kv, nan=0.0, posinf=0.0, neginf=0.0)
     s = kv.shape[0]
     return kv.view(s, nblocks * block_size, cache.shape[2], cache.shape[3]).transpose(1, 2)
 
