@@ -75,3 +75,19 @@ def test_default_model_chat_reply_unchanged_by_wrap():
     ref, out = _both(model, batch, max_new_tokens=32, do_sample=False)
     assert torch.equal(ref, out)
     assert "Paris" in tok.decode(out[0, batch["input_ids"].shape[1]:], skip_special_tokens=True)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma2"])
+def test_triton_backend_generates_the_same_tokens(arch, tiny_root, monkeypatch):
+    """End to end through Triton's interpreter (TRITON_INTERPRET=1, set by conftest) vs the torch path."""
+    model = load(build(arch, tiny_root))
+    batch = _batch([9, 20])
+    hf_paged.wrap(model, num_blocks=32, block_size=8)
+    try:
+        monkeypatch.setenv("HF_PAGED_BACKEND", "torch")
+        ref = model.generate(**batch, max_new_tokens=6, do_sample=False)
+        monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+        out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    finally:
+        hf_paged.unwrap(model)
+    assert torch.equal(ref, out)
