@@ -84,8 +84,8 @@ class PagedPipeline:
         raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
 
     def _make_request(self, prompt: Prompt, kwargs: dict) -> Request:
-        params = SamplingParams.from_request(self.model.generation_config, **kwargs)
         ids = self.encode(prompt)
+        params = SamplingParams.from_request(self.model.generation_config, prompt_length=len(ids), **kwargs)
         total = len(ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise ValueError(f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens "

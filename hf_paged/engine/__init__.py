@@ -1,0 +1,1 @@
+"""Continuous-batching engine: scheduling, running, sampling and detokenizing requests."""

@@ -1,0 +1,165 @@
+"""IncrementalDetokenizer: text deltas for a stream of generated tokens, UTF-8 safe, with stop strings.
+
+Decoding the whole output again for every token costs O(length) per token. Instead only a short
+window is decoded: ``ids[prefix:]`` where ``ids[prefix:read]`` is text already emitted, kept as
+left context (it decides spaces and merges for tokenizers whose decoding is not a plain
+concatenation); the new text is what the window decodes to beyond that context. While the window
+ends in U+FFFD the last token(s) hold an incomplete UTF-8 sequence (a byte-level BPE splits
+multi-byte characters over tokens), so nothing is emitted until a later token completes it.
+
+Stop strings can span tokens, so text that could be the start of a stop string is held back until
+it either completes the stop (the text ends before it, nothing of it leaks) or stops matching.
+
+Example::
+
+    detok = IncrementalDetokenizer(tok, prompt_ids, stop=["\\n\\n"])
+    for t in generated:
+        print(detok.push(t), end="")
+        if detok.stopped is not None:
+            break
+    print(detok.flush())
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+_REPLACEMENT = "\ufffd"
+# Prompt tokens kept as left context for the first generated tokens (a leading space of the first
+# word, a merge across the prompt boundary); a few are enough.
+_PROMPT_CONTEXT = 4
+
+
+class IncrementalDetokenizer:
+    """Turns pushed token ids into text deltas (see the module docstring).
+
+    Invariant: ``"".join(deltas) + flush() == text``. Without a stop string ``text`` is
+    ``decode(prompt + generated)[len(decode(prompt)):]``, the continuation HF's text-generation
+    pipeline returns; for byte-level BPE that is exactly ``decode(generated)``, and SentencePiece-style
+    decoders keep the leading space of the first word (``decode(generated)`` alone would drop it).
+    With a stop string ``text`` is cut before the stop that completed first.
+
+    Example::
+
+        d = IncrementalDetokenizer(tok, tok("Hi").input_ids, stop=["!"])
+        d.push(tok.convert_tokens_to_ids("Ġthere"))   # " there"
+    """
+
+    def __init__(self, tokenizer: Any, prompt_ids: Sequence[int], skip_special_tokens: bool = True,
+                 stop: Sequence[str] = ()) -> None:
+        if isinstance(stop, str):
+            stop = [stop]
+        if any(not isinstance(s, str) or not s for s in stop):
+            raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
+        self._tok = tokenizer
+        self._skip = skip_special_tokens
+        self._stops = tuple(stop)
+        self._max_stop = max((len(s) for s in self._stops), default=0)
+        context = list(prompt_ids[-_PROMPT_CONTEXT:])
+        # Context cut inside a multi-byte character would decode to U+FFFD; start without it then.
+        if context and self._decode(context).endswith(_REPLACEMENT):
+            context = []
+        self._ids: list[int] = context
+        self._prefix = 0  # ids[prefix:read]: emitted text kept as context
+        self._read = len(context)  # ids[read:]: tokens not yet turned into text
+        self._prefix_text: str | None = None  # decode(ids[prefix:read]), cached while waiting for bytes
+        self._emitted: list[str] = []
+        self._pending = ""  # decoded text held back because it may begin a stop string
+        self._num_tokens = 0
+        self._flushed = False
+        self.stopped: str | None = None
+
+    @property
+    def text(self) -> str:
+        """The text so far (including text held back for stop matching); cut before a matched stop."""
+        return "".join(self._emitted) + self._pending
+
+    @property
+    def num_tokens(self) -> int:
+        """How many tokens were pushed."""
+        return self._num_tokens
+
+    def push(self, token_id: int) -> str:
+        """Add one generated token; returns the text that became final ("" while bytes or a stop are pending)."""
+        if self._flushed:
+            raise RuntimeError("push() after flush()")
+        self._num_tokens += 1
+        if self.stopped is not None:
+            return ""  # the output already ended at a stop string
+        self._ids.append(int(token_id))
+        new = self._decode_window()
+        if not new or new.endswith(_REPLACEMENT):
+            # Incomplete bytes wait for the rest; a token with no text (a skipped special token)
+            # stays in the window so the context keeps real text for the next word's spacing.
+            return ""
+        self._advance()
+        return self._emit(new)
+
+    def flush(self) -> str:
+        """End of output: release held-back text (incomplete bytes decode to U+FFFD, like decode())."""
+        if self._flushed:
+            return ""
+        self._flushed = True
+        if self.stopped is not None:
+            return ""
+        out = ""
+        if self._read < len(self._ids):
+            out = self._emit(self._decode_window() or "")
+            self._advance()
+        if self.stopped is None:
+            out += self._pending
+            self._emitted.append(self._pending)
+            self._pending = ""
+        return out
+
+    # ------------------------------------------------------------------ internals
+    def _decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=self._skip)
+
+    def _decode_window(self) -> str | None:
+        """Text of ``ids[read:]`` decoded in context, or None when the context no longer prefixes it."""
+        if self._prefix_text is None:
+            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+        window = self._decode(self._ids[self._prefix :])
+        if not window.startswith(self._prefix_text):
+            # Only possible for a non-local decoder; the context changes, the cut is still right.
+            return window[len(self._prefix_text) :] if len(window) > len(self._prefix_text) else None
+        return window[len(self._prefix_text) :]
+
+    def _advance(self) -> None:
+        # The text just emitted becomes the next context; drop ids before it so the list stays short.
+        del self._ids[: self._read]
+        self._prefix, self._read = 0, len(self._ids)
+        self._prefix_text = None
+
+    def _emit(self, new: str) -> str:
+        if not self._stops:
+            self._emitted.append(new)
+            return new
+        text = self._pending + new
+        # pending never holds a whole stop string, so any match ends inside `new`.
+        best: tuple[int, int, str] | None = None
+        for s in self._stops:
+            i = text.find(s)
+            if i >= 0 and (best is None or (i + len(s), i) < best[:2]):
+                best = (i + len(s), i, s)
+        if best is not None:
+            # The stop that completes first wins (it is where generation would have stopped).
+            _, i, s = best
+            self.stopped = s
+            self._pending = ""
+            self._emitted.append(text[:i])
+            return text[:i]
+        hold = self._stop_prefix_len(text)
+        cut = len(text) - hold
+        self._pending = text[cut:]
+        self._emitted.append(text[:cut])
+        return text[:cut]
+
+    def _stop_prefix_len(self, text: str) -> int:
+        """Length of the longest suffix of ``text`` that is a proper prefix of some stop string."""
+        for k in range(min(len(text), self._max_stop - 1), 0, -1):
+            tail = text[-k:]
+            if any(len(s) > k and s.startswith(tail) for s in self._stops):
+                return k
+        return 0

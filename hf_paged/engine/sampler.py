@@ -1,0 +1,331 @@
+"""Sampler: next tokens for a batch of sequences, each with its own SamplingParams.
+
+The scores go through transformers' own logits processors, in the order
+``GenerationMixin._get_logits_processor`` builds them, so greedy output equals ``generate()`` and
+sampled output follows the distribution ``generate()`` samples from:
+
+    RepetitionPenalty -> (frequency/presence penalty, OpenAI's, not in HF) -> NoRepeatNGram
+    -> MinNewTokensLength (EOS banned until min_new_tokens)            [history processors, per row]
+    -> Temperature -> TopK -> TopP -> MinP -> Typical                  [warpers, sampling rows only]
+
+Cost: rows with nothing to process (greedy, default penalties, min_new_tokens reached) share one
+vectorised argmax; only rows that need their history are processed one by one; sampling rows with
+equal warper settings are warped together. After TopK the later warpers and the draw run on the
+``k`` surviving candidates instead of the whole vocabulary (HF's TopP/Typical sort the full row).
+
+Example::
+
+    sampler = Sampler(model.config.vocab_size)
+    out = sampler.sample(logits, [SamplingRow(params, token_ids, num_generated=3, generator=g)])
+    out.tokens          # [next_token]
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from typing import Iterator
+
+import numpy as np
+import torch
+from transformers.generation.logits_process import (
+    MinNewTokensLengthLogitsProcessor,
+    MinPLogitsWarper,
+    NoRepeatNGramLogitsProcessor,
+    RepetitionPenaltyLogitsProcessor,
+    TemperatureLogitsWarper,
+    TopKLogitsWarper,
+    TopPLogitsWarper,
+    TypicalLogitsWarper,
+)
+
+from .params import SamplingParams
+
+# The warpers never read input_ids; one shared placeholder avoids building a tensor per call.
+_NO_IDS = torch.empty(1, 0, dtype=torch.long)
+
+
+@dataclass(slots=True)
+class SamplingRow:
+    """One sequence to sample for: its params and what HF's ``input_ids`` row would hold (no padding)."""
+
+    params: SamplingParams
+    token_ids: list[int]  # prompt + generated so far
+    num_generated: int
+    generator: torch.Generator | None = None  # per sequence, so a seed gives the same tokens in any batch
+
+
+@dataclass(slots=True)
+class SampleOutput:
+    """Chosen tokens, one per row.
+
+    ``logprobs[i]`` is the log-probability of ``tokens[i]`` under the *processed* distribution, i.e.
+    ``log_softmax`` of what ``generate(output_scores=True)`` reports for that step (after penalties,
+    temperature and truncation); None for rows that did not ask. ``top_logprobs[i]`` holds up to
+    ``params.top_logprobs`` ``(token, logprob)`` pairs of that same distribution, best first, leaving
+    out tokens the processors removed. Both lists are None when no row in the batch asked.
+    """
+
+    tokens: list[int]
+    logprobs: list[float | None] | None = None
+    top_logprobs: list[list[tuple[int, float]]] | None = None
+
+
+@dataclass(slots=True)
+class _Part:
+    """Final scores for some rows: full width (``index`` None) or ``k`` candidates with their token ids."""
+
+    rows: list[int]
+    scores: torch.Tensor
+    index: torch.Tensor | None
+    greedy: bool
+
+
+class Sampler:
+    """Applies each row's processors and picks its token (see the module docstring).
+
+    ``vocab_size`` columns are considered; wider logits (a padded lm_head) are cut to it, since the
+    extra ids have no token. Pass ``model.config.vocab_size`` to reproduce ``generate()`` exactly.
+
+    Example::
+
+        out = Sampler(256).sample(torch.randn(2, 256), [SamplingRow(p, [1, 5], 0), SamplingRow(q, [1], 0)])
+    """
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.vocab_size = vocab_size
+        # Rows gathered for processing land here, reused across steps: a fresh [256, 49152] float32
+        # tensor costs far more in page faults than the copy itself. So one Sampler serves one thread.
+        self._work: torch.Tensor | None = None
+
+    # ------------------------------------------------------------------ public API
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
+        """Next token of every row (``logits[i]`` belongs to ``rows[i]``)."""
+        logits = self._trim(logits, rows)
+        n = len(rows)
+        wants = [r.params.logprobs or r.params.top_logprobs > 0 for r in rows]
+        out = SampleOutput([0] * n)
+        if any(wants):
+            out.logprobs, out.top_logprobs = [None] * n, [[] for _ in range(n)]
+        fast = [i for i, r in enumerate(rows) if r.params.is_greedy and not _needs_history(r)]
+        if fast:
+            if len(fast) == n:
+                pos = _argmax(logits)
+            elif 8 * len(fast) >= n:  # one pass over the whole batch beats gathering the rows
+                every = _argmax(logits)
+                pos = [every[i] for i in fast]
+            else:
+                pos = [_argmax(logits[i : i + 1])[0] for i in fast]
+            for i, t in zip(fast, pos):
+                out.tokens[i] = t
+            asking = [k for k, i in enumerate(fast) if wants[i]]
+            if asking:
+                idx = [fast[k] for k in asking]
+                scores = logits.index_select(0, torch.tensor(idx, device=logits.device))
+                self._fill_logprobs(out, _Part(idx, scores, None, True), [pos[k] for k in asking], rows, wants)
+        if len(fast) < n:
+            fast_set = set(fast)
+            slow = [i for i in range(n) if i not in fast_set]
+            for part in self._parts(logits, rows, slow):
+                pos = _argmax(part.scores) if part.greedy else _draw(part.scores, [rows[i].generator for i in part.rows])
+                toks = pos if part.index is None else _gather(part.index, pos)
+                for i, t in zip(part.rows, toks):
+                    out.tokens[i] = t
+                if out.logprobs is not None:
+                    self._fill_logprobs(out, part, pos, rows, wants)
+        return out
+
+    def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        """The processed scores ``[S, V]`` that tokens are drawn from (``generate()``'s ``output_scores``)."""
+        logits = self._trim(logits, rows)
+        out = logits.clone()
+        for part in self._parts(logits, rows, list(range(len(rows)))):
+            if part.index is None:
+                out[part.rows] = part.scores
+            else:
+                full = torch.full((len(part.rows), logits.shape[1]), -float("inf"), dtype=out.dtype, device=out.device)
+                out[part.rows] = full.scatter_(1, part.index, part.scores)
+        return out
+
+    # ------------------------------------------------------------------ processing
+    def _trim(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
+        logits = logits.detach()
+        return logits[:, : self.vocab_size] if logits.shape[1] > self.vocab_size else logits
+
+    def _buffer(self, logits: torch.Tensor) -> torch.Tensor:
+        n, v = logits.shape
+        w = self._work
+        if w is None or w.shape[0] < n or w.shape[1] != v or w.dtype != logits.dtype or w.device != logits.device:
+            w = self._work = torch.empty(max(n, w.shape[0] if w is not None and w.shape[1] == v else 0), v,
+                                         dtype=logits.dtype, device=logits.device)
+        return w
+
+    def _parts(self, logits: torch.Tensor, rows: list[SamplingRow], which: list[int]) -> Iterator[_Part]:
+        """Final scores of rows ``which``, grouped so that rows with equal warpers are warped together."""
+        needs = {i for i in which if _needs_history(rows[i])}
+        used = 0  # each group gets its own rows of the work buffer, so no part overwrites another
+
+        def stack(members: list[int]) -> torch.Tensor:
+            nonlocal used
+            if not needs.intersection(members) and members[-1] - members[0] + 1 == len(members):
+                return logits[members[0] : members[-1] + 1]  # consecutive rows: a view, no copy
+            dst = self._buffer(logits)[used : used + len(members)]
+            used += len(members)
+            plain = [j for j, i in enumerate(members) if i not in needs]
+            _copy_rows(dst, plain, logits, [members[j] for j in plain])
+            for j, i in enumerate(members):
+                if i in needs:  # one at a time, so each row's temporaries are freed (and reused) at once
+                    _copy_rows(dst, [j], _apply_history(logits[i : i + 1], rows[i]), [0])
+            return dst
+
+        greedy = [i for i in which if rows[i].params.is_greedy]
+        if greedy:
+            yield _Part(greedy, stack(greedy), None, True)
+        groups: dict[tuple, list[int]] = defaultdict(list)
+        for i in which:
+            p = rows[i].params
+            if not p.is_greedy:
+                groups[(p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p)].append(i)
+        for key, members in groups.items():
+            for sub, scores, index in _warp(stack(members), *key):
+                yield _Part([members[j] for j in sub], scores, index, False)
+
+    def _fill_logprobs(self, out: SampleOutput, part: _Part, pos: list[int], rows: list[SamplingRow],
+                       wants: list[bool]) -> None:
+        sel = [j for j, i in enumerate(part.rows) if wants[i]]
+        if not sel:
+            return
+        scores = part.scores if len(sel) == len(part.rows) else part.scores[sel]
+        logp = torch.log_softmax(scores.float(), dim=-1)
+        chosen = logp.gather(1, torch.tensor([pos[j] for j in sel], device=logp.device).view(-1, 1))
+        for j, lp in zip(sel, chosen.view(-1).tolist()):
+            out.logprobs[part.rows[j]] = lp
+        k = min(max(rows[part.rows[j]].params.top_logprobs for j in sel), logp.shape[1])
+        if k > 0:
+            vals, cols = logp.topk(k, dim=-1)
+            ids = cols if part.index is None else part.index[sel].gather(1, cols)
+            for j, vs, ts in zip(sel, vals.tolist(), ids.tolist()):
+                n = rows[part.rows[j]].params.top_logprobs
+                out.top_logprobs[part.rows[j]] = [(t, v) for t, v in zip(ts[:n], vs[:n]) if v != -math.inf]
+
+
+def _needs_history(row: SamplingRow) -> bool:
+    p = row.params
+    return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+            or p.no_repeat_ngram_size > 0 or (row.num_generated < p.min_new_tokens and bool(p.eos_token_id)))
+
+
+def _apply_history(scores: torch.Tensor, row: SamplingRow) -> torch.Tensor:
+    """The processors that read the row's tokens, on ``[1, V]`` scores, in generate()'s order."""
+    p = row.params
+    ids = torch.tensor(row.token_ids, dtype=torch.long, device=scores.device).unsqueeze(0)
+    if p.repetition_penalty != 1.0:
+        scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, scores)
+    if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and row.num_generated > 0:
+        # OpenAI semantics: counts over generated tokens only; right after HF's repetition penalty.
+        vocab = scores.shape[1]
+        gen = ids[0, ids.shape[1] - row.num_generated :]
+        counts = torch.bincount(gen, minlength=vocab)[:vocab].to(scores.dtype)
+        scores = scores - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores.dtype))
+    if p.no_repeat_ngram_size > 0:
+        scores = NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size)(ids, scores)
+    if row.num_generated < p.min_new_tokens and p.eos_token_id:
+        prompt_len = max(0, ids.shape[1] - row.num_generated)
+        scores = MinNewTokensLengthLogitsProcessor(prompt_len, p.min_new_tokens, p.eos_token_id,
+                                                   device=scores.device)(ids, scores)
+    return scores
+
+
+def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float | None,
+          typical_p: float) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
+    """HF's sampling warpers on ``[G, V]`` rows that share settings.
+
+    Yields ``(row positions, scores, index)``: ``index`` None for full-width scores, else the token
+    ids of the ``k`` TopK survivors that ``scores`` cover (every other token is -inf).
+    """
+    temper = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    later = ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []) \
+        + ([MinPLogitsWarper(min_p)] if min_p else []) \
+        + ([TypicalLogitsWarper(typical_p)] if typical_p < 1.0 else [])  # min_p None or 0 removes nothing
+    everyone = list(range(scores.shape[0]))
+    if top_k == 0 or top_k >= scores.shape[1]:  # TopK would keep every token
+        for w in temper + later:
+            scores = w(_NO_IDS, scores)
+        yield everyone, scores, None
+        return
+    # Temperature is monotonic, so the TopK survivors are the k largest raw scores: select them
+    # first and scale only those (bitwise the same values as scaling the whole row). One extra
+    # candidate tells whether the k-th scaled score ties with the next one: HF's TopK keeps every
+    # score >= the k-th, so such rows keep more than k tokens and take the full-width path.
+    vals, index = torch.topk(scores, top_k + 1, dim=-1)
+    for w in temper:
+        vals = w(_NO_IDS, vals)
+    tied = (vals[:, top_k] == vals[:, top_k - 1]).tolist()
+    exact = [j for j in everyone if not tied[j]]
+    if exact:
+        vals, index = vals[:, :top_k], index[:, :top_k]
+        if len(exact) < len(everyone):
+            vals, index = vals[exact], index[exact]
+        for w in later:  # each is a per-row function of the surviving scores; -inf entries add nothing
+            vals = w(_NO_IDS, vals)
+        yield exact, vals, index
+    if len(exact) < len(everyone):
+        rest = [j for j in everyone if tied[j]]
+        full = scores[rest]
+        for w in temper + [TopKLogitsWarper(top_k)] + later:
+            full = w(_NO_IDS, full)
+        yield rest, full, None
+
+
+def _argmax(scores: torch.Tensor) -> list[int]:
+    # numpy's argmax is SIMD-vectorised and several times faster than torch's on CPU; both return the
+    # first index of the maximum, so ties resolve like generate()'s torch.argmax.
+    if scores.device.type == "cpu" and scores.dtype in (torch.float32, torch.float64):
+        return np.argmax(scores.numpy(), axis=-1).tolist()
+    return scores.argmax(dim=-1).tolist()
+
+
+def _copy_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]) -> None:
+    """``dst[dst_rows] = src[src_rows]``; on CPU through numpy, a plain memcpy per row: torch runs such
+    copies as OpenMP regions, which stall for milliseconds each when the cores are busy elsewhere."""
+    if not dst_rows:
+        return
+    if src.device.type == "cpu" and src.dtype == dst.dtype and src.dtype in (torch.float32, torch.float64):
+        out, inp = dst.numpy(), src.numpy()
+        if len(dst_rows) == 1:
+            out[dst_rows[0]] = inp[src_rows[0]]
+        elif dst_rows == list(range(dst_rows[0], dst_rows[0] + len(dst_rows))):
+            np.take(inp, src_rows, axis=0, out=out[dst_rows[0] : dst_rows[0] + len(dst_rows)])
+        else:
+            out[dst_rows] = inp[src_rows]
+        return
+    dst[dst_rows] = src[src_rows]
+
+
+def _draw(scores: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+    """One token per row from ``softmax(scores)``, by inverse CDF with one uniform from the row's generator.
+
+    Same distribution as ``torch.multinomial(probs, 1)``, but a batched cumsum plus one random number
+    per row instead of a full-vocabulary multinomial per row (which costs milliseconds each on CPU).
+    The result of a row depends only on its scores and its generator, never on the rest of the batch.
+    """
+    probs = torch.softmax(scores, dim=-1)
+    # float64 where it is cheap (TopK candidates); a full-vocabulary row keeps float32 (cumsum still
+    # accumulates in double on CPU) rather than doubling the largest temporary of the step.
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if scores.shape[1] <= 4096 else scores.dtype)
+    total = cdf[:, -1:]
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=g.device) if g is not None
+                   else torch.rand(1, dtype=torch.float64) for g in generators])
+    u = u.to(device=cdf.device, dtype=cdf.dtype).view(-1, 1)
+    pos = torch.searchsorted(cdf, u * total, right=True)
+    # u * total can round up to total; the first index reaching total is the last token with p > 0.
+    last = torch.searchsorted(cdf, total.contiguous(), right=False)
+    return torch.minimum(pos, last).clamp_(max=scores.shape[1] - 1).view(-1).tolist()
+
+
+def _gather(index: torch.Tensor, pos: list[int]) -> list[int]:
+    return index.gather(1, torch.tensor(pos, device=index.device).view(-1, 1)).view(-1).tolist()
