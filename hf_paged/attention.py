@@ -47,8 +47,9 @@ def paged_attention_forward(
         raise ValueError(f"layer {layer}: K/V of shape {tuple(key.shape)} do not fit the pool's "
                          f"{tuple(k_cache.shape[2:])} (kv heads, head dim)")
     t = meta.on(query.device)
-    flat_k = key.transpose(1, 2).reshape(b * q, kvh, key.shape[3])
-    flat_v = value.transpose(1, 2).reshape(b * q, kvh, value.shape[3])
+    # The cache is inference state: storing K/V must not tie the pool into an autograd graph.
+    flat_k = key.detach().transpose(1, 2).reshape(b * q, kvh, key.shape[3])
+    flat_v = value.detach().transpose(1, 2).reshape(b * q, kvh, value.shape[3])
     kernels.write_kv(flat_k, flat_v, k_cache, v_cache, t.slot_mapping)
     flat_q = query.transpose(1, 2).reshape(b * q, h, d)
     if t.token_index is not None:

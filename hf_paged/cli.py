@@ -3,6 +3,7 @@
     hf-paged demo                       # the default model: wrapped generate() + streamed batch
     hf-paged generate "Hello" "Hi"      # one reply per prompt (chat template applied)
     hf-paged chat                       # interactive chat, streamed
+    hf-paged serve --port 8080          # TGI/OpenAI-compatible server + Gradio UI at /ui
 """
 from __future__ import annotations
 
@@ -73,6 +74,12 @@ def cmd_demo(args) -> None:
         print("\nengine stats:", pipe.stats())
 
 
+def cmd_serve(args) -> None:
+    from .server.__main__ import serve
+
+    serve(args)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hf-paged")
     ap.add_argument("--model", default="default", help='local model folder or "default"')
@@ -86,8 +93,11 @@ def main(argv: list[str] | None = None) -> None:
     c = sub.add_parser("chat")
     c.add_argument("--max-new-tokens", type=int, default=256)
     sub.add_parser("demo")
+    from .server.__main__ import add_arguments as add_serve_arguments
+
+    add_serve_arguments(sub.add_parser("serve", help="HTTP server (TGI + OpenAI routes, UI at /ui)"), common=False)
     args = ap.parse_args(argv)
-    {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo}[args.cmd](args)
+    {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "serve": cmd_serve}[args.cmd](args)
 
 
 if __name__ == "__main__":

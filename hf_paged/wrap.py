@@ -128,6 +128,7 @@ def _pre_hook(model, args, kwargs):
     if cache is None:
         cache = PagedKVCache(state.pool)
         cache._transient = not kwargs.get("use_cache", True)
+        cache._from_hook = True
         kwargs[key] = cache
     elif not isinstance(cache, PagedKVCache):
         raise ValueError(
@@ -150,9 +151,16 @@ def _pre_hook(model, args, kwargs):
 
 
 def _post_hook(model, args, kwargs, output):
+    # Registered with always_call: also runs when the forward raised (then ``output`` is None).
     state: WrapState = model._hf_paged
     cache = kwargs.get(state.cache_kwarg, kwargs.get("past_key_values"))
-    if isinstance(cache, PagedKVCache):
+    if not isinstance(cache, PagedKVCache):
+        return output
+    if output is None:
+        cache.rollback()
+        if getattr(cache, "_from_hook", False):
+            cache.release()  # nobody will ever see this cache
+    else:
         cache.end_step()
         if getattr(cache, "_transient", False):
             cache.release()
@@ -198,7 +206,7 @@ def wrap(model: torch.nn.Module, *, block_size: int = 16, kv_memory: int | float
     model._hf_paged = state
     _set_attn(model, attention.ATTN_NAME)
     state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
-    state.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True))
+    state.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
     model.generate = functools.partial(_paged_generate, model, type(model).generate.__get__(model))
     logger.info("hf_paged: %d blocks x %d tokens (%.1f MiB)", pool.num_blocks, block_size, pool.nbytes / 2**20)
     return model

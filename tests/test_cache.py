@@ -148,3 +148,19 @@ def test_unsupported_models_get_a_clear_error():
     with pytest.raises(hf_paged.UnsupportedModelError, match="not a transformers generative model"):
         hf_paged.wrap(torch.nn.Linear(2, 2))
     assert not hf_paged.is_wrapped(t5)
+
+
+def test_failed_forward_rolls_back_and_leaks_nothing(llama):
+    hf_paged.wrap(llama, num_blocks=16, block_size=8)
+    cache = hf_paged.PagedKVCache(hf_paged.kv_pool(llama))
+    try:
+        llama(input_ids=_ids(5), past_key_values=cache)
+        with pytest.raises(IndexError):
+            llama(input_ids=torch.tensor([[10**6]]), past_key_values=cache)  # out-of-vocabulary id
+        assert [t.num_tokens for t in cache.tables] == [5] and cache.get_seq_length() == 5
+        with pytest.raises(IndexError):
+            llama(input_ids=torch.tensor([[10**6]]))  # the hook's own cache is released
+        assert hf_paged.kv_pool(llama).allocator.num_used == 1
+    finally:
+        cache.release()
+        hf_paged.unwrap(llama)

@@ -11,11 +11,39 @@ length wastes little, and computed one by one otherwise (never a loop per decode
 """
 from __future__ import annotations
 
+import threading
+
 import torch
 import torch.nn.functional as F
 
 # Pad prefill rows into one batch only while the padded work stays within this factor of the real work.
 _PAD_WASTE_LIMIT = 1.5
+# Decode rows are grouped so that no row in a group is shorter than the longest / this factor: the
+# gathered K/V (the dominant memory traffic on CPU) then carries at most that much padding.
+_DECODE_LEN_RATIO = 1.4
+
+
+class _Scratch(threading.local):
+    """Reusable gather buffers, one set per thread.
+
+    A fresh multi-megabyte tensor per layer and step costs more in page faults than the copy itself
+    on CPU (the allocator returns large blocks to the OS), so gathers write into buffers kept here.
+    """
+
+    def __init__(self) -> None:
+        self.bufs: dict[tuple, torch.Tensor] = {}
+
+    def get(self, name: str, numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+        key = (name, dtype, device)
+        buf = self.bufs.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(max(numel, int(1.25 * (buf.numel() if buf is not None else 0))),
+                              dtype=dtype, device=device)
+            self.bufs[key] = buf
+        return buf[:numel]
+
+
+_scratch = _Scratch()
 
 
 def write_kv(
@@ -38,13 +66,20 @@ def write_kv(
 
 
 def gather_kv(
-    cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int
+    cache: torch.Tensor, block_tables: torch.Tensor, num_tokens: int, name: str = "kv"
 ) -> torch.Tensor:
-    """Contiguous ``[S, KVH, L, D]`` copy of the first ``num_tokens`` (rounded up to a block) of each table."""
+    """``[S, KVH, L, D]`` view of a copy of the first ``num_tokens`` (rounded up to a block) of each table.
+
+    The copy lives in a per-thread scratch buffer named ``name``: it is valid until the next gather
+    under the same name in this thread.
+    """
     block_size = cache.shape[1]
     nblocks = -(-num_tokens // block_size)
-    tables = block_tables[:, :nblocks].to(device=cache.device, dtype=torch.long).clamp(min=0)
-    kv = cache[tables]  # [S, nblocks, block_size, KVH, D]
+    idx = block_tables[:, :nblocks].to(device=cache.device, dtype=torch.long).clamp(min=0).reshape(-1)
+    row = cache[0].numel()
+    flat = _scratch.get(name, idx.numel() * row, cache.dtype, cache.device).view(idx.numel(), row)
+    torch.index_select(cache.view(cache.shape[0], row), 0, idx, out=flat)
+    kv = flat.view(block_tables.shape[0], nblocks, block_size, cache.shape[2], cache.shape[3])
     if kv.dtype in (torch.float16, torch.bfloat16):
         # Slots past a sequence's end hold whatever an earlier owner of the block left; an fp16
         # overflow there (inf) would turn masked-out weights into NaN (0 * inf).
@@ -118,8 +153,9 @@ def paged_attention(
     prefill = [i for i in range(num_seqs) if q_lens[i] > 1]
     device = query.device
     if decode:
-        _decode(query, k_cache, v_cache, block_tables, cu, lens, decode, out,
-                scale, sliding_window, softcap, work_dtype)
+        for group in _length_groups(decode, lens):
+            _decode(query, k_cache, v_cache, block_tables, cu, lens, group, out,
+                    scale, sliding_window, softcap, work_dtype)
     if prefill:
         real = sum(q_lens[i] * lens[i] for i in prefill)
         padded = len(prefill) * max(q_lens[i] for i in prefill) * max(lens[i] for i in prefill)
@@ -128,6 +164,18 @@ def paged_attention(
             _prefill(query, k_cache, v_cache, block_tables, cu, lens, q_lens, group, out,
                      scale, sliding_window, softcap, work_dtype, device)
     return out
+
+
+def _length_groups(rows: list[int], lens: list[int]) -> list[list[int]]:
+    """Split rows, longest first, into groups whose shortest row is within _DECODE_LEN_RATIO of the longest."""
+    groups: list[list[int]] = []
+    limit = 0.0
+    for i in sorted(rows, key=lens.__getitem__, reverse=True):
+        if not groups or lens[i] < limit:
+            groups.append([])
+            limit = lens[i] / _DECODE_LEN_RATIO
+        groups[-1].append(i)
+    return groups
 
 
 def _cast(t: torch.Tensor, dtype: torch.dtype | None) -> torch.Tensor:
@@ -142,8 +190,8 @@ def _decode(query, k_cache, v_cache, block_tables, cu, lens, rows, out,
     seq = torch.tensor([lens[i] for i in rows], device=device)
     max_k = max(lens[i] for i in rows)
     tables = block_tables.index_select(0, rows_t.to(block_tables.device))
-    k = _cast(gather_kv(k_cache, tables, max_k), work_dtype)
-    v = _cast(gather_kv(v_cache, tables, max_k), work_dtype)
+    k = _cast(gather_kv(k_cache, tables, max_k, "k"), work_dtype)
+    v = _cast(gather_kv(v_cache, tables, max_k, "v"), work_dtype)
     k_pos = torch.arange(k.shape[2], device=device)
     mask = _key_mask((seq - 1)[:, None], k_pos[None, :], seq[:, None], sliding_window)
     q = _cast(query.index_select(0, tok), work_dtype).unsqueeze(2)  # [n, H, 1, D]
@@ -164,8 +212,8 @@ def _prefill(query, k_cache, v_cache, block_tables, cu, lens, q_lens, rows, out,
     q.index_copy_(0, dst, _cast(query.index_select(0, src), work_dtype))
     q = q.view(n, max_q, num_heads, head_dim).transpose(1, 2)
     tables = block_tables.index_select(0, torch.tensor(rows, device=block_tables.device))
-    k = _cast(gather_kv(k_cache, tables, max_k), work_dtype).to(device)
-    v = _cast(gather_kv(v_cache, tables, max_k), work_dtype).to(device)
+    k = _cast(gather_kv(k_cache, tables, max_k, "k"), work_dtype).to(device)
+    v = _cast(gather_kv(v_cache, tables, max_k, "v"), work_dtype).to(device)
     seq = torch.tensor([lens[i] for i in rows], device=device)[:, None, None]
     qlen = torch.tensor([q_lens[i] for i in rows], device=device)[:, None, None]
     q_idx = torch.arange(max_q, device=device)[None, :, None]

@@ -74,6 +74,7 @@ class PagedKVCache(Cache):
         self.tables: list[BlockTable] = []
         self._seen = 0  # columns processed so far, padding included (what transformers calls length)
         self._pending = 0  # columns of the forward in flight
+        self._before: list[int] | None = None  # row lengths before the forward in flight
         self._finalizer = weakref.finalize(self, _release_tables, self.allocator, self.tables)
 
     # ------------------------------------------------------------------ planning
@@ -89,6 +90,7 @@ class PagedKVCache(Cache):
             self.tables.extend(BlockTable() for _ in range(batch_size))
         elif len(self.tables) != batch_size:
             raise ValueError(f"cache holds {len(self.tables)} rows but the input has {batch_size}")
+        self._before = [t.num_tokens for t in self.tables]
         if new_mask is not None:
             new_mask = new_mask.to("cpu", torch.bool)
             counts = new_mask.sum(1).tolist()
@@ -148,6 +150,15 @@ class PagedKVCache(Cache):
         """Account the columns of the forward that just ran."""
         self._seen += self._pending
         self._pending = 0
+        self._before = None
+
+    def rollback(self) -> None:
+        """Forget the forward in flight (it failed): rows go back to their lengths before it."""
+        if self._before is not None:
+            for t, n in zip(self.tables, self._before):
+                self.allocator.truncate(t, n)
+        self._pending = 0
+        self._before = None
 
     # ------------------------------------------------------------------ transformers Cache API
     def get_seq_length(self, layer_idx: int = 0) -> int:

@@ -1,0 +1,166 @@
+"""The FastAPI app: TGI routes, OpenAI routes, metrics, engine views and the Gradio UI on one server.
+
+Example::
+
+    import uvicorn
+    from hf_paged.engine.pipeline import PagedPipeline
+    from hf_paged.server import create_app
+
+    pipe = PagedPipeline.from_pretrained("default", kv_memory="1GiB")
+    uvicorn.run(create_app(pipe, model_id="SmolLM2-135M-Instruct"), host="127.0.0.1", port=8080)
+"""
+from __future__ import annotations
+
+import asyncio
+import hmac
+import importlib.util
+import logging
+import pathlib
+import sys
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response
+
+from .. import __version__
+from ..engine.pipeline import PagedPipeline
+from .engine_view import LocalEngineClient, blocks_payload, stats_payload
+from .errors import install_error_handlers, unauthorized
+from .generation import ServerState, default_max_new_tokens
+from .metrics import CONTENT_TYPE, ServerMetrics
+from .openai_routes import router as openai_router
+from .schemas import Info
+from .tgi_routes import router as tgi_router
+from .validation import Limits
+
+logger = logging.getLogger(__name__)
+
+# TGI puts these behind the API key (its `base_routes`); info, health, metrics and models stay open.
+GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/tokenize", "/v1/chat/completions",
+                               "/v1/completions"})
+UI_PATH = "/ui"
+_DEMO_FILE = pathlib.Path(__file__).resolve().parents[2] / "demos" / "gradio_app.py"
+
+
+class _BearerAuth:
+    """ASGI middleware: POSTs to generation routes need ``Authorization: Bearer <api_key>`` (TGI's rule).
+
+    Pure ASGI rather than ``BaseHTTPMiddleware`` so streamed responses and disconnects pass through
+    untouched. The scheme is case-insensitive, the key is compared exactly and in constant time.
+    """
+
+    def __init__(self, app, api_key: str) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES:
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, key = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.expected):
+                await unauthorized().response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+def _limits(pipe: PagedPipeline, max_input_tokens: int | None) -> Limits:
+    # One sequence can never outgrow the model's context nor the whole KV pool.
+    capacity = pipe.pool.num_blocks * pipe.pool.block_size
+    max_total = min(pipe.max_model_len, capacity)
+    max_input = max_total - 1 if max_input_tokens is None else max_input_tokens
+    if not 0 < max_input < max_total:
+        raise ValueError(f"max_input_tokens must be in [1, {max_total - 1}] (the model context / KV pool allows "
+                         f"{max_total} tokens in all), got {max_input_tokens}")
+    return Limits(max_input_tokens=max_input, max_total_tokens=max_total,
+                  default_max_new_tokens=default_max_new_tokens(pipe))
+
+
+def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: int = 128,
+               api_key: str | None = None, max_input_tokens: int | None = None, ui: bool = True,
+               close_pipeline: bool = True, model_sha: str | None = None,
+               model_pipeline_tag: str | None = "text-generation") -> FastAPI:
+    """A FastAPI app serving ``pipe``. On shutdown it cancels every request and closes ``pipe``
+    (unless ``close_pipeline=False``, for several apps sharing one pipeline)."""
+    if max_concurrent_requests < 1:
+        raise ValueError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
+    limits = _limits(pipe, max_input_tokens)
+    info = Info(model_id=model_id, model_sha=model_sha, model_pipeline_tag=model_pipeline_tag,
+                max_concurrent_requests=max_concurrent_requests, max_best_of=1,
+                max_stop_sequences=limits.max_stop_sequences, max_input_tokens=limits.max_input_tokens,
+                max_total_tokens=limits.max_total_tokens, validation_workers=1,
+                max_client_batch_size=limits.max_client_batch_size, router="hf_paged", version=__version__,
+                sha=None, docker_label=None)
+    metrics = ServerMetrics(pipe.stats, max_input_tokens=limits.max_input_tokens,
+                            max_total_tokens=limits.max_total_tokens)
+    state = ServerState(pipe=pipe, info=info, limits=limits, metrics=metrics,
+                        compute_type=next(pipe.model.parameters()).device.type)
+    metrics.bind_in_flight(lambda: state.in_flight)
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        state.closing = True
+        for handle in list(state.handles):
+            handle.cancel()
+        if close_pipeline:
+            await asyncio.to_thread(pipe.close)
+
+    app = FastAPI(title="hf_paged", version=__version__, lifespan=lifespan)
+    app.state.hf_paged = state
+
+    def on_validation_error(request: Request) -> None:
+        if request.method == "POST" and request.url.path in GENERATION_ROUTES - {"/tokenize"}:
+            metrics.request()
+            metrics.failure("validation")
+
+    install_error_handlers(app, on_validation_error)
+    app.include_router(tgi_router)
+    app.include_router(openai_router)
+
+    @app.get("/metrics")
+    async def prometheus() -> Response:
+        return Response(metrics.render(), media_type=CONTENT_TYPE)
+
+    @app.get("/engine/stats")
+    async def engine_stats() -> JSONResponse:
+        return JSONResponse(stats_payload(pipe, model_id=model_id, in_flight=state.in_flight,
+                                          max_concurrent_requests=max_concurrent_requests))
+
+    @app.get("/engine/blocks")
+    async def engine_blocks() -> JSONResponse:
+        return JSONResponse(blocks_payload(pipe))
+
+    if api_key:
+        app.add_middleware(_BearerAuth, api_key=api_key)
+    if ui:
+        _mount_ui(app, LocalEngineClient(pipe, model_id, state), api_key)
+    return app
+
+
+def load_demo_module():
+    """``demos/gradio_app.py`` (a script next to the package, not part of it), or None if absent."""
+    name = "hf_paged_demo_gradio_app"
+    if name in sys.modules:
+        return sys.modules[name]
+    if not _DEMO_FILE.is_file():
+        return None
+    spec = importlib.util.spec_from_file_location(name, _DEMO_FILE)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+def _mount_ui(app: FastAPI, client: LocalEngineClient, api_key: str | None) -> None:
+    try:
+        import gradio  # noqa: F401
+    except ImportError:
+        logger.warning("gradio is not installed (pip install 'hf-paged[demo]'): no UI at %s", UI_PATH)
+        return
+    demo = load_demo_module()
+    if demo is None:
+        logger.warning("%s not found (installed without the repository's demos/): no UI at %s", _DEMO_FILE, UI_PATH)
+        return
+    # With an API key the UI asks for it as the password: it can generate, so it must not be open.
+    auth = (lambda _user, password: hmac.compare_digest(password, api_key)) if api_key else None
+    demo.mount(app, client, path=UI_PATH, auth=auth)

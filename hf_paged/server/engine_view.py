@@ -1,0 +1,71 @@
+"""A read-only view of the running engine: stats, the per-block state of the KV pool, and an in-process
+client with the same surface as the demo's HTTP client (so the UI mounted on this server needs no
+loop-back HTTP and no API key).
+
+The per-block state reads :class:`~hf_paged.kv.blocks.BlockAllocator` internals (``ref_count`` and the
+prefix hash of each block) under the allocator's own lock; it lives here, not in the allocator, because
+only the server's picture of the pool needs it.
+"""
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from typing import Any
+
+from ..engine.pipeline import PagedPipeline
+
+FREE, USED, CACHED = 0, 1, 2
+
+
+def block_states(pipe: PagedPipeline) -> list[int]:
+    """One entry per block: 0 free, 1 used (referenced), 2 cached (unreferenced, holds a prefix)."""
+    a = pipe.pool.allocator
+    with a._lock:  # a consistent snapshot while the engine thread allocates
+        hashes = a._hash
+        return [USED if a.ref_count(b) > 0 else (CACHED if hashes[b] is not None else FREE)
+                for b in range(a.num_blocks)]
+
+
+def blocks_payload(pipe: PagedPipeline) -> dict[str, Any]:
+    """``GET /engine/blocks``."""
+    states = block_states(pipe)
+    return {"block_size": pipe.pool.block_size, "num_blocks": len(states), "states": states,
+            "counts": {"free": states.count(FREE), "used": states.count(USED), "cached": states.count(CACHED)}}
+
+
+def stats_payload(pipe: PagedPipeline, *, model_id: str, in_flight: int, max_concurrent_requests: int) -> dict:
+    """``GET /engine/stats``: ``pipe.stats()`` plus what a dashboard needs to label it."""
+    return {**pipe.stats(), "model_id": model_id, "block_size": pipe.pool.block_size,
+            "http_in_flight": in_flight, "max_concurrent_requests": max_concurrent_requests,
+            "engine": "hf_paged"}
+
+
+class LocalEngineClient:
+    """The demo UI's client surface, served straight from a pipeline in this process."""
+
+    def __init__(self, pipe: PagedPipeline, model_id: str, state: Any = None) -> None:
+        self.pipe = pipe
+        self.model_id = model_id
+        self._state = state  # ServerState, for the in-flight count shown in the stats
+        self.label = "in-process engine"
+
+    async def chat(self, messages: list[dict], *, temperature: float, top_p: float, max_new_tokens: int,
+                   seed: int | None) -> AsyncIterator[str]:
+        """Text deltas of the reply; cancelling the consumer cancels the request."""
+        ids = self.pipe.encode(messages)
+        room = self.pipe.max_model_len - len(ids)
+        handle = self.pipe.submit(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
+                                  do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
+                                  top_k=0, seed=seed)
+        async for ev in handle:
+            if ev.error is not None:
+                raise RuntimeError(ev.error)
+            if ev.text:
+                yield ev.text
+
+    async def stats(self) -> dict | None:
+        s = self._state
+        return stats_payload(self.pipe, model_id=self.model_id, in_flight=s.in_flight if s else 0,
+                             max_concurrent_requests=s.info.max_concurrent_requests if s else 0)
+
+    async def blocks(self) -> dict | None:
+        return blocks_payload(self.pipe)

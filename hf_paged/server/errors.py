@@ -1,0 +1,78 @@
+"""Errors in TGI's shape: ``{"error": "...", "error_type": "..."}`` with TGI's status codes.
+
+TGI (``router/src/server.rs``, ``impl From<InferError>``) answers 422 for validation, 429 when
+overloaded, 424 for generation failures. Every way a request can be malformed (bad JSON, wrong types,
+out-of-range values, unknown routes) must land here, never on FastAPI's default ``{"detail": ...}``
+body and never on a 5xx.
+"""
+from __future__ import annotations
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+
+class APIError(Exception):
+    """An error answer; ``message`` is the full ``error`` string the client sees."""
+
+    def __init__(self, status: int, message: str, error_type: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.error_type = error_type
+
+    def body(self) -> dict:
+        return {"error": self.message, "error_type": self.error_type}
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(self.body(), status_code=self.status)
+
+
+def validation_error(message: str) -> APIError:
+    return APIError(422, f"Input validation error: {message}", "validation")
+
+
+def overloaded() -> APIError:
+    return APIError(429, "Model is overloaded", "overloaded")
+
+
+def generation_error(message: str) -> APIError:
+    return APIError(424, f"Request failed during generation: {message}", "generation")
+
+
+def unauthorized() -> APIError:
+    return APIError(401, "Unauthorized: missing or invalid `Authorization: Bearer` token", "unauthorized")
+
+
+def _describe(exc: RequestValidationError) -> str:
+    """One line per pydantic error: ``parameters.max_new_tokens: Input should be a valid integer``."""
+    parts = []
+    for err in exc.errors():
+        loc = [str(p) for p in err.get("loc", ()) if p != "body"]
+        if err.get("type") == "json_invalid":
+            parts.append(f"malformed JSON body: {err.get('ctx', {}).get('error', err.get('msg'))}")
+            continue
+        where = ".".join(loc) or "body"
+        parts.append(f"`{where}`: {err.get('msg', 'invalid value')}")
+    return "; ".join(dict.fromkeys(parts)) or "invalid request body"
+
+
+def install_error_handlers(app: FastAPI, on_validation_error=None) -> None:
+    """Route every error through :class:`APIError`. ``on_validation_error()`` counts it in metrics."""
+
+    @app.exception_handler(APIError)
+    async def _api_error(request: Request, exc: APIError) -> JSONResponse:
+        return exc.response()
+
+    @app.exception_handler(RequestValidationError)
+    async def _bad_request(request: Request, exc: RequestValidationError) -> JSONResponse:
+        if on_validation_error is not None:
+            on_validation_error(request)
+        return validation_error(_describe(exc)).response()
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kinds = {401: "unauthorized", 404: "not_found", 405: "method_not_allowed"}
+        return JSONResponse({"error": str(exc.detail), "error_type": kinds.get(exc.status_code, "http")},
+                            status_code=exc.status_code, headers=getattr(exc, "headers", None))

@@ -1,0 +1,227 @@
+"""OpenAI-compatible routes: ``POST /v1/chat/completions``, ``POST /v1/completions``, ``GET /v1/models``.
+
+Shapes follow OpenAI's API as TGI serves it (``router/src/server.rs``: ``chat_completions``,
+``completions``; ``router/src/lib.rs``: ``ChatCompletion``, ``ChatCompletionChunk``, ``Usage``):
+``system_fingerprint`` is ``"<version>-native"``, streams end with ``data: [DONE]``, and with
+``stream_options.include_usage`` a last chunk with empty ``choices`` carries ``usage``. Unlike TGI we
+honour ``n`` and report OpenAI's ``finish_reason`` vocabulary (``stop``/``length``) for stop strings too.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+import uuid
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from ..engine.outputs import StreamEvent
+from .errors import APIError, generation_error
+from .generation import (ClientGone, Generation, Permit, ServerState, SSEResponse, collect, finish_reason, merge,
+                         openai_finish_reason, prepare, sse, submit)
+from .openai_schemas import ChatRequest, CompletionRequest, ModelCard
+from .validation import chat_messages, chat_params, completion_params, completion_prompts
+
+router = APIRouter()
+
+
+def _state(request: Request) -> ServerState:
+    return request.app.state.hf_paged
+
+
+async def _start(state: ServerState, prompts: list, kwargs: dict,
+                 started: float) -> tuple[list[Generation], Permit]:
+    """Admit once per HTTP request, validate every prompt, then submit them all (or none)."""
+    state.metrics.request()
+    permit = state.acquire()
+    try:
+        prepared = [prepare(state, p, kwargs) for p in prompts]
+        gens: list[Generation] = []
+        try:
+            for ids, kw in prepared:
+                gens.append(submit(state, ids, kw, started))
+        except APIError:
+            for g in gens:
+                g.handle.cancel()
+            raise
+        return gens, permit
+    except APIError as exc:
+        permit.release()
+        if exc.status == 422:
+            state.metrics.failure("validation")
+        raise
+
+
+def _logprob_entry(state: ServerState, token_id: int, logprob: float | None,
+                   top: list[tuple[int, float]] | None) -> dict:
+    text = state.token_text(token_id)
+    return {"token": text, "logprob": logprob, "bytes": list(text.encode()),
+            "top_logprobs": [{"token": state.token_text(t), "logprob": lp, "bytes": list(state.token_text(t).encode())}
+                             for t, lp in (top or [])]}
+
+
+def _legacy_logprobs(state: ServerState, events: list[StreamEvent], offset: int) -> dict:
+    """``/v1/completions`` logprobs: parallel lists, as OpenAI's legacy API returns them."""
+    tokens, lps, tops, offsets = [], [], [], []
+    for ev in events:
+        tokens.append(state.token_text(ev.token_id))
+        lps.append(ev.logprob)
+        tops.append({state.token_text(t): lp for t, lp in (ev.top_logprobs or [])})
+        offsets.append(offset)
+        offset += len(ev.text)
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
+
+
+def _usage(gens: list[Generation]) -> dict:
+    prompt = sum(g.input_length for g in gens)
+    done = sum(len(o.token_ids) for g in gens if g.output for o in g.output.outputs)
+    return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
+
+
+def _envelope(state: ServerState, kind: str, rid: str, model: str | None) -> dict:
+    return {"id": rid, "object": kind, "created": int(time.time()), "model": model or state.info.model_id,
+            "system_fingerprint": f"{state.info.version}-native"}
+
+
+def _raise_failed(gens: list[Generation]) -> None:
+    for g in gens:
+        if g.error is not None or g.output is None:
+            raise generation_error(g.error or "the engine ended the request without a result")
+
+
+# ---------------------------------------------------------------------------- chat
+@router.post("/v1/chat/completions")
+async def chat_completions(req: ChatRequest, request: Request) -> Response:
+    state = _state(request)
+    started = time.monotonic()
+    try:
+        kwargs = chat_params(req, state.limits)
+        messages = chat_messages(req.messages)
+    except APIError:
+        state.metrics.request()
+        state.metrics.failure("validation")
+        raise
+    gens, permit = await _start(state, [messages], kwargs, started)
+    rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
+    if req.stream:
+        return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens)
+    try:
+        (events,) = await collect(gens, request)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        permit.release()
+    _raise_failed(gens)
+    gen = gens[0]
+    choices = []
+    for out in gen.output.outputs:
+        toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
+        reason = finish_reason(out.token_ids[-1] if out.token_ids else None, out.finish_reason, gen.eos_ids)
+        logprobs = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs) for ev in toks]} \
+            if req.logprobs else None
+        choices.append({"index": out.index, "message": {"role": "assistant", "content": out.text},
+                        "logprobs": logprobs, "finish_reason": openai_finish_reason(reason)})
+    body = {**_envelope(state, "chat.completion", rid, req.model), "choices": choices, "usage": _usage(gens)}
+    return JSONResponse(body)
+
+
+async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, rid: str) -> AsyncIterator[bytes]:
+    env = _envelope(state, "chat.completion.chunk", rid, req.model)
+    async with aclosing(gen.events()) as events:
+        async for ev in events:
+            if ev.error is not None:
+                yield sse({"error": {"message": generation_error(ev.error).message, "http_status_code": 424}})
+                return
+            if ev.token_id is None:
+                continue
+            reason = None
+            if ev.finish_reason is not None:
+                reason = openai_finish_reason(finish_reason(ev.token_id, ev.finish_reason, gen.eos_ids))
+            logprobs = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs)]} \
+                if req.logprobs else None
+            choice = {"index": ev.index, "delta": {"role": "assistant", "content": ev.text},
+                      "logprobs": logprobs, "finish_reason": reason}
+            yield sse({**env, "choices": [choice], "usage": None})
+    if req.stream_options is not None and req.stream_options.include_usage:
+        yield sse({**env, "choices": [], "usage": _usage([gen])})
+    yield sse("[DONE]")
+
+
+# ---------------------------------------------------------------------------- completions
+@router.post("/v1/completions")
+async def completions(req: CompletionRequest, request: Request) -> Response:
+    state = _state(request)
+    started = time.monotonic()
+    try:
+        kwargs = completion_params(req, state.limits)
+        prompts = completion_prompts(req.prompt, state.limits)
+    except APIError:
+        state.metrics.request()
+        state.metrics.failure("validation")
+        raise
+    gens, permit = await _start(state, prompts, kwargs, started)
+    n = kwargs["num_return_sequences"]
+    rid = f"cmpl-{uuid.uuid4().hex[:24]}"
+    echoes = [_echo(state, p) if req.echo else "" for p in prompts]
+    if req.stream:
+        return SSEResponse(_completion_stream(state, gens, req, rid, n, echoes), permit, gens)
+    try:
+        all_events = await collect(gens, request)
+    except ClientGone:
+        return Response(status_code=499)
+    finally:
+        permit.release()
+    _raise_failed(gens)
+    choices = []
+    for i, (gen, events) in enumerate(zip(gens, all_events)):
+        for out in gen.output.outputs:
+            toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
+            reason = finish_reason(out.token_ids[-1] if out.token_ids else None, out.finish_reason, gen.eos_ids)
+            logprobs = _legacy_logprobs(state, toks, len(echoes[i])) if req.logprobs is not None else None
+            choices.append({"index": i * n + out.index, "text": echoes[i] + out.text, "logprobs": logprobs,
+                            "finish_reason": openai_finish_reason(reason)})
+    body = {**_envelope(state, "text_completion", rid, req.model), "choices": choices, "usage": _usage(gens)}
+    return JSONResponse(body)
+
+
+def _echo(state: ServerState, prompt: str | list[int]) -> str:
+    return prompt if isinstance(prompt, str) else state.pipe.tokenizer.decode(prompt)
+
+
+async def _completion_stream(state: ServerState, gens: list[Generation], req: CompletionRequest, rid: str,
+                             n: int, echoes: list[str]) -> AsyncIterator[bytes]:
+    env = _envelope(state, "text_completion", rid, req.model)
+    offsets: dict[int, int] = {}
+    for i, echo in enumerate(echoes):
+        for j in range(n):
+            offsets[i * n + j] = len(echo)
+            if echo:
+                yield sse({**env, "choices": [{"index": i * n + j, "text": echo, "logprobs": None,
+                                               "finish_reason": None}]})
+    async with aclosing(merge(gens)) as events:
+        async for i, ev in events:
+            gen = gens[i]
+            if ev.error is not None:
+                yield sse({"error": {"message": generation_error(ev.error).message, "http_status_code": 424}})
+                return
+            if ev.token_id is None:
+                continue
+            index = i * n + ev.index
+            reason = None
+            if ev.finish_reason is not None:
+                reason = openai_finish_reason(finish_reason(ev.token_id, ev.finish_reason, gen.eos_ids))
+            logprobs = _legacy_logprobs(state, [ev], offsets[index]) if req.logprobs is not None else None
+            offsets[index] += len(ev.text)
+            yield sse({**env, "choices": [{"index": index, "text": ev.text, "logprobs": logprobs,
+                                           "finish_reason": reason}]})
+    if req.stream_options is not None and req.stream_options.include_usage:
+        yield sse({**env, "choices": [], "usage": _usage(gens)})
+    yield sse("[DONE]")
+
+
+@router.get("/v1/models")
+async def models(request: Request) -> Response:
+    info = _state(request).info
+    card = ModelCard(id=info.model_id, owned_by=info.model_id)
+    return JSONResponse({"object": "list", "data": [card.model_dump()]})

@@ -1,0 +1,189 @@
+"""TGI's routes: ``POST /generate``, ``/generate_stream``, ``/``, ``/tokenize``; ``GET /info``, ``/health``.
+
+Behaviour follows TGI's ``router/src/server.rs``: ``/`` dispatches on ``stream`` and wraps a
+non-streamed answer in a one-item list; its ``return_full_text`` defaults to true for a
+``text-generation`` model; ``/generate_stream`` sends one ``data: {...}`` frame per token (1-based
+``index``) and puts ``generated_text`` and ``details`` on the last one, with no ``[DONE]``.
+
+Deliberate difference: errors known before the first token (validation, overload) are HTTP statuses
+(422/429) on the streaming route too, where TGI sends them as an SSE event with status 200.
+"""
+from __future__ import annotations
+
+import time
+from contextlib import aclosing
+from collections.abc import AsyncIterator
+
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse, Response
+
+from .errors import APIError, generation_error, validation_error
+from .generation import (ClientGone, Generation, Permit, ServerState, SSEResponse, collect, finish_reason,
+                         prepare, sse, submit)
+from .schemas import (CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, PrefillToken,
+                      SimpleToken, StreamDetails, StreamResponse, Token, dump)
+from .validation import tgi_params
+
+router = APIRouter()
+
+
+def state_of(request: Request) -> ServerState:
+    return request.app.state.hf_paged
+
+
+def _token(state: ServerState, token_id: int, text: str, logprob: float | None) -> Token:
+    return Token(id=token_id, text=text, logprob=logprob, special=token_id in state.special_ids)
+
+
+def _top_tokens(state: ServerState, top: list[tuple[int, float]] | None) -> list[Token]:
+    return [_token(state, t, state.token_text(t), lp) for t, lp in (top or [])]
+
+
+async def _start(state: ServerState, req: GenerateRequest, *, stream: bool) -> tuple[Generation, dict, Permit]:
+    """Admit, validate and submit (TGI's order: permit first, then validation)."""
+    started = time.monotonic()
+    state.metrics.request()
+    permit = state.acquire()
+    try:
+        p = req.parameters
+        if not req.inputs:
+            raise validation_error("`inputs` cannot be empty")
+        kwargs = tgi_params(p, state.limits, stream=stream)
+        ids, kwargs = prepare(state, req.inputs, kwargs, truncate=p.truncate)
+        return submit(state, ids, kwargs, started), kwargs, permit
+    except APIError as exc:
+        permit.release()
+        if exc.error_type == "validation":
+            state.metrics.failure("validation")
+        raise
+
+
+def _headers(state: ServerState, gen: Generation) -> dict[str, str]:
+    """TGI's timing headers (``x-compute-time`` etc.), from the generation's timestamps."""
+    now = time.monotonic()
+    first = gen.first_token or now
+    n = len(gen.output.token_ids) if gen.output else 0
+    ms = lambda s: str(int(s * 1000))  # noqa: E731
+    return {"x-compute-type": state.compute_type, "x-compute-time": f"{now - gen.started:.6f}",
+            "x-total-time": ms(now - gen.started), "x-validation-time": ms(gen.submitted - gen.started),
+            "x-queue-time": ms(first - gen.submitted), "x-inference-time": ms(now - first),
+            "x-time-per-token": ms((now - first) / max(n, 1)), "x-prompt-tokens": str(gen.input_length),
+            "x-generated-tokens": str(n)}
+
+
+async def _generate(state: ServerState, req: GenerateRequest, http: Request,
+                    full_text_default: bool = False) -> tuple[dict, dict[str, str]]:
+    gen, kwargs, permit = await _start(state, req, stream=False)
+    try:
+        (events,) = await collect([gen], http)
+    except ClientGone:
+        return {}, {}
+    finally:
+        permit.release()
+    if gen.error is not None or gen.output is None:
+        raise generation_error(gen.error or "the engine ended the request without a result")
+    p = req.parameters
+    out = gen.output.outputs[0]
+    text = out.text
+    if p.return_full_text if p.return_full_text is not None else full_text_default:
+        text = req.inputs + text
+    details = None
+    if p.details or p.decoder_input_details:
+        toks = [ev for ev in events if ev.token_id is not None]
+        prefill = [PrefillToken(id=t, text=state.token_text(t), logprob=None) for t in gen.handle.prompt_ids] \
+            if p.decoder_input_details else []
+        details = Details(
+            finish_reason=finish_reason(out.token_ids[-1] if out.token_ids else None, out.finish_reason,
+                                        gen.eos_ids),
+            generated_tokens=len(out.token_ids), seed=kwargs.get("seed"), prefill=prefill,
+            tokens=[_token(state, ev.token_id, ev.text, ev.logprob) for ev in toks],
+            top_tokens=[_top_tokens(state, ev.top_logprobs) for ev in toks] if kwargs["top_logprobs"] else None)
+    return dump(GenerateResponse(generated_text=text, details=details)), _headers(state, gen)
+
+
+async def _stream(state: ServerState, gen: Generation, req: GenerateRequest, kwargs: dict,
+                  full_text_default: bool) -> AsyncIterator[bytes]:
+    p = req.parameters
+    text: list[str] = []
+    index = 0
+    ended = False
+    async with aclosing(gen.events()) as events:
+        async for ev in events:
+            if ev.error is not None:
+                yield sse(generation_error(ev.error).body())
+                ended = True
+                break
+            if ev.token_id is None:
+                continue
+            index += 1
+            text.append(ev.text)
+            frame = StreamResponse(index=index, token=_token(state, ev.token_id, ev.text, ev.logprob),
+                                   top_tokens=_top_tokens(state, ev.top_logprobs) or None)
+            if ev.finish_reason is not None:
+                full = "".join(text)
+                if p.return_full_text if p.return_full_text is not None else full_text_default:
+                    full = req.inputs + full
+                frame.generated_text = full
+                if p.details:
+                    frame.details = StreamDetails(
+                        finish_reason=finish_reason(ev.token_id, ev.finish_reason, gen.eos_ids),
+                        generated_tokens=index, seed=kwargs.get("seed"), input_length=gen.input_length)
+                ended = True
+            yield sse(dump(frame))
+    if not ended:
+        state.metrics.failure("incomplete")
+        yield sse(APIError(500, "Incomplete generation stream", "incomplete_generation_stream").body())
+
+
+async def _generate_stream(state: ServerState, req: GenerateRequest, full_text_default: bool) -> Response:
+    gen, kwargs, permit = await _start(state, req, stream=True)
+    return SSEResponse(_stream(state, gen, req, kwargs, full_text_default), permit, [gen],
+                       headers={"x-compute-type": state.compute_type})
+
+
+@router.post("/generate")
+async def generate(req: GenerateRequest, request: Request) -> Response:
+    state = state_of(request)
+    body, headers = await _generate(state, req, request)
+    return JSONResponse(body, headers=headers)
+
+
+@router.post("/generate_stream")
+async def generate_stream(req: GenerateRequest, request: Request) -> Response:
+    return await _generate_stream(state_of(request), req, full_text_default=False)
+
+
+@router.post("/")
+async def compat_generate(req: CompatGenerateRequest, request: Request) -> Response:
+    state = state_of(request)
+    # TGI: return_full_text defaults to true on this route when the model is a text-generation model.
+    full = state.info.model_pipeline_tag == "text-generation"
+    if req.stream:
+        return await _generate_stream(state, req, full_text_default=full)
+    body, headers = await _generate(state, req, request, full_text_default=full)
+    return JSONResponse([body], headers=headers)
+
+
+@router.post("/tokenize")
+async def tokenize(req: GenerateRequest, request: Request) -> Response:
+    tok = state_of(request).pipe.tokenizer
+    if not getattr(tok, "is_fast", False):
+        raise APIError(404, "No fast tokenizer available", "tokenizer")
+    enc = tok(req.inputs, return_offsets_mapping=True)
+    tokens = [SimpleToken(id=i, text=req.inputs[a:b], start=a, stop=b).model_dump()
+              for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+    return JSONResponse(tokens)
+
+
+@router.get("/info")
+async def info(request: Request) -> Response:
+    return JSONResponse(state_of(request).info.model_dump())
+
+
+@router.get("/health")
+@router.get("/ping")
+@router.get("/")
+async def health(request: Request) -> Response:
+    if state_of(request).closing:
+        raise APIError(503, "unhealthy", "healthcheck")
+    return Response(status_code=200)

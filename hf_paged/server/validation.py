@@ -1,0 +1,191 @@
+"""Turn TGI / OpenAI request parameters into engine kwargs, with TGI's validation rules and messages.
+
+TGI checks ranges in ``router/src/validation.rs`` (``Validation::validate``) before anything is queued;
+so do we. Range errors use TGI's wording; what the engine itself rejects (``SamplingParams``) comes
+back from ``pipe.submit`` as ``ValueError`` and is reported the same way.
+
+Sampling follows TGI's server: a request samples when ``do_sample`` is set *or* any warper differs
+from its neutral value (temperature != 1, top_k, top_p < 1, typical_p < 1), and a sampled request
+without a seed gets a random one, returned in ``details.seed``.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import APIError, validation_error
+from .openai_schemas import ChatMessage, ChatRequest, CompletionRequest
+from .schemas import GenerateParameters
+
+U64_MAX = 2**64 - 1
+MAX_OPENAI_TOP_LOGPROBS = 20
+
+
+@dataclass(slots=True)
+class Limits:
+    """The router limits TGI reports in ``/info`` (defaults are TGI's launcher defaults)."""
+
+    max_input_tokens: int
+    max_total_tokens: int
+    default_max_new_tokens: int
+    max_stop_sequences: int = 4
+    max_top_n_tokens: int = 5
+    max_client_batch_size: int = 4
+
+
+def check_seed(seed: int | None, n: int = 1) -> None:
+    # The engine seeds continuation i with seed + i in a torch.Generator, which takes a u64.
+    if seed is not None and not 0 <= seed <= U64_MAX - (n - 1):
+        raise validation_error(f"`seed` must be >= 0 and <= {U64_MAX - (n - 1)}. Given: {seed}")
+
+
+def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[str, Any]:
+    """Engine kwargs for TGI ``parameters`` (``max_new_tokens`` may be None: the server default)."""
+    best_of = p.best_of if p.best_of is not None else 1
+    if best_of <= 0:
+        raise validation_error(f"`best_of` must be > 0 and <= 1. Given: {best_of}")
+    if best_of != 1:
+        raise validation_error("`best_of` != 1 is not supported when streaming tokens" if stream
+                               else "`best_of` != 1 is not allowed for this endpoint")
+    if stream and p.decoder_input_details:
+        raise validation_error("`decoder_input_details` == true is not supported when streaming tokens")
+    if p.temperature is not None and p.temperature <= 0:
+        raise validation_error("`temperature` must be strictly positive")
+    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
+        raise validation_error("`repetition_penalty` must be strictly positive")
+    if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
+        raise validation_error("`frequency_penalty` must be >= -2.0 and <= 2.0")
+    if p.top_p is not None and not 0.0 < p.top_p < 1.0:
+        raise validation_error("`top_p` must be > 0.0 and < 1.0")
+    if p.typical_p is not None and not 0.0 < p.typical_p < 1.0:
+        raise validation_error("`typical_p` must be > 0.0 and < 1.0")
+    if p.top_k is not None and p.top_k <= 0:
+        raise validation_error("`top_k` must be strictly positive")
+    if p.max_new_tokens is not None and p.max_new_tokens <= 0:
+        raise validation_error("`max_new_tokens` must be strictly positive")
+    stop = p.stop or []
+    if len(stop) > limits.max_stop_sequences:
+        raise validation_error(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
+                               f"Given: {len(stop)}")
+    check_seed(p.seed)
+    top_n = p.top_n_tokens or 0
+    if not 0 <= top_n <= limits.max_top_n_tokens:
+        raise validation_error(f"`top_n_tokens` must be >= 0 and <= {limits.max_top_n_tokens}. Given: {top_n}")
+    if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
+        raise validation_error(f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
+                               f"Given: {p.truncate}")
+    if p.grammar is not None:
+        raise validation_error("grammar is not supported")
+    if p.watermark:
+        raise validation_error("`watermark` is not supported by hf_paged")
+    if p.adapter_id is not None:
+        raise validation_error("`adapter_id` is not supported: hf_paged serves one model and no LoRA adapters")
+    temperature = 1.0 if p.temperature is None else p.temperature
+    top_p = 1.0 if p.top_p is None else p.top_p
+    typical_p = 1.0 if p.typical_p is None else p.typical_p
+    top_k = p.top_k or 0
+    sampling = bool(p.do_sample) or temperature != 1.0 or top_k != 0 or top_p < 1.0 or typical_p < 1.0
+    seed = p.seed
+    if sampling and seed is None:
+        seed = random.randrange(2**63)
+    return dict(max_new_tokens=p.max_new_tokens, do_sample=sampling, temperature=temperature, top_k=top_k,
+                top_p=top_p, typical_p=typical_p, repetition_penalty=p.repetition_penalty or 1.0,
+                frequency_penalty=p.frequency_penalty or 0.0, stop=stop, seed=seed if sampling else None,
+                logprobs=True, top_logprobs=top_n)
+
+
+def _stop_list(stop: str | list[str] | None, limits: Limits) -> list[str]:
+    stops = [stop] if isinstance(stop, str) else list(stop or [])
+    if len(stops) > limits.max_stop_sequences:
+        raise validation_error(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
+                               f"Given: {len(stops)}")
+    return stops
+
+
+def _openai_sampling(req: ChatRequest | CompletionRequest, limits: Limits, n: int) -> dict[str, Any]:
+    """OpenAI sampling fields: temperature defaults to 1 (sampling); 0 means greedy, as in TGI."""
+    if req.temperature is not None and not 0.0 <= req.temperature <= 2.0:
+        raise validation_error("`temperature` must be >= 0.0 and <= 2.0")
+    if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
+        raise validation_error("`top_p` must be > 0.0 and <= 1.0")
+    if n < 1:
+        raise validation_error(f"`n` must be >= 1. Given: {n}")
+    if req.logit_bias:
+        raise validation_error("`logit_bias` is not supported by hf_paged")
+    check_seed(req.seed, n)
+    temperature = 1.0 if req.temperature is None else req.temperature
+    return dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, top_k=0,
+                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
+                frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
+                stop=_stop_list(req.stop, limits), num_return_sequences=n)
+
+
+def chat_params(req: ChatRequest, limits: Limits) -> dict[str, Any]:
+    if req.tools:
+        raise validation_error("`tools` are not supported by hf_paged (no constrained decoding)")
+    if req.response_format is not None:
+        raise validation_error("`response_format` is not supported by hf_paged (no constrained decoding)")
+    top = req.top_logprobs
+    if top is not None and not 0 <= top <= MAX_OPENAI_TOP_LOGPROBS:
+        raise validation_error(f"`top_logprobs` must be >= 0 and <= {MAX_OPENAI_TOP_LOGPROBS}. Given: {top}")
+    if top and not req.logprobs:
+        raise validation_error("`top_logprobs` needs `logprobs` to be true")
+    max_tokens = req.max_completion_tokens if req.max_completion_tokens is not None else req.max_tokens
+    if max_tokens is not None and max_tokens <= 0:
+        raise validation_error("`max_tokens` must be strictly positive")
+    out = _openai_sampling(req, limits, 1 if req.n is None else req.n)
+    out.update(max_new_tokens=max_tokens, logprobs=bool(req.logprobs), top_logprobs=top or 0)
+    return out
+
+
+def completion_params(req: CompletionRequest, limits: Limits) -> dict[str, Any]:
+    if req.suffix is not None:
+        raise APIError(422, "Suffix is not supported and can be achieved by preprocessing the prompt.",
+                       "suffix not supported")
+    if req.best_of is not None and req.best_of != 1:
+        raise validation_error("`best_of` != 1 is not allowed for this endpoint")
+    if req.logprobs is not None and not 0 <= req.logprobs <= 5:
+        raise validation_error(f"`logprobs` must be >= 0 and <= 5. Given: {req.logprobs}")
+    if req.max_tokens is not None and req.max_tokens <= 0:
+        raise validation_error("`max_tokens` must be strictly positive")
+    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
+        raise validation_error("`repetition_penalty` must be strictly positive")
+    out = _openai_sampling(req, limits, 1 if req.n is None else req.n)
+    out.update(max_new_tokens=req.max_tokens, repetition_penalty=req.repetition_penalty,
+               logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0)
+    return out
+
+
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
+    """Messages for the chat template: text parts joined; anything else (images, audio) refused."""
+    out = []
+    for i, m in enumerate(messages):
+        content = m.content
+        if isinstance(content, list):
+            texts = []
+            for part in content:
+                if isinstance(part, dict):
+                    kind = part.get("type")
+                    raise validation_error(f"`messages[{i}].content`: {kind!r} parts are not supported; "
+                                           "only text parts reach a text model")
+                texts.append(part.text)
+            content = "".join(texts)
+        out.append({"role": m.role, "content": content or ""})
+    return out
+
+
+def completion_prompts(prompt: str | list, limits: Limits) -> list[str | list[int]]:
+    """The prompt forms OpenAI allows, as a list of engine prompts."""
+    if isinstance(prompt, str):
+        prompts: list = [prompt]
+    elif prompt and all(isinstance(p, int) for p in prompt):
+        prompts = [list(prompt)]
+    else:
+        prompts = list(prompt)
+    if not prompts:
+        raise validation_error("Empty array detected. Do not use an empty array for the prompt.")
+    if len(prompts) > limits.max_client_batch_size:
+        raise APIError(422, f"Number of prompts exceeds the maximum allowed batch size of "
+                            f"{limits.max_client_batch_size}", "batch size exceeded")
+    return prompts
