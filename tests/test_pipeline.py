@@ -1,9 +1,7 @@
 """PagedPipeline: greedy parity with generate(), preemption, prefix caching, sampling, concurrency."""
 from __future__ import annotations
 
-import asyncio
 import random
-import threading
 
 import pytest
 import torch
