@@ -149,3 +149,17 @@ def test_text_generation_pipeline_formats(pipe):
     assert msgs[:-1] == CHATS[0] and msgs[-1]["role"] == "assistant"
     ids = gen("Hi", max_new_tokens=2, return_tensors=True)
     assert isinstance(ids[0]["generated_token_ids"], list)
+
+
+def test_pipeline_factory_like_transformers():
+    gen = hf_paged.pipeline("text-generation", model="default", dtype="float32", kv_memory="64MiB")
+    try:
+        out = gen([{"role": "user", "content": "Say hi."}], max_new_tokens=6, do_sample=False)
+        assert out[0]["generated_text"][-1]["role"] == "assistant"
+    finally:
+        gen.close()
+        hf_paged.unwrap(gen.model)
+    with pytest.raises(ValueError, match="task"):
+        hf_paged.pipeline("summarization", model="default")
+    with pytest.raises(ValueError, match="unknown argument"):
+        hf_paged.pipeline("text-generation", model="default", frobnicate=1)
