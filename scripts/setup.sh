@@ -16,3 +16,9 @@ if ! .venv/bin/python -c "import torch" >/dev/null 2>&1; then
   fi
 fi
 $PIP install -q -e ".[${HF_PAGED_EXTRAS:-dev}]"
+case "${HF_PAGED_EXTRAS:-dev}" in
+  *dev*)
+    # TGI's Python client pins huggingface-hub<1.0 (transformers 5 needs >=1): install it without
+    # its pins so the server tests can drive the server with it.
+    $PIP install -q aiohttp && $PIP install -q --no-deps text-generation ;;
+esac

@@ -163,3 +163,22 @@ def test_pipeline_factory_like_transformers():
         hf_paged.pipeline("summarization", model="default")
     with pytest.raises(ValueError, match="unknown argument"):
         hf_paged.pipeline("text-generation", model="default", frobnicate=1)
+
+
+def test_engine_survives_a_request_that_fails_to_start(pipe, monkeypatch):
+    from hf_paged.engine import engine as engine_mod
+
+    real = engine_mod.Engine.add
+
+    def broken_add(self, req, make_detok):
+        if req.params.seed == 4242:
+            raise RuntimeError("boom")
+        return real(self, req, make_detok)
+
+    monkeypatch.setattr(engine_mod.Engine, "add", broken_add)
+    bad = pipe.submit(CHATS[0], max_new_tokens=4, do_sample=True, seed=4242)
+    with pytest.raises(RuntimeError, match="boom"):
+        bad.result(timeout=60)
+    assert pipe.alive and pipe.generate(CHATS[0], max_new_tokens=4).finish_reason in ("length", "stop")
+    with pytest.raises(ValueError, match="seed"):
+        pipe.submit(CHATS[0], do_sample=True, seed=2**64 - 1, num_return_sequences=2)

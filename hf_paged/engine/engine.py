@@ -64,7 +64,8 @@ class Engine:
 
     def fail(self, req: Request, error: str) -> None:
         self._stop(req, "error")
-        if self.requests.pop(req.request_id, None) is not None:
+        self.requests.pop(req.request_id, None)
+        if not req.done:
             req.emit(StreamEvent(req.request_id, 0, None, "", error=error, output=req.build_output(error)))
 
     def has_work(self) -> bool:

@@ -95,6 +95,9 @@ class SamplingParams:
             # Same rule as GenerationConfig.validate(): n greedy copies would all be identical.
             raise ValueError(f"num_return_sequences={self.num_return_sequences} needs do_sample=True "
                              "(greedy decoding would return identical sequences)")
+        if self.seed is not None and self.seed + self.num_return_sequences - 1 >= 2**64:
+            # Sequence i samples with seed + i, and torch generators take 64-bit seeds.
+            raise ValueError(f"seed must be below 2**64 - num_return_sequences + 1, got {self.seed}")
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
 
     @property

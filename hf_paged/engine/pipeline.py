@@ -167,13 +167,19 @@ class PagedPipeline:
             if kind == "add":
                 if req.cancelled:
                     continue
-                self.engine.add(req, self._detok)
+                try:
+                    self.engine.add(req, self._detok)
+                except Exception as exc:  # this request alone is bad: tell its caller, keep serving
+                    logger.exception("could not start request %s", req.request_id)
+                    self.engine.fail(req, f"{type(exc).__name__}: {exc}")
             elif kind == "cancel" and req.request_id in self.engine.requests:
                 self.engine.cancel(req)
 
     def _loop(self) -> None:
-        while self._drain(block=not self.engine.has_work()):
+        while True:
             try:
+                if not self._drain(block=not self.engine.has_work()):
+                    break
                 self.engine.step()
             except Exception as exc:  # one bad batch must not take the server down
                 logger.exception("engine step failed")
@@ -181,6 +187,11 @@ class PagedPipeline:
                     self.engine.fail(req, f"{type(exc).__name__}: {exc}")
         for req in list(self.engine.requests.values()):
             self.engine.cancel(req)
+
+    @property
+    def alive(self) -> bool:
+        """False once the background thread has stopped (closed, or died)."""
+        return not self._closed and (self._thread is None or self._thread.is_alive())
 
     def close(self) -> None:
         """Cancel what is running and stop the background thread."""

@@ -38,12 +38,16 @@ class Request:
     # ------------------------------------------------------------------ engine side
     def emit(self, event: StreamEvent) -> None:
         with self._lock:
-            self._events.put(event)
-            for loop, q in self._async:
-                loop.call_soon_threadsafe(q.put_nowait, event)
+            # Done before delivery: a consumer that sees the last event must also see done=True.
             if event.finished:
                 self._output = event.output
                 self._done.set()
+            self._events.put(event)
+            for loop, q in self._async:
+                try:
+                    loop.call_soon_threadsafe(q.put_nowait, event)
+                except RuntimeError:  # that consumer's event loop is closed: nobody to deliver to
+                    pass
 
     def build_output(self, error: str | None = None) -> RequestOutput:
         outs = [CompletionOutput(s.index, s.detok.text if s.detok else "", s.output_ids, s.finish_reason,

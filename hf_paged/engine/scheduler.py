@@ -65,7 +65,7 @@ class Scheduler:
         """Take ``seq`` out of the queues and give its blocks back."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
-        elif seq.status is SeqStatus.WAITING:
+        elif seq.status is SeqStatus.WAITING and seq in self.waiting:  # absent if never queued
             self.waiting.remove(seq)
         self.allocator.free(seq.table)
         seq.status = SeqStatus.FINISHED

@@ -99,9 +99,7 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
     @asynccontextmanager
     async def lifespan(app: FastAPI):
         yield
-        state.closing = True
-        for handle in list(state.handles):
-            handle.cancel()
+        await state.shutdown()
         if close_pipeline:
             await asyncio.to_thread(pipe.close)
 

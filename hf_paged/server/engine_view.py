@@ -56,6 +56,8 @@ class LocalEngineClient:
         handle = self.pipe.submit(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
                                   do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
                                   top_k=0, seed=seed)
+        if self._state is not None:
+            self._state.handles.add(handle)  # so that shutdown cancels UI chats too
         async for ev in handle:
             if ev.error is not None:
                 raise RuntimeError(ev.error)

@@ -12,6 +12,7 @@ import asyncio
 import functools
 import json
 import time
+import weakref
 from collections.abc import AsyncIterator, Sequence
 from contextlib import aclosing
 from dataclasses import dataclass, field
@@ -24,7 +25,7 @@ from ..engine.outputs import RequestOutput, StreamEvent
 from ..engine.params import SamplingParams
 from ..engine.pipeline import PagedPipeline
 from ..engine.request import Request
-from .errors import APIError, overloaded, validation_error
+from .errors import APIError, ClientGone, overloaded, validation_error
 from .metrics import ServerMetrics
 from .schemas import Info
 from .validation import Limits
@@ -41,7 +42,8 @@ class ServerState:
     metrics: ServerMetrics
     compute_type: str = "cpu"
     in_flight: int = 0
-    handles: set[Request] = field(default_factory=set)
+    # Every submitted request still alive (the engine holds running ones); shutdown waits on them.
+    handles: weakref.WeakSet[Request] = field(default_factory=weakref.WeakSet)
     closing: bool = False
     special_ids: frozenset[int] = frozenset()
     token_text: Any = None  # token id -> its string (set in __post_init__)
@@ -50,6 +52,21 @@ class ServerState:
         self.special_ids = frozenset(getattr(self.pipe.tokenizer, "all_special_ids", ()) or ())
         # Per-token strings (logprobs, top tokens) are looked up over and over; the vocabulary is fixed.
         self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
+
+    async def shutdown(self, timeout: float = 10.0) -> None:
+        """Cancel every request and wait until the engine delivered their last events: the engine
+        thread must not post to this event loop once it is closed."""
+        self.closing = True
+        pending = [h for h in list(self.handles) if not h.done]
+        for h in pending:
+            h.cancel()
+        deadline = time.monotonic() + timeout
+        while any(not h.done for h in pending) and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+
+    def healthy(self) -> bool:
+        """False while shutting down or once the engine thread died (requests would hang forever)."""
+        return not self.closing and self.pipe.alive
 
     def _token_text(self, token_id: int) -> str:
         return self.pipe.tokenizer.decode([token_id], skip_special_tokens=False)
@@ -129,7 +146,6 @@ class Generation:
             if not ended:
                 self.handle.cancel()
                 self.state.metrics.failure("cancelled")
-            self.state.handles.discard(self.handle)
 
     def _finished(self, ev: StreamEvent) -> None:
         self.output = ev.output
@@ -194,10 +210,6 @@ def default_max_new_tokens(pipe: PagedPipeline) -> int:
         return SamplingParams.from_request(pipe.model.generation_config).max_new_tokens
     except ValueError:
         return SamplingParams.from_request(None).max_new_tokens
-
-
-class ClientGone(Exception):
-    """The HTTP client disconnected before its answer was ready."""
 
 
 async def collect(gens: list[Generation], http_request: HTTPRequest) -> list[list[StreamEvent]]:

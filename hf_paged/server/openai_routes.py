@@ -9,16 +9,16 @@ honour ``n`` and report OpenAI's ``finish_reason`` vocabulary (``stop``/``length
 from __future__ import annotations
 
 import time
-from contextlib import aclosing
 import uuid
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from ..engine.outputs import StreamEvent
 from .errors import APIError, generation_error
-from .generation import (ClientGone, Generation, Permit, ServerState, SSEResponse, collect, finish_reason, merge,
+from .generation import (Generation, Permit, ServerState, SSEResponse, collect, finish_reason, merge,
                          openai_finish_reason, prepare, sse, submit)
 from .openai_schemas import ChatRequest, CompletionRequest, ModelCard
 from .validation import chat_messages, chat_params, completion_params, completion_prompts
@@ -108,8 +108,6 @@ async def chat_completions(req: ChatRequest, request: Request) -> Response:
         return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens)
     try:
         (events,) = await collect(gens, request)
-    except ClientGone:
-        return Response(status_code=499)
     finally:
         permit.release()
     _raise_failed(gens)
@@ -168,13 +166,11 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
         return SSEResponse(_completion_stream(state, gens, req, rid, n, echoes), permit, gens)
     try:
         all_events = await collect(gens, request)
-    except ClientGone:
-        return Response(status_code=499)
     finally:
         permit.release()
     _raise_failed(gens)
     choices = []
-    for i, (gen, events) in enumerate(zip(gens, all_events)):
+    for i, (gen, events) in enumerate(zip(gens, all_events, strict=True)):
         for out in gen.output.outputs:
             toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
             reason = finish_reason(out.token_ids[-1] if out.token_ids else None, out.finish_reason, gen.eos_ids)

@@ -11,14 +11,14 @@ Deliberate difference: errors known before the first token (validation, overload
 from __future__ import annotations
 
 import time
-from contextlib import aclosing
 from collections.abc import AsyncIterator
+from contextlib import aclosing
 
 from fastapi import APIRouter, Request
 from fastapi.responses import JSONResponse, Response
 
 from .errors import APIError, generation_error, validation_error
-from .generation import (ClientGone, Generation, Permit, ServerState, SSEResponse, collect, finish_reason,
+from .generation import (Generation, Permit, ServerState, SSEResponse, collect, finish_reason,
                          prepare, sse, submit)
 from .schemas import (CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, PrefillToken,
                       SimpleToken, StreamDetails, StreamResponse, Token, dump)
@@ -76,8 +76,6 @@ async def _generate(state: ServerState, req: GenerateRequest, http: Request,
     gen, kwargs, permit = await _start(state, req, stream=False)
     try:
         (events,) = await collect([gen], http)
-    except ClientGone:
-        return {}, {}
     finally:
         permit.release()
     if gen.error is not None or gen.output is None:
@@ -171,7 +169,7 @@ async def tokenize(req: GenerateRequest, request: Request) -> Response:
         raise APIError(404, "No fast tokenizer available", "tokenizer")
     enc = tok(req.inputs, return_offsets_mapping=True)
     tokens = [SimpleToken(id=i, text=req.inputs[a:b], start=a, stop=b).model_dump()
-              for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"])]
+              for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
     return JSONResponse(tokens)
 
 
@@ -184,6 +182,6 @@ async def info(request: Request) -> Response:
 @router.get("/ping")
 @router.get("/")
 async def health(request: Request) -> Response:
-    if state_of(request).closing:
+    if not state_of(request).healthy():
         raise APIError(503, "unhealthy", "healthcheck")
     return Response(status_code=200)

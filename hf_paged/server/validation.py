@@ -124,7 +124,8 @@ def _openai_sampling(req: ChatRequest | CompletionRequest, limits: Limits, n: in
 def chat_params(req: ChatRequest, limits: Limits) -> dict[str, Any]:
     if req.tools:
         raise validation_error("`tools` are not supported by hf_paged (no constrained decoding)")
-    if req.response_format is not None:
+    fmt = req.response_format
+    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):  # "text" is the default
         raise validation_error("`response_format` is not supported by hf_paged (no constrained decoding)")
     top = req.top_logprobs
     if top is not None and not 0 <= top <= MAX_OPENAI_TOP_LOGPROBS:

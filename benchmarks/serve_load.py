@@ -1,0 +1,185 @@
+"""Load test for a running server: N concurrent streaming clients, a fixed number of requests, a target rate.
+
+Reports throughput, time to first token (TTFT) and inter-token latency (ITL) percentiles, the error
+count (must be 0) and, on an hf_paged server, the KV blocks still referenced once every request has
+ended (must be 0; read from ``/engine/stats``). Exits non-zero when either is not 0.
+
+    hf-paged serve --port 8080 &
+    python benchmarks/serve_load.py --url http://127.0.0.1:8080 --requests 128 --concurrency 32 --rate 8
+    python benchmarks/serve_load.py --url ... --route chat --json > load.json
+
+Any TGI-compatible server works (``--route generate`` uses ``/generate_stream``, ``--route chat``
+uses ``/v1/chat/completions``); the leak check is skipped where ``/engine/stats`` does not exist.
+"""
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import random
+import statistics
+import sys
+import time
+from dataclasses import dataclass, field
+
+import httpx
+
+PROMPTS = [
+    "Explain how a bicycle stays upright.", "Write a haiku about the sea.", "What is a prime number?",
+    "List three uses of copper.", "Summarise the plot of Cinderella.", "How do vaccines work?",
+    "Give me a recipe for pancakes.", "Why is the sky blue?", "Describe a busy train station.",
+    "What does a compiler do?", "Name the planets of the solar system.", "Tell me a joke about cats.",
+]
+
+
+@dataclass(slots=True)
+class Sample:
+    ok: bool = False
+    error: str | None = None
+    ttft: float | None = None
+    itl: list[float] = field(default_factory=list)
+    latency: float | None = None
+    tokens: int = 0
+
+
+async def one_request(client: httpx.AsyncClient, route: str, prompt: str, max_new_tokens: int) -> Sample:
+    if route == "chat":
+        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "stream": True,
+                                             "max_tokens": max_new_tokens, "temperature": 0}
+    else:
+        path, body = "/generate_stream", {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}
+    s = Sample()
+    start = last = time.perf_counter()
+    try:
+        async with client.stream("POST", path, json=body) as r:
+            if r.status_code != 200:
+                s.error = f"HTTP {r.status_code}: {(await r.aread())[:200]!r}"
+                return s
+            async for line in r.aiter_lines():
+                if not line.startswith("data:") or line[5:].strip() == "[DONE]":
+                    continue
+                data = json.loads(line[5:])
+                if "error" in data:
+                    s.error = str(data["error"])[:200]
+                    return s
+                if route == "chat" and not data.get("choices"):
+                    continue  # the usage chunk
+                now = time.perf_counter()
+                if s.tokens == 0:
+                    s.ttft = now - start
+                else:
+                    s.itl.append(now - last)
+                last = now
+                s.tokens += 1
+        s.ok, s.latency = True, time.perf_counter() - start
+    except (httpx.HTTPError, ValueError) as exc:
+        s.error = f"{type(exc).__name__}: {exc}"
+    return s
+
+
+async def engine_leak(client: httpx.AsyncClient, timeout: float) -> int | None:
+    """KV blocks still referenced after all requests ended (None: not an hf_paged server)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            r = await client.get("/engine/stats")
+        except httpx.HTTPError:
+            return None
+        if r.status_code != 200:
+            return None
+        stats = r.json()
+        idle = stats["running"] == 0 and stats["waiting"] == 0
+        if (idle and stats["blocks_used"] == 0) or time.monotonic() > deadline:
+            return stats["blocks_used"]
+        await asyncio.sleep(0.1)
+
+
+async def run(args: argparse.Namespace) -> dict:
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
+    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    rng = random.Random(args.seed)
+    async with httpx.AsyncClient(base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout,
+                                 limits=limits) as client:
+        slots = asyncio.Semaphore(args.concurrency)
+        # Poisson arrivals at --rate requests/s (all at once when the rate is infinite).
+        arrivals, t = [], 0.0
+        for _ in range(args.requests):
+            arrivals.append(t)
+            t += rng.expovariate(args.rate) if args.rate != float("inf") else 0.0
+        begin = time.perf_counter()
+
+        async def client_task(i: int) -> Sample:
+            await asyncio.sleep(max(0.0, begin + arrivals[i] - time.perf_counter()))
+            async with slots:
+                return await one_request(client, args.route, PROMPTS[i % len(PROMPTS)], args.max_new_tokens)
+
+        samples = await asyncio.gather(*(client_task(i) for i in range(args.requests)))
+        wall = time.perf_counter() - begin
+        leaked = await engine_leak(client, args.leak_timeout)
+    return summarize(samples, wall, leaked, args)
+
+
+def _pct(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    values = sorted(values)
+    return values[min(len(values) - 1, max(0, round(q / 100 * (len(values) - 1))))]
+
+
+def summarize(samples: list[Sample], wall: float, leaked: int | None, args: argparse.Namespace) -> dict:
+    ok = [s for s in samples if s.ok]
+    ttft = [s.ttft for s in ok if s.ttft is not None]
+    itl = [x for s in ok for x in s.itl]
+    lat = [s.latency for s in ok]
+    tokens = sum(s.tokens for s in ok)
+    ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
+    errors = [s.error for s in samples if not s.ok]
+    return {
+        "url": args.url, "route": args.route, "requests": args.requests, "concurrency": args.concurrency,
+        "rate": args.rate if args.rate != float("inf") else "inf", "max_new_tokens": args.max_new_tokens,
+        "ok": len(ok), "errors": len(errors), "error_examples": errors[:3], "wall_s": round(wall, 2),
+        "requests_per_s": round(len(ok) / wall, 2), "output_tokens": tokens, "tokens_per_s": round(tokens / wall, 1),
+        "ttft_p50_ms": ms(_pct(ttft, 50)), "ttft_p99_ms": ms(_pct(ttft, 99)),
+        "itl_p50_ms": ms(_pct(itl, 50)), "itl_p99_ms": ms(_pct(itl, 99)),
+        "latency_p50_ms": ms(_pct(lat, 50)), "latency_p99_ms": ms(_pct(lat, 99)),
+        "mean_tokens_per_request": round(statistics.mean([s.tokens for s in ok]), 1) if ok else None,
+        "blocks_leaked": leaked,
+    }
+
+
+def markdown(r: dict) -> str:
+    rows = [("requests ok / errors", f"{r['ok']} / {r['errors']}"), ("wall time", f"{r['wall_s']} s"),
+            ("throughput", f"{r['requests_per_s']} req/s, {r['tokens_per_s']} tok/s"),
+            ("TTFT p50 / p99", f"{r['ttft_p50_ms']} / {r['ttft_p99_ms']} ms"),
+            ("ITL p50 / p99", f"{r['itl_p50_ms']} / {r['itl_p99_ms']} ms"),
+            ("latency p50 / p99", f"{r['latency_p50_ms']} / {r['latency_p99_ms']} ms"),
+            ("tokens per request (mean)", str(r["mean_tokens_per_request"])),
+            ("KV blocks leaked", "n/a (not hf_paged)" if r["blocks_leaked"] is None else str(r["blocks_leaked"]))]
+    head = (f"{r['requests']} requests, {r['concurrency']} concurrent clients, rate {r['rate']} req/s, "
+            f"max_new_tokens {r['max_new_tokens']}, route {r['route']} on {r['url']}\n\n")
+    return head + "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--url", default="http://127.0.0.1:8080")
+    ap.add_argument("--requests", type=int, default=64)
+    ap.add_argument("--concurrency", type=int, default=16, help="clients (requests in flight at most)")
+    ap.add_argument("--rate", type=float, default=float("inf"), help="target arrival rate, requests/s")
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--route", choices=["generate", "chat"], default="generate")
+    ap.add_argument("--api-key", default=None)
+    ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--leak-timeout", type=float, default=10.0, help="seconds to wait for the engine to go idle")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    args = ap.parse_args(argv)
+    result = asyncio.run(run(args))
+    print(json.dumps(result, indent=2) if args.json else markdown(result))
+    if result["errors"]:
+        print(f"errors: {result['error_examples']}", file=sys.stderr)
+    return 1 if result["errors"] or result["blocks_leaked"] else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,178 @@
+"""The Gradio UI: mounted at /ui and driven by headless Chromium; its HTTP client and panel rendering.
+
+The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``,
+``/usr/bin/chromedriver``) and the ``selenium`` package; it is skipped, with the reason, without them.
+It saves a screenshot of the page to ``docs/ui.png``.
+"""
+from __future__ import annotations
+
+import asyncio
+import os
+import pathlib
+import shutil
+import tempfile
+import threading
+import time
+
+import pytest
+
+pytest.importorskip("gradio")
+httpx = pytest.importorskip("httpx")
+
+import hf_paged  # noqa: E402
+from hf_paged.engine.pipeline import PagedPipeline  # noqa: E402
+from hf_paged.server import create_app  # noqa: E402
+from hf_paged.server.app import load_demo_module  # noqa: E402
+from test_server import MODEL_ID, Served, wait_idle  # noqa: E402
+
+SCREENSHOT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "ui.png"
+OTHER_USERS = ["Write a short poem about autumn leaves.", "Explain what a hash table is.",
+               "List five animals that live in the ocean.", "Describe the taste of a lemon."]
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMEDRIVER = shutil.which("chromedriver") or "/usr/bin/chromedriver"
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    model, tok = hf_paged.load_default_model()
+    p = PagedPipeline(model, tok, kv_memory="256MiB", max_num_seqs=32)
+    yield p
+    p.close()
+
+
+@pytest.fixture(scope="module")
+def server(pipe):
+    srv = Served(create_app(pipe, model_id=MODEL_ID, ui=True, close_pipeline=False))
+    yield srv
+    srv.stop()
+
+
+@pytest.fixture(autouse=True)
+def _idle_after(request):
+    yield
+    if "pipe" in request.fixturenames:
+        wait_idle(request.getfixturevalue("pipe"), timeout=60)
+
+
+@pytest.fixture(scope="module")
+def demo():
+    return load_demo_module()
+
+
+def _browser():
+    webdriver = pytest.importorskip("selenium.webdriver", reason="selenium is not installed")
+    if not (os.access(CHROMIUM, os.X_OK) and os.access(CHROMEDRIVER, os.X_OK)):
+        pytest.skip("headless Chromium not installed: apt-get install -y chromium chromium-driver")
+    opts = webdriver.ChromeOptions()
+    for flag in ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 f"--user-data-dir={tempfile.mkdtemp(prefix='hf_paged_chromium_')}", "--window-size=1400,1250"]:
+        opts.add_argument(flag)
+    opts.binary_location = CHROMIUM
+    return webdriver.Chrome(options=opts, service=webdriver.ChromeService(executable_path=CHROMEDRIVER))
+
+
+def _wait(predicate, timeout: float, what: str):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.1)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+def test_ui_chat_updates_block_view(server, pipe):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    driver = _browser()
+    try:
+        driver.get(f"{server.url}/ui/")
+        grid = lambda: driver.find_elements(By.CSS_SELECTOR, "#kv-grid")  # noqa: E731
+        counts = lambda: {k: int(grid()[0].get_attribute(f"data-{k}"))  # noqa: E731
+                          for k in ("used", "cached", "free")}
+        _wait(grid, 60, "the block pool view")
+        SCREENSHOT.parent.mkdir(exist_ok=True)
+        before = counts()
+        assert before["used"] == 0 and sum(before.values()) == pipe.stats()["blocks_total"]
+        # Fewer new tokens than the default keeps the test short on a CPU.
+        box = driver.find_element(By.CSS_SELECTOR, "#max-new input[type=number]")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("48", Keys.TAB)
+        driver.find_element(By.CSS_SELECTOR, "#msg textarea").send_keys("Name three colours of the rainbow.")
+        driver.find_element(By.CSS_SELECTOR, "#send").click()
+        driver.execute_script("window.scrollTo(0, 0)")
+        # Other users at the same time, so the picture shows a shared pool (and the screenshot has colour).
+        others = [threading.Thread(target=httpx.post, args=(f"{server.url}/v1/chat/completions",),
+                                   kwargs={"json": {"messages": [{"role": "user", "content": q}], "max_tokens": 40},
+                                           "timeout": 120}) for q in OTHER_USERS]
+        for t in others:
+            t.start()
+        seen_used, shot, busy_since = 0, False, None
+        deadline = time.monotonic() + 90
+        while time.monotonic() < deadline:
+            used = counts()["used"]
+            if used >= 4 and busy_since is None:
+                busy_since = time.monotonic()
+            if not shot and used and busy_since is not None and time.monotonic() - busy_since > 2.5:
+                driver.save_screenshot(str(SCREENSHOT))  # mid-generation: used blocks on screen
+                shot = True
+            seen_used = max(seen_used, used)
+            s = pipe.stats()
+            if s["tokens_generated"] > 0 and s["running"] == 0 and s["waiting"] == 0:
+                break
+            time.sleep(0.1)
+        for t in others:
+            t.join(timeout=60)
+        chat = driver.find_element(By.CSS_SELECTOR, "#chat").text
+        reply = _wait(lambda: driver.find_element(By.CSS_SELECTOR, "#chat").text.split(
+            "Name three colours of the rainbow.", 1)[-1].strip(), 30, f"a streamed reply (chat: {chat!r})")
+        assert reply
+        after = _wait(lambda: (c := counts()) != before and c["used"] == 0 and c, 10, "the block view to change")
+        assert seen_used > 0 or after["cached"] > before["cached"], (before, after, seen_used)
+        if not shot:
+            driver.save_screenshot(str(SCREENSHOT))
+    finally:
+        driver.quit()
+
+
+def test_http_client_against_server(server, demo):
+    client = demo.HTTPEngineClient(server.url)
+
+    async def run():
+        text = [d async for d in client.chat([{"role": "user", "content": "Hi"}], temperature=0, top_p=1.0,
+                                             max_new_tokens=6, seed=None)]
+        return "".join(text), await client.stats(), await client.blocks()
+
+    text, stats, blocks = asyncio.run(run())
+    assert text and stats["engine"] == "hf_paged" and len(blocks["states"]) == stats["blocks_total"]
+    html = demo.render_panel(stats, blocks, [1.0, 2.0, 3.0])
+    assert 'id="kv-grid"' in html and f'data-total="{stats["blocks_total"]}"' in html and "<polyline" in html
+
+
+def test_http_client_degrades_on_other_servers(demo):
+    tgi_metrics = "# TYPE tgi_batch_current_size gauge\ntgi_batch_current_size 3\ntgi_queue_size 1\n"
+
+    def tgi_like(request: httpx.Request) -> httpx.Response:
+        if request.url.path == "/metrics":
+            return httpx.Response(200, text=tgi_metrics)
+        return httpx.Response(404, json={"error": "Not Found", "error_type": "not_found"})
+
+    async def views(handler):
+        client = demo.HTTPEngineClient("http://tgi.invalid")
+        client.http = httpx.AsyncClient(base_url="http://tgi.invalid", transport=httpx.MockTransport(handler))
+        return await client.stats(), await client.blocks()
+
+    stats, blocks = asyncio.run(views(tgi_like))
+    assert stats == {"running": 3, "waiting": 1, "engine": "tgi"} and blocks is None
+    assert "No KV block view" in demo.render_panel(stats, blocks)
+    stats, blocks = asyncio.run(views(lambda r: httpx.Response(404)))
+    assert stats is None and "unavailable" in demo.render_panel(stats, blocks)
+
+
+def test_block_grid_groups_large_pools(demo):
+    states = [1] * 1000 + [2] * 500 + [0] * 3500
+    svg = demo.block_grid_svg(states)
+    assert 'data-used="1000"' in svg and 'data-cached="500"' in svg and 'data-free="3500"' in svg
+    assert 'data-group="5"' in svg and svg.count("<title>") == 1000
