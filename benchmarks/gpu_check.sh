@@ -38,7 +38,7 @@ stage() {  # stage NAME SECONDS COMMAND... : run with a time limit, log, record 
 } > "$RESULTS/env.log" 2>&1
 
 stage test_kernels 180 env -u TRITON_INTERPRET HF_PAGED_TEST_CUDA=1 HF_PAGED_BACKEND=triton \
-    "$PY" -m pytest -q -p no:cacheprovider tests/test_kernels.py
+    "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_kernels.py
 stage kernels 120 "$PY" benchmarks/kernels.py --out "$RESULTS/kernels.json"
 stage e2e 150 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"
 

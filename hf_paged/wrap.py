@@ -113,7 +113,7 @@ def _cache_kwarg(model: torch.nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
-def _bound_input(model, args, kwargs, name, position):
+def _bound_input(args, kwargs, name, position):
     if name in kwargs:
         return kwargs[name]
     return args[position] if len(args) > position else None
@@ -136,13 +136,13 @@ def _pre_hook(model, args, kwargs):
             "Pass no cache, or hf_paged.PagedKVCache(hf_paged.kv_pool(model)) to continue from an earlier call")
     if "past_key_values" in kwargs and key != "past_key_values":
         kwargs[key] = kwargs.pop("past_key_values")
-    ids = _bound_input(model, args, kwargs, "input_ids", 0)
+    ids = _bound_input(args, kwargs, "input_ids", 0)
     embeds = kwargs.get("inputs_embeds")
     shape_src = ids if ids is not None else embeds
     if shape_src is None:
         return None
     batch, q_len = shape_src.shape[0], shape_src.shape[1]
-    mask = _bound_input(model, args, kwargs, "attention_mask", 1)
+    mask = _bound_input(args, kwargs, "attention_mask", 1)
     new_mask = None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= q_len:
         new_mask = mask[:, -q_len:].bool()

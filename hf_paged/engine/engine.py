@@ -138,11 +138,14 @@ class Engine:
             req.emit(StreamEvent(req.request_id, 0, None, "", output=req.build_output()))
 
     # ------------------------------------------------------------------ stats
-    def tokens_per_second(self) -> float:
-        if len(self._recent) < 2:
+    def tokens_per_second(self, window: float = 5.0) -> float:
+        """Tokens generated per second over the last ``window`` seconds (0 when idle)."""
+        now = time.monotonic()
+        recent = [(t, n) for t, n in list(self._recent) if now - t <= window]
+        if len(recent) < 2:
             return 0.0
-        span = self._recent[-1][0] - self._recent[0][0]
-        return sum(n for _, n in list(self._recent)[1:]) / span if span > 0 else 0.0
+        span = max(now - recent[0][0], 1e-9)
+        return sum(n for _, n in recent[1:]) / span
 
     def stats(self) -> dict:
         a = self.pool.allocator

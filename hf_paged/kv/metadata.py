@@ -51,10 +51,7 @@ class PagedMetadata:
               seq_lens: list[int], token_index: list[int] | None) -> "PagedMetadata":
         """Pack host-side lists into tensors (on the pool's first device)."""
         width = max((len(t) for t in tables), default=0) or 1
-        bt = torch.zeros(len(tables), width, dtype=torch.int32)
-        for i, t in enumerate(tables):
-            if t:
-                bt[i, : len(t)] = torch.tensor(t, dtype=torch.int32)
+        bt = torch.tensor([t + [0] * (width - len(t)) for t in tables], dtype=torch.int32).view(-1, width)
         cu = [0]
         for n in q_lens:
             cu.append(cu[-1] + n)
