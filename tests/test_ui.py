@@ -2,7 +2,8 @@
 
 The browser test needs Debian's ``chromium`` and ``chromium-driver`` (``/usr/bin/chromium``,
 ``/usr/bin/chromedriver``) and the ``selenium`` package; it is skipped, with the reason, without them.
-It saves a screenshot of the page to ``docs/ui.png``.
+It saves a screenshot of the page (to ``docs/ui.png`` when HF_PAGED_UPDATE_SCREENSHOT=1 is set, so an
+ordinary test run leaves the checkout clean; to a temporary file otherwise).
 """
 from __future__ import annotations
 
@@ -25,7 +26,9 @@ from hf_paged.server import create_app  # noqa: E402
 from hf_paged.server.app import load_demo_module  # noqa: E402
 from test_server import MODEL_ID, Served, wait_idle  # noqa: E402
 
-SCREENSHOT = pathlib.Path(__file__).resolve().parents[1] / "docs" / "ui.png"
+SCREENSHOT = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "ui.png"
+              if os.environ.get("HF_PAGED_UPDATE_SCREENSHOT") == "1"
+              else pathlib.Path(tempfile.gettempdir()) / "hf_paged_ui.png")
 OTHER_USERS = ["Write a short poem about autumn leaves.", "Explain what a hash table is.",
                "List five animals that live in the ocean.", "Describe the taste of a lemon."]
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
