@@ -88,13 +88,27 @@ def _wait(predicate, timeout: float, what: str):
 def test_ui_chat_updates_block_view(server, pipe):
     from selenium.webdriver.common.by import By
     from selenium.webdriver.common.keys import Keys
+    from selenium.common.exceptions import StaleElementReferenceException
 
     driver = _browser()
     try:
         driver.get(f"{server.url}/ui/")
         grid = lambda: driver.find_elements(By.CSS_SELECTOR, "#kv-grid")  # noqa: E731
-        counts = lambda: {k: int(grid()[0].get_attribute(f"data-{k}"))  # noqa: E731
-                          for k in ("used", "cached", "free")}
+        keys = ("used", "cached", "free")
+
+        def counts() -> dict[str, int]:
+            # Gradio re-renders the grid every refresh: an element read mid-swap is stale or empty.
+            for _ in range(100):
+                try:
+                    found = grid()
+                    vals = [found[0].get_attribute(f"data-{k}") for k in keys] if found else [None]
+                except StaleElementReferenceException:
+                    vals = [None]
+                if None not in vals:
+                    return {k: int(v) for k, v in zip(keys, vals)}
+                time.sleep(0.05)
+            raise AssertionError("the block pool view could not be read")
+
         _wait(grid, 60, "the block pool view")
         SCREENSHOT.parent.mkdir(exist_ok=True)
         before = counts()
