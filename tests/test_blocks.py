@@ -91,6 +91,8 @@ def test_prefix_cache_hit_and_lru_reuse():
     # Another prompt that diverges in the second block hits only the first.
     other = a.match_prefix([5, 6, 0, 0, 1])
     assert other.blocks == first_two[:1]
+    # Hit rate: reused blocks over every full prompt block probed (3 hits of 3 + 2 blocks).
+    assert a.prefix_queries == 5 and a.prefix_hit_rate == pytest.approx(3 / 5)
     a.free(hit), a.free(other)
     # Allocation uses never-cached blocks before evicting cached ones.
     t2 = BlockTable()

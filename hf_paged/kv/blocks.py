@@ -214,10 +214,10 @@ class BlockAllocator:
             bs = self.block_size
             limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
             parent: int | None = None
+            self.prefix_queries += limit // bs  # every full block that could have been reused
             for i in range(limit // bs):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
                 h = chain_hash(parent, chunk)
-                self.prefix_queries += 1
                 b = self._by_hash.get(h)
                 # Compare the tokens too: a hash collision must never return someone else's K/V.
                 if b is None or self._tokens[b] != chunk:
