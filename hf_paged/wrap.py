@@ -208,6 +208,9 @@ def wrap(model: torch.nn.Module, *, block_size: int = 16, kv_memory: int | float
     state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
     model.generate = functools.partial(_paged_generate, model, type(model).generate.__get__(model))
+    from .kernels.cpu import install_onednn_linears
+
+    install_onednn_linears(model)
     logger.info("hf_paged: %d blocks x %d tokens (%.1f MiB)", pool.num_blocks, block_size, pool.nbytes / 2**20)
     return model
 
@@ -220,6 +223,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for h in state.hooks:
         h.remove()
     model.__dict__.pop("generate", None)
+    from .kernels.cpu import remove_onednn_linears
+
+    remove_onednn_linears(model)
     _set_attn(model, state.previous_attn or "sdpa")
     del model._hf_paged
     return model

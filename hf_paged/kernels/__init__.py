@@ -1,6 +1,8 @@
 """Kernel API: the only entry points the attention hook and the engine call.
 
-``backend``: ``"triton"``, ``"torch"`` or ``"auto"`` (Triton for CUDA tensors, torch otherwise). The
+``backend``: ``"triton"``, ``"cpu"`` (the compiled C++ decode kernel plus torch prefill, see
+``cpu.py``), ``"torch"`` (pure torch, also the reference the others are tested against) or ``"auto"``
+(Triton for CUDA tensors; on CPU ``cpu`` when its extension builds, ``torch`` otherwise). The
 environment variable ``HF_PAGED_BACKEND`` (same values) overrides it for the whole process; tests set
 it to ``triton`` together with ``TRITON_INTERPRET=1`` to run the Triton kernels on CPU.
 
@@ -17,7 +19,7 @@ import torch
 
 from . import reference
 
-BACKENDS = ("auto", "triton", "torch")
+BACKENDS = ("auto", "triton", "cpu", "torch")
 
 
 def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
@@ -26,7 +28,13 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     if chosen not in BACKENDS:
         raise ValueError(f"unknown kernel backend {chosen!r}; allowed: {', '.join(BACKENDS)}")
     if chosen == "auto":
-        return "triton" if tensor.is_cuda else "torch"
+        if tensor.is_cuda:
+            return "triton"
+        if tensor.device.type == "cpu":
+            from . import cpu
+
+            return "cpu" if cpu.available() else "torch"
+        return "torch"
     return chosen
 
 
@@ -68,7 +76,8 @@ def paged_attention(
     sequence's tokens including the new ones; ``block_tables`` ``[S, max_blocks]``. ``max_seqlen_q``/
     ``max_seqlen_k`` are optional host-side hints that spare a device sync.
     """
-    if resolve_backend(backend, query) == "triton":
+    chosen = resolve_backend(backend, query)
+    if chosen == "triton":
         from .attention import paged_attention_triton
 
         return paged_attention_triton(
@@ -76,7 +85,10 @@ def paged_attention(
             sliding_window=sliding_window, softcap=softcap,
             max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
         )
-    return reference.paged_attention(
+    impl = reference.paged_attention
+    if chosen == "cpu":
+        from .cpu import paged_attention as impl
+    return impl(
         query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
         sliding_window=sliding_window, softcap=softcap,
         max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,

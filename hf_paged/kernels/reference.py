@@ -135,10 +135,13 @@ def paged_attention(
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    decode_rows=None,
 ) -> torch.Tensor:
     """Attention of packed queries ``[T, H, D]`` over paged K/V. Returns ``[T, H, D]``.
 
-    Tokens past ``cu_seqlens_q[-1]`` (padding rows) get zeros.
+    Tokens past ``cu_seqlens_q[-1]`` (padding rows) get zeros. ``decode_rows(out, rows)``, if given,
+    computes the rows of the sequences with one query (``rows``: their indices) into ``out`` instead
+    of the gather + SDPA path here (the compiled CPU backend passes its kernel).
     """
     out = torch.zeros_like(query)
     num_seqs = seq_lens.shape[0]
@@ -152,7 +155,9 @@ def paged_attention(
     decode = [i for i in range(num_seqs) if q_lens[i] == 1 and lens[i] > 0]
     prefill = [i for i in range(num_seqs) if q_lens[i] > 1]
     device = query.device
-    if decode:
+    if decode and decode_rows is not None:
+        decode_rows(out, decode)
+    elif decode:
         for group in _length_groups(decode, lens):
             _decode(query, k_cache, v_cache, block_tables, cu, lens, group, out,
                     scale, sliding_window, softcap, work_dtype)

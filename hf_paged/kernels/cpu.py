@@ -1,0 +1,169 @@
+"""The compiled CPU backend: decode rows in C++ (``csrc/paged_attention_cpu.cpp``), prefill rows in torch.
+
+The C++ op reads K/V blocks in place through the block table, once, for all heads of a GQA group;
+the torch path (``reference.py``) gathers blocks into a dense copy first and reads the context three
+times. Decode dominates a serving step and is memory-bound, so that difference is the step time.
+Prefill rows stay on ``reference``'s batched SDPA, whose matrix products are faster on CPU than a
+per-token loop.
+
+The extension is built on first use with ``torch.utils.cpp_extension`` (gcc/clang and ninja; about
+half a minute, once) and cached in torch's extensions folder (``TORCH_EXTENSIONS_DIR``); the cache key
+includes this CPU's instruction-set flags, since the code is built for the host (``-march=native``).
+``available()`` says whether it loaded; ``HF_PAGED_CPU_KERNEL=0`` disables it, so ``auto`` falls back
+to the torch path. A failed build is logged once and never retried in that process.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import platform
+import threading
+from pathlib import Path
+
+import torch
+
+from . import reference
+
+logger = logging.getLogger(__name__)
+
+_SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+_lock = threading.Lock()
+_state: dict[str, object] = {}
+
+
+def _host_key() -> str:
+    """A short digest of what the host-tuned build depends on: CPU flags, compiler-visible arch, torch."""
+    flags = ""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith(("flags", "Features")):
+                    flags = line
+                    break
+    except OSError:
+        pass
+    text = "|".join([flags, platform.machine(), torch.__version__, _SOURCE.read_text()])
+    return hashlib.sha1(text.encode()).hexdigest()[:10]
+
+
+def _build() -> None:
+    from torch.utils import cpp_extension
+
+    march = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
+    cpp_extension.load(
+        name=f"hf_paged_cpu_{_host_key()}",
+        sources=[str(_SOURCE)],
+        extra_cflags=["-O3", "-fopenmp", *march],
+        extra_ldflags=["-fopenmp"],
+        is_python_module=False,
+        verbose=os.environ.get("HF_PAGED_CPU_KERNEL_VERBOSE") == "1",
+    )
+
+
+def available() -> bool:
+    """Whether the compiled op is usable here (builds it on the first call)."""
+    if os.environ.get("HF_PAGED_CPU_KERNEL", "1").strip() == "0":
+        return False
+    if "ok" in _state:
+        return bool(_state["ok"])
+    with _lock:
+        if "ok" not in _state:
+            try:
+                _build()
+                _state["ok"] = True
+            except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the torch path still works
+                _state["ok"] = False
+                _state["error"] = exc
+                logger.warning("hf_paged: the C++ CPU attention kernel could not be built (%s); using the "
+                               "slower pure-torch path. Install a C++ compiler and ninja to enable it.", exc)
+    return bool(_state["ok"])
+
+
+def build_error() -> BaseException | None:
+    """Why ``available()`` is False after a failed build (None otherwise)."""
+    err = _state.get("error")
+    return err if isinstance(err, BaseException) else None
+
+
+def _index(t: torch.Tensor) -> torch.Tensor:
+    return t if (t.dtype == torch.int32 and t.device.type == "cpu" and t.is_contiguous()) else \
+        t.to(device="cpu", dtype=torch.int32).contiguous()
+
+
+def paged_decode(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, *, scale: float,
+                 sliding_window: int | None = None, softcap: float | None = None) -> None:
+    """Fill ``out``'s rows of every sequence with exactly one query; other rows are left as they are."""
+    tables = block_tables if (block_tables.dtype == torch.int32 and block_tables.stride(-1) == 1) else \
+        block_tables.to(torch.int32).contiguous()
+    q = query if query.stride(-1) == 1 else query.contiguous()
+    torch.ops.hf_paged_cpu.paged_decode(
+        q, k_cache, v_cache, _index(tables), _index(cu_seqlens_q), _index(seq_lens), out,
+        float(scale), int(sliding_window or 0), float(softcap or 0.0))
+
+
+def paged_attention(
+    query: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    block_tables: torch.Tensor,
+    cu_seqlens_q: torch.Tensor,
+    seq_lens: torch.Tensor,
+    *,
+    scale: float,
+    sliding_window: int | None = None,
+    softcap: float | None = None,
+    max_seqlen_q: int | None = None,
+    max_seqlen_k: int | None = None,
+) -> torch.Tensor:
+    """Same contract as ``reference.paged_attention``; decode rows go through the C++ op."""
+    if not available():
+        raise RuntimeError(f"the C++ CPU kernel is not available: {build_error() or 'disabled'}")
+
+    def decode(out, rows):
+        paged_decode(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale=scale,
+                     sliding_window=sliding_window, softcap=softcap)
+
+    return reference.paged_attention(
+        query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
+        sliding_window=sliding_window, softcap=softcap, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        decode_rows=decode,
+    )
+
+
+# ---------------------------------------------------------------------------------------- linear layers
+# A decode step's matmuls are skinny ([rows, in] x [in, out] with 1-64 rows). On the CPUs measured,
+# oneDNN's kernels run them 10-30% faster than the MKL path behind F.linear, and the output layer
+# (vocab 49152) about 1.8x faster, so wrap() routes a CPU fp32 model's nn.Linear layers there
+# (HF_PAGED_ONEDNN_LINEAR=0 keeps F.linear). Results differ from F.linear only in summation order
+# (~1e-6 relative), as the attention kernels' do; inference only (grad-enabled calls use F.linear).
+
+
+def _onednn_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+            x.requires_grad or self.weight.requires_grad)):
+        flat = x.reshape(-1, x.shape[-1])
+        if flat.shape[0] > 0:
+            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+            return y.view(*x.shape[:-1], y.shape[-1])
+    return torch.nn.functional.linear(x, self.weight, self.bias)
+
+
+def install_onednn_linears(model: torch.nn.Module) -> int:
+    """Route the CPU fp32 ``nn.Linear`` layers of ``model`` through oneDNN; returns how many."""
+    if os.environ.get("HF_PAGED_ONEDNN_LINEAR", "1").strip() == "0" or not torch.backends.mkldnn.is_available():
+        return 0
+    count = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if type(mod) is torch.nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32 \
+                and w.is_contiguous():
+            mod.forward = _onednn_linear_forward.__get__(mod)
+            count += 1
+    return count
+
+
+def remove_onednn_linears(model: torch.nn.Module) -> None:
+    for mod in model.modules():
+        if type(mod) is torch.nn.Linear:
+            mod.__dict__.pop("forward", None)

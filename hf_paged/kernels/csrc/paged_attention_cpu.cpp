@@ -1,0 +1,355 @@
+// CPU paged attention for decode rows: reads K/V blocks in place through the block table.
+//
+// The torch path gathers every sequence's blocks into a dense buffer and then runs SDPA over it, so
+// the fp32 context crosses memory three times (gather read, gather write, SDPA read). Decode is
+// bound by that traffic. Here each (sequence, KV head) pair reads its keys and values once, straight
+// from the pool, for all query heads of its GQA group at the same time.
+//
+// Layout as in hf_paged/kernels/reference.py: caches [num_blocks, block_size, kv_heads, head_dim],
+// queries packed [tokens, heads, head_dim] with cu_seqlens_q [S+1], seq_lens [S] (tokens including
+// the new one), block_tables [S, max_blocks] int32. Rows whose q_len is not 1 are left untouched: the
+// caller computes prefill rows with matrix products, where they are faster.
+//
+// Math per head: s_j = scale * q.k_j (then softcap * tanh(s_j / softcap) if softcap > 0), softmax
+// over the keys in the causal (and sliding) window, o = sum_j p_j v_j; accumulated in fp32, exactly
+// two passes (scores, then values), no online rescaling.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <cstring>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX2__) && defined(__FMA__)
+#include <immintrin.h>
+#endif
+
+namespace {
+
+template <typename T>
+inline float load(const T& x) {
+  return static_cast<float>(x);
+}
+
+// exp(x) for x <= 0 (softmax after subtracting the max), as plain arithmetic the compiler can
+// vectorise: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r (the Cephes expf
+// coefficients, about 1 ulp) and 2^n built in the exponent bits. Inputs below -87 give ~1e-38.
+inline float exp_nonpositive(float x) {
+  x = x < -87.0f ? -87.0f : x;
+  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
+  float n = (x * 1.44269504088896341f + magic) - magic;
+  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
+  float scale;
+  std::memcpy(&scale, &bits, sizeof(scale));
+  return p * scale;
+}
+
+// x[j] = exp(x[j] - max(x)) in place.
+inline void exp_shifted(float* x, int64_t n) {
+  const float mx = *std::max_element(x, x + n);
+  int64_t j = 0;
+#if defined(__AVX2__) && defined(__FMA__)
+  const __m256 vmx = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
+  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f), one = _mm256_set1_ps(1.0f);
+  for (; j + 8 <= n; j += 8) {
+    __m256 v = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmx), lo);
+    __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m256 r = _mm256_fnmadd_ps(k, c1, v);
+    r = _mm256_fnmadd_ps(k, c2, r);
+    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
+    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
+    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
+    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
+    _mm256_storeu_ps(x + j, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
+  }
+#endif
+  for (; j < n; ++j) x[j] = exp_nonpositive(x[j] - mx);
+}
+
+inline void prefetch_block(const char* p, int64_t bytes) {
+  for (int64_t off = 0; off < bytes; off += 64) __builtin_prefetch(p + off, 0, 1);
+}
+
+// Greedy longest-first assignment of sequences to lanes (one lane per thread), so one long context
+// does not leave the other threads idle at the end of a static split.
+std::vector<std::vector<int64_t>> balance(const std::vector<std::pair<int64_t, int64_t>>& cost_seq, int64_t lanes) {
+  std::vector<std::pair<int64_t, int64_t>> items(cost_seq);
+  std::sort(items.begin(), items.end(), [](const auto& a, const auto& b) { return a.first > b.first; });
+  std::vector<std::vector<int64_t>> out(lanes);
+  std::vector<int64_t> total(lanes, 0);
+  for (const auto& [cost, seq] : items) {
+    int64_t best = std::min_element(total.begin(), total.end()) - total.begin();
+    out[best].push_back(seq);
+    total[best] += cost;
+  }
+  return out;
+}
+
+// Scores of tokens [t0, t1) of one block for every head: out[h * n + (t - t0)] = scale * q_h . k_t.
+template <typename scalar_t>
+void qk_block(const float* qf, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
+              int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+  for (int64_t kh = 0; kh < kv_heads; ++kh)
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = kh * group + g;
+      const float* qh = qf + h * head_dim;
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* k = base + t * c_tok + kh * head_dim;
+        float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+        for (int64_t d = 0; d < head_dim; ++d) dot += qh[d] * load(k[d]);
+        out[h * n + (t - t0)] = dot * scale;
+      }
+    }
+}
+
+// acc[h] += sum over tokens [t0, t1) of p[h * n + (t - t0)] * v_t, for every head.
+template <typename scalar_t>
+void pv_block(const float* p, int64_t n, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok,
+              int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+  for (int64_t kh = 0; kh < kv_heads; ++kh)
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = kh * group + g;
+      float* ah = acc + h * head_dim;
+      for (int64_t t = t0; t < t1; ++t) {
+        const scalar_t* v = base + t * c_tok + kh * head_dim;
+        const float w = p[h * n + (t - t0)];
+#pragma omp simd
+        for (int64_t d = 0; d < head_dim; ++d) ah[d] += w * load(v[d]);
+      }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+inline float hsum8(__m256 v) {
+  __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
+  x = _mm_add_ps(x, _mm_movehl_ps(x, x));
+  x = _mm_add_ss(x, _mm_movehdup_ps(x));
+  return _mm_cvtss_f32(x);
+}
+
+// fp32 with head_dim a multiple of 8: eight tokens per step, so eight independent FMA chains hide
+// the FMA latency that a single dot product's chain is bound by.
+template <>
+void qk_block<float>(const float* qf, const float* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
+                     int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+  if (head_dim % 8) {
+    for (int64_t kh = 0; kh < kv_heads; ++kh)
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kh * group + g;
+        for (int64_t t = t0; t < t1; ++t) {
+          const float* k = base + t * c_tok + kh * head_dim;
+          float dot = 0.f;
+#pragma omp simd reduction(+ : dot)
+          for (int64_t d = 0; d < head_dim; ++d) dot += qf[h * head_dim + d] * k[d];
+          out[h * n + (t - t0)] = dot * scale;
+        }
+      }
+    return;
+  }
+  for (int64_t kh = 0; kh < kv_heads; ++kh)
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = kh * group + g;
+      const float* qh = qf + h * head_dim;
+      float* o = out + h * n - t0;
+      const float* k = base + kh * head_dim;
+      int64_t t = t0;
+      for (; t + 8 <= t1; t += 8) {
+        __m256 a[8];
+        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
+        for (int64_t d = 0; d < head_dim; d += 8) {
+          const __m256 qv = _mm256_loadu_ps(qh + d);
+          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (t + i) * c_tok + d), a[i]);
+        }
+        for (int i = 0; i < 8; ++i) o[t + i] = hsum8(a[i]) * scale;
+      }
+      for (; t < t1; ++t) {
+        __m256 a0 = _mm256_setzero_ps();
+        for (int64_t d = 0; d < head_dim; d += 8)
+          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + t * c_tok + d), a0);
+        o[t] = hsum8(a0) * scale;
+      }
+    }
+}
+
+// fp32, head_dim a multiple of 8: the accumulator of up to 64 lanes stays in registers over the tokens.
+template <>
+void pv_block<float>(const float* p, int64_t n, const float* base, int64_t t0, int64_t t1, int64_t c_tok,
+                     int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+  if (head_dim % 8) {
+    for (int64_t kh = 0; kh < kv_heads; ++kh)
+      for (int64_t g = 0; g < group; ++g) {
+        const int64_t h = kh * group + g;
+        for (int64_t t = t0; t < t1; ++t) {
+          const float* v = base + t * c_tok + kh * head_dim;
+          const float w = p[h * n + (t - t0)];
+#pragma omp simd
+          for (int64_t d = 0; d < head_dim; ++d) acc[h * head_dim + d] += w * v[d];
+        }
+      }
+    return;
+  }
+  for (int64_t kh = 0; kh < kv_heads; ++kh)
+    for (int64_t g = 0; g < group; ++g) {
+      const int64_t h = kh * group + g;
+      const float* ph = p + h * n - t0;
+      for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
+        const int nv = static_cast<int>(std::min<int64_t>(64, head_dim - d0) / 8);
+        float* ah = acc + h * head_dim + d0;
+        const float* v = base + kh * head_dim + d0;
+        __m256 a[8];
+        for (int i = 0; i < nv; ++i) a[i] = _mm256_loadu_ps(ah + 8 * i);
+        for (int64_t t = t0; t < t1; ++t) {
+          const __m256 w = _mm256_set1_ps(ph[t]);
+          const float* vt = v + t * c_tok;
+          for (int i = 0; i < nv; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * i), a[i]);
+        }
+        for (int i = 0; i < nv; ++i) _mm256_storeu_ps(ah + 8 * i, a[i]);
+      }
+    }
+}
+#endif
+
+// One sequence: every head at once, so each token's K (then V) row of all KV heads is read as one
+// contiguous run and a block is one contiguous stretch of memory; the next block is prefetched.
+template <typename scalar_t>
+void decode_one(const scalar_t* qrow, int64_t q_head, const scalar_t* kc, const scalar_t* vc, const int32_t* table,
+                int64_t len, int64_t start, int64_t block_size, int64_t c_blk, int64_t c_tok, int64_t kv_heads,
+                int64_t group, int64_t head_dim, float scale, float cap, scalar_t* orow, int64_t o_head,
+                std::vector<float>& qf, std::vector<float>& acc, std::vector<float>& scores) {
+  const int64_t heads = kv_heads * group;
+  const int64_t n = len - start;
+  const int64_t block_bytes = block_size * c_tok * static_cast<int64_t>(sizeof(scalar_t));
+  qf.resize(heads * head_dim);
+  acc.assign(heads * head_dim, 0.f);
+  scores.resize(heads * n);
+  for (int64_t h = 0; h < heads; ++h)
+    for (int64_t d = 0; d < head_dim; ++d) qf[h * head_dim + d] = load(qrow[h * q_head + d]);
+  const int64_t first_blk = start / block_size, last_blk = (len - 1) / block_size;
+  for (int pass = 0; pass < 2; ++pass) {
+    const scalar_t* cache = pass == 0 ? kc : vc;
+    for (int64_t b = first_blk; b <= last_blk; ++b) {
+      const scalar_t* base = cache + table[b] * c_blk;
+      if (b < last_blk) prefetch_block(reinterpret_cast<const char*>(cache + table[b + 1] * c_blk), block_bytes);
+      const int64_t t0 = std::max<int64_t>(start, b * block_size) - b * block_size;
+      const int64_t t1 = std::min<int64_t>(len, (b + 1) * block_size) - b * block_size;
+      const int64_t j0 = b * block_size + t0 - start;
+      if (pass == 0)
+        qk_block(qf.data(), base, t0, t1, c_tok, kv_heads, group, head_dim, scale, scores.data() + j0, n);
+      else
+        pv_block(scores.data() + j0, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc.data());
+    }
+    if (pass == 1) break;
+    // Softmax per head, left unnormalised (the sum is divided out at the end).
+    for (int64_t h = 0; h < heads; ++h) {
+      float* sh = scores.data() + h * n;
+      if (cap > 0.f)
+        for (int64_t j = 0; j < n; ++j) sh[j] = cap * std::tanh(sh[j] / cap);
+      exp_shifted(sh, n);
+    }
+  }
+  for (int64_t h = 0; h < heads; ++h) {
+    const float* sh = scores.data() + h * n;
+    double sum = 0.0;
+    for (int64_t j = 0; j < n; ++j) sum += sh[j];
+    const float inv = static_cast<float>(1.0 / sum);
+    for (int64_t d = 0; d < head_dim; ++d) orow[h * o_head + d] = static_cast<scalar_t>(acc[h * head_dim + d] * inv);
+  }
+}
+
+template <typename scalar_t>
+void decode_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                   const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                   const at::Tensor& out, double scale, int64_t window, double softcap) {
+  const int64_t num_heads = query.size(1), head_dim = query.size(2);
+  const int64_t block_size = k_cache.size(1), kv_heads = k_cache.size(2);
+  const int64_t group = num_heads / kv_heads;
+  const int64_t num_seqs = seq_lens.size(0);
+  const int32_t* cu = cu_seqlens_q.data_ptr<int32_t>();
+  const int32_t* lens = seq_lens.data_ptr<int32_t>();
+  const int32_t* tables = block_tables.data_ptr<int32_t>();
+  const int64_t table_stride = block_tables.stride(0);
+  const scalar_t* q = query.data_ptr<scalar_t>();
+  const scalar_t* kc = k_cache.data_ptr<scalar_t>();
+  const scalar_t* vc = v_cache.data_ptr<scalar_t>();
+  scalar_t* o = out.mutable_data_ptr<scalar_t>();
+  const int64_t q_tok = query.stride(0), q_head = query.stride(1);
+  const int64_t o_tok = out.stride(0), o_head = out.stride(1);
+  const int64_t c_blk = k_cache.stride(0), c_tok = k_cache.stride(1);
+  TORCH_CHECK(k_cache.stride(2) == head_dim, "cache heads must be contiguous");
+
+  std::vector<std::pair<int64_t, int64_t>> items;
+  for (int64_t s = 0; s < num_seqs; ++s) {
+    if (cu[s + 1] - cu[s] != 1 || lens[s] <= 0) continue;
+    const int64_t len = lens[s];
+    items.emplace_back(window > 0 ? std::min(len, window) : len, s);
+  }
+  if (items.empty()) return;
+  const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
+  const auto plan = balance(items, lanes);
+
+  at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
+    std::vector<float> qf, acc, scores;
+    for (int64_t lane = begin; lane < end; ++lane) {
+      for (const int64_t s : plan[lane]) {
+        const int64_t len = lens[s];
+        const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+        decode_one<scalar_t>(q + cu[s] * q_tok, q_head, kc, vc, tables + s * table_stride, len, start, block_size,
+                             c_blk, c_tok, kv_heads, group, head_dim, static_cast<float>(scale),
+                             static_cast<float>(softcap), o + cu[s] * o_tok, o_head, qf, acc, scores);
+      }
+    }
+  });
+}
+
+void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::Tensor& v_cache,
+                  const at::Tensor& block_tables, const at::Tensor& cu_seqlens_q, const at::Tensor& seq_lens,
+                  const at::Tensor& out, double scale, int64_t window, double softcap) {
+  TORCH_CHECK(query.device().is_cpu(), "paged_decode runs on CPU tensors");
+  TORCH_CHECK(query.dim() == 3 && k_cache.dim() == 4 && v_cache.sizes() == k_cache.sizes(),
+              "query [T, H, D] and caches [N, block_size, KVH, D] expected");
+  TORCH_CHECK(query.size(2) == k_cache.size(3), "head_dim of query and cache differ");
+  TORCH_CHECK(query.size(1) % k_cache.size(2) == 0, "heads must be a multiple of kv heads");
+  TORCH_CHECK(query.scalar_type() == k_cache.scalar_type() && k_cache.scalar_type() == v_cache.scalar_type() &&
+                  out.scalar_type() == query.scalar_type(),
+              "query, caches and out must share a dtype");
+  TORCH_CHECK(query.stride(2) == 1 && out.stride(2) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "unit-stride head_dim and contiguous caches expected");
+  TORCH_CHECK(out.sizes() == query.sizes(), "out must have the query's shape");
+  for (const at::Tensor* t : {&block_tables, &cu_seqlens_q, &seq_lens}) {
+    TORCH_CHECK(t->scalar_type() == at::kInt && t->device().is_cpu(), "index tensors must be int32 on CPU");
+  }
+  TORCH_CHECK(block_tables.stride(1) == 1 && cu_seqlens_q.is_contiguous() && seq_lens.is_contiguous(),
+              "index tensors must be contiguous");
+  TORCH_CHECK(cu_seqlens_q.size(0) == seq_lens.size(0) + 1 && block_tables.size(0) >= seq_lens.size(0),
+              "cu_seqlens_q [S+1], seq_lens [S] and block_tables [>=S, M] expected");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, query.scalar_type(), "paged_decode", [&] {
+    decode_kernel<scalar_t>(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale, window,
+                            softcap);
+  });
+}
+
+}  // namespace
+
+TORCH_LIBRARY(hf_paged_cpu, m) {
+  m.def(
+      "paged_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
+      "Tensor seq_lens, Tensor(a!) out, float scale, int window, float softcap) -> ()");
+}
+
+TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }

@@ -1,0 +1,153 @@
+"""The compiled CPU backend (hf_paged/kernels/cpu.py + csrc/paged_attention_cpu.cpp) and the oneDNN linears.
+
+The C++ decode kernel is checked against the fp64 oracle of test_kernels.py and against the torch
+path, on shuffled block tables whose unused slots hold huge values (a read past a sequence's end
+shows up), with GQA, several head dims (AVX2 path and the generic one), window and softcap, mixed
+decode/prefill batches and empty sequences. The first test here builds the extension (~20-30 s once;
+cached afterwards).
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from hf_paged import kernels
+from hf_paged.kernels import cpu, reference
+from test_kernels import make_batch, oracle
+
+pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C++ CPU kernel not built: {cpu.build_error()}")
+
+TOL = {torch.float32: 1e-4, torch.float16: 2e-3, torch.bfloat16: 2e-2}
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(8, 8, 64), (9, 3, 64), (8, 1, 128), (4, 2, 80), (4, 2, 256),
+                                                     (6, 2, 12)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (24, None), (None, 30.0), (5, 20.0)])
+def test_decode_matches_oracle(dtype, heads, kv_heads, head_dim, window, softcap):
+    ctx = [1, 15, 16, 17, 100, 333]
+    batch = make_batch(ctx, [1] * len(ctx), heads=heads, kv_heads=kv_heads, head_dim=head_dim, block_size=16,
+                       dtype=dtype, seed=head_dim + heads)
+    scale = head_dim ** -0.5
+    got = cpu.paged_attention(*batch.args(), scale=scale, sliding_window=window, softcap=softcap)
+    want = oracle(batch, scale=scale, sliding_window=window, softcap=softcap)
+    n = batch.num_real
+    torch.testing.assert_close(got[:n].double(), want[:n], atol=TOL[dtype], rtol=0)
+    assert not got[n:].any(), "padding rows must stay zero"
+
+
+@pytest.mark.parametrize("block_size", [1, 8, 32])
+def test_mixed_batch_and_block_sizes(block_size):
+    # Decode rows, prefill chunks over a cached prefix, an empty sequence (q_len 0) and a length-1 prompt.
+    ctx, q_lens = [40, 70, 5, 1, 33, 0], [1, 12, 5, 1, 1, 0]
+    batch = make_batch(ctx, q_lens, heads=6, kv_heads=2, head_dim=32, block_size=block_size, dtype=torch.float32)
+    got = cpu.paged_attention(*batch.args(), scale=0.2, sliding_window=9)
+    want = oracle(batch, scale=0.2, sliding_window=9)
+    n = batch.num_real
+    torch.testing.assert_close(got[:n].double(), want[:n], atol=1e-4, rtol=0)
+
+
+def test_decode_equals_torch_path_on_many_sequences():
+    gen = torch.Generator().manual_seed(3)
+    ctx = torch.randint(1, 600, (48,), generator=gen).tolist()
+    batch = make_batch(ctx, [1] * len(ctx), heads=9, kv_heads=3, head_dim=64, block_size=16, dtype=torch.float32)
+    a = cpu.paged_attention(*batch.args(), scale=0.125)
+    b = reference.paged_attention(*batch.args(), scale=0.125)
+    torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+
+
+def test_decode_op_validates_its_inputs():
+    batch = make_batch([5], [1], heads=4, kv_heads=2, head_dim=16, block_size=4, dtype=torch.float32)
+    q, kc, vc, tables, cu, lens = batch.args()
+    out = torch.zeros_like(q)
+    with pytest.raises(RuntimeError, match="dtype"):
+        cpu.paged_decode(q.double(), kc, vc, tables, cu, lens, out, scale=1.0)
+    with pytest.raises(RuntimeError, match="multiple of kv heads"):
+        cpu.paged_decode(q[:, :3], kc, vc, tables, cu, lens, out[:, :3], scale=1.0)
+    with pytest.raises(RuntimeError, match="out must have"):
+        cpu.paged_decode(q, kc, vc, tables, cu, lens, out[:1], scale=1.0)
+
+
+def test_auto_backend_on_cpu_is_the_compiled_one(monkeypatch):
+    q = torch.zeros(1, 2, 4)
+    monkeypatch.delenv("HF_PAGED_BACKEND", raising=False)
+    assert kernels.resolve_backend("auto", q) == "cpu"
+    monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
+    assert kernels.resolve_backend("auto", q) == "torch"
+
+
+def test_failed_build_falls_back_to_torch(monkeypatch, caplog):
+    saved = dict(cpu._state)
+    cpu._state.clear()
+
+    def broken():
+        raise OSError("no compiler here")
+
+    monkeypatch.setattr(cpu, "_build", broken)
+    monkeypatch.delenv("HF_PAGED_BACKEND", raising=False)
+    try:
+        with caplog.at_level("WARNING"):
+            assert kernels.resolve_backend("auto", torch.zeros(1)) == "torch"
+        assert "could not be built" in caplog.text and isinstance(cpu.build_error(), OSError)
+        batch = make_batch([7, 3], [1, 3], heads=2, kv_heads=1, head_dim=8, block_size=4, dtype=torch.float32)
+        out = kernels.paged_attention(*batch.args(), scale=0.3)  # still answers, on the torch path
+        torch.testing.assert_close(out[:4].double(), oracle(batch, scale=0.3)[:4], atol=1e-4, rtol=0)
+        with pytest.raises(RuntimeError, match="not available"):
+            cpu.paged_attention(*batch.args(), scale=0.3)
+    finally:
+        cpu._state.clear()
+        cpu._state.update(saved)
+
+
+# ------------------------------------------------------------------------------------- oneDNN linears
+def _mlp():
+    torch.manual_seed(0)
+    return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16, bias=False))
+
+
+def test_onednn_linears_install_and_remove():
+    model = _mlp()
+    x = torch.randn(5, 3, 32)
+    with torch.inference_mode():
+        want = model(x)
+    assert cpu.install_onednn_linears(model) == 2
+    with torch.inference_mode():
+        got = model(x)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    assert got.shape == (5, 3, 16)
+    cpu.remove_onednn_linears(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_onednn_linears_leave_training_to_f_linear(monkeypatch):
+    model = _mlp()
+    cpu.install_onednn_linears(model)
+    calls = []
+    real = torch.ops.mkldnn._linear_pointwise
+
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+    x = torch.randn(4, 32, requires_grad=True)
+    model(x).sum().backward()  # grad mode: F.linear, so gradients flow
+    assert x.grad is not None and not calls
+    with torch.no_grad():
+        model(x)
+    assert len(calls) == 2
+
+
+def test_onednn_linears_skip_other_dtypes_and_can_be_disabled(monkeypatch):
+    assert cpu.install_onednn_linears(_mlp().double()) == 0
+    monkeypatch.setenv("HF_PAGED_ONEDNN_LINEAR", "0")
+    assert cpu.install_onednn_linears(_mlp()) == 0
+
+
+def test_wrap_installs_and_unwrap_removes_onednn_linears(tmp_path):
+    import hf_paged
+    from tiny_models import build, load
+
+    model = load(build("llama", tmp_path))
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    hf_paged.wrap(model, num_blocks=16)
+    assert all("forward" in m.__dict__ for m in linears)
+    hf_paged.unwrap(model)
+    assert not any("forward" in m.__dict__ for m in linears)
+
