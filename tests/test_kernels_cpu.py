@@ -151,3 +151,21 @@ def test_wrap_installs_and_unwrap_removes_onednn_linears(tmp_path):
     hf_paged.unwrap(model)
     assert not any("forward" in m.__dict__ for m in linears)
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
+def test_write_kv_matches_reference(dtype, slot_dtype):
+    gen = torch.Generator().manual_seed(1)
+    kc = torch.zeros(6, 4, 2, 8, dtype=dtype)
+    vc = torch.zeros_like(kc)
+    # Strided rows, as attention hands them over: [B=1, KVH, T, D] transposed to [T, KVH, D].
+    key = torch.randn(1, 2, 5, 8, generator=gen).to(dtype).transpose(1, 2)[0]
+    value = torch.randn(1, 2, 5, 8, generator=gen).to(dtype).transpose(1, 2)[0]
+    slots = torch.tensor([3, -1, 17, 0, 23], dtype=slot_dtype)
+    cpu.write_kv(key, value, kc, vc, slots)
+    rk, rv = torch.zeros_like(kc), torch.zeros_like(vc)
+    reference.write_kv(key, value, rk, rv, slots)
+    assert torch.equal(kc, rk) and torch.equal(vc, rv)
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu.write_kv(key, value, kc, vc, torch.tensor([0, 1, 2, 3, 24], dtype=slot_dtype))

@@ -29,7 +29,6 @@ from typing import Iterator
 import numpy as np
 import torch
 from transformers.generation.logits_process import (
-    MinNewTokensLengthLogitsProcessor,
     MinPLogitsWarper,
     NoRepeatNGramLogitsProcessor,
     RepetitionPenaltyLogitsProcessor,
@@ -234,9 +233,13 @@ def _apply_history(scores: torch.Tensor, row: SamplingRow) -> torch.Tensor:
     if p.no_repeat_ngram_size > 0:
         scores = NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size)(ids, scores)
     if row.num_generated < p.min_new_tokens and p.eos_token_id:
-        prompt_len = max(0, ids.shape[1] - row.num_generated)
-        scores = MinNewTokensLengthLogitsProcessor(prompt_len, p.min_new_tokens, p.eos_token_id,
-                                                   device=scores.device)(ids, scores)
+        # What MinNewTokensLengthLogitsProcessor does (EOS ids to -inf), without its isin over the
+        # whole vocabulary per row and step.
+        eos = p.eos_token_id if isinstance(p.eos_token_id, (list, tuple)) else [p.eos_token_id]
+        eos = [e for e in eos if 0 <= e < scores.shape[1]]
+        if eos:
+            scores = scores.clone()
+            scores[:, eos] = -float("inf")
     return scores
 
 

@@ -48,10 +48,15 @@ def write_kv(
     backend: str = "auto",
 ) -> None:
     """Store new ``key``/``value`` ``[T, KVH, D]`` at ``slot_mapping`` ``[T]`` (-1 = skip) in place."""
-    if resolve_backend(backend, key) == "triton":
+    chosen = resolve_backend(backend, key)
+    if chosen == "triton":
         from .cache_write import write_kv_triton
 
         return write_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+    if chosen == "cpu":
+        from .cpu import write_kv as cpu_write_kv
+
+        return cpu_write_kv(key, value, k_cache, v_cache, slot_mapping)
     return reference.write_kv(key, value, k_cache, v_cache, slot_mapping)
 
 

@@ -102,6 +102,22 @@ def paged_decode(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, 
         float(scale), int(sliding_window or 0), float(softcap or 0.0))
 
 
+def write_kv(key: torch.Tensor, value: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+             slot_mapping: torch.Tensor) -> None:
+    """``reference.write_kv`` in one C++ call: strided ``[T, KVH, D]`` rows, -1 slots skipped."""
+    if not available():
+        raise RuntimeError(f"the C++ CPU kernel is not available: {build_error() or 'disabled'}")
+    if key.shape[0] == 0:
+        return
+    if key.dtype != k_cache.dtype:
+        key, value = key.to(k_cache.dtype), value.to(k_cache.dtype)
+    key = key if key.stride(-1) == 1 else key.contiguous()
+    value = value if value.stride(-1) == 1 else value.contiguous()
+    slots = slot_mapping if slot_mapping.device.type == "cpu" and slot_mapping.is_contiguous() else \
+        slot_mapping.to("cpu").contiguous()
+    torch.ops.hf_paged_cpu.write_kv(key, value, k_cache, v_cache, slots)
+
+
 def paged_attention(
     query: torch.Tensor,
     k_cache: torch.Tensor,

@@ -344,12 +344,63 @@ void paged_decode(const at::Tensor& query, const at::Tensor& k_cache, const at::
   });
 }
 
+template <typename scalar_t, typename index_t>
+void write_kv_kernel(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache,
+                     const at::Tensor& v_cache, const at::Tensor& slot_mapping) {
+  const int64_t tokens = key.size(0), kv_heads = key.size(1), head_dim = key.size(2);
+  const int64_t block_size = k_cache.size(1), num_slots = k_cache.size(0) * block_size;
+  const index_t* slots = slot_mapping.data_ptr<index_t>();
+  const int64_t slot_stride = kv_heads * head_dim;  // contiguous caches: slot s starts at s * slot_stride
+  scalar_t* kc = k_cache.mutable_data_ptr<scalar_t>();
+  scalar_t* vc = v_cache.mutable_data_ptr<scalar_t>();
+  for (int64_t t = 0; t < tokens; ++t) {
+    const int64_t slot = static_cast<int64_t>(slots[t]);
+    if (slot < 0) continue;
+    TORCH_CHECK(slot < num_slots, "slot ", slot, " is outside the cache (", num_slots, " slots)");
+    for (int64_t h = 0; h < kv_heads; ++h) {
+      const scalar_t* ks = key.data_ptr<scalar_t>() + t * key.stride(0) + h * key.stride(1);
+      const scalar_t* vs = value.data_ptr<scalar_t>() + t * value.stride(0) + h * value.stride(1);
+      std::memcpy(kc + slot * slot_stride + h * head_dim, ks, head_dim * sizeof(scalar_t));
+      std::memcpy(vc + slot * slot_stride + h * head_dim, vs, head_dim * sizeof(scalar_t));
+    }
+  }
+}
+
+void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& k_cache, const at::Tensor& v_cache,
+              const at::Tensor& slot_mapping) {
+  TORCH_CHECK(key.device().is_cpu() && k_cache.device().is_cpu() && slot_mapping.device().is_cpu(),
+              "write_kv runs on CPU tensors");
+  TORCH_CHECK(key.dim() == 3 && value.sizes() == key.sizes() && k_cache.dim() == 4 &&
+                  v_cache.sizes() == k_cache.sizes() && key.size(1) == k_cache.size(2) &&
+                  key.size(2) == k_cache.size(3),
+              "key/value [T, KVH, D] and caches [N, block_size, KVH, D] expected");
+  TORCH_CHECK(key.scalar_type() == k_cache.scalar_type() && value.scalar_type() == k_cache.scalar_type() &&
+                  v_cache.scalar_type() == k_cache.scalar_type(),
+              "key, value and caches must share a dtype");
+  TORCH_CHECK(key.stride(2) == 1 && value.stride(2) == 1 && k_cache.is_contiguous() && v_cache.is_contiguous(),
+              "unit-stride head_dim and contiguous caches expected");
+  TORCH_CHECK(slot_mapping.dim() == 1 && slot_mapping.size(0) == key.size(0) && slot_mapping.is_contiguous(),
+              "slot_mapping [T] expected");
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, key.scalar_type(), "write_kv", [&] {
+    if (slot_mapping.scalar_type() == at::kLong)
+      write_kv_kernel<scalar_t, int64_t>(key, value, k_cache, v_cache, slot_mapping);
+    else if (slot_mapping.scalar_type() == at::kInt)
+      write_kv_kernel<scalar_t, int32_t>(key, value, k_cache, v_cache, slot_mapping);
+    else
+      TORCH_CHECK(false, "slot_mapping must be int32 or int64");
+  });
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_paged_cpu, m) {
+  m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def(
       "paged_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
       "Tensor seq_lens, Tensor(a!) out, float scale, int window, float softcap) -> ()");
 }
 
-TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) { m.impl("paged_decode", &paged_decode); }
+TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) {
+  m.impl("paged_decode", &paged_decode);
+  m.impl("write_kv", &write_kv);
+}
