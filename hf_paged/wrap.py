@@ -208,9 +208,11 @@ def wrap(model: torch.nn.Module, *, block_size: int = 16, kv_memory: int | float
     state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
     model.generate = functools.partial(_paged_generate, model, type(model).generate.__get__(model))
-    from .kernels.cpu import install_onednn_linears
+    from .kernels import cpu as cpu_kernels
 
-    install_onednn_linears(model)
+    cpu_kernels.install_onednn_linears(model)
+    if any(k.device.type == "cpu" for k in pool.k):
+        cpu_kernels.available()  # build (or load) the C++ kernel now, not on the first request
     logger.info("hf_paged: %d blocks x %d tokens (%.1f MiB)", pool.num_blocks, block_size, pool.nbytes / 2**20)
     return model
 

@@ -169,3 +169,16 @@ def test_write_kv_matches_reference(dtype, slot_dtype):
     assert torch.equal(kc, rk) and torch.equal(vc, rv)
     with pytest.raises(RuntimeError, match="outside the cache"):
         cpu.write_kv(key, value, kc, vc, torch.tensor([0, 1, 2, 3, 24], dtype=slot_dtype))
+
+
+def test_decode_rejects_block_ids_outside_the_cache():
+    batch = make_batch([20], [1], heads=2, kv_heads=1, head_dim=8, block_size=16, dtype=torch.float32,
+                       spare_blocks=0)
+    q, kc, vc, tables, cu, lens = batch.args()
+    bad = tables.clone()
+    bad[0, 1] = kc.shape[0]  # one past the last block
+    with pytest.raises(RuntimeError, match="outside the cache"):
+        cpu.paged_decode(q, kc, vc, bad, cu, lens, torch.zeros_like(q), scale=1.0)
+    with pytest.raises(RuntimeError, match="block table holds"):
+        cpu.paged_decode(q, kc, vc, tables[:, :1], cu, torch.tensor([40], dtype=torch.int32),
+                         torch.zeros_like(q), scale=1.0)

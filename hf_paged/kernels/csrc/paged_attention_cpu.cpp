@@ -293,11 +293,21 @@ void decode_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at:
   const int64_t c_blk = k_cache.stride(0), c_tok = k_cache.stride(1);
   TORCH_CHECK(k_cache.stride(2) == head_dim, "cache heads must be contiguous");
 
+  const int64_t num_blocks = k_cache.size(0);
   std::vector<std::pair<int64_t, int64_t>> items;
   for (int64_t s = 0; s < num_seqs; ++s) {
     if (cu[s + 1] - cu[s] != 1 || lens[s] <= 0) continue;
     const int64_t len = lens[s];
-    items.emplace_back(window > 0 ? std::min(len, window) : len, s);
+    const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
+    // Every block the walk will read must exist: checked here, before the threads start.
+    TORCH_CHECK((len - 1) / block_size < block_tables.size(1), "sequence ", s, " has ", len,
+                " tokens but its block table holds ", block_tables.size(1), " blocks");
+    for (int64_t b = start / block_size; b <= (len - 1) / block_size; ++b) {
+      const int32_t blk = tables[s * table_stride + b];
+      TORCH_CHECK(blk >= 0 && blk < num_blocks, "sequence ", s, " maps block ", b, " to ", blk,
+                  ", outside the cache (", num_blocks, " blocks)");
+    }
+    items.emplace_back(len - start, s);
   }
   if (items.empty()) return;
   const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
