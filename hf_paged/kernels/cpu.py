@@ -148,9 +148,10 @@ def paged_attention(
 
 
 # ---------------------------------------------------------------------------------------- linear layers
-# A decode step's matmuls are skinny ([rows, in] x [in, out] with 1-64 rows). On the CPUs measured,
-# oneDNN's kernels run them 10-30% faster than the MKL path behind F.linear, and the output layer
-# (vocab 49152) about 1.8x faster, so wrap() routes a CPU fp32 model's nn.Linear layers there
+# A decode step's matmuls are skinny ([rows, in] x [in, out] with 1-64 rows). On the CPU measured,
+# oneDNN's kernels run the output layer (vocab 49152) 1.6-1.9x faster than the MKL path behind
+# F.linear and the other projections about as fast (docs/benchmarks.md), so wrap() routes a CPU fp32
+# model's nn.Linear layers there
 # (HF_PAGED_ONEDNN_LINEAR=0 keeps F.linear). Results differ from F.linear only in summation order
 # (~1e-6 relative), as the attention kernels' do; inference only (grad-enabled calls use F.linear).
 

@@ -102,8 +102,8 @@ std::vector<std::vector<int64_t>> balance(const std::vector<std::pair<int64_t, i
 
 // Scores of tokens [t0, t1) of one block for every head: out[h * n + (t - t0)] = scale * q_h . k_t.
 template <typename scalar_t>
-void qk_block(const float* qf, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
-              int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+void qk_block_generic(const float* qf, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok,
+                      int64_t kv_heads, int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
   for (int64_t kh = 0; kh < kv_heads; ++kh)
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = kh * group + g;
@@ -120,8 +120,8 @@ void qk_block(const float* qf, const scalar_t* base, int64_t t0, int64_t t1, int
 
 // acc[h] += sum over tokens [t0, t1) of p[h * n + (t - t0)] * v_t, for every head.
 template <typename scalar_t>
-void pv_block(const float* p, int64_t n, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok,
-              int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+void pv_block_generic(const float* p, int64_t n, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok,
+                      int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
   for (int64_t kh = 0; kh < kv_heads; ++kh)
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = kh * group + g;
@@ -133,6 +133,18 @@ void pv_block(const float* p, int64_t n, const scalar_t* base, int64_t t0, int64
         for (int64_t d = 0; d < head_dim; ++d) ah[d] += w * load(v[d]);
       }
     }
+}
+
+template <typename scalar_t>
+void qk_block(const float* qf, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
+              int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+  qk_block_generic(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
+}
+
+template <typename scalar_t>
+void pv_block(const float* p, int64_t n, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok,
+              int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+  pv_block_generic(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
 }
 
 #if defined(__AVX2__) && defined(__FMA__)
@@ -148,20 +160,7 @@ inline float hsum8(__m256 v) {
 template <>
 void qk_block<float>(const float* qf, const float* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
                      int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
-  if (head_dim % 8) {
-    for (int64_t kh = 0; kh < kv_heads; ++kh)
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kh * group + g;
-        for (int64_t t = t0; t < t1; ++t) {
-          const float* k = base + t * c_tok + kh * head_dim;
-          float dot = 0.f;
-#pragma omp simd reduction(+ : dot)
-          for (int64_t d = 0; d < head_dim; ++d) dot += qf[h * head_dim + d] * k[d];
-          out[h * n + (t - t0)] = dot * scale;
-        }
-      }
-    return;
-  }
+  if (head_dim % 8) return qk_block_generic(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
   for (int64_t kh = 0; kh < kv_heads; ++kh)
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = kh * group + g;
@@ -191,19 +190,7 @@ void qk_block<float>(const float* qf, const float* base, int64_t t0, int64_t t1,
 template <>
 void pv_block<float>(const float* p, int64_t n, const float* base, int64_t t0, int64_t t1, int64_t c_tok,
                      int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
-  if (head_dim % 8) {
-    for (int64_t kh = 0; kh < kv_heads; ++kh)
-      for (int64_t g = 0; g < group; ++g) {
-        const int64_t h = kh * group + g;
-        for (int64_t t = t0; t < t1; ++t) {
-          const float* v = base + t * c_tok + kh * head_dim;
-          const float w = p[h * n + (t - t0)];
-#pragma omp simd
-          for (int64_t d = 0; d < head_dim; ++d) acc[h * head_dim + d] += w * v[d];
-        }
-      }
-    return;
-  }
+  if (head_dim % 8) return pv_block_generic(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
   for (int64_t kh = 0; kh < kv_heads; ++kh)
     for (int64_t g = 0; g < group; ++g) {
       const int64_t h = kh * group + g;
