@@ -1,4 +1,4 @@
-"""The compiled CPU backend (hf_paged/kernels/cpu.py + csrc/paged_attention_cpu.cpp) and the oneDNN linears.
+"""The compiled CPU backend (hf_paged/kernels/cpu.py + csrc/paged_attention_cpu.cpp) and the CPU linear layers.
 
 The C++ decode kernel is checked against the fp64 oracle of test_kernels.py and against the torch
 path, on shuffled block tables whose unused slots hold huge values (a read past a sequence's end
@@ -99,33 +99,88 @@ def test_failed_build_falls_back_to_torch(monkeypatch, caplog):
         cpu._state.update(saved)
 
 
-# ------------------------------------------------------------------------------------- oneDNN linears
+# ------------------------------------------------------------------------------------- linear layers
 def _mlp():
     torch.manual_seed(0)
     return torch.nn.Sequential(torch.nn.Linear(32, 64), torch.nn.ReLU(), torch.nn.Linear(64, 16, bias=False))
 
 
-def test_onednn_linears_install_and_remove():
+def _oracle_linear(x, w, b=None):
+    y = x.double() @ w.double().T
+    return (y if b is None else y + b.double()).float()
+
+
+@pytest.mark.parametrize("m", [1, 2, 3, 5, 8, 13, 24, 47, 48, 49, 130])
+@pytest.mark.parametrize("n,k", [(1, 8), (5, 7), (6, 16), (13, 33), (96, 64), (250, 576)])
+def test_skinny_linear_matches_oracle(m, n, k):
+    gen = torch.Generator().manual_seed(m * 1000 + n * 10 + k)
+    x = torch.randn(m, k, generator=gen)
+    w = torch.randn(n, k, generator=gen)
+    b = torch.randn(n, generator=gen)
+    torch.testing.assert_close(cpu.skinny_linear(x, w, b), _oracle_linear(x, w, b), atol=2e-5 * k ** 0.5, rtol=1e-5)
+    torch.testing.assert_close(cpu.skinny_linear(x, w), _oracle_linear(x, w), atol=2e-5 * k ** 0.5, rtol=1e-5)
+
+
+def test_skinny_linear_strided_input_threads_and_errors():
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 80, generator=gen)
+    x = base[:, 5:69]  # rows with a stride larger than their length
+    w = torch.randn(37, 64, generator=gen)
+    want = _oracle_linear(x, w)
+    torch.testing.assert_close(cpu.skinny_linear(x, w), want, atol=1e-4, rtol=1e-5)
+    torch.testing.assert_close(cpu.skinny_linear(x.t().contiguous().t(), w), want, atol=1e-4, rtol=1e-5)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = cpu.skinny_linear(x, w)
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, cpu.skinny_linear(x, w))  # the split over threads does not change sums
+    assert cpu.skinny_linear(torch.randn(0, 64), w).shape == (0, 37)
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu.skinny_linear(x.double(), w.double())
+    with pytest.raises(RuntimeError, match=r"input \[M, K\]"):
+        cpu.skinny_linear(torch.randn(4, 63), w)
+    with pytest.raises(RuntimeError, match="bias"):
+        cpu.skinny_linear(x, w, torch.randn(36))
+
+
+@pytest.mark.parametrize("rows", [1, 7, 48, 300])  # skinny kernel, then oneDNN above SKINNY_MAX_ROWS
+def test_cpu_linears_install_and_remove(rows):
     model = _mlp()
-    x = torch.randn(5, 3, 32)
+    x = torch.randn(rows, 1, 32)
     with torch.inference_mode():
         want = model(x)
-    assert cpu.install_onednn_linears(model) == 2
+    assert cpu.install_cpu_linears(model) == 2
     with torch.inference_mode():
         got = model(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
-    assert got.shape == (5, 3, 16)
-    cpu.remove_onednn_linears(model)
+    assert got.shape == (rows, 1, 16)
+    cpu.remove_cpu_linears(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
-def test_onednn_linears_leave_training_to_f_linear(monkeypatch):
+def test_cpu_linears_route_by_row_count(monkeypatch):
     model = _mlp()
-    cpu.install_onednn_linears(model)
+    cpu.install_cpu_linears(model)
     calls = []
-    real = torch.ops.mkldnn._linear_pointwise
+    skinny, onednn = torch.ops.hf_paged_cpu.skinny_linear, torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.hf_paged_cpu, "skinny_linear", lambda *a: calls.append("skinny") or skinny(*a))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append("onednn") or onednn(*a))
+    with torch.inference_mode():
+        model(torch.randn(cpu.SKINNY_MAX_ROWS, 32))
+        assert calls == ["skinny", "skinny"]
+        model(torch.randn(cpu.SKINNY_MAX_ROWS + 1, 32))
+        assert calls[2:] == ["onednn", "onednn"]
 
-    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append(1) or real(*a))
+
+def test_cpu_linears_leave_training_to_f_linear(monkeypatch):
+    model = _mlp()
+    cpu.install_cpu_linears(model)
+    calls = []
+    real = torch.ops.hf_paged_cpu.skinny_linear
+
+    monkeypatch.setattr(torch.ops.hf_paged_cpu, "skinny_linear", lambda *a: calls.append(1) or real(*a))
     x = torch.randn(4, 32, requires_grad=True)
     model(x).sum().backward()  # grad mode: F.linear, so gradients flow
     assert x.grad is not None and not calls
@@ -134,23 +189,26 @@ def test_onednn_linears_leave_training_to_f_linear(monkeypatch):
     assert len(calls) == 2
 
 
-def test_onednn_linears_skip_other_dtypes_and_can_be_disabled(monkeypatch):
-    assert cpu.install_onednn_linears(_mlp().double()) == 0
+def test_cpu_linears_skip_other_dtypes_and_can_be_disabled(monkeypatch):
+    assert cpu.install_cpu_linears(_mlp().double()) == 0
+    monkeypatch.setenv("HF_PAGED_CPU_GEMM", "0")
+    model = _mlp()
+    assert cpu.install_cpu_linears(model) == 2  # oneDNN only
+    assert model[0]._hf_paged_skinny_rows == 0
     monkeypatch.setenv("HF_PAGED_ONEDNN_LINEAR", "0")
-    assert cpu.install_onednn_linears(_mlp()) == 0
+    assert cpu.install_cpu_linears(_mlp()) == 0
 
 
-def test_wrap_installs_and_unwrap_removes_onednn_linears(tmp_path):
+def test_wrap_installs_and_unwrap_removes_cpu_linears(tmp_path):
     import hf_paged
     from tiny_models import build, load
 
     model = load(build("llama", tmp_path))
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     hf_paged.wrap(model, num_blocks=16)
-    assert all("forward" in m.__dict__ for m in linears)
+    assert all("forward" in m.__dict__ and m._hf_paged_skinny_rows == cpu.SKINNY_MAX_ROWS for m in linears)
     hf_paged.unwrap(model)
-    assert not any("forward" in m.__dict__ for m in linears)
-
+    assert not any("forward" in m.__dict__ or "_hf_paged_skinny_rows" in m.__dict__ for m in linears)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

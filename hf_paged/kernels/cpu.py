@@ -27,7 +27,7 @@ from . import reference
 
 logger = logging.getLogger(__name__)
 
-_SOURCE = Path(__file__).with_name("csrc") / "paged_attention_cpu.cpp"
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -43,7 +43,7 @@ def _host_key() -> str:
                     break
     except OSError:
         pass
-    text = "|".join([flags, platform.machine(), torch.__version__, _SOURCE.read_text()])
+    text = "|".join([flags, platform.machine(), torch.__version__, *(src.read_text() for src in _SOURCES)])
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 
@@ -53,7 +53,7 @@ def _build() -> None:
     march = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
     cpp_extension.load(
         name=f"hf_paged_cpu_{_host_key()}",
-        sources=[str(_SOURCE)],
+        sources=[str(src) for src in _SOURCES],
         extra_cflags=["-O3", "-fopenmp", *march],
         extra_ldflags=["-fopenmp"],
         is_python_module=False,
@@ -148,39 +148,66 @@ def paged_attention(
 
 
 # ---------------------------------------------------------------------------------------- linear layers
-# A decode step's matmuls are skinny ([rows, in] x [in, out] with 1-64 rows). On the CPU measured,
-# oneDNN's kernels run the output layer (vocab 49152) 1.6-1.9x faster than the MKL path behind
-# F.linear and the other projections about as fast (docs/benchmarks.md), so wrap() routes a CPU fp32
-# model's nn.Linear layers there
-# (HF_PAGED_ONEDNN_LINEAR=0 keeps F.linear). Results differ from F.linear only in summation order
-# (~1e-6 relative), as the attention kernels' do; inference only (grad-enabled calls use F.linear).
+# A decode step's matmuls are skinny ([rows, in] x [in, out] with 1-64 rows) and their weights stream
+# from DRAM. Measured on this project's 2-core CPU (docs/benchmarks.md): up to SKINNY_MAX_ROWS rows,
+# the C++ kernel in csrc/linear_cpu.cpp runs a full decode step's matmuls 1.1-1.7x faster than
+# oneDNN; above that, oneDNN (torch.ops.mkldnn._linear_pointwise) runs the wide output layer (vocab
+# 49152) 1.6-1.9x faster than the MKL path behind F.linear and the other projections about as fast.
+# So wrap() routes a CPU fp32 model's nn.Linear layers through both (HF_PAGED_CPU_GEMM=0 turns the
+# C++ kernel off, HF_PAGED_ONEDNN_LINEAR=0 keeps F.linear for the large calls). Results differ from
+# F.linear only in summation order (~1e-6 relative), as the attention kernels' do; inference only:
+# grad-enabled calls use F.linear.
+SKINNY_MAX_ROWS = 48
 
 
-def _onednn_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+def _skinny_enabled() -> bool:
+    if os.environ.get("HF_PAGED_CPU_GEMM", "1").strip() == "0" or not available():
+        return False
+    return bool(torch.ops.hf_paged_cpu.skinny_linear_vectorized())
+
+
+def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``F.linear`` for a 2-D fp32 CPU input, by the C++ kernel (any row count; fastest for few rows)."""
+    return torch.ops.hf_paged_cpu.skinny_linear(x, weight, bias)
+
+
+def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     if x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
             x.requires_grad or self.weight.requires_grad)):
         flat = x.reshape(-1, x.shape[-1])
-        if flat.shape[0] > 0:
+        rows = flat.shape[0]
+        if 0 < rows <= self._hf_paged_skinny_rows:
+            y = torch.ops.hf_paged_cpu.skinny_linear(flat, self.weight, self.bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        if rows > 0 and self._hf_paged_onednn:
             y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
             return y.view(*x.shape[:-1], y.shape[-1])
     return torch.nn.functional.linear(x, self.weight, self.bias)
 
 
-def install_onednn_linears(model: torch.nn.Module) -> int:
-    """Route the CPU fp32 ``nn.Linear`` layers of ``model`` through oneDNN; returns how many."""
-    if os.environ.get("HF_PAGED_ONEDNN_LINEAR", "1").strip() == "0" or not torch.backends.mkldnn.is_available():
-        return 0
+def install_cpu_linears(model: torch.nn.Module) -> int:
+    """Route the CPU fp32 ``nn.Linear`` layers of ``model`` through the C++ skinny kernel (few rows)
+    and oneDNN (more rows), where each is enabled; returns how many layers were rerouted."""
+    onednn = os.environ.get("HF_PAGED_ONEDNN_LINEAR", "1").strip() != "0" and torch.backends.mkldnn.is_available()
+    skinny_rows = None
     count = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
         if type(mod) is torch.nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32 \
                 and w.is_contiguous():
-            mod.forward = _onednn_linear_forward.__get__(mod)
+            if skinny_rows is None:
+                skinny_rows = SKINNY_MAX_ROWS if _skinny_enabled() else 0
+            if not onednn and not skinny_rows:
+                return 0
+            mod._hf_paged_skinny_rows = skinny_rows
+            mod._hf_paged_onednn = onednn
+            mod.forward = _cpu_linear_forward.__get__(mod)
             count += 1
     return count
 
 
-def remove_onednn_linears(model: torch.nn.Module) -> None:
+def remove_cpu_linears(model: torch.nn.Module) -> None:
     for mod in model.modules():
         if type(mod) is torch.nn.Linear:
-            mod.__dict__.pop("forward", None)
+            for name in ("forward", "_hf_paged_skinny_rows", "_hf_paged_onednn"):
+                mod.__dict__.pop(name, None)
