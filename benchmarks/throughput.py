@@ -149,6 +149,8 @@ def main() -> None:
     ap.add_argument("--kv-memory", default="1GiB")
     ap.add_argument("--threads", type=int, default=os.cpu_count())
     ap.add_argument("--vllm-python", default=os.environ.get("VLLM_PYTHON"), help="python of a venv with vllm")
+    ap.add_argument("--repeat", type=int, default=1,
+                    help="rounds; each round runs every system once, in turn, so machine drift hits all alike")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--worker", dest="system", default=None, help=argparse.SUPPRESS)
@@ -156,25 +158,30 @@ def main() -> None:
     if args.system:
         return worker(args)
 
-    results = {}
-    for system in args.systems.split(","):
-        py = sys.executable
-        if system == "vllm":
-            if not args.vllm_python:
-                print("vllm: skipped (no --vllm-python)")
+    rounds: list[dict] = []
+    for rnd in range(args.repeat):
+        results = {}
+        for system in args.systems.split(","):
+            py = sys.executable
+            if system == "vllm":
+                if not args.vllm_python:
+                    print("vllm: skipped (no --vllm-python)")
+                    continue
+                py = args.vllm_python
+            cmd = [py, __file__, "--worker", system] + [a for a in sys.argv[1:] if a != "--worker"]
+            print(f"round {rnd + 1}/{args.repeat}: running {system} ...", flush=True)
+            env = dict(os.environ, PYTHONPATH=str(HERE.parent))
+            stdout, stderr, peak = run_measured(cmd, env)
+            line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
+            if line is None:
+                print(f"{system} failed:\n{stderr[-3000:]}")
                 continue
-            py = args.vllm_python
-        cmd = [py, __file__, "--worker", system] + [a for a in sys.argv[1:] if a != "--worker"]
-        print(f"running {system} ...", flush=True)
-        env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-        stdout, stderr, peak = run_measured(cmd, env)
-        line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
-        if line is None:
-            print(f"{system} failed:\n{stderr[-3000:]}")
-            continue
-        results[system] = json.loads(line[7:])
-        results[system]["peak_rss_mib"] = peak
-    report(results, args)
+            results[system] = json.loads(line[7:])
+            results[system]["peak_rss_mib"] = peak
+            print(f"  {system}: {results[system]['tokens_per_s']:.1f} tokens/s", flush=True)
+        rounds.append(results)
+    results = _median_round(rounds)
+    report(results, args, rounds)
 
 
 def run_measured(cmd: list[str], env: dict) -> tuple[str, str, float]:
@@ -199,7 +206,17 @@ def run_measured(cmd: list[str], env: dict) -> tuple[str, str, float]:
         return out.read(), err.read(), peak / 2**20
 
 
-def report(results: dict, args) -> None:
+def _median_round(rounds: list[dict]) -> dict:
+    """Per system, the round with its median tokens/s (its outputs and RSS come along)."""
+    out = {}
+    for name in {n for r in rounds for n in r}:
+        runs = sorted((r[name] for r in rounds if name in r), key=lambda x: x["tokens_per_s"])
+        out[name] = dict(runs[(len(runs) - 1) // 2], tokens_per_s_runs=[x["tokens_per_s"] for x in runs])
+    order = [n for r in rounds for n in r]
+    return {n: out[n] for n in dict.fromkeys(order)}
+
+
+def report(results: dict, args, rounds: list[dict] | None = None) -> None:
     ref = results.get("hf_single")
     base = ref["tokens_per_s"] if ref else None
     print(f"\nmode={args.mode} max_new_tokens={args.max_new_tokens} requests={args.num_requests}")
@@ -214,9 +231,25 @@ def report(results: dict, args) -> None:
         ratio = f"{r['tokens_per_s'] / base:.1f}" if base else "n/a"
         print(f"| {name} | {r['requests']} | {r['tokens']} | {r['tokens_per_s']:.1f} | {ratio} | "
               f"{r['peak_rss_mib']:.0f} | {agree} |")
+    rounds = rounds or [results]
+    if len(rounds) > 1:
+        print(f"\ntokens/s above: the median of {len(rounds)} rounds. Per round:")
+        print("| round | " + " | ".join(results) + " | paged / vllm |")
+        print("|---|" + "---|" * (len(results) + 1))
+        ratios = []
+        for i, r in enumerate(rounds, 1):
+            ratio = r["paged"]["tokens_per_s"] / r["vllm"]["tokens_per_s"] if "paged" in r and "vllm" in r else None
+            if ratio is not None:
+                ratios.append(ratio)
+            cells = " | ".join(f"{r[n]['tokens_per_s']:.1f}" if n in r else "-" for n in results)
+            print(f"| {i} | {cells} | {'-' if ratio is None else f'{ratio:.2f}'} |")
+        if ratios:
+            srt = sorted(ratios)
+            print(f"paged / vllm per round: median {srt[(len(srt) - 1) // 2]:.2f}, min {srt[0]:.2f}, max {srt[-1]:.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results}, indent=1))
+        slim = [{n: {k: v for k, v in x.items() if k != "outputs"} for n, x in r.items()} for r in rounds]
+        Path(args.out).write_text(json.dumps({"args": vars(args), "results": results, "rounds": slim}, indent=1))
     if args.plot:
         import matplotlib
 

@@ -54,6 +54,11 @@ def test_decode_equals_torch_path_on_many_sequences():
     a = cpu.paged_attention(*batch.args(), scale=0.125)
     b = reference.paged_attention(*batch.args(), scale=0.125)
     torch.testing.assert_close(a, b, atol=2e-5, rtol=0)
+    # The pure-decode fast path (max_seqlen_q=1, no padding rows) gives the same rows.
+    n = batch.num_real
+    args = (batch.query[:n],) + batch.args()[1:]
+    fast = cpu.paged_attention(*args, scale=0.125, max_seqlen_q=1, max_seqlen_k=max(ctx))
+    assert torch.equal(fast, a[:n])
 
 
 def test_decode_op_validates_its_inputs():

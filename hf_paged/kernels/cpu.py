@@ -135,6 +135,13 @@ def paged_attention(
     """Same contract as ``reference.paged_attention``; decode rows go through the C++ op."""
     if not available():
         raise RuntimeError(f"the C++ CPU kernel is not available: {build_error() or 'disabled'}")
+    if max_seqlen_q == 1 and query.shape[0] == seq_lens.shape[0] > 0:
+        # A pure decode step (one query per sequence, no padding rows): the kernel writes every row,
+        # so skip the host-side row analysis and the zero fill (this runs once per layer per step).
+        out = torch.empty_like(query)
+        paged_decode(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale=scale,
+                     sliding_window=sliding_window, softcap=softcap)
+        return out
 
     def decode(out, rows):
         paged_decode(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale=scale,
