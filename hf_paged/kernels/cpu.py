@@ -179,17 +179,20 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 
 
 def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    if x.device.type == "cpu" and x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
-            x.requires_grad or self.weight.requires_grad)):
-        flat = x.reshape(-1, x.shape[-1])
-        rows = flat.shape[0]
+    # Runs ~200 times per decode step: parameters are read from _parameters directly (no
+    # nn.Module.__getattr__ round trip).
+    params = self._parameters
+    weight, bias = params["weight"], params["bias"]
+    if x.is_cpu and x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad)):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if 0 < rows <= self._hf_paged_skinny_rows:
-            y = torch.ops.hf_paged_cpu.skinny_linear(flat, self.weight, self.bias)
+            y = torch.ops.hf_paged_cpu.skinny_linear(x.reshape(rows, x.shape[-1]), weight, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
         if rows > 0 and self._hf_paged_onednn:
-            y = torch.ops.mkldnn._linear_pointwise(flat, self.weight, self.bias, "none", [], "")
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), weight, bias, "none", [], "")
             return y.view(*x.shape[:-1], y.shape[-1])
-    return torch.nn.functional.linear(x, self.weight, self.bias)
+    return torch.nn.functional.linear(x, weight, bias)
 
 
 def install_cpu_linears(model: torch.nn.Module) -> int:
