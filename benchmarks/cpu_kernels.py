@@ -4,9 +4,12 @@
 
 Attention: ``kernels.cpu.paged_attention`` (C++, reads blocks in place) vs ``kernels.reference``
 (gather + SDPA) on decode batches shaped like the default model (9 heads, 3 KV heads, head_dim 64,
-block size 16, fp32) with shuffled block tables. Linears: oneDNN (what ``wrap`` installs on CPU) vs
-``F.linear`` (MKL) for the default model's projections and its 49152-wide output layer. The two
-variants of each pair alternate within every repeat; the medians and their ratio are printed.
+block size 16, fp32) with shuffled block tables. Linears: oneDNN (what ``wrap`` uses above 48 rows)
+vs ``F.linear`` (MKL) for the default model's projections and its 49152-wide output layer (weights
+hot in cache); then all matmuls of one decode step with cold weights (30 distinct layers plus the
+output layer, 535 MB, streamed from DRAM as in the engine): the C++ skinny kernel (what ``wrap`` uses
+up to 48 rows) vs oneDNN. The two variants of each pair alternate within every repeat; the medians
+and their ratio are printed.
 """
 from __future__ import annotations
 
@@ -71,6 +74,19 @@ def main() -> None:
         head = torch.randn(49152, 576, generator=gen) * 0.05
         compare(f"output layer 576x49152, {rows} rows", lambda: F.linear(x, head),
                 lambda: torch.ops.mkldnn._linear_pointwise(x, head, None, "none", [], ""), args.repeats)
+
+    print("\n| one decode step's matmuls, cold weights | oneDNN ms | C++ skinny ms | speed-up |\n|---|---|---|---|")
+    shapes = [(576, 576), (192, 576), (192, 576), (576, 576), (1536, 576), (1536, 576), (576, 1536)]
+    model = [[torch.randn(o, i, generator=gen) * 0.05 for o, i in shapes] for _ in range(30)]
+    model.append([torch.randn(49152, 576, generator=gen) * 0.05])
+    for rows in (1, 8, 16, 24, 32, 48, 64):
+        x, h = torch.randn(rows, 576, generator=gen), torch.randn(rows, 1536, generator=gen)
+
+        def step(fn):
+            return lambda: [fn(h if w.shape[1] == 1536 else x, w) for layer in model for w in layer]
+
+        compare(f"{rows} rows", step(lambda a, w: torch.ops.mkldnn._linear_pointwise(a, w, None, "none", [], "")),
+                step(cpu.skinny_linear), args.repeats)
 
 
 if __name__ == "__main__":

@@ -211,6 +211,7 @@ def wrap(model: torch.nn.Module, *, block_size: int = 16, kv_memory: int | float
     from .kernels import cpu as cpu_kernels
 
     cpu_kernels.install_cpu_linears(model)
+    cpu_kernels.install_cpu_norms(model)
     if any(k.device.type == "cpu" for k in pool.k):
         cpu_kernels.available()  # build (or load) the C++ kernel now, not on the first request
     logger.info("hf_paged: %d blocks x %d tokens (%.1f MiB)", pool.num_blocks, block_size, pool.nbytes / 2**20)
@@ -225,9 +226,10 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for h in state.hooks:
         h.remove()
     model.__dict__.pop("generate", None)
-    from .kernels.cpu import remove_cpu_linears
+    from .kernels.cpu import remove_cpu_linears, remove_cpu_norms
 
     remove_cpu_linears(model)
+    remove_cpu_norms(model)
     _set_attn(model, state.previous_attn or "sdpa")
     del model._hf_paged
     return model

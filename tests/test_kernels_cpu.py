@@ -204,16 +204,68 @@ def test_cpu_linears_skip_other_dtypes_and_can_be_disabled(monkeypatch):
     assert cpu.install_cpu_linears(_mlp()) == 0
 
 
-def test_wrap_installs_and_unwrap_removes_cpu_linears(tmp_path):
+def test_wrap_installs_and_unwrap_removes_cpu_linears_and_norms(tmp_path):
     import hf_paged
     from tiny_models import build, load
 
     model = load(build("llama", tmp_path))
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     hf_paged.wrap(model, num_blocks=16)
     assert all("forward" in m.__dict__ and m._hf_paged_skinny_rows == cpu.SKINNY_MAX_ROWS for m in linears)
+    assert norms and all("forward" in m.__dict__ for m in norms)
     hf_paged.unwrap(model)
-    assert not any("forward" in m.__dict__ or "_hf_paged_skinny_rows" in m.__dict__ for m in linears)
+    assert not any("forward" in m.__dict__ or "_hf_paged_skinny_rows" in m.__dict__ for m in linears + norms)
+
+
+# ------------------------------------------------------------------------------------------- RMSNorm
+def _norm_modules(dim):
+    from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+    from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+    torch.manual_seed(dim)
+    llama, gemma = LlamaRMSNorm(dim, eps=1e-5), GemmaRMSNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        llama.weight.normal_()
+        gemma.weight.normal_()
+    return llama, gemma
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (24, 576), (2, 5, 64), (3, 4, 7, 100), (7, 13)])
+def test_rms_norm_matches_the_eager_modules(shape):
+    llama, gemma = _norm_modules(shape[-1])
+    x = torch.randn(*shape) * 4
+    with torch.no_grad():
+        torch.testing.assert_close(cpu.rms_norm(x, llama.weight, 1e-5), llama(x), rtol=2e-6, atol=1e-6)
+        torch.testing.assert_close(cpu.rms_norm(x, gemma.weight, 1e-6, 1.0), gemma(x), rtol=2e-6, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight"):
+        cpu.rms_norm(x, torch.ones(shape[-1] + 1), 1e-5)
+
+
+def test_cpu_norms_install_verify_and_remove(monkeypatch):
+    llama, gemma = _norm_modules(64)
+    odd = type("OddRMSNorm", (torch.nn.Module,), {
+        "forward": lambda self, x: x * self.weight})  # another formula: must be left alone
+    model = torch.nn.ModuleList([llama, gemma, odd()])
+    model[2].weight = torch.nn.Parameter(torch.ones(64))
+    model[2].eps = 1e-6
+    assert cpu.install_cpu_norms(model) == 2
+    assert (llama._hf_paged_norm_offset, gemma._hf_paged_norm_offset) == (0.0, 1.0)
+    assert "forward" not in model[2].__dict__
+    x = torch.randn(3, 64, requires_grad=True)
+    calls = []
+    real = torch.ops.hf_paged_cpu.rms_norm
+    monkeypatch.setattr(torch.ops.hf_paged_cpu, "rms_norm", lambda *a: calls.append(1) or real(*a))
+    llama(x).sum().backward()  # grad mode: the module's own ops, so gradients flow
+    assert x.grad is not None and not calls
+    with torch.no_grad():
+        torch.testing.assert_close(llama(x), type(llama).forward(llama, x), rtol=2e-6, atol=1e-6)
+    assert calls == [1]
+    cpu.remove_cpu_norms(model)
+    assert not any("forward" in m.__dict__ or "_hf_paged_norm_offset" in m.__dict__ for m in model.modules())
+    monkeypatch.setenv("HF_PAGED_CPU_NORM", "0")
+    assert cpu.install_cpu_norms(model) == 0
+    assert cpu.install_cpu_norms(torch.nn.ModuleList([_norm_modules(8)[0].double()])) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
