@@ -1,9 +1,9 @@
 // Dense layers of a decode step on CPU, fp32: skinny linear layers, y[M, N] = x[M, K] . w[N, K]^T
 // (+ bias) with M small, and RMSNorm (at the end of the file).
 //
-// A decode step multiplies 1-48 rows by every weight matrix of the model. BLAS libraries tune for
-// large M: at these sizes they pack the weight on every call and barely use the second thread, so
-// on a small CPU they run at a third of its FMA rate while the weights stream from DRAM.
+// A decode step multiplies 1-48 rows by every weight matrix of the model, and the weights stream
+// from DRAM. BLAS libraries tune for large M. At these sizes, oneDNN and MKL repack the weight on every
+// call and keep few memory requests in flight: measured 5 GB/s and 55-60 GFLOP/s on 2 cores at 8-24 rows.
 // This kernel needs no packing: it works on nn.Linear's own [N, K] row-major weight. Each
 // register tile holds 2 rows of x by 6 rows of w as 12 running 8-wide dot products over K, so one
 // pass over the tile's six weight rows serves two input rows. The next tile's weight rows are
