@@ -2,8 +2,8 @@
 // (+ bias) with M small, and RMSNorm (at the end of the file).
 //
 // A decode step multiplies 1-48 rows by every weight matrix of the model, and the weights stream
-// from DRAM. BLAS libraries tune for large M. At these sizes, oneDNN and MKL repack the weight on every
-// call and keep few memory requests in flight: measured 5 GB/s and 55-60 GFLOP/s on 2 cores at 8-24 rows.
+// from DRAM. BLAS libraries tune for large M; at 8-24 rows with cold weights, oneDNN and MKL reached
+// only 5 GB/s and 55-60 GFLOP/s on the 2-core development machine (docs/benchmarks.md).
 // This kernel needs no packing: it works on nn.Linear's own [N, K] row-major weight. Each
 // register tile holds 2 rows of x by 6 rows of w as 12 running 8-wide dot products over K, so one
 // pass over the tile's six weight rows serves two input rows. The next tile's weight rows are
