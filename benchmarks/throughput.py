@@ -153,10 +153,17 @@ def main() -> None:
                     help="rounds; each round runs every system once, in turn, so machine drift hits all alike")
     ap.add_argument("--out", default=None)
     ap.add_argument("--plot", default=None)
+    ap.add_argument("--from-json", default=None, help="re-print the report (and --plot) of a saved --out file")
     ap.add_argument("--worker", dest="system", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.system:
         return worker(args)
+    if args.from_json:
+        saved = json.loads(Path(args.from_json).read_text())
+        for key in ("mode", "max_new_tokens", "num_requests"):
+            setattr(args, key, saved["args"][key])
+        args.out = None
+        return report(saved["results"], args, saved.get("rounds"))
 
     rounds: list[dict] = []
     for rnd in range(args.repeat):
@@ -258,7 +265,14 @@ def report(results: dict, args, rounds: list[dict] | None = None) -> None:
 
         names = list(results)
         fig, ax = plt.subplots(figsize=(7, 3.5))
-        ax.barh(names, [results[n]["tokens_per_s"] for n in names], color="#3b7dd8")
+        ax.barh(names, [results[n]["tokens_per_s"] for n in names], color="#3b7dd8",
+                label=f"median of {len(rounds)} rounds" if len(rounds) > 1 else None)
+        if len(rounds) > 1:  # every round as a dot on its system's bar
+            for i, n in enumerate(names):
+                runs = [r[n]["tokens_per_s"] for r in rounds if n in r]
+                ax.plot(runs, [i] * len(runs), "o", color="black", ms=4,
+                        label="one round" if i == 0 else None)
+            ax.legend(loc="lower right", fontsize=8)
         ax.set_xlabel("generated tokens / s (2-core CPU, fp32, greedy)")
         ax.set_title(f"SmolLM2-135M, {args.num_requests} chat requests, mode={args.mode}")
         fig.tight_layout()
