@@ -135,18 +135,16 @@ def paged_attention(
     """Same contract as ``reference.paged_attention``; decode rows go through the C++ op."""
     if not available():
         raise RuntimeError(f"the C++ CPU kernel is not available: {build_error() or 'disabled'}")
-    if max_seqlen_q == 1 and query.shape[0] == seq_lens.shape[0] > 0:
-        # A pure decode step (one query per sequence, no padding rows): the kernel writes every row,
-        # so skip the host-side row analysis and the zero fill (this runs once per layer per step).
-        out = torch.empty_like(query)
+
+    def decode(out, rows=None):
         paged_decode(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale=scale,
                      sliding_window=sliding_window, softcap=softcap)
         return out
 
-    def decode(out, rows):
-        paged_decode(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale=scale,
-                     sliding_window=sliding_window, softcap=softcap)
-
+    if max_seqlen_q == 1 and query.shape[0] == seq_lens.shape[0] > 0:
+        # A pure decode step (one query per sequence, no padding rows): the kernel writes every row,
+        # so skip the host-side row analysis and the zero fill (this runs once per layer per step).
+        return decode(torch.empty_like(query))
     return reference.paged_attention(
         query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
         sliding_window=sliding_window, softcap=softcap, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
@@ -258,8 +256,9 @@ def install_cpu_norms(model: torch.nn.Module) -> int:
     count = 0
     probe = None
     for mod in model.modules():
-        w = mod._parameters.get("weight") if type(mod).__name__.endswith("RMSNorm") else None
-        eps = _norm_eps(mod)
+        if not type(mod).__name__.endswith("RMSNorm"):
+            continue
+        w, eps = mod._parameters.get("weight"), _norm_eps(mod)
         if w is None or eps is None or w.dim() != 1 or w.device.type != "cpu" or w.dtype != torch.float32 \
                 or "forward" in mod.__dict__ or list(mod.children()):
             continue
