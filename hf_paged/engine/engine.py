@@ -151,8 +151,9 @@ class Engine:
         a = self.pool.allocator
         return {
             "running": len(self.scheduler.running), "waiting": len(self.scheduler.waiting),
-            "blocks_total": a.num_blocks, "blocks_used": a.num_used, "blocks_free": a.num_free,
-            "blocks_cached": a.num_cached, "prefix_hit_rate": a.prefix_hit_rate,
+            # used + cached + free = total; allocatable = cached + free (a cached block is evicted on demand)
+            "blocks_total": a.num_blocks, "blocks_used": a.num_used, "blocks_free": a.num_free - a.num_evictable,
+            "blocks_cached": a.num_evictable, "blocks_allocatable": a.num_free, "prefix_hit_rate": a.prefix_hit_rate,
             "preemptions": self.scheduler.num_preemptions, "tokens_generated": self.tokens_generated,
             "tokens_per_s": self.tokens_per_second(), "steps": self.steps,
         }

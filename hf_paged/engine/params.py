@@ -11,7 +11,9 @@ Example::
 """
 from __future__ import annotations
 
+import math
 import numbers
+import re
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -22,13 +24,21 @@ _ALIASES = {"max_tokens": "max_new_tokens", "stop_strings": "stop", "n": "num_re
 # server wants a useful default instead, so that one case (only) gets this number of new tokens.
 DEFAULT_MAX_NEW_TOKENS = 256
 MAX_TOP_LOGPROBS = 20
+# Below this temperature a request is greedy (vLLM's rule, 1e-5): dividing logits by a smaller
+# number overflows float32 and turns the whole distribution into NaN.
+MIN_TEMPERATURE = 1e-5
+# HF's repetition penalty divides (or multiplies) logits by it; outside this range the scores overflow
+# or every seen token is wiped out, which no sensible request wants.
+REPETITION_PENALTY_RANGE = (1e-2, 1e2)
+_SURROGATE = re.compile("[\ud800-\udfff]")
 
 
 @dataclass(slots=True)
 class SamplingParams:
     """Per-request generation settings, validated on construction (``ValueError`` names the field).
 
-    ``temperature == 0`` means greedy (``do_sample`` is forced to False). Sampling-only settings
+    A temperature below ``MIN_TEMPERATURE`` (1e-5; 0 included) means greedy (``do_sample`` is forced
+    to False). Sampling-only settings
     (temperature, top_k, top_p, min_p, typical_p) are ignored when ``do_sample`` is False, like in
     ``generate()``. ``frequency_penalty``/``presence_penalty`` are OpenAI's, counted over generated
     tokens only; ``repetition_penalty`` is HF's (over prompt and output).
@@ -67,15 +77,18 @@ class SamplingParams:
                              f"({self.max_new_tokens})")
         self.do_sample = _bool("do_sample", self.do_sample)
         self.temperature = _float("temperature", self.temperature, ">= 0", lambda v: v >= 0)
-        if self.temperature == 0.0:
-            # OpenAI/TGI clients say "greedy" with temperature 0; generate() would reject it when sampling.
+        if self.temperature < MIN_TEMPERATURE:
+            # OpenAI/TGI clients say "greedy" with temperature 0; generate() would reject it when sampling,
+            # and a tiny positive one would overflow the scores.
             self.do_sample = False
         self.top_k = _int("top_k", self.top_k, low=0)
         self.top_p = _float("top_p", self.top_p, "in (0, 1]", lambda v: 0 < v <= 1)
         if self.min_p is not None:
             self.min_p = _float("min_p", self.min_p, "in [0, 1] or None", lambda v: 0 <= v <= 1)
         self.typical_p = _float("typical_p", self.typical_p, "in (0, 1]", lambda v: 0 < v <= 1)
-        self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, "> 0", lambda v: v > 0)
+        lo, hi = REPETITION_PENALTY_RANGE
+        self.repetition_penalty = _float("repetition_penalty", self.repetition_penalty, f"in [{lo:g}, {hi:g}]",
+                                         lambda v: lo <= v <= hi)
         self.frequency_penalty = _float("frequency_penalty", self.frequency_penalty, "in [-2, 2]",
                                         lambda v: -2 <= v <= 2)
         self.presence_penalty = _float("presence_penalty", self.presence_penalty, "in [-2, 2]",
@@ -194,7 +207,7 @@ def _float(name: str, value: Any, allowed: str, ok) -> float:
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise ValueError(f"{name} must be a number {allowed}, got {value!r}")
     value = float(value)
-    if value != value or not ok(value):
+    if not math.isfinite(value) or not ok(value):
         raise ValueError(f"{name} must be {allowed}, got {value}")
     return value
 
@@ -218,4 +231,27 @@ def _str_list(name: str, value: Any) -> list[str]:
         raise ValueError(f"{name} must be a string or a list of strings, got {value!r}")
     if any(s == "" for s in items):
         raise ValueError(f"{name} must not contain an empty string (it would match at once)")
+    if lone_surrogate(items) is not None:
+        raise ValueError(f"{name} contains a lone UTF-16 surrogate, which is not valid Unicode text")
     return list(items)
+
+
+def lone_surrogate(value: Any) -> str | None:
+    """The first lone UTF-16 surrogate in ``value`` (strings, dict keys and values, lists), or None.
+
+    JSON's ``\\ud800`` escapes put such characters into Python strings; no tokenizer can encode them.
+    Iterative, so a deeply nested value cannot exhaust the stack.
+    """
+    stack = [value]
+    while stack:
+        v = stack.pop()
+        if isinstance(v, str):
+            m = _SURROGATE.search(v)
+            if m:
+                return m.group()
+        elif isinstance(v, dict):
+            stack.extend(v.keys())
+            stack.extend(v.values())
+        elif isinstance(v, (list, tuple)):
+            stack.extend(v)
+    return None

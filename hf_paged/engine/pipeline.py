@@ -23,7 +23,7 @@ from ..wrap import kv_pool, wrap
 from .detokenizer import IncrementalDetokenizer
 from .engine import Engine
 from .outputs import RequestOutput, StreamEvent
-from .params import SamplingParams
+from .params import SamplingParams, lone_surrogate
 from .request import Request
 
 logger = logging.getLogger(__name__)
@@ -65,6 +65,8 @@ class PagedPipeline:
     # ------------------------------------------------------------------ submission
     def encode(self, prompt: Prompt) -> list[int]:
         """Token ids of a string, a chat message list (chat template applied) or a token id list."""
+        if lone_surrogate(prompt) is not None:
+            raise ValueError("prompt: contains a lone UTF-16 surrogate, which is not valid Unicode text")
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError("prompt: must not be empty")

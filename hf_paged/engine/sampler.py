@@ -40,6 +40,10 @@ from transformers.generation.logits_process import (
 
 from .params import SamplingParams
 
+# What a log-probability of -inf (a token the processors removed) or NaN is reported as: OpenAI's
+# own value for "negligible", and a number every JSON encoder accepts.
+LOGPROB_FLOOR = -9999.0
+
 # The warpers never read input_ids; one shared placeholder avoids building a tensor per call.
 _NO_IDS = torch.empty(1, 0, dtype=torch.long)
 
@@ -62,7 +66,8 @@ class SampleOutput:
     ``log_softmax`` of what ``generate(output_scores=True)`` reports for that step (after penalties,
     temperature and truncation); None for rows that did not ask. ``top_logprobs[i]`` holds up to
     ``params.top_logprobs`` ``(token, logprob)`` pairs of that same distribution, best first, leaving
-    out tokens the processors removed. Both lists are None when no row in the batch asked.
+    out tokens the processors removed. Both lists are None when no row in the batch asked. Values are
+    never NaN nor infinite: anything below ``LOGPROB_FLOOR`` (-9999) is reported as the floor.
     """
 
     tokens: list[int]
@@ -202,14 +207,15 @@ class Sampler:
         logp = torch.log_softmax(scores.float(), dim=-1)
         chosen = logp.gather(1, torch.tensor([pos[j] for j in sel], device=logp.device).view(-1, 1))
         for j, lp in zip(sel, chosen.view(-1).tolist()):
-            out.logprobs[part.rows[j]] = lp
+            out.logprobs[part.rows[j]] = lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN fails >= too
         k = min(max(rows[part.rows[j]].params.top_logprobs for j in sel), logp.shape[1])
         if k > 0:
             vals, cols = logp.topk(k, dim=-1)
             ids = cols if part.index is None else part.index[sel].gather(1, cols)
             for j, vs, ts in zip(sel, vals.tolist(), ids.tolist()):
                 n = rows[part.rows[j]].params.top_logprobs
-                out.top_logprobs[part.rows[j]] = [(t, v) for t, v in zip(ts[:n], vs[:n]) if v != -math.inf]
+                out.top_logprobs[part.rows[j]] = [(t, max(v, LOGPROB_FLOOR)) for t, v in zip(ts[:n], vs[:n])
+                                                if v > -math.inf]
 
 
 def _needs_history(row: SamplingRow) -> bool:

@@ -50,6 +50,9 @@ def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
     return hash((parent, tuple(tokens)))
 
 
+BLOCK_EMPTY, BLOCK_USED, BLOCK_CACHED = 0, 1, 2
+
+
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks <= 0:
@@ -86,8 +89,21 @@ class BlockAllocator:
         """Blocks holding a published prefix (referenced or not)."""
         return len(self._by_hash)
 
+    @property
+    def num_evictable(self) -> int:
+        """Unreferenced blocks that still hold a published prefix (reused on a hit, evicted LRU)."""
+        return len(self._evictable)
+
     def ref_count(self, block: int) -> int:
         return self._ref[block]
+
+    def block_states(self) -> list[int]:
+        """One consistent snapshot, one entry per block: ``BLOCK_EMPTY`` (holds nothing),
+        ``BLOCK_USED`` (referenced) or ``BLOCK_CACHED`` (unreferenced, holds a prefix)."""
+        with self._lock:
+            evictable = self._evictable
+            return [BLOCK_USED if r > 0 else (BLOCK_CACHED if b in evictable else BLOCK_EMPTY)
+                    for b, r in enumerate(self._ref)]
 
     def blocks_needed(self, table: BlockTable, num_new_tokens: int) -> int:
         """New blocks ``append_slots(table, num_new_tokens)`` would take, copy-on-write included."""

@@ -22,7 +22,13 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
     parser.add_argument("--max-concurrent-requests", type=int, default=128,
-                        help="HTTP generation requests in flight before answering 429 (TGI's default)")
+                        help="sequences of HTTP generation requests in flight before answering 429 (TGI's "
+                             "default; a request with n=4 counts 4)")
+    parser.add_argument("--max-n", type=int, default=16, help="largest OpenAI `n` (sequences per request)")
+    parser.add_argument("--max-body-bytes", type=int, default=4 * 2**20,
+                        help="largest request body; larger ones get 413")
+    parser.add_argument("--validation-workers", type=int, default=2,
+                        help="threads that tokenize and apply chat templates (TGI's option)")
     parser.add_argument("--max-input-tokens", type=int, default=None)
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on generation routes")
     parser.add_argument("--no-ui", action="store_true", help="do not mount the Gradio UI at /ui")
@@ -40,7 +46,9 @@ def serve(args: argparse.Namespace) -> None:
     pipe = PagedPipeline.from_pretrained(args.model, kv_memory=args.kv_memory, max_num_seqs=args.max_num_seqs)
     model_id = args.model_id or (DEFAULT_MODEL_NAME if args.model == "default" else args.model)
     app = create_app(pipe, model_id=model_id, max_concurrent_requests=args.max_concurrent_requests,
-                     api_key=args.api_key, max_input_tokens=args.max_input_tokens, ui=not args.no_ui)
+                     api_key=args.api_key, max_input_tokens=args.max_input_tokens, ui=not args.no_ui,
+                     max_n=args.max_n, max_body_bytes=args.max_body_bytes,
+                     validation_workers=args.validation_workers)
     print(f"hf_paged serving {model_id} on http://{args.host}:{args.port}"
           + ("" if args.no_ui else f"  (UI: http://{args.host}:{args.port}/ui)"), flush=True)
     # A short graceful period: streams still open after it are cancelled by the app's shutdown.

@@ -20,50 +20,31 @@ import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from .. import __version__
 from ..engine.pipeline import PagedPipeline
+from .encoding import JSONResponse
 from .engine_view import LocalEngineClient, blocks_payload, stats_payload
-from .errors import install_error_handlers, unauthorized
-from .generation import ServerState, default_max_new_tokens
+from .errors import install_error_handlers
+from .generation import default_max_new_tokens
 from .metrics import CONTENT_TYPE, ServerMetrics
+from .middleware import GENERATION_ROUTES, BearerAuth, BodyLimit, Options
 from .openai_routes import router as openai_router
 from .schemas import Info
+from .state import ServerState
 from .tgi_routes import router as tgi_router
 from .validation import Limits
 
 logger = logging.getLogger(__name__)
 
-# TGI puts these behind the API key (its `base_routes`); info, health, metrics and models stay open.
-GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/tokenize", "/v1/chat/completions",
-                               "/v1/completions"})
 UI_PATH = "/ui"
 _DEMO_FILE = pathlib.Path(__file__).resolve().parents[2] / "demos" / "gradio_app.py"
+DEFAULT_MAX_BODY_BYTES = 4 * 2**20
+DEFAULT_MAX_N = 16
 
 
-class _BearerAuth:
-    """ASGI middleware: POSTs to generation routes need ``Authorization: Bearer <api_key>`` (TGI's rule).
-
-    Pure ASGI rather than ``BaseHTTPMiddleware`` so streamed responses and disconnects pass through
-    untouched. The scheme is case-insensitive, the key is compared exactly and in constant time.
-    """
-
-    def __init__(self, app, api_key: str) -> None:
-        self.app = app
-        self.expected = api_key.encode()
-
-    async def __call__(self, scope, receive, send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES:
-            header = dict(scope["headers"]).get(b"authorization", b"")
-            scheme, _, key = header.partition(b" ")
-            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.expected):
-                await unauthorized().response()(scope, receive, send)
-                return
-        await self.app(scope, receive, send)
-
-
-def _limits(pipe: PagedPipeline, max_input_tokens: int | None) -> Limits:
+def _limits(pipe: PagedPipeline, max_input_tokens: int | None, max_n: int) -> Limits:
     # One sequence can never outgrow the model's context nor the whole KV pool.
     capacity = pipe.pool.num_blocks * pipe.pool.block_size
     max_total = min(pipe.max_model_len, capacity)
@@ -71,23 +52,33 @@ def _limits(pipe: PagedPipeline, max_input_tokens: int | None) -> Limits:
     if not 0 < max_input < max_total:
         raise ValueError(f"max_input_tokens must be in [1, {max_total - 1}] (the model context / KV pool allows "
                          f"{max_total} tokens in all), got {max_input_tokens}")
+    if max_n < 1:
+        raise ValueError(f"max_n must be >= 1, got {max_n}")
     return Limits(max_input_tokens=max_input, max_total_tokens=max_total,
-                  default_max_new_tokens=default_max_new_tokens(pipe))
+                  default_max_new_tokens=default_max_new_tokens(pipe), max_n=max_n)
 
 
 def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: int = 128,
                api_key: str | None = None, max_input_tokens: int | None = None, ui: bool = True,
                close_pipeline: bool = True, model_sha: str | None = None,
-               model_pipeline_tag: str | None = "text-generation") -> FastAPI:
+               model_pipeline_tag: str | None = "text-generation", max_n: int = DEFAULT_MAX_N,
+               max_body_bytes: int = DEFAULT_MAX_BODY_BYTES, validation_workers: int = 2) -> FastAPI:
     """A FastAPI app serving ``pipe``. On shutdown it cancels every request and closes ``pipe``
-    (unless ``close_pipeline=False``, for several apps sharing one pipeline)."""
+    (unless ``close_pipeline=False``, for several apps sharing one pipeline).
+
+    ``max_concurrent_requests`` counts sequences (a request with ``n=4`` holds 4); ``max_n`` bounds
+    ``n`` per request; a body over ``max_body_bytes`` gets 413; tokenizing runs on
+    ``validation_workers`` threads."""
     if max_concurrent_requests < 1:
         raise ValueError(f"max_concurrent_requests must be >= 1, got {max_concurrent_requests}")
-    limits = _limits(pipe, max_input_tokens)
+    if max_body_bytes < 1 or validation_workers < 1:
+        raise ValueError(f"max_body_bytes and validation_workers must be >= 1, got {max_body_bytes} and "
+                         f"{validation_workers}")
+    limits = _limits(pipe, max_input_tokens, max_n)
     info = Info(model_id=model_id, model_sha=model_sha, model_pipeline_tag=model_pipeline_tag,
                 max_concurrent_requests=max_concurrent_requests, max_best_of=1,
                 max_stop_sequences=limits.max_stop_sequences, max_input_tokens=limits.max_input_tokens,
-                max_total_tokens=limits.max_total_tokens, validation_workers=1,
+                max_total_tokens=limits.max_total_tokens, validation_workers=validation_workers,
                 max_client_batch_size=limits.max_client_batch_size, router="hf_paged", version=__version__,
                 sha=None, docker_label=None)
     metrics = ServerMetrics(pipe.stats, max_input_tokens=limits.max_input_tokens,
@@ -103,19 +94,24 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
         if close_pipeline:
             await asyncio.to_thread(pipe.close)
 
-    app = FastAPI(title="hf_paged", version=__version__, lifespan=lifespan)
+    app = FastAPI(title="hf_paged", version=__version__, lifespan=lifespan, default_response_class=JSONResponse)
     app.state.hf_paged = state
 
-    def on_validation_error(request: Request) -> None:
-        if request.method == "POST" and request.url.path in GENERATION_ROUTES - {"/tokenize"}:
+    def count_rejected(path: str) -> None:
+        # A generation request refused before its route ran (bad JSON, wrong types, too large).
+        if path in GENERATION_ROUTES - {"/tokenize"}:
             metrics.request()
             metrics.failure("validation")
+
+    def on_validation_error(request: Request) -> None:
+        if request.method == "POST":
+            count_rejected(request.url.path)
 
     install_error_handlers(app, on_validation_error)
     app.include_router(tgi_router)
     app.include_router(openai_router)
 
-    @app.get("/metrics")
+    @app.api_route("/metrics", methods=["GET", "HEAD"])
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 
@@ -128,8 +124,10 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
     async def engine_blocks() -> JSONResponse:
         return JSONResponse(blocks_payload(pipe))
 
+    app.add_middleware(BodyLimit, max_bytes=max_body_bytes, on_reject=count_rejected)
     if api_key:
-        app.add_middleware(_BearerAuth, api_key=api_key)
+        app.add_middleware(BearerAuth, api_key=api_key)  # outermost: no body is read without the key
+    app.add_middleware(Options, router_app=app)
     if ui:
         _mount_ui(app, LocalEngineClient(pipe, model_id, state), api_key)
     return app

@@ -2,9 +2,8 @@
 client with the same surface as the demo's HTTP client (so the UI mounted on this server needs no
 loop-back HTTP and no API key).
 
-The per-block state reads :class:`~hf_paged.kv.blocks.BlockAllocator` internals (``ref_count`` and the
-prefix hash of each block) under the allocator's own lock; it lives here, not in the allocator, because
-only the server's picture of the pool needs it.
+Blocks are counted one way everywhere (stats, metrics, this grid): used (referenced) + cached
+(unreferenced, holding a prefix, evicted on demand) + free (holding nothing) = total.
 """
 from __future__ import annotations
 
@@ -12,24 +11,16 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..engine.pipeline import PagedPipeline
+from ..kv.blocks import BLOCK_CACHED, BLOCK_EMPTY, BLOCK_USED
 
-FREE, USED, CACHED = 0, 1, 2
-
-
-def block_states(pipe: PagedPipeline) -> list[int]:
-    """One entry per block: 0 free, 1 used (referenced), 2 cached (unreferenced, holds a prefix)."""
-    a = pipe.pool.allocator
-    with a._lock:  # a consistent snapshot while the engine thread allocates
-        hashes = a._hash
-        return [USED if a.ref_count(b) > 0 else (CACHED if hashes[b] is not None else FREE)
-                for b in range(a.num_blocks)]
 
 
 def blocks_payload(pipe: PagedPipeline) -> dict[str, Any]:
-    """``GET /engine/blocks``."""
-    states = block_states(pipe)
+    """``GET /engine/blocks``: one state per block, 0 free, 1 used, 2 cached."""
+    states = pipe.pool.allocator.block_states()
     return {"block_size": pipe.pool.block_size, "num_blocks": len(states), "states": states,
-            "counts": {"free": states.count(FREE), "used": states.count(USED), "cached": states.count(CACHED)}}
+            "counts": {"free": states.count(BLOCK_EMPTY), "used": states.count(BLOCK_USED),
+                       "cached": states.count(BLOCK_CACHED)}}
 
 
 def stats_payload(pipe: PagedPipeline, *, model_id: str, in_flight: int, max_concurrent_requests: int) -> dict:

@@ -9,13 +9,10 @@ request nobody listens to any more is cancelled, so its KV blocks return to the 
 from __future__ import annotations
 
 import asyncio
-import functools
-import json
+import logging
 import time
-import weakref
-from collections.abc import AsyncIterator, Sequence
+from collections.abc import AsyncIterator, Callable, Sequence
 from contextlib import aclosing
-from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import Request as HTTPRequest
@@ -25,73 +22,14 @@ from ..engine.outputs import RequestOutput, StreamEvent
 from ..engine.params import SamplingParams
 from ..engine.pipeline import PagedPipeline
 from ..engine.request import Request
-from .errors import APIError, ClientGone, overloaded, validation_error
-from .metrics import ServerMetrics
-from .schemas import Info
-from .validation import Limits
+from .encoding import dumps
+from .errors import APIError, ClientGone, internal_error, validation_error
+from .state import Permit, ServerState
+
+logger = logging.getLogger(__name__)
 
 DISCONNECT_POLL_S = 0.5
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
-
-
-@dataclass(slots=True, eq=False)
-class ServerState:
-    pipe: PagedPipeline
-    info: Info
-    limits: Limits
-    metrics: ServerMetrics
-    compute_type: str = "cpu"
-    in_flight: int = 0
-    # Every submitted request still alive (the engine holds running ones); shutdown waits on them.
-    handles: weakref.WeakSet[Request] = field(default_factory=weakref.WeakSet)
-    closing: bool = False
-    special_ids: frozenset[int] = frozenset()
-    token_text: Any = None  # token id -> its string (set in __post_init__)
-
-    def __post_init__(self) -> None:
-        self.special_ids = frozenset(getattr(self.pipe.tokenizer, "all_special_ids", ()) or ())
-        # Per-token strings (logprobs, top tokens) are looked up over and over; the vocabulary is fixed.
-        self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
-
-    async def shutdown(self, timeout: float = 10.0) -> None:
-        """Cancel every request and wait until the engine delivered their last events: the engine
-        thread must not post to this event loop once it is closed."""
-        self.closing = True
-        pending = [h for h in list(self.handles) if not h.done]
-        for h in pending:
-            h.cancel()
-        deadline = time.monotonic() + timeout
-        while any(not h.done for h in pending) and time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-
-    def healthy(self) -> bool:
-        """False while shutting down or once the engine thread died (requests would hang forever)."""
-        return not self.closing and self.pipe.alive
-
-    def _token_text(self, token_id: int) -> str:
-        return self.pipe.tokenizer.decode([token_id], skip_special_tokens=False)
-
-    # ------------------------------------------------------------------ admission (TGI: a semaphore)
-    def acquire(self) -> "Permit":
-        if self.closing:
-            raise APIError(503, "Server is shutting down", "unhealthy")
-        if self.in_flight >= self.info.max_concurrent_requests:
-            self.metrics.failure("overloaded")
-            raise overloaded()
-        self.in_flight += 1
-        return Permit(self)
-
-
-class Permit:
-    """One in-flight slot; ``release()`` may be called from several cleanup paths, it counts once."""
-
-    def __init__(self, state: ServerState) -> None:
-        self._state: ServerState | None = state
-
-    def release(self) -> None:
-        if self._state is not None:
-            self._state.in_flight -= 1
-            self._state = None
 
 
 def finish_reason(token_id: int | None, reason: str | None, eos_ids: Sequence[int]) -> str:
@@ -164,9 +102,16 @@ class Generation:
                   generated_tokens=sum(len(o.token_ids) for o in ev.output.outputs))
 
 
+async def prepare_all(state: ServerState, prompts: Sequence[Any], kwargs: dict[str, Any], *,
+                      truncate: int | None = None) -> list[tuple[list[int], dict[str, Any]]]:
+    """:func:`prepare` for each prompt, on the validation workers (tokenizing is CPU-heavy)."""
+    return await state.off_loop(lambda: [prepare(state, p, kwargs, truncate=truncate) for p in prompts])
+
+
 def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *,
             truncate: int | None = None) -> tuple[list[int], dict[str, Any]]:
-    """Token ids and final kwargs: TGI's input/total token limits, truncation, default max_new_tokens."""
+    """Token ids and final kwargs: TGI's input/total token limits, truncation, default max_new_tokens.
+    Runs on a validation worker (:func:`prepare_all`), never on the event loop."""
     limits = state.limits
     try:
         ids = state.pipe.encode(prompt)
@@ -265,13 +210,19 @@ async def merge(gens: list[Generation]) -> AsyncIterator[tuple[int, StreamEvent]
         await asyncio.gather(*tasks, return_exceptions=True)
 
 
+ErrorFrame = Callable[[APIError], dict]
+
+
 class SSEResponse(StreamingResponse):
     """An SSE stream that frees its permit and cancels its requests however the response ends, even
-    when the body was never iterated (a client gone before the first byte)."""
+    when the body was never iterated (a client gone before the first byte). A bug while streaming
+    ends the stream with ``error_frame(internal error)`` as its last event, counted as ``internal``."""
 
     def __init__(self, body: AsyncIterator[bytes], permit: Permit, gens: list[Generation],
-                 headers: dict[str, str] | None = None) -> None:
-        super().__init__(body, media_type="text/event-stream", headers={**SSE_HEADERS, **(headers or {})})
+                 error_frame: ErrorFrame, headers: dict[str, str] | None = None) -> None:
+        state = gens[0].state
+        super().__init__(_guarded(body, error_frame, state), media_type="text/event-stream",
+                         headers={**SSE_HEADERS, **(headers or {})})
         self._permit = permit
         self._gens = gens
 
@@ -286,8 +237,19 @@ class SSEResponse(StreamingResponse):
             self._permit.release()
 
 
+async def _guarded(body: AsyncIterator[bytes], error_frame: ErrorFrame, state: ServerState) -> AsyncIterator[bytes]:
+    async with aclosing(body) as frames:
+        try:
+            async for frame in frames:
+                yield frame
+        except Exception as exc:  # a bug: the client still gets a well-formed last event
+            logger.exception("stream failed")
+            state.metrics.failure("internal")
+            yield sse(error_frame(internal_error(exc)))
+
+
 def sse(data: Any) -> bytes:
-    """One Server-Sent Event frame."""
-    text = data if isinstance(data, str) else json.dumps(data, ensure_ascii=False, separators=(",", ":"))
+    """One Server-Sent Event frame (JSON without NaN, see :func:`~hf_paged.server.encoding.dumps`)."""
+    text = data if isinstance(data, str) else dumps(data)
     return f"data: {text}\n\n".encode()
 

@@ -47,13 +47,15 @@ class _EngineCollector:
             ("tgi_queue_size", "Requests waiting to be scheduled", s["waiting"]),
             ("hf_paged_kv_blocks_total", "KV cache blocks in the pool", s["blocks_total"]),
             ("hf_paged_kv_blocks_used", "KV cache blocks referenced by sequences", s["blocks_used"]),
-            ("hf_paged_kv_blocks_free", "KV cache blocks allocatable now (never used or evictable)",
-             s["blocks_free"]),
-            ("hf_paged_kv_blocks_cached", "KV cache blocks holding a published prefix", s["blocks_cached"]),
+            ("hf_paged_kv_blocks_free", "KV cache blocks holding nothing", s["blocks_free"]),
+            ("hf_paged_kv_blocks_cached", "Unreferenced KV cache blocks holding a prefix (evicted on demand)",
+             s["blocks_cached"]),
+            ("hf_paged_kv_blocks_allocatable", "KV cache blocks allocatable now (free + cached)",
+             s["blocks_allocatable"]),
             ("hf_paged_prefix_hit_rate", "Fraction of full prompt blocks found in the prefix cache",
              s["prefix_hit_rate"]),
             ("hf_paged_tokens_per_second", "Generated tokens per second over recent steps", s["tokens_per_s"]),
-            ("hf_paged_http_requests_in_flight", "Generation requests holding a concurrency permit",
+            ("hf_paged_http_requests_in_flight", "Sequences of HTTP generation requests holding a concurrency slot",
              self.in_flight()),
         ]
         for name, doc, value in gauges:
@@ -107,7 +109,8 @@ class ServerMetrics:
         self._inc("tgi_request_count")
 
     def failure(self, err: str) -> None:
-        """``err``: TGI's label values (validation, overloaded, generation, incomplete) or ``cancelled``."""
+        """``err``: TGI's label values (validation, overloaded, generation, incomplete), or hf_paged's
+        ``cancelled`` (client gone, shutdown), ``internal`` (a bug of ours) and ``unhealthy``."""
         self._inc("tgi_request_failure", err)
 
     def success(self, *, total: float, validation: float, queue: float, inference: float,

@@ -14,16 +14,20 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
 from ..engine.outputs import StreamEvent
-from .errors import APIError, generation_error
-from .generation import (Generation, Permit, ServerState, SSEResponse, collect, finish_reason, merge,
-                         openai_finish_reason, prepare, sse, submit)
-from .openai_schemas import ChatRequest, CompletionRequest, ModelCard
+from .encoding import JSONResponse
+from .errors import ERROR_RESPONSES, APIError, generation_error
+from .generation import (Generation, SSEResponse, collect, finish_reason, merge, openai_finish_reason,
+                         prepare_all, sse, submit)
+from .guard import guarded
+from .openai_schemas import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard, ModelList
+from .state import Permit, ServerState
 from .validation import chat_messages, chat_params, completion_params, completion_prompts
 
 router = APIRouter()
+_STREAM = {"text/event-stream": {}}
 
 
 def _state(request: Request) -> ServerState:
@@ -32,25 +36,25 @@ def _state(request: Request) -> ServerState:
 
 async def _start(state: ServerState, prompts: list, kwargs: dict,
                  started: float) -> tuple[list[Generation], Permit]:
-    """Admit once per HTTP request, validate every prompt, then submit them all (or none)."""
-    state.metrics.request()
-    permit = state.acquire()
-    try:
-        prepared = [prepare(state, p, kwargs) for p in prompts]
+    """Admit once per HTTP request (one slot per sequence), validate every prompt, then submit them
+    all (or none)."""
+    permit = state.acquire(len(prompts) * kwargs["num_return_sequences"])
+    with permit.held_until_handed_over():
+        prepared = await prepare_all(state, prompts, kwargs)
         gens: list[Generation] = []
         try:
             for ids, kw in prepared:
                 gens.append(submit(state, ids, kw, started))
-        except APIError:
+        except BaseException:
             for g in gens:
                 g.handle.cancel()
             raise
         return gens, permit
-    except APIError as exc:
-        permit.release()
-        if exc.status == 422:
-            state.metrics.failure("validation")
-        raise
+
+
+def _error_frame(exc: APIError) -> dict:
+    """An error after an OpenAI stream began: TGI's shape for it."""
+    return {"error": {"message": exc.message, "http_status_code": exc.status}}
 
 
 def _logprob_entry(state: ServerState, token_id: int, logprob: float | None,
@@ -91,21 +95,18 @@ def _raise_failed(gens: list[Generation]) -> None:
 
 
 # ---------------------------------------------------------------------------- chat
-@router.post("/v1/chat/completions")
+@router.post("/v1/chat/completions", responses={200: {"model": ChatCompletion, "content": _STREAM},
+                                                **ERROR_RESPONSES})
+@guarded()
 async def chat_completions(req: ChatRequest, request: Request) -> Response:
     state = _state(request)
     started = time.monotonic()
-    try:
-        kwargs = chat_params(req, state.limits)
-        messages = chat_messages(req.messages)
-    except APIError:
-        state.metrics.request()
-        state.metrics.failure("validation")
-        raise
+    kwargs = chat_params(req, state.limits)
+    messages = chat_messages(req.messages)
     gens, permit = await _start(state, [messages], kwargs, started)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens)
+        return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens, _error_frame)
     try:
         (events,) = await collect(gens, request)
     finally:
@@ -129,7 +130,7 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
     async with aclosing(gen.events()) as events:
         async for ev in events:
             if ev.error is not None:
-                yield sse({"error": {"message": generation_error(ev.error).message, "http_status_code": 424}})
+                yield sse(_error_frame(generation_error(ev.error)))
                 return
             if ev.token_id is None:
                 continue
@@ -147,23 +148,19 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
 
 
 # ---------------------------------------------------------------------------- completions
-@router.post("/v1/completions")
+@router.post("/v1/completions", responses={200: {"model": Completion, "content": _STREAM}, **ERROR_RESPONSES})
+@guarded()
 async def completions(req: CompletionRequest, request: Request) -> Response:
     state = _state(request)
     started = time.monotonic()
-    try:
-        kwargs = completion_params(req, state.limits)
-        prompts = completion_prompts(req.prompt, state.limits)
-    except APIError:
-        state.metrics.request()
-        state.metrics.failure("validation")
-        raise
+    kwargs = completion_params(req, state.limits)
+    prompts = completion_prompts(req.prompt, state.limits)
     gens, permit = await _start(state, prompts, kwargs, started)
     n = kwargs["num_return_sequences"]
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     echoes = [_echo(state, p) if req.echo else "" for p in prompts]
     if req.stream:
-        return SSEResponse(_completion_stream(state, gens, req, rid, n, echoes), permit, gens)
+        return SSEResponse(_completion_stream(state, gens, req, rid, n, echoes), permit, gens, _error_frame)
     try:
         all_events = await collect(gens, request)
     finally:
@@ -199,7 +196,7 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
         async for i, ev in events:
             gen = gens[i]
             if ev.error is not None:
-                yield sse({"error": {"message": generation_error(ev.error).message, "http_status_code": 424}})
+                yield sse(_error_frame(generation_error(ev.error)))
                 return
             if ev.token_id is None:
                 continue
@@ -216,8 +213,8 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
     yield sse("[DONE]")
 
 
-@router.get("/v1/models")
+@router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> Response:
     info = _state(request).info
     card = ModelCard(id=info.model_id, owned_by=info.model_id)
-    return JSONResponse({"object": "list", "data": [card.model_dump()]})
+    return JSONResponse(ModelList(data=[card]).model_dump())

@@ -10,9 +10,13 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, model_validator
 
 from .schemas import Strict
+
+# OpenAI's roles; "developer" is what newer OpenAI clients send instead of "system" (and is sent to the
+# chat template as "system", which every template knows).
+Role = Literal["system", "developer", "user", "assistant", "tool"]
 
 
 class TextPart(Strict):
@@ -21,10 +25,24 @@ class TextPart(Strict):
 
 
 class ChatMessage(Strict):
-    role: str
-    # OpenAI allows a list of typed parts; only text parts can reach a text model.
+    role: Role
+    # OpenAI allows a list of typed parts; only text parts can reach a text model (other kinds are
+    # refused by name in validation.chat_messages).
     content: str | list[TextPart | dict[str, Any]] | None = None
     name: str | None = None
+    tool_call_id: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> "ChatMessage":
+        # OpenAI's rules: a tool result names the call it answers; only an assistant message that
+        # calls tools may leave its content out.
+        if self.role == "tool" and not self.tool_call_id:
+            raise ValueError("a `tool` message needs `tool_call_id` (the id of the call it answers)")
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"a `{self.role}` message needs `content` (null is allowed only for an "
+                             "assistant message with `tool_calls`)")
+        return self
 
 
 class StreamOptions(Strict):
@@ -82,3 +100,54 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int = 0
     owned_by: str
+
+
+class ModelList(BaseModel):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+# ---------------------------------------------------------------------------- responses (OpenAPI only:
+# the routes build plain dicts of exactly these shapes; the fuzz tests check them against the schema)
+class Usage(BaseModel):
+    prompt_tokens: int
+    completion_tokens: int
+    total_tokens: int
+
+
+class AssistantMessage(BaseModel):
+    role: Literal["assistant"]
+    content: str
+
+
+class ChatChoice(BaseModel):
+    index: int
+    message: AssistantMessage
+    logprobs: dict[str, Any] | None
+    finish_reason: Literal["stop", "length"]
+
+
+class _Envelope(BaseModel):
+    id: str
+    object: str
+    created: int
+    model: str
+    system_fingerprint: str
+    usage: Usage
+
+
+class ChatCompletion(_Envelope):
+    object: Literal["chat.completion"]
+    choices: list[ChatChoice]
+
+
+class CompletionChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: dict[str, Any] | None
+    finish_reason: Literal["stop", "length"]
+
+
+class Completion(_Envelope):
+    object: Literal["text_completion"]
+    choices: list[CompletionChoice]

@@ -13,12 +13,25 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from .encoding import lone_surrogate
 
 
 class Strict(BaseModel):
+    """Base of every request schema: serde-like strict types, finite floats, valid Unicode text."""
+
     # Unknown fields are ignored like serde does; clients send fields of newer TGI versions.
-    model_config = ConfigDict(strict=True, extra="ignore")
+    # NaN and +-Infinity (JSON extensions, or 1e400 overflowing) are refused wherever a float is taken.
+    model_config = ConfigDict(strict=True, extra="ignore", allow_inf_nan=False)
+
+    @field_validator("*", mode="after")
+    @classmethod
+    def _valid_unicode(cls, value: Any) -> Any:
+        # One rule on every route: a lone surrogate is a 422 naming the field (never replaced silently).
+        if lone_surrogate(value) is not None:
+            raise ValueError("contains a lone UTF-16 surrogate (e.g. \\ud800), which is not valid Unicode text")
+        return value
 
 
 class GenerateParameters(Strict):

@@ -15,16 +15,24 @@ from collections.abc import AsyncIterator
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import Response
 
-from .errors import APIError, generation_error, validation_error
-from .generation import (Generation, Permit, ServerState, SSEResponse, collect, finish_reason,
-                         prepare, sse, submit)
-from .schemas import (CompatGenerateRequest, Details, GenerateRequest, GenerateResponse, PrefillToken,
-                      SimpleToken, StreamDetails, StreamResponse, Token, dump)
+from .encoding import JSONResponse
+from .errors import ERROR_RESPONSES, APIError, generation_error, validation_error
+from .generation import Generation, SSEResponse, collect, finish_reason, prepare_all, sse, submit
+from .guard import guarded
+from .schemas import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info,
+                      PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token, dump)
+from .state import Permit, ServerState
 from .validation import tgi_params
 
 router = APIRouter()
+
+GENERATE_RESPONSES = {200: {"model": GenerateResponse}, **ERROR_RESPONSES}
+STREAM_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "One `data:` frame per token"},
+                    **ERROR_RESPONSES}
+COMPAT_RESPONSES = {200: {"model": list[GenerateResponse],
+                          "description": "A one-item list, or an event stream with `stream: true`"}, **ERROR_RESPONSES}
 
 
 def state_of(request: Request) -> ServerState:
@@ -42,20 +50,14 @@ def _top_tokens(state: ServerState, top: list[tuple[int, float]] | None) -> list
 async def _start(state: ServerState, req: GenerateRequest, *, stream: bool) -> tuple[Generation, dict, Permit]:
     """Admit, validate and submit (TGI's order: permit first, then validation)."""
     started = time.monotonic()
-    state.metrics.request()
     permit = state.acquire()
-    try:
+    with permit.held_until_handed_over():
         p = req.parameters
         if not req.inputs:
             raise validation_error("`inputs` cannot be empty")
         kwargs = tgi_params(p, state.limits, stream=stream)
-        ids, kwargs = prepare(state, req.inputs, kwargs, truncate=p.truncate)
+        ((ids, kwargs),) = await prepare_all(state, [req.inputs], kwargs, truncate=p.truncate)
         return submit(state, ids, kwargs, started), kwargs, permit
-    except APIError as exc:
-        permit.release()
-        if exc.error_type == "validation":
-            state.metrics.failure("validation")
-        raise
 
 
 def _headers(state: ServerState, gen: Generation) -> dict[str, str]:
@@ -135,23 +137,26 @@ async def _stream(state: ServerState, gen: Generation, req: GenerateRequest, kwa
 
 async def _generate_stream(state: ServerState, req: GenerateRequest, full_text_default: bool) -> Response:
     gen, kwargs, permit = await _start(state, req, stream=True)
-    return SSEResponse(_stream(state, gen, req, kwargs, full_text_default), permit, [gen],
+    return SSEResponse(_stream(state, gen, req, kwargs, full_text_default), permit, [gen], APIError.body,
                        headers={"x-compute-type": state.compute_type})
 
 
-@router.post("/generate")
+@router.post("/generate", responses=GENERATE_RESPONSES)
+@guarded()
 async def generate(req: GenerateRequest, request: Request) -> Response:
     state = state_of(request)
     body, headers = await _generate(state, req, request)
     return JSONResponse(body, headers=headers)
 
 
-@router.post("/generate_stream")
+@router.post("/generate_stream", responses=STREAM_RESPONSES)
+@guarded()
 async def generate_stream(req: GenerateRequest, request: Request) -> Response:
     return await _generate_stream(state_of(request), req, full_text_default=False)
 
 
-@router.post("/")
+@router.post("/", responses=COMPAT_RESPONSES)
+@guarded()
 async def compat_generate(req: CompatGenerateRequest, request: Request) -> Response:
     state = state_of(request)
     # TGI: return_full_text defaults to true on this route when the model is a text-generation model.
@@ -162,25 +167,32 @@ async def compat_generate(req: CompatGenerateRequest, request: Request) -> Respo
     return JSONResponse([body], headers=headers)
 
 
-@router.post("/tokenize")
+def _tokens(state: ServerState, text: str) -> list[dict]:
+    enc = state.pipe.tokenizer(text, return_offsets_mapping=True)
+    if len(enc["input_ids"]) > state.limits.max_input_tokens:  # no route would take it: do not ship it
+        raise validation_error(f"`inputs` must have less than {state.limits.max_input_tokens} tokens. "
+                               f"Given: {len(enc['input_ids'])}")
+    return [{"id": i, "text": text[a:b], "start": a, "stop": b}
+            for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+
+@router.post("/tokenize", responses={200: {"model": list[SimpleToken]}, **ERROR_RESPONSES})
+@guarded(counted=False)
 async def tokenize(req: GenerateRequest, request: Request) -> Response:
-    tok = state_of(request).pipe.tokenizer
-    if not getattr(tok, "is_fast", False):
+    state = state_of(request)
+    if not getattr(state.pipe.tokenizer, "is_fast", False):
         raise APIError(404, "No fast tokenizer available", "tokenizer")
-    enc = tok(req.inputs, return_offsets_mapping=True)
-    tokens = [SimpleToken(id=i, text=req.inputs[a:b], start=a, stop=b).model_dump()
-              for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
-    return JSONResponse(tokens)
+    return JSONResponse(await state.off_loop(_tokens, state, req.inputs))
 
 
-@router.get("/info")
+@router.get("/info", response_model=Info)
 async def info(request: Request) -> Response:
     return JSONResponse(state_of(request).info.model_dump())
 
 
-@router.get("/health")
-@router.get("/ping")
-@router.get("/")
+@router.api_route("/health", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
+@router.api_route("/ping", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
+@router.api_route("/", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
 async def health(request: Request) -> Response:
     if not state_of(request).healthy():
         raise APIError(503, "unhealthy", "healthcheck")

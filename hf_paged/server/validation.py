@@ -16,6 +16,7 @@ from typing import Any
 
 from .errors import APIError, validation_error
 from .openai_schemas import ChatMessage, ChatRequest, CompletionRequest
+from ..engine.params import MIN_TEMPERATURE, REPETITION_PENALTY_RANGE
 from .schemas import GenerateParameters
 
 U64_MAX = 2**64 - 1
@@ -24,20 +25,33 @@ MAX_OPENAI_TOP_LOGPROBS = 20
 
 @dataclass(slots=True)
 class Limits:
-    """The router limits TGI reports in ``/info`` (defaults are TGI's launcher defaults)."""
+    """Per-request bounds: the router limits TGI reports in ``/info`` (defaults are TGI's launcher
+    defaults), plus hf_paged's own: ``max_n`` sequences per request (OpenAI ``n``) and the length of
+    one stop string (each is matched against the output tail at every step)."""
 
     max_input_tokens: int
     max_total_tokens: int
     default_max_new_tokens: int
     max_stop_sequences: int = 4
+    max_stop_length: int = 256
     max_top_n_tokens: int = 5
     max_client_batch_size: int = 4
+    max_n: int = 16
 
 
 def check_seed(seed: int | None, n: int = 1) -> None:
     # The engine seeds continuation i with seed + i in a torch.Generator, which takes a u64.
     if seed is not None and not 0 <= seed <= U64_MAX - (n - 1):
         raise validation_error(f"`seed` must be >= 0 and <= {U64_MAX - (n - 1)}. Given: {seed}")
+
+
+def check_repetition_penalty(penalty: float | None) -> None:
+    lo, hi = REPETITION_PENALTY_RANGE
+    if penalty is not None and penalty <= 0:
+        raise validation_error("`repetition_penalty` must be strictly positive")  # TGI's words
+    if penalty is not None and not lo <= penalty <= hi:
+        raise validation_error(f"`repetition_penalty` must be >= {lo:g} and <= {hi:g} (beyond that the "
+                               f"scores overflow). Given: {penalty}")
 
 
 def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[str, Any]:
@@ -52,8 +66,7 @@ def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[s
         raise validation_error("`decoder_input_details` == true is not supported when streaming tokens")
     if p.temperature is not None and p.temperature <= 0:
         raise validation_error("`temperature` must be strictly positive")
-    if p.repetition_penalty is not None and p.repetition_penalty <= 0:
-        raise validation_error("`repetition_penalty` must be strictly positive")
+    check_repetition_penalty(p.repetition_penalty)
     if p.frequency_penalty is not None and not -2.0 <= p.frequency_penalty <= 2.0:
         raise validation_error("`frequency_penalty` must be >= -2.0 and <= 2.0")
     if p.top_p is not None and not 0.0 < p.top_p < 1.0:
@@ -64,10 +77,7 @@ def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[s
         raise validation_error("`top_k` must be strictly positive")
     if p.max_new_tokens is not None and p.max_new_tokens <= 0:
         raise validation_error("`max_new_tokens` must be strictly positive")
-    stop = p.stop or []
-    if len(stop) > limits.max_stop_sequences:
-        raise validation_error(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
-                               f"Given: {len(stop)}")
+    stop = _stop_list(p.stop, limits)
     check_seed(p.seed)
     top_n = p.top_n_tokens or 0
     if not 0 <= top_n <= limits.max_top_n_tokens:
@@ -86,6 +96,8 @@ def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[s
     typical_p = 1.0 if p.typical_p is None else p.typical_p
     top_k = p.top_k or 0
     sampling = bool(p.do_sample) or temperature != 1.0 or top_k != 0 or top_p < 1.0 or typical_p < 1.0
+    if temperature < MIN_TEMPERATURE:  # the engine's rule: a vanishing temperature means greedy
+        sampling = False
     seed = p.seed
     if sampling and seed is None:
         seed = random.randrange(2**63)
@@ -100,6 +112,10 @@ def _stop_list(stop: str | list[str] | None, limits: Limits) -> list[str]:
     if len(stops) > limits.max_stop_sequences:
         raise validation_error(f"`stop` supports up to {limits.max_stop_sequences} stop sequences. "
                                f"Given: {len(stops)}")
+    longest = max(map(len, stops), default=0)
+    if longest > limits.max_stop_length:
+        raise validation_error(f"`stop` sequences must be at most {limits.max_stop_length} characters. "
+                               f"Given: {longest}")
     return stops
 
 
@@ -109,8 +125,8 @@ def _openai_sampling(req: ChatRequest | CompletionRequest, limits: Limits, n: in
         raise validation_error("`temperature` must be >= 0.0 and <= 2.0")
     if req.top_p is not None and not 0.0 < req.top_p <= 1.0:
         raise validation_error("`top_p` must be > 0.0 and <= 1.0")
-    if n < 1:
-        raise validation_error(f"`n` must be >= 1. Given: {n}")
+    if not 1 <= n <= limits.max_n:
+        raise validation_error(f"`n` must be >= 1 and <= {limits.max_n}. Given: {n}")
     if req.logit_bias:
         raise validation_error("`logit_bias` is not supported by hf_paged")
     check_seed(req.seed, n)
@@ -150,29 +166,39 @@ def completion_params(req: CompletionRequest, limits: Limits) -> dict[str, Any]:
         raise validation_error(f"`logprobs` must be >= 0 and <= 5. Given: {req.logprobs}")
     if req.max_tokens is not None and req.max_tokens <= 0:
         raise validation_error("`max_tokens` must be strictly positive")
-    if req.repetition_penalty is not None and req.repetition_penalty <= 0:
-        raise validation_error("`repetition_penalty` must be strictly positive")
+    check_repetition_penalty(req.repetition_penalty)
     out = _openai_sampling(req, limits, 1 if req.n is None else req.n)
     out.update(max_new_tokens=req.max_tokens, repetition_penalty=req.repetition_penalty,
                logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0)
     return out
 
 
-def chat_messages(messages: list[ChatMessage]) -> list[dict[str, str]]:
-    """Messages for the chat template: text parts joined; anything else (images, audio) refused."""
+def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
+    """Messages for the chat template: text parts joined; anything else (images, audio) refused.
+
+    ``developer`` becomes ``system``; a tool call id and an assistant's tool calls are passed on
+    for templates that render them."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
         if isinstance(content, list):
             texts = []
-            for part in content:
+            for j, part in enumerate(content):
                 if isinstance(part, dict):
                     kind = part.get("type")
-                    raise validation_error(f"`messages[{i}].content`: {kind!r} parts are not supported; "
+                    if kind == "text":  # it failed TextPart: `text` is missing or not a string
+                        raise validation_error(f"`messages[{i}].content[{j}].text`: a text part needs a "
+                                               "string `text`")
+                    raise validation_error(f"`messages[{i}].content[{j}]`: {kind!r} parts are not supported; "
                                            "only text parts reach a text model")
                 texts.append(part.text)
             content = "".join(texts)
-        out.append({"role": m.role, "content": content or ""})
+        msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.tool_call_id is not None:
+            msg["tool_call_id"] = m.tool_call_id
+        if m.tool_calls:
+            msg["tool_calls"] = m.tool_calls
+        out.append(msg)
     return out
 
 

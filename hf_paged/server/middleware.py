@@ -1,0 +1,112 @@
+"""Pure ASGI middleware (no ``BaseHTTPMiddleware``: streamed responses and disconnects pass through
+untouched): the API key, the request body limit and ``OPTIONS``.
+"""
+from __future__ import annotations
+
+import hmac
+from collections.abc import Callable
+
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from .errors import payload_too_large, unauthorized
+
+# TGI puts these behind the API key (its `base_routes`); info, health, metrics and models stay open.
+GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/tokenize", "/v1/chat/completions",
+                               "/v1/completions"})
+
+
+class BearerAuth:
+    """POSTs to generation routes need ``Authorization: Bearer <api_key>`` (TGI's rule). The scheme is
+    case-insensitive, the key is compared exactly and in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str) -> None:
+        self.app = app
+        self.expected = api_key.encode()
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES:
+            header = dict(scope["headers"]).get(b"authorization", b"")
+            scheme, _, key = header.partition(b" ")
+            if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.expected):
+                await unauthorized().response()(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
+class BodyLimit:
+    """Answers 413 (TGI's error body) to a request body over ``max_bytes``, before any of it is parsed.
+
+    The body is read here, counted as it arrives (a missing or lying Content-Length changes nothing),
+    and replayed to the app. ``on_reject(path)`` counts the failure in the metrics.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int, on_reject: Callable[[str], None]) -> None:
+        self.app = app
+        self.max_bytes = max_bytes
+        self.on_reject = on_reject
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
+            await self.app(scope, receive, send)
+            return
+        declared = dict(scope["headers"]).get(b"content-length", b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            await self._reject(scope, receive, send)
+            return
+        chunks: list[bytes] = []
+        size = 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return  # the client left before its body was complete: nobody to answer
+            chunk = message.get("body", b"")
+            size += len(chunk)
+            if size > self.max_bytes:
+                await self._reject(scope, receive, send)
+                return
+            chunks.append(chunk)
+            if not message.get("more_body", False):
+                break
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if not replayed:
+                replayed = True
+                return {"type": "http.request", "body": b"".join(chunks), "more_body": False}
+            return await receive()  # then disconnect detection as usual
+
+        await self.app(scope, replay, send)
+
+    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+        self.on_reject(scope["path"])
+        response = payload_too_large(self.max_bytes).response()
+        response.headers["connection"] = "close"  # do not read the rest of an oversized body
+        await response(scope, receive, send)
+
+
+class Options:
+    """``OPTIONS`` on any API path answers 204 with ``Allow`` (the methods its routes take, read from
+    the app's OpenAPI schema), where FastAPI would answer 405. CORS preflights are not answered here:
+    give the app CORSMiddleware."""
+
+    def __init__(self, app: ASGIApp, router_app) -> None:
+        self.app = app
+        self.router_app = router_app  # the FastAPI app whose schema lists the paths
+        self._allowed: dict[str, str] | None = None
+
+    def allowed(self, path: str) -> str | None:
+        if self._allowed is None:  # the routes are all in place by the first request
+            self._allowed = {p: ", ".join(sorted({m.upper() for m in ops} | {"OPTIONS"}))
+                             for p, ops in self.router_app.openapi().get("paths", {}).items()}
+        return self._allowed.get(path)
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "OPTIONS":
+            allow = self.allowed(scope["path"])
+            if allow:
+                await send({"type": "http.response.start", "status": 204,
+                            "headers": [(b"allow", allow.encode()), (b"content-length", b"0")]})
+                await send({"type": "http.response.body", "body": b""})
+                return
+        await self.app(scope, receive, send)
