@@ -111,7 +111,8 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
     app.include_router(tgi_router)
     app.include_router(openai_router)
 
-    @app.api_route("/metrics", methods=["GET", "HEAD"])
+    @app.get("/metrics")
+    @app.head("/metrics", include_in_schema=False)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

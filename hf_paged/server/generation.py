@@ -24,6 +24,7 @@ from ..engine.pipeline import PagedPipeline
 from ..engine.request import Request
 from .encoding import dumps
 from .errors import APIError, ClientGone, internal_error, validation_error
+from .guard import Outcome
 from .state import Permit, ServerState
 
 logger = logging.getLogger(__name__)
@@ -49,9 +50,11 @@ def openai_finish_reason(tgi_reason: str) -> str:
 class Generation:
     """One engine request as the HTTP layer sees it: its events, timings and metrics."""
 
-    def __init__(self, state: ServerState, handle: Request, started: float, submitted: float) -> None:
+    def __init__(self, state: ServerState, handle: Request, outcome: Outcome, started: float,
+                 submitted: float) -> None:
         self.state = state
         self.handle = handle
+        self.outcome = outcome
         self.started = started
         self.submitted = submitted
         self.first_token: float | None = None
@@ -83,23 +86,22 @@ class Generation:
             # Not `handle.done`: the engine thread may set it just after our loop saw the last event.
             if not ended:
                 self.handle.cancel()
-                self.state.metrics.failure("cancelled")
+                self.outcome.fail("cancelled")
 
     def _finished(self, ev: StreamEvent) -> None:
         self.output = ev.output
-        m = self.state.metrics
         if ev.error is not None:
             self.error = ev.error
-            m.failure("generation")
+            self.outcome.fail("generation")
             return
         if any(o.finish_reason == "cancelled" for o in ev.output.outputs):
-            m.failure("cancelled")  # cancelled from elsewhere (shutdown)
+            self.outcome.fail("cancelled")  # cancelled from elsewhere (shutdown)
             return
         now = time.monotonic()
         first = self.first_token or now
-        m.success(total=now - self.started, validation=self.submitted - self.started,
-                  queue=first - self.submitted, inference=now - first,
-                  generated_tokens=sum(len(o.token_ids) for o in ev.output.outputs))
+        self.outcome.generations.append(dict(
+            total=now - self.started, validation=self.submitted - self.started, queue=first - self.submitted,
+            inference=now - first, generated_tokens=sum(len(o.token_ids) for o in ev.output.outputs)))
 
 
 async def prepare_all(state: ServerState, prompts: Sequence[Any], kwargs: dict[str, Any], *,
@@ -113,6 +115,12 @@ def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *,
     """Token ids and final kwargs: TGI's input/total token limits, truncation, default max_new_tokens.
     Runs on a validation worker (:func:`prepare_all`), never on the event loop."""
     limits = state.limits
+    if isinstance(prompt, str) and truncate is not None:
+        # TGI keeps the last `truncate` tokens; they lie within the last truncate * max_token_chars
+        # characters, so a huge text is cut (with a margin for the cut's first word) before tokenizing.
+        prompt = prompt[-(truncate + 8) * state.max_token_chars:]
+    else:
+        check_text_length(state, prompt)
     try:
         ids = state.pipe.encode(prompt)
     except ValueError as exc:
@@ -135,18 +143,39 @@ def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *,
     return ids, kwargs
 
 
-def submit(state: ServerState, ids: list[int], kwargs: dict[str, Any], started: float) -> Generation:
+def check_text_length(state: ServerState, prompt: Any) -> None:
+    """Refuses, without tokenizing it, a prompt whose text alone must exceed ``max_input_tokens``.
+
+    Tokenizing costs time on a worker and, while the token lists are built, the GIL: a 4 MB text
+    would hold it for a quarter of a second. No token covers more than ``state.max_token_chars``
+    characters, so longer texts need more tokens than allowed whatever they hold.
+    """
+    if isinstance(prompt, str):
+        chars = len(prompt)
+    elif isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
+        chars = sum(len(m["content"]) for m in prompt if isinstance(m.get("content"), str))
+    else:
+        return
+    limit = state.limits.max_input_tokens
+    if chars > limit * state.max_token_chars:
+        raise validation_error(f"`inputs` must have less than {limit} tokens. Given: {chars} characters, "
+                               f"at least {-(-chars // state.max_token_chars)} tokens")
+
+
+def submit(state: ServerState, ids: list[int], kwargs: dict[str, Any], outcome: Outcome, started: float) -> Generation:
     """Queue a validated request; the engine's own checks (SamplingParams) still answer 422."""
     try:
         handle = state.pipe.submit(ids, **kwargs)
     except ValueError as exc:
         raise validation_error(str(exc)) from None
-    except RuntimeError as exc:  # pipeline closed under us: shutting down
-        raise APIError(503, str(exc), "unhealthy") from None
+    except RuntimeError as exc:
+        if state.pipe.alive:
+            raise  # not the closed pipeline: a bug, answered 500 by the route's guard
+        raise APIError(503, str(exc), "unhealthy") from None  # closed under us: shutting down
     state.handles.add(handle)
     state.metrics.input_length.observe(len(ids))
     state.metrics.max_new_tokens.observe(handle.params.max_new_tokens)
-    return Generation(state, handle, started, time.monotonic())
+    return Generation(state, handle, outcome, started, time.monotonic())
 
 
 def default_max_new_tokens(pipe: PagedPipeline) -> int:
@@ -216,12 +245,14 @@ ErrorFrame = Callable[[APIError], dict]
 class SSEResponse(StreamingResponse):
     """An SSE stream that frees its permit and cancels its requests however the response ends, even
     when the body was never iterated (a client gone before the first byte). A bug while streaming
-    ends the stream with ``error_frame(internal error)`` as its last event, counted as ``internal``."""
+    ends the stream with ``error_frame(internal error)`` as its last event, counted as ``internal``;
+    the request's outcome is counted when the response ends, however it ends."""
+
+    counts_its_outcome = True  # the route guard leaves the outcome to the stream
 
     def __init__(self, body: AsyncIterator[bytes], permit: Permit, gens: list[Generation],
                  error_frame: ErrorFrame, headers: dict[str, str] | None = None) -> None:
-        state = gens[0].state
-        super().__init__(_guarded(body, error_frame, state), media_type="text/event-stream",
+        super().__init__(_guarded(body, error_frame, gens[0].outcome), media_type="text/event-stream",
                          headers={**SSE_HEADERS, **(headers or {})})
         self._permit = permit
         self._gens = gens
@@ -234,18 +265,21 @@ class SSEResponse(StreamingResponse):
             for g in self._gens:
                 if g.output is None:  # no final event seen: nobody will read the rest
                     g.handle.cancel()
+                    g.outcome.fail("cancelled")
             self._permit.release()
+            self._gens[0].outcome.finish()
 
 
-async def _guarded(body: AsyncIterator[bytes], error_frame: ErrorFrame, state: ServerState) -> AsyncIterator[bytes]:
+async def _guarded(body: AsyncIterator[bytes], error_frame: ErrorFrame, outcome: Outcome) -> AsyncIterator[bytes]:
     async with aclosing(body) as frames:
         try:
             async for frame in frames:
                 yield frame
         except Exception as exc:  # a bug: the client still gets a well-formed last event
             logger.exception("stream failed")
-            state.metrics.failure("internal")
+            outcome.fail("internal")
             yield sse(error_frame(internal_error(exc)))
+
 
 
 def sse(data: Any) -> bytes:

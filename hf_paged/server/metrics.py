@@ -113,15 +113,17 @@ class ServerMetrics:
         ``cancelled`` (client gone, shutdown), ``internal`` (a bug of ours) and ``unhealthy``."""
         self._inc("tgi_request_failure", err)
 
-    def success(self, *, total: float, validation: float, queue: float, inference: float,
-                generated_tokens: int) -> None:
+    def success(self, generations: list[dict[str, float]]) -> None:
+        """One successful HTTP request; ``generations``: the timings of each engine request it ran
+        (``total``, ``validation``, ``queue``, ``inference`` seconds and ``generated_tokens``)."""
         self._inc("tgi_request_success")
-        self.duration.observe(total)
-        self.validation_duration.observe(validation)
-        self.queue_duration.observe(queue)
-        self.inference_duration.observe(inference)
-        self.time_per_token.observe(inference / max(generated_tokens, 1))
-        self.generated_tokens.observe(generated_tokens)
+        for g in generations:
+            self.duration.observe(g["total"])
+            self.validation_duration.observe(g["validation"])
+            self.queue_duration.observe(g["queue"])
+            self.inference_duration.observe(g["inference"])
+            self.time_per_token.observe(g["inference"] / max(g["generated_tokens"], 1))
+            self.generated_tokens.observe(g["generated_tokens"])
 
     def count(self, name: str, label: str | None = None) -> float:
         with self._lock:

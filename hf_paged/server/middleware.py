@@ -33,6 +33,9 @@ class BearerAuth:
         await self.app(scope, receive, send)
 
 
+DRAIN_FACTOR = 16
+
+
 class BodyLimit:
     """Answers 413 (TGI's error body) to a request body over ``max_bytes``, before any of it is parsed.
 
@@ -51,7 +54,7 @@ class BodyLimit:
             return
         declared = dict(scope["headers"]).get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
-            await self._reject(scope, receive, send)
+            await self._reject(scope, receive, send, body_complete=False)
             return
         chunks: list[bytes] = []
         size = 0
@@ -61,11 +64,12 @@ class BodyLimit:
                 return  # the client left before its body was complete: nobody to answer
             chunk = message.get("body", b"")
             size += len(chunk)
+            more = message.get("more_body", False)
             if size > self.max_bytes:
-                await self._reject(scope, receive, send)
+                await self._reject(scope, receive, send, body_complete=not more)
                 return
             chunks.append(chunk)
-            if not message.get("more_body", False):
+            if not more:
                 break
         replayed = False
 
@@ -78,10 +82,21 @@ class BodyLimit:
 
         await self.app(scope, replay, send)
 
-    async def _reject(self, scope: Scope, receive: Receive, send: Send) -> None:
+    async def _reject(self, scope: Scope, receive: Receive, send: Send, *, body_complete: bool) -> None:
+        """413. The rest of the body is read and dropped first (up to ``DRAIN_FACTOR`` times the limit):
+        a client still sending when the server closes gets a connection reset, not the answer."""
         self.on_reject(scope["path"])
         response = payload_too_large(self.max_bytes).response()
-        response.headers["connection"] = "close"  # do not read the rest of an oversized body
+        drained = body_complete
+        budget = DRAIN_FACTOR * self.max_bytes
+        while not drained and budget > 0:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            budget -= len(message.get("body", b""))
+            drained = not message.get("more_body", False)
+        if not drained:
+            response.headers["connection"] = "close"  # a body this large is not worth reading
         await response(scope, receive, send)
 
 
@@ -97,8 +112,10 @@ class Options:
 
     def allowed(self, path: str) -> str | None:
         if self._allowed is None:  # the routes are all in place by the first request
-            self._allowed = {p: ", ".join(sorted({m.upper() for m in ops} | {"OPTIONS"}))
-                             for p, ops in self.router_app.openapi().get("paths", {}).items()}
+            paths = self.router_app.openapi().get("paths", {})
+            methods = {p: {m.upper() for m in ops} | {"OPTIONS"} for p, ops in paths.items()}
+            self._allowed = {p: ", ".join(sorted(ms | ({"HEAD"} if "GET" in ms else set())))
+                             for p, ms in methods.items()}
         return self._allowed.get(path)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

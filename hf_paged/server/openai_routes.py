@@ -34,7 +34,7 @@ def _state(request: Request) -> ServerState:
     return request.app.state.hf_paged
 
 
-async def _start(state: ServerState, prompts: list, kwargs: dict,
+async def _start(state: ServerState, prompts: list, kwargs: dict, http: Request,
                  started: float) -> tuple[list[Generation], Permit]:
     """Admit once per HTTP request (one slot per sequence), validate every prompt, then submit them
     all (or none)."""
@@ -44,7 +44,7 @@ async def _start(state: ServerState, prompts: list, kwargs: dict,
         gens: list[Generation] = []
         try:
             for ids, kw in prepared:
-                gens.append(submit(state, ids, kw, started))
+                gens.append(submit(state, ids, kw, http.state.outcome, started))
         except BaseException:
             for g in gens:
                 g.handle.cancel()
@@ -103,7 +103,7 @@ async def chat_completions(req: ChatRequest, request: Request) -> Response:
     started = time.monotonic()
     kwargs = chat_params(req, state.limits)
     messages = chat_messages(req.messages)
-    gens, permit = await _start(state, [messages], kwargs, started)
+    gens, permit = await _start(state, [messages], kwargs, request, started)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens, _error_frame)
@@ -155,7 +155,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     started = time.monotonic()
     kwargs = completion_params(req, state.limits)
     prompts = completion_prompts(req.prompt, state.limits)
-    gens, permit = await _start(state, prompts, kwargs, started)
+    gens, permit = await _start(state, prompts, kwargs, request, started)
     n = kwargs["num_return_sequences"]
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     echoes = [_echo(state, p) if req.echo else "" for p in prompts]

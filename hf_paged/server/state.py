@@ -41,9 +41,15 @@ class ServerState:
     special_ids: frozenset[int] = frozenset()
     token_text: Any = None  # token id -> its string (set in __post_init__)
     workers: ThreadPoolExecutor | None = None
+    # No token covers more characters than the longest vocabulary entry: a text longer than this many
+    # characters per allowed token cannot fit, and is refused without being tokenized.
+    max_token_chars: int = 0
 
     def __post_init__(self) -> None:
-        self.special_ids = frozenset(getattr(self.pipe.tokenizer, "all_special_ids", ()) or ())
+        tok = self.pipe.tokenizer
+        self.special_ids = frozenset(getattr(tok, "all_special_ids", ()) or ())
+        vocab = tok.get_vocab() if hasattr(tok, "get_vocab") else {}
+        self.max_token_chars = max(map(len, vocab), default=0) or 2**31
         # Per-token strings (logprobs, top tokens) are looked up over and over; the vocabulary is fixed.
         self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
         self.workers = ThreadPoolExecutor(self.info.validation_workers, thread_name_prefix="hf_paged-validation")

@@ -19,7 +19,8 @@ from fastapi.responses import Response
 
 from .encoding import JSONResponse
 from .errors import ERROR_RESPONSES, APIError, generation_error, validation_error
-from .generation import Generation, SSEResponse, collect, finish_reason, prepare_all, sse, submit
+from .generation import (Generation, SSEResponse, check_text_length, collect, finish_reason, prepare_all, sse,
+                         submit)
 from .guard import guarded
 from .schemas import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info,
                       PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token, dump)
@@ -47,7 +48,8 @@ def _top_tokens(state: ServerState, top: list[tuple[int, float]] | None) -> list
     return [_token(state, t, state.token_text(t), lp) for t, lp in (top or [])]
 
 
-async def _start(state: ServerState, req: GenerateRequest, *, stream: bool) -> tuple[Generation, dict, Permit]:
+async def _start(state: ServerState, req: GenerateRequest, http: Request, *,
+                 stream: bool) -> tuple[Generation, dict, Permit]:
     """Admit, validate and submit (TGI's order: permit first, then validation)."""
     started = time.monotonic()
     permit = state.acquire()
@@ -57,7 +59,7 @@ async def _start(state: ServerState, req: GenerateRequest, *, stream: bool) -> t
             raise validation_error("`inputs` cannot be empty")
         kwargs = tgi_params(p, state.limits, stream=stream)
         ((ids, kwargs),) = await prepare_all(state, [req.inputs], kwargs, truncate=p.truncate)
-        return submit(state, ids, kwargs, started), kwargs, permit
+        return submit(state, ids, kwargs, http.state.outcome, started), kwargs, permit
 
 
 def _headers(state: ServerState, gen: Generation) -> dict[str, str]:
@@ -75,7 +77,7 @@ def _headers(state: ServerState, gen: Generation) -> dict[str, str]:
 
 async def _generate(state: ServerState, req: GenerateRequest, http: Request,
                     full_text_default: bool = False) -> tuple[dict, dict[str, str]]:
-    gen, kwargs, permit = await _start(state, req, stream=False)
+    gen, kwargs, permit = await _start(state, req, http, stream=False)
     try:
         (events,) = await collect([gen], http)
     finally:
@@ -131,12 +133,13 @@ async def _stream(state: ServerState, gen: Generation, req: GenerateRequest, kwa
                 ended = True
             yield sse(dump(frame))
     if not ended:
-        state.metrics.failure("incomplete")
+        gen.outcome.fail("incomplete")
         yield sse(APIError(500, "Incomplete generation stream", "incomplete_generation_stream").body())
 
 
-async def _generate_stream(state: ServerState, req: GenerateRequest, full_text_default: bool) -> Response:
-    gen, kwargs, permit = await _start(state, req, stream=True)
+async def _generate_stream(state: ServerState, req: GenerateRequest, http: Request,
+                           full_text_default: bool) -> Response:
+    gen, kwargs, permit = await _start(state, req, http, stream=True)
     return SSEResponse(_stream(state, gen, req, kwargs, full_text_default), permit, [gen], APIError.body,
                        headers={"x-compute-type": state.compute_type})
 
@@ -152,7 +155,7 @@ async def generate(req: GenerateRequest, request: Request) -> Response:
 @router.post("/generate_stream", responses=STREAM_RESPONSES)
 @guarded()
 async def generate_stream(req: GenerateRequest, request: Request) -> Response:
-    return await _generate_stream(state_of(request), req, full_text_default=False)
+    return await _generate_stream(state_of(request), req, request, full_text_default=False)
 
 
 @router.post("/", responses=COMPAT_RESPONSES)
@@ -162,12 +165,13 @@ async def compat_generate(req: CompatGenerateRequest, request: Request) -> Respo
     # TGI: return_full_text defaults to true on this route when the model is a text-generation model.
     full = state.info.model_pipeline_tag == "text-generation"
     if req.stream:
-        return await _generate_stream(state, req, full_text_default=full)
+        return await _generate_stream(state, req, request, full_text_default=full)
     body, headers = await _generate(state, req, request, full_text_default=full)
     return JSONResponse([body], headers=headers)
 
 
 def _tokens(state: ServerState, text: str) -> list[dict]:
+    check_text_length(state, text)
     enc = state.pipe.tokenizer(text, return_offsets_mapping=True)
     if len(enc["input_ids"]) > state.limits.max_input_tokens:  # no route would take it: do not ship it
         raise validation_error(f"`inputs` must have less than {state.limits.max_input_tokens} tokens. "
@@ -190,9 +194,12 @@ async def info(request: Request) -> Response:
     return JSONResponse(state_of(request).info.model_dump())
 
 
-@router.api_route("/health", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
-@router.api_route("/ping", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
-@router.api_route("/", methods=["GET", "HEAD"], responses={503: {"model": ErrorResponse}})
+@router.get("/health", responses={503: {"model": ErrorResponse}})
+@router.get("/ping", responses={503: {"model": ErrorResponse}})
+@router.get("/", responses={503: {"model": ErrorResponse}})
+@router.head("/health", include_in_schema=False)  # load balancers probe with HEAD
+@router.head("/ping", include_in_schema=False)
+@router.head("/", include_in_schema=False)
 async def health(request: Request) -> Response:
     if not state_of(request).healthy():
         raise APIError(503, "unhealthy", "healthcheck")
