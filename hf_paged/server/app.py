@@ -20,7 +20,7 @@ import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
-from fastapi.responses import Response
+from fastapi.responses import PlainTextResponse, Response
 
 from .. import __version__
 from ..engine.pipeline import PagedPipeline
@@ -111,8 +111,8 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
     app.include_router(tgi_router)
     app.include_router(openai_router)
 
-    @app.get("/metrics")
-    @app.head("/metrics", include_in_schema=False)
+    @app.get("/metrics", response_class=PlainTextResponse)
+    @app.head("/metrics", response_class=PlainTextResponse, include_in_schema=False)
     async def prometheus() -> Response:
         return Response(metrics.render(), media_type=CONTENT_TYPE)
 

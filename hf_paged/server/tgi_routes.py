@@ -32,8 +32,9 @@ router = APIRouter()
 GENERATE_RESPONSES = {200: {"model": GenerateResponse}, **ERROR_RESPONSES}
 STREAM_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "One `data:` frame per token"},
                     **ERROR_RESPONSES}
-COMPAT_RESPONSES = {200: {"model": list[GenerateResponse],
+COMPAT_RESPONSES = {200: {"model": list[GenerateResponse], "content": {"text/event-stream": {}},
                           "description": "A one-item list, or an event stream with `stream: true`"}, **ERROR_RESPONSES}
+HEALTH_RESPONSES = {200: {"description": "Healthy (no body)"}, 503: {"model": ErrorResponse}}
 
 
 def state_of(request: Request) -> ServerState:
@@ -194,12 +195,12 @@ async def info(request: Request) -> Response:
     return JSONResponse(state_of(request).info.model_dump())
 
 
-@router.get("/health", responses={503: {"model": ErrorResponse}})
-@router.get("/ping", responses={503: {"model": ErrorResponse}})
-@router.get("/", responses={503: {"model": ErrorResponse}})
-@router.head("/health", include_in_schema=False)  # load balancers probe with HEAD
-@router.head("/ping", include_in_schema=False)
-@router.head("/", include_in_schema=False)
+@router.get("/health", response_class=Response, responses=HEALTH_RESPONSES)
+@router.get("/ping", response_class=Response, responses=HEALTH_RESPONSES)
+@router.get("/", response_class=Response, responses=HEALTH_RESPONSES)
+@router.head("/health", response_class=Response, include_in_schema=False)  # load balancers probe with HEAD
+@router.head("/ping", response_class=Response, include_in_schema=False)
+@router.head("/", response_class=Response, include_in_schema=False)
 async def health(request: Request) -> Response:
     if not state_of(request).healthy():
         raise APIError(503, "unhealthy", "healthcheck")
