@@ -10,6 +10,15 @@ ended (must be 0; read from ``/engine/stats``). Exits non-zero when either is no
 
 Any TGI-compatible server works (``--route generate`` uses ``/generate_stream``, ``--route chat``
 uses ``/v1/chat/completions``); the leak check is skipped where ``/engine/stats`` does not exist.
+
+``--chaos`` measures what hostile traffic costs the good requests: interleaved rounds (``--rounds``)
+of the same good load alone and with ``--chaos-clients`` clients sending (``--chaos-rate`` per second
+in all, Poisson arrivals; ``inf`` sends back to back, a flood), malformed
+and out-of-range requests, lone surrogates, oversized bodies, over-long inputs, ``n`` above the limit
+and streams they drop after two tokens. It reports p99 latency of the good requests in each round
+with and without chaos, their ratio (target <= 1.2), and the slowest ``/health`` answer seen.
+
+    python benchmarks/serve_load.py --url http://127.0.0.1:8080 --chaos --rounds 3 --json
 """
 from __future__ import annotations
 
@@ -94,7 +103,62 @@ async def engine_leak(client: httpx.AsyncClient, timeout: float) -> int | None:
         await asyncio.sleep(0.1)
 
 
-async def run(args: argparse.Namespace) -> dict:
+def _chaos_requests(max_body: int) -> list[tuple[str, str, bytes | dict]]:
+    """(label, path, body): raw bytes are sent as is with a JSON content type."""
+    return [
+        ("surrogate", "/generate", b'{"inputs": "hi \\ud800 there", "parameters": {"max_new_tokens": 4}}'),
+        ("tiny_temperature", "/generate", {"inputs": "hi", "parameters": {"max_new_tokens": 4, "temperature": 1e-38,
+                                                                          "details": True}}),
+        ("infinity", "/generate", b'{"inputs": "hi", "parameters": {"temperature": Infinity}}'),
+        ("n_1000", "/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "n": 1000}),
+        ("bad_json", "/v1/completions", b'{"prompt": "x", '),
+        ("deep_nesting", "/generate", b'{"inputs": ' + b"[" * 50_000 + b"]" * 50_000 + b"}"),
+        ("bad_role", "/v1/chat/completions", {"messages": [{"role": "wizard", "content": "x"}]}),
+        ("too_many_tokens", "/generate", {"inputs": "word " * 20_000, "parameters": {"max_new_tokens": 4}}),
+        ("huge_body", "/generate", b'{"inputs": "' + b"a" * (max_body + 1024) + b'"}'),
+        ("long_stop", "/generate", {"inputs": "hi", "parameters": {"stop": ["x" * 100_000]}}),
+        ("cancelled_stream", "/generate_stream", {"inputs": "Count to one hundred:",
+                                                  "parameters": {"max_new_tokens": 200}}),
+    ]
+
+
+async def chaos_client(client: httpx.AsyncClient, stop: asyncio.Event, rng: random.Random, counts: dict,
+                       max_body: int, rate: float) -> None:
+    """Chaos requests one after another, Poisson-paced at ``rate`` per second (inf: back to back)."""
+    reqs = _chaos_requests(max_body)
+    while not stop.is_set():
+        if rate != float("inf"):
+            await asyncio.sleep(rng.expovariate(rate))
+            if stop.is_set():
+                break
+        label, path, body = rng.choice(reqs)
+        try:
+            if label == "cancelled_stream":
+                async with client.stream("POST", path, json=body) as r:
+                    seen = 0
+                    async for line in r.aiter_lines():
+                        seen += line.startswith("data:")
+                        if seen >= 2:
+                            break
+                status = r.status_code
+            elif isinstance(body, bytes):
+                status = (await client.post(path, content=body, headers={"content-type": "application/json"})).status_code
+            else:
+                status = (await client.post(path, json=body)).status_code
+        except httpx.HTTPError as exc:
+            status = type(exc).__name__
+        counts[f"{label}:{status}"] = counts.get(f"{label}:{status}", 0) + 1
+
+
+async def health_probe(client: httpx.AsyncClient, stop: asyncio.Event, worst: list[float]) -> None:
+    while not stop.is_set():
+        t = time.perf_counter()
+        await client.get("/health")
+        worst[0] = max(worst[0], time.perf_counter() - t)
+        await asyncio.sleep(0.05)
+
+
+async def run(args: argparse.Namespace, chaos: bool = False) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     rng = random.Random(args.seed)
@@ -113,10 +177,43 @@ async def run(args: argparse.Namespace) -> dict:
             async with slots:
                 return await one_request(client, args.route, PROMPTS[i % len(PROMPTS)], args.max_new_tokens)
 
+        stop, counts, worst = asyncio.Event(), {}, [0.0]
+        side = [asyncio.ensure_future(health_probe(client, stop, worst))]
+        if chaos:
+            side += [asyncio.ensure_future(chaos_client(client, stop, random.Random(args.seed + k), counts,
+                                                        args.max_body_bytes, args.chaos_rate / args.chaos_clients))
+                     for k in range(args.chaos_clients)]
         samples = await asyncio.gather(*(client_task(i) for i in range(args.requests)))
         wall = time.perf_counter() - begin
+        stop.set()
+        await asyncio.gather(*side)
         leaked = await engine_leak(client, args.leak_timeout)
-    return summarize(samples, wall, leaked, args)
+    out = summarize(samples, wall, leaked, args)
+    out["health_worst_ms"] = round(worst[0] * 1000, 1)
+    if chaos:
+        out["chaos"] = dict(sorted(counts.items()))
+        out["chaos_5xx"] = sum(v for k, v in counts.items() if k.rsplit(":", 1)[1].startswith("5"))
+    return out
+
+
+async def chaos_rounds(args: argparse.Namespace) -> dict:
+    """Interleaved rounds: the good load alone, then with chaos; p99 latency of good requests in each."""
+    rounds = []
+    for i in range(args.rounds):
+        calm = await run(args)
+        wild = await run(args, chaos=True)
+        rounds.append({"round": i + 1, "calm": calm, "chaos": wild,
+                       "p99_ratio": round(wild["latency_p99_ms"] / calm["latency_p99_ms"], 3)
+                       if calm["latency_p99_ms"] and wild["latency_p99_ms"] else None})
+    ratios = [r["p99_ratio"] for r in rounds if r["p99_ratio"] is not None]
+    return {"chaos_rate": args.chaos_rate if args.chaos_rate != float("inf") else "inf",
+            "chaos_clients": args.chaos_clients, "route": args.route, "requests": args.requests,
+            "concurrency": args.concurrency, "max_new_tokens": args.max_new_tokens,
+            "rounds": rounds, "p99_ratio_median": statistics.median(ratios) if ratios else None,
+            "p99_ratio_min": min(ratios, default=None), "p99_ratio_max": max(ratios, default=None),
+            "errors": sum(r["calm"]["errors"] + r["chaos"]["errors"] for r in rounds),
+            "chaos_5xx": sum(r["chaos"]["chaos_5xx"] for r in rounds),
+            "blocks_leaked": max((r["chaos"]["blocks_leaked"] or 0) for r in rounds)}
 
 
 def _pct(values: list[float], q: float) -> float | None:
@@ -160,6 +257,17 @@ def markdown(r: dict) -> str:
     return head + "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
+def chaos_markdown(r: dict) -> str:
+    lines = ["| round | p99 latency alone (ms) | p99 latency with chaos (ms) | ratio | /health worst, chaos (ms) |",
+             "|---|---|---|---|---|"]
+    for x in r["rounds"]:
+        lines.append(f"| {x['round']} | {x['calm']['latency_p99_ms']} | {x['chaos']['latency_p99_ms']} | "
+                     f"{x['p99_ratio']} | {x['chaos']['health_worst_ms']} |")
+    lines.append(f"\nratio median {r['p99_ratio_median']}, min {r['p99_ratio_min']}, max {r['p99_ratio_max']}; "
+                 f"errors {r['errors']}, 5xx to chaos {r['chaos_5xx']}, KV blocks leaked {r['blocks_leaked']}")
+    return "\n".join(lines)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--url", default="http://127.0.0.1:8080")
@@ -173,7 +281,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--leak-timeout", type=float, default=10.0, help="seconds to wait for the engine to go idle")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
+    ap.add_argument("--chaos", action="store_true", help="rounds of the load alone and with hostile traffic")
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--chaos-clients", type=int, default=4)
+    ap.add_argument("--chaos-rate", type=float, default=4.0,
+                    help="chaos requests per second over all chaos clients (inf: each sends back to back)")
+    ap.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="the server's body limit (for 413s)")
     args = ap.parse_args(argv)
+    if args.chaos:
+        result = asyncio.run(chaos_rounds(args))
+        print(json.dumps(result, indent=2) if args.json else chaos_markdown(result))
+        return 1 if result["errors"] or result["chaos_5xx"] or result["blocks_leaked"] else 0
     result = asyncio.run(run(args))
     print(json.dumps(result, indent=2) if args.json else markdown(result))
     if result["errors"]:

@@ -68,13 +68,10 @@ def payload_too_large(limit: int) -> APIError:
     return APIError(413, f"Request body is larger than the server's limit of {limit} bytes", "payload_too_large")
 
 
-def failure_label(exc: APIError) -> str | None:
-    """The ``tgi_request_failure{err=...}`` label of an error answered before generation began; None
-    for a generation failure (424), which the generation itself counted when it ended."""
-    if exc.status == 424:
-        return None
-    return {413: "validation", 422: "validation", 429: "overloaded", 500: "internal"}.get(exc.status,
-                                                                                          exc.error_type)
+def failure_label(exc: APIError) -> str:
+    """The ``tgi_request_failure{err=...}`` label of an error answer (TGI's labels where it has one)."""
+    return {413: "validation", 422: "validation", 424: "generation", 429: "overloaded",
+            500: "internal"}.get(exc.status, exc.error_type)
 
 
 def unauthorized() -> APIError:

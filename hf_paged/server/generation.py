@@ -1,7 +1,7 @@
-"""What every generation route shares: the app's state, admission, submission and event consumption.
+"""What every generation route shares: validation and tokenizing, submission and event consumption.
 
-A request is admitted (concurrency permit, TGI's 429), validated and tokenized, then submitted to the
-engine; nothing is queued before validation passed. Its events are consumed either by an SSE generator
+A request is admitted (concurrency slots, TGI's 429: :mod:`~hf_paged.server.state`), validated and
+tokenized (on a validation worker), then submitted to the engine; nothing is queued before validation passed. Its events are consumed either by an SSE generator
 (Starlette cancels that generator when the client goes away) or by :func:`collect`, which polls for a
 disconnect itself since nothing else would notice one while a non-streaming request runs. Either way a
 request nobody listens to any more is cancelled, so its KV blocks return to the pool.
@@ -48,11 +48,10 @@ def openai_finish_reason(tgi_reason: str) -> str:
 
 
 class Generation:
-    """One engine request as the HTTP layer sees it: its events, timings and metrics."""
+    """One engine request as the HTTP layer sees it: its events and timings, reported to the HTTP
+    request's :class:`~hf_paged.server.guard.Outcome`."""
 
-    def __init__(self, state: ServerState, handle: Request, outcome: Outcome, started: float,
-                 submitted: float) -> None:
-        self.state = state
+    def __init__(self, handle: Request, outcome: Outcome, started: float, submitted: float) -> None:
         self.handle = handle
         self.outcome = outcome
         self.started = started
@@ -175,7 +174,7 @@ def submit(state: ServerState, ids: list[int], kwargs: dict[str, Any], outcome: 
     state.handles.add(handle)
     state.metrics.input_length.observe(len(ids))
     state.metrics.max_new_tokens.observe(handle.params.max_new_tokens)
-    return Generation(state, handle, outcome, started, time.monotonic())
+    return Generation(handle, outcome, started, time.monotonic())
 
 
 def default_max_new_tokens(pipe: PagedPipeline) -> int:

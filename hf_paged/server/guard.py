@@ -75,8 +75,7 @@ def guarded(*, counted: bool = True) -> Callable:
                 outcome.fail("cancelled")
                 raise
             except APIError as exc:
-                label = failure_label(exc)
-                outcome.fail(label if label is not None else "generation")
+                outcome.fail(failure_label(exc))
                 raise
             except Exception as exc:
                 logger.exception("%s %s failed", request.method, request.url.path)
