@@ -11,11 +11,13 @@ import argparse
 import sys
 import time
 
+from .config import add_cli_arguments, from_cli
+
 
 def _pipeline(args):
     from .engine.pipeline import PagedPipeline
 
-    return PagedPipeline.from_pretrained(args.model, kv_memory=args.kv_memory, max_num_seqs=args.max_num_seqs)
+    return PagedPipeline.from_pretrained(args.model, config=from_cli(args))
 
 
 def cmd_generate(args) -> None:
@@ -55,7 +57,7 @@ def cmd_demo(args) -> None:
     chat = [{"role": "user", "content": "What is the capital of France?"}]
     inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
     ref = model.generate(**inputs, max_new_tokens=32, do_sample=False)
-    hf_paged.wrap(model, kv_memory=args.kv_memory)
+    hf_paged.wrap(model, config=from_cli(args))
     out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     n = inputs["input_ids"].shape[1]
     print("wrapped generate():", tok.decode(out[0, n:], skip_special_tokens=True))
@@ -63,7 +65,7 @@ def cmd_demo(args) -> None:
     from .engine.pipeline import PagedPipeline
 
     questions = ["Name three colors.", "What is 2+2?", "Say hello in French.", "Why is the sky blue?"]
-    with PagedPipeline(model, tok, kv_memory=args.kv_memory) as pipe:
+    with PagedPipeline(model, tok, config=from_cli(args)) as pipe:
         print("\nstreaming one reply while three others run in the same batch:")
         others = [pipe.submit([{"role": "user", "content": q}], max_new_tokens=48) for q in questions[1:]]
         for ev in pipe.stream([{"role": "user", "content": questions[0]}], max_new_tokens=48):
@@ -83,8 +85,7 @@ def cmd_serve(args) -> None:
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hf-paged")
     ap.add_argument("--model", default="default", help='local model folder or "default"')
-    ap.add_argument("--kv-memory", default="512MiB")
-    ap.add_argument("--max-num-seqs", type=int, default=64)
+    add_cli_arguments(ap)  # the engine options, with EngineConfig's defaults
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate")
     g.add_argument("prompts", nargs="+")

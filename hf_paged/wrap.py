@@ -3,8 +3,9 @@
 Wrapping (1) registers the ``hf_paged`` attention and mask functions and switches the model to them,
 (2) allocates one :class:`KVPool` sized from ``kv_memory`` or ``num_blocks``, (3) adds a forward
 pre-hook that plans each forward's KV slots into a :class:`PagedKVCache` and hands the attention
-layers a ``paged_metadata`` kwarg, and (4) makes ``model.generate`` use a fresh paged cache per call
-and give its blocks back when it returns.
+layers a ``paged_metadata`` kwarg, (4) makes ``model.generate`` use a fresh paged cache per call
+and give its blocks back when it returns, and (5) on CPU, reroutes the ``nn.Linear`` and RMSNorm
+forwards to the C++ kernels (:mod:`hf_paged.kernels.cpu_layers`).
 
 Example::
 
@@ -18,10 +19,12 @@ import inspect
 import logging
 import warnings
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
 from . import attention
+from .config import EngineConfig
 from .kv.cache import PagedKVCache
 from .kv.pool import KVPool, LayerSpec
 
@@ -181,16 +184,22 @@ def _paged_generate(model, original, *args, **kwargs):
         cache.release()
 
 
-def wrap(model: torch.nn.Module, *, block_size: int = 16, kv_memory: int | float | str | None = None,
-         num_blocks: int | None = None, enable_prefix_caching: bool = True) -> torch.nn.Module:
+def wrap(model: torch.nn.Module, *, config: EngineConfig | None = None, **options: Any) -> torch.nn.Module:
     """Make ``model`` keep its KV cache in paged blocks. Returns the same model object.
 
-    ``kv_memory`` (bytes or ``"1GiB"``) or ``num_blocks`` sizes the pool once; by default it takes
-    half the free GPU memory, or on CPU 1 GiB or a tenth of the available RAM. Idempotent: wrapping a
-    wrapped model with the same options changes nothing; other options rebuild the pool.
+    The pool is sized once from the config's KV fields (:class:`~hf_paged.config.EngineConfig`:
+    ``block_size``, ``kv_memory`` as bytes or ``"1GiB"`` or ``num_blocks``, ``enable_prefix_caching``),
+    given as ``config=`` and/or as keyword arguments. Idempotent: wrapping a wrapped model with the same
+    options changes nothing; other options rebuild the pool.
+
+    Steps: (1) check the architecture, (2) register the paged attention and mask functions and switch
+    the model to them, (3) allocate the pool, (4) add the forward hooks and the paged ``generate``,
+    (5) on CPU, reroute ``nn.Linear`` and RMSNorm forwards to the C++ kernels
+    (:mod:`hf_paged.kernels.cpu_layers`; same results, verified per module at install).
     """
-    options = dict(block_size=block_size, kv_memory=kv_memory, num_blocks=num_blocks,
-                   enable_prefix_caching=enable_prefix_caching)
+    config = EngineConfig.from_kwargs(config, **options)
+    options = config.kv_options()
+    kv_memory, num_blocks, block_size = config.kv_memory, config.num_blocks, config.block_size
     state = getattr(model, "_hf_paged", None)
     if state is not None:
         if state.options == options or (kv_memory is None and num_blocks is None
@@ -200,7 +209,7 @@ def wrap(model: torch.nn.Module, *, block_size: int = 16, kv_memory: int | float
     mods = _check_supported(model)
     attention.register()
     pool = KVPool.sized(_layer_specs(model, mods), block_size, kv_memory=kv_memory, num_blocks=num_blocks,
-                        enable_prefix_caching=enable_prefix_caching)
+                        enable_prefix_caching=config.enable_prefix_caching)
     previous = getattr(model.config, "_attn_implementation", None)
     state = WrapState(pool, previous, _cache_kwarg(model), options)
     model._hf_paged = state
@@ -209,9 +218,9 @@ def wrap(model: torch.nn.Module, *, block_size: int = 16, kv_memory: int | float
     state.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
     model.generate = functools.partial(_paged_generate, model, type(model).generate.__get__(model))
     from .kernels import cpu as cpu_kernels
+    from .kernels import cpu_layers
 
-    cpu_kernels.install_cpu_linears(model)
-    cpu_kernels.install_cpu_norms(model)
+    cpu_layers.install(model)
     if any(k.device.type == "cpu" for k in pool.k):
         cpu_kernels.available()  # build (or load) the C++ kernel now, not on the first request
     logger.info("hf_paged: %d blocks x %d tokens (%.1f MiB)", pool.num_blocks, block_size, pool.nbytes / 2**20)
@@ -226,10 +235,9 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for h in state.hooks:
         h.remove()
     model.__dict__.pop("generate", None)
-    from .kernels.cpu import remove_cpu_linears, remove_cpu_norms
+    from .kernels import cpu_layers
 
-    remove_cpu_linears(model)
-    remove_cpu_norms(model)
+    cpu_layers.remove(model)
     _set_attn(model, state.previous_attn or "sdpa")
     del model._hf_paged
     return model

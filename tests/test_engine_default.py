@@ -170,10 +170,10 @@ def test_engine_survives_a_request_that_fails_to_start(pipe, monkeypatch):
 
     real = engine_mod.Engine.add
 
-    def broken_add(self, req, make_detok):
-        if req.params.seed == 4242:
+    def broken_add(self, prompt_ids, params):
+        if params.seed == 4242:
             raise RuntimeError("boom")
-        return real(self, req, make_detok)
+        return real(self, prompt_ids, params)
 
     monkeypatch.setattr(engine_mod.Engine, "add", broken_add)
     bad = pipe.submit(CHATS[0], max_new_tokens=4, do_sample=True, seed=4242)

@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from hf_paged import kernels
-from hf_paged.kernels import cpu, reference
+from hf_paged.kernels import cpu, cpu_layers, reference
 from test_kernels import make_batch, oracle
 
 pytestmark = pytest.mark.skipif(not cpu.available(), reason=f"C++ CPU kernel not built: {cpu.build_error()}")
@@ -156,32 +156,32 @@ def test_cpu_linears_install_and_remove(rows):
     x = torch.randn(rows, 1, 32)
     with torch.inference_mode():
         want = model(x)
-    assert cpu.install_cpu_linears(model) == 2
+    assert cpu_layers.install_cpu_linears(model) == 2
     with torch.inference_mode():
         got = model(x)
     torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
     assert got.shape == (rows, 1, 16)
-    cpu.remove_cpu_linears(model)
+    cpu_layers.remove_cpu_linears(model)
     assert all("forward" not in m.__dict__ for m in model.modules())
 
 
 def test_cpu_linears_route_by_row_count(monkeypatch):
     model = _mlp()
-    cpu.install_cpu_linears(model)
+    cpu_layers.install_cpu_linears(model)
     calls = []
     skinny, onednn = torch.ops.hf_paged_cpu.skinny_linear, torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.hf_paged_cpu, "skinny_linear", lambda *a: calls.append("skinny") or skinny(*a))
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append("onednn") or onednn(*a))
     with torch.inference_mode():
-        model(torch.randn(cpu.SKINNY_MAX_ROWS, 32))
+        model(torch.randn(cpu_layers.SKINNY_MAX_ROWS, 32))
         assert calls == ["skinny", "skinny"]
-        model(torch.randn(cpu.SKINNY_MAX_ROWS + 1, 32))
+        model(torch.randn(cpu_layers.SKINNY_MAX_ROWS + 1, 32))
         assert calls[2:] == ["onednn", "onednn"]
 
 
 def test_cpu_linears_leave_training_to_f_linear(monkeypatch):
     model = _mlp()
-    cpu.install_cpu_linears(model)
+    cpu_layers.install_cpu_linears(model)
     calls = []
     real = torch.ops.hf_paged_cpu.skinny_linear
 
@@ -195,13 +195,13 @@ def test_cpu_linears_leave_training_to_f_linear(monkeypatch):
 
 
 def test_cpu_linears_skip_other_dtypes_and_can_be_disabled(monkeypatch):
-    assert cpu.install_cpu_linears(_mlp().double()) == 0
+    assert cpu_layers.install_cpu_linears(_mlp().double()) == 0
     monkeypatch.setenv("HF_PAGED_CPU_GEMM", "0")
     model = _mlp()
-    assert cpu.install_cpu_linears(model) == 2  # oneDNN only
+    assert cpu_layers.install_cpu_linears(model) == 2  # oneDNN only
     assert model[0]._hf_paged_skinny_rows == 0
     monkeypatch.setenv("HF_PAGED_ONEDNN_LINEAR", "0")
-    assert cpu.install_cpu_linears(_mlp()) == 0
+    assert cpu_layers.install_cpu_linears(_mlp()) == 0
 
 
 def test_wrap_installs_and_unwrap_removes_cpu_linears_and_norms(tmp_path):
@@ -212,7 +212,7 @@ def test_wrap_installs_and_unwrap_removes_cpu_linears_and_norms(tmp_path):
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     hf_paged.wrap(model, num_blocks=16)
-    assert all("forward" in m.__dict__ and m._hf_paged_skinny_rows == cpu.SKINNY_MAX_ROWS for m in linears)
+    assert all("forward" in m.__dict__ and m._hf_paged_skinny_rows == cpu_layers.SKINNY_MAX_ROWS for m in linears)
     assert norms and all("forward" in m.__dict__ for m in norms)
     hf_paged.unwrap(model)
     assert not any("forward" in m.__dict__ or "_hf_paged_skinny_rows" in m.__dict__ for m in linears + norms)
@@ -249,7 +249,7 @@ def test_cpu_norms_install_verify_and_remove(monkeypatch):
     model = torch.nn.ModuleList([llama, gemma, odd()])
     model[2].weight = torch.nn.Parameter(torch.ones(64))
     model[2].eps = 1e-6
-    assert cpu.install_cpu_norms(model) == 2
+    assert cpu_layers.install_cpu_norms(model) == 2
     assert (llama._hf_paged_norm_offset, gemma._hf_paged_norm_offset) == (0.0, 1.0)
     assert "forward" not in model[2].__dict__
     x = torch.randn(3, 64, requires_grad=True)
@@ -261,11 +261,11 @@ def test_cpu_norms_install_verify_and_remove(monkeypatch):
     with torch.no_grad():
         torch.testing.assert_close(llama(x), type(llama).forward(llama, x), rtol=2e-6, atol=1e-6)
     assert calls == [1]
-    cpu.remove_cpu_norms(model)
+    cpu_layers.remove_cpu_norms(model)
     assert not any("forward" in m.__dict__ or "_hf_paged_norm_offset" in m.__dict__ for m in model.modules())
     monkeypatch.setenv("HF_PAGED_CPU_NORM", "0")
-    assert cpu.install_cpu_norms(model) == 0
-    assert cpu.install_cpu_norms(torch.nn.ModuleList([_norm_modules(8)[0].double()])) == 0
+    assert cpu_layers.install_cpu_norms(model) == 0
+    assert cpu_layers.install_cpu_norms(torch.nn.ModuleList([_norm_modules(8)[0].double()])) == 0
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])

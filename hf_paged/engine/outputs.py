@@ -1,7 +1,23 @@
 """What the engine hands back: per-sequence completions, per-request outputs and stream events."""
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass, field
+
+
+class FinishReason(str, enum.Enum):
+    """Why a sequence ended. A ``str`` enum: ``FinishReason.STOP == "stop"``.
+
+    ``STOP`` is an EOS token or a stop string; which one is in ``stop_string`` (None for EOS), as
+    vLLM's ``stop_reason`` tells them apart."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    CANCELLED = "cancelled"
+    ERROR = "error"
+
+    def __str__(self) -> str:
+        return self.value
 
 
 @dataclass(slots=True)
@@ -9,9 +25,10 @@ class CompletionOutput:
     index: int
     text: str
     token_ids: list[int]
-    finish_reason: str | None
+    finish_reason: FinishReason | None
     logprobs: list[float] | None = None
     top_logprobs: list[list[tuple[int, float]]] | None = None
+    stop_string: str | None = None  # the stop string that ended it (None: EOS, or not stopped)
 
 
 @dataclass(slots=True)
@@ -51,9 +68,10 @@ class StreamEvent:
     text: str
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
-    finish_reason: str | None = None
+    finish_reason: FinishReason | None = None
     output: RequestOutput | None = None
     error: str | None = None
+    stop_string: str | None = None  # with finish_reason STOP: the stop string (None: EOS)
 
     @property
     def finished(self) -> bool:

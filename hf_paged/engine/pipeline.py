@@ -18,13 +18,15 @@ from typing import Any
 
 import torch
 
+from ..config import EngineConfig
 from ..kv.pool import KVPool
 from ..wrap import kv_pool, wrap
-from .detokenizer import IncrementalDetokenizer
+from .delivery import Delivery
 from .engine import Engine
 from .outputs import RequestOutput, StreamEvent
 from .params import SamplingParams, lone_surrogate
 from .request import Request
+from .stats import EngineStats
 
 logger = logging.getLogger(__name__)
 
@@ -32,21 +34,26 @@ Prompt = str | list[dict] | list[int]
 
 
 class PagedPipeline:
-    def __init__(self, model: torch.nn.Module, tokenizer, *, kv_memory: int | str | None = None,
-                 num_blocks: int | None = None, block_size: int = 16, max_num_seqs: int = 128,
-                 max_batch_tokens: int = 2048, enable_prefix_caching: bool = True,
-                 max_model_len: int | None = None) -> None:
+    """Continuous batching on a background thread (see the module docstring).
+
+    Engine options come as an :class:`~hf_paged.config.EngineConfig` (``config=``) and/or as its
+    field names (``kv_memory="2GiB", max_num_seqs=64``), which override the config's values.
+    """
+
+    def __init__(self, model: torch.nn.Module, tokenizer, *, config: EngineConfig | None = None,
+                 **options: Any) -> None:
         if tokenizer is None:
             raise ValueError("tokenizer is required")
-        wrap(model, block_size=block_size, kv_memory=kv_memory, num_blocks=num_blocks,
-             enable_prefix_caching=enable_prefix_caching)
+        self.config = config = EngineConfig.from_kwargs(config, **options)
+        wrap(model, config=config)
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pool: KVPool = kv_pool(model)
         ctx = getattr(model.config, "max_position_embeddings", None) or 2**31
-        self.max_model_len = min(max_model_len or ctx, ctx)
-        self.engine = Engine(model, tokenizer, self.pool, max_num_seqs=max_num_seqs,
-                             max_batch_tokens=max_batch_tokens, max_model_len=self.max_model_len)
+        self.max_model_len = min(config.max_model_len or ctx, ctx)
+        self.engine = Engine(model, self.pool, max_num_seqs=config.max_num_seqs,
+                             max_batch_tokens=config.max_batch_tokens, max_model_len=self.max_model_len)
+        self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
         self._inbox: queue.SimpleQueue[tuple[str, Request]] = queue.SimpleQueue()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -139,7 +146,8 @@ class PagedPipeline:
         async for ev in self.submit(prompt, **kwargs):
             yield ev
 
-    def stats(self) -> dict:
+    def stats(self) -> EngineStats:
+        """Engine counters now (attributes, or ``stats()["blocks_used"]``; ``.as_dict()`` for JSON)."""
         return self.engine.stats()
 
     # ------------------------------------------------------------------ background loop
@@ -151,10 +159,6 @@ class PagedPipeline:
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="hf_paged-engine", daemon=True)
                 self._thread.start()
-
-    def _detok(self, req: Request, params: SamplingParams) -> IncrementalDetokenizer:
-        return IncrementalDetokenizer(self.tokenizer, req.prompt_ids, skip_special_tokens=params.skip_special_tokens,
-                                      stop=params.stop)
 
     def _drain(self, block: bool) -> bool:
         """Apply queued adds/cancels; returns False when asked to stop."""
@@ -170,25 +174,23 @@ class PagedPipeline:
                 if req.cancelled:
                     continue
                 try:
-                    self.engine.add(req, self._detok)
+                    self.delivery.add(req)
                 except Exception as exc:  # this request alone is bad: tell its caller, keep serving
                     logger.exception("could not start request %s", req.request_id)
-                    self.engine.fail(req, f"{type(exc).__name__}: {exc}")
-            elif kind == "cancel" and req.request_id in self.engine.requests:
-                self.engine.cancel(req)
+                    self.delivery.fail(req, f"{type(exc).__name__}: {exc}")
+            elif kind == "cancel" and req.request_id in self.delivery.requests:
+                self.delivery.cancel(req)
 
     def _loop(self) -> None:
         while True:
             try:
                 if not self._drain(block=not self.engine.has_work()):
                     break
-                self.engine.step()
+                self.delivery.deliver(self.engine.step())
             except Exception as exc:  # one bad batch must not take the server down
                 logger.exception("engine step failed")
-                for req in list(self.engine.requests.values()):
-                    self.engine.fail(req, f"{type(exc).__name__}: {exc}")
-        for req in list(self.engine.requests.values()):
-            self.engine.cancel(req)
+                self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
+        self.delivery.cancel_all()
 
     @property
     def alive(self) -> bool:

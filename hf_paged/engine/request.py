@@ -4,10 +4,11 @@ from __future__ import annotations
 import asyncio
 import queue
 import threading
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
-from .outputs import CompletionOutput, RequestOutput, StreamEvent
+from .outputs import RequestOutput, StreamEvent
+from .params import SamplingParams
 
 
 class Request:
@@ -20,13 +21,12 @@ class Request:
         handle.cancel()   # at any time; its blocks are freed within one engine step
     """
 
-    def __init__(self, request_id: str, prompt: Any, prompt_ids: list[int], params: Any,
-                 canceller: Any) -> None:
+    def __init__(self, request_id: str, prompt: Any, prompt_ids: list[int], params: SamplingParams,
+                 canceller: Callable[["Request"], None]) -> None:
         self.request_id = request_id
         self.prompt = prompt
         self.prompt_ids = prompt_ids
         self.params = params
-        self.seqs: list = []  # engine side
         self._canceller = canceller
         self._events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         self._async: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []
@@ -35,7 +35,7 @@ class Request:
         self._output: RequestOutput | None = None
         self.cancelled = False
 
-    # ------------------------------------------------------------------ engine side
+    # ------------------------------------------------------------------ delivery side
     def emit(self, event: StreamEvent) -> None:
         with self._lock:
             # Done before delivery: a consumer that sees the last event must also see done=True.
@@ -48,13 +48,6 @@ class Request:
                     loop.call_soon_threadsafe(q.put_nowait, event)
                 except RuntimeError:  # that consumer's event loop is closed: nobody to deliver to
                     pass
-
-    def build_output(self, error: str | None = None) -> RequestOutput:
-        outs = [CompletionOutput(s.index, s.detok.text if s.detok else "", s.output_ids, s.finish_reason,
-                                 s.logprobs if self.params.logprobs else None,
-                                 s.top_logprobs if self.params.top_logprobs else None)
-                for s in self.seqs]
-        return RequestOutput(self.request_id, self.prompt, self.prompt_ids, outs, error)
 
     # ------------------------------------------------------------------ user side
     @property

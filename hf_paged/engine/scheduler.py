@@ -11,6 +11,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from ..kv.blocks import BlockAllocator, BlockTable, KVCacheFullError
+from .outputs import FinishReason
 from .sequence import Sequence, SeqStatus
 
 
@@ -43,7 +44,7 @@ class Schedule:
 
 
 class Scheduler:
-    def __init__(self, allocator: BlockAllocator, max_num_seqs: int = 128, max_batch_tokens: int = 2048) -> None:
+    def __init__(self, allocator: BlockAllocator, max_num_seqs: int, max_batch_tokens: int) -> None:
         if max_num_seqs < 1 or max_batch_tokens < 1:
             raise ValueError("max_num_seqs and max_batch_tokens must be positive")
         self.allocator = allocator
@@ -61,7 +62,7 @@ class Scheduler:
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
 
-    def finish(self, seq: Sequence, reason: str) -> None:
+    def finish(self, seq: Sequence, reason: FinishReason) -> None:
         """Take ``seq`` out of the queues and give its blocks back."""
         if seq.status is SeqStatus.RUNNING:
             self.running.remove(seq)
@@ -71,10 +72,25 @@ class Scheduler:
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
 
-    def start(self, seq: Sequence) -> None:
-        """Put a sequence that already holds its blocks (a forked sibling) straight into the batch."""
-        seq.status = SeqStatus.RUNNING
-        self.running.append(seq)
+    def fork_siblings(self, sampling: list[Sequence]) -> list[int]:
+        """Start the siblings that waited for a sampling sequence's prompt: each gets a copy-on-write
+        fork of its parent's block table and samples from its parent's logits row this step.
+
+        Appends them to ``sampling`` and returns the logits row of every sequence in it."""
+        rows = list(range(len(sampling)))
+        for j in range(len(sampling)):
+            parent = sampling[j]
+            for child in parent.children:
+                if child.finished:
+                    continue
+                child.table = self.allocator.fork(parent.table)
+                child.num_computed = parent.num_computed
+                child.status = SeqStatus.RUNNING
+                self.running.append(child)
+                sampling.append(child)
+                rows.append(j)
+            parent.children = []
+        return rows
 
     # ------------------------------------------------------------------ step
     def schedule(self) -> Schedule:

@@ -3,9 +3,15 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING
 
 from ..kv.blocks import BlockTable
+
+if TYPE_CHECKING:  # the scheduler and this file stay free of torch at run time
+    import torch
+
+    from .outputs import FinishReason
+    from .params import SamplingParams
 
 
 class SeqStatus(enum.Enum):
@@ -26,17 +32,16 @@ class Sequence:
     seq_id: int
     token_ids: list[int]
     num_prompt: int
-    params: Any  # SamplingParams
-    request: Any = None  # the owning request (pipeline side)
+    params: SamplingParams
     index: int = 0  # which of the request's num_return_sequences
     table: BlockTable = field(default_factory=BlockTable)
     num_computed: int = 0
     status: SeqStatus = SeqStatus.WAITING
-    finish_reason: str | None = None
-    generator: Any = None  # torch.Generator of a seeded request
-    detok: Any = None  # IncrementalDetokenizer
-    logprobs: list = field(default_factory=list)
-    top_logprobs: list = field(default_factory=list)
+    finish_reason: FinishReason | None = None
+    generator: torch.Generator | None = None  # of a seeded request: the same tokens in any batch
+    logprobs: list[float] = field(default_factory=list)
+    top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
+    # Siblings (num_return_sequences) waiting for this sequence's prompt, whose blocks they will share.
     children: list["Sequence"] = field(default_factory=list)
 
     @property

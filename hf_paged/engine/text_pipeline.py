@@ -12,10 +12,8 @@ from typing import Any
 
 import torch
 
+from ..config import EngineConfig
 from .pipeline import PagedPipeline
-
-_ENGINE_KEYS = ("kv_memory", "num_blocks", "block_size", "max_num_seqs", "max_batch_tokens",
-                "enable_prefix_caching", "max_model_len")
 
 
 def _is_chat(x: Any) -> bool:
@@ -77,14 +75,13 @@ def pipeline(task: str = "text-generation", model: Any = None, tokenizer: Any = 
     """Drop-in for ``transformers.pipeline("text-generation", ...)`` backed by the paged engine.
 
     ``model`` is a local folder, ``"default"``/None (SmolLM2-135M-Instruct) or a loaded model;
-    engine options (``kv_memory``, ``max_num_seqs``, ...) pass through.
+    engine options (:class:`~hf_paged.config.EngineConfig` fields: ``kv_memory``, ``max_num_seqs``, ...)
+    pass through.
     """
     if task != "text-generation":
         raise ValueError(f"task: only 'text-generation' is supported, got {task!r}")
     from ..models import load_model
 
-    unknown = set(kwargs) - set(_ENGINE_KEYS)
-    if unknown:
-        raise ValueError(f"unknown argument(s) {sorted(unknown)}; engine options are {list(_ENGINE_KEYS)}")
+    config = EngineConfig.from_kwargs(**kwargs)  # unknown options fail here, before loading anything
     m, tok = load_model(model, tokenizer=tokenizer, dtype=dtype, device=device, device_map=device_map)
-    return TextGenerationPipeline(PagedPipeline(m, tok, **kwargs))
+    return TextGenerationPipeline(PagedPipeline(m, tok, config=config))

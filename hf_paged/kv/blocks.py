@@ -53,6 +53,18 @@ def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
 BLOCK_EMPTY, BLOCK_USED, BLOCK_CACHED = 0, 1, 2
 
 
+@dataclass(slots=True, frozen=True)
+class PoolSnapshot:
+    """The pool at one instant: ``used`` (referenced) + ``cached`` (unreferenced, holds a prefix,
+    evicted on demand) + ``free`` (holds nothing) = ``total``; ``states`` one entry per block."""
+
+    total: int
+    used: int
+    cached: int
+    free: int
+    states: list[int] | None = None
+
+
 class BlockAllocator:
     def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True) -> None:
         if num_blocks <= 0:
@@ -97,13 +109,18 @@ class BlockAllocator:
     def ref_count(self, block: int) -> int:
         return self._ref[block]
 
-    def block_states(self) -> list[int]:
-        """One consistent snapshot, one entry per block: ``BLOCK_EMPTY`` (holds nothing),
-        ``BLOCK_USED`` (referenced) or ``BLOCK_CACHED`` (unreferenced, holds a prefix)."""
+    def snapshot(self, with_states: bool = True) -> "PoolSnapshot":
+        """Counts (and, with ``with_states``, each block's state), consistent with each other even
+        while another thread allocates."""
         with self._lock:
-            evictable = self._evictable
-            return [BLOCK_USED if r > 0 else (BLOCK_CACHED if b in evictable else BLOCK_EMPTY)
-                    for b, r in enumerate(self._ref)]
+            cached = len(self._evictable)
+            used = self.num_blocks - len(self._free) - cached
+            states = None
+            if with_states:
+                evictable = self._evictable
+                states = [BLOCK_USED if r > 0 else (BLOCK_CACHED if b in evictable else BLOCK_EMPTY)
+                          for b, r in enumerate(self._ref)]
+            return PoolSnapshot(self.num_blocks, used, cached, len(self._free), states)
 
     def blocks_needed(self, table: BlockTable, num_new_tokens: int) -> int:
         """New blocks ``append_slots(table, num_new_tokens)`` would take, copy-on-write included."""

@@ -1,6 +1,6 @@
 """``hf-paged serve`` / ``python -m hf_paged.server``: run the server with uvicorn.
 
-    hf-paged serve --model default --port 8080 --kv-memory 1GiB
+    hf-paged serve --model default --port 8080 --kv-memory 1GiB --max-num-seqs 64
     python -m hf_paged.server --model /path/to/model --api-key secret
 
 Binds 127.0.0.1 unless told otherwise: the API can generate, so exposing it is a decision.
@@ -10,14 +10,16 @@ from __future__ import annotations
 import argparse
 import logging
 
+from ..config import add_cli_arguments as add_engine_arguments
+from ..config import from_cli
+
 
 def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
-    """Serve options. ``common=False`` leaves ``--model``/``--kv-memory``/``--max-num-seqs`` to a parent
-    parser but still accepts them after ``serve`` (``SUPPRESS`` keeps the parent's defaults)."""
-    dflt = (lambda v: v) if common else (lambda v: argparse.SUPPRESS)
-    parser.add_argument("--model", default=dflt("default"), help='local model folder or "default"')
-    parser.add_argument("--kv-memory", default=dflt("1GiB"), help="KV cache budget, e.g. 1GiB, 512MiB")
-    parser.add_argument("--max-num-seqs", type=int, default=dflt(128), help="sequences per engine step")
+    """Serve options. ``common=False`` leaves ``--model`` and the engine options to a parent parser but
+    still accepts them after ``serve`` (``SUPPRESS`` keeps the parent's defaults)."""
+    parser.add_argument("--model", default="default" if common else argparse.SUPPRESS,
+                        help='local model folder or "default"')
+    add_engine_arguments(parser, suppress_defaults=not common)
     parser.add_argument("--model-id", default=None, help="name reported by /info and /v1/models")
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8080)
@@ -43,7 +45,7 @@ def serve(args: argparse.Namespace) -> None:
     from .app import create_app
 
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pipe = PagedPipeline.from_pretrained(args.model, kv_memory=args.kv_memory, max_num_seqs=args.max_num_seqs)
+    pipe = PagedPipeline.from_pretrained(args.model, config=from_cli(args))
     model_id = args.model_id or (DEFAULT_MODEL_NAME if args.model == "default" else args.model)
     app = create_app(pipe, model_id=model_id, max_concurrent_requests=args.max_concurrent_requests,
                      api_key=args.api_key, max_input_tokens=args.max_input_tokens, ui=not args.no_ui,

@@ -11,21 +11,19 @@ from collections.abc import AsyncIterator
 from typing import Any
 
 from ..engine.pipeline import PagedPipeline
-from ..kv.blocks import BLOCK_CACHED, BLOCK_EMPTY, BLOCK_USED
 
 
 
 def blocks_payload(pipe: PagedPipeline) -> dict[str, Any]:
     """``GET /engine/blocks``: one state per block, 0 free, 1 used, 2 cached."""
-    states = pipe.pool.allocator.block_states()
-    return {"block_size": pipe.pool.block_size, "num_blocks": len(states), "states": states,
-            "counts": {"free": states.count(BLOCK_EMPTY), "used": states.count(BLOCK_USED),
-                       "cached": states.count(BLOCK_CACHED)}}
+    snap = pipe.pool.allocator.snapshot()
+    return {"block_size": pipe.pool.block_size, "num_blocks": snap.total, "states": snap.states,
+            "counts": {"free": snap.free, "used": snap.used, "cached": snap.cached}}
 
 
 def stats_payload(pipe: PagedPipeline, *, model_id: str, in_flight: int, max_concurrent_requests: int) -> dict:
     """``GET /engine/stats``: ``pipe.stats()`` plus what a dashboard needs to label it."""
-    return {**pipe.stats(), "model_id": model_id, "block_size": pipe.pool.block_size,
+    return {**pipe.stats().as_dict(), "model_id": model_id, "block_size": pipe.pool.block_size,
             "http_in_flight": in_flight, "max_concurrent_requests": max_concurrent_requests,
             "engine": "hf_paged"}
 

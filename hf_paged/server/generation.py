@@ -18,7 +18,7 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
-from ..engine.outputs import RequestOutput, StreamEvent
+from ..engine.outputs import FinishReason, RequestOutput, StreamEvent
 from ..engine.params import SamplingParams
 from ..engine.pipeline import PagedPipeline
 from ..engine.request import Request
@@ -33,14 +33,12 @@ DISCONNECT_POLL_S = 0.5
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
 
-def finish_reason(token_id: int | None, reason: str | None, eos_ids: Sequence[int]) -> str:
-    """Engine reason -> TGI's: ``length``, ``eos_token`` or ``stop_sequence``.
-
-    The engine says "stop" for both an EOS token and a stop string; the last token tells them apart.
-    """
-    if reason == "stop":
-        return "eos_token" if token_id in eos_ids else "stop_sequence"
-    return reason or "length"
+def finish_reason(reason: FinishReason | None, stop_string: str | None) -> str:
+    """Engine reason -> TGI's: ``length``, ``eos_token`` or ``stop_sequence`` (the engine reports
+    which stop string ended a sequence; None means EOS)."""
+    if reason is FinishReason.STOP:
+        return "eos_token" if stop_string is None else "stop_sequence"
+    return str(reason or "length")
 
 
 def openai_finish_reason(tgi_reason: str) -> str:
@@ -63,10 +61,6 @@ class Generation:
     @property
     def input_length(self) -> int:
         return len(self.handle.prompt_ids)
-
-    @property
-    def eos_ids(self) -> list[int]:
-        return self.handle.params.eos_token_id
 
     async def events(self) -> AsyncIterator[StreamEvent]:
         """The request's events; leaving early (or being cancelled) cancels the request."""
@@ -101,6 +95,28 @@ class Generation:
         self.outcome.generations.append(dict(
             total=now - self.started, validation=self.submitted - self.started, queue=first - self.submitted,
             inference=now - first, generated_tokens=sum(len(o.token_ids) for o in ev.output.outputs)))
+
+
+async def start(state: ServerState, http: HTTPRequest, prompts: Sequence[Any], kwargs: dict[str, Any], *,
+                truncate: int | None = None) -> tuple[list[Generation], Permit]:
+    """Admit (one slot per sequence), tokenize every prompt, then submit them all or none.
+
+    ``kwargs`` were validated by the route already, so a malformed request never takes a slot.
+    The slots come back to the caller, who releases them (or hands them to an :class:`SSEResponse`);
+    on any failure here they are released before the error propagates."""
+    started = time.monotonic()
+    permit = state.acquire(len(prompts) * kwargs.get("num_return_sequences", 1))
+    with permit.held_until_handed_over():
+        prepared = await prepare_all(state, prompts, kwargs, truncate=truncate)
+        gens: list[Generation] = []
+        try:
+            for ids, kw in prepared:
+                gens.append(submit(state, ids, kw, http.state.outcome, started))
+        except BaseException:
+            for g in gens:
+                g.handle.cancel()
+            raise
+        return gens, permit
 
 
 async def prepare_all(state: ServerState, prompts: Sequence[Any], kwargs: dict[str, Any], *,

@@ -19,11 +19,11 @@ from fastapi.responses import Response
 from ..engine.outputs import StreamEvent
 from .encoding import JSONResponse
 from .errors import ERROR_RESPONSES, APIError, generation_error
-from .generation import (Generation, SSEResponse, collect, finish_reason, merge, openai_finish_reason,
-                         prepare_all, sse, submit)
+from .generation import (Generation, SSEResponse, collect, finish_reason, merge, openai_finish_reason, sse,
+                         start)
 from .guard import guarded
 from .openai_schemas import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard, ModelList
-from .state import Permit, ServerState
+from .state import ServerState
 from .validation import chat_messages, chat_params, completion_params, completion_prompts
 
 router = APIRouter()
@@ -32,24 +32,6 @@ _STREAM = {"text/event-stream": {}}
 
 def _state(request: Request) -> ServerState:
     return request.app.state.hf_paged
-
-
-async def _start(state: ServerState, prompts: list, kwargs: dict, http: Request,
-                 started: float) -> tuple[list[Generation], Permit]:
-    """Admit once per HTTP request (one slot per sequence), validate every prompt, then submit them
-    all (or none)."""
-    permit = state.acquire(len(prompts) * kwargs["num_return_sequences"])
-    with permit.held_until_handed_over():
-        prepared = await prepare_all(state, prompts, kwargs)
-        gens: list[Generation] = []
-        try:
-            for ids, kw in prepared:
-                gens.append(submit(state, ids, kw, http.state.outcome, started))
-        except BaseException:
-            for g in gens:
-                g.handle.cancel()
-            raise
-        return gens, permit
 
 
 def _error_frame(exc: APIError) -> dict:
@@ -100,10 +82,9 @@ def _raise_failed(gens: list[Generation]) -> None:
 @guarded()
 async def chat_completions(req: ChatRequest, request: Request) -> Response:
     state = _state(request)
-    started = time.monotonic()
     kwargs = chat_params(req, state.limits)
     messages = chat_messages(req.messages)
-    gens, permit = await _start(state, [messages], kwargs, request, started)
+    gens, permit = await start(state, request, [messages], kwargs)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
         return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens, _error_frame)
@@ -116,7 +97,7 @@ async def chat_completions(req: ChatRequest, request: Request) -> Response:
     choices = []
     for out in gen.output.outputs:
         toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
-        reason = finish_reason(out.token_ids[-1] if out.token_ids else None, out.finish_reason, gen.eos_ids)
+        reason = finish_reason(out.finish_reason, out.stop_string)
         logprobs = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs) for ev in toks]} \
             if req.logprobs else None
         choices.append({"index": out.index, "message": {"role": "assistant", "content": out.text},
@@ -136,7 +117,7 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
                 continue
             reason = None
             if ev.finish_reason is not None:
-                reason = openai_finish_reason(finish_reason(ev.token_id, ev.finish_reason, gen.eos_ids))
+                reason = openai_finish_reason(finish_reason(ev.finish_reason, ev.stop_string))
             logprobs = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs)]} \
                 if req.logprobs else None
             choice = {"index": ev.index, "delta": {"role": "assistant", "content": ev.text},
@@ -152,10 +133,9 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
 @guarded()
 async def completions(req: CompletionRequest, request: Request) -> Response:
     state = _state(request)
-    started = time.monotonic()
     kwargs = completion_params(req, state.limits)
     prompts = completion_prompts(req.prompt, state.limits)
-    gens, permit = await _start(state, prompts, kwargs, request, started)
+    gens, permit = await start(state, request, prompts, kwargs)
     n = kwargs["num_return_sequences"]
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     echoes = [_echo(state, p) if req.echo else "" for p in prompts]
@@ -170,7 +150,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     for i, (gen, events) in enumerate(zip(gens, all_events, strict=True)):
         for out in gen.output.outputs:
             toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
-            reason = finish_reason(out.token_ids[-1] if out.token_ids else None, out.finish_reason, gen.eos_ids)
+            reason = finish_reason(out.finish_reason, out.stop_string)
             logprobs = _legacy_logprobs(state, toks, len(echoes[i])) if req.logprobs is not None else None
             choices.append({"index": i * n + out.index, "text": echoes[i] + out.text, "logprobs": logprobs,
                             "finish_reason": openai_finish_reason(reason)})
@@ -194,7 +174,6 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
                                                "finish_reason": None}]})
     async with aclosing(merge(gens)) as events:
         async for i, ev in events:
-            gen = gens[i]
             if ev.error is not None:
                 yield sse(_error_frame(generation_error(ev.error)))
                 return
@@ -203,7 +182,7 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
             index = i * n + ev.index
             reason = None
             if ev.finish_reason is not None:
-                reason = openai_finish_reason(finish_reason(ev.token_id, ev.finish_reason, gen.eos_ids))
+                reason = openai_finish_reason(finish_reason(ev.finish_reason, ev.stop_string))
             logprobs = _legacy_logprobs(state, [ev], offsets[index]) if req.logprobs is not None else None
             offsets[index] += len(ev.text)
             yield sse({**env, "choices": [{"index": index, "text": ev.text, "logprobs": logprobs,

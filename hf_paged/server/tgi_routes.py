@@ -19,8 +19,7 @@ from fastapi.responses import Response
 
 from .encoding import JSONResponse
 from .errors import ERROR_RESPONSES, APIError, generation_error, validation_error
-from .generation import (Generation, SSEResponse, check_text_length, collect, finish_reason, prepare_all, sse,
-                         submit)
+from .generation import Generation, SSEResponse, check_text_length, collect, finish_reason, sse, start
 from .guard import guarded
 from .schemas import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info,
                       PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token, dump)
@@ -51,16 +50,12 @@ def _top_tokens(state: ServerState, top: list[tuple[int, float]] | None) -> list
 
 async def _start(state: ServerState, req: GenerateRequest, http: Request, *,
                  stream: bool) -> tuple[Generation, dict, Permit]:
-    """Admit, validate and submit (TGI's order: permit first, then validation)."""
-    started = time.monotonic()
-    permit = state.acquire()
-    with permit.held_until_handed_over():
-        p = req.parameters
-        if not req.inputs:
-            raise validation_error("`inputs` cannot be empty")
-        kwargs = tgi_params(p, state.limits, stream=stream)
-        ((ids, kwargs),) = await prepare_all(state, [req.inputs], kwargs, truncate=p.truncate)
-        return submit(state, ids, kwargs, http.state.outcome, started), kwargs, permit
+    """Validate, then admit and submit (validation first: a malformed request never takes a slot)."""
+    if not req.inputs:
+        raise validation_error("`inputs` cannot be empty")
+    kwargs = tgi_params(req.parameters, state.limits, stream=stream)
+    (gen,), permit = await start(state, http, [req.inputs], kwargs, truncate=req.parameters.truncate)
+    return gen, kwargs, permit
 
 
 def _headers(state: ServerState, gen: Generation) -> dict[str, str]:
@@ -96,8 +91,7 @@ async def _generate(state: ServerState, req: GenerateRequest, http: Request,
         prefill = [PrefillToken(id=t, text=state.token_text(t), logprob=None) for t in gen.handle.prompt_ids] \
             if p.decoder_input_details else []
         details = Details(
-            finish_reason=finish_reason(out.token_ids[-1] if out.token_ids else None, out.finish_reason,
-                                        gen.eos_ids),
+            finish_reason=finish_reason(out.finish_reason, out.stop_string),
             generated_tokens=len(out.token_ids), seed=kwargs.get("seed"), prefill=prefill,
             tokens=[_token(state, ev.token_id, ev.text, ev.logprob) for ev in toks],
             top_tokens=[_top_tokens(state, ev.top_logprobs) for ev in toks] if kwargs["top_logprobs"] else None)
@@ -129,7 +123,7 @@ async def _stream(state: ServerState, gen: Generation, req: GenerateRequest, kwa
                 frame.generated_text = full
                 if p.details:
                     frame.details = StreamDetails(
-                        finish_reason=finish_reason(ev.token_id, ev.finish_reason, gen.eos_ids),
+                        finish_reason=finish_reason(ev.finish_reason, ev.stop_string),
                         generated_tokens=index, seed=kwargs.get("seed"), input_length=gen.input_length)
                 ended = True
             yield sse(dump(frame))

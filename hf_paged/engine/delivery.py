@@ -1,0 +1,118 @@
+"""Delivery: turns the engine's token records into text and events for the request handles.
+
+It owns what the engine core does not know about: the :class:`Request` handles, one incremental
+detokenizer per sequence, stop strings (a completed stop string ends the sequence through
+:meth:`Engine.finish`) and the final :class:`RequestOutput`. It runs on the pipeline thread, right
+after each step.
+
+Example::
+
+    delivery = Delivery(engine, tokenizer)
+    delivery.add(request)
+    delivery.deliver(engine.step())
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .detokenizer import IncrementalDetokenizer
+from .engine import Engine, TokenRecord
+from .outputs import CompletionOutput, FinishReason, RequestOutput, StreamEvent
+from .request import Request
+from .sequence import Sequence
+
+
+@dataclass(slots=True, eq=False)
+class _Stream:
+    """One sequence as delivery sees it."""
+
+    request: Request
+    seq: Sequence
+    detok: IncrementalDetokenizer
+    stop_string: str | None = None
+
+
+class Delivery:
+    def __init__(self, engine: Engine, tokenizer) -> None:
+        self.engine = engine
+        self.tokenizer = tokenizer
+        self.requests: dict[str, list[_Stream]] = {}  # request id -> its sequences, index order
+        self._by_seq: dict[int, _Stream] = {}
+
+    def add(self, req: Request) -> None:
+        """Start ``req``: its sequences go to the engine, their detokenizers stay here."""
+        p = req.params
+        seqs = self.engine.add(req.prompt_ids, p)
+        streams = [_Stream(req, s, IncrementalDetokenizer(self.tokenizer, req.prompt_ids,
+                                                          skip_special_tokens=p.skip_special_tokens, stop=p.stop))
+                   for s in seqs]
+        self.requests[req.request_id] = streams
+        for st in streams:
+            self._by_seq[st.seq.seq_id] = st
+
+    def deliver(self, records: list[TokenRecord]) -> None:
+        """Text deltas and events of one step's tokens; ends sequences whose stop string completed."""
+        for rec in records:
+            st = self._by_seq.get(rec.seq.seq_id)
+            if st is None:
+                continue
+            delta = st.detok.push(rec.token)
+            reason = rec.finish_reason
+            if st.detok.stopped is not None:
+                st.stop_string = st.detok.stopped
+                reason = FinishReason.STOP
+                self.engine.finish(st.seq, reason)
+            if reason is not None:
+                delta += st.detok.flush()
+            req = st.request
+            req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
+                                 reason, stop_string=st.stop_string if reason is not None else None))
+            if reason is not None:
+                self._finish_request(req)
+
+    def cancel(self, req: Request) -> None:
+        """Stop all of the request's sequences now; its result keeps what was generated."""
+        self._stop(req, FinishReason.CANCELLED)
+        self._finish_request(req)
+
+    def fail(self, req: Request, error: str) -> None:
+        self._stop(req, FinishReason.ERROR)
+        streams = self._forget(req)
+        if not req.done:
+            req.emit(StreamEvent(req.request_id, 0, None, "", error=error, output=self._output(req, streams, error)))
+
+    def fail_all(self, error: str) -> None:
+        for streams in list(self.requests.values()):
+            self.fail(streams[0].request, error)
+
+    def cancel_all(self) -> None:
+        for streams in list(self.requests.values()):
+            self.cancel(streams[0].request)
+
+    # ------------------------------------------------------------------ internals
+    def _stop(self, req: Request, reason: FinishReason) -> None:
+        for st in self.requests.get(req.request_id, ()):
+            if not st.seq.finished:
+                self.engine.finish(st.seq, reason)
+
+    def _forget(self, req: Request) -> list[_Stream]:
+        streams = self.requests.pop(req.request_id, [])
+        for st in streams:
+            self._by_seq.pop(st.seq.seq_id, None)
+        return streams
+
+    def _finish_request(self, req: Request) -> None:
+        streams = self.requests.get(req.request_id)
+        if streams is not None and all(st.seq.finished for st in streams):
+            self._forget(req)
+            req.emit(StreamEvent(req.request_id, 0, None, "", output=self._output(req, streams)))
+
+    @staticmethod
+    def _output(req: Request, streams: list[_Stream], error: str | None = None) -> RequestOutput:
+        p = req.params
+        outs = [CompletionOutput(st.seq.index, st.detok.text, st.seq.output_ids, st.seq.finish_reason,
+                                 st.seq.logprobs if p.logprobs else None,
+                                 st.seq.top_logprobs if p.top_logprobs else None,
+                                 st.stop_string if st.seq.finish_reason is FinishReason.STOP else None)
+                for st in streams]
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, error)

@@ -1,0 +1,146 @@
+"""What ``wrap()`` patches into a CPU model (its step 5): ``nn.Linear`` and RMSNorm forwards rerouted
+to the C++ kernels of :mod:`hf_paged.kernels.cpu`. ``install(model)`` / ``remove(model)``; each
+reroute is also reachable alone (and switched off by its environment variable).
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from . import cpu
+
+
+def install(model: torch.nn.Module) -> tuple[int, int]:
+    """Reroute what can be rerouted; returns (linear layers, norm modules) rerouted."""
+    return install_cpu_linears(model), install_cpu_norms(model)
+
+
+def remove(model: torch.nn.Module) -> None:
+    remove_cpu_linears(model)
+    remove_cpu_norms(model)
+
+
+# ---------------------------------------------------------------------------------------- linear layers
+# A decode step's matmuls are skinny ([rows, in] x [in, out] with 1-64 rows) and their weights stream
+# from DRAM. Measured on this project's 2-core CPU (docs/benchmarks.md): up to SKINNY_MAX_ROWS rows,
+# the C++ kernel in csrc/linear_cpu.cpp runs a full decode step's matmuls 1.1-1.7x faster than
+# oneDNN; above that, oneDNN (torch.ops.mkldnn._linear_pointwise) runs the wide output layer (vocab
+# 49152) 1.6-1.9x faster than the MKL path behind F.linear and the other projections about as fast.
+# So wrap() routes a CPU fp32 model's nn.Linear layers through both (HF_PAGED_CPU_GEMM=0 turns the
+# C++ kernel off, HF_PAGED_ONEDNN_LINEAR=0 keeps F.linear for the large calls). Results differ from
+# F.linear only in summation order (~1e-6 relative), as the attention kernels' do; inference only:
+# grad-enabled calls use F.linear.
+SKINNY_MAX_ROWS = 48
+
+
+def _skinny_enabled() -> bool:
+    if os.environ.get("HF_PAGED_CPU_GEMM", "1").strip() == "0" or not cpu.available():
+        return False
+    return bool(torch.ops.hf_paged_cpu.skinny_linear_vectorized())
+
+
+def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    # Runs ~200 times per decode step: parameters are read from _parameters directly (no
+    # nn.Module.__getattr__ round trip).
+    params = self._parameters
+    weight, bias = params["weight"], params["bias"]
+    if x.is_cpu and x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad)):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if 0 < rows <= self._hf_paged_skinny_rows:
+            y = torch.ops.hf_paged_cpu.skinny_linear(x.reshape(rows, x.shape[-1]), weight, bias)
+            return y.view(*x.shape[:-1], y.shape[-1])
+        if rows > 0 and self._hf_paged_onednn:
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), weight, bias, "none", [], "")
+            return y.view(*x.shape[:-1], y.shape[-1])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def install_cpu_linears(model: torch.nn.Module) -> int:
+    """Route the CPU fp32 ``nn.Linear`` layers of ``model`` through the C++ skinny kernel (few rows)
+    and oneDNN (more rows), where each is enabled; returns how many layers were rerouted."""
+    onednn = os.environ.get("HF_PAGED_ONEDNN_LINEAR", "1").strip() != "0" and torch.backends.mkldnn.is_available()
+    skinny_rows = None
+    count = 0
+    for mod in model.modules():
+        w = getattr(mod, "weight", None)
+        if type(mod) is torch.nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32 \
+                and w.is_contiguous():
+            if skinny_rows is None:
+                skinny_rows = SKINNY_MAX_ROWS if _skinny_enabled() else 0
+            if not onednn and not skinny_rows:
+                return 0
+            mod._hf_paged_skinny_rows = skinny_rows
+            mod._hf_paged_onednn = onednn
+            mod.forward = _cpu_linear_forward.__get__(mod)
+            count += 1
+    return count
+
+
+def remove_cpu_linears(model: torch.nn.Module) -> None:
+    for mod in model.modules():
+        if type(mod) is torch.nn.Linear:
+            for name in ("forward", "_hf_paged_skinny_rows", "_hf_paged_onednn"):
+                mod.__dict__.pop(name, None)
+
+
+# ---------------------------------------------------------------------------------------- RMSNorm
+# transformers' RMSNorm modules run ~8 small ops per call (to, pow, mean, add, rsqrt, mul, to, mul),
+# twice per layer and step: ~50 us each at decode sizes, against ~5 us for one fused C++ pass.
+# A module is rerouted only if the fused op reproduces its own forward on a probe input (so
+# variants with another formula are left alone); HF_PAGED_CPU_NORM=0 turns this off.
+
+
+def _cpu_rms_norm_forward(self: torch.nn.Module, x: torch.Tensor) -> torch.Tensor:
+    weight = self._parameters["weight"]
+    if x.is_cpu and x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad)):
+        return torch.ops.hf_paged_cpu.rms_norm(x, weight, self._hf_paged_norm_eps, self._hf_paged_norm_offset)
+    return type(self).forward(self, x)
+
+
+def _norm_eps(mod: torch.nn.Module) -> float | None:
+    for name in ("variance_epsilon", "eps"):
+        eps = getattr(mod, name, None)
+        if isinstance(eps, float):
+            return eps
+    return None
+
+
+def install_cpu_norms(model: torch.nn.Module) -> int:
+    """Route the CPU fp32 RMSNorm modules of ``model`` through the fused C++ op; returns how many."""
+    if os.environ.get("HF_PAGED_CPU_NORM", "1").strip() == "0":
+        return 0
+    count = 0
+    probe = None
+    for mod in model.modules():
+        if not type(mod).__name__.endswith("RMSNorm"):
+            continue
+        w, eps = mod._parameters.get("weight"), _norm_eps(mod)
+        if w is None or eps is None or w.dim() != 1 or w.device.type != "cpu" or w.dtype != torch.float32 \
+                or "forward" in mod.__dict__ or list(mod.children()):
+            continue
+        if probe is None:
+            if not cpu.available():
+                return 0
+            probe = torch.Generator().manual_seed(0)
+        x = torch.randn(3, w.shape[0], generator=probe) * 3
+        with torch.no_grad():
+            want = type(mod).forward(mod, x)
+            for offset in (0.0, 1.0):
+                got = cpu.rms_norm(x, w, eps, offset)
+                if want.shape == got.shape and want.dtype == got.dtype and \
+                        torch.allclose(got, want, rtol=1e-5, atol=1e-6):
+                    mod._hf_paged_norm_eps, mod._hf_paged_norm_offset = eps, offset
+                    mod.forward = _cpu_rms_norm_forward.__get__(mod)
+                    count += 1
+                    break
+    return count
+
+
+def remove_cpu_norms(model: torch.nn.Module) -> None:
+    for mod in model.modules():
+        if "_hf_paged_norm_offset" in mod.__dict__:
+            for name in ("forward", "_hf_paged_norm_eps", "_hf_paged_norm_offset"):
+                mod.__dict__.pop(name, None)
