@@ -21,6 +21,7 @@ from prometheus_client.parser import text_string_to_metric_families  # noqa: E40
 import hf_paged  # noqa: E402
 from hf_paged.engine.pipeline import PagedPipeline  # noqa: E402
 from hf_paged.server import create_app  # noqa: E402
+from served import Served, wait_idle  # noqa: E402,F401  (test_ui imports them from here too)
 
 MODEL_ID = "SmolLM2-135M-Instruct"
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "1, 2, 3, 4,",
@@ -30,28 +31,6 @@ COUNTING = "1, 2, 3, 4, 5, 6, 7, 8,"  # greedy decoding keeps counting: a long r
 INFO_FIELDS = {"model_id", "model_sha", "model_pipeline_tag", "max_concurrent_requests", "max_best_of",
                "max_stop_sequences", "max_input_tokens", "max_total_tokens", "validation_workers",
                "max_client_batch_size", "router", "version", "sha", "docker_label"}
-
-
-class Served:
-    """A uvicorn server on a free port, in a background thread."""
-
-    def __init__(self, app, graceful: float | None = None) -> None:
-        with socket.socket() as s:
-            s.bind(("127.0.0.1", 0))
-            self.port = s.getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=graceful))
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
-        self.thread.start()
-        deadline = time.monotonic() + 30
-        while not self.server.started:
-            assert self.thread.is_alive() and time.monotonic() < deadline, "server did not start"
-            time.sleep(0.02)
-
-    def stop(self) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
 
 
 @pytest.fixture(scope="module")
@@ -83,16 +62,6 @@ def limited(pipe):
 def http(server):
     with httpx.Client(base_url=server.url, timeout=120) as c:
         yield c
-
-
-def wait_idle(pipe, timeout: float = 15.0) -> dict:
-    deadline = time.monotonic() + timeout
-    while True:
-        s = pipe.stats()
-        if s["blocks_used"] == 0 and s["running"] == 0 and s["waiting"] == 0:
-            return s
-        assert time.monotonic() < deadline, f"engine not idle: {s}"
-        time.sleep(0.05)
 
 
 @pytest.fixture(autouse=True)
@@ -170,6 +139,28 @@ def test_generate_finish_reasons_and_seed(http, pipe):
     assert r["generated_text"] and "details" not in r
     assert http.post("/", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2, "decoder_input_details": True,
                                                                  "details": True}}).json()[0]["details"]["prefill"]
+
+
+def test_eos_and_stop_string_told_apart_through_both_apis(http, pipe):
+    from hf_paged.engine.outputs import FinishReason
+
+    msgs = [{"role": "user", "content": "Say hello."}]
+    ref = pipe.generate(msgs, max_new_tokens=64, do_sample=False)
+    assert ref.finish_reason is FinishReason.STOP and ref.outputs[0].stop_string is None  # EOS
+    stop = ref.text.split()[1]
+    assert pipe.generate(msgs, max_new_tokens=64, do_sample=False, stop=[stop]).outputs[0].stop_string == stop
+    body = {"messages": msgs, "max_tokens": 64, "temperature": 0}
+    for extra, want in [({}, None), ({"stop": [stop]}, stop)]:
+        choice = http.post("/v1/chat/completions", json={**body, **extra}).json()["choices"][0]
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", want)
+        frames = [json.loads(line[5:]) for line in http.post("/v1/chat/completions", json={
+            **body, **extra, "stream": True}).text.splitlines() if line.startswith("data:") and "[DONE]" not in line]
+        last = frames[-1]["choices"][0]
+        assert (last["finish_reason"], last["stop_reason"]) == ("stop", want)
+        prompt = pipe.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+        choice = http.post("/v1/completions", json={"prompt": prompt, "max_tokens": 64, "temperature": 0,
+                                                    **extra}).json()["choices"][0]
+        assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", want)
 
 
 def test_tokenize(http, pipe):

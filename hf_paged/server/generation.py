@@ -41,8 +41,11 @@ def finish_reason(reason: FinishReason | None, stop_string: str | None) -> str:
     return str(reason or "length")
 
 
-def openai_finish_reason(tgi_reason: str) -> str:
-    return "length" if tgi_reason == "length" else "stop"
+def openai_finish_reason(reason: FinishReason | None) -> str | None:
+    """OpenAI's vocabulary: ``length``, else ``stop`` (EOS, stop string, cancel); None while running."""
+    if reason is None:
+        return None
+    return "length" if reason is FinishReason.LENGTH else "stop"
 
 
 class Generation:

@@ -4,7 +4,8 @@ Shapes follow OpenAI's API as TGI serves it (``router/src/server.rs``: ``chat_co
 ``completions``; ``router/src/lib.rs``: ``ChatCompletion``, ``ChatCompletionChunk``, ``Usage``):
 ``system_fingerprint`` is ``"<version>-native"``, streams end with ``data: [DONE]``, and with
 ``stream_options.include_usage`` a last chunk with empty ``choices`` carries ``usage``. Unlike TGI we
-honour ``n`` and report OpenAI's ``finish_reason`` vocabulary (``stop``/``length``) for stop strings too.
+honour ``n`` and report OpenAI's ``finish_reason`` vocabulary (``stop``/``length``) for stop strings too;
+as vLLM does, each choice's ``stop_reason`` names the stop string that ended it (null for EOS).
 """
 from __future__ import annotations
 
@@ -19,8 +20,7 @@ from fastapi.responses import Response
 from ..engine.outputs import StreamEvent
 from .encoding import JSONResponse
 from .errors import ERROR_RESPONSES, APIError, generation_error
-from .generation import (Generation, SSEResponse, collect, finish_reason, merge, openai_finish_reason, sse,
-                         start)
+from .generation import Generation, SSEResponse, collect, merge, openai_finish_reason, sse, start
 from .guard import guarded
 from .openai_schemas import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard, ModelList
 from .state import ServerState
@@ -97,11 +97,11 @@ async def chat_completions(req: ChatRequest, request: Request) -> Response:
     choices = []
     for out in gen.output.outputs:
         toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
-        reason = finish_reason(out.finish_reason, out.stop_string)
         logprobs = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs) for ev in toks]} \
             if req.logprobs else None
         choices.append({"index": out.index, "message": {"role": "assistant", "content": out.text},
-                        "logprobs": logprobs, "finish_reason": openai_finish_reason(reason)})
+                        "logprobs": logprobs, "finish_reason": openai_finish_reason(out.finish_reason),
+                        "stop_reason": out.stop_string})
     body = {**_envelope(state, "chat.completion", rid, req.model), "choices": choices, "usage": _usage(gens)}
     return JSONResponse(body)
 
@@ -115,13 +115,11 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
                 return
             if ev.token_id is None:
                 continue
-            reason = None
-            if ev.finish_reason is not None:
-                reason = openai_finish_reason(finish_reason(ev.finish_reason, ev.stop_string))
             logprobs = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs)]} \
                 if req.logprobs else None
             choice = {"index": ev.index, "delta": {"role": "assistant", "content": ev.text},
-                      "logprobs": logprobs, "finish_reason": reason}
+                      "logprobs": logprobs, "finish_reason": openai_finish_reason(ev.finish_reason),
+                      "stop_reason": ev.stop_string}
             yield sse({**env, "choices": [choice], "usage": None})
     if req.stream_options is not None and req.stream_options.include_usage:
         yield sse({**env, "choices": [], "usage": _usage([gen])})
@@ -150,10 +148,9 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     for i, (gen, events) in enumerate(zip(gens, all_events, strict=True)):
         for out in gen.output.outputs:
             toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
-            reason = finish_reason(out.finish_reason, out.stop_string)
             logprobs = _legacy_logprobs(state, toks, len(echoes[i])) if req.logprobs is not None else None
             choices.append({"index": i * n + out.index, "text": echoes[i] + out.text, "logprobs": logprobs,
-                            "finish_reason": openai_finish_reason(reason)})
+                            "finish_reason": openai_finish_reason(out.finish_reason), "stop_reason": out.stop_string})
     body = {**_envelope(state, "text_completion", rid, req.model), "choices": choices, "usage": _usage(gens)}
     return JSONResponse(body)
 
@@ -180,13 +177,11 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
             if ev.token_id is None:
                 continue
             index = i * n + ev.index
-            reason = None
-            if ev.finish_reason is not None:
-                reason = openai_finish_reason(finish_reason(ev.finish_reason, ev.stop_string))
             logprobs = _legacy_logprobs(state, [ev], offsets[index]) if req.logprobs is not None else None
             offsets[index] += len(ev.text)
             yield sse({**env, "choices": [{"index": index, "text": ev.text, "logprobs": logprobs,
-                                           "finish_reason": reason}]})
+                                           "finish_reason": openai_finish_reason(ev.finish_reason),
+                                           "stop_reason": ev.stop_string}]})
     if req.stream_options is not None and req.stream_options.include_usage:
         yield sse({**env, "choices": [], "usage": _usage(gens)})
     yield sse("[DONE]")

@@ -125,6 +125,7 @@ class ChatChoice(BaseModel):
     message: AssistantMessage
     logprobs: dict[str, Any] | None
     finish_reason: Literal["stop", "length"]
+    stop_reason: str | None = None  # vLLM's field: the stop string that ended the choice, null for EOS
 
 
 class _Envelope(BaseModel):
@@ -146,6 +147,7 @@ class CompletionChoice(BaseModel):
     text: str
     logprobs: dict[str, Any] | None
     finish_reason: Literal["stop", "length"]
+    stop_reason: str | None = None
 
 
 class Completion(_Envelope):

@@ -1,0 +1,135 @@
+"""The engine's shape: one EngineConfig, a core that returns plain records, FinishReason told apart
+end to end (engine, TGI, OpenAI), and EngineStats."""
+from __future__ import annotations
+
+import argparse
+
+import pytest
+import torch
+from tiny_models import build, load
+
+import hf_paged
+from hf_paged.config import EngineConfig, add_cli_arguments, from_cli
+from hf_paged.engine.engine import Engine, TokenRecord
+from hf_paged.engine.outputs import FinishReason
+from hf_paged.engine.params import SamplingParams
+from hf_paged.engine.stats import EngineStats
+
+
+# ---------------------------------------------------------------------------- EngineConfig
+@pytest.mark.parametrize("kwargs,field", [
+    (dict(block_size=0), "block_size"), (dict(block_size=12), "block_size"), (dict(block_size=True), "block_size"),
+    (dict(kv_memory="lots"), "kv_memory"), (dict(kv_memory=-5), "kv_memory"),
+    (dict(num_blocks=0), "num_blocks"), (dict(num_blocks=2.5), "num_blocks"),
+    (dict(max_num_seqs=0), "max_num_seqs"), (dict(max_batch_tokens="8"), "max_batch_tokens"),
+    (dict(max_model_len=-1), "max_model_len"), (dict(enable_prefix_caching="yes"), "enable_prefix_caching"),
+    (dict(kv_memory="1GiB", num_blocks=8), "num_blocks"),
+])
+def test_config_rejects_bad_values_naming_the_field(kwargs, field):
+    with pytest.raises(ValueError, match=field):
+        EngineConfig(**kwargs)
+
+
+def test_config_unknown_option_and_overrides():
+    with pytest.raises(ValueError, match="unknown argument.*frobnicate"):
+        EngineConfig.from_kwargs(frobnicate=1)
+    base = EngineConfig(max_num_seqs=8)
+    cfg = EngineConfig.from_kwargs(base, kv_memory="64MiB")
+    assert (cfg.max_num_seqs, cfg.kv_memory, base.kv_memory) == (8, "64MiB", None)
+
+
+def test_both_command_lines_share_the_config_defaults():
+    from hf_paged.cli import main  # noqa: F401  (the module must import)
+    from hf_paged.server.__main__ import add_arguments
+
+    direct = argparse.ArgumentParser()
+    add_arguments(direct)  # python -m hf_paged.server
+    parent = argparse.ArgumentParser()  # hf-paged serve: engine options on the parent, or after `serve`
+    add_cli_arguments(parent)
+    sub = parent.add_subparsers(dest="cmd").add_parser("serve")
+    add_arguments(sub, common=False)
+    assert from_cli(direct.parse_args([])) == from_cli(parent.parse_args(["serve"])) == EngineConfig()
+    got = from_cli(parent.parse_args(["serve", "--kv-memory", "2GiB", "--max-num-seqs", "7", "--num-blocks", "none"]))
+    assert (got.kv_memory, got.max_num_seqs, got.num_blocks) == ("2GiB", 7, None)
+    assert from_cli(parent.parse_args(["--max-num-seqs", "9", "serve"])).max_num_seqs == 9
+
+
+# ---------------------------------------------------------------------------- the core
+@pytest.fixture(scope="module")
+def tiny(tiny_root):
+    model = load(build("llama", tiny_root))
+    yield model
+    hf_paged.unwrap(model)
+
+
+def test_engine_core_returns_records_and_knows_no_tokenizer(tiny):
+    hf_paged.wrap(tiny, num_blocks=64, block_size=8)
+    engine = Engine(tiny, hf_paged.kv_pool(tiny), max_num_seqs=4, max_batch_tokens=64, max_model_len=512)
+    assert not hasattr(engine, "tokenizer")
+    params = SamplingParams(max_new_tokens=5, num_return_sequences=2, do_sample=True, seed=3)
+    seqs = engine.add([1, 5, 7, 9], params)
+    records: list[TokenRecord] = []
+    while engine.has_work():
+        records += engine.step()
+    assert all(isinstance(r, TokenRecord) for r in records)
+    for s in seqs:
+        mine = [r for r in records if r.seq is s]
+        assert [r.token for r in mine] == s.output_ids and len(mine) == 5
+        assert [r.finish_reason for r in mine] == [None] * 4 + [FinishReason.LENGTH]
+    assert engine.stats().blocks_used == 0
+
+
+def test_engine_stats_is_typed_and_counts_one_way(tiny):
+    with hf_paged.PagedPipeline(tiny, _Tok(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
+        pipe.generate([1] + list(range(10, 40)), max_new_tokens=3)
+        s = pipe.stats()
+    assert isinstance(s, EngineStats)
+    assert s.blocks_used + s.blocks_cached + s.blocks_free == s.blocks_total == 64
+    assert s.blocks_cached >= 3 and s.blocks_allocatable == s.blocks_cached + s.blocks_free
+    assert s["blocks_cached"] == s.blocks_cached and s.as_dict()["blocks_allocatable"] == s.blocks_allocatable
+    with pytest.raises(KeyError):
+        s["nope"]
+    snap = hf_paged.kv_pool(tiny).allocator.snapshot()
+    assert (snap.used, snap.cached, snap.free) == (s.blocks_used, s.blocks_cached, s.blocks_free)
+    assert snap.states.count(2) == snap.cached and len(snap.states) == snap.total
+
+
+class _Tok:
+    """Text is the space-joined token ids (enough for the pipeline on a tiny model)."""
+
+    eos_token_id = 2
+    chat_template = None
+
+    def __call__(self, text, **kw):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True, **kw):
+        return "".join(f" {i}" for i in ids if not (skip_special_tokens and i == 2))
+
+
+def test_finish_reason_eos_and_stop_string_in_the_engine(tiny):
+    with hf_paged.PagedPipeline(tiny, _Tok(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
+        free = pipe.generate([1, 5, 6, 7], max_new_tokens=12, ignore_eos=True)
+        assert free.finish_reason is FinishReason.LENGTH and free.outputs[0].stop_string is None
+        third = free.token_ids[2]
+        stop = f" {third}"
+        cut = pipe.generate([1, 5, 6, 7], max_new_tokens=12, ignore_eos=True, stop=[stop])
+        assert cut.finish_reason == "stop" and cut.finish_reason is FinishReason.STOP
+        assert cut.outputs[0].stop_string == stop and stop not in cut.text
+        # EOS: make the first generated token the EOS id.
+        eos = pipe.generate([1, 5, 6, 7], max_new_tokens=12, eos_token_id=[free.token_ids[0]])
+        assert eos.finish_reason is FinishReason.STOP and eos.outputs[0].stop_string is None
+        assert len(eos.token_ids) == 1
+        events = list(pipe.stream([1, 5, 6, 7], max_new_tokens=12, ignore_eos=True, stop=[stop]))
+        last = [e for e in events if e.token_id is not None][-1]
+        assert last.finish_reason is FinishReason.STOP and last.stop_string == stop
+
+
+def test_sampling_is_unchanged_by_the_split(tiny):
+    """Seeded sampling with siblings gives the same tokens whatever else is in the batch."""
+    with hf_paged.PagedPipeline(tiny, _Tok(), num_blocks=128, block_size=8, max_num_seqs=8) as pipe:
+        alone = pipe.generate([1, 9, 8, 7], max_new_tokens=6, do_sample=True, seed=11, num_return_sequences=3)
+        with_others = pipe.generate([[1, 9, 8, 7], [1, 3, 3]], max_new_tokens=6, do_sample=True, seed=11,
+                                    num_return_sequences=3)[0]
+    assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in with_others.outputs]
+    assert torch.tensor([len(o.token_ids) for o in alone.outputs]).eq(6).all()
