@@ -73,7 +73,7 @@ def test_engine_core_returns_records_and_knows_no_tokenizer(tiny):
         records += engine.step()
     assert all(isinstance(r, TokenRecord) for r in records)
     for s in seqs:
-        mine = [r for r in records if r.seq is s]
+        mine = [r for r in records if r.seq_id == s.seq_id]
         assert [r.token for r in mine] == s.output_ids and len(mine) == 5
         assert [r.finish_reason for r in mine] == [None] * 4 + [FinishReason.LENGTH]
     assert engine.stats().blocks_used == 0

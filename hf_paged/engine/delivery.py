@@ -53,7 +53,7 @@ class Delivery:
     def deliver(self, records: list[TokenRecord]) -> None:
         """Text deltas and events of one step's tokens; ends sequences whose stop string completed."""
         for rec in records:
-            st = self._by_seq.get(rec.seq.seq_id)
+            st = self._by_seq.get(rec.seq_id)
             if st is None:
                 continue
             delta = st.detok.push(rec.token)

@@ -10,7 +10,7 @@ Example::
     seqs = engine.add(prompt_ids, params)
     while engine.has_work():
         for rec in engine.step():
-            print(rec.seq.seq_id, rec.token, rec.finish_reason)
+            print(rec.seq_id, rec.token, rec.finish_reason)
 """
 from __future__ import annotations
 
@@ -33,10 +33,10 @@ from .stats import EngineStats
 
 @dataclass(slots=True)
 class TokenRecord:
-    """One token the step generated for ``seq``; ``finish_reason`` when it ended the sequence (EOS or
-    length: stop strings are found by delivery, which then calls :meth:`Engine.finish`)."""
+    """One token the step generated for sequence ``seq_id``; ``finish_reason`` when it ended the
+    sequence (EOS or length: stop strings are found by delivery, which then calls :meth:`Engine.finish`)."""
 
-    seq: Sequence
+    seq_id: int
     token: int
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
@@ -122,7 +122,7 @@ class Engine:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(seq, reason)
-        return TokenRecord(seq, token, logprob, top, reason)
+        return TokenRecord(seq.seq_id, token, logprob, top, reason)
 
     # ------------------------------------------------------------------ stats
     def tokens_per_second(self, window: float = 5.0) -> float:

@@ -27,7 +27,8 @@ from . import reference
 
 logger = logging.getLogger(__name__)
 
-_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp")]
+_SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp",
+                                                                       "rms_norm_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 

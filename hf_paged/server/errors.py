@@ -38,6 +38,7 @@ class APIError(Exception):
         self.error_type = error_type
 
     def body(self) -> dict:
+        """The JSON body; also the SSE event of an error after a TGI stream began."""
         return {"error": self.message, "error_type": self.error_type}
 
     def response(self) -> JSONResponse:
@@ -46,6 +47,11 @@ class APIError(Exception):
 
 class ClientGone(Exception):
     """The HTTP client disconnected before its answer was ready (answered 499, which nobody reads)."""
+
+
+def openai_error_frame(exc: APIError) -> dict:
+    """The SSE event of an error after an OpenAI stream began (TGI's shape for it)."""
+    return {"error": {"message": exc.message, "http_status_code": exc.status}}
 
 
 def validation_error(message: str) -> APIError:

@@ -19,24 +19,15 @@ from fastapi.responses import Response
 
 from ..engine.outputs import StreamEvent
 from .encoding import JSONResponse
-from .errors import ERROR_RESPONSES, APIError, generation_error
+from .errors import ERROR_RESPONSES, APIError, generation_error, openai_error_frame
 from .generation import Generation, SSEResponse, collect, merge, openai_finish_reason, sse, start
 from .guard import guarded
 from .openai_schemas import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard, ModelList
-from .state import ServerState
+from .state import ServerState, state_of
 from .validation import chat_messages, chat_params, completion_params, completion_prompts
 
 router = APIRouter()
 _STREAM = {"text/event-stream": {}}
-
-
-def _state(request: Request) -> ServerState:
-    return request.app.state.hf_paged
-
-
-def _error_frame(exc: APIError) -> dict:
-    """An error after an OpenAI stream began: TGI's shape for it."""
-    return {"error": {"message": exc.message, "http_status_code": exc.status}}
 
 
 def _logprob_entry(state: ServerState, token_id: int, logprob: float | None,
@@ -81,13 +72,13 @@ def _raise_failed(gens: list[Generation]) -> None:
                                                 **ERROR_RESPONSES})
 @guarded()
 async def chat_completions(req: ChatRequest, request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     kwargs = chat_params(req, state.limits)
     messages = chat_messages(req.messages)
     gens, permit = await start(state, request, [messages], kwargs)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens, _error_frame)
+        return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens, openai_error_frame)
     try:
         (events,) = await collect(gens, request)
     finally:
@@ -111,7 +102,7 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
     async with aclosing(gen.events()) as events:
         async for ev in events:
             if ev.error is not None:
-                yield sse(_error_frame(generation_error(ev.error)))
+                yield sse(openai_error_frame(generation_error(ev.error)))
                 return
             if ev.token_id is None:
                 continue
@@ -130,7 +121,7 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
 @router.post("/v1/completions", responses={200: {"model": Completion, "content": _STREAM}, **ERROR_RESPONSES})
 @guarded()
 async def completions(req: CompletionRequest, request: Request) -> Response:
-    state = _state(request)
+    state = state_of(request)
     kwargs = completion_params(req, state.limits)
     prompts = completion_prompts(req.prompt, state.limits)
     gens, permit = await start(state, request, prompts, kwargs)
@@ -138,7 +129,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     rid = f"cmpl-{uuid.uuid4().hex[:24]}"
     echoes = [_echo(state, p) if req.echo else "" for p in prompts]
     if req.stream:
-        return SSEResponse(_completion_stream(state, gens, req, rid, n, echoes), permit, gens, _error_frame)
+        return SSEResponse(_completion_stream(state, gens, req, rid, n, echoes), permit, gens, openai_error_frame)
     try:
         all_events = await collect(gens, request)
     finally:
@@ -172,7 +163,7 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
     async with aclosing(merge(gens)) as events:
         async for i, ev in events:
             if ev.error is not None:
-                yield sse(_error_frame(generation_error(ev.error)))
+                yield sse(openai_error_frame(generation_error(ev.error)))
                 return
             if ev.token_id is None:
                 continue
@@ -189,6 +180,6 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> Response:
-    info = _state(request).info
+    info = state_of(request).info
     card = ModelCard(id=info.model_id, owned_by=info.model_id)
     return JSONResponse(ModelList(data=[card]).model_dump())

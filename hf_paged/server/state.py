@@ -17,6 +17,8 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, TypeVar
 
+from fastapi import Request as HTTPRequest
+
 from ..engine.pipeline import PagedPipeline
 from ..engine.request import Request
 from .errors import APIError, overloaded, validation_error
@@ -91,6 +93,11 @@ class ServerState:
             raise overloaded()
         self.in_flight += sequences
         return Permit(self, sequences)
+
+
+def state_of(request: "HTTPRequest") -> ServerState:
+    """The app's state, from any request of the app."""
+    return request.app.state.hf_paged
 
 
 class Permit:

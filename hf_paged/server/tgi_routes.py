@@ -23,7 +23,7 @@ from .generation import Generation, SSEResponse, check_text_length, collect, fin
 from .guard import guarded
 from .schemas import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info,
                       PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token, dump)
-from .state import Permit, ServerState
+from .state import Permit, ServerState, state_of
 from .validation import tgi_params
 
 router = APIRouter()
@@ -34,10 +34,6 @@ STREAM_RESPONSES = {200: {"content": {"text/event-stream": {}}, "description": "
 COMPAT_RESPONSES = {200: {"model": list[GenerateResponse], "content": {"text/event-stream": {}},
                           "description": "A one-item list, or an event stream with `stream: true`"}, **ERROR_RESPONSES}
 HEALTH_RESPONSES = {200: {"description": "Healthy (no body)"}, 503: {"model": ErrorResponse}}
-
-
-def state_of(request: Request) -> ServerState:
-    return request.app.state.hf_paged
 
 
 def _token(state: ServerState, token_id: int, text: str, logprob: float | None) -> Token:

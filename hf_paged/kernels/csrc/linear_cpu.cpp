@@ -1,5 +1,5 @@
 // Dense layers of a decode step on CPU, fp32: skinny linear layers, y[M, N] = x[M, K] . w[N, K]^T
-// (+ bias) with M small, and RMSNorm (at the end of the file).
+// (+ bias) with M small.
 //
 // A decode step multiplies 1-48 rows by every weight matrix of the model, and the weights stream
 // from DRAM. BLAS libraries tune for large M; at 8-24 rows with cold weights, oneDNN and MKL reached
@@ -145,60 +145,13 @@ at::Tensor skinny_linear(const at::Tensor& input, const at::Tensor& weight, cons
 
 bool skinny_linear_vectorized() { return HF_PAGED_SIMD_GEMM != 0; }
 
-// RMSNorm over the last dim, as transformers' fp32 RMSNorm modules compute it, in one pass per row:
-// r = 1 / sqrt(sum(x^2) / D + eps), y = (x * r) * (weight + offset). offset 0 is the Llama family's
-// `weight * (x * r)`, offset 1 Gemma's `(x * r) * (1 + weight)`; the products are rounded in that
-// order, so only the order of the sum of squares differs from the eager module.
-at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps, double offset) {
-  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "rms_norm: float32 CPU tensors expected");
-  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 1 && weight.size(0) == input.size(-1),
-              "rms_norm: weight [D] for input [..., D] expected, got ", weight.sizes(), " and ", input.sizes());
-  const at::Tensor x = input.contiguous();
-  const at::Tensor w = weight.contiguous();
-  at::Tensor y = at::empty_like(x);
-  const int64_t D = x.size(-1);
-  const int64_t rows = D > 0 ? x.numel() / D : 0;
-  if (rows == 0) return y;
-  const float* xp = x.data_ptr<float>();
-  const float* wp = w.data_ptr<float>();
-  float* yp = y.data_ptr<float>();
-  const float feps = static_cast<float>(eps), foff = static_cast<float>(offset), fd = static_cast<float>(D);
-  at::parallel_for(0, rows, std::max<int64_t>(1, 32768 / D), [&](int64_t r0, int64_t r1) {
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* xr = xp + r * D;
-      float* yr = yp + r * D;
-      int64_t i = 0;
-      float ss = 0.f;
-#if HF_PAGED_SIMD_GEMM
-      __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
-      for (; i + 16 <= D; i += 16) {
-        const __m256 a = _mm256_loadu_ps(xr + i), b = _mm256_loadu_ps(xr + i + 8);
-        acc0 = _mm256_fmadd_ps(a, a, acc0);
-        acc1 = _mm256_fmadd_ps(b, b, acc1);
-      }
-      ss = hsum8(_mm256_add_ps(acc0, acc1));
-#endif
-      for (; i < D; ++i) ss += xr[i] * xr[i];
-      const float rinv = 1.0f / std::sqrt(ss / fd + feps);
-      for (int64_t j = 0; j < D; ++j) {
-        const float t = xr[j] * rinv;
-        yr[j] = t * (wp[j] + foff);
-      }
-    }
-  });
-  return y;
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hf_paged_cpu, m) {
   m.def("skinny_linear(Tensor input, Tensor weight, Tensor? bias) -> Tensor");
   m.def("skinny_linear_vectorized() -> bool", &skinny_linear_vectorized);
-  m.def("rms_norm(Tensor input, Tensor weight, float eps, float offset) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) {
   m.impl("skinny_linear", &skinny_linear);
-  m.impl("rms_norm", &rms_norm);
 }
