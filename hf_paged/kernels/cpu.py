@@ -44,7 +44,8 @@ def _host_key() -> str:
                     break
     except OSError:
         pass
-    text = "|".join([flags, platform.machine(), torch.__version__, *(src.read_text() for src in _SOURCES)])
+    headers = sorted(_SOURCES[0].parent.glob("*.h"))
+    text = "|".join([flags, platform.machine(), torch.__version__, *(src.read_text() for src in _SOURCES + headers)])
     return hashlib.sha1(text.encode()).hexdigest()[:10]
 
 

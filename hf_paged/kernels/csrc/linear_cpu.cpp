@@ -18,12 +18,9 @@
 #include <algorithm>
 #include <cmath>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define HF_PAGED_SIMD_GEMM 1
-#else
-#define HF_PAGED_SIMD_GEMM 0
-#endif
+#include "simd.h"
+
+#define HF_PAGED_SIMD_GEMM HF_PAGED_AVX2
 
 namespace {
 
@@ -31,13 +28,7 @@ constexpr int kRows = 2;  // rows of x per register tile
 constexpr int kCols = 6;  // rows of w (output columns) per register tile
 
 #if HF_PAGED_SIMD_GEMM
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 sh = _mm_movehdup_ps(s);
-  s = _mm_add_ps(s, sh);
-  sh = _mm_movehl_ps(sh, s);
-  return _mm_cvtss_f32(_mm_add_ss(s, sh));
-}
+using hf_paged_simd::hsum8;
 
 // y[i, j] = x[i, :] . w[j, :] (+ bias[j]) for i < MR, j < NR. The bytes [pf, pf_end) (a slice of the
 // next tile's weight rows) are prefetched into L1, spread evenly over the K loop.

@@ -6,24 +6,9 @@
 #include <algorithm>
 #include <cmath>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#define HF_PAGED_SIMD_NORM 1
-#else
-#define HF_PAGED_SIMD_NORM 0
-#endif
+#include "simd.h"
 
 namespace {
-
-#if HF_PAGED_SIMD_NORM
-inline float hsum8(__m256 v) {
-  __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
-  __m128 sh = _mm_movehdup_ps(s);
-  s = _mm_add_ps(s, sh);
-  sh = _mm_movehl_ps(sh, s);
-  return _mm_cvtss_f32(_mm_add_ss(s, sh));
-}
-#endif
 
 // RMSNorm over the last dim, as transformers' fp32 RMSNorm modules compute it, in one pass per row:
 // r = 1 / sqrt(sum(x^2) / D + eps), y = (x * r) * (weight + offset). offset 0 is the Llama family's
@@ -50,14 +35,14 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double ep
       float* yr = yp + r * D;
       int64_t i = 0;
       float ss = 0.f;
-#if HF_PAGED_SIMD_NORM
+#if HF_PAGED_AVX2
       __m256 acc0 = _mm256_setzero_ps(), acc1 = _mm256_setzero_ps();
       for (; i + 16 <= D; i += 16) {
         const __m256 a = _mm256_loadu_ps(xr + i), b = _mm256_loadu_ps(xr + i + 8);
         acc0 = _mm256_fmadd_ps(a, a, acc0);
         acc1 = _mm256_fmadd_ps(b, b, acc1);
       }
-      ss = hsum8(_mm256_add_ps(acc0, acc1));
+      ss = hf_paged_simd::hsum8(_mm256_add_ps(acc0, acc1));
 #endif
       for (; i < D; ++i) ss += xr[i] * xr[i];
       const float rinv = 1.0f / std::sqrt(ss / fd + feps);
