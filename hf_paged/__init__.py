@@ -9,13 +9,15 @@ Example::
 """
 from __future__ import annotations
 
+from .config import EngineConfig
 from .kv.blocks import BlockAllocator, BlockTable, KVCacheFullError
 from .kv.cache import PagedKVCache
 from .kv.pool import KVPool
 from .wrap import SUPPORTED_MODEL_TYPES, UnsupportedModelError, is_wrapped, kv_pool, unwrap, wrap
-from .engine.outputs import CompletionOutput, RequestOutput, StreamEvent
+from .engine.outputs import CompletionOutput, FinishReason, RequestOutput, StreamEvent
 from .engine.params import SamplingParams
 from .engine.pipeline import PagedPipeline
+from .engine.stats import EngineStats
 from .engine.text_pipeline import TextGenerationPipeline, pipeline
 
 __version__ = "0.1.0"
@@ -32,5 +34,5 @@ __all__ = [
     "wrap", "unwrap", "is_wrapped", "kv_pool", "PagedKVCache", "KVPool", "BlockAllocator", "BlockTable",
     "KVCacheFullError", "UnsupportedModelError", "SUPPORTED_MODEL_TYPES", "load_default_model",
     "PagedPipeline", "pipeline", "TextGenerationPipeline", "SamplingParams", "RequestOutput",
-    "CompletionOutput", "StreamEvent",
+    "CompletionOutput", "StreamEvent", "FinishReason", "EngineConfig", "EngineStats",
 ]
