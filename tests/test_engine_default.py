@@ -170,10 +170,10 @@ def test_engine_survives_a_request_that_fails_to_start(pipe, monkeypatch):
 
     real = engine_mod.Engine.add
 
-    def broken_add(self, prompt_ids, params):
+    def broken_add(self, prompt_ids, params, *rest):
         if params.seed == 4242:
             raise RuntimeError("boom")
-        return real(self, prompt_ids, params)
+        return real(self, prompt_ids, params, *rest)
 
     monkeypatch.setattr(engine_mod.Engine, "add", broken_add)
     bad = pipe.submit(CHATS[0], max_new_tokens=4, do_sample=True, seed=4242)

@@ -18,10 +18,12 @@ import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
 from ..kv.pool import KVPool
+from .grammar import Masks, new_matcher
 from .outputs import FinishReason
 from .params import SamplingParams
 from .runner import Runner
@@ -50,6 +52,7 @@ class Engine:
         self.scheduler = Scheduler(pool.allocator, max_num_seqs, max_batch_tokens)
         self.runner = Runner(model, pool)
         self.sampler = Sampler(model.config.vocab_size)
+        self.masks = Masks(model.config.vocab_size)
         self.max_model_len = max_model_len
         self._ids = itertools.count()
         self.tokens_generated = 0
@@ -57,12 +60,14 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) per step
 
     # ------------------------------------------------------------------ sequences
-    def add(self, prompt_ids: list[int], params: SamplingParams) -> list[Sequence]:
-        """Queue ``num_return_sequences`` sequences for one prompt; returns them, index order."""
+    def add(self, prompt_ids: list[int], params: SamplingParams, grammar: Any = None) -> list[Sequence]:
+        """Queue ``num_return_sequences`` sequences for one prompt; returns them, index order.
+        ``grammar``: the compiled constraint of ``params`` (each sequence gets its own matcher)."""
         seqs = []
         for i in range(params.num_return_sequences):
             gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
-            seqs.append(Sequence(next(self._ids), list(prompt_ids), len(prompt_ids), params, i, generator=gen))
+            seqs.append(Sequence(next(self._ids), list(prompt_ids), len(prompt_ids), params, i, generator=gen,
+                                 matcher=new_matcher(grammar) if grammar is not None else None))
         first = seqs[0]
         # Siblings wait for the first one's prompt and then share its blocks (copy-on-write).
         first.children = seqs[1:]
@@ -98,6 +103,8 @@ class Engine:
         rows = self.scheduler.fork_siblings(sampling)
         if len(rows) != logits.shape[0]:
             logits = logits.index_select(0, torch.tensor(rows))
+        if any(s.matcher is not None for s in sampling):
+            self.masks.apply(logits, [s.matcher for s in sampling])
         out = self.sampler.sample(logits, [SamplingRow(s.params, s.token_ids, s.num_generated, s.generator)
                                            for s in sampling])
         self._recent.append((time.monotonic(), len(sampling)))
@@ -116,7 +123,9 @@ class Engine:
         if p.top_logprobs:
             seq.top_logprobs.append(top)
         reason = None
-        if token in p.eos_token_id and not p.ignore_eos and seq.num_generated >= p.min_new_tokens:
+        # A matcher that took its stop token (EOS) has a complete output: it ends as EOS would.
+        done = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
+        if done or (token in p.eos_token_id and not p.ignore_eos and seq.num_generated >= p.min_new_tokens):
             reason = FinishReason.STOP
         elif seq.num_generated >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
             reason = FinishReason.LENGTH

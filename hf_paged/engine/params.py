@@ -68,6 +68,13 @@ class SamplingParams:
     top_logprobs: int = 0
     num_return_sequences: int = 1
     skip_special_tokens: bool = True
+    # Constrained decoding (at most one): a JSON schema (dict, JSON text, pydantic model class, or True
+    # for any JSON), a regex, an EBNF grammar (xgrammar's dialect) or a list of allowed outputs.
+    json_schema: Any = None
+    regex: str | None = None
+    grammar: str | None = None
+    choices: list[str] | None = None
+    constraint: tuple[str, str] | None = field(default=None, init=False)  # (kind, text), derived
 
     def __post_init__(self) -> None:
         self.max_new_tokens = _int("max_new_tokens", self.max_new_tokens, low=1)
@@ -112,6 +119,13 @@ class SamplingParams:
             # Sequence i samples with seed + i, and torch generators take 64-bit seeds.
             raise ValueError(f"seed must be below 2**64 - num_return_sequences + 1, got {self.seed}")
         self.skip_special_tokens = _bool("skip_special_tokens", self.skip_special_tokens)
+        given = [k for k in ("json_schema", "regex", "grammar", "choices") if getattr(self, k) is not None]
+        if len(given) > 1:
+            raise ValueError(f"{' and '.join(given)}: give at most one constraint")
+        if given:
+            from .grammar import normalize
+
+            self.constraint = normalize(given[0], getattr(self, given[0]))
 
     @property
     def is_greedy(self) -> bool:

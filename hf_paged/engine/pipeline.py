@@ -23,6 +23,7 @@ from ..kv.pool import KVPool
 from ..wrap import kv_pool, wrap
 from .delivery import Delivery
 from .engine import Engine
+from .grammar import Grammars
 from .outputs import RequestOutput, StreamEvent
 from .params import SamplingParams, lone_surrogate
 from .request import Request
@@ -54,6 +55,7 @@ class PagedPipeline:
         self.engine = Engine(model, self.pool, max_num_seqs=config.max_num_seqs,
                              max_batch_tokens=config.max_batch_tokens, max_model_len=self.max_model_len)
         self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
+        self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Request]] = queue.SimpleQueue()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
@@ -104,7 +106,10 @@ class PagedPipeline:
         if blocks > self.pool.num_blocks:
             raise ValueError(f"max_new_tokens: a sequence of {total} tokens needs {blocks} KV blocks but the "
                              f"pool has {self.pool.num_blocks}; raise kv_memory/num_blocks or lower max_new_tokens")
-        return Request(f"req-{next(self._ids)}", prompt, ids, params, self._cancel)
+        req = Request(f"req-{next(self._ids)}", prompt, ids, params, self._cancel)
+        if params.constraint is not None:
+            req.grammar = self.grammars.compile(params.constraint)  # ValueError with xgrammar's reason
+        return req
 
     def submit(self, prompt: Prompt, **kwargs) -> Request:
         """Queue one prompt; returns its handle at once. Raises ValueError on invalid input."""

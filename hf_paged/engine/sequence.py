@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from ..kv.blocks import BlockTable
 
@@ -43,6 +43,7 @@ class Sequence:
     top_logprobs: list[list[tuple[int, float]]] = field(default_factory=list)
     # Siblings (num_return_sequences) waiting for this sequence's prompt, whose blocks they will share.
     children: list["Sequence"] = field(default_factory=list)
+    matcher: Any = None  # xgrammar GrammarMatcher of a constrained sequence (its own, siblings too)
 
     @property
     def num_tokens(self) -> int:

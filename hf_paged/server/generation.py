@@ -18,6 +18,8 @@ from typing import Any
 from fastapi import Request as HTTPRequest
 from fastapi.responses import StreamingResponse
 
+from ..engine.grammar import KINDS as CONSTRAINT_KINDS
+from ..engine.grammar import normalize as normalize_constraint
 from ..engine.outputs import FinishReason, RequestOutput, StreamEvent
 from ..engine.params import SamplingParams
 from ..engine.pipeline import PagedPipeline
@@ -141,6 +143,9 @@ def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *,
         check_text_length(state, prompt)
     try:
         ids = state.pipe.encode(prompt)
+        given = [(k, kwargs[k]) for k in CONSTRAINT_KINDS if kwargs.get(k) is not None]
+        if len(given) == 1:  # compile here, on the worker (xgrammar caches it for the engine's submit)
+            state.pipe.grammars.compile(normalize_constraint(*given[0]))
     except ValueError as exc:
         raise validation_error(str(exc)) from None
     if not ids:

@@ -19,7 +19,7 @@ from fastapi.responses import Response
 
 from ..engine.outputs import StreamEvent
 from .encoding import JSONResponse
-from .errors import ERROR_RESPONSES, APIError, generation_error, openai_error_frame
+from .errors import ERROR_RESPONSES, generation_error, openai_error_frame
 from .generation import Generation, SSEResponse, collect, merge, openai_finish_reason, sse, start
 from .guard import guarded
 from .openai_schemas import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard, ModelList

@@ -85,8 +85,7 @@ def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[s
     if p.truncate is not None and not 0 < p.truncate <= limits.max_input_tokens:
         raise validation_error(f"`truncate` must be strictly positive and less than {limits.max_input_tokens}. "
                                f"Given: {p.truncate}")
-    if p.grammar is not None:
-        raise validation_error("grammar is not supported")
+    constraint = tgi_grammar(p.grammar)
     if p.watermark:
         raise validation_error("`watermark` is not supported by hf_paged")
     if p.adapter_id is not None:
@@ -104,7 +103,26 @@ def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[s
     return dict(max_new_tokens=p.max_new_tokens, do_sample=sampling, temperature=temperature, top_k=top_k,
                 top_p=top_p, typical_p=typical_p, repetition_penalty=p.repetition_penalty or 1.0,
                 frequency_penalty=p.frequency_penalty or 0.0, stop=stop, seed=seed if sampling else None,
-                logprobs=True, top_logprobs=top_n)
+                logprobs=True, top_logprobs=top_n, **constraint)
+
+
+def tgi_grammar(grammar: Any) -> dict[str, Any]:
+    """TGI's ``parameters.grammar``: ``{"type": "json", "value": schema}`` (a schema object or its
+    JSON text) or ``{"type": "regex", "value": pattern}``, as engine kwargs."""
+    if grammar is None:
+        return {}
+    if not isinstance(grammar, dict) or set(grammar) != {"type", "value"}:
+        raise validation_error("`grammar` must be {\"type\": \"json\" | \"regex\", \"value\": ...}")
+    kind, value = grammar["type"], grammar["value"]
+    if kind == "json":
+        if not isinstance(value, (dict, str)):
+            raise validation_error("`grammar.value` must be a JSON schema (an object or its JSON text)")
+        return {"json_schema": value}
+    if kind == "regex":
+        if not isinstance(value, str):
+            raise validation_error("`grammar.value` must be a regular expression string")
+        return {"regex": value}
+    raise validation_error(f"`grammar.type` must be \"json\" or \"regex\". Given: {kind!r}")
 
 
 def _stop_list(stop: str | list[str] | None, limits: Limits) -> list[str]:
@@ -140,9 +158,7 @@ def _openai_sampling(req: ChatRequest | CompletionRequest, limits: Limits, n: in
 def chat_params(req: ChatRequest, limits: Limits) -> dict[str, Any]:
     if req.tools:
         raise validation_error("`tools` are not supported by hf_paged (no constrained decoding)")
-    fmt = req.response_format
-    if fmt is not None and not (isinstance(fmt, dict) and fmt.get("type") == "text"):  # "text" is the default
-        raise validation_error("`response_format` is not supported by hf_paged (no constrained decoding)")
+    constraint = response_format(req.response_format)
     top = req.top_logprobs
     if top is not None and not 0 <= top <= MAX_OPENAI_TOP_LOGPROBS:
         raise validation_error(f"`top_logprobs` must be >= 0 and <= {MAX_OPENAI_TOP_LOGPROBS}. Given: {top}")
@@ -152,8 +168,28 @@ def chat_params(req: ChatRequest, limits: Limits) -> dict[str, Any]:
     if max_tokens is not None and max_tokens <= 0:
         raise validation_error("`max_tokens` must be strictly positive")
     out = _openai_sampling(req, limits, 1 if req.n is None else req.n)
-    out.update(max_new_tokens=max_tokens, logprobs=bool(req.logprobs), top_logprobs=top or 0)
+    out.update(max_new_tokens=max_tokens, logprobs=bool(req.logprobs), top_logprobs=top or 0, **constraint)
     return out
+
+
+def response_format(fmt: Any) -> dict[str, Any]:
+    """OpenAI's ``response_format``: ``text`` (the default), ``json_object`` (any JSON) or
+    ``json_schema`` with ``{"name", "schema", "strict"}``, as engine kwargs."""
+    if fmt is None:
+        return {}
+    kind = fmt.get("type") if isinstance(fmt, dict) else None
+    if kind == "text":
+        return {}
+    if kind == "json_object":
+        return {"json_schema": True}
+    if kind == "json_schema":
+        spec = fmt.get("json_schema")
+        schema = spec.get("schema") if isinstance(spec, dict) else None
+        if not isinstance(schema, dict):
+            raise validation_error("`response_format.json_schema.schema` must be a JSON schema object")
+        return {"json_schema": schema}
+    raise validation_error("`response_format.type` must be \"text\", \"json_object\" or \"json_schema\". "
+                           f"Given: {kind!r}")
 
 
 def completion_params(req: CompletionRequest, limits: Limits) -> dict[str, Any]:

@@ -1,0 +1,125 @@
+"""Constrained decoding with xgrammar: JSON schemas, regexes, EBNF grammars and fixed choices.
+
+A request's constraint (``SamplingParams.constraint``) is compiled once per pipeline (xgrammar caches
+compiled grammars) when the request is submitted, so a bad schema is a ``ValueError`` with
+xgrammar's reason before anything is queued. Each sequence gets its own matcher (siblings of ``n``
+too); before sampling, its token bitmask sets every token the grammar forbids to -inf, and the sampled
+token advances the matcher. A sequence whose grammar is complete ends with its stop token (EOS); one
+cut by ``max_new_tokens`` ends with finish reason ``length``. Preemption does not touch matchers: a
+recomputed sequence keeps its tokens and its matcher's state.
+
+Example::
+
+    grammars = Grammars(tokenizer, vocab_size=model.config.vocab_size)
+    compiled = grammars.compile(("json_schema", '{"type": "object"}'))
+    m = new_matcher(compiled); masks = Masks(grammars.vocab_size)
+"""
+from __future__ import annotations
+
+import json
+import re
+import threading
+from typing import Any
+
+import torch
+
+_LOG_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
+# What SamplingParams accepts, by field; ``json_object`` (any JSON) is ``json_schema=True``.
+KINDS = ("json_schema", "regex", "grammar", "choices")
+
+
+def normalize(kind: str, value: Any) -> tuple[str, str]:
+    """``(kind, text)``: the constraint as xgrammar takes it (a JSON schema as JSON text, a pydantic
+    model class as its schema, choices as an alternation grammar). ``ValueError`` on a wrong type."""
+    if kind == "json_schema":
+        if value is True:
+            return ("json_object", "")
+        if isinstance(value, type) and hasattr(value, "model_json_schema"):
+            value = value.model_json_schema()
+        if isinstance(value, dict):
+            return (kind, json.dumps(value))
+        if isinstance(value, str):
+            try:
+                json.loads(value)
+            except ValueError as exc:
+                raise ValueError(f"json_schema: not valid JSON ({exc})") from None
+            return (kind, value)
+        raise ValueError(f"json_schema must be a dict, JSON text, a pydantic model class or True, got {value!r}")
+    if kind in ("regex", "grammar"):
+        if not isinstance(value, str) or not value:
+            raise ValueError(f"{kind} must be a non-empty string, got {value!r}")
+        return (kind, value)
+    if kind == "choices":
+        if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
+            raise ValueError(f"choices must be a non-empty list of non-empty strings, got {value!r}")
+        alternatives = " | ".join(json.dumps(c) for c in value)  # EBNF string literals: JSON escapes
+        return ("grammar", f"root ::= {alternatives}")
+    raise ValueError(f"unknown constraint kind {kind!r}; one of {KINDS}")
+
+
+class Grammars:
+    """Compiles constraints for one tokenizer (thread-safe; compiled grammars are cached)."""
+
+    def __init__(self, tokenizer: Any, vocab_size: int) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = vocab_size
+        self._compiler = None
+        self._lock = threading.Lock()
+
+    def _get(self):
+        with self._lock:
+            if self._compiler is None:
+                try:
+                    import xgrammar as xgr
+                except ImportError as exc:  # pragma: no cover - xgrammar is a dependency
+                    raise ValueError("constrained decoding needs xgrammar (pip install xgrammar)") from exc
+                info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+            return self._compiler
+
+    def compile(self, constraint: tuple[str, str]) -> Any:
+        """The compiled grammar; ``ValueError`` carrying xgrammar's reason for a bad one."""
+        kind, text = constraint
+        compiler = self._get()
+        try:
+            if kind == "json_object":
+                return compiler.compile_builtin_json_grammar()
+            if kind == "json_schema":
+                # Compact JSON: free whitespace would let a weak model loop on newlines forever.
+                return compiler.compile_json_schema(text, any_whitespace=False)
+            if kind == "regex":
+                return compiler.compile_regex(text)
+            return compiler.compile_grammar(text)
+        except (RuntimeError, ValueError) as exc:
+            lines = str(exc).strip().splitlines() or [type(exc).__name__]
+            reason = _LOG_PREFIX.sub("", lines[0]).strip()  # drop "[hh:mm:ss] file.cc:123: "
+            raise ValueError(f"{kind}: {reason}") from None
+
+
+def new_matcher(compiled: Any) -> Any:
+    import xgrammar as xgr
+
+    return xgr.GrammarMatcher(compiled)
+
+
+class Masks:
+    """A reusable token bitmask for the constrained rows of a step."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+        self._buf: torch.Tensor | None = None
+
+    def apply(self, logits: torch.Tensor, matchers: list[Any]) -> None:
+        """``logits[i]`` of every row ``i`` whose matcher is not None: forbidden tokens to -inf."""
+        import xgrammar as xgr
+
+        rows = [i for i, m in enumerate(matchers) if m is not None]
+        if not rows:
+            return
+        if self._buf is None or self._buf.shape[0] < len(matchers):
+            self._buf = xgr.allocate_token_bitmask(max(len(matchers), 8), self.vocab_size)
+        for i in rows:
+            matchers[i].fill_next_token_bitmask(self._buf, i)
+        dev = "cpu" if logits.device.type == "cpu" else "auto"
+        xgr.apply_token_bitmask_inplace(logits, self._buf[: len(matchers)].to(logits.device),
+                                        vocab_size=self.vocab_size, indices=rows, backend=dev)

@@ -1,0 +1,153 @@
+"""Constrained decoding (xgrammar): JSON schemas, regexes, grammars and choices, in the engine and
+through TGI's `grammar` and OpenAI's `response_format`.
+
+The engine here is a tiny random Llama with the default model's tokenizer: its outputs follow the
+constraint only because of the constraint, so every output validating is a test of the mechanism.
+"""
+from __future__ import annotations
+
+import json
+import re
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+pytest.importorskip("xgrammar")
+from schema_corpus import SCHEMAS  # noqa: E402
+from served import Served, tiny_chat_pipeline, wait_idle  # noqa: E402
+
+from hf_paged.server import create_app  # noqa: E402
+
+PROMPT = [{"role": "user", "content": "Answer in JSON."}]
+BUDGET = 400  # tokens: every schema of the corpus completes well within it
+
+
+@pytest.fixture(scope="module")
+def pipe():
+    p = tiny_chat_pipeline(max_model_len=512, kv_memory="64MiB", max_num_seqs=64)
+    yield p
+    p.close()
+
+
+@pytest.mark.parametrize("sampled", [False, True], ids=["greedy", "sampled"])
+def test_every_schema_of_the_corpus_validates(pipe, sampled):
+    kw = dict(do_sample=True, temperature=1.0, seed=7) if sampled else dict(do_sample=False)
+    handles = [pipe.submit(PROMPT, max_new_tokens=BUDGET, json_schema=schema, **kw) for schema in SCHEMAS]
+    for schema, handle in zip(SCHEMAS, handles):
+        res = handle.result(timeout=300)
+        assert res.finish_reason == "stop", (schema, res.text)
+        jsonschema.validate(json.loads(res.text), schema)
+
+
+def test_siblings_each_follow_the_schema(pipe):
+    schema = SCHEMAS[15]
+    res = pipe.generate(PROMPT, max_new_tokens=BUDGET, json_schema=schema, do_sample=True, seed=3,
+                        num_return_sequences=4)
+    assert len({o.text for o in res.outputs}) > 1
+    for o in res.outputs:
+        jsonschema.validate(json.loads(o.text), schema)
+
+
+@pytest.mark.parametrize("pattern", [r"[0-9]{3}-[0-9]{4}", r"(yes|no)!", r"[a-z]{2,6}@[a-z]{3}\.(com|org)",
+                                     r"\d+(\.\d{1,2})?", r"(ab|cd){1,3}x"])
+def test_regex_outputs_fullmatch(pipe, pattern):
+    for seed in (1, 2):
+        res = pipe.generate(PROMPT, max_new_tokens=64, regex=pattern, do_sample=True, seed=seed)
+        assert res.finish_reason == "stop" and re.fullmatch(pattern, res.text), res.text
+
+
+def test_choices_grammar_json_object_and_pydantic(pipe):
+    res = pipe.generate(PROMPT, max_new_tokens=16, choices=["red", "green", "blue \"sky\""], do_sample=True, seed=4)
+    assert res.text in ("red", "green", "blue \"sky\"")
+    res = pipe.generate(PROMPT, max_new_tokens=16, grammar='root ::= "A" ("B" | "C")*  "!"', do_sample=False)
+    assert re.fullmatch(r"A[BC]*!", res.text) or res.finish_reason == "length"
+    res = pipe.generate(PROMPT, max_new_tokens=BUDGET, json_schema=True, do_sample=False)
+    assert res.finish_reason == "length" or isinstance(json.loads(res.text), (dict, list, str, int, float, bool))
+
+    from pydantic import BaseModel, Field
+
+    class Item(BaseModel):
+        name: str = Field(max_length=6)
+        count: int = Field(ge=0, le=99)
+
+    res = pipe.generate(PROMPT, max_new_tokens=BUDGET, json_schema=Item, do_sample=False)
+    assert Item.model_validate_json(res.text)
+
+
+def test_cut_short_is_length(pipe):
+    res = pipe.generate(PROMPT, max_new_tokens=3, json_schema=SCHEMAS[12])
+    assert res.finish_reason == "length" and len(res.token_ids) == 3
+
+
+def test_bad_constraints_are_value_errors(pipe):
+    with pytest.raises(ValueError, match="json_schema: .*objec"):
+        pipe.submit(PROMPT, json_schema={"type": "objec"})
+    with pytest.raises(ValueError, match="regex: .*parenthesis"):
+        pipe.submit(PROMPT, regex="a(b")
+    with pytest.raises(ValueError, match="at most one constraint"):
+        pipe.submit(PROMPT, regex="a", choices=["a"])
+    with pytest.raises(ValueError, match="choices"):
+        pipe.submit(PROMPT, choices=[])
+    with pytest.raises(ValueError, match="json_schema: not valid JSON"):
+        pipe.submit(PROMPT, json_schema="{nope")
+
+
+# ---------------------------------------------------------------------------- server
+@pytest.fixture(scope="module")
+def srv(pipe):
+    s = Served(create_app(pipe, model_id="tiny", ui=False, close_pipeline=False))
+    yield s
+    s.stop()
+    wait_idle(pipe)
+
+
+def test_tgi_grammar_with_inference_client(srv):
+    from huggingface_hub import InferenceClient
+
+    client = InferenceClient(base_url=srv.url)
+    schema = SCHEMAS[13]
+    out = client.text_generation("Point:", max_new_tokens=BUDGET, grammar={"type": "json", "value": schema},
+                                 return_full_text=False)
+    jsonschema.validate(json.loads(out), schema)
+    out = client.text_generation("Code:", max_new_tokens=32, grammar={"type": "regex", "value": "[A-Z]{3}[0-9]"},
+                                 return_full_text=False)
+    assert re.fullmatch("[A-Z]{3}[0-9]", out)
+
+
+def test_openai_response_format_and_parse(srv):
+    openai = pytest.importorskip("openai")
+    from pydantic import BaseModel, Field
+
+    class Pet(BaseModel):
+        name: str = Field(max_length=8)
+        legs: int = Field(ge=0, le=8)
+
+    client = openai.OpenAI(base_url=f"{srv.url}/v1", api_key="-")
+    parsed = client.chat.completions.parse(model="tiny", messages=PROMPT, response_format=Pet, max_tokens=BUDGET,
+                                           temperature=0)
+    assert isinstance(parsed.choices[0].message.parsed, Pet)
+    r = client.chat.completions.create(model="tiny", messages=PROMPT, max_tokens=BUDGET, temperature=0,
+                                       response_format={"type": "json_schema", "json_schema": {
+                                           "name": "s", "schema": SCHEMAS[8], "strict": True}}, stream=True)
+    text = "".join(c.choices[0].delta.content or "" for c in r if c.choices)
+    jsonschema.validate(json.loads(text), SCHEMAS[8])
+
+
+@pytest.mark.parametrize("path,body,mentions", [
+    ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": {"type": "objec"}}}},
+     "objec"),
+    ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "a(b"}}}, "parenthesis"),
+    ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "xml", "value": "x"}}}, "grammar.type"),
+    ("/v1/chat/completions", {"messages": PROMPT, "response_format": {"type": "json_schema", "json_schema": {
+        "name": "x", "schema": {"type": "objec"}}}}, "objec"),
+    ("/v1/chat/completions", {"messages": PROMPT, "response_format": {"type": "yaml"}}, "response_format.type"),
+])
+def test_bad_grammar_is_422_and_disturbs_nothing(srv, path, body, mentions):
+    import httpx
+
+    with httpx.Client(base_url=srv.url, timeout=120) as c, c.stream(
+            "POST", "/generate_stream", json={"inputs": "Count:", "parameters": {"max_new_tokens": 40}}) as running:
+        r = c.post(path, json=body)
+        assert r.status_code == 422 and r.json()["error_type"] == "validation" and mentions in r.json()["error"]
+        frames = [line for line in running.iter_lines() if line.startswith("data:")]
+    assert len(frames) == 40 and "generated_text" in json.loads(frames[-1][5:])
