@@ -115,4 +115,7 @@ class Delivery:
                                  st.seq.top_logprobs if p.top_logprobs else None,
                                  st.stop_string if st.seq.finish_reason is FinishReason.STOP else None)
                 for st in streams]
-        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, error)
+        prompt_lps = None
+        if p.prompt_logprobs is not None and streams:
+            prompt_lps = [None, *streams[0].seq.prompt_logprobs]  # siblings share the first one's prompt
+        return RequestOutput(req.request_id, req.prompt, req.prompt_ids, outs, error, prompt_lps)

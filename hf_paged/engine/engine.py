@@ -15,6 +15,7 @@ Example::
 from __future__ import annotations
 
 import itertools
+import math
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -27,8 +28,8 @@ from .grammar import Masks, new_matcher
 from .outputs import FinishReason
 from .params import SamplingParams
 from .runner import Runner
-from .sampler import Sampler, SamplingRow
-from .scheduler import Scheduler
+from .sampler import LOGPROB_FLOOR, Sampler, SamplingRow
+from .scheduler import Schedule, Scheduler
 from .sequence import Sequence, SeqStatus
 from .stats import EngineStats
 
@@ -94,7 +95,10 @@ class Engine:
         sched = self.scheduler.schedule()
         if not sched.seqs:
             return []
-        logits = self.runner.run(sched)
+        every = [s.seq.params.prompt_logprobs is not None and s.start < s.seq.num_prompt for s in sched.seqs]
+        logits = self.runner.run(sched, every if any(every) else None)
+        if any(every):
+            logits = self._prompt_logprobs(sched, every, logits)
         sampling: list[Sequence] = []
         for s in sched.seqs:
             self.scheduler.advance(s)
@@ -113,6 +117,36 @@ class Engine:
         return [self._postprocess(seq, out.tokens[k], out.logprobs[k] if out.logprobs is not None else None,
                                   out.top_logprobs[k] if out.top_logprobs is not None else None)
                 for k, seq in enumerate(sampling)]
+
+    def _prompt_logprobs(self, sched: Schedule, every: list[bool], logits: torch.Tensor) -> torch.Tensor:
+        """Record prompt log-probabilities from the full-chunk rows; returns the sampling rows only."""
+        rows: list[int] = []
+        at = 0
+        for s, full in zip(sched.seqs, every):
+            if not full:
+                if s.samples:
+                    rows.append(at)
+                    at += 1
+                continue
+            seq, k = s.seq, s.seq.params.prompt_logprobs
+            # Row r (position start + r) predicts token start + r + 1; record the prompt tokens among
+            # those not recorded yet (a recomputed sequence passes over them again).
+            first = max(s.start + 1, len(seq.prompt_logprobs) + 1)
+            last = min(s.start + s.num_tokens, seq.num_prompt - 1)
+            if first <= last:
+                part = torch.log_softmax(logits[at + first - 1 - s.start: at + last - s.start], dim=-1)
+                targets = torch.tensor(seq.token_ids[first:last + 1]).view(-1, 1)
+                chosen = torch.nan_to_num(part.gather(1, targets).view(-1), nan=LOGPROB_FLOOR)
+                chosen = chosen.clamp_(min=LOGPROB_FLOOR).tolist()
+                tops = part.topk(k, dim=-1) if k else None
+                for j, lp in enumerate(chosen):
+                    top = [(t, max(v, LOGPROB_FLOOR)) for t, v in zip(tops.indices[j].tolist(), tops.values[j].tolist())
+                           if v > -math.inf] if tops is not None else []
+                    seq.prompt_logprobs.append((lp, top))
+            at += s.num_tokens
+            if s.samples:
+                rows.append(at - 1)
+        return logits.index_select(0, torch.tensor(rows, dtype=torch.long)) if rows else logits[:0]
 
     def _postprocess(self, seq: Sequence, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None) -> TokenRecord:

@@ -40,6 +40,9 @@ class RequestOutput:
     prompt_token_ids: list[int]
     outputs: list[CompletionOutput] = field(default_factory=list)
     error: str | None = None
+    # With prompt_logprobs: one entry per prompt token, None for the first (nothing predicts it), then
+    # (logprob, [(token, logprob) alternatives, best first]).
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
     @property
     def text(self) -> str:

@@ -66,6 +66,9 @@ class SamplingParams:
     seed: int | None = None
     logprobs: bool = False
     top_logprobs: int = 0
+    # Log-probability of each prompt token under the model (None: not computed), with this many
+    # alternatives each; the prompt is then computed in full even when its prefix is cached.
+    prompt_logprobs: int | None = None
     num_return_sequences: int = 1
     skip_special_tokens: bool = True
     # Constrained decoding (at most one): a JSON schema (dict, JSON text, pydantic model class, or True
@@ -110,6 +113,10 @@ class SamplingParams:
         self.top_logprobs = _int("top_logprobs", self.top_logprobs, low=0)
         if self.top_logprobs > MAX_TOP_LOGPROBS:
             raise ValueError(f"top_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.top_logprobs}")
+        if self.prompt_logprobs is not None:
+            self.prompt_logprobs = _int("prompt_logprobs", self.prompt_logprobs, low=0)
+            if self.prompt_logprobs > MAX_TOP_LOGPROBS:
+                raise ValueError(f"prompt_logprobs must be in [0, {MAX_TOP_LOGPROBS}], got {self.prompt_logprobs}")
         self.num_return_sequences = _int("num_return_sequences", self.num_return_sequences, low=1)
         if self.num_return_sequences > 1 and not self.do_sample:
             # Same rule as GenerationConfig.validate(): n greedy copies would all be identical.

@@ -24,18 +24,22 @@ class Runner:
         self._logits_to_keep = "logits_to_keep" in params
 
     @torch.inference_mode()
-    def run(self, schedule: Schedule) -> torch.Tensor:
-        """Logits ``[num_sampling_seqs, vocab]`` (float32), in schedule order of the sampling sequences."""
+    def run(self, schedule: Schedule, every_position: list[bool] | None = None) -> torch.Tensor:
+        """Logits (float32) of the last token of each sampling sequence, in schedule order; for a
+        scheduled sequence with ``every_position[i]``, of every token of its chunk instead (its last
+        row is then its sampling row, if it samples)."""
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
         keep: list[int] = []
-        for s in schedule.seqs:
+        for i, s in enumerate(schedule.seqs):
             end = s.start + s.num_tokens
             ids.extend(s.seq.token_ids[s.start:end])
             positions.extend(range(s.start, end))
             slots.extend(s.slots)
-            if s.samples:
+            if every_position is not None and every_position[i]:
+                keep.extend(range(len(ids) - s.num_tokens, len(ids)))
+            elif s.samples:
                 keep.append(len(ids) - 1)
         self.pool.copy_blocks(schedule.copies)
         meta = PagedMetadata.build(

@@ -121,8 +121,9 @@ class Scheduler:
         # 2. Waiting prompts (and preempted sequences), first come first served.
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
             seq = self.waiting[0]
-            if not seq.table.blocks:
-                # Leave one token to compute: its logits give the next token.
+            if not seq.table.blocks and seq.params.prompt_logprobs is None:
+                # Leave one token to compute: its logits give the next token. (A request for prompt
+                # log-probabilities computes its whole prompt: a cached block holds K/V, not logits.)
                 hit = self.allocator.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1)
                 seq.table = hit
                 seq.num_computed = hit.num_tokens

@@ -44,6 +44,8 @@ class Sequence:
     # Siblings (num_return_sequences) waiting for this sequence's prompt, whose blocks they will share.
     children: list["Sequence"] = field(default_factory=list)
     matcher: Any = None  # xgrammar GrammarMatcher of a constrained sequence (its own, siblings too)
+    # With params.prompt_logprobs: (logprob, top alternatives) of prompt tokens 1.. as they are computed.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
 
     @property
     def num_tokens(self) -> int:

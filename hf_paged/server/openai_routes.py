@@ -50,9 +50,9 @@ def _legacy_logprobs(state: ServerState, events: list[StreamEvent], offset: int)
     return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
-def _usage(gens: list[Generation]) -> dict:
+def _usage(gens: list[Generation], generated: bool = True) -> dict:
     prompt = sum(g.input_length for g in gens)
-    done = sum(len(o.token_ids) for g in gens if g.output for o in g.output.outputs)
+    done = sum(len(o.token_ids) for g in gens if g.output for o in g.output.outputs) if generated else 0
     return {"prompt_tokens": prompt, "completion_tokens": done, "total_tokens": prompt + done}
 
 
@@ -135,15 +135,36 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     finally:
         permit.release()
     _raise_failed(gens)
+    scoring = kwargs["prompt_logprobs"] is not None and req.max_tokens == 0  # the prompt alone, scored
     choices = []
     for i, (gen, events) in enumerate(zip(gens, all_events, strict=True)):
         for out in gen.output.outputs:
-            toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
-            logprobs = _legacy_logprobs(state, toks, len(echoes[i])) if req.logprobs is not None else None
-            choices.append({"index": i * n + out.index, "text": echoes[i] + out.text, "logprobs": logprobs,
-                            "finish_reason": openai_finish_reason(out.finish_reason), "stop_reason": out.stop_string})
-    body = {**_envelope(state, "text_completion", rid, req.model), "choices": choices, "usage": _usage(gens)}
+            toks = [] if scoring else [ev for ev in events if ev.token_id is not None and ev.index == out.index]
+            logprobs = None
+            if req.logprobs is not None:
+                logprobs = _legacy_logprobs(state, toks, len(echoes[i]))
+                if gen.output.prompt_logprobs is not None:
+                    logprobs = _with_prompt(state, gen, logprobs)
+            choices.append({"index": i * n + out.index, "text": echoes[i] + ("" if scoring else out.text),
+                            "logprobs": logprobs, "finish_reason": openai_finish_reason(out.finish_reason),
+                            "stop_reason": out.stop_string})
+    body = {**_envelope(state, "text_completion", rid, req.model), "choices": choices,
+            "usage": _usage(gens, generated=not scoring)}
     return JSONResponse(body)
+
+
+def _with_prompt(state: ServerState, gen: Generation, generated: dict) -> dict:
+    """Legacy logprobs with the echoed prompt's tokens first (the first token's logprob is null)."""
+    tokens, lps, tops, offsets, offset = [], [], [], [], 0
+    for t, entry in zip(gen.handle.prompt_ids, gen.output.prompt_logprobs, strict=True):
+        text = state.token_text(t)
+        tokens.append(text)
+        lps.append(None if entry is None else entry[0])
+        tops.append(None if entry is None else {state.token_text(a): lp for a, lp in entry[1]})
+        offsets.append(offset)
+        offset += len(text)
+    return {"tokens": tokens + generated["tokens"], "token_logprobs": lps + generated["token_logprobs"],
+            "top_logprobs": tops + generated["top_logprobs"], "text_offset": offsets + generated["text_offset"]}
 
 
 def _echo(state: ServerState, prompt: str | list[int]) -> str:

@@ -84,8 +84,9 @@ async def _generate(state: ServerState, req: GenerateRequest, http: Request,
     details = None
     if p.details or p.decoder_input_details:
         toks = [ev for ev in events if ev.token_id is not None]
-        prefill = [PrefillToken(id=t, text=state.token_text(t), logprob=None) for t in gen.handle.prompt_ids] \
-            if p.decoder_input_details else []
+        prompt_lps = gen.output.prompt_logprobs or [None] * len(gen.handle.prompt_ids)
+        prefill = [PrefillToken(id=t, text=state.token_text(t), logprob=None if e is None else e[0])
+                   for t, e in zip(gen.handle.prompt_ids, prompt_lps, strict=True)] if p.decoder_input_details else []
         details = Details(
             finish_reason=finish_reason(out.finish_reason, out.stop_string),
             generated_tokens=len(out.token_ids), seed=kwargs.get("seed"), prefill=prefill,

@@ -103,7 +103,8 @@ def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[s
     return dict(max_new_tokens=p.max_new_tokens, do_sample=sampling, temperature=temperature, top_k=top_k,
                 top_p=top_p, typical_p=typical_p, repetition_penalty=p.repetition_penalty or 1.0,
                 frequency_penalty=p.frequency_penalty or 0.0, stop=stop, seed=seed if sampling else None,
-                logprobs=True, top_logprobs=top_n, **constraint)
+                logprobs=True, top_logprobs=top_n, prompt_logprobs=0 if p.decoder_input_details else None,
+                **constraint)
 
 
 def tgi_grammar(grammar: Any) -> dict[str, Any]:
@@ -200,12 +201,17 @@ def completion_params(req: CompletionRequest, limits: Limits) -> dict[str, Any]:
         raise validation_error("`best_of` != 1 is not allowed for this endpoint")
     if req.logprobs is not None and not 0 <= req.logprobs <= 5:
         raise validation_error(f"`logprobs` must be >= 0 and <= 5. Given: {req.logprobs}")
-    if req.max_tokens is not None and req.max_tokens <= 0:
-        raise validation_error("`max_tokens` must be strictly positive")
+    scoring = bool(req.echo) and req.max_tokens == 0  # prompt scoring (lm-evaluation-harness's loglikelihood)
+    if req.max_tokens is not None and req.max_tokens <= 0 and not scoring:
+        raise validation_error("`max_tokens` must be strictly positive (0 only with `echo`)")
+    if scoring and req.stream:
+        raise validation_error("`max_tokens` 0 (prompt scoring) is not supported when streaming")
     check_repetition_penalty(req.repetition_penalty)
     out = _openai_sampling(req, limits, 1 if req.n is None else req.n)
-    out.update(max_new_tokens=req.max_tokens, repetition_penalty=req.repetition_penalty,
-               logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0)
+    # A scoring request runs one step (the prompt's logits) and returns no generated token.
+    out.update(max_new_tokens=1 if scoring else req.max_tokens, repetition_penalty=req.repetition_penalty,
+               logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
+               prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
     return out
 
 
