@@ -1,7 +1,6 @@
 """IncrementalDetokenizer: deltas add up to decode(), never split a character, never leak a stop string."""
 from __future__ import annotations
 
-import pathlib
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -14,7 +13,6 @@ LINES = ["héllo wörld 日本語 🙂", "hello world, hello there", "the quick 
          "日本語のテキスト 🙂🙂 emoji", "naïve café résumé", "lo lo lo wo wo\n\nend"] * 3
 PIECES = ["héllo", " wörld", " 日本語", " 🙂", "lo", " wo", "\n\n", "é", "語", "🙂🙂", "x", " "]
 STOPS = ["lo", "ö", "本語", " w", "🙂", "l", "wörld", "\n\n", "xyz", "o w"]
-SMOL = pathlib.Path.home() / ".cache" / "hf_paged" / "SmolLM2-135M-Instruct"
 
 
 @pytest.fixture(scope="module")
@@ -147,7 +145,6 @@ def test_bad_stop():
         IncrementalDetokenizer(None, [], stop=[""])
 
 
-@pytest.mark.skipif(not (SMOL / "tokenizer.json").exists(), reason="default model tokenizer not cached")
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(data=st.data(), skip=st.booleans(), stops=st.lists(st.sampled_from(STOPS), max_size=2, unique=True))
 def test_smollm2_tokenizer(smol_tok, data, skip, stops):
@@ -162,9 +159,10 @@ def test_smollm2_tokenizer(smol_tok, data, skip, stops):
 
 @pytest.fixture(scope="module")
 def smol_tok():
-    from transformers import AutoTokenizer
+    """The default model's tokenizer, converted on first use (never skipped on a fresh clone)."""
+    from hf_paged.models import _load_tokenizer, ensure_default_model
 
-    return AutoTokenizer.from_pretrained(SMOL)
+    return _load_tokenizer(ensure_default_model())
 
 
 def _byte_level(text: str) -> list[str]:

@@ -163,6 +163,14 @@ def test_eos_and_stop_string_told_apart_through_both_apis(http, pipe):
         assert (choice["finish_reason"], choice["stop_reason"]) == ("stop", want)
 
 
+def test_chat_tokenize(http, pipe):
+    msgs = [{"role": "user", "content": "Hello there"}]
+    r = http.post("/chat_tokenize", json={"messages": msgs}).json()
+    assert r["templated_text"] == pipe.tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=True)
+    assert [t["id"] for t in r["tokenize_response"]] == pipe.encode(msgs)
+    assert "".join(t["text"] for t in r["tokenize_response"]) == r["templated_text"]
+
+
 def test_tokenize(http, pipe):
     toks = http.post("/tokenize", json={"inputs": "Hello world"}).json()
     assert [t["id"] for t in toks] == pipe.tokenizer("Hello world")["input_ids"]

@@ -49,7 +49,8 @@ def app():
 # Every operation of the schema; test_schema_lists_every_route keeps this list honest.
 OPERATIONS = [("POST", "/generate"), ("POST", "/generate_stream"), ("POST", "/"), ("POST", "/tokenize"),
               ("GET", "/info"), ("GET", "/health"), ("GET", "/ping"), ("GET", "/"),
-              ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("GET", "/v1/models"),
+              ("POST", "/v1/chat/completions"), ("POST", "/v1/completions"), ("POST", "/chat_tokenize"),
+              ("GET", "/v1/models"),
               ("GET", "/metrics"), ("GET", "/engine/stats"), ("GET", "/engine/blocks")]
 
 

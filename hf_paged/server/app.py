@@ -99,7 +99,7 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
 
     def count_rejected(path: str) -> None:
         # A generation request refused before its route ran (bad JSON, wrong types, too large).
-        if path in GENERATION_ROUTES - {"/tokenize"}:
+        if path in GENERATION_ROUTES - {"/tokenize", "/chat_tokenize"}:
             metrics.request()
             metrics.failure("validation")
 

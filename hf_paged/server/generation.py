@@ -185,6 +185,18 @@ def check_text_length(state: ServerState, prompt: Any) -> None:
                                f"at least {-(-chars // state.max_token_chars)} tokens")
 
 
+def tokenize_text(state: ServerState, text: str, add_special_tokens: bool = True) -> list[dict]:
+    """TGI's token list (``id``, ``text``, ``start``, ``stop``: character offsets) of ``text``, which
+    must fit ``max_input_tokens`` (no route would take more). Runs on a validation worker. A templated
+    chat already holds its special tokens (``add_special_tokens=False``)."""
+    enc = state.pipe.tokenizer(text, return_offsets_mapping=True, add_special_tokens=add_special_tokens)
+    if len(enc["input_ids"]) > state.limits.max_input_tokens:
+        raise validation_error(f"`inputs` must have less than {state.limits.max_input_tokens} tokens. "
+                               f"Given: {len(enc['input_ids'])}")
+    return [{"id": i, "text": text[a:b], "start": a, "stop": b}
+            for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+
+
 def submit(state: ServerState, ids: list[int], kwargs: dict[str, Any], outcome: Outcome, started: float) -> Generation:
     """Queue a validated request; the engine's own checks (SamplingParams) still answer 422."""
     try:

@@ -11,8 +11,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from .errors import payload_too_large, unauthorized
 
 # TGI puts these behind the API key (its `base_routes`); info, health, metrics and models stay open.
-GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/tokenize", "/v1/chat/completions",
-                               "/v1/completions"})
+GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/tokenize", "/chat_tokenize",
+                               "/v1/chat/completions", "/v1/completions"})
 
 
 class BearerAuth:

@@ -19,10 +19,12 @@ from fastapi.responses import Response
 
 from ..engine.outputs import StreamEvent
 from .encoding import JSONResponse
-from .errors import ERROR_RESPONSES, generation_error, openai_error_frame
-from .generation import Generation, SSEResponse, collect, merge, openai_finish_reason, sse, start
+from .errors import ERROR_RESPONSES, generation_error, openai_error_frame, validation_error
+from .generation import (Generation, SSEResponse, check_text_length, collect, merge, openai_finish_reason, sse,
+                         start, tokenize_text)
 from .guard import guarded
-from .openai_schemas import ChatCompletion, ChatRequest, Completion, CompletionRequest, ModelCard, ModelList
+from .openai_schemas import (ChatCompletion, ChatRequest, ChatTokenizeResponse, Completion, CompletionRequest,
+                             ModelCard, ModelList)
 from .state import ServerState, state_of
 from .validation import chat_messages, chat_params, completion_params, completion_prompts
 
@@ -197,6 +199,25 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
     if req.stream_options is not None and req.stream_options.include_usage:
         yield sse({**env, "choices": [], "usage": _usage(gens)})
     yield sse("[DONE]")
+
+
+@router.post("/chat_tokenize", responses={200: {"model": ChatTokenizeResponse}, **ERROR_RESPONSES})
+@guarded(counted=False)
+async def chat_tokenize(req: ChatRequest, request: Request) -> Response:
+    """TGI's ``/chat_tokenize``: the chat template applied to ``messages``, and its tokens."""
+    state = state_of(request)
+    messages = chat_messages(req.messages)
+
+    def run() -> dict:
+        check_text_length(state, messages)
+        tok = state.pipe.tokenizer
+        try:
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+        except Exception as exc:  # a template that cannot render these messages
+            raise validation_error(f"chat template: {type(exc).__name__}: {exc}") from None
+        return {"tokenize_response": tokenize_text(state, text, add_special_tokens=False), "templated_text": text}
+
+    return JSONResponse(await state.off_loop(run))
 
 
 @router.get("/v1/models", response_model=ModelList)

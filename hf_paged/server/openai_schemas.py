@@ -12,7 +12,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field, model_validator
 
-from .schemas import Strict
+from .schemas import SimpleToken, Strict
 
 # OpenAI's roles; "developer" is what newer OpenAI clients send instead of "system" (and is sent to the
 # chat template as "system", which every template knows).
@@ -100,6 +100,11 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int = 0
     owned_by: str
+
+
+class ChatTokenizeResponse(BaseModel):
+    tokenize_response: list[SimpleToken]
+    templated_text: str
 
 
 class ModelList(BaseModel):

@@ -19,7 +19,8 @@ from fastapi.responses import Response
 
 from .encoding import JSONResponse
 from .errors import ERROR_RESPONSES, APIError, generation_error, validation_error
-from .generation import Generation, SSEResponse, check_text_length, collect, finish_reason, sse, start
+from .generation import (Generation, SSEResponse, check_text_length, collect, finish_reason, sse, start,
+                         tokenize_text)
 from .guard import guarded
 from .schemas import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info,
                       PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token, dump)
@@ -164,12 +165,7 @@ async def compat_generate(req: CompatGenerateRequest, request: Request) -> Respo
 
 def _tokens(state: ServerState, text: str) -> list[dict]:
     check_text_length(state, text)
-    enc = state.pipe.tokenizer(text, return_offsets_mapping=True)
-    if len(enc["input_ids"]) > state.limits.max_input_tokens:  # no route would take it: do not ship it
-        raise validation_error(f"`inputs` must have less than {state.limits.max_input_tokens} tokens. "
-                               f"Given: {len(enc['input_ids'])}")
-    return [{"id": i, "text": text[a:b], "start": a, "stop": b}
-            for i, (a, b) in zip(enc["input_ids"], enc["offset_mapping"], strict=True)]
+    return tokenize_text(state, text)
 
 
 @router.post("/tokenize", responses={200: {"model": list[SimpleToken]}, **ERROR_RESPONSES})
