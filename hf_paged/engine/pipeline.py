@@ -72,8 +72,9 @@ class PagedPipeline:
         return cls(model, tok, **kwargs)
 
     # ------------------------------------------------------------------ submission
-    def encode(self, prompt: Prompt) -> list[int]:
-        """Token ids of a string, a chat message list (chat template applied) or a token id list."""
+    def encode(self, prompt: Prompt, *, tools: list[dict] | None = None) -> list[int]:
+        """Token ids of a string, a chat message list (chat template applied, with ``tools`` where
+        given) or a token id list."""
         if lone_surrogate(prompt) is not None:
             raise ValueError("prompt: contains a lone UTF-16 surrogate, which is not valid Unicode text")
         if isinstance(prompt, str):
@@ -88,7 +89,8 @@ class PagedPipeline:
         if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ValueError("prompt: chat messages need a tokenizer with a chat template")
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True)
+            extra = {"tools": tools} if tools else {}
+            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, **extra)
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)

@@ -103,7 +103,7 @@ class Generation:
 
 
 async def start(state: ServerState, http: HTTPRequest, prompts: Sequence[Any], kwargs: dict[str, Any], *,
-                truncate: int | None = None) -> tuple[list[Generation], Permit]:
+                truncate: int | None = None, template: dict[str, Any] | None = None) -> tuple[list[Generation], Permit]:
     """Admit (one slot per sequence), tokenize every prompt, then submit them all or none.
 
     ``kwargs`` were validated by the route already, so a malformed request never takes a slot.
@@ -112,7 +112,7 @@ async def start(state: ServerState, http: HTTPRequest, prompts: Sequence[Any], k
     started = time.monotonic()
     permit = state.acquire(len(prompts) * kwargs.get("num_return_sequences", 1))
     with permit.held_until_handed_over():
-        prepared = await prepare_all(state, prompts, kwargs, truncate=truncate)
+        prepared = await prepare_all(state, prompts, kwargs, truncate=truncate, template=template)
         gens: list[Generation] = []
         try:
             for ids, kw in prepared:
@@ -125,13 +125,15 @@ async def start(state: ServerState, http: HTTPRequest, prompts: Sequence[Any], k
 
 
 async def prepare_all(state: ServerState, prompts: Sequence[Any], kwargs: dict[str, Any], *,
-                      truncate: int | None = None) -> list[tuple[list[int], dict[str, Any]]]:
+                      truncate: int | None = None,
+                      template: dict[str, Any] | None = None) -> list[tuple[list[int], dict[str, Any]]]:
     """:func:`prepare` for each prompt, on the validation workers (tokenizing is CPU-heavy)."""
-    return await state.off_loop(lambda: [prepare(state, p, kwargs, truncate=truncate) for p in prompts])
+    return await state.off_loop(lambda: [prepare(state, p, kwargs, truncate=truncate, template=template)
+                                         for p in prompts])
 
 
-def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *,
-            truncate: int | None = None) -> tuple[list[int], dict[str, Any]]:
+def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *, truncate: int | None = None,
+            template: dict[str, Any] | None = None) -> tuple[list[int], dict[str, Any]]:
     """Token ids and final kwargs: TGI's input/total token limits, truncation, default max_new_tokens.
     Runs on a validation worker (:func:`prepare_all`), never on the event loop."""
     limits = state.limits
@@ -142,7 +144,7 @@ def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *,
     else:
         check_text_length(state, prompt)
     try:
-        ids = state.pipe.encode(prompt)
+        ids = state.pipe.encode(prompt, **(template or {}))  # template: chat-template kwargs (tools)
         given = [(k, kwargs[k]) for k in CONSTRAINT_KINDS if kwargs.get(k) is not None]
         if len(given) == 1:  # compile here, on the worker (xgrammar caches it for the engine's submit)
             state.pipe.grammars.compile(normalize_constraint(*given[0]))

@@ -17,6 +17,7 @@ from contextlib import aclosing
 from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
+from ..engine.grammar import KINDS as CONSTRAINT_KINDS
 from ..engine.outputs import StreamEvent
 from .encoding import JSONResponse
 from .errors import ERROR_RESPONSES, generation_error, openai_error_frame, validation_error
@@ -26,6 +27,8 @@ from .guard import guarded
 from .openai_schemas import (ChatCompletion, ChatRequest, ChatTokenizeResponse, Completion, CompletionRequest,
                              ModelCard, ModelList)
 from .state import ServerState, state_of
+from .tools import AutoStream, ToolPlan, parse_output, plan_tools, tool_prompt
+from .tools import constraint as tool_constraint
 from .validation import chat_messages, chat_params, completion_params, completion_prompts
 
 router = APIRouter()
@@ -76,11 +79,16 @@ def _raise_failed(gens: list[Generation]) -> None:
 async def chat_completions(req: ChatRequest, request: Request) -> Response:
     state = state_of(request)
     kwargs = chat_params(req, state.limits)
-    messages = chat_messages(req.messages)
-    gens, permit = await start(state, request, [messages], kwargs)
+    plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+    if plan is not None and plan.calls_tools:
+        if any(kwargs.get(k) is not None for k in CONSTRAINT_KINDS):
+            raise validation_error("`tools` cannot be combined with `response_format`")
+        kwargs.update(tool_constraint(plan))
+    messages, template = tool_prompt(chat_messages(req.messages), plan, state.pipe.tokenizer)
+    gens, permit = await start(state, request, [messages], kwargs, template=template)
     rid = f"chatcmpl-{uuid.uuid4().hex[:24]}"
     if req.stream:
-        return SSEResponse(_chat_stream(state, gens[0], req, rid), permit, gens, openai_error_frame)
+        return SSEResponse(_chat_stream(state, gens[0], req, rid, plan), permit, gens, openai_error_frame)
     try:
         (events,) = await collect(gens, request)
     finally:
@@ -92,15 +100,24 @@ async def chat_completions(req: ChatRequest, request: Request) -> Response:
         toks = [ev for ev in events if ev.token_id is not None and ev.index == out.index]
         logprobs = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs) for ev in toks]} \
             if req.logprobs else None
-        choices.append({"index": out.index, "message": {"role": "assistant", "content": out.text},
-                        "logprobs": logprobs, "finish_reason": openai_finish_reason(out.finish_reason),
+        message, reason = {"role": "assistant", "content": out.text}, openai_finish_reason(out.finish_reason)
+        if plan is not None and plan.calls_tools:
+            content, calls = parse_output(out.text, plan)
+            if calls:
+                message, reason = {"role": "assistant", "content": content, "tool_calls": calls}, "tool_calls"
+        choices.append({"index": out.index, "message": message, "logprobs": logprobs, "finish_reason": reason,
                         "stop_reason": out.stop_string})
     body = {**_envelope(state, "chat.completion", rid, req.model), "choices": choices, "usage": _usage(gens)}
     return JSONResponse(body)
 
 
-async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, rid: str) -> AsyncIterator[bytes]:
+async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, rid: str,
+                       plan: ToolPlan | None) -> AsyncIterator[bytes]:
     env = _envelope(state, "chat.completion.chunk", rid, req.model)
+    tools = plan is not None and plan.calls_tools
+    # With tools, content is held back where it may be a call (auto) or is the call itself (required,
+    # named); the calls go out as one `delta.tool_calls` chunk when the choice ends.
+    held: dict[int, AutoStream] = {}
     async with aclosing(gen.events()) as events:
         async for ev in events:
             if ev.error is not None:
@@ -110,8 +127,21 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
                 continue
             logprobs = {"content": [_logprob_entry(state, ev.token_id, ev.logprob, ev.top_logprobs)]} \
                 if req.logprobs else None
-            choice = {"index": ev.index, "delta": {"role": "assistant", "content": ev.text},
-                      "logprobs": logprobs, "finish_reason": openai_finish_reason(ev.finish_reason),
+            text, reason, delta = ev.text, openai_finish_reason(ev.finish_reason), {"role": "assistant"}
+            if tools:
+                auto = held.setdefault(ev.index, AutoStream())
+                text = auto.push(text) if plan.mode == "auto" else ""
+                if plan.mode != "auto":
+                    auto.text += ev.text
+                if ev.finish_reason is not None:
+                    content, calls = parse_output(auto.text, plan)
+                    if calls:
+                        delta["tool_calls"] = [dict(c, index=k) for k, c in enumerate(calls)]
+                        reason = "tool_calls"
+                    else:  # no call after all: what was held back is content
+                        text += auto.text[auto.sent:] if plan.mode == "auto" else auto.text
+            delta["content"] = text
+            choice = {"index": ev.index, "delta": delta, "logprobs": logprobs, "finish_reason": reason,
                       "stop_reason": ev.stop_string}
             yield sse({**env, "choices": [choice], "usage": None})
     if req.stream_options is not None and req.stream_options.include_usage:

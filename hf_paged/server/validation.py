@@ -157,8 +157,6 @@ def _openai_sampling(req: ChatRequest | CompletionRequest, limits: Limits, n: in
 
 
 def chat_params(req: ChatRequest, limits: Limits) -> dict[str, Any]:
-    if req.tools:
-        raise validation_error("`tools` are not supported by hf_paged (no constrained decoding)")
     constraint = response_format(req.response_format)
     top = req.top_logprobs
     if top is not None and not 0 <= top <= MAX_OPENAI_TOP_LOGPROBS:

@@ -1,0 +1,107 @@
+"""OpenAI tool calling: named and required calls are constrained to the tools' schemas; auto parses the
+<tool_call> convention; the openai SDK round-trips calls, streamed and not; bad tool requests are 422."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+jsonschema = pytest.importorskip("jsonschema")
+openai = pytest.importorskip("openai")
+from served import Served, tiny_chat_pipeline, wait_idle  # noqa: E402
+
+from hf_paged.server import create_app  # noqa: E402
+from hf_paged.server.tools import AutoStream, ToolPlan, parse_output  # noqa: E402
+
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 10},
+                                            "unit": {"enum": ["C", "F"]}}, "required": ["city", "unit"]}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a", "b"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "description": "Weather of a city",
+                                           "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "description": "Add two numbers", "parameters": ADD}}]
+MSGS = [{"role": "user", "content": "What is the weather in Paris?"}]
+SCHEMA = {"get_weather": WEATHER, "add": ADD}
+
+
+@pytest.fixture(scope="module")
+def srv():
+    pipe = tiny_chat_pipeline(max_model_len=1024, kv_memory="64MiB")
+    s = Served(create_app(pipe, model_id="tiny", ui=False, close_pipeline=False))
+    s.client = openai.OpenAI(base_url=f"{s.url}/v1", api_key="-")
+    yield s
+    s.stop()
+    wait_idle(pipe)
+    pipe.close()
+
+
+def _check(call) -> None:
+    assert call.type == "function" and call.id.startswith("call_")
+    jsonschema.validate(json.loads(call.function.arguments), SCHEMA[call.function.name])
+
+
+@pytest.mark.parametrize("choice", [{"type": "function", "function": {"name": "add"}}, "required"])
+def test_forced_calls_round_trip(srv, choice):
+    # One call per answer keeps a random model's output finite (an array of calls could go on).
+    r = srv.client.chat.completions.create(model="tiny", messages=MSGS, tools=TOOLS, tool_choice=choice,
+                                           max_tokens=300, temperature=0, parallel_tool_calls=False)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls" and c.message.tool_calls
+    for call in c.message.tool_calls:
+        _check(call)
+    if isinstance(choice, dict):
+        assert [t.function.name for t in c.message.tool_calls] == ["add"]
+    stream = srv.client.chat.completions.create(model="tiny", messages=MSGS, tools=TOOLS, tool_choice=choice,
+                                                max_tokens=300, temperature=0, stream=True, parallel_tool_calls=False)
+    calls: dict[int, dict] = {}
+    reasons = []
+    for chunk in stream:
+        for ch in chunk.choices:
+            reasons.append(ch.finish_reason)
+            for d in ch.delta.tool_calls or []:
+                entry = calls.setdefault(d.index, {"name": "", "arguments": ""})
+                entry["name"] += d.function.name or ""
+                entry["arguments"] += d.function.arguments or ""
+    assert reasons[-1] == "tool_calls" and [v["name"] for v in calls.values()] == \
+        [t.function.name for t in c.message.tool_calls]
+    assert [json.loads(v["arguments"]) for v in calls.values()] == \
+        [json.loads(t.function.arguments) for t in c.message.tool_calls]
+
+
+def test_auto_and_none_answer_in_text_when_the_model_does(srv):
+    for choice in ("auto", "none"):
+        r = srv.client.chat.completions.create(model="tiny", messages=MSGS, tools=TOOLS, tool_choice=choice,
+                                               max_tokens=12, temperature=0)
+        assert r.choices[0].message.tool_calls is None and r.choices[0].message.content
+
+
+def test_auto_parsing_and_streaming_holdback():
+    plan = ToolPlan("auto", [{"name": "add", "description": "", "parameters": ADD}])
+    text = 'Sure. <tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    content, calls = parse_output(text, plan)
+    assert content == "Sure." and calls[0]["function"] == {"name": "add", "arguments": '{"a": 1, "b": 2}'}
+    assert parse_output("no call here", plan) == ("no call here", [])
+    bad = 'x <tool_call>{"name": "nope", "arguments": {}}</tool_call>'
+    assert parse_output(bad, plan) == (bad, [])  # unknown function: left as text
+    s = AutoStream()
+    out = "".join(s.push(d) for d in ["Sure", ". <to", "ol_call>", '{"name"'])
+    assert out == "Sure. " and s.calling
+    s = AutoStream()
+    assert "".join(s.push(d) for d in ["a <", "b"]) == "a <b"  # a lone "<" is released once it is not a tag
+
+
+@pytest.mark.parametrize("body,mentions", [
+    ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "unknown tool 'nope'"),
+    ({"response_format": {"type": "json_object"}}, "cannot be combined"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}],
+      "tool_choice": "required"}, "objec"),
+    ({"tools": [{"type": "function"}]}, "tools[0]"),
+    ({"tools": TOOLS * 2}, "unique"),
+    ({"tools": [], "tool_choice": "required"}, "needs `tools`"),
+])
+def test_bad_tool_requests_are_422(srv, body, mentions):
+    import httpx
+
+    r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": MSGS, "tools": TOOLS, **body,
+                                                            "max_tokens": 4}, timeout=60)
+    assert r.status_code == 422 and mentions in r.json()["error"], r.text
