@@ -19,6 +19,10 @@ and streams they drop after two tokens. It reports p99 latency of the good reque
 with and without chaos, their ratio (target <= 1.2), and the slowest ``/health`` answer seen.
 
     python benchmarks/serve_load.py --url http://127.0.0.1:8080 --chaos --rounds 3 --json
+
+``--constrained 0.5`` runs interleaved rounds of the load with every request free and with half of
+them constrained to a mid-sized JSON schema (``SCHEMA``), and reports the throughput ratio and the
+p99 inter-token latency of the unconstrained requests in both.
 """
 from __future__ import annotations
 
@@ -41,8 +45,21 @@ PROMPTS = [
 ]
 
 
+# A mid-sized schema for --constrained: nested object, array, enum, bounded numbers and strings.
+SCHEMA = {"type": "object", "properties": {
+    "title": {"type": "string", "maxLength": 40},
+    "rating": {"type": "integer", "minimum": 1, "maximum": 5},
+    "tags": {"type": "array", "items": {"type": "string", "maxLength": 16}, "maxItems": 4},
+    "author": {"type": "object", "properties": {"name": {"type": "string", "maxLength": 24},
+                                                "country": {"enum": ["FR", "DE", "US", "JP", "other"]}},
+               "required": ["name", "country"]},
+    "summary": {"type": "string", "maxLength": 120}},
+    "required": ["title", "rating", "tags", "author", "summary"]}
+
+
 @dataclass(slots=True)
 class Sample:
+    constrained: bool = False
     ok: bool = False
     error: str | None = None
     ttft: float | None = None
@@ -51,13 +68,18 @@ class Sample:
     tokens: int = 0
 
 
-async def one_request(client: httpx.AsyncClient, route: str, prompt: str, max_new_tokens: int) -> Sample:
+async def one_request(client: httpx.AsyncClient, route: str, prompt: str, max_new_tokens: int,
+                      constrained: bool = False) -> Sample:
     if route == "chat":
         path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "stream": True,
                                              "max_tokens": max_new_tokens, "temperature": 0}
+        if constrained:
+            body["response_format"] = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA}}
     else:
         path, body = "/generate_stream", {"inputs": prompt, "parameters": {"max_new_tokens": max_new_tokens}}
-    s = Sample()
+        if constrained:
+            body["parameters"]["grammar"] = {"type": "json", "value": SCHEMA}
+    s = Sample(constrained=constrained)
     start = last = time.perf_counter()
     try:
         async with client.stream("POST", path, json=body) as r:
@@ -158,7 +180,7 @@ async def health_probe(client: httpx.AsyncClient, stop: asyncio.Event, worst: li
         await asyncio.sleep(0.05)
 
 
-async def run(args: argparse.Namespace, chaos: bool = False) -> dict:
+async def run(args: argparse.Namespace, chaos: bool = False, constrained: float = 0.0) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     limits = httpx.Limits(max_connections=args.concurrency + 4)
     rng = random.Random(args.seed)
@@ -175,7 +197,9 @@ async def run(args: argparse.Namespace, chaos: bool = False) -> dict:
         async def client_task(i: int) -> Sample:
             await asyncio.sleep(max(0.0, begin + arrivals[i] - time.perf_counter()))
             async with slots:
-                return await one_request(client, args.route, PROMPTS[i % len(PROMPTS)], args.max_new_tokens)
+                # Every other request (by index) up to the fraction asked is constrained to SCHEMA.
+                c = constrained > 0 and (i % round(1 / constrained) == 0)
+                return await one_request(client, args.route, PROMPTS[i % len(PROMPTS)], args.max_new_tokens, c)
 
         stop, counts, worst = asyncio.Event(), {}, [0.0]
         side = [asyncio.ensure_future(health_probe(client, stop, worst))]
@@ -190,6 +214,9 @@ async def run(args: argparse.Namespace, chaos: bool = False) -> dict:
         leaked = await engine_leak(client, args.leak_timeout)
     out = summarize(samples, wall, leaked, args)
     out["health_worst_ms"] = round(worst[0] * 1000, 1)
+    free = [x for smp in samples if smp.ok and not smp.constrained for x in smp.itl]
+    out["itl_p99_unconstrained_ms"] = None if not free else round(_pct(free, 99) * 1000, 1)
+    out["constrained_requests"] = sum(smp.constrained for smp in samples)
     if chaos:
         out["chaos"] = dict(sorted(counts.items()))
         out["chaos_5xx"] = sum(v for k, v in counts.items() if k.rsplit(":", 1)[1].startswith("5"))
@@ -257,6 +284,24 @@ def markdown(r: dict) -> str:
     return head + "| metric | value |\n|---|---|\n" + "\n".join(f"| {k} | {v} |" for k, v in rows)
 
 
+async def constrained_rounds(args: argparse.Namespace) -> dict:
+    """Interleaved rounds: every request free, then a fraction constrained to SCHEMA."""
+    rounds = []
+    for i in range(args.rounds):
+        free = await run(args)
+        mixed = await run(args, constrained=args.constrained)
+        rounds.append({"round": i + 1, "free": free, "mixed": mixed,
+                       "throughput_ratio": round(mixed["tokens_per_s"] / free["tokens_per_s"], 3),
+                       "itl_p99_ratio": round(mixed["itl_p99_unconstrained_ms"] / free["itl_p99_unconstrained_ms"], 3)})
+    med = lambda k: statistics.median(r[k] for r in rounds)  # noqa: E731
+    return {"route": args.route, "requests": args.requests, "concurrency": args.concurrency,
+            "max_new_tokens": args.max_new_tokens, "constrained": args.constrained, "rounds": rounds,
+            "throughput_ratio_median": med("throughput_ratio"),
+            "throughput_ratio_min": min(r["throughput_ratio"] for r in rounds),
+            "itl_p99_ratio_median": med("itl_p99_ratio"), "itl_p99_ratio_max": max(r["itl_p99_ratio"] for r in rounds),
+            "errors": sum(r["free"]["errors"] + r["mixed"]["errors"] for r in rounds)}
+
+
 def chaos_markdown(r: dict) -> str:
     lines = ["| round | p99 latency alone (ms) | p99 latency with chaos (ms) | ratio | /health worst, chaos (ms) |",
              "|---|---|---|---|---|"]
@@ -283,11 +328,17 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     ap.add_argument("--chaos", action="store_true", help="rounds of the load alone and with hostile traffic")
     ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--constrained", type=float, default=0.0,
+                    help="rounds of the load free and with this fraction of requests constrained to a JSON schema")
     ap.add_argument("--chaos-clients", type=int, default=4)
     ap.add_argument("--chaos-rate", type=float, default=4.0,
                     help="chaos requests per second over all chaos clients (inf: each sends back to back)")
     ap.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="the server's body limit (for 413s)")
     args = ap.parse_args(argv)
+    if args.constrained:
+        result = asyncio.run(constrained_rounds(args))
+        print(json.dumps(result, indent=2))
+        return 1 if result["errors"] else 0
     if args.chaos:
         result = asyncio.run(chaos_rounds(args))
         print(json.dumps(result, indent=2) if args.json else chaos_markdown(result))

@@ -8,6 +8,7 @@ ordinary test run leaves the checkout clean; to a temporary file otherwise).
 from __future__ import annotations
 
 import asyncio
+import json
 import os
 import pathlib
 import shutil
@@ -23,7 +24,6 @@ httpx = pytest.importorskip("httpx")
 import hf_paged  # noqa: E402
 from hf_paged.engine.pipeline import PagedPipeline  # noqa: E402
 from hf_paged.server import create_app  # noqa: E402
-from hf_paged.server.app import load_demo_module  # noqa: E402
 from test_server import MODEL_ID, Served, wait_idle  # noqa: E402
 
 SCREENSHOT = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "ui.png"
@@ -59,7 +59,9 @@ def _idle_after(request):
 
 @pytest.fixture(scope="module")
 def demo():
-    return load_demo_module()
+    from hf_paged import ui
+
+    return ui
 
 
 def _browser():
@@ -150,6 +152,36 @@ def test_ui_chat_updates_block_view(server, pipe):
         assert seen_used > 0 or after["cached"] > before["cached"], (before, after, seen_used)
         if not shot:
             driver.save_screenshot(str(SCREENSHOT))
+    finally:
+        driver.quit()
+
+
+def test_ui_json_schema_mode(server, pipe):
+    """The chat's JSON-schema mode: the reply is JSON that follows the schema typed into the UI."""
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    schema = {"type": "object", "properties": {"color": {"enum": ["red", "green", "blue"]}}, "required": ["color"]}
+    question = "Pick a colour."
+    driver = _browser()
+    try:
+        driver.get(f"{server.url}/ui/")
+        _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#schema textarea"), 60, "the schema box")
+        driver.find_element(By.CSS_SELECTOR, "#schema textarea").send_keys(json.dumps(schema))
+        box = driver.find_element(By.CSS_SELECTOR, "#max-new input[type=number]")
+        box.send_keys(Keys.CONTROL, "a")
+        box.send_keys("32", Keys.TAB)
+        driver.find_element(By.CSS_SELECTOR, "#msg textarea").send_keys(question)
+        driver.find_element(By.CSS_SELECTOR, "#send").click()
+
+        def reply():
+            text = driver.find_element(By.CSS_SELECTOR, "#chat").text.split(question, 1)[-1].strip()
+            try:
+                return json.loads(text)
+            except ValueError:
+                return None
+
+        assert _wait(reply, 60, "a JSON reply")["color"] in ("red", "green", "blue")
     finally:
         driver.quit()
 

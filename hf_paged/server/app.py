@@ -13,10 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import hmac
-import importlib.util
 import logging
-import pathlib
-import sys
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -39,7 +36,6 @@ from .validation import Limits
 logger = logging.getLogger(__name__)
 
 UI_PATH = "/ui"
-_DEMO_FILE = pathlib.Path(__file__).resolve().parents[2] / "demos" / "gradio_app.py"
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_N = 16
 
@@ -134,29 +130,11 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
     return app
 
 
-def load_demo_module():
-    """``demos/gradio_app.py`` (a script next to the package, not part of it), or None if absent."""
-    name = "hf_paged_demo_gradio_app"
-    if name in sys.modules:
-        return sys.modules[name]
-    if not _DEMO_FILE.is_file():
-        return None
-    spec = importlib.util.spec_from_file_location(name, _DEMO_FILE)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 def _mount_ui(app: FastAPI, client: LocalEngineClient, api_key: str | None) -> None:
     try:
-        import gradio  # noqa: F401
+        from .. import ui as demo
     except ImportError:
         logger.warning("gradio is not installed (pip install 'hf-paged[demo]'): no UI at %s", UI_PATH)
-        return
-    demo = load_demo_module()
-    if demo is None:
-        logger.warning("%s not found (installed without the repository's demos/): no UI at %s", _DEMO_FILE, UI_PATH)
         return
     # With an API key the UI asks for it as the password: it can generate, so it must not be open.
     auth = (lambda _user, password: hmac.compare_digest(password, api_key)) if api_key else None
