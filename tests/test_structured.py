@@ -151,3 +151,22 @@ def test_bad_grammar_is_422_and_disturbs_nothing(srv, path, body, mentions):
         assert r.status_code == 422 and r.json()["error_type"] == "validation" and mentions in r.json()["error"]
         frames = [line for line in running.iter_lines() if line.startswith("data:")]
     assert len(frames) == 40 and "generated_text" in json.loads(frames[-1][5:])
+
+
+def test_constraints_compose_with_preemption_stop_strings_and_prefix_cache():
+    small = tiny_chat_pipeline(max_model_len=512, kv_memory=None, num_blocks=32, block_size=16, max_num_seqs=16)
+    try:
+        # 60 digits each: about 120 tokens per output, 12 outputs cannot all fit in 32 blocks of 16.
+        long = {"type": "array", "items": {"type": "integer", "minimum": 0, "maximum": 9}, "minItems": 60,
+                "maxItems": 60}
+        handles = [small.submit(PROMPT, max_new_tokens=BUDGET, json_schema=long, do_sample=True, seed=i)
+                   for i in range(12)]
+        for h in handles:
+            res = h.result(timeout=300)
+            jsonschema.validate(json.loads(res.text), long)
+        stats = small.stats()
+        assert stats.preemptions > 0 and stats.prefix_hit_rate > 0  # recomputed, and the prompt was shared
+        cut = small.generate(PROMPT, max_new_tokens=BUDGET, json_schema=SCHEMAS[0], stop=['"'])
+        assert cut.finish_reason == "stop" and cut.outputs[0].stop_string == '"' and cut.text == "{"
+    finally:
+        small.close()

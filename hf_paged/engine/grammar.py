@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 _LOG_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
+CACHE_BYTES = 256 * 2**20
 # What SamplingParams accepts, by field; ``json_object`` (any JSON) is ``json_schema=True``.
 KINDS = ("json_schema", "regex", "grammar", "choices")
 
@@ -74,7 +75,8 @@ class Grammars:
                 except ImportError as exc:  # pragma: no cover - xgrammar is a dependency
                     raise ValueError("constrained decoding needs xgrammar (pip install xgrammar)") from exc
                 info = xgr.TokenizerInfo.from_huggingface(self.tokenizer, vocab_size=self.vocab_size)
-                self._compiler = xgr.GrammarCompiler(info, max_threads=2)
+                # Compiled grammars are cached (LRU, bounded): a repeated schema compiles once.
+                self._compiler = xgr.GrammarCompiler(info, max_threads=2, cache_limit_bytes=CACHE_BYTES)
             return self._compiler
 
     def compile(self, constraint: tuple[str, str]) -> Any:
