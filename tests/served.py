@@ -4,6 +4,8 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import transformers as tf
@@ -39,6 +41,19 @@ class Served:
     def stop(self) -> None:
         self.server.should_exit = True
         self.thread.join(timeout=30)
+
+
+@contextmanager
+def serving(pipe, **app_options) -> Iterator[Served]:
+    """``pipe`` behind a fresh app (no UI, the pipeline left open) on a uvicorn server, for a test module."""
+    from hf_paged.server import create_app
+
+    srv = Served(create_app(pipe, model_id="tiny", ui=False, close_pipeline=False, **app_options))
+    try:
+        yield srv
+    finally:
+        srv.stop()
+        wait_idle(pipe)
 
 
 def wait_idle(pipe, timeout: float = 15.0) -> dict:

@@ -6,9 +6,8 @@ import math
 
 import pytest
 import torch
-from served import Served, tiny_chat_pipeline, wait_idle
+from served import serving, tiny_chat_pipeline
 
-from hf_paged.server import create_app
 
 TEXT = "The capital of France is Paris, and the capital of Italy is Rome; " * 3
 
@@ -54,10 +53,8 @@ def test_siblings_and_sampling_keep_prompt_logprobs(pipe):
 
 @pytest.fixture(scope="module")
 def srv(pipe):
-    s = Served(create_app(pipe, model_id="tiny", ui=False, close_pipeline=False))
-    yield s
-    s.stop()
-    wait_idle(pipe)
+    with serving(pipe) as s:
+        yield s
 
 
 def test_tgi_decoder_input_details(srv, pipe):

@@ -19,7 +19,7 @@ httpx = pytest.importorskip("httpx")
 pytest.importorskip("fastapi")
 pytest.importorskip("uvicorn")
 
-from served import Served, failures, tiny_chat_pipeline, wait_idle  # noqa: E402
+from served import Served, failures, serving, tiny_chat_pipeline, wait_idle  # noqa: E402
 
 from hf_paged.server import create_app  # noqa: E402
 from hf_paged.server import openai_routes, tgi_routes  # noqa: E402
@@ -48,10 +48,8 @@ def pipe():
 
 @pytest.fixture(scope="module")
 def srv(pipe):
-    s = Served(create_app(pipe, model_id="tiny", ui=False, close_pipeline=False,
-                          max_concurrent_requests=MAX_CONCURRENT))
-    yield s
-    s.stop()
+    with serving(pipe, max_concurrent_requests=MAX_CONCURRENT) as s:
+        yield s
 
 
 @pytest.fixture

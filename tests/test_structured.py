@@ -14,9 +14,8 @@ import pytest
 jsonschema = pytest.importorskip("jsonschema")
 pytest.importorskip("xgrammar")
 from schema_corpus import SCHEMAS  # noqa: E402
-from served import Served, tiny_chat_pipeline, wait_idle  # noqa: E402
+from served import serving, tiny_chat_pipeline  # noqa: E402
 
-from hf_paged.server import create_app  # noqa: E402
 
 PROMPT = [{"role": "user", "content": "Answer in JSON."}]
 BUDGET = 400  # tokens: every schema of the corpus completes well within it
@@ -95,10 +94,8 @@ def test_bad_constraints_are_value_errors(pipe):
 # ---------------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def srv(pipe):
-    s = Served(create_app(pipe, model_id="tiny", ui=False, close_pipeline=False))
-    yield s
-    s.stop()
-    wait_idle(pipe)
+    with serving(pipe) as s:
+        yield s
 
 
 def test_tgi_grammar_with_inference_client(srv):
