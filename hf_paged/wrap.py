@@ -192,12 +192,23 @@ def wrap(model: torch.nn.Module, *, config: EngineConfig | None = None, **option
     given as ``config=`` and/or as keyword arguments. Idempotent: wrapping a wrapped model with the same
     options changes nothing; other options rebuild the pool.
 
+    A PEFT ``PeftModel`` is wrapped through its base model (where PEFT injected the LoRA layers), so
+    ``generate()`` of the wrapped PeftModel equals the unwrapped one, after ``set_adapter`` too.
+
     Steps: (1) check the architecture, (2) register the paged attention and mask functions and switch
     the model to them, (3) allocate the pool, (4) add the forward hooks and the paged ``generate``,
     (5) on CPU, reroute ``nn.Linear`` and RMSNorm forwards to the C++ kernels
     (:mod:`hf_paged.kernels.cpu_layers`; same results, verified per module at install).
     """
     config = EngineConfig.from_kwargs(config, **options)
+    if _is_peft(model):
+        # A PeftModel's generate() and forward() end in its base transformers model, where the LoRA
+        # layers were injected: that model gets the hooks, the cache and the pool.
+        peft_config = getattr(model, "active_peft_config", None)
+        if getattr(peft_config, "is_prompt_learning", False):
+            raise _unsupported(model, "prompt-learning PEFT methods add virtual tokens outside the KV blocks")
+        wrap(model.get_base_model(), config=config)
+        return model
     options = config.kv_options()
     kv_memory, num_blocks, block_size = config.kv_memory, config.num_blocks, config.block_size
     state = getattr(model, "_hf_paged", None)
@@ -227,8 +238,21 @@ def wrap(model: torch.nn.Module, *, config: EngineConfig | None = None, **option
     return model
 
 
+def _is_peft(model: torch.nn.Module) -> bool:
+    return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
+
+
+def base_model(model: torch.nn.Module) -> torch.nn.Module:
+    """The transformers model that :func:`wrap` hooks: ``model`` itself, or a PeftModel's base model
+    (for LoRA, calling it runs the active adapters: PEFT injected them into its layers)."""
+    return model.get_base_model() if _is_peft(model) else model
+
+
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`wrap`: the model's own attention and caches again; the pool is dropped."""
+    if _is_peft(model):
+        unwrap(model.get_base_model())
+        return model
     state = getattr(model, "_hf_paged", None)
     if state is None:
         return model
@@ -252,11 +276,11 @@ def _set_attn(model: torch.nn.Module, name: str) -> None:
 
 
 def is_wrapped(model: torch.nn.Module) -> bool:
-    return getattr(model, "_hf_paged", None) is not None
+    return getattr(base_model(model), "_hf_paged", None) is not None
 
 
 def kv_pool(model: torch.nn.Module) -> KVPool:
     """The pool of a wrapped model (for stats and tests)."""
     if not is_wrapped(model):
         raise ValueError("model is not wrapped by hf_paged.wrap()")
-    return model._hf_paged.pool
+    return base_model(model)._hf_paged.pool

@@ -20,7 +20,7 @@ import torch
 
 from ..config import EngineConfig
 from ..kv.pool import KVPool
-from ..wrap import kv_pool, wrap
+from ..wrap import base_model, kv_pool, wrap
 from .delivery import Delivery
 from .engine import Engine
 from .grammar import Grammars
@@ -52,7 +52,8 @@ class PagedPipeline:
         self.pool: KVPool = kv_pool(model)
         ctx = getattr(model.config, "max_position_embeddings", None) or 2**31
         self.max_model_len = min(config.max_model_len or ctx, ctx)
-        self.engine = Engine(model, self.pool, max_num_seqs=config.max_num_seqs,
+        # The base transformers model runs the steps (a PeftModel's LoRA layers are inside it).
+        self.engine = Engine(base_model(model), self.pool, max_num_seqs=config.max_num_seqs,
                              max_batch_tokens=config.max_batch_tokens, max_model_len=self.max_model_len)
         self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
