@@ -6,7 +6,7 @@ import argparse
 
 import pytest
 import torch
-from tiny_models import build, load
+from tiny_models import IdTokenizer, build, load
 
 import hf_paged
 from hf_paged.config import EngineConfig, add_cli_arguments, from_cli
@@ -80,7 +80,7 @@ def test_engine_core_returns_records_and_knows_no_tokenizer(tiny):
 
 
 def test_engine_stats_is_typed_and_counts_one_way(tiny):
-    with hf_paged.PagedPipeline(tiny, _Tok(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
+    with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
         pipe.generate([1] + list(range(10, 40)), max_new_tokens=3)
         s = pipe.stats()
     assert isinstance(s, EngineStats)
@@ -94,21 +94,10 @@ def test_engine_stats_is_typed_and_counts_one_way(tiny):
     assert snap.states.count(2) == snap.cached and len(snap.states) == snap.total
 
 
-class _Tok:
-    """Text is the space-joined token ids (enough for the pipeline on a tiny model)."""
-
-    eos_token_id = 2
-    chat_template = None
-
-    def __call__(self, text, **kw):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, ids, skip_special_tokens=True, **kw):
-        return "".join(f" {i}" for i in ids if not (skip_special_tokens and i == 2))
 
 
 def test_finish_reason_eos_and_stop_string_in_the_engine(tiny):
-    with hf_paged.PagedPipeline(tiny, _Tok(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
+    with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
         free = pipe.generate([1, 5, 6, 7], max_new_tokens=12, ignore_eos=True)
         assert free.finish_reason is FinishReason.LENGTH and free.outputs[0].stop_string is None
         third = free.token_ids[2]
@@ -127,7 +116,7 @@ def test_finish_reason_eos_and_stop_string_in_the_engine(tiny):
 
 def test_sampling_is_unchanged_by_the_split(tiny):
     """Seeded sampling with siblings gives the same tokens whatever else is in the batch."""
-    with hf_paged.PagedPipeline(tiny, _Tok(), num_blocks=128, block_size=8, max_num_seqs=8) as pipe:
+    with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=128, block_size=8, max_num_seqs=8) as pipe:
         alone = pipe.generate([1, 9, 8, 7], max_new_tokens=6, do_sample=True, seed=11, num_return_sequences=3)
         with_others = pipe.generate([[1, 9, 8, 7], [1, 3, 3]], max_new_tokens=6, do_sample=True, seed=11,
                                     num_return_sequences=3)[0]

@@ -4,22 +4,13 @@ from __future__ import annotations
 
 import pytest
 import torch
-from tiny_models import build, load
+from tiny_models import IdTokenizer, build, load
 
 import hf_paged
 
 peft = pytest.importorskip("peft")
 
 
-class _Tok:
-    eos_token_id = 2
-    chat_template = None
-
-    def __call__(self, text, **kw):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, ids, skip_special_tokens=True, **kw):
-        return "".join(f" {i}" for i in ids)
 
 
 @pytest.fixture
@@ -47,7 +38,7 @@ def test_wrapped_peft_model_generates_like_the_unwrapped_one(peft_model):
         peft_model.set_adapter(name)
         out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
         assert torch.equal(out, refs[name]), name
-    with hf_paged.PagedPipeline(peft_model, _Tok(), num_blocks=64) as pipe:
+    with hf_paged.PagedPipeline(peft_model, IdTokenizer(), num_blocks=64) as pipe:
         got = pipe.generate([1, 5, 9, 12, 7], max_new_tokens=12, do_sample=False, ignore_eos=True)
     assert got.token_ids == refs["default"][0, 5:].tolist()
 

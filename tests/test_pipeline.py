@@ -8,27 +8,10 @@ import torch
 
 import hf_paged
 from hf_paged.engine.pipeline import PagedPipeline
-from tiny_models import VOCAB, build, load
+from tiny_models import VOCAB, IdTokenizer, build, load
 
 ENGINE_ARCHS = ["llama", "gemma2", "gpt2", "opt", "qwen3", "phi3", "gpt_neox", "gemma3_text"]
 
-
-class _IdTokenizer:
-    """Stands in for a tokenizer on the tiny models: text is the space-joined token ids."""
-
-    chat_template = None
-    pad_token_id = 0
-
-    def __call__(self, text):
-        return {"input_ids": [int(t) for t in text.split()]}
-
-    def decode(self, ids, skip_special_tokens=True, **kw):
-        return "".join(f" {i}" for i in ids if not (skip_special_tokens and i < 3))
-
-    def convert_ids_to_tokens(self, ids):
-        return [f" {i}" for i in ids]
-
-    all_special_ids = [0, 1, 2]
 
 
 def _prompts(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
@@ -54,7 +37,7 @@ def case(request, tiny_root):
 
 
 def _run(model, prompts, **engine):
-    pipe = PagedPipeline(model, _IdTokenizer(), **engine)
+    pipe = PagedPipeline(model, IdTokenizer(), **engine)
     try:
         reqs = [pipe.submit(ids, max_new_tokens=new, do_sample=False) for ids, new in prompts]
         res = [r.result(timeout=300) for r in reqs]

@@ -60,3 +60,22 @@ def build(arch: str, root: Path, seed: int = 0) -> Path:
 def load(path: Path) -> torch.nn.Module:
     model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
     return model.eval()
+
+
+class IdTokenizer:
+    """Stands in for a tokenizer on the tiny models: text is the space-joined token ids; ids below 3
+    (pad, bos, eos) are special."""
+
+    chat_template = None
+    pad_token_id = PAD
+    eos_token_id = EOS
+    all_special_ids = [PAD, BOS, EOS]
+
+    def __call__(self, text, **kw):
+        return {"input_ids": [int(t) for t in text.split()]}
+
+    def decode(self, ids, skip_special_tokens=True, **kw):
+        return "".join(f" {i}" for i in ids if not (skip_special_tokens and i < 3))
+
+    def convert_ids_to_tokens(self, ids):
+        return [f" {i}" for i in ids]
