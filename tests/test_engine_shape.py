@@ -94,8 +94,6 @@ def test_engine_stats_is_typed_and_counts_one_way(tiny):
     assert snap.states.count(2) == snap.cached and len(snap.states) == snap.total
 
 
-
-
 def test_finish_reason_eos_and_stop_string_in_the_engine(tiny):
     with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
         free = pipe.generate([1, 5, 6, 7], max_new_tokens=12, ignore_eos=True)

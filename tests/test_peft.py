@@ -11,8 +11,6 @@ import hf_paged
 peft = pytest.importorskip("peft")
 
 
-
-
 @pytest.fixture
 def peft_model(tiny_root):
     base = load(build("llama", tiny_root))

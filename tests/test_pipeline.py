@@ -13,7 +13,6 @@ from tiny_models import VOCAB, IdTokenizer, build, load
 ENGINE_ARCHS = ["llama", "gemma2", "gpt2", "opt", "qwen3", "phi3", "gpt_neox", "gemma3_text"]
 
 
-
 def _prompts(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     rng = random.Random(seed)
     lens = [1, 300, 2, 17, 64, 128, 5, 33, 250, 9, 16, 15, 100, 3, 48, 77][:n]
