@@ -46,8 +46,12 @@ class EngineConfig:
     max_model_len: int | None = field(default=None, metadata={
         "help": "longest sequence (prompt + output); default and upper bound: the model's context"})
 
+    lora_adapters: dict[str, str] | None = field(default=None, metadata={
+        "help": "PEFT LoRA adapters to serve, name=path[,name=path...]; requests pick one by name"})
+    max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank an adapter may have"})
+
     def __post_init__(self) -> None:
-        for name in ("block_size", "max_num_seqs", "max_batch_tokens"):
+        for name in ("block_size", "max_num_seqs", "max_batch_tokens", "max_lora_rank"):
             _positive_int(name, getattr(self, name))
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
@@ -58,6 +62,8 @@ class EngineConfig:
             parse_bytes(self.kv_memory)  # raises ValueError naming kv_memory
             if self.num_blocks is not None:
                 raise ValueError("give either kv_memory or num_blocks, not both")
+        if self.lora_adapters is not None:
+            object.__setattr__(self, "lora_adapters", _adapter_map(self.lora_adapters))
         if not isinstance(self.enable_prefix_caching, bool):
             raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
 
@@ -79,13 +85,26 @@ class EngineConfig:
                     enable_prefix_caching=self.enable_prefix_caching)
 
 
+def _adapter_map(value: Any) -> dict[str, str]:
+    """``{"name": path}`` from a mapping or from ``"name=path,name=path"``."""
+    if isinstance(value, str):
+        pairs = [p.partition("=") for p in value.split(",") if p.strip()]
+        if any(not sep for _, sep, _ in pairs):
+            raise ValueError(f"lora_adapters must be name=path[,name=path...], got {value!r}")
+        value = {name.strip(): path.strip() for name, _, path in pairs}
+    if not isinstance(value, dict) or not all(isinstance(k, str) and k and str(v) for k, v in value.items()):
+        raise ValueError(f"lora_adapters must map adapter names to PEFT adapter folders, got {value!r}")
+    return {k: str(v) for k, v in value.items()}
+
+
 def _positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
 
 
 _CLI_TYPES = {"block_size": int, "kv_memory": str, "num_blocks": _int_or_none, "enable_prefix_caching": _bool,
-              "max_num_seqs": int, "max_batch_tokens": int, "max_model_len": _int_or_none}
+              "max_num_seqs": int, "max_batch_tokens": int, "max_model_len": _int_or_none,
+              "lora_adapters": _adapter_map, "max_lora_rank": int}
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser, *, suppress_defaults: bool = False) -> None:

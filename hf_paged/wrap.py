@@ -201,7 +201,7 @@ def wrap(model: torch.nn.Module, *, config: EngineConfig | None = None, **option
     (:mod:`hf_paged.kernels.cpu_layers`; same results, verified per module at install).
     """
     config = EngineConfig.from_kwargs(config, **options)
-    if _is_peft(model):
+    if is_peft(model):
         # A PeftModel's generate() and forward() end in its base transformers model, where the LoRA
         # layers were injected: that model gets the hooks, the cache and the pool.
         peft_config = getattr(model, "active_peft_config", None)
@@ -238,19 +238,19 @@ def wrap(model: torch.nn.Module, *, config: EngineConfig | None = None, **option
     return model
 
 
-def _is_peft(model: torch.nn.Module) -> bool:
+def is_peft(model: torch.nn.Module) -> bool:
     return hasattr(model, "peft_config") and callable(getattr(model, "get_base_model", None))
 
 
 def base_model(model: torch.nn.Module) -> torch.nn.Module:
     """The transformers model that :func:`wrap` hooks: ``model`` itself, or a PeftModel's base model
     (for LoRA, calling it runs the active adapters: PEFT injected them into its layers)."""
-    return model.get_base_model() if _is_peft(model) else model
+    return model.get_base_model() if is_peft(model) else model
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     """Undo :func:`wrap`: the model's own attention and caches again; the pool is dropped."""
-    if _is_peft(model):
+    if is_peft(model):
         unwrap(model.get_base_model())
         return model
     state = getattr(model, "_hf_paged", None)

@@ -11,9 +11,9 @@ import hf_paged
 peft = pytest.importorskip("peft")
 
 
-@pytest.fixture
-def peft_model(tiny_root):
-    base = load(build("llama", tiny_root))
+@pytest.fixture(params=["llama", "qwen2"])
+def peft_model(tiny_root, request):
+    base = load(build(request.param, tiny_root))
     first = peft.LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj", "gate_proj"],
                             init_lora_weights=False)
     model = peft.get_peft_model(base, first).eval()
@@ -36,8 +36,15 @@ def test_wrapped_peft_model_generates_like_the_unwrapped_one(peft_model):
         peft_model.set_adapter(name)
         out = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False)
         assert torch.equal(out, refs[name]), name
+    # Seeded sampling too: the same logits give the same draws from the same global generator.
+    torch.manual_seed(3)
+    sampled = peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, top_k=0)
+    hf_paged.unwrap(peft_model)
+    torch.manual_seed(3)
+    assert torch.equal(peft_model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True,
+                                           top_k=0), sampled)
     with hf_paged.PagedPipeline(peft_model, IdTokenizer(), num_blocks=64) as pipe:
-        got = pipe.generate([1, 5, 9, 12, 7], max_new_tokens=12, do_sample=False, ignore_eos=True)
+        got = pipe.generate([1, 5, 9, 12, 7], max_new_tokens=12, do_sample=False, ignore_eos=True, adapter="default")
     assert got.token_ids == refs["default"][0, 5:].tolist()
 
 

@@ -42,7 +42,7 @@ class Delivery:
     def add(self, req: Request) -> None:
         """Start ``req``: its sequences go to the engine, their detokenizers stay here."""
         p = req.params
-        seqs = self.engine.add(req.prompt_ids, p, req.grammar)
+        seqs = self.engine.add(req.prompt_ids, p, req.grammar, req.adapter)
         streams = [_Stream(req, s, IncrementalDetokenizer(self.tokenizer, req.prompt_ids,
                                                           skip_special_tokens=p.skip_special_tokens, stop=p.stop))
                    for s in seqs]

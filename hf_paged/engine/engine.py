@@ -48,10 +48,10 @@ class TokenRecord:
 
 class Engine:
     def __init__(self, model: torch.nn.Module, pool: KVPool, *, max_num_seqs: int, max_batch_tokens: int,
-                 max_model_len: int) -> None:
+                 max_model_len: int, adapters: Any = None) -> None:
         self.pool = pool
         self.scheduler = Scheduler(pool.allocator, max_num_seqs, max_batch_tokens)
-        self.runner = Runner(model, pool)
+        self.runner = Runner(model, pool, adapters)
         self.sampler = Sampler(model.config.vocab_size)
         self.masks = Masks(model.config.vocab_size)
         self.max_model_len = max_model_len
@@ -61,14 +61,19 @@ class Engine:
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) per step
 
     # ------------------------------------------------------------------ sequences
-    def add(self, prompt_ids: list[int], params: SamplingParams, grammar: Any = None) -> list[Sequence]:
+    def add(self, prompt_ids: list[int], params: SamplingParams, grammar: Any = None,
+            adapter: Any = None) -> list[Sequence]:
         """Queue ``num_return_sequences`` sequences for one prompt; returns them, index order.
-        ``grammar``: the compiled constraint of ``params`` (each sequence gets its own matcher)."""
+        ``grammar``: the compiled constraint of ``params`` (each sequence gets its own matcher);
+        ``adapter``: the :class:`~hf_paged.lora.Adapter` they run (None: the base model)."""
+        if adapter is not None and adapter.unloaded:
+            raise ValueError(f"adapter: {adapter.name!r} was unloaded before this request started")
         seqs = []
         for i in range(params.num_return_sequences):
             gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
             seqs.append(Sequence(next(self._ids), list(prompt_ids), len(prompt_ids), params, i, generator=gen,
-                                 matcher=new_matcher(grammar) if grammar is not None else None))
+                                 matcher=new_matcher(grammar) if grammar is not None else None,
+                                 adapter=adapter))
         first = seqs[0]
         # Siblings wait for the first one's prompt and then share its blocks (copy-on-write).
         first.children = seqs[1:]
@@ -85,6 +90,10 @@ class Engine:
             seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
         else:
             self.scheduler.finish(seq, reason)
+
+    def sequences_of(self, adapter: Any) -> int:
+        """Unfinished sequences that run ``adapter``."""
+        return sum(s.adapter is adapter for s in (*self.scheduler.running, *self.scheduler.waiting))
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()

@@ -13,6 +13,7 @@ import itertools
 import logging
 import queue
 import threading
+from concurrent.futures import Future
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -20,6 +21,7 @@ import torch
 
 from ..config import EngineConfig
 from ..kv.pool import KVPool
+from ..lora import AdapterSet
 from ..wrap import base_model, kv_pool, wrap
 from .delivery import Delivery
 from .engine import Engine
@@ -52,12 +54,18 @@ class PagedPipeline:
         self.pool: KVPool = kv_pool(model)
         ctx = getattr(model.config, "max_position_embeddings", None) or 2**31
         self.max_model_len = min(config.max_model_len or ctx, ctx)
-        # The base transformers model runs the steps (a PeftModel's LoRA layers are inside it).
+        # LoRA adapters: a PeftModel's own, those of config.lora_adapters, and any loaded later; the
+        # batched LoRA layers run each request's adapter (None: the base model) in one step.
+        self.adapters = AdapterSet(model, max_rank=config.max_lora_rank)
+        for name, path in (config.lora_adapters or {}).items():
+            self.adapters.load(name, path)
+        # The base transformers model runs the steps (the LoRA layers are inside it).
         self.engine = Engine(base_model(model), self.pool, max_num_seqs=config.max_num_seqs,
-                             max_batch_tokens=config.max_batch_tokens, max_model_len=self.max_model_len)
+                             max_batch_tokens=config.max_batch_tokens, max_model_len=self.max_model_len,
+                             adapters=self.adapters)
         self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
-        self._inbox: queue.SimpleQueue[tuple[str, Request]] = queue.SimpleQueue()
+        self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -98,6 +106,8 @@ class PagedPipeline:
         raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
 
     def _make_request(self, prompt: Prompt, kwargs: dict) -> Request:
+        kwargs = dict(kwargs)  # generate() shares one dict between its prompts
+        adapter = self.adapters.get(kwargs.pop("adapter", None))  # ValueError naming the loaded ones
         ids = self.encode(prompt)
         params = SamplingParams.from_request(self.model.generation_config, prompt_length=len(ids), **kwargs)
         total = len(ids) + params.max_new_tokens
@@ -110,6 +120,7 @@ class PagedPipeline:
             raise ValueError(f"max_new_tokens: a sequence of {total} tokens needs {blocks} KV blocks but the "
                              f"pool has {self.pool.num_blocks}; raise kv_memory/num_blocks or lower max_new_tokens")
         req = Request(f"req-{next(self._ids)}", prompt, ids, params, self._cancel)
+        req.adapter = adapter
         if params.constraint is not None:
             req.grammar = self.grammars.compile(params.constraint)  # ValueError with xgrammar's reason
         return req
@@ -154,6 +165,37 @@ class PagedPipeline:
         async for ev in self.submit(prompt, **kwargs):
             yield ev
 
+    # ------------------------------------------------------------------ adapters
+    @property
+    def adapter_names(self) -> list[str]:
+        """The LoRA adapters requests can name (``adapter="name"``)."""
+        return self.adapters.names
+
+    def load_adapter(self, name: str, path: str) -> None:
+        """Load the PEFT LoRA adapter folder ``path`` as ``name``, while serving: it is loaded between
+        two engine steps. Raises ValueError (bad folder, rank above ``max_lora_rank``, name taken...)."""
+        self._call(self.adapters.load, name, path)
+
+    def unload_adapter(self, name: str) -> None:
+        """Unload adapter ``name``; refused (ValueError) while sequences run or wait on it."""
+        def unload() -> None:
+            in_use = self.engine.sequences_of(self.adapters.get(name))
+            if in_use:
+                raise ValueError(f"adapter {name!r} is in use by {in_use} running or waiting sequences; "
+                                 "cancel them or wait for them to finish")
+            self.adapters.unload(name)
+
+        self._call(unload)
+
+    def _call(self, fn, *args) -> Any:
+        """Run ``fn(*args)`` on the engine thread between two steps; returns its result or raises."""
+        if self._closed:
+            raise RuntimeError("pipeline is closed")
+        self._ensure_thread()
+        fut: Future = Future()
+        self._inbox.put(("call", (fn, args, fut)))
+        return fut.result()
+
     def stats(self) -> EngineStats:
         """Engine counters now (attributes, or ``stats()["blocks_used"]``; ``.as_dict()`` for JSON)."""
         return self.engine.stats()
@@ -178,6 +220,13 @@ class PagedPipeline:
             block = False
             if kind == "stop":
                 return False
+            if kind == "call":
+                fn, args, fut = req
+                try:
+                    fut.set_result(fn(*args))
+                except BaseException as exc:  # the caller gets it; the engine goes on
+                    fut.set_exception(exc)
+                continue
             if kind == "add":
                 if req.cancelled:
                     continue
@@ -199,6 +248,13 @@ class PagedPipeline:
                 logger.exception("engine step failed")
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
         self.delivery.cancel_all()
+        while True:  # calls queued behind the stop would otherwise wait forever
+            try:
+                kind, item = self._inbox.get_nowait()
+            except queue.Empty:
+                break
+            if kind == "call":
+                item[2].set_exception(RuntimeError("pipeline is closed"))
 
     @property
     def alive(self) -> bool:

@@ -28,6 +28,7 @@ class Request:
         self.prompt_ids = prompt_ids
         self.params = params
         self.grammar: Any = None  # the compiled constraint of params, if any (set by the pipeline)
+        self.adapter: Any = None  # the hf_paged.lora.Adapter it runs, None for the base model
         self._canceller = canceller
         self._events: queue.SimpleQueue[StreamEvent] = queue.SimpleQueue()
         self._async: list[tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = []

@@ -124,7 +124,8 @@ class Scheduler:
             if not seq.table.blocks and seq.params.prompt_logprobs is None:
                 # Leave one token to compute: its logits give the next token. (A request for prompt
                 # log-probabilities computes its whole prompt: a cached block holds K/V, not logits.)
-                hit = self.allocator.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1)
+                hit = self.allocator.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1,
+                                                 salt=seq.cache_salt)
                 seq.table = hit
                 seq.num_computed = hit.num_tokens
             n = min(seq.num_pending, budget)
@@ -156,4 +157,4 @@ class Scheduler:
         """Account the tokens just computed and publish the now-full blocks to the prefix cache."""
         seq = sched.seq
         seq.num_computed = sched.start + sched.num_tokens
-        self.allocator.publish(seq.table, seq.token_ids)
+        self.allocator.publish(seq.table, seq.token_ids, seq.cache_salt)

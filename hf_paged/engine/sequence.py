@@ -46,6 +46,12 @@ class Sequence:
     matcher: Any = None  # xgrammar GrammarMatcher of a constrained sequence (its own, siblings too)
     # With params.prompt_logprobs: (logprob, top alternatives) of prompt tokens 1.. as they are computed.
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
+    adapter: Any = None  # the hf_paged.lora.Adapter this sequence runs (None: the base model)
+
+    @property
+    def cache_salt(self) -> int | None:
+        """What besides the tokens its K/V depends on (the adapter), for the prefix cache."""
+        return None if self.adapter is None else self.adapter.uid
 
     @property
     def num_tokens(self) -> int:

@@ -100,4 +100,45 @@ def paged_attention(
     )
 
 
-__all__ = ["write_kv", "paged_attention", "resolve_backend", "BACKENDS"]
+def lora_device_args(ranks: list[int], scales: list[float], segments: list[tuple[int, int, int]],
+                     device: torch.device) -> tuple[torch.Tensor, ...]:
+    """``(ranks, scales, seg_start, seg_len, seg_slot)`` as the device tensors the Triton LoRA kernel reads."""
+    def t(values, dtype=torch.int32):
+        return torch.tensor(values, dtype=dtype, device=device)
+
+    return (t(ranks), t(scales, torch.float32), t([s for s, _, _ in segments]),
+            t([e - s for s, e, _ in segments]), t([slot for _, _, slot in segments]))
+
+
+def lora_add(
+    out: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    ranks: list[int],
+    scales: list[float],
+    segments: list[tuple[int, int, int]],
+    *,
+    device_args: tuple[torch.Tensor, ...] | None = None,
+    backend: str = "auto",
+) -> None:
+    """Segmented LoRA in place: ``out[s:e] += (x[s:e] @ a[slot].T) @ b[slot].T * scales[slot]`` for each
+    segment ``(s, e, slot)`` of packed tokens; ``x [T, K]``, ``out [T, N]``, ``a [S, R, K]``, ``b [S, N, R]``.
+
+    A slot of rank 0 (an adapter that does not target this layer) and tokens in no segment (the base
+    model) are left alone. ``device_args`` = ``(ranks, scales, seg_start, seg_len, seg_slot)`` as device
+    tensors, which the Triton kernel reads (built once per step, see :class:`hf_paged.lora.LoraBatch`).
+    """
+    chosen = resolve_backend(backend, x)
+    if chosen == "triton":
+        from .lora import lora_add_triton
+
+        if device_args is None:
+            device_args = lora_device_args(ranks, scales, segments, x.device)
+        ranks_t, scales_t, seg_start, seg_len, seg_slot = device_args
+        max_len = max((e - s for s, e, _ in segments), default=0)
+        return lora_add_triton(out, x, a, b, ranks_t, scales_t, seg_start, seg_len, seg_slot, max_len)
+    return reference.lora_add(out, x, a, b, ranks, scales, segments)
+
+
+__all__ = ["write_kv", "paged_attention", "lora_add", "resolve_backend", "BACKENDS"]

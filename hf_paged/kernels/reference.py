@@ -229,3 +229,19 @@ def _prefill(query, k_cache, v_cache, block_tables, cu, lens, q_lens, rows, out,
     res = _attend(q, k, v, mask[:, None], scale, softcap)  # [n, H, max_q, D]
     res = res.transpose(1, 2).reshape(n * max_q, num_heads, head_dim)
     out.index_copy_(0, src, res.index_select(0, dst).to(out.dtype))
+
+
+def lora_add(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: list[int],
+             scales: list[float], segments: list[tuple[int, int, int]]) -> None:
+    """In place: ``out[s:e] += (x[s:e] @ a[slot, :r].T) @ b[slot, :, :r].T * scale`` for each segment
+    ``(s, e, slot)`` whose slot has a rank ``r > 0`` in this layer (the order of PEFT's LoRA forward).
+
+    ``x [T, K]``, ``out [T, N]``, ``a [S, R, K]``, ``b [S, N, R]`` (ranks zero-padded to ``R``). On CPU this
+    is also the fast path: one pair of matmuls per adapter segment, and nothing for base-model rows.
+    """
+    for start, end, slot in segments:
+        r = ranks[slot]
+        if r == 0 or end <= start:
+            continue
+        v = x[start:end] @ a[slot, :r].T
+        out[start:end].addmm_(v, b[slot, :, :r].T, alpha=scales[slot])

@@ -45,6 +45,11 @@ def live_allocators() -> list["BlockAllocator"]:
     return list(_LIVE)
 
 
+def _root(salt: int | None) -> int | None:
+    """The parent hash of a chain's first block: chains of different salts never meet."""
+    return None if salt is None else hash(("salt", salt))
+
+
 def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
     """Hash of a full block given the hash of the block before it; equal prefixes give equal chains."""
     return hash((parent, tuple(tokens)))
@@ -80,6 +85,7 @@ class BlockAllocator:
         self._evictable: OrderedDict[int, None] = OrderedDict()
         self._hash: list[int | None] = [None] * num_blocks
         self._tokens: list[tuple[int, ...] | None] = [None] * num_blocks
+        self._salt: list[int | None] = [None] * num_blocks  # e.g. the LoRA adapter the K/V was computed under
         self._by_hash: dict[int, int] = {}
         self._lock = threading.RLock()
         self.prefix_queries = 0  # full blocks looked up in the prefix cache
@@ -166,6 +172,7 @@ class BlockAllocator:
             del self._by_hash[h]
         self._hash[block] = None
         self._tokens[block] = None
+        self._salt[block] = None
 
     # ------------------------------------------------------------------ tables
     def append_slots(self, table: BlockTable, n: int) -> tuple[list[int], list[tuple[int, int]]]:
@@ -234,11 +241,13 @@ class BlockAllocator:
                 self._unpublish(table.blocks[-1])
 
     # ------------------------------------------------------------------ prefix cache
-    def match_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None) -> BlockTable:
+    def match_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None,
+                     salt: int | None = None) -> BlockTable:
         """A table holding the longest cached run of full blocks that starts ``token_ids``.
 
         The returned blocks are referenced by the new table. ``max_tokens`` caps the match (an
-        engine must leave at least one token to compute).
+        engine must leave at least one token to compute). ``salt`` names what else the K/V depends on
+        (a LoRA adapter's id): blocks are only shared between lookups and publishes of one salt.
         """
         with self._lock:
             table = BlockTable()
@@ -246,14 +255,14 @@ class BlockAllocator:
                 return table
             bs = self.block_size
             limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
-            parent: int | None = None
+            parent = _root(salt)
             self.prefix_queries += limit // bs  # every full block that could have been reused
             for i in range(limit // bs):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
                 h = chain_hash(parent, chunk)
                 b = self._by_hash.get(h)
                 # Compare the tokens too: a hash collision must never return someone else's K/V.
-                if b is None or self._tokens[b] != chunk:
+                if b is None or self._tokens[b] != chunk or self._salt[b] != salt:
                     break
                 self.prefix_hits += 1
                 if self._ref[b] == 0:
@@ -265,17 +274,18 @@ class BlockAllocator:
             table.num_tokens = len(table.blocks) * bs
             return table
 
-    def publish(self, table: BlockTable, token_ids: Sequence[int]) -> None:
+    def publish(self, table: BlockTable, token_ids: Sequence[int], salt: int | None = None) -> None:
         """Publish the table's full blocks (whose K/V are written) under their chain hashes.
 
-        ``token_ids`` are the sequence's tokens; only the first ``table.num_tokens`` count.
+        ``token_ids`` are the sequence's tokens; only the first ``table.num_tokens`` count; ``salt`` as
+        in :meth:`match_prefix`.
         """
         if not self.enable_prefix_caching:
             return
         with self._lock:
             bs = self.block_size
             full = min(table.num_tokens, len(token_ids)) // bs
-            parent = table.hashes[-1] if table.hashes else None
+            parent = table.hashes[-1] if table.hashes else _root(salt)
             for i in range(len(table.hashes), full):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
                 h = chain_hash(parent, chunk)
@@ -283,6 +293,7 @@ class BlockAllocator:
                 if self._hash[b] is None and h not in self._by_hash:
                     self._hash[b] = h
                     self._tokens[b] = chunk
+                    self._salt[b] = salt
                     self._by_hash[h] = b
                 table.hashes.append(h)
                 parent = h

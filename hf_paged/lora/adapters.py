@@ -1,0 +1,180 @@
+"""AdapterSet: the LoRA adapters one engine serves over one base model, by name.
+
+Adapters are loaded with PEFT's own loading (``PeftModel.from_pretrained`` / ``load_adapter`` read the
+adapter folder's config and safetensors and inject the LoRA layers); this module only checks what the
+batched path supports, gives each adapter a slot in the stacked weights of every LoRA layer
+(:mod:`.layers`) and a unique id that salts the prefix cache, so K/V computed under one adapter is
+never reused for another (or for a later adapter loaded under the same name).
+
+Example::
+
+    adapters = AdapterSet(model)                  # a PeftModel's adapters are adopted by their names
+    adapters.load("sql", "/adapters/sql-lora")    # a folder written by PeftModel.save_pretrained
+    adapters.get("sql").slot, adapters.names       # -> 0, ['sql']
+"""
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from ..wrap import is_peft
+from . import layers
+from .layers import LoraBatch
+
+logger = logging.getLogger(__name__)
+
+MAX_RANK = 64
+
+
+@dataclass(slots=True, eq=False)
+class Adapter:
+    """One loaded adapter. ``uid`` is unique per load (the prefix-cache salt); ``slot`` indexes the
+    stacked weights; ``unloaded`` turns True when it is unloaded (requests still queued for it fail)."""
+
+    name: str
+    uid: int
+    slot: int
+    rank: int
+    target_modules: list[str] = field(default_factory=list)
+    path: str | None = None
+    unloaded: bool = False
+
+
+class AdapterSet:
+    """The adapters of one engine. Not thread-safe: PagedPipeline calls it from its engine thread."""
+
+    def __init__(self, model: torch.nn.Module, *, max_rank: int = MAX_RANK) -> None:
+        self.peft = model if is_peft(model) else None
+        self.base = model.get_base_model() if self.peft is not None else model
+        self.max_rank = max_rank
+        # Set by the runner for the duration of one engine forward (see layers._batched_forward).
+        self.batch: LoraBatch | None = None
+        self._by_name: dict[str, Adapter] = {}
+        self._uids = itertools.count(1)
+        self._layers: list[torch.nn.Module] = []
+        if self.peft is not None:
+            for name, config in self.peft.peft_config.items():
+                self._check_config(name, config)
+            for name, config in self.peft.peft_config.items():
+                self._register(name, config, None)
+            self._restack()
+
+    # ------------------------------------------------------------------ lookup
+    @property
+    def names(self) -> list[str]:
+        return list(self._by_name)
+
+    def __contains__(self, name: object) -> bool:
+        return name in self._by_name
+
+    def __len__(self) -> int:
+        return len(self._by_name)
+
+    @property
+    def has_layers(self) -> bool:
+        """True once the model holds PEFT LoRA layers (then every engine step sets a batch)."""
+        return bool(self._layers)
+
+    def get(self, name: str | None) -> Adapter | None:
+        """The adapter called ``name`` (None: the base model). Unknown names are a ValueError that lists
+        the loaded ones."""
+        if name is None:
+            return None
+        adapter = self._by_name.get(name) if isinstance(name, str) else None
+        if adapter is None:
+            loaded = ", ".join(repr(n) for n in self._by_name) or "none"
+            raise ValueError(f"adapter: {name!r} is not loaded; loaded adapters: {loaded}")
+        return adapter
+
+    # ------------------------------------------------------------------ load / unload
+    def load(self, name: str, path: str) -> Adapter:
+        """Load the PEFT LoRA adapter saved at ``path`` under ``name``."""
+        from peft import PeftConfig, PeftModel
+
+        if not isinstance(name, str) or not name.strip():
+            raise ValueError(f"adapter name must be a non-empty string, got {name!r}")
+        if name in self._by_name:
+            raise ValueError(f"adapter {name!r} is already loaded; unload it first")
+        try:
+            config = PeftConfig.from_pretrained(str(path))
+        except Exception as exc:
+            raise ValueError(f"adapter {name!r}: cannot read a PEFT adapter config at {path!r}: {exc}") from exc
+        self._check_config(name, config)
+        try:
+            if self.peft is None:
+                self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, config=config)
+            else:
+                self.peft.load_adapter(str(path), adapter_name=name)
+        except Exception as exc:
+            if self.peft is not None and name in self.peft.peft_config:
+                self.peft.delete_adapter(name)
+            raise ValueError(f"adapter {name!r} does not fit this model: {type(exc).__name__}: {exc}") from exc
+        self.peft.eval()
+        odd = [n for n, m in self.base.named_modules()
+               if name in getattr(m, "lora_A", {}) and not layers.is_lora_linear(m)]
+        odd += [n for n, m in self.base.named_modules() if name in getattr(m, "lora_embedding_A", {})]
+        if odd:
+            self.peft.delete_adapter(name)
+            raise ValueError(f"adapter {name!r}: LoRA on non-linear layers is not supported ({odd[:3]})")
+        adapter = self._register(name, config, str(path))
+        self._restack()
+        logger.info("hf_paged: loaded LoRA adapter %r (rank %d, slot %d) from %s", name, adapter.rank,
+                    adapter.slot, path)
+        return adapter
+
+    def unload(self, name: str) -> None:
+        """Forget adapter ``name`` (its weights leave the model; its cached prefix blocks age out)."""
+        adapter = self.get(name)
+        self.peft.delete_adapter(name)
+        del self._by_name[name]
+        adapter.unloaded = True
+        self._restack()
+        logger.info("hf_paged: unloaded LoRA adapter %r", name)
+
+    # ------------------------------------------------------------------ engine step
+    @contextlib.contextmanager
+    def active(self, batch: LoraBatch) -> Iterator[None]:
+        """Run the LoRA layers batched (per token run) for the forward inside this block."""
+        self.batch = batch
+        try:
+            yield
+        finally:
+            self.batch = None
+
+    # ------------------------------------------------------------------ internals
+    def _check_config(self, name: str, config: Any) -> None:
+        from peft import PeftType
+
+        if getattr(config, "peft_type", None) != PeftType.LORA:
+            raise ValueError(f"adapter {name!r}: only LoRA adapters are served, got {config.peft_type}")
+        rank = max([config.r, *getattr(config, "rank_pattern", {}).values()])
+        if rank > self.max_rank:
+            raise ValueError(f"adapter {name!r}: rank {rank} exceeds the largest served rank {self.max_rank}")
+        for flag, what in (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias")):
+            if getattr(config, flag, False):
+                raise ValueError(f"adapter {name!r}: {what} is not supported by the batched LoRA path")
+
+    def _register(self, name: str, config: Any, path: str | None) -> Adapter:
+        used = {a.slot for a in self._by_name.values()}
+        slot = next(i for i in itertools.count() if i not in used)
+        targets = config.target_modules
+        targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else [str(targets)]
+        rank = max([config.r, *getattr(config, "rank_pattern", {}).values()])
+        adapter = Adapter(name, next(self._uids), slot, rank, targets, path)
+        self._by_name[name] = adapter
+        return adapter
+
+    def _restack(self) -> None:
+        self._layers = layers.install(self.base, self)
+        slots = {a.name: a.slot for a in self._by_name.values()}
+        num_slots = max(slots.values(), default=0) + 1
+        top = max((m.lora_A[n].weight.shape[0] for m in self._layers for n in slots if n in m.lora_A), default=1)
+        stacked_rank = max(16, 1 << (top - 1).bit_length())
+        for m in self._layers:
+            m._hf_paged_lora = layers.stack(m, slots, num_slots, stacked_rank)

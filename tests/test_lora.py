@@ -1,0 +1,253 @@
+"""Many LoRA adapters in one engine: the segmented LoRA kernels against their torch reference, a mixed
+batch of base + 3 adapters (different ranks and targets) against PEFT's own generate() of each, load
+and unload while running, the prefix cache kept apart per adapter, and the errors."""
+from __future__ import annotations
+
+import threading
+
+import pytest
+import torch
+import transformers
+from tiny_models import IdTokenizer, build, load
+
+import hf_paged
+from hf_paged import kernels
+from hf_paged.kernels import reference
+from hf_paged.lora import LoraBatch
+
+peft = pytest.importorskip("peft")
+
+# name -> LoRA config: different ranks, targets (attention only, MLP only, all) and scalings.
+ADAPTERS = {
+    "attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "mlp": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "all": dict(r=4, lora_alpha=4, use_rslora=True,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+PROMPTS = [[1, 5, 9, 12, 7], [1, 44, 3, 90, 17, 23, 51, 8, 61, 11, 4, 77, 30], [1, 200, 13],
+           [1, 7, 7, 8, 100, 101, 102, 103, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tiny_root, tmp_path_factory):
+    base_path = build("llama", tiny_root)
+    root = tmp_path_factory.mktemp("adapters")
+    dirs = {}
+    for i, (name, cfg) in enumerate(ADAPTERS.items()):
+        torch.manual_seed(100 + i)
+        model = peft.get_peft_model(load(base_path), peft.LoraConfig(init_lora_weights=False, **cfg))
+        model.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return base_path, dirs
+
+
+def _reference(base_path, adapter_dir, prompt, n=10):
+    model = load(base_path)
+    if adapter_dir is not None:
+        model = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
+    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+                         eos_token_id=None, pad_token_id=0)
+    return out[0, len(prompt):].tolist()
+
+
+@pytest.fixture(scope="module")
+def references(adapter_dirs):
+    base_path, dirs = adapter_dirs
+    refs = {(None, i): _reference(base_path, None, p) for i, p in enumerate(PROMPTS)}
+    for name, d in dirs.items():
+        refs.update({(name, i): _reference(base_path, d, p) for i, p in enumerate(PROMPTS)})
+    for name in dirs:  # each adapter changes the output
+        assert any(refs[(name, i)] != refs[(None, i)] for i in range(len(PROMPTS))), name
+    return refs
+
+
+# ------------------------------------------------------------------ kernels
+def _stacks(ranks, K, N, R, dtype=torch.float32, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    a = torch.zeros(len(ranks), R, K, dtype=dtype)
+    b = torch.zeros(len(ranks), N, R, dtype=dtype)
+    for s, r in enumerate(ranks):
+        a[s, :r] = torch.randn(r, K, generator=g, dtype=dtype) * 0.3
+        b[s, :, :r] = torch.randn(N, r, generator=g, dtype=dtype) * 0.3
+    return a, b
+
+
+def _oracle(out, x, a, b, ranks, scales, segments):
+    want = out.double().clone()
+    for start, end, slot in segments:
+        r = ranks[slot]
+        want[start:end] += (x[start:end].double() @ a[slot, :r].double().T) @ b[slot, :, :r].double().T * scales[slot]
+    return want
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_segmented_lora_matches_the_oracle(backend):
+    T, K, N, R = 45, 48, 72, 32
+    ranks, scales = [8, 0, 20, 32], [2.0, 1.0, 0.5, 0.25]  # slot 1 does not target this layer
+    a, b = _stacks(ranks, K, N, R)
+    x = torch.randn(T, K)
+    out = torch.randn(T, N)
+    # Base tokens before, between and after; a segment longer than one 16-row tile; the rank-0 slot.
+    segments = [(2, 21, 0), (21, 24, 2), (26, 30, 1), (30, 44, 3)]
+    want = _oracle(out, x, a, b, ranks, scales, segments)
+    got = out.clone()
+    kernels.lora_add(got, x, a, b, ranks, scales, segments, backend=backend)
+    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    base_rows = [0, 1, 24, 25, 26, 27, 28, 29, 44]  # base tokens and the rank-0 slot's are untouched
+    assert torch.equal(got[base_rows], out[base_rows])
+
+
+# Triton's interpreter cannot compute in bf16 (numpy has no bf16): bf16 runs on the device only.
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []))
+def test_segmented_lora_half_triton_matches_the_reference(dtype):
+    T, K, N, R = 20, 64, 40, 16
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    ranks, scales = [16, 4], [1.0, 2.0]
+    a, b = (t.to(dev) for t in _stacks(ranks, K, N, R, dtype=dtype))
+    x = torch.randn(T, K, dtype=dtype, device=dev)
+    out = torch.randn(T, N, dtype=dtype, device=dev)
+    segments = [(0, 12, 1), (12, 20, 0)]
+    want, got = out.float(), out.clone()
+    reference.lora_add(want, x.float(), a.float(), b.float(), ranks, scales, segments)
+    kernels.lora_add(got, x, a, b, ranks, scales, segments, backend="triton")
+    torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
+
+
+def test_lora_batch_merges_runs_of_one_adapter():
+    batch = LoraBatch.build([None, 0, 0, 2, None, 1], [3, 1, 4, 2, 5, 1], torch.device("cpu"))
+    assert batch.segments == [(3, 8, 0), (8, 10, 2), (15, 16, 1)]
+    assert LoraBatch.build([None, None], [4, 1], torch.device("cpu")).segments == []
+
+
+# ------------------------------------------------------------------ the engine
+def _pipe(base_path, dirs, **kw):
+    kw.setdefault("num_blocks", 96)
+    return hf_paged.PagedPipeline(load(base_path), IdTokenizer(), lora_adapters=dirs, **kw)
+
+
+@pytest.mark.parametrize("max_batch_tokens", [2048, 16])  # 16: prompts are chunked across steps
+def test_mixed_batch_of_base_and_three_adapters_equals_each_alone(adapter_dirs, references, max_batch_tokens):
+    base_path, dirs = adapter_dirs
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (None, *ADAPTERS)]
+    with _pipe(base_path, dirs, max_batch_tokens=max_batch_tokens) as pipe:
+        assert sorted(pipe.adapter_names) == sorted(ADAPTERS)
+        handles = [pipe.submit(PROMPTS[i], adapter=name, max_new_tokens=10, do_sample=False, ignore_eos=True)
+                   for name, i in jobs]
+        got = {job: h.result().token_ids for job, h in zip(jobs, handles)}
+    for job in jobs:
+        assert got[job] == references[job], job
+
+
+def test_a_batch_without_adapters_runs_the_base_path(adapter_dirs, references):
+    base_path, _ = adapter_dirs
+    with hf_paged.PagedPipeline(load(base_path), IdTokenizer(), num_blocks=64) as pipe:
+        assert not pipe.adapters.has_layers  # no LoRA layer: the model's forward is untouched
+        outs = pipe.generate(PROMPTS, max_new_tokens=10, do_sample=False, ignore_eos=True)
+    assert [o.token_ids for o in outs] == [references[(None, i)] for i in range(len(PROMPTS))]
+
+
+def test_seeded_sampling_per_adapter_is_batch_independent(adapter_dirs):
+    base_path, dirs = adapter_dirs
+    kw = dict(max_new_tokens=12, do_sample=True, temperature=1.0, seed=7, ignore_eos=True)
+    with _pipe(base_path, dirs) as pipe:
+        alone = pipe.generate(PROMPTS[1], adapter="mlp", **kw).token_ids
+        mixed = [pipe.submit(PROMPTS[1], adapter=name, **kw) for name in ("attn", "mlp", None, "all")]
+        assert mixed[1].result().token_ids == alone
+        assert len({tuple(h.result().token_ids) for h in mixed}) > 1
+
+
+def test_load_and_unload_while_running(adapter_dirs, references):
+    base_path, dirs = adapter_dirs
+    with _pipe(base_path, {"attn": dirs["attn"]}) as pipe:
+        long = pipe.submit(PROMPTS[3], adapter="attn", max_new_tokens=200, do_sample=False, ignore_eos=True)
+        events = iter(long)
+        next(events)  # it is running
+        pipe.load_adapter("mlp", dirs["mlp"])
+        with pytest.raises(ValueError, match="in use by 1"):
+            pipe.unload_adapter("attn")
+        with pytest.raises(ValueError, match="already loaded"):
+            pipe.load_adapter("mlp", dirs["mlp"])
+        assert pipe.generate(PROMPTS[0], adapter="mlp", max_new_tokens=10, do_sample=False,
+                             ignore_eos=True).token_ids == references[("mlp", 0)]
+        long.cancel()
+        long.result()
+        pipe.unload_adapter("attn")
+        with pytest.raises(ValueError, match="'attn' is not loaded; loaded adapters: 'mlp'"):
+            pipe.submit(PROMPTS[0], adapter="attn")
+        # Loaded again under another name, from many threads at once: one engine thread applies them.
+        errors = []
+
+        def load(name):
+            try:
+                pipe.load_adapter(name, dirs["all"])
+            except Exception as exc:  # pragma: no cover - reported below
+                errors.append(exc)
+
+        threads = [threading.Thread(target=load, args=(f"all{k}",)) for k in range(3)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        assert not errors and sorted(pipe.adapter_names) == ["all0", "all1", "all2", "mlp"]
+        outs = pipe.generate([PROMPTS[2]] * 3, adapter="all1", max_new_tokens=10, do_sample=False, ignore_eos=True)
+        assert [o.token_ids for o in outs] == [references[("all", 2)]] * 3
+
+
+def test_a_request_queued_for_an_unloaded_adapter_fails_alone(adapter_dirs, references):
+    base_path, dirs = adapter_dirs
+    with _pipe(base_path, {"attn": dirs["attn"]}) as pipe:
+        req = pipe._make_request(PROMPTS[0], dict(adapter="attn", max_new_tokens=4))
+        pipe.unload_adapter("attn")
+        pipe._enqueue([req])
+        with pytest.raises(RuntimeError, match="'attn' was unloaded"):
+            req.result(timeout=30)
+        assert pipe.generate(PROMPTS[0], max_new_tokens=10, do_sample=False,
+                             ignore_eos=True).token_ids == references[(None, 0)]
+
+
+def test_prefix_cache_never_mixes_adapters(adapter_dirs, references):
+    base_path, dirs = adapter_dirs
+    prompt = PROMPTS[3]  # 22 tokens: one full block of 16 to share
+    with _pipe(base_path, dirs, block_size=16) as pipe:
+        alloc = pipe.pool.allocator
+        kw = dict(max_new_tokens=10, do_sample=False, ignore_eos=True)
+        assert pipe.generate(prompt, adapter="attn", **kw).token_ids == references[("attn", 3)]
+        hits = alloc.prefix_hits
+        for name in (None, "mlp", "all"):  # the same tokens, other adapters: no reuse
+            assert pipe.generate(prompt, adapter=name, **kw).token_ids == references[(name, 3)]
+            assert alloc.prefix_hits == hits, name
+        assert pipe.generate(prompt, adapter="attn", **kw).token_ids == references[("attn", 3)]
+        assert alloc.prefix_hits == hits + 1  # the same adapter again: its block is reused
+        # An adapter unloaded and loaded again under the same name gets new blocks (its weights may differ).
+        pipe.unload_adapter("attn")
+        pipe.load_adapter("attn", dirs["mlp"])
+        assert pipe.generate(prompt, adapter="attn", **kw).token_ids == references[("mlp", 3)]
+        assert alloc.prefix_hits == hits + 1
+
+
+def test_adapter_errors_are_clear(adapter_dirs, tmp_path):
+    base_path, dirs = adapter_dirs
+    with _pipe(base_path, {"attn": dirs["attn"]}, max_lora_rank=8) as pipe:
+        with pytest.raises(ValueError, match="'nope' is not loaded; loaded adapters: 'attn'"):
+            pipe.generate(PROMPTS[0], adapter="nope")
+        with pytest.raises(ValueError, match="rank 16 exceeds the largest served rank 8"):
+            pipe.load_adapter("mlp", dirs["mlp"])
+        with pytest.raises(ValueError, match="cannot read a PEFT adapter config"):
+            pipe.load_adapter("x", str(tmp_path / "missing"))
+        ia3 = peft.get_peft_model(load(base_path), peft.IA3Config(target_modules=["q_proj"],
+                                                                  feedforward_modules=[]))
+        ia3.save_pretrained(tmp_path / "ia3")
+        with pytest.raises(ValueError, match="only LoRA adapters"):
+            pipe.load_adapter("ia3", str(tmp_path / "ia3"))
+        small = transformers.LlamaConfig(vocab_size=256, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2)
+        other = peft.get_peft_model(transformers.AutoModelForCausalLM.from_config(small),
+                                    peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False))
+        other.save_pretrained(tmp_path / "other")
+        with pytest.raises(ValueError, match="'other' does not fit this model"):
+            pipe.load_adapter("other", str(tmp_path / "other"))
+        assert sorted(pipe.adapter_names) == ["attn"]
+        got = pipe.generate(PROMPTS[0], adapter="attn", max_new_tokens=4, do_sample=False, ignore_eos=True)
+        assert len(got.token_ids) == 4  # still serving
+    with pytest.raises(ValueError, match="lora_adapters must be name=path"):
+        hf_paged.EngineConfig(lora_adapters="attn")
