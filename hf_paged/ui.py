@@ -58,9 +58,11 @@ class HTTPEngineClient:
         self.label = endpoint
 
     async def chat(self, messages: list[dict], *, temperature: float, top_p: float, max_new_tokens: int,
-                   seed: int | None, json_schema: dict | None = None) -> AsyncIterator[str]:
+                   seed: int | None, json_schema: dict | None = None, adapter: str | None = None) -> AsyncIterator[str]:
         body = {"messages": messages, "stream": True, "max_tokens": max_new_tokens, "temperature": temperature,
                 "top_p": top_p, "seed": seed}
+        if adapter is not None:
+            body["model"] = adapter  # OpenAI's way to name a LoRA adapter
         if json_schema is not None:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "ui", "schema": json_schema}}
         async with self.http.stream("POST", "/v1/chat/completions", json=body) as r:
@@ -75,11 +77,19 @@ class HTTPEngineClient:
         # A server without the OpenAI route: a plain transcript prompt on TGI's own stream route.
         prompt = "".join(f"{m['role']}: {m['content']}\n" for m in messages) + "assistant:"
         params = {"max_new_tokens": max_new_tokens, "do_sample": temperature > 0, "seed": seed,
-                  "temperature": temperature or None, "top_p": top_p if top_p < 1 else None}
+                  "temperature": temperature or None, "top_p": top_p if top_p < 1 else None, "adapter_id": adapter}
         async with self.http.stream("POST", "/generate_stream", json={"inputs": prompt, "parameters": params}) as r:
             await _raise_for(r)
             async for data in _sse(r):
                 yield json.loads(data)["token"]["text"]
+
+    async def adapters(self) -> list[str]:
+        """The LoRA adapters the server lists in /v1/models (the cards with a parent model)."""
+        try:
+            r = await self.http.get("/v1/models")
+            return [m["id"] for m in r.json().get("data", []) if m.get("parent")] if r.status_code == 200 else []
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return []
 
     async def stats(self) -> dict | None:
         try:
@@ -214,6 +224,9 @@ def _text(content: Any) -> str:
     return "".join(p.get("text", "") for p in content if isinstance(p, dict))  # Gradio's typed parts
 
 
+BASE_MODEL = "(base model)"
+
+
 def build_ui(client: Any, *, title: str = "hf_paged") -> gr.Blocks:
     """Chat + live engine view over ``client`` (``chat``/``stats``/``blocks`` coroutines)."""
     history_tps: deque[float] = deque(maxlen=120)
@@ -225,7 +238,7 @@ def build_ui(client: Any, *, title: str = "hf_paged") -> gr.Blocks:
         return "", [*chat, {"role": "user", "content": message}]
 
     async def bot_turn(chat: list, system: str, temperature: float, top_p: float, max_new: float, seed: float,
-                       schema: str = ""):
+                       schema: str = "", adapter: str = BASE_MODEL):
         if not chat or chat[-1]["role"] != "user":
             return
         msgs = ([{"role": "system", "content": system}] if system.strip() else [])
@@ -236,12 +249,16 @@ def build_ui(client: Any, *, title: str = "hf_paged") -> gr.Blocks:
             json_schema = json.loads(schema) if schema and schema.strip() else None
             async for delta in client.chat(msgs, temperature=float(temperature), top_p=float(top_p),
                                            max_new_tokens=int(max_new), seed=None if seed is None or seed < 0
-                                           else int(seed), json_schema=json_schema):
+                                           else int(seed), json_schema=json_schema,
+                                           adapter=None if adapter in (None, BASE_MODEL) else adapter):
                 chat[-1]["content"] += delta
                 yield chat
         except Exception as exc:  # shown in the chat: the demo must keep running
             chat[-1]["content"] += f"\n\n**Error:** {exc}"
         yield chat
+
+    async def adapter_choices():
+        return gr.update(choices=[BASE_MODEL, *await client.adapters()])
 
     async def refresh() -> str:
         stats, blocks = await client.stats(), await client.blocks()
@@ -271,17 +288,20 @@ def build_ui(client: Any, *, title: str = "hf_paged") -> gr.Blocks:
                     with gr.Row():
                         max_new = gr.Slider(16, 1024, value=256, step=16, label="Max new tokens", elem_id="max-new")
                         seed = gr.Number(value=-1, precision=0, label="Seed (-1 = random)", elem_id="seed")
+                    adapter = gr.Dropdown([BASE_MODEL], value=BASE_MODEL, label="LoRA adapter", elem_id="adapter",
+                                          info="the adapters the engine serves; each reply runs the one chosen")
                     schema = gr.Textbox(label="JSON schema (optional): every reply is JSON that follows it",
                                         placeholder='{"type": "object", "properties": {"answer": {"type": "string"}}}',
                                         lines=2, elem_id="schema")
                 clear = gr.Button("Clear chat", size="sm")
             with gr.Column(scale=2):
                 engine = gr.HTML(render_panel(None, None), elem_id="engine")
-        inputs = [chatbot, system, temperature, top_p, max_new, seed, schema]
+        inputs = [chatbot, system, temperature, top_p, max_new, seed, schema, adapter]
         runs = [trigger(user_turn, [msg, chatbot], [msg, chatbot], queue=False).then(bot_turn, inputs, chatbot)
                 for trigger in (msg.submit, send.click)]
         stop.click(None, cancels=runs)
         clear.click(lambda: [], None, chatbot, cancels=runs, queue=False)
+        demo.load(adapter_choices, None, adapter, queue=False)
         gr.Timer(0.5).tick(refresh, None, engine, show_progress="hidden", concurrency_limit=None)
     return demo
 

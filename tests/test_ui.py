@@ -225,3 +225,59 @@ def test_block_grid_groups_large_pools(demo):
     svg = demo.block_grid_svg(states)
     assert 'data-used="1000"' in svg and 'data-cached="500"' in svg and 'data-free="3500"' in svg
     assert 'data-group="5"' in svg and svg.count("<title>") == 1000
+
+
+def test_ui_chats_with_a_chosen_lora_adapter(server, pipe, demo, tmp_path):
+    """The adapter dropdown lists what the engine serves; both clients run the adapter chosen."""
+    peft = pytest.importorskip("peft")
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.common.keys import Keys
+
+    torch = pytest.importorskip("torch")
+    torch.manual_seed(0)
+    base = type(pipe.model)(pipe.model.config)
+    lora = peft.get_peft_model(base, peft.LoraConfig(r=8, lora_alpha=64, target_modules=["q_proj", "v_proj"],
+                                                     init_lora_weights=False))
+    lora.save_pretrained(tmp_path / "ui-lora")
+    pipe.load_adapter("ui-lora", str(tmp_path / "ui-lora"))
+    try:
+        messages = [{"role": "user", "content": "Name a colour."}]
+        want = {a: pipe.generate(messages, adapter=a, max_new_tokens=8, do_sample=False).text
+                for a in (None, "ui-lora")}
+        assert want[None] != want["ui-lora"]
+
+        async def run(client):  # one event loop per client: its HTTP connections belong to it
+            texts = {}
+            for a in (None, "ui-lora"):
+                deltas = client.chat(messages, temperature=0, top_p=1.0, max_new_tokens=8, seed=None, adapter=a)
+                texts[a] = "".join([d async for d in deltas])
+            return await client.adapters(), texts
+
+        from hf_paged.server.engine_view import LocalEngineClient
+
+        for client in (demo.HTTPEngineClient(server.url), LocalEngineClient(pipe, MODEL_ID)):
+            assert asyncio.run(run(client)) == (["ui-lora"], want)
+
+        driver = _browser()
+        try:
+            driver.get(f"{server.url}/ui/")
+            box = _wait(lambda: driver.find_elements(By.CSS_SELECTOR, "#adapter input"), 60, "the adapter box")[0]
+            box.click()
+            option = _wait(lambda: [o for o in driver.find_elements(By.CSS_SELECTOR, "#adapter li[role=option]")
+                                    if o.get_attribute("aria-label") == "ui-lora"], 30, "the adapter option")[0]
+            option.click()
+            temp = driver.find_element(By.CSS_SELECTOR, "#temperature input[type=number]")
+            temp.send_keys(Keys.CONTROL, "a")
+            temp.send_keys("0", Keys.TAB)
+            driver.find_element(By.CSS_SELECTOR, "#msg textarea").send_keys("Name a colour.")
+            driver.find_element(By.CSS_SELECTOR, "#send").click()
+            with_system = [{"role": "system", "content": "You are a helpful assistant."}, *messages]
+            expected = pipe.generate(with_system, adapter="ui-lora", max_new_tokens=12, do_sample=False).text
+            assert pipe.generate(with_system, max_new_tokens=12, do_sample=False).text[:12] != expected[:12]
+            _wait(lambda: expected[:12].strip() in driver.find_element(By.CSS_SELECTOR, "#chat").text, 90,
+                  "the adapter's reply")
+        finally:
+            driver.quit()
+    finally:
+        wait_idle(pipe, timeout=60)
+        pipe.unload_adapter("ui-lora")

@@ -81,7 +81,8 @@ def _expand_kernel(
 
 
 def lora_add_triton(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ranks: torch.Tensor,
-                    scales: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor, max_len: int) -> None:
+                    scales: torch.Tensor, seg_start: torch.Tensor, seg_len: torch.Tensor, seg_slot: torch.Tensor,
+                    max_len: int) -> None:
     """In place: ``out [T, N] += segmented LoRA of x [T, K]`` with ``a [S, R, K]``, ``b [S, N, R]``,
     ``ranks``/``scales`` ``[S]`` and segments ``seg_start``/``seg_len``/``seg_slot`` ``[n]`` (int32)."""
     if x.dim() != 2 or out.dim() != 2 or out.shape[0] != x.shape[0] or out.stride(1) != 1:

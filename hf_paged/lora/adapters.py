@@ -70,6 +70,10 @@ class AdapterSet:
     def names(self) -> list[str]:
         return list(self._by_name)
 
+    def loaded(self) -> list[Adapter]:
+        """The loaded adapters, in load order (a snapshot: safe to read from any thread)."""
+        return list(self._by_name.values())
+
     def __contains__(self, name: object) -> bool:
         return name in self._by_name
 

@@ -38,14 +38,14 @@ class LocalEngineClient:
         self.label = "in-process engine"
 
     async def chat(self, messages: list[dict], *, temperature: float, top_p: float, max_new_tokens: int,
-                   seed: int | None, json_schema: dict | None = None) -> AsyncIterator[str]:
-        """Text deltas of the reply (JSON following ``json_schema`` when given); cancelling the consumer
-        cancels the request."""
+                   seed: int | None, json_schema: dict | None = None, adapter: str | None = None) -> AsyncIterator[str]:
+        """Text deltas of the reply (JSON following ``json_schema`` when given, from LoRA ``adapter`` when
+        given); cancelling the consumer cancels the request."""
         ids = self.pipe.encode(messages)
         room = self.pipe.max_model_len - len(ids)
         handle = self.pipe.submit(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
                                   do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
-                                  top_k=0, seed=seed, json_schema=json_schema)
+                                  top_k=0, seed=seed, json_schema=json_schema, adapter=adapter)
         if self._state is not None:
             self._state.handles.add(handle)  # so that shutdown cancels UI chats too
         async for ev in handle:
@@ -53,6 +53,9 @@ class LocalEngineClient:
                 raise RuntimeError(ev.error)
             if ev.text:
                 yield ev.text
+
+    async def adapters(self) -> list[str]:
+        return self.pipe.adapter_names
 
     async def stats(self) -> dict | None:
         s = self._state

@@ -29,7 +29,7 @@ from .openai_schemas import (ChatCompletion, ChatRequest, ChatTokenizeResponse, 
 from .state import ServerState, state_of
 from .tools import AutoStream, ToolPlan, parse_output, plan_tools, tool_prompt
 from .tools import constraint as tool_constraint
-from .validation import chat_messages, chat_params, completion_params, completion_prompts
+from .validation import chat_messages, chat_params, completion_params, completion_prompts, openai_adapter
 
 router = APIRouter()
 _STREAM = {"text/event-stream": {}}
@@ -78,7 +78,7 @@ def _raise_failed(gens: list[Generation]) -> None:
 @guarded()
 async def chat_completions(req: ChatRequest, request: Request) -> Response:
     state = state_of(request)
-    kwargs = chat_params(req, state.limits)
+    kwargs = chat_params(req, state.limits) | openai_adapter(req.model, state.pipe.adapter_names)
     plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
     if plan is not None and plan.calls_tools:
         if any(kwargs.get(k) is not None for k in CONSTRAINT_KINDS):
@@ -154,7 +154,7 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
 @guarded()
 async def completions(req: CompletionRequest, request: Request) -> Response:
     state = state_of(request)
-    kwargs = completion_params(req, state.limits)
+    kwargs = completion_params(req, state.limits) | openai_adapter(req.model, state.pipe.adapter_names)
     prompts = completion_prompts(req.prompt, state.limits)
     gens, permit = await start(state, request, prompts, kwargs)
     n = kwargs["num_return_sequences"]
@@ -252,6 +252,9 @@ async def chat_tokenize(req: ChatRequest, request: Request) -> Response:
 
 @router.get("/v1/models", response_model=ModelList)
 async def models(request: Request) -> Response:
-    info = state_of(request).info
-    card = ModelCard(id=info.model_id, owned_by=info.model_id)
-    return JSONResponse(ModelList(data=[card]).model_dump())
+    state = state_of(request)
+    info = state.info
+    cards = [ModelCard(id=info.model_id, owned_by=info.model_id, root=info.model_id)]
+    cards += [ModelCard(id=a.name, owned_by=info.model_id, root=a.path or a.name, parent=info.model_id)
+              for a in state.pipe.adapters.loaded()]
+    return JSONResponse(ModelList(data=cards).model_dump())

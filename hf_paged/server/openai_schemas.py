@@ -101,6 +101,8 @@ class ModelCard(BaseModel):
     object: str = "model"
     created: int = 0
     owned_by: str
+    root: str | None = None  # the base model, or a LoRA adapter's folder (as vLLM lists them)
+    parent: str | None = None  # a LoRA adapter's base model
 
 
 class ChatTokenizeResponse(BaseModel):

@@ -25,7 +25,7 @@ from .guard import guarded
 from .schemas import (CompatGenerateRequest, Details, ErrorResponse, GenerateRequest, GenerateResponse, Info,
                       PrefillToken, SimpleToken, StreamDetails, StreamResponse, Token, dump)
 from .state import Permit, ServerState, state_of
-from .validation import tgi_params
+from .validation import tgi_adapter, tgi_params
 
 router = APIRouter()
 
@@ -51,6 +51,7 @@ async def _start(state: ServerState, req: GenerateRequest, http: Request, *,
     if not req.inputs:
         raise validation_error("`inputs` cannot be empty")
     kwargs = tgi_params(req.parameters, state.limits, stream=stream)
+    kwargs.update(tgi_adapter(req.parameters.adapter_id, state.pipe.adapter_names, state.info.model_id))
     (gen,), permit = await start(state, http, [req.inputs], kwargs, truncate=req.parameters.truncate)
     return gen, kwargs, permit
 

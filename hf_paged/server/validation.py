@@ -88,8 +88,6 @@ def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[s
     constraint = tgi_grammar(p.grammar)
     if p.watermark:
         raise validation_error("`watermark` is not supported by hf_paged")
-    if p.adapter_id is not None:
-        raise validation_error("`adapter_id` is not supported: hf_paged serves one model and no LoRA adapters")
     temperature = 1.0 if p.temperature is None else p.temperature
     top_p = 1.0 if p.top_p is None else p.top_p
     typical_p = 1.0 if p.typical_p is None else p.typical_p
@@ -105,6 +103,23 @@ def tgi_params(p: GenerateParameters, limits: Limits, *, stream: bool) -> dict[s
                 frequency_penalty=p.frequency_penalty or 0.0, stop=stop, seed=seed if sampling else None,
                 logprobs=True, top_logprobs=top_n, prompt_logprobs=0 if p.decoder_input_details else None,
                 **constraint)
+
+
+def tgi_adapter(adapter_id: str | None, adapters: list[str], model_id: str) -> dict[str, Any]:
+    """TGI's ``parameters.adapter_id``: a loaded LoRA adapter's name; absent or the base model's id runs
+    the base model; any other value is a 422 naming the loaded adapters."""
+    if adapter_id is None or adapter_id == model_id:
+        return {}
+    if adapter_id not in adapters:
+        loaded = ", ".join(repr(a) for a in adapters) or "none"
+        raise validation_error(f"`adapter_id` {adapter_id!r} is not loaded; loaded adapters: {loaded}")
+    return {"adapter": adapter_id}
+
+
+def openai_adapter(model: str | None, adapters: list[str]) -> dict[str, Any]:
+    """OpenAI's ``model`` picks a LoRA adapter when it names one; any other value (the base model's id,
+    "tgi", ...) runs the base model, as TGI answers whatever model a client names."""
+    return {"adapter": model} if model is not None and model in adapters else {}
 
 
 def tgi_grammar(grammar: Any) -> dict[str, Any]:
