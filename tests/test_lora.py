@@ -12,8 +12,10 @@ from tiny_models import IdTokenizer, build, load
 
 import hf_paged
 from hf_paged import kernels
+from hf_paged.kernels import cpu as cpu_kernels
 from hf_paged.kernels import reference
 from hf_paged.lora import LoraBatch
+from hf_paged.lora.layers import LayerWeights
 
 peft = pytest.importorskip("peft")
 
@@ -80,18 +82,37 @@ def _oracle(out, x, a, b, ranks, scales, segments):
     return want
 
 
-@pytest.mark.parametrize("backend", ["torch", "triton"])
+def _batch(segments, T):
+    """The LoraBatch of ``segments`` over T packed tokens (base tokens between them)."""
+    slots, lens, at = [], [], 0
+    for start, end, slot in segments:
+        if start > at:
+            slots.append(None)
+            lens.append(start - at)
+        slots.append(slot)
+        lens.append(end - start)
+        at = end
+    slots.append(None)
+    lens.append(T - at)
+    batch = LoraBatch.build(slots, lens, torch.device("cpu"))
+    assert batch.segments == segments
+    return batch
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
 def test_segmented_lora_matches_the_oracle(backend):
-    T, K, N, R = 45, 48, 72, 32
+    if backend == "cpu" and not cpu_kernels.available():
+        pytest.skip("the C++ CPU kernel did not build here")
+    T, K, N, R = 45, 52, 75, 32  # K and N not multiples of 8 or 16: the kernels' tails run
     ranks, scales = [8, 0, 20, 32], [2.0, 1.0, 0.5, 0.25]  # slot 1 does not target this layer
     a, b = _stacks(ranks, K, N, R)
     x = torch.randn(T, K)
     out = torch.randn(T, N)
-    # Base tokens before, between and after; a segment longer than one 16-row tile; the rank-0 slot.
+    # Base tokens before, between and after; segments longer than a tile (4 rows in C++, 16 in Triton).
     segments = [(2, 21, 0), (21, 24, 2), (26, 30, 1), (30, 44, 3)]
     want = _oracle(out, x, a, b, ranks, scales, segments)
     got = out.clone()
-    kernels.lora_add(got, x, a, b, ranks, scales, segments, backend=backend)
+    kernels.lora_add(got, x, LayerWeights.of(a, b, ranks, scales), _batch(segments, T), backend=backend)
     torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
     base_rows = [0, 1, 24, 25, 26, 27, 28, 29, 44]  # base tokens and the rank-0 slot's are untouched
     assert torch.equal(got[base_rows], out[base_rows])
@@ -107,9 +128,10 @@ def test_segmented_lora_half_triton_matches_the_reference(dtype):
     x = torch.randn(T, K, dtype=dtype, device=dev)
     out = torch.randn(T, N, dtype=dtype, device=dev)
     segments = [(0, 12, 1), (12, 20, 0)]
+    batch = LoraBatch.build([1, 0], [12, 8], torch.device(dev))
     want, got = out.float(), out.clone()
     reference.lora_add(want, x.float(), a.float(), b.float(), ranks, scales, segments)
-    kernels.lora_add(got, x, a, b, ranks, scales, segments, backend="triton")
+    kernels.lora_add(got, x, LayerWeights.of(a, b, ranks, scales), batch, backend="triton")
     torch.testing.assert_close(got.float(), want.float(), rtol=2e-2, atol=5e-2)
 
 
@@ -125,8 +147,13 @@ def _pipe(base_path, dirs, **kw):
     return hf_paged.PagedPipeline(load(base_path), IdTokenizer(), lora_adapters=dirs, **kw)
 
 
-@pytest.mark.parametrize("max_batch_tokens", [2048, 16])  # 16: prompts are chunked across steps
-def test_mixed_batch_of_base_and_three_adapters_equals_each_alone(adapter_dirs, references, max_batch_tokens):
+@pytest.mark.parametrize("max_batch_tokens,backend", [(2048, "auto"), (16, "auto"), (2048, "torch")])
+def test_mixed_batch_of_base_and_three_adapters_equals_each_alone(adapter_dirs, references, max_batch_tokens, backend,
+                                                                  monkeypatch):
+    """16 tokens a step: prompts are chunked across steps. "torch": the matmul per segment path instead
+    of the C++ kernel (and the torch attention)."""
+    if backend != "auto":
+        monkeypatch.setenv("HF_PAGED_BACKEND", backend)
     base_path, dirs = adapter_dirs
     jobs = [(name, i) for i in range(len(PROMPTS)) for name in (None, *ADAPTERS)]
     with _pipe(base_path, dirs, max_batch_tokens=max_batch_tokens) as pipe:

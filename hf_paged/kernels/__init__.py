@@ -14,6 +14,7 @@ Example::
 from __future__ import annotations
 
 import os
+from typing import Any
 
 import torch
 
@@ -100,45 +101,31 @@ def paged_attention(
     )
 
 
-def lora_device_args(ranks: list[int], scales: list[float], segments: list[tuple[int, int, int]],
-                     device: torch.device) -> tuple[torch.Tensor, ...]:
-    """``(ranks, scales, seg_start, seg_len, seg_slot)`` as the device tensors the Triton LoRA kernel reads."""
-    def t(values, dtype=torch.int32):
-        return torch.tensor(values, dtype=dtype, device=device)
+def lora_add(out: torch.Tensor, x: torch.Tensor, weights: Any, batch: Any, *, backend: str = "auto") -> None:
+    """Segmented LoRA in place: ``out[s:e] += (x[s:e] @ A[slot].T) @ B[slot].T * scale[slot]`` for each
+    segment ``(s, e, slot)`` of packed tokens; ``x [T, K]``, ``out [T, N]``.
 
-    return (t(ranks), t(scales, torch.float32), t([s for s, _, _ in segments]),
-            t([e - s for s, e, _ in segments]), t([slot for _, _, slot in segments]))
-
-
-def lora_add(
-    out: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    ranks: list[int],
-    scales: list[float],
-    segments: list[tuple[int, int, int]],
-    *,
-    device_args: tuple[torch.Tensor, ...] | None = None,
-    backend: str = "auto",
-) -> None:
-    """Segmented LoRA in place: ``out[s:e] += (x[s:e] @ a[slot].T) @ b[slot].T * scales[slot]`` for each
-    segment ``(s, e, slot)`` of packed tokens; ``x [T, K]``, ``out [T, N]``, ``a [S, R, K]``, ``b [S, N, R]``.
-
-    A slot of rank 0 (an adapter that does not target this layer) and tokens in no segment (the base
-    model) are left alone. ``device_args`` = ``(ranks, scales, seg_start, seg_len, seg_slot)`` as device
-    tensors, which the Triton kernel reads (built once per step, see :class:`hf_paged.lora.LoraBatch`).
+    ``weights``: a :class:`hf_paged.lora.layers.LayerWeights` (one layer's adapters stacked by slot),
+    ``batch``: a :class:`hf_paged.lora.LoraBatch` (this step's segments). A slot of rank 0 (an adapter
+    that does not target this layer) and tokens in no segment (the base model) are left alone. Triton
+    runs the SGMV kernels (``lora.py``); ``cpu`` the C++ kernel (fp32; ``csrc/lora_cpu.cpp``); ``torch``
+    one pair of matmuls per segment (``reference.lora_add``).
     """
     chosen = resolve_backend(backend, x)
     if chosen == "triton":
         from .lora import lora_add_triton
 
-        if device_args is None:
-            device_args = lora_device_args(ranks, scales, segments, x.device)
-        ranks_t, scales_t, seg_start, seg_len, seg_slot = device_args
-        max_len = max((e - s for s, e, _ in segments), default=0)
-        return lora_add_triton(out, x, a, b, ranks_t, scales_t, seg_start, seg_len, seg_slot, max_len)
-    return reference.lora_add(out, x, a, b, ranks, scales, segments)
+        seg = batch.device_args
+        if seg is None or seg[0].device != x.device:
+            seg = tuple(torch.tensor(col, dtype=torch.int32, device=x.device)
+                        for col in zip(*[(s, e - s, slot) for s, e, slot in batch.segments]))
+        return lora_add_triton(out, x, weights.a, weights.b, weights.ranks_t.to(x.device),
+                               weights.scales_t.to(x.device), *seg, batch.max_len)
+    if chosen == "cpu" and x.dtype == torch.float32 and weights.a.dtype == torch.float32:
+        from .cpu import lora_sgmv
+
+        return lora_sgmv(out, x, weights.a, weights.bt, weights.ranks_t, weights.scales_t, batch.token_slot)
+    return reference.lora_add(out, x, weights.a, weights.b, weights.ranks, weights.scales, batch.segments)
 
 
 __all__ = ["write_kv", "paged_attention", "lora_add", "resolve_backend", "BACKENDS"]

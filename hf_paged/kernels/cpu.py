@@ -28,7 +28,7 @@ from . import reference
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp",
-                                                                       "rms_norm_cpu.cpp")]
+                                                                       "rms_norm_cpu.cpp", "lora_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -162,3 +162,11 @@ def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | No
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
     """``(x * rsqrt(mean(x^2, -1) + eps)) * (weight + offset)`` for fp32 CPU tensors, in one C++ pass."""
     return torch.ops.hf_paged_cpu.rms_norm(x, weight, float(eps), float(offset))
+
+
+def lora_sgmv(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ranks: torch.Tensor,
+              scales: torch.Tensor, token_slot: torch.Tensor) -> None:
+    """In place, fp32: ``out[t] += scales[s] * (a[s, :r] @ x[t]) @ bt[s, :r]`` for each token ``t`` of slot
+    ``s = token_slot[t]`` (-1: none) of rank ``r = ranks[s]``; one C++ call for all adapters."""
+    x = x if x.stride(-1) == 1 else x.contiguous()
+    torch.ops.hf_paged_cpu.lora_sgmv(out, x, a, bt, ranks, scales, token_slot)

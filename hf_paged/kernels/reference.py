@@ -245,3 +245,4 @@ def lora_add(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tenso
             continue
         v = x[start:end] @ a[slot, :r].T
         out[start:end].addmm_(v, b[slot, :, :r].T, alpha=scales[slot])
+

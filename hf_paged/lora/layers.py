@@ -10,6 +10,7 @@ kernel on GPU). Outside an engine step (``model.generate()``) PEFT's own forward
 """
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -26,10 +27,17 @@ _ORIGINAL = "_hf_paged_lora_original"
 @dataclass(slots=True)
 class LoraBatch:
     """Which packed tokens run which adapter in this step: ``segments`` = ``(start, end, slot)`` runs of
-    adapter tokens (base-model tokens are in none), and their device copy for the Triton kernel."""
+    adapter tokens (base-model tokens are in none); ``token_slot`` ``[T]`` (-1: the base model) on the
+    model's device, and on GPU ``device_args`` = ``(seg_start, seg_len, seg_slot)`` for the Triton kernel."""
 
     segments: list[tuple[int, int, int]]
+    token_slot: torch.Tensor | None = None
     device_args: tuple[torch.Tensor, ...] | None = None
+    cpu_kernel: bool = False  # fp32 CPU layers call the C++ kernel directly (resolved once per step)
+
+    @property
+    def max_len(self) -> int:
+        return max((e - s for s, e, _ in self.segments), default=0)
 
     @classmethod
     def build(cls, slots: list[int | None], lens: list[int], device: torch.device) -> "LoraBatch":
@@ -44,24 +52,41 @@ class LoraBatch:
                 else:
                     segments.append((at, at + n, slot))
             at += n
-        device_args = None
-        if segments and device.type == "cuda":
-            dev = [torch.tensor([s[i] for s in segments], dtype=torch.int32) for i in range(3)]
-            dev[1] = dev[1] - dev[0]  # lengths
-            device_args = tuple(t.to(device, non_blocking=True) for t in dev)
-        return cls(segments, device_args)
+        batch = cls(segments)
+        if segments:
+            token_slot = torch.full((at,), -1, dtype=torch.int32)
+            for start, end, slot in segments:
+                token_slot[start:end] = slot
+            batch.token_slot = token_slot
+            if device.type == "cpu":
+                batch.cpu_kernel = kernels.resolve_backend("auto", token_slot) == "cpu"
+            else:
+                seg = torch.tensor([[s, e - s, slot] for s, e, slot in segments], dtype=torch.int32)
+                batch.device_args = tuple(seg.t().contiguous().to(device, non_blocking=True))
+        return batch
 
 
 @dataclass(slots=True)
 class LayerWeights:
     """One LoRA layer's adapters stacked by slot: ``a [S, R, in]``, ``b [S, out, R]`` (zero past each
-    adapter's rank), ``ranks[slot]`` (0: the adapter does not target this layer) and ``scales[slot]``."""
+    adapter's rank; ``bt`` = ``b`` transposed to ``[S, R, out]`` for the C++ kernel), ``ranks[slot]``
+    (0: the adapter does not target this layer) and ``scales[slot]``, also as tensors on the device."""
 
     a: torch.Tensor
     b: torch.Tensor
     ranks: list[int]
     scales: list[float]
-    device_args: tuple[torch.Tensor, ...] | None = None
+    ranks_t: torch.Tensor
+    scales_t: torch.Tensor
+    bt: torch.Tensor
+    targeted: bool = True  # some loaded adapter targets this layer
+
+    @classmethod
+    def of(cls, a: torch.Tensor, b: torch.Tensor, ranks: list[int], scales: list[float]) -> "LayerWeights":
+        dev = a.device
+        return cls(a, b, list(ranks), list(scales), torch.tensor(ranks, dtype=torch.int32, device=dev),
+                   torch.tensor(scales, dtype=torch.float32, device=dev), b.transpose(1, 2).contiguous(),
+                   any(ranks))
 
 
 def is_lora_linear(module: torch.nn.Module) -> bool:
@@ -72,11 +97,9 @@ def is_lora_linear(module: torch.nn.Module) -> bool:
 
 def stack(layer: torch.nn.Module, slots: dict[str, int], num_slots: int, stacked_rank: int) -> LayerWeights:
     """The stacked weights of ``layer`` for the adapters ``slots`` (PEFT name -> slot)."""
-    base = layer.get_base_layer()
-    weight = base.weight
-    in_f, out_f = layer.in_features, layer.out_features
-    a = torch.zeros(num_slots, stacked_rank, in_f, dtype=weight.dtype, device=weight.device)
-    b = torch.zeros(num_slots, out_f, stacked_rank, dtype=weight.dtype, device=weight.device)
+    weight = layer.get_base_layer().weight
+    a = torch.zeros(num_slots, stacked_rank, layer.in_features, dtype=weight.dtype, device=weight.device)
+    b = torch.zeros(num_slots, layer.out_features, stacked_rank, dtype=weight.dtype, device=weight.device)
     ranks, scales = [0] * num_slots, [0.0] * num_slots
     for name, slot in slots.items():
         if name not in layer.lora_A:
@@ -86,11 +109,7 @@ def stack(layer: torch.nn.Module, slots: dict[str, int], num_slots: int, stacked
         a[slot, :r] = wa.to(a.dtype)
         b[slot, :, :r] = wb.to(b.dtype)
         ranks[slot], scales[slot] = r, float(layer.scaling[name])
-    device_args = None
-    if weight.is_cuda:
-        device_args = (torch.tensor(ranks, dtype=torch.int32, device=weight.device),
-                       torch.tensor(scales, dtype=torch.float32, device=weight.device))
-    return LayerWeights(a, b, ranks, scales, device_args)
+    return LayerWeights.of(a, b, ranks, scales)
 
 
 def _batched_forward(layer: torch.nn.Module, adapters: "AdapterSet", x: torch.Tensor, *args: Any,
@@ -99,12 +118,16 @@ def _batched_forward(layer: torch.nn.Module, adapters: "AdapterSet", x: torch.Te
     if batch is None:  # not an engine step: PEFT's forward (its active adapters, for every row)
         return getattr(layer, _ORIGINAL)(x, *args, **kwargs)
     out = layer.base_layer(x, *args, **kwargs)
-    if batch.segments:
-        w: LayerWeights = layer._hf_paged_lora
+    if not batch.segments:  # only base-model tokens in this step
+        return out
+    w: LayerWeights = layer._hf_paged_lora
+    if w.targeted:
         x2, out2 = x.reshape(-1, x.shape[-1]), out.view(-1, out.shape[-1])
-        device_args = (*w.device_args, *batch.device_args) if batch.device_args is not None else None
-        kernels.lora_add(out2, x2.to(w.a.dtype), w.a, w.b, w.ranks, w.scales, batch.segments,
-                         device_args=device_args)
+        if batch.cpu_kernel and x2.dtype == w.a.dtype == torch.float32 and x2.stride(-1) == 1:
+            # This runs for every LoRA layer of every step: straight to the op (kernels.lora_add's "cpu").
+            torch.ops.hf_paged_cpu.lora_sgmv(out2, x2, w.a, w.bt, w.ranks_t, w.scales_t, batch.token_slot)
+        else:
+            kernels.lora_add(out2, x2.to(w.a.dtype), w, batch)
     return out
 
 
@@ -115,7 +138,7 @@ def install(model: torch.nn.Module, adapters: "AdapterSet") -> list[torch.nn.Mod
         if is_lora_linear(m):
             if _ORIGINAL not in m.__dict__:
                 setattr(m, _ORIGINAL, m.forward)
-                m.forward = lambda x, *a, _m=m, **k: _batched_forward(_m, adapters, x, *a, **k)
+                m.forward = functools.partial(_batched_forward, m, adapters)
             layers.append(m)
     return layers
 
