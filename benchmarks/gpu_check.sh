@@ -4,9 +4,10 @@
 # Expects torch, transformers and triton to be installed already; installs nothing. Runs from the
 # repository root with PYTHONPATH=. so hf_paged needs no install. Every stage logs to its own file in
 # RESULTS_DIR and the next stage runs even when one fails; stage exit codes go to status.txt.
-# Time limits add up to 9 minutes. TOKENIZER_DIR (any local tokenizer folder, e.g. the default model's)
+# Time limits add up to 10 minutes. TOKENIZER_DIR (any local tokenizer folder, e.g. the default model's)
 # enables stage 4.
 #   1. tests/test_kernels.py compiled on CUDA (HF_PAGED_TEST_CUDA=1, bf16 included)  -> test_kernels.log
+#   1b. tests/test_lora.py's Triton SGMV and engine tests on CUDA                    -> test_lora.log
 #   2. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)          -> kernels.{log,json}
 #   3. benchmarks/e2e_gpu.py (random ~1B Llama, generate, plain vs wrapped)          -> e2e.{log,json}
 #   4. benchmarks/pipeline_gpu.py (same model, 256 requests: PagedPipeline vs HF)    -> pipeline.{log,json}
@@ -46,6 +47,8 @@ XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
 stage test_kernels 170 env -u TRITON_INTERPRET HF_PAGED_TEST_CUDA=1 HF_PAGED_BACKEND=triton \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${XDIST[@]}" tests/test_kernels.py
+stage test_lora 60 env -u TRITON_INTERPRET HF_PAGED_TEST_CUDA=1 \
+    "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_lora.py -k "triton or cuda"
 stage kernels 100 "$PY" benchmarks/kernels.py --no-flex --out "$RESULTS/kernels.json"
 stage e2e 110 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"
 if [ -n "$TOKENIZER" ]; then

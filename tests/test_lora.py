@@ -3,6 +3,7 @@ batch of base + 3 adapters (different ranks and targets) against PEFT's own gene
 and unload while running, the prefix cache kept apart per adapter, and the errors."""
 from __future__ import annotations
 
+import os
 import threading
 
 import pytest
@@ -18,6 +19,8 @@ from hf_paged.lora import LoraBatch
 from hf_paged.lora.layers import LayerWeights
 
 peft = pytest.importorskip("peft")
+# HF_PAGED_TEST_CUDA=1 (benchmarks/gpu_check.sh): the Triton kernels compiled on the GPU, not interpreted.
+ON_CUDA = os.environ.get("HF_PAGED_TEST_CUDA") == "1" and torch.cuda.is_available()
 
 # name -> LoRA config: different ranks, targets (attention only, MLP only, all) and scalings.
 ADAPTERS = {
@@ -43,11 +46,11 @@ def adapter_dirs(tiny_root, tmp_path_factory):
     return base_path, dirs
 
 
-def _reference(base_path, adapter_dir, prompt, n=10):
-    model = load(base_path)
+def _reference(base_path, adapter_dir, prompt, n=10, device="cpu"):
+    model = load(base_path).to(device)
     if adapter_dir is not None:
         model = peft.PeftModel.from_pretrained(model, adapter_dir).eval()
-    out = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=n, do_sample=False,
+    out = model.generate(input_ids=torch.tensor([prompt], device=device), max_new_tokens=n, do_sample=False,
                          eos_token_id=None, pad_token_id=0)
     return out[0, len(prompt):].tolist()
 
@@ -105,24 +108,25 @@ def test_segmented_lora_matches_the_oracle(backend):
         pytest.skip("the C++ CPU kernel did not build here")
     T, K, N, R = 45, 52, 75, 32  # K and N not multiples of 8 or 16: the kernels' tails run
     ranks, scales = [8, 0, 20, 32], [2.0, 1.0, 0.5, 0.25]  # slot 1 does not target this layer
-    a, b = _stacks(ranks, K, N, R)
-    x = torch.randn(T, K)
-    out = torch.randn(T, N)
+    dev = "cuda" if backend == "triton" and ON_CUDA else "cpu"
+    a, b = (t.to(dev) for t in _stacks(ranks, K, N, R))
+    x = torch.randn(T, K, device=dev)
+    out = torch.randn(T, N, device=dev)
     # Base tokens before, between and after; segments longer than a tile (4 rows in C++, 16 in Triton).
     segments = [(2, 21, 0), (21, 24, 2), (26, 30, 1), (30, 44, 3)]
     want = _oracle(out, x, a, b, ranks, scales, segments)
     got = out.clone()
     kernels.lora_add(got, x, LayerWeights.of(a, b, ranks, scales), _batch(segments, T), backend=backend)
-    torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got.double().cpu(), want.cpu(), rtol=1e-5, atol=1e-5)
     base_rows = [0, 1, 24, 25, 26, 27, 28, 29, 44]  # base tokens and the rank-0 slot's are untouched
     assert torch.equal(got[base_rows], out[base_rows])
 
 
 # Triton's interpreter cannot compute in bf16 (numpy has no bf16): bf16 runs on the device only.
-@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("dtype", [torch.float16] + ([torch.bfloat16] if ON_CUDA else []))
 def test_segmented_lora_half_triton_matches_the_reference(dtype):
     T, K, N, R = 20, 64, 40, 16
-    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    dev = "cuda" if ON_CUDA else "cpu"
     ranks, scales = [16, 4], [1.0, 2.0]
     a, b = (t.to(dev) for t in _stacks(ranks, K, N, R, dtype=dtype))
     x = torch.randn(T, K, dtype=dtype, device=dev)
@@ -163,6 +167,32 @@ def test_mixed_batch_of_base_and_three_adapters_equals_each_alone(adapter_dirs, 
         got = {job: h.result().token_ids for job, h in zip(jobs, handles)}
     for job in jobs:
         assert got[job] == references[job], job
+
+
+@pytest.mark.skipif(not ON_CUDA, reason="needs CUDA and HF_PAGED_TEST_CUDA=1")
+def test_mixed_batch_on_cuda_runs_the_triton_kernels(adapter_dirs):
+    """On the GPU (fp32, TF32 off): base + 3 adapters in one batch equal PEFT's generate() of each there."""
+    torch.backends.cuda.matmul.allow_tf32 = False
+    base_path, dirs = adapter_dirs
+    jobs = [(name, i) for i in range(len(PROMPTS)) for name in (None, *ADAPTERS)]
+    refs = {(name, i): _reference(base_path, dirs.get(name), PROMPTS[i], device="cuda") for name, i in jobs}
+    with hf_paged.PagedPipeline(load(base_path).cuda(), IdTokenizer(), lora_adapters=dirs, num_blocks=96) as pipe:
+        handles = [pipe.submit(PROMPTS[i], adapter=name, max_new_tokens=10, do_sample=False, ignore_eos=True)
+                   for name, i in jobs]
+        got = {job: h.result().token_ids for job, h in zip(jobs, handles)}
+    assert got == refs
+
+
+def test_the_callers_plain_model_still_generates_as_the_base(adapter_dirs, references):
+    base_path, dirs = adapter_dirs
+    model = load(base_path)
+    with hf_paged.PagedPipeline(model, IdTokenizer(), lora_adapters=dirs, num_blocks=64) as pipe:
+        assert pipe.generate(PROMPTS[0], adapter="mlp", max_new_tokens=10, do_sample=False,
+                             ignore_eos=True).token_ids == references[("mlp", 0)]
+        # PEFT injected the LoRA layers into the caller's model; its own generate() is still the base.
+        out = model.generate(input_ids=torch.tensor([PROMPTS[0]]), max_new_tokens=10, do_sample=False,
+                             eos_token_id=None, pad_token_id=0)
+        assert out[0, len(PROMPTS[0]):].tolist() == references[(None, 0)]
 
 
 def test_a_batch_without_adapters_runs_the_base_path(adapter_dirs, references):
@@ -278,3 +308,19 @@ def test_adapter_errors_are_clear(adapter_dirs, tmp_path):
         assert len(got.token_ids) == 4  # still serving
     with pytest.raises(ValueError, match="lora_adapters must be name=path"):
         hf_paged.EngineConfig(lora_adapters="attn")
+
+
+def test_the_lora_benchmark_runs(tmp_path):
+    """benchmarks/lora_throughput.py --dry-run: 2 layers of the default model, 4 adapters, 8 requests."""
+    import json
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "rounds.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "lora_throughput.py"), "--dry-run",
+                           "--json", str(out)], capture_output=True, text=True, timeout=600, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rounds = json.loads(out.read_text())["rounds"]
+    assert len(rounds) == 1 and rounds[0]["none"] > 0 and rounds[0]["lora"] > 0

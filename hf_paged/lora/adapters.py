@@ -51,6 +51,9 @@ class AdapterSet:
 
     def __init__(self, model: torch.nn.Module, *, max_rank: int = MAX_RANK) -> None:
         self.peft = model if is_peft(model) else None
+        # A PeftModel made here (adapters loaded into a plain model): PEFT's own forward, which
+        # model.generate() runs, keeps answering as the base model, as the caller's model did.
+        self._owns_peft = self.peft is None
         self.base = model.get_base_model() if self.peft is not None else model
         self.max_rank = max_rank
         # Set by the runner for the duration of one engine forward (see layers._batched_forward).
@@ -120,6 +123,8 @@ class AdapterSet:
                 self.peft.delete_adapter(name)
             raise ValueError(f"adapter {name!r} does not fit this model: {type(exc).__name__}: {exc}") from exc
         self.peft.eval()
+        if self._owns_peft:
+            self.peft.base_model.disable_adapter_layers()
         odd = [n for n, m in self.base.named_modules()
                if name in getattr(m, "lora_A", {}) and not layers.is_lora_linear(m)]
         odd += [n for n, m in self.base.named_modules() if name in getattr(m, "lora_embedding_A", {})]
