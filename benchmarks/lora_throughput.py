@@ -129,7 +129,8 @@ def main() -> None:
         plain.close()
         lora.close()
     ratios = [r["ratio"] for r in rounds]
-    print(f"set {args.set}{' (no prefix cache)' if args.no_prefix_cache else ''}: ratio median {statistics.median(ratios):.3f}, min {min(ratios):.3f} "
+    label = f"set {args.set}" + (" (no prefix cache)" if args.no_prefix_cache else "")
+    print(f"{label}: ratio median {statistics.median(ratios):.3f}, min {min(ratios):.3f} "
           f"({args.num_requests} requests, {args.adapters} adapters of rank {args.rank}, torch threads "
           f"{torch.get_num_threads()})")
     if args.json:
