@@ -17,20 +17,28 @@ import triton.language as tl
 
 
 @triton.jit
+def _tile_rows(rank_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, BLOCK_M: tl.constexpr):
+    """This program's segment and row tile: (slot, idle, first token, rows, rows inside the segment).
+    Idle: the adapter does not target this layer, or the tile lies past the segment's end."""
+    seg = tl.program_id(0)
+    tile = tl.program_id(1)
+    slot = tl.load(seg_slot_ptr + seg)
+    length = tl.load(seg_len_ptr + seg)
+    idle = (tl.load(rank_ptr + slot) == 0) | (tile * BLOCK_M >= length)
+    start = tl.load(seg_start_ptr + seg).to(tl.int64)
+    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
+    return slot, idle, start, rows, rows < length
+
+
+@triton.jit
 def _shrink_kernel(
     x_ptr, a_ptr, v_ptr, rank_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr,
     K, stride_xt, stride_as, stride_ar, stride_vt,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, IEEE: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    tile = tl.program_id(1)
-    slot = tl.load(seg_slot_ptr + seg)
-    length = tl.load(seg_len_ptr + seg)
-    if tl.load(rank_ptr + slot) == 0 or tile * BLOCK_M >= length:
+    slot, idle, start, rows, row_ok = _tile_rows(rank_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, BLOCK_M)
+    if idle:
         return
-    start = tl.load(seg_start_ptr + seg).to(tl.int64)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
     r = tl.arange(0, R)
     acc = tl.zeros([BLOCK_M, R], dtype=tl.float32)
     a_base = a_ptr + slot.to(tl.int64) * stride_as
@@ -53,16 +61,10 @@ def _expand_kernel(
     N, stride_vt, stride_bs, stride_bn, stride_ot,
     R: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, IEEE: tl.constexpr,
 ):
-    seg = tl.program_id(0)
-    tile = tl.program_id(1)
-    nblk = tl.program_id(2)
-    slot = tl.load(seg_slot_ptr + seg)
-    length = tl.load(seg_len_ptr + seg)
-    if tl.load(rank_ptr + slot) == 0 or tile * BLOCK_M >= length:
+    slot, idle, start, rows, row_ok = _tile_rows(rank_ptr, seg_start_ptr, seg_len_ptr, seg_slot_ptr, BLOCK_M)
+    if idle:
         return
-    start = tl.load(seg_start_ptr + seg).to(tl.int64)
-    rows = tile * BLOCK_M + tl.arange(0, BLOCK_M)
-    row_ok = rows < length
+    nblk = tl.program_id(2)
     r = tl.arange(0, R)
     n = nblk * BLOCK_N + tl.arange(0, BLOCK_N)
     n_ok = n < N
