@@ -49,6 +49,8 @@ class EngineConfig:
     lora_adapters: dict[str, str] | None = field(default=None, metadata={
         "help": "PEFT LoRA adapters to serve, name=path[,name=path...]; requests pick one by name"})
     max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank an adapter may have"})
+    tp_timeout_s: float = field(default=120.0, metadata={
+        "help": "tensor parallel: seconds a rank waits for the others before the group is declared broken"})
 
     def __post_init__(self) -> None:
         for name in ("block_size", "max_num_seqs", "max_batch_tokens", "max_lora_rank"):
@@ -62,6 +64,9 @@ class EngineConfig:
             parse_bytes(self.kv_memory)  # raises ValueError naming kv_memory
             if self.num_blocks is not None:
                 raise ValueError("give either kv_memory or num_blocks, not both")
+        if isinstance(self.tp_timeout_s, bool) or not isinstance(self.tp_timeout_s, (int, float)) \
+                or not self.tp_timeout_s > 0:
+            raise ValueError(f"tp_timeout_s must be a number of seconds > 0, got {self.tp_timeout_s!r}")
         if self.lora_adapters is not None:
             object.__setattr__(self, "lora_adapters", _adapter_map(self.lora_adapters))
         if not isinstance(self.enable_prefix_caching, bool):
@@ -104,7 +109,7 @@ def _positive_int(name: str, value: Any) -> None:
 
 _CLI_TYPES = {"block_size": int, "kv_memory": str, "num_blocks": _int_or_none, "enable_prefix_caching": _bool,
               "max_num_seqs": int, "max_batch_tokens": int, "max_model_len": _int_or_none,
-              "lora_adapters": _adapter_map, "max_lora_rank": int}
+              "lora_adapters": _adapter_map, "max_lora_rank": int, "tp_timeout_s": float}
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser, *, suppress_defaults: bool = False) -> None:

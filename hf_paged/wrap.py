@@ -98,15 +98,27 @@ def _check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
     return mods
 
 
+def tp_size(model: torch.nn.Module) -> int:
+    """How many ranks share this model's layers (``from_pretrained(..., tp_plan="auto")``); 1 otherwise."""
+    return int(getattr(base_model(model), "_tp_size", None) or 1)
+
+
 def _layer_specs(model: torch.nn.Module, mods: list[torch.nn.Module]) -> list[LayerSpec]:
     config = model.config
     heads = config.num_attention_heads
     kv_heads = getattr(config, "num_key_value_heads", None) or heads
+    world = tp_size(model)
+    if world > 1:
+        # Tensor parallel: each rank computes, and keeps K/V for, only its share of the KV heads.
+        if kv_heads % world:
+            raise _unsupported(model, f"its {kv_heads} KV heads do not split over {world} tensor-parallel ranks")
+        kv_heads //= world
     specs = []
     for m in mods:
         head_dim = getattr(m, "head_dim", None) or getattr(m, "head_size", None) or config.hidden_size // heads
         param = next(m.parameters())
-        specs.append(LayerSpec(int(kv_heads), int(head_dim), param.dtype, param.device))
+        device = param.to_local().device if hasattr(param, "to_local") else param.device  # a DTensor under TP
+        specs.append(LayerSpec(int(kv_heads), int(head_dim), param.dtype, device))
     return specs
 
 

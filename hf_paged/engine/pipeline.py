@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 from concurrent.futures import Future
+from dataclasses import replace
 from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
@@ -22,7 +23,7 @@ import torch
 from ..config import EngineConfig
 from ..kv.pool import KVPool
 from ..lora import AdapterSet
-from ..wrap import base_model, kv_pool, wrap
+from ..wrap import base_model, is_peft, kv_pool, tp_size, wrap
 from .delivery import Delivery
 from .engine import Engine
 from .grammar import Grammars
@@ -30,6 +31,7 @@ from .outputs import RequestOutput, StreamEvent
 from .params import SamplingParams, lone_surrogate
 from .request import Request
 from .stats import EngineStats
+from .tp import StepChannel, TensorParallelError
 
 logger = logging.getLogger(__name__)
 
@@ -52,6 +54,16 @@ class PagedPipeline:
         self.model = model.eval()
         self.tokenizer = tokenizer
         self.pool: KVPool = kv_pool(model)
+        # Tensor parallel (a model loaded with tp_plan="auto"): rank 0 leads, the others follow its steps.
+        self.tp: StepChannel | None = None
+        if tp_size(model) > 1:
+            if config.lora_adapters or is_peft(model):
+                raise ValueError("LoRA adapters are not supported under tensor parallelism yet")
+            self.tp = StepChannel(config.tp_timeout_s)
+            blocks = self.tp.agree_min(self.pool.num_blocks)  # the leader's block ids must exist everywhere
+            if blocks != self.pool.num_blocks:
+                wrap(model, config=replace(config, kv_memory=None, num_blocks=blocks))
+                self.pool = kv_pool(model)
         ctx = getattr(model.config, "max_position_embeddings", None) or 2**31
         self.max_model_len = min(config.max_model_len or ctx, ctx)
         # LoRA adapters: a PeftModel's own, those of config.lora_adapters, and any loaded later; the
@@ -63,6 +75,8 @@ class PagedPipeline:
         self.engine = Engine(base_model(model), self.pool, max_num_seqs=config.max_num_seqs,
                              max_batch_tokens=config.max_batch_tokens, max_model_len=self.max_model_len,
                              adapters=self.adapters)
+        if self.tp is not None and self.tp.leader:
+            self.engine.runner.broadcast = self.tp
         self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -70,6 +84,12 @@ class PagedPipeline:
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
         self._closed = False
+        self._broken: str | None = None  # why the engine cannot go on (a tensor-parallel rank died)
+
+    @property
+    def follower(self) -> bool:
+        """True on a tensor-parallel rank other than 0: it runs rank 0's steps (:meth:`follow`)."""
+        return self.tp is not None and not self.tp.leader
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype | str | None = None, device: str | None = None,
@@ -130,8 +150,13 @@ class PagedPipeline:
         return self._enqueue([self._make_request(prompt, kwargs)])[0]
 
     def _enqueue(self, reqs: list[Request]) -> list[Request]:
+        if self._broken is not None:
+            raise RuntimeError(f"pipeline is broken: {self._broken}")
         if self._closed:
             raise RuntimeError("pipeline is closed")
+        if self.follower:
+            raise RuntimeError("this is a tensor-parallel follower rank: call generate() with the same arguments "
+                               "as rank 0, or follow() while rank 0 serves")
         self._ensure_thread()
         for r in reqs:
             self._inbox.put(("add", r))
@@ -142,7 +167,11 @@ class PagedPipeline:
         """Generate for one prompt or a list; results in order. Every prompt is validated first."""
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict)))
         batch = [prompts] if single else list(prompts)
-        reqs = self._enqueue([self._make_request(p, kwargs) for p in batch])
+        made = [self._make_request(p, kwargs) for p in batch]  # every rank validates alike
+        if self.follower:  # run rank 0's steps until it sends the results
+            results = self._follow(until_results=True)
+            return results[0] if single else results
+        reqs = self._enqueue(made)
         show = len(reqs) > 1 if progress is None else progress
         results = []
         try:
@@ -150,11 +179,38 @@ class PagedPipeline:
 
             for r in tqdm(reqs, desc="generate", unit="req", disable=not show):
                 results.append(r.result())
-        except BaseException:
+        except BaseException as exc:
             for r in reqs:
                 r.cancel()
+            if self.tp is not None and self._broken is None:
+                self.tp.send("error", f"{type(exc).__name__}: {exc}")
             raise
+        if self.tp is not None:
+            self.tp.send("results", results)
         return results[0] if single else results
+
+    def follow(self) -> None:
+        """On a tensor-parallel follower rank: run rank 0's steps until rank 0 closes its pipeline (a
+        server's other ranks call this; :mod:`hf_paged.engine.tp`). Raises TensorParallelError when the
+        group breaks."""
+        if not self.follower:
+            raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
+        self._follow(until_results=False)
+
+    def _follow(self, *, until_results: bool) -> Any:
+        while True:
+            kind, payload = self.tp.recv()
+            if kind == "step":
+                self.engine.runner.execute(payload)
+            elif kind == "results" and until_results:
+                return payload
+            elif kind == "error" and until_results:
+                raise RuntimeError(f"generation failed on rank 0: {payload}")
+            elif kind == "stop":
+                self._closed = True
+                if until_results:
+                    raise TensorParallelError("rank 0 closed its pipeline before sending the results")
+                return
 
     def stream(self, prompt: Prompt, **kwargs) -> Iterator[StreamEvent]:
         """Events as tokens come; leaving the loop early cancels the request."""
@@ -244,6 +300,11 @@ class PagedPipeline:
                 if not self._drain(block=not self.engine.has_work()):
                     break
                 self.delivery.deliver(self.engine.step())
+            except TensorParallelError as exc:  # the group is gone: nothing can run any more
+                logger.error("hf_paged: %s; the engine stops", exc)
+                self._broken = str(exc)
+                self.delivery.fail_all(str(exc))
+                break
             except Exception as exc:  # one bad batch must not take the server down
                 logger.exception("engine step failed")
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
@@ -258,8 +319,8 @@ class PagedPipeline:
 
     @property
     def alive(self) -> bool:
-        """False once the background thread has stopped (closed, or died)."""
-        return not self._closed and (self._thread is None or self._thread.is_alive())
+        """False once the background thread has stopped (closed, or died) or the pipeline is broken."""
+        return not self._closed and self._broken is None and (self._thread is None or self._thread.is_alive())
 
     def close(self) -> None:
         """Cancel what is running and stop the background thread."""
@@ -269,6 +330,11 @@ class PagedPipeline:
         if self._thread is not None:
             self._inbox.put(("stop", None))
             self._thread.join(timeout=30)
+        if self.tp is not None and self.tp.leader and self._broken is None:
+            try:
+                self.tp.send("stop")  # the followers' follow() returns
+            except TensorParallelError as exc:
+                logger.warning("hf_paged: could not tell the other ranks to stop: %s", exc)
 
     def __enter__(self) -> "PagedPipeline":
         return self

@@ -1,4 +1,5 @@
-"""Runner: turns a Schedule into one flat forward of the HF model and returns next-token logits.
+"""Runner: turns a Schedule into one flat forward of the HF model and returns next-token logits
+(``plan``: the schedule as a :class:`StepPlan` of plain lists; ``execute``: the forward).
 
 All scheduled tokens are packed into a single row ``[1, T]`` with per-token ``position_ids``; the
 attention layers find each sequence's K/V through the ``paged_metadata`` kwarg. Only the rows whose
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -18,24 +20,47 @@ from ..kv.pool import KVPool
 from .scheduler import Schedule
 
 
+@dataclass(slots=True)
+class StepPlan:
+    """One forward, as plain lists: what the runner feeds the model. Under tensor parallelism rank 0
+    broadcasts it and every rank executes it (:mod:`hf_paged.engine.tp`)."""
+
+    ids: list[int]
+    positions: list[int]
+    slots: list[int]
+    tables: list[list[int]]
+    q_lens: list[int]
+    seq_lens: list[int]
+    keep: list[int]  # rows whose logits are returned, in schedule order
+    copies: list[tuple[int, int]]  # copy-on-write block copies to do first
+    lora_slots: list[int | None] | None = None  # adapter slot of each packed sequence
+
+
 class Runner:
     def __init__(self, model: torch.nn.Module, pool: KVPool, adapters: Any = None) -> None:
         self.model = model
         self.pool = pool
         self.adapters = adapters  # hf_paged.lora.AdapterSet, or None
+        self.broadcast: Any = None  # tensor parallel: a tp.StepChannel that sends each plan first
         self.device = model.get_input_embeddings().weight.device
+        if hasattr(model.get_input_embeddings().weight, "to_local"):  # a DTensor under tensor parallelism
+            self.device = model.get_input_embeddings().weight.to_local().device
         params = inspect.signature(type(model).forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
 
-    @torch.inference_mode()
     def run(self, schedule: Schedule, every_position: list[bool] | None = None) -> torch.Tensor:
         """Logits (float32) of the last token of each sampling sequence, in schedule order; for a
         scheduled sequence with ``every_position[i]``, of every token of its chunk instead (its last
-        row is then its sampling row, if it samples).
+        row is then its sampling row, if it samples)."""
+        plan = self.plan(schedule, every_position)
+        if self.broadcast is not None:
+            self.broadcast.send_step(plan)
+        return self.execute(plan)
 
-        With LoRA layers in the model, tokens are packed grouped by adapter (base model first), so each
-        adapter's tokens are one contiguous run for the batched LoRA op; the logits stay in schedule order.
-        """
+    def plan(self, schedule: Schedule, every_position: list[bool] | None = None) -> StepPlan:
+        """Pack all scheduled tokens into one row. With LoRA layers in the model, tokens are packed
+        grouped by adapter (base model first), so each adapter's tokens are one contiguous run for the
+        batched LoRA op; the kept logits stay in schedule order."""
         seqs = schedule.seqs
         lora = self.adapters is not None and self.adapters.has_layers
         order = range(len(seqs))
@@ -59,20 +84,24 @@ class Runner:
             elif s.samples:
                 keep.append(offsets[i] + s.num_tokens - 1)
         packed = [seqs[i] for i in order]
-        self.pool.copy_blocks(schedule.copies)
-        meta = PagedMetadata.build(
-            self.pool, slots, [s.seq.table.blocks for s in packed],
-            [s.num_tokens for s in packed], [s.start + s.num_tokens for s in packed], None)
-        input_ids = torch.tensor(ids, dtype=torch.long, device=self.device)[None]
-        position_ids = torch.tensor(positions, dtype=torch.long, device=self.device)[None]
+        return StepPlan(ids, positions, slots, [s.seq.table.blocks for s in packed], [s.num_tokens for s in packed],
+                        [s.start + s.num_tokens for s in packed], keep, list(schedule.copies),
+                        [None if s.seq.adapter is None else s.seq.adapter.slot for s in packed] if lora else None)
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Run the model on ``plan``; the float32 logits of its ``keep`` rows."""
+        self.pool.copy_blocks(plan.copies)
+        meta = PagedMetadata.build(self.pool, plan.slots, plan.tables, plan.q_lens, plan.seq_lens, None)
+        input_ids = torch.tensor(plan.ids, dtype=torch.long, device=self.device)[None]
+        position_ids = torch.tensor(plan.positions, dtype=torch.long, device=self.device)[None]
         kwargs = {}
-        keep_t = torch.tensor(keep, dtype=torch.long, device=self.device)
+        keep_t = torch.tensor(plan.keep, dtype=torch.long, device=self.device)
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = keep_t
         with contextlib.ExitStack() as stack:
-            if lora:
-                batch = LoraBatch.build([None if s.seq.adapter is None else s.seq.adapter.slot for s in packed],
-                                        [s.num_tokens for s in packed], self.device)
+            if plan.lora_slots is not None:
+                batch = LoraBatch.build(plan.lora_slots, plan.q_lens, self.device)
                 stack.enter_context(self.adapters.active(batch))
             out = self.model(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta,
                              use_cache=False, **kwargs)

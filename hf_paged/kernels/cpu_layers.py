@@ -65,8 +65,10 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
     count = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
-        if type(mod) is torch.nn.Linear and w.device.type == "cpu" and w.dtype == torch.float32 \
-                and w.is_contiguous():
+        # Sharded (DTensor) weights under tensor parallelism keep their own forward: transformers'
+        # hooks redistribute their inputs and outputs around it.
+        if type(mod) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.device.type == "cpu" \
+                and w.dtype == torch.float32 and w.is_contiguous():
             if skinny_rows is None:
                 skinny_rows = SKINNY_MAX_ROWS if _skinny_enabled() else 0
             if not onednn and not skinny_rows:
@@ -118,7 +120,7 @@ def install_cpu_norms(model: torch.nn.Module) -> int:
         if not type(mod).__name__.endswith("RMSNorm"):
             continue
         w, eps = mod._parameters.get("weight"), _norm_eps(mod)
-        if w is None or eps is None or w.dim() != 1 or w.device.type != "cpu" or w.dtype != torch.float32 \
+        if w is None or type(w) is not torch.nn.Parameter or eps is None or w.dim() != 1 or w.device.type != "cpu" or w.dtype != torch.float32 \
                 or "forward" in mod.__dict__ or list(mod.children()):
             continue
         if probe is None:
