@@ -89,6 +89,7 @@ def load_model(
     dtype: torch.dtype | str | None = None,
     device: str | torch.device | None = None,
     device_map: str | dict[str, Any] | None = None,
+    tp_plan: str | None = None,
 ) -> tuple[PreTrainedModel, PreTrainedTokenizerBase]:
     """Return ``(model, tokenizer)`` from a local path or a model object.
 
@@ -101,7 +102,8 @@ def load_model(
       ``model.name_or_path`` when that is a local folder.
 
     ``tokenizer`` may be a tokenizer object or a local path.  ``device_map``
-    is passed to ``from_pretrained``; ``device`` moves the model afterwards.
+    and ``tp_plan`` (``"auto"``: tensor parallel over the torch.distributed
+    ranks) are passed to ``from_pretrained``; ``device`` moves the model afterwards.
     Give at most one of the two.  The model comes back in eval mode.
 
     Raises:
@@ -132,6 +134,8 @@ def load_model(
             kwargs["dtype"] = dtype
         if device_map is not None:
             kwargs["device_map"] = device_map
+        if tp_plan is not None:
+            kwargs["tp_plan"] = tp_plan
         if path.is_file():
             if path.suffix != ".gguf":
                 raise ValueError(
@@ -158,8 +162,8 @@ def load_model(
                 tokenizer = AutoTokenizer.from_pretrained(load_dir, **tok_kwargs)
     else:
         model = path_or_model
-        if device_map is not None:
-            raise ValueError("device_map only applies when loading from a path")
+        if device_map is not None or tp_plan is not None:
+            raise ValueError("device_map and tp_plan only apply when loading from a path")
         if dtype is not None:
             model = model.to(dtype=dtype)
         if tokenizer is None:

@@ -49,3 +49,75 @@ def test_a_dead_rank_is_a_clear_error_not_a_hang(tiny_root, tmp_path):
     assert s is not None and s["error"] is not None, s
     assert "tensor-parallel" in s["error"] and "lost its group" in s["error"], s["error"]
     assert s["seconds"] < 60 and not s["alive"]
+
+
+@pytest.fixture(scope="module")
+def chat_model_dir(tmp_path_factory):
+    """A tiny Llama (4 heads, 2 KV heads) with the default model's tokenizer, saved as a model folder."""
+    from served import tiny_chat_pipeline
+
+    pipe = tiny_chat_pipeline()
+    path = tmp_path_factory.mktemp("tp_chat_model")
+    pipe.model.save_pretrained(path)
+    pipe.tokenizer.save_pretrained(path)
+    pipe.close()
+    return path
+
+
+def _rank_pids(log_text: str) -> dict[int, int]:
+    """rank -> pid, from the launcher's "rank 0 pid 123, rank 1 pid 456" line."""
+    import re
+
+    return {int(r): int(p) for r, p in re.findall(r"rank (\d+) pid (\d+)", log_text)}
+
+
+def test_server_with_two_ranks_answers_and_stops_when_a_rank_dies(chat_model_dir, tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+
+    import hf_paged
+
+    prompt, messages = "Hello there", [{"role": "user", "content": "Say something."}]
+    with hf_paged.PagedPipeline.from_pretrained(str(chat_model_dir), num_blocks=64) as ref:
+        want_text = ref.generate(prompt, max_new_tokens=8, do_sample=False).text
+        want_chat = ref.generate(messages, max_new_tokens=8, do_sample=False).text
+    port = _port()
+    log = open(tmp_path / "server.log", "w")
+    proc = subprocess.Popen([sys.executable, "-m", "hf_paged.server", "--model", str(chat_model_dir), "--port", str(port),
+                             "--tensor-parallel-size", "2", "--num-blocks", "64", "--no-ui", "--log-level", "warning",
+                             "--tp-timeout-s", "20"], stdout=log, stderr=subprocess.STDOUT,
+                            env={**os.environ, "HF_PAGED_RANK_THREADS": "1"})
+    try:
+        url = f"http://127.0.0.1:{port}"
+        deadline = time.monotonic() + 180
+        while True:
+            assert proc.poll() is None, (tmp_path / "server.log").read_text()[-3000:]
+            try:
+                if httpx.get(url + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < deadline, "the server did not come up"
+            time.sleep(0.5)
+        r = httpx.post(url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 8}}, timeout=60)
+        assert r.status_code == 200 and r.json()["generated_text"] == want_text, r.text
+        r = httpx.post(url + "/v1/chat/completions", json={"messages": messages, "max_tokens": 8, "temperature": 0},
+                       timeout=60)
+        assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want_chat, r.text
+        ranks = _rank_pids((tmp_path / "server.log").read_text())
+        assert set(ranks) == {0, 1}, ranks
+        os.kill(ranks[1], signal.SIGKILL)  # a rank dies: the whole group stops, with a message
+        assert proc.wait(timeout=60) != 0
+        assert "tensor-parallel rank 1 exited" in (tmp_path / "server.log").read_text()
+        time.sleep(0.5)
+        assert not any(os.path.exists(f"/proc/{pid}") and open(f"/proc/{pid}/stat").read().split()[2] != "Z"
+                       for pid in ranks.values()), "a rank outlived the group"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        log.close()

@@ -93,11 +93,12 @@ class PagedPipeline:
 
     @classmethod
     def from_pretrained(cls, path: str, *, dtype: torch.dtype | str | None = None, device: str | None = None,
-                        device_map: Any = None, **kwargs) -> "PagedPipeline":
-        """Load a local model folder (or ``"default"``) and build a pipeline on it."""
+                        device_map: Any = None, tp_plan: str | None = None, **kwargs) -> "PagedPipeline":
+        """Load a local model folder (or ``"default"``) and build a pipeline on it; ``tp_plan="auto"``
+        shards it over the torch.distributed ranks (run every rank, e.g. under torchrun)."""
         from ..models import load_model
 
-        model, tok = load_model(path, dtype=dtype, device=device, device_map=device_map)
+        model, tok = load_model(path, dtype=dtype, device=device, device_map=device_map, tp_plan=tp_plan)
         return cls(model, tok, **kwargs)
 
     # ------------------------------------------------------------------ submission

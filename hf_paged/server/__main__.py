@@ -2,6 +2,8 @@
 
     hf-paged serve --model default --port 8080 --kv-memory 1GiB --max-num-seqs 64
     python -m hf_paged.server --model /path/to/model --api-key secret
+    torchrun --nproc-per-node 2 -m hf_paged serve --tp-plan auto --model /path/to/model
+    hf-paged serve --tensor-parallel-size 2 --model /path/to/model   # starts the 2 ranks itself
 
 Binds 127.0.0.1 unless told otherwise: the API can generate, so exposing it is a decision.
 """
@@ -9,6 +11,8 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
+import threading
 
 from ..config import add_cli_arguments as add_engine_arguments
 from ..config import from_cli
@@ -35,17 +39,37 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on generation routes")
     parser.add_argument("--no-ui", action="store_true", help="do not mount the Gradio UI at /ui")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--tp-plan", choices=["auto"], default=None,
+                        help="tensor parallel over the torch.distributed ranks (under torchrun): rank 0 serves "
+                             "HTTP and schedules, the other ranks follow its steps")
+    parser.add_argument("--tensor-parallel-size", type=int, default=1,
+                        help="start this many local ranks (gloo on CPU, NCCL on GPUs) and serve tensor parallel")
 
 
 def serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from ..engine.pipeline import PagedPipeline
+    from ..engine.tp import TensorParallelError
     from ..models import DEFAULT_MODEL_NAME
     from .app import create_app
 
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.tensor_parallel_size > 1 and world == 1:
+        from .launch import launch_ranks
+
+        raise SystemExit(launch_ranks(args))
+    if world > 1 and args.tp_plan is None and args.tensor_parallel_size == 1:
+        raise SystemExit("hf_paged: started as one of several ranks: add --tp-plan auto to serve tensor parallel")
+    tp_plan = "auto" if world > 1 else None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pipe = PagedPipeline.from_pretrained(args.model, config=from_cli(args))
+    pipe = PagedPipeline.from_pretrained(args.model, config=from_cli(args), tp_plan=tp_plan)
+    if pipe.follower:  # runs rank 0's steps until rank 0 shuts down
+        try:
+            pipe.follow()
+        except TensorParallelError as exc:
+            raise SystemExit(f"hf_paged rank {pipe.tp.rank}: {exc}") from None
+        return
     model_id = args.model_id or (DEFAULT_MODEL_NAME if args.model == "default" else args.model)
     app = create_app(pipe, model_id=model_id, max_concurrent_requests=args.max_concurrent_requests,
                      api_key=args.api_key, max_input_tokens=args.max_input_tokens, ui=not args.no_ui,
@@ -54,7 +78,23 @@ def serve(args: argparse.Namespace) -> None:
     print(f"hf_paged serving {model_id} on http://{args.host}:{args.port}"
           + ("" if args.no_ui else f"  (UI: http://{args.host}:{args.port}/ui)"), flush=True)
     # A short graceful period: streams still open after it are cancelled by the app's shutdown.
-    uvicorn.run(app, host=args.host, port=args.port, log_level=args.log_level, timeout_graceful_shutdown=5)
+    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
+                                           timeout_graceful_shutdown=5))
+    if pipe.tp is not None:
+        threading.Thread(target=_stop_when_broken, args=(pipe, server), daemon=True).start()
+    server.run()
+    if pipe._broken is not None:
+        raise SystemExit(f"hf_paged: the tensor-parallel group broke: {pipe._broken}")
+
+
+def _stop_when_broken(pipe, server) -> None:
+    """Rank 0 of a tensor-parallel server: a dead rank stops the whole server (never a half-alive one)."""
+    while not server.should_exit:
+        if pipe._broken is not None:
+            logging.getLogger(__name__).error("hf_paged: stopping the server: %s", pipe._broken)
+            server.should_exit = True
+            return
+        threading.Event().wait(0.5)
 
 
 def main(argv: list[str] | None = None) -> None:
