@@ -79,6 +79,14 @@ def tiny_chat_pipeline(max_model_len: int = 128, **kwargs) -> PagedPipeline:
     return PagedPipeline(model, tok, **{"kv_memory": "32MiB", "max_num_seqs": 32, **kwargs})
 
 
+def save_tiny_chat_model(path) -> None:
+    """:func:`tiny_chat_pipeline`'s model and tokenizer as a model folder (for servers in other processes)."""
+    pipe = tiny_chat_pipeline()
+    pipe.model.save_pretrained(path)
+    pipe.tokenizer.save_pretrained(path)
+    pipe.close()
+
+
 LABELS = ("validation", "overloaded", "generation", "incomplete", "cancelled", "internal", "unhealthy")
 
 

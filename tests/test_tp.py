@@ -54,13 +54,10 @@ def test_a_dead_rank_is_a_clear_error_not_a_hang(tiny_root, tmp_path):
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory):
     """A tiny Llama (4 heads, 2 KV heads) with the default model's tokenizer, saved as a model folder."""
-    from served import tiny_chat_pipeline
+    from served import save_tiny_chat_model
 
-    pipe = tiny_chat_pipeline()
     path = tmp_path_factory.mktemp("tp_chat_model")
-    pipe.model.save_pretrained(path)
-    pipe.tokenizer.save_pretrained(path)
-    pipe.close()
+    save_tiny_chat_model(path)
     return path
 
 
