@@ -118,3 +118,18 @@ def test_server_with_two_ranks_answers_and_stops_when_a_rank_dies(chat_model_dir
         if proc.poll() is None:
             proc.kill()
         log.close()
+
+
+def test_default_model_under_three_ranks_equals_one_process(tmp_path):
+    """SmolLM2 (9 heads, 3 KV heads) splits over 3 ranks only: benchmarks/tp_cpu.py --dry-run compares."""
+    import pathlib
+    import subprocess
+    import sys
+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    out = tmp_path / "tp.json"
+    proc = subprocess.run([sys.executable, str(root / "benchmarks" / "tp_cpu.py"), "--dry-run", "--json", str(out)],
+                          capture_output=True, text=True, timeout=400, cwd=root)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (r,) = json.loads(out.read_text())["rounds"]
+    assert r["equal_requests"] == r["requests"] == 4 and r["tokens"] > 0, r

@@ -324,9 +324,15 @@ class PagedPipeline:
         return not self._closed and self._broken is None and (self._thread is None or self._thread.is_alive())
 
     def close(self) -> None:
-        """Cancel what is running and stop the background thread."""
+        """Cancel what is running and stop the background thread. Under tensor parallelism every rank
+        calls it: rank 0 tells the others to stop, and they run its remaining steps until then."""
         if self._closed:
             return
+        if self.follower and self._broken is None:
+            try:
+                self._follow(until_results=False)
+            except TensorParallelError as exc:
+                logger.warning("hf_paged: rank %d closing without rank 0's stop: %s", self.tp.rank, exc)
         self._closed = True
         if self._thread is not None:
             self._inbox.put(("stop", None))
