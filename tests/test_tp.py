@@ -133,3 +133,26 @@ def test_default_model_under_three_ranks_equals_one_process(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     (r,) = json.loads(out.read_text())["rounds"]
     assert r["equal_requests"] == r["requests"] == 4 and r["tokens"] > 0, r
+
+
+def test_device_map_auto_on_a_machine_without_gpus(tiny_root):
+    """All that is tested of device_map (docs/scaling.md): "auto" with no GPU loads onto the CPU and
+    the pipeline runs it as usual. A split over several GPUs is untested."""
+    import hf_paged
+    from tiny_models import IdTokenizer, load
+
+    path = build("llama", tiny_root)
+    with hf_paged.PagedPipeline(load(path), IdTokenizer(), num_blocks=64) as ref:
+        want = [o.token_ids for o in ref.generate(tp_worker.PROMPTS, **tp_worker.GREEDY)]
+    with hf_paged.PagedPipeline(_load_mapped(path), IdTokenizer(), num_blocks=64) as pipe:
+        got = [o.token_ids for o in pipe.generate(tp_worker.PROMPTS, **tp_worker.GREEDY)]
+    assert got == want
+
+
+def _load_mapped(path):
+    import torch
+    import transformers as tf
+
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, device_map="auto").eval()
+    assert {p.device.type for p in model.parameters()} == {"cpu"}
+    return model
