@@ -85,9 +85,9 @@ def test_server_with_two_ranks_answers_and_stops_when_a_rank_dies(chat_model_dir
         want_chat = ref.generate(messages, max_new_tokens=8, do_sample=False).text
     port = _port()
     log = open(tmp_path / "server.log", "w")
-    proc = subprocess.Popen([sys.executable, "-m", "hf_paged.server", "--model", str(chat_model_dir), "--port", str(port),
-                             "--tensor-parallel-size", "2", "--num-blocks", "64", "--no-ui", "--log-level", "warning",
-                             "--tp-timeout-s", "20"], stdout=log, stderr=subprocess.STDOUT,
+    proc = subprocess.Popen([sys.executable, "-m", "hf_paged.server", "--model", str(chat_model_dir),
+                             "--port", str(port), "--tensor-parallel-size", "2", "--num-blocks", "64", "--no-ui",
+                             "--log-level", "warning", "--tp-timeout-s", "20"], stdout=log, stderr=subprocess.STDOUT,
                             env={**os.environ, "HF_PAGED_RANK_THREADS": "1"})
     try:
         url = f"http://127.0.0.1:{port}"
