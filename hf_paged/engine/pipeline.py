@@ -13,9 +13,9 @@ import itertools
 import logging
 import queue
 import threading
+from collections.abc import AsyncIterator, Iterator, Sequence
 from concurrent.futures import Future
 from dataclasses import replace
-from collections.abc import AsyncIterator, Iterator, Sequence
 from typing import Any
 
 import torch
@@ -31,7 +31,7 @@ from .outputs import RequestOutput, StreamEvent
 from .params import SamplingParams, lone_surrogate
 from .request import Request
 from .stats import EngineStats
-from .tp import StepChannel, TensorParallelError
+from .tp import StepChannel, TensorParallelError, init_group
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,10 @@ class PagedPipeline:
         shards it over the torch.distributed ranks (run every rank, e.g. under torchrun)."""
         from ..models import load_model
 
+        if tp_plan is not None:
+            # Join the group before transformers does (with torch's 30-minute default timeout).
+            options = {k: v for k, v in kwargs.items() if k != "config"}
+            init_group(EngineConfig.from_kwargs(kwargs.get("config"), **options).tp_timeout_s)
         model, tok = load_model(path, dtype=dtype, device=device, device_map=device_map, tp_plan=tp_plan)
         return cls(model, tok, **kwargs)
 

@@ -27,6 +27,21 @@ import torch.distributed as dist
 DEFAULT_TIMEOUT_S = 120.0
 
 
+def init_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
+    """Join the torch.distributed group of this launch (RANK/WORLD_SIZE from torchrun or
+    ``--tensor-parallel-size``) before transformers would, so that the collectives inside the forwards
+    also give up after ``timeout_s`` instead of torch's default 30 minutes. NCCL with one GPU per rank
+    where CUDA is available, gloo otherwise; nothing to do when already joined or alone."""
+    import os
+
+    if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return
+    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+
 class TensorParallelError(RuntimeError):
     """A rank of the tensor-parallel group failed or went away; the group cannot go on."""
 
