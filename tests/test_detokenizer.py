@@ -212,3 +212,20 @@ def test_sentencepiece_style_first_word(sp_tok):
     d, deltas = run(sp_tok, ids[:1], ids[1:], skip=False)
     assert deltas[0] == " world" and "".join(deltas) == " world the fox 日本"
     assert all(FFFD not in x for x in deltas)
+
+
+def test_the_rust_decode_is_called_directly_only_where_it_equals_decode(smol_tok):
+    from hf_paged.engine.detokenizer import fast_decoder
+
+    fast = fast_decoder(smol_tok)
+    assert fast is not None  # the default model's tokenizer takes the direct path
+    ids = smol_tok("Hello, world!  Ça va? 🙂 <|im_end|>")["input_ids"] + [smol_tok.eos_token_id]
+    for skip in (True, False):
+        assert fast(ids, skip_special_tokens=skip) == smol_tok.decode(ids, skip_special_tokens=skip)
+    before = smol_tok.clean_up_tokenization_spaces
+    try:
+        smol_tok.clean_up_tokenization_spaces = True  # transformers post-processes: keep its decode
+        assert fast_decoder(smol_tok) is None
+    finally:
+        smol_tok.clean_up_tokenization_spaces = before
+    assert fast_decoder(object()) is None

@@ -30,6 +30,25 @@ _REPLACEMENT = "\ufffd"
 _PROMPT_CONTEXT = 4
 
 
+def fast_decoder(tokenizer: Any) -> Any:
+    """The Rust ``tokenizers.Tokenizer.decode`` behind ``tokenizer.decode``, where calling it directly gives
+    the same text: a transformers fast tokenizer whose ``decode``/``_decode`` are not overridden and that
+    does no clean-up of spaces. ``decode`` runs twice per generated token and transformers' Python layers
+    around the Rust call (argument conversion, batching checks) cost more than the decoding; None otherwise."""
+    try:
+        from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: always the public decode
+        return None
+    cls = type(tokenizer)
+    backend = getattr(tokenizer, "_tokenizer", None)
+    if (isinstance(tokenizer, TokenizersBackend) and cls._decode is TokenizersBackend._decode
+            and cls.decode is PreTrainedTokenizerBase.decode and backend is not None
+            and not getattr(tokenizer, "clean_up_tokenization_spaces", False)):
+        return backend.decode
+    return None
+
+
 class IncrementalDetokenizer:
     """Turns pushed token ids into text deltas (see the module docstring).
 
@@ -52,6 +71,7 @@ class IncrementalDetokenizer:
         if any(not isinstance(s, str) or not s for s in stop):
             raise ValueError(f"stop must be a list of non-empty strings, got {stop!r}")
         self._tok = tokenizer
+        self._fast = fast_decoder(tokenizer)
         self._skip = skip_special_tokens
         self._stops = tuple(stop)
         self._max_stop = max((len(s) for s in self._stops), default=0)
@@ -114,6 +134,8 @@ class IncrementalDetokenizer:
 
     # ------------------------------------------------------------------ internals
     def _decode(self, ids: list[int]) -> str:
+        if self._fast is not None:
+            return self._fast(ids, skip_special_tokens=self._skip)
         return self._tok.decode(ids, skip_special_tokens=self._skip)
 
     def _decode_window(self) -> str | None:

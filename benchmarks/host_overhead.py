@@ -1,0 +1,91 @@
+"""Engine host time per decode step at N running sequences: everything outside the model forward.
+
+A 2-layer random Llama with the default model's tokenizer (vocabulary 49152), so the forward is
+short and the host work (schedule, step plan and metadata, sampling over [N, vocab], postprocess,
+detokenizing and emitting) is what the timers see. Each phase is timed by wrapping the engine's own
+methods; the forward (``Runner.execute``) is reported apart and left out of the host total.
+
+    python benchmarks/host_overhead.py --seqs 256 --steps 50
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--seqs", type=int, default=256)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--rounds", type=int, default=3)
+    args = ap.parse_args()
+
+    from served import tiny_chat_pipeline
+
+    from hf_paged.engine.params import SamplingParams
+
+    pipe = tiny_chat_pipeline(max_model_len=1024, max_num_seqs=args.seqs, max_batch_tokens=4096,
+                              kv_memory="256MiB")
+    eng, delivery = pipe.engine, pipe.delivery
+    timings: dict[str, list[float]] = defaultdict(list)
+
+    def timed(obj, name, label):
+        fn = getattr(obj, name)
+
+        def wrapper(*a, **k):
+            t = time.perf_counter()
+            try:
+                return fn(*a, **k)
+            finally:
+                timings[label].append(time.perf_counter() - t)
+        setattr(obj, name, wrapper)
+
+    timed(eng.scheduler, "schedule", "schedule")
+    timed(eng.runner, "plan", "plan (ids, positions, slots)")
+    timed(eng.runner, "execute", "forward (incl. metadata tensors)")
+    timed(eng.sampler, "sample", "sample")
+    timed(delivery, "deliver", "deliver (detokenize, emit)")
+
+    prompt = pipe.tokenizer("Tell me a long story about a lighthouse keeper.")["input_ids"]
+    rounds = []
+    for r in range(args.rounds):
+        from hf_paged.engine.request import Request
+
+        for i in range(args.seqs):
+            params = SamplingParams.from_request(None, max_new_tokens=10_000, do_sample=False, ignore_eos=True)
+            delivery.add(Request(f"r{r}-{i}", prompt, prompt, params, lambda req: None))
+        while any(s.num_computed < s.num_prompt for s in eng.scheduler.running) or eng.scheduler.waiting:
+            delivery.deliver(eng.step())
+        for v in timings.values():
+            v.clear()
+        steps = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            delivery.deliver(eng.step())
+            steps.append(time.perf_counter() - t)
+        forward = sum(timings["forward (incl. metadata tensors)"]) / args.steps
+        step = sum(steps) / args.steps
+        row = {k: 1e3 * sum(v) / args.steps for k, v in timings.items()}
+        row["step"] = 1e3 * step
+        row["host (step - forward)"] = 1e3 * (step - forward)
+        rounds.append(row)
+        print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row.items()), flush=True)
+        for req_id in list(delivery.requests):
+            delivery.cancel(delivery.requests[req_id][0].request)
+    for key in rounds[0]:
+        vals = [x[key] for x in rounds]
+        print(f"{key}: median {statistics.median(vals):.2f} ms, min {min(vals):.2f} ms")
+    print(f"({args.seqs} decoding sequences, torch threads {torch.get_num_threads()})")
+    pipe.close()
+
+
+if __name__ == "__main__":
+    main()
