@@ -4,7 +4,7 @@
 
 Attention: ``kernels.cpu.paged_attention`` (C++, reads blocks in place) vs ``kernels.reference``
 (gather + SDPA) on decode batches shaped like the default model (9 heads, 3 KV heads, head_dim 64,
-block size 16, fp32) with shuffled block tables. Linears: oneDNN (what ``wrap`` uses above 48 rows)
+block size 16, fp32) with shuffled block tables, and the C++ kernel on fp32 against bf16 caches. Linears: oneDNN (what ``wrap`` uses above 48 rows)
 vs ``F.linear`` (MKL) for the default model's projections and its 49152-wide output layer (weights
 hot in cache); then all matmuls of one decode step with cold weights (30 distinct layers plus the
 output layer, 535 MB, streamed from DRAM as in the engine): the C++ skinny kernel (what ``wrap`` uses
@@ -62,6 +62,10 @@ def main() -> None:
         call = (q, kc, vc, tables, cu, lens)
         compare(f"{seqs} seqs, context {lo}-{hi}", lambda: reference.paged_attention(*call, scale=0.125),
                 lambda: cpu.paged_attention(*call, scale=0.125), args.repeats)
+        half = (q.bfloat16(), kc.bfloat16(), vc.bfloat16(), tables, cu, lens)
+        compare(f"{seqs} seqs, context {lo}-{hi}: C++ fp32 (left) vs C++ bf16 cache (right)",
+                lambda: cpu.paged_attention(*call, scale=0.125), lambda: cpu.paged_attention(*half, scale=0.125),
+                args.repeats)
     print("\n| linear | F.linear (MKL) ms | oneDNN ms | speed-up |\n|---|---|---|---|")
     for rows in (8, 24, 64):
         x, h = torch.randn(rows, 576, generator=gen), torch.randn(rows, 1536, generator=gen)
