@@ -63,7 +63,7 @@ def worker(args) -> None:
 
         # On CPU, vLLM's "gpu" memory utilisation is a fraction of RAM; the KV space is set in GiB.
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(_gib(args.kv_memory)))))
-        llm = LLM(model=path, dtype="float32", max_model_len=4096, seed=0, gpu_memory_utilization=0.3,
+        llm = LLM(model=path, dtype=args.dtype, max_model_len=4096, seed=0, gpu_memory_utilization=0.3,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens)
         sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=fixed)
         t0 = time.perf_counter()
@@ -71,7 +71,7 @@ def worker(args) -> None:
         elapsed = time.perf_counter() - t0
         outputs = [list(r.outputs[0].token_ids) for r in res]
     else:
-        model, _ = load_model(path, dtype=torch.float32)
+        model, _ = load_model(path, dtype=getattr(torch, args.dtype))
         gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
         if fixed:
             gen_kw["min_new_tokens"] = args.max_new_tokens
@@ -139,6 +139,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="paged,hf_single,hf_static,hf_cb,vllm")
     ap.add_argument("--mode", choices=["eos", "fixed"], default="eos")
+    ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                    help="weights and KV cache dtype, for every system (vLLM included)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=256)
