@@ -155,70 +155,15 @@ inline float hsum8(__m256 v) {
   return _mm_cvtss_f32(x);
 }
 
-// fp32 with head_dim a multiple of 8: eight tokens per step, so eight independent FMA chains hide
-// the FMA latency that a single dot product's chain is bound by.
-template <>
-void qk_block<float>(const float* qf, const float* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
-                     int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
-  if (head_dim % 8) return qk_block_generic(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
-  for (int64_t kh = 0; kh < kv_heads; ++kh)
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = kh * group + g;
-      const float* qh = qf + h * head_dim;
-      float* o = out + h * n - t0;
-      const float* k = base + kh * head_dim;
-      int64_t t = t0;
-      for (; t + 8 <= t1; t += 8) {
-        __m256 a[8];
-        for (int i = 0; i < 8; ++i) a[i] = _mm256_setzero_ps();
-        for (int64_t d = 0; d < head_dim; d += 8) {
-          const __m256 qv = _mm256_loadu_ps(qh + d);
-          for (int i = 0; i < 8; ++i) a[i] = _mm256_fmadd_ps(qv, _mm256_loadu_ps(k + (t + i) * c_tok + d), a[i]);
-        }
-        for (int i = 0; i < 8; ++i) o[t + i] = hsum8(a[i]) * scale;
-      }
-      for (; t < t1; ++t) {
-        __m256 a0 = _mm256_setzero_ps();
-        for (int64_t d = 0; d < head_dim; d += 8)
-          a0 = _mm256_fmadd_ps(_mm256_loadu_ps(qh + d), _mm256_loadu_ps(k + t * c_tok + d), a0);
-        o[t] = hsum8(a0) * scale;
-      }
-    }
-}
-
-// fp32, head_dim a multiple of 8: the accumulator of up to 64 lanes stays in registers over the tokens.
-template <>
-void pv_block<float>(const float* p, int64_t n, const float* base, int64_t t0, int64_t t1, int64_t c_tok,
-                     int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
-  if (head_dim % 8) return pv_block_generic(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
-  for (int64_t kh = 0; kh < kv_heads; ++kh)
-    for (int64_t g = 0; g < group; ++g) {
-      const int64_t h = kh * group + g;
-      const float* ph = p + h * n - t0;
-      for (int64_t d0 = 0; d0 < head_dim; d0 += 64) {
-        const int nv = static_cast<int>(std::min<int64_t>(64, head_dim - d0) / 8);
-        float* ah = acc + h * head_dim + d0;
-        const float* v = base + kh * head_dim + d0;
-        __m256 a[8];
-        for (int i = 0; i < nv; ++i) a[i] = _mm256_loadu_ps(ah + 8 * i);
-        for (int64_t t = t0; t < t1; ++t) {
-          const __m256 w = _mm256_set1_ps(ph[t]);
-          const float* vt = v + t * c_tok;
-          for (int i = 0; i < nv; ++i) a[i] = _mm256_fmadd_ps(w, _mm256_loadu_ps(vt + 8 * i), a[i]);
-        }
-        for (int i = 0; i < nv; ++i) _mm256_storeu_ps(ah + 8 * i, a[i]);
-      }
-    }
-}
-
-// Eight bf16 cache values as fp32 lanes (a bf16 is the top half of an fp32's bits).
+// Eight cache values as fp32 lanes: fp32 as is, bf16 widened (a bf16 is the top half of an fp32's bits).
+inline __m256 load8(const float* p) { return _mm256_loadu_ps(p); }
 inline __m256 load8(const c10::BFloat16* p) {
   const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(p));
   return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(raw), 16));
 }
 
-// bf16 caches: the fp32 kernels above with each load widened (fp32 accumulation). The fp32 ones are
-// left as they were: a version templated over the load measured slower for fp32 in a (noisy) A/B.
+// fp32 or bf16 caches (loads widened to fp32; fp32 accumulation), head_dim a multiple of 8: eight
+// tokens per step, so eight independent FMA chains hide the FMA latency a single dot product is bound by.
 template <typename scalar_t>
 void qk_block_widened(const float* qf, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
                       int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
@@ -271,6 +216,18 @@ void pv_block_widened(const float* p, int64_t n, const scalar_t* base, int64_t t
         for (int i = 0; i < nv; ++i) _mm256_storeu_ps(ah + 8 * i, a[i]);
       }
     }
+}
+
+template <>
+void qk_block<float>(const float* qf, const float* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
+                     int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+  qk_block_widened(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
+}
+
+template <>
+void pv_block<float>(const float* p, int64_t n, const float* base, int64_t t0, int64_t t1, int64_t c_tok,
+                     int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+  pv_block_widened(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
 }
 
 template <>
