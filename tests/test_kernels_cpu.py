@@ -218,6 +218,41 @@ def test_wrap_installs_and_unwrap_removes_cpu_linears_and_norms(tmp_path):
     assert not any("forward" in m.__dict__ or "_hf_paged_skinny_rows" in m.__dict__ for m in linears + norms)
 
 
+# ------------------------------------------------------------------------------------------- bf16 linears
+@pytest.mark.parametrize("m,k,n", [(1, 576, 192), (2, 100, 37), (3, 31, 5), (5, 1536, 64), (48, 64, 9)])
+@pytest.mark.parametrize("dpbf16", [True, False])  # False: the AVX2 path, also where avx512_bf16 exists
+@pytest.mark.parametrize("with_bias", [True, False])
+def test_bf16_skinny_linear_matches_oracle(m, k, n, dpbf16, with_bias):
+    g = torch.Generator().manual_seed(m * k + n)
+    x = torch.randn(m, k, generator=g).bfloat16()
+    w = (torch.randn(n, k, generator=g) * 0.1).bfloat16()
+    b = torch.randn(n, generator=g).bfloat16() if with_bias else None
+    y = cpu.skinny_linear_bf16(x, w, b, allow_dpbf16=dpbf16)
+    want = x.double() @ w.double().T + (b.double() if b is not None else 0)
+    assert y.dtype == torch.bfloat16 and y.shape == (m, n)
+    # fp32 accumulation, then one rounding to bf16: within half a bf16 ulp (2**-9 relative) and a hair.
+    torch.testing.assert_close(y.double(), want, rtol=2 ** -8, atol=1e-4)
+
+
+def test_bf16_linears_install_by_isa_and_can_be_disabled(monkeypatch, tmp_path):
+    import hf_paged
+    from tiny_models import build, load
+
+    path = cpu.bf16_linear_path()
+    assert path in cpu_layers.BF16_SKINNY_MAX_ROWS
+    model = load(build("llama", tmp_path)).to(torch.bfloat16)
+    ids = torch.tensor([[1, 5, 9, 12, 7, 30, 2, 200]])
+    want = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
+    hf_paged.wrap(model, num_blocks=16)
+    linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
+    assert all(m._hf_paged_skinny_rows == cpu_layers.BF16_SKINNY_MAX_ROWS[path] for m in linears)
+    # Batch 1: every decode step's matmuls take the C++ kernel. Same greedy tokens as unwrapped bf16.
+    assert torch.equal(model.generate(input_ids=ids, max_new_tokens=12, do_sample=False), want)
+    hf_paged.unwrap(model)
+    monkeypatch.setenv("HF_PAGED_CPU_GEMM_BF16", "0")  # the forced fallback: transformers' F.linear
+    assert cpu_layers.install_cpu_linears(model) == 0
+
+
 # ------------------------------------------------------------------------------------------- RMSNorm
 def _norm_modules(dim):
     from transformers.models.gemma.modeling_gemma import GemmaRMSNorm

@@ -28,7 +28,8 @@ from . import reference
 logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp",
-                                                                       "rms_norm_cpu.cpp", "lora_cpu.cpp")]
+                                                                       "rms_norm_cpu.cpp", "lora_cpu.cpp",
+                                                                       "linear_bf16_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -157,6 +158,18 @@ def paged_attention(
 def skinny_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
     """``F.linear`` for a 2-D fp32 CPU input, by the C++ kernel (any row count; fastest for few rows)."""
     return torch.ops.hf_paged_cpu.skinny_linear(x, weight, bias)
+
+
+def skinny_linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None = None, *,
+                       allow_dpbf16: bool = True) -> torch.Tensor:
+    """``F.linear`` for a 2-D bf16 CPU input (fp32 accumulation), by the C++ kernel; ``allow_dpbf16=False``
+    keeps it off the avx512_bf16 path (see :func:`bf16_linear_path`)."""
+    return torch.ops.hf_paged_cpu.skinny_linear_bf16(x, weight, bias, allow_dpbf16)
+
+
+def bf16_linear_path() -> str:
+    """The instruction set the bf16 skinny kernel uses here: "avx512_bf16", "avx2" or "scalar"."""
+    return torch.ops.hf_paged_cpu.skinny_linear_bf16_path()
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

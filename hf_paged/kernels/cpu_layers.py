@@ -4,11 +4,14 @@ reroute is also reachable alone (and switched off by its environment variable).
 """
 from __future__ import annotations
 
+import logging
 import os
 
 import torch
 
 from . import cpu
+
+logger = logging.getLogger(__name__)
 
 
 def install(model: torch.nn.Module) -> tuple[int, int]:
@@ -57,14 +60,52 @@ def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     return torch.nn.functional.linear(x, weight, bias)
 
 
+# bf16 models: their F.linear goes to oneDNN with avx512_bf16 dot products, which is hard to beat from a
+# few rows up; for 1-3 rows (one request decoding: the interactive case) the C++ kernel of
+# csrc/linear_bf16_cpu.cpp ran a decode step's matmuls 1.18-1.40x faster on this project's CPU
+# (docs/benchmarks.md), 1.15-1.21x for 1-2 rows on its AVX2 path. HF_PAGED_CPU_GEMM_BF16=0 turns it off.
+BF16_SKINNY_MAX_ROWS = {"avx512_bf16": 3, "avx2": 2, "scalar": 0}
+
+
+def _cpu_linear_bf16_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
+    params = self._parameters
+    weight, bias = params["weight"], params["bias"]
+    if x.is_cpu and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and (
+            x.requires_grad or weight.requires_grad)):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        if 0 < rows <= self._hf_paged_skinny_rows:
+            y = torch.ops.hf_paged_cpu.skinny_linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias, True)
+            return y.view(*x.shape[:-1], y.shape[-1])
+    return torch.nn.functional.linear(x, weight, bias)
+
+
+def _bf16_skinny_rows() -> int:
+    if os.environ.get("HF_PAGED_CPU_GEMM_BF16", "1").strip() == "0" or not cpu.available():
+        return 0
+    return BF16_SKINNY_MAX_ROWS.get(cpu.bf16_linear_path(), 0)
+
+
 def install_cpu_linears(model: torch.nn.Module) -> int:
     """Route the CPU fp32 ``nn.Linear`` layers of ``model`` through the C++ skinny kernel (few rows)
     and oneDNN (more rows), where each is enabled; returns how many layers were rerouted."""
     onednn = os.environ.get("HF_PAGED_ONEDNN_LINEAR", "1").strip() != "0" and torch.backends.mkldnn.is_available()
     skinny_rows = None
+    bf16_rows = None
     count = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
+        if type(mod) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.device.type == "cpu" \
+                and w.dtype == torch.bfloat16 and w.is_contiguous():
+            if bf16_rows is None:
+                bf16_rows = _bf16_skinny_rows()
+                if bf16_rows:
+                    logger.info("hf_paged: bf16 linear layers use the C++ %s kernel up to %d rows",
+                                cpu.bf16_linear_path(), bf16_rows)
+            if bf16_rows:
+                mod._hf_paged_skinny_rows = bf16_rows
+                mod.forward = _cpu_linear_bf16_forward.__get__(mod)
+                count += 1
+            continue
         # Sharded (DTensor) weights under tensor parallelism keep their own forward: transformers'
         # hooks redistribute their inputs and outputs around it.
         if type(mod) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.device.type == "cpu" \
@@ -72,7 +113,7 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
             if skinny_rows is None:
                 skinny_rows = SKINNY_MAX_ROWS if _skinny_enabled() else 0
             if not onednn and not skinny_rows:
-                return 0
+                return count
             mod._hf_paged_skinny_rows = skinny_rows
             mod._hf_paged_onednn = onednn
             mod.forward = _cpu_linear_forward.__get__(mod)
