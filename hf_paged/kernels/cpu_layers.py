@@ -161,8 +161,9 @@ def install_cpu_norms(model: torch.nn.Module) -> int:
         if not type(mod).__name__.endswith("RMSNorm"):
             continue
         w, eps = mod._parameters.get("weight"), _norm_eps(mod)
-        if w is None or type(w) is not torch.nn.Parameter or eps is None or w.dim() != 1 or w.device.type != "cpu" or w.dtype != torch.float32 \
-                or "forward" in mod.__dict__ or list(mod.children()):
+        if w is None or type(w) is not torch.nn.Parameter or eps is None or w.dim() != 1 \
+                or w.device.type != "cpu" or w.dtype != torch.float32 or "forward" in mod.__dict__ \
+                or list(mod.children()):
             continue
         if probe is None:
             if not cpu.available():
