@@ -82,7 +82,10 @@ def serve(args: argparse.Namespace) -> None:
                                            timeout_graceful_shutdown=5))
     if pipe.tp is not None:
         threading.Thread(target=_stop_when_broken, args=(pipe, server), daemon=True).start()
-    server.run()
+    try:
+        server.run()
+    except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully and re-raised it (uvicorn.run hides it too)
+        pass
     if pipe._broken is not None:
         raise SystemExit(f"hf_paged: the tensor-parallel group broke: {pipe._broken}")
 
