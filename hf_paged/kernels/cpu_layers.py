@@ -45,14 +45,16 @@ def _skinny_enabled() -> bool:
 
 def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # Runs ~200 times per decode step: parameters are read from _parameters directly (no
-    # nn.Module.__getattr__ round trip).
+    # nn.Module.__getattr__ round trip). fp32 and bf16 layers (installed only for those) each have a kernel.
     params = self._parameters
     weight, bias = params["weight"], params["bias"]
-    if x.is_cpu and x.dtype == torch.float32 and not (torch.is_grad_enabled() and (
+    if x.is_cpu and x.dtype == weight.dtype and not (torch.is_grad_enabled() and (
             x.requires_grad or weight.requires_grad)):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if 0 < rows <= self._hf_paged_skinny_rows:
-            y = torch.ops.hf_paged_cpu.skinny_linear(x.reshape(rows, x.shape[-1]), weight, bias)
+            ops = torch.ops.hf_paged_cpu
+            op = ops.skinny_linear if x.dtype == torch.float32 else ops.skinny_linear_bf16
+            y = op(x.reshape(rows, x.shape[-1]), weight, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
         if rows > 0 and self._hf_paged_onednn:
             y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), weight, bias, "none", [], "")
@@ -65,18 +67,6 @@ def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 # csrc/linear_bf16_cpu.cpp ran a decode step's matmuls 1.18-1.40x faster on this project's CPU
 # (docs/benchmarks.md), 1.15-1.21x for 1-2 rows on its AVX2 path. HF_PAGED_CPU_GEMM_BF16=0 turns it off.
 BF16_SKINNY_MAX_ROWS = {"avx512_bf16": 3, "avx2": 2, "scalar": 0}
-
-
-def _cpu_linear_bf16_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
-    params = self._parameters
-    weight, bias = params["weight"], params["bias"]
-    if x.is_cpu and x.dtype == torch.bfloat16 and not (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad)):
-        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
-        if 0 < rows <= self._hf_paged_skinny_rows:
-            y = torch.ops.hf_paged_cpu.skinny_linear_bf16(x.reshape(rows, x.shape[-1]), weight, bias, True)
-            return y.view(*x.shape[:-1], y.shape[-1])
-    return torch.nn.functional.linear(x, weight, bias)
 
 
 def _bf16_skinny_rows() -> int:
@@ -102,8 +92,7 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
                     logger.info("hf_paged: bf16 linear layers use the C++ %s kernel up to %d rows",
                                 cpu.bf16_linear_path(), bf16_rows)
             if bf16_rows:
-                mod._hf_paged_skinny_rows = bf16_rows
-                mod.forward = _cpu_linear_bf16_forward.__get__(mod)
+                _reroute(mod, bf16_rows, onednn=False)
                 count += 1
             continue
         # Sharded (DTensor) weights under tensor parallelism keep their own forward: transformers'
@@ -114,11 +103,14 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
                 skinny_rows = SKINNY_MAX_ROWS if _skinny_enabled() else 0
             if not onednn and not skinny_rows:
                 return count
-            mod._hf_paged_skinny_rows = skinny_rows
-            mod._hf_paged_onednn = onednn
-            mod.forward = _cpu_linear_forward.__get__(mod)
+            _reroute(mod, skinny_rows, onednn)
             count += 1
     return count
+
+
+def _reroute(mod: torch.nn.Linear, skinny_rows: int, onednn: bool) -> None:
+    mod._hf_paged_skinny_rows, mod._hf_paged_onednn = skinny_rows, onednn
+    mod.forward = _cpu_linear_forward.__get__(mod)
 
 
 def remove_cpu_linears(model: torch.nn.Module) -> None:

@@ -27,8 +27,8 @@ _ORIGINAL = "_hf_paged_lora_original"
 @dataclass(slots=True)
 class LoraBatch:
     """Which packed tokens run which adapter in this step: ``segments`` = ``(start, end, slot)`` runs of
-    adapter tokens (base-model tokens are in none); ``token_slot`` ``[T]`` (-1: the base model) on the
-    model's device, and on GPU ``device_args`` = ``(seg_start, seg_len, seg_slot)`` for the Triton kernel."""
+    adapter tokens (base-model tokens are in none); on CPU ``token_slot`` ``[T]`` (-1: the base model)
+    for the C++ kernel, and on GPU ``device_args`` = ``(seg_start, seg_len, seg_slot)`` for the Triton kernel."""
 
     segments: list[tuple[int, int, int]]
     token_slot: torch.Tensor | None = None
@@ -54,11 +54,11 @@ class LoraBatch:
             at += n
         batch = cls(segments)
         if segments:
-            token_slot = torch.full((at,), -1, dtype=torch.int32)
-            for start, end, slot in segments:
-                token_slot[start:end] = slot
-            batch.token_slot = token_slot
-            if device.type == "cpu":
+            if device.type == "cpu":  # the C++ kernel's per-token slots
+                token_slot = torch.full((at,), -1, dtype=torch.int32)
+                for start, end, slot in segments:
+                    token_slot[start:end] = slot
+                batch.token_slot = token_slot
                 batch.cpu_kernel = kernels.resolve_backend("auto", token_slot) == "cpu"
             else:
                 seg = torch.tensor([[s, e - s, slot] for s, e, slot in segments], dtype=torch.int32)
