@@ -46,6 +46,11 @@ class EngineConfig:
     max_model_len: int | None = field(default=None, metadata={
         "help": "longest sequence (prompt + output); default and upper bound: the model's context"})
 
+    enforce_eager: bool = field(default=False, metadata={
+        "help": "CUDA: run every step eagerly (no CUDA graphs for decode steps)"})
+    cuda_graph_max_bs: int | None = field(default=None, metadata={
+        "help": "CUDA: largest decode batch replayed as a CUDA graph (default: max_num_seqs, at most 512)"})
+
     lora_adapters: dict[str, str] | None = field(default=None, metadata={
         "help": "PEFT LoRA adapters to serve, name=path[,name=path...]; requests pick one by name"})
     max_lora_rank: int = field(default=64, metadata={"help": "largest LoRA rank an adapter may have"})
@@ -57,7 +62,7 @@ class EngineConfig:
             _positive_int(name, getattr(self, name))
         if self.block_size & (self.block_size - 1):
             raise ValueError(f"block_size must be a power of two, got {self.block_size}")
-        for name in ("num_blocks", "max_model_len"):
+        for name in ("num_blocks", "max_model_len", "cuda_graph_max_bs"):
             if getattr(self, name) is not None:
                 _positive_int(name, getattr(self, name))
         if self.kv_memory is not None:
@@ -69,8 +74,9 @@ class EngineConfig:
             raise ValueError(f"tp_timeout_s must be a number of seconds > 0, got {self.tp_timeout_s!r}")
         if self.lora_adapters is not None:
             object.__setattr__(self, "lora_adapters", _adapter_map(self.lora_adapters))
-        if not isinstance(self.enable_prefix_caching, bool):
-            raise ValueError(f"enable_prefix_caching must be true or false, got {self.enable_prefix_caching!r}")
+        for name in ("enable_prefix_caching", "enforce_eager"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
     @classmethod
     def from_kwargs(cls, config: "EngineConfig | None" = None, **kwargs: Any) -> "EngineConfig":
@@ -109,6 +115,7 @@ def _positive_int(name: str, value: Any) -> None:
 
 _CLI_TYPES = {"block_size": int, "kv_memory": str, "num_blocks": _int_or_none, "enable_prefix_caching": _bool,
               "max_num_seqs": int, "max_batch_tokens": int, "max_model_len": _int_or_none,
+              "enforce_eager": _bool, "cuda_graph_max_bs": _int_or_none,
               "lora_adapters": _adapter_map, "max_lora_rank": int, "tp_timeout_s": float}
 
 

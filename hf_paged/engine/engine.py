@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import os
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from .grammar import Masks, new_matcher
 from .outputs import FinishReason
 from .params import SamplingParams
 from .runner import Runner
+from .device_sampler import DeviceSampler
 from .sampler import LOGPROB_FLOOR, Sampler, SamplingRow
 from .scheduler import Schedule, Scheduler
 from .sequence import Sequence, SeqStatus
@@ -46,13 +48,22 @@ class TokenRecord:
     finish_reason: FinishReason | None = None
 
 
+def make_sampler(vocab_size: int, device: torch.device) -> Sampler | DeviceSampler:
+    """The host sampler on CPU (numpy argmax, candidate-only warping: the fastest there), the
+    vectorised one elsewhere (one copy back per step). ``HF_PAGED_SAMPLER=host|device`` forces one."""
+    kind = os.environ.get("HF_PAGED_SAMPLER", "").strip().lower() or ("host" if device.type == "cpu" else "device")
+    if kind not in ("host", "device"):
+        raise ValueError(f"HF_PAGED_SAMPLER must be host or device, got {kind!r}")
+    return Sampler(vocab_size) if kind == "host" else DeviceSampler(vocab_size)
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, pool: KVPool, *, max_num_seqs: int, max_batch_tokens: int,
                  max_model_len: int, adapters: Any = None) -> None:
         self.pool = pool
         self.scheduler = Scheduler(pool.allocator, max_num_seqs, max_batch_tokens)
         self.runner = Runner(model, pool, adapters)
-        self.sampler = Sampler(model.config.vocab_size)
+        self.sampler = make_sampler(model.config.vocab_size, self.runner.device)
         self.masks = Masks(model.config.vocab_size)
         self.max_model_len = max_model_len
         self._ids = itertools.count()

@@ -1,0 +1,286 @@
+"""DeviceSampler: the :class:`~hf_paged.engine.sampler.Sampler`'s choices, computed on the logits'
+device for every row at once, with one device-to-host copy per step.
+
+Same processors, same order, same results (tested against the host sampler on CPU tensors: equal
+tokens for greedy and for seeded sampling). What differs is how: per-row settings travel as small
+tensors, so a batch of 256 rows with different temperatures, top-k/top-p/min-p/typical and
+penalties costs a fixed number of kernels, and nothing but the final ids (and the log-probabilities a
+row asked for) comes back to the host. Full-vocabulary logits never leave the device.
+
+Seeded rows draw their uniform number from their own ``torch.Generator`` on the host (one float per
+row, copied with the step's parameters), so a seed gives the same tokens in any batch and on any
+device, as the host sampler does.
+
+How the host sampler's two draw paths are reproduced: a row with ``0 < top_k < vocab`` draws over its
+``top_k`` best candidates in score order, unless the ``top_k``-th and the next score tie (HF's TopK
+then keeps every tied token), in which case it draws over the whole row in vocabulary order. Both
+draws run for such rows and the tie decides, on the device.
+
+Example::
+
+    sampler = DeviceSampler(model.config.vocab_size)
+    out = sampler.sample(logits_on_gpu, [SamplingRow(params, token_ids, num_generated=3, generator=g)])
+    out.tokens          # [next_token]
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
+
+from .sampler import LOGPROB_FLOOR, SampleOutput, SamplingRow
+
+_NEG_INF = -float("inf")
+
+
+class DeviceSampler:
+    """Vectorised sampling on the logits' device (see the module docstring). It modifies ``logits``
+    in place: pass a tensor the caller no longer needs (the runner's logits of this step)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        if vocab_size <= 0:
+            raise ValueError(f"vocab_size must be positive, got {vocab_size}")
+        self.vocab_size = vocab_size
+
+    def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
+        """Next token of every row (``logits[i]`` belongs to ``rows[i]``)."""
+        if logits.dim() != 2 or logits.shape[0] != len(rows):
+            raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
+        n = len(rows)
+        if n == 0:
+            return SampleOutput([])
+        scores = logits.detach()
+        if scores.shape[1] > self.vocab_size:
+            scores = scores[:, : self.vocab_size]
+        if scores.dtype != torch.float32:
+            scores = scores.float()
+        dev = scores.device
+        _apply_history(scores, rows)
+        tokens = torch.empty(n, dtype=torch.long, device=dev)
+        greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
+        drawn = [i for i, r in enumerate(rows) if not r.params.is_greedy]
+        final = scores  # the processed scores of every row, full width (logprobs are read from them)
+        if greedy:
+            if len(greedy) == n:
+                tokens = scores.argmax(dim=-1)
+            else:
+                g = _index(greedy, dev)
+                tokens.index_copy_(0, g, scores.index_select(0, g).argmax(dim=-1))
+        if drawn:
+            sub = scores if len(drawn) == n else scores.index_select(0, _index(drawn, dev))
+            picked, processed = _sample_rows(sub, [rows[i] for i in drawn])
+            if len(drawn) == n:
+                tokens, final = picked, processed
+            else:
+                d = _index(drawn, dev)
+                tokens.index_copy_(0, d, picked)
+                scores.index_copy_(0, d, processed)
+        return _to_host(tokens, final, rows)
+
+
+# ---------------------------------------------------------------------------------- history processors
+def _apply_history(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
+    """generate()'s history processors, in its order, in place, one vectorised op per processor."""
+    dev = scores.device
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.token_ids]
+    if rep:
+        idx = _index(rep, dev)
+        ids = _padded([rows[i].token_ids for i in rep], dev)
+        pen = _column([rows[i].params.repetition_penalty for i in rep], dev)
+        sub = scores.index_select(0, idx)
+        got = sub.gather(1, ids)  # RepetitionPenaltyLogitsProcessor, per row
+        sub.scatter_(1, ids, torch.where(got < 0, got * pen, got / pen))
+        scores.index_copy_(0, idx, sub)
+    pen_rows = [i for i, r in enumerate(rows) if (r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0)
+                and r.num_generated > 0]
+    if pen_rows:  # OpenAI's penalties over generated tokens only (see Sampler)
+        idx = _index(pen_rows, dev)
+        gen = [rows[i].token_ids[len(rows[i].token_ids) - rows[i].num_generated:] for i in pen_rows]
+        ids = _padded(gen, dev)
+        weight = _padded([[1] * len(g) for g in gen], dev, pad=0, dtype=scores.dtype)
+        counts = torch.zeros(len(pen_rows), scores.shape[1], dtype=scores.dtype, device=dev)
+        counts.scatter_add_(1, ids, weight)
+        freq = _column([rows[i].params.frequency_penalty for i in pen_rows], dev)
+        pres = _column([rows[i].params.presence_penalty for i in pen_rows], dev)
+        sub = scores.index_select(0, idx)
+        scores.index_copy_(0, idx, sub - (freq * counts + pres * (counts > 0).to(scores.dtype)))
+    for i, r in enumerate(rows):  # rare, and HF's processor is host code over the ids: kept per row
+        if r.params.no_repeat_ngram_size > 0:
+            ids = torch.tensor(r.token_ids, dtype=torch.long).unsqueeze(0)
+            scores[i : i + 1] = NoRepeatNGramLogitsProcessor(r.params.no_repeat_ngram_size)(ids, scores[i : i + 1])
+    ban_rows: list[int] = []
+    ban_cols: list[int] = []
+    for i, r in enumerate(rows):  # MinNewTokensLength: EOS banned until min_new_tokens
+        p = r.params
+        if r.num_generated < p.min_new_tokens and p.eos_token_id:
+            eos = p.eos_token_id if isinstance(p.eos_token_id, (list, tuple)) else [p.eos_token_id]
+            for e in eos:
+                if 0 <= e < scores.shape[1]:
+                    ban_rows.append(i)
+                    ban_cols.append(e)
+    if ban_rows:
+        scores.index_put_((_index(ban_rows, dev), _index(ban_cols, dev)), torch.tensor(_NEG_INF, device=dev))
+
+
+# ---------------------------------------------------------------------------------- warpers and draw
+def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sampled ids of ``rows`` (all sampling) and their processed full-width scores."""
+    dev = scores.device
+    n, vocab = scores.shape
+    temps = [r.params.temperature for r in rows]
+    if any(t != 1.0 for t in temps):
+        scores = scores / _column(temps, dev)  # TemperatureLogitsWarper
+    u = _uniforms(rows, dev)
+    ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
+    cand = [i for i, k in enumerate(ks) if k]
+    top_vals = top_idx = tied = None
+    if cand:
+        kmax = max(ks)
+        c = _index(cand, dev)
+        k = _index([ks[i] for i in cand], dev).view(-1, 1)
+        # Temperature is monotonic: the k best scaled scores are the k best raw ones, in the same order.
+        top_vals, top_idx = torch.topk(scores.index_select(0, c), kmax + 1, dim=-1)
+        kth = top_vals.gather(1, k - 1)
+        tied = (top_vals.gather(1, k) == kth).view(-1)
+        # TopKLogitsWarper on the full rows: every score below the k-th goes (ties stay).
+        full_c = scores.index_select(0, c)
+        scores.index_copy_(0, c, full_c.masked_fill(full_c < kth, _NEG_INF))
+        cols = torch.arange(kmax + 1, device=dev).view(1, -1)
+        top_vals = top_vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax]
+        top_idx = top_idx[:, :kmax]
+    scores = _later_warpers(scores, rows, list(range(n)))
+    picked = _draw(scores, u)
+    if cand:
+        sub_rows = [rows[i] for i in cand]
+        top_vals = _later_warpers(top_vals, sub_rows, list(range(len(cand))))
+        c = _index(cand, dev)
+        pos = _draw(top_vals, u.index_select(0, c))
+        from_cand = top_idx.gather(1, pos.view(-1, 1)).view(-1)
+        picked.index_copy_(0, c, torch.where(tied, picked.index_select(0, c), from_cand))
+    return picked, scores
+
+
+def _later_warpers(scores: torch.Tensor, rows: list[SamplingRow], which: list[int]) -> torch.Tensor:
+    """TopP -> MinP -> Typical (HF's warpers, per-row settings), on the rows that use each."""
+    dev = scores.device
+    top_p = [i for i in which if rows[i].params.top_p < 1.0]
+    if top_p:
+        scores = _on_rows(scores, top_p, lambda s: _top_p(s, _column([1 - rows[i].params.top_p for i in top_p], dev)))
+    min_p = [i for i in which if rows[i].params.min_p]
+    if min_p:
+        scores = _on_rows(scores, min_p, lambda s: _min_p(s, _column([rows[i].params.min_p for i in min_p], dev)))
+    typical = [i for i in which if rows[i].params.typical_p < 1.0]
+    if typical:
+        scores = _on_rows(scores, typical,
+                          lambda s: _typical(s, _column([rows[i].params.typical_p for i in typical], dev)))
+    return scores
+
+
+def _on_rows(scores: torch.Tensor, which: list[int], fn) -> torch.Tensor:
+    if len(which) == scores.shape[0]:
+        return fn(scores)
+    idx = _index(which, scores.device)
+    out = scores.clone()
+    out.index_copy_(0, idx, fn(scores.index_select(0, idx)))
+    return out
+
+
+def _top_p(scores: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """TopPLogitsWarper with a per-row ``1 - top_p``."""
+    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= cut
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
+
+
+def _min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """MinPLogitsWarper with a per-row ``min_p``."""
+    probs = torch.softmax(scores, dim=-1)
+    top, best = probs.max(dim=-1, keepdim=True)
+    remove = (probs < min_p * top).scatter_(-1, best, False)
+    return scores.masked_fill(remove, _NEG_INF)
+
+
+def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """TypicalLogitsWarper with a per-row mass."""
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+    p = torch.exp(normalized)
+    ent = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - ent)
+    sorted_scores, sorted_idx = torch.sort(shifted, descending=False)
+    cum = scores.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
+    last = (cum < mass).sum(dim=1).clamp_(max=sorted_scores.shape[-1] - 1)
+    remove = sorted_scores > sorted_scores.gather(1, last.view(-1, 1))
+    remove[..., :1] = False
+    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
+
+
+def _draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Inverse-CDF draw with the given uniforms, as the host sampler's ``_draw`` (float64 sums up to
+    4096 columns, the scores' dtype above)."""
+    probs = torch.softmax(scores, dim=-1)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if scores.shape[1] <= 4096 else scores.dtype)
+    total = cdf[:, -1:]
+    pos = torch.searchsorted(cdf, u.to(cdf.dtype).view(-1, 1) * total, right=True)
+    last = torch.searchsorted(cdf, total.contiguous(), right=False)
+    return torch.minimum(pos, last).clamp_(max=scores.shape[1] - 1).view(-1)
+
+
+def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
+    """One uniform per row: from the row's generator when seeded (as the host sampler draws it)."""
+    free = sum(r.generator is None for r in rows)
+    shared = iter(torch.rand(free, dtype=torch.float64).tolist()) if free else iter(())
+    u = [torch.rand(1, dtype=torch.float64, generator=r.generator, device=r.generator.device).item()
+         if r.generator is not None else next(shared) for r in rows]
+    return torch.tensor(u, dtype=torch.float64).to(device, non_blocking=True)
+
+
+# ---------------------------------------------------------------------------------- the one copy back
+def _to_host(tokens: torch.Tensor, scores: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
+    """Ids (and the log-probabilities rows asked for) in one device-to-host copy."""
+    n = len(rows)
+    wants = [i for i, r in enumerate(rows) if r.params.logprobs or r.params.top_logprobs > 0]
+    if not wants:
+        return SampleOutput(tokens.tolist())
+    dev = scores.device
+    w = _index(wants, dev)
+    logp = torch.log_softmax(scores.index_select(0, w), dim=-1)
+    chosen = logp.gather(1, tokens.index_select(0, w).view(-1, 1)).view(-1)
+    k = min(max(rows[i].params.top_logprobs for i in wants), logp.shape[1])
+    parts = [tokens.double(), chosen.double()]
+    if k > 0:
+        vals, ids = logp.topk(k, dim=-1)
+        parts += [vals.double().flatten(), ids.double().flatten()]
+    flat = torch.cat(parts).tolist()
+    out = SampleOutput([int(t) for t in flat[:n]], [None] * n, [[] for _ in range(n)])
+    m = len(wants)
+    lps = flat[n : n + m]
+    vals = flat[n + m : n + m + m * k]
+    ids = flat[n + m + m * k :]
+    for j, i in enumerate(wants):
+        lp = lps[j]
+        out.logprobs[i] = lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN fails >= too
+        top = rows[i].params.top_logprobs
+        out.top_logprobs[i] = [(int(t), max(v, LOGPROB_FLOOR)) for t, v in zip(ids[j * k : j * k + top],
+                                                                               vals[j * k : j * k + top])
+                               if v > -math.inf]
+    return out
+
+
+def _index(values: list[int], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.long).to(device, non_blocking=True)
+
+
+def _column(values: list[float], device: torch.device) -> torch.Tensor:
+    return torch.tensor(values, dtype=torch.float32).view(-1, 1).to(device, non_blocking=True)
+
+
+def _padded(lists: list[list[int]], device: torch.device, pad: int | None = None,
+            dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Rows of unequal length as one tensor; ``pad`` None repeats each row's first value (a no-op for
+    gather/scatter of the same value)."""
+    width = max(len(x) for x in lists)
+    return torch.tensor([x + [x[0] if pad is None else pad] * (width - len(x)) for x in lists],
+                        dtype=dtype).to(device, non_blocking=True)

@@ -1,0 +1,193 @@
+"""DeviceSampler: the host Sampler's tokens, computed for every row at once (CPU tensors here; the
+CUDA test checks that a step costs one device-to-host copy)."""
+from __future__ import annotations
+
+import math
+import warnings
+
+import pytest
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from hf_paged.engine.device_sampler import DeviceSampler
+from hf_paged.engine.params import SamplingParams
+from hf_paged.engine.sampler import Sampler, SamplingRow
+
+EOS = 2
+
+ROW_OPTIONS = st.fixed_dictionaries({}, optional={
+    "do_sample": st.booleans(),
+    "repetition_penalty": st.sampled_from([0.7, 1.3]),
+    "frequency_penalty": st.sampled_from([0.5, -0.3]),
+    "presence_penalty": st.sampled_from([1.0]),
+    "no_repeat_ngram_size": st.integers(1, 3),
+    "min_new_tokens": st.integers(1, 6),
+    "temperature": st.sampled_from([0.3, 0.7, 1.0, 1.5]),
+    "top_k": st.sampled_from([0, 1, 5, 40]),
+    "top_p": st.sampled_from([0.3, 0.9]),
+    "min_p": st.sampled_from([0.05, 0.2]),
+    "typical_p": st.sampled_from([0.5, 0.95]),
+    "logprobs": st.booleans(),
+    "top_logprobs": st.integers(0, 4),
+})
+
+
+def params(**kw) -> SamplingParams:
+    kw.setdefault("max_new_tokens", 64)
+    kw.setdefault("eos_token_id", [EOS])
+    return SamplingParams(**kw)
+
+
+def both(logits: torch.Tensor, specs: list[tuple[SamplingParams, list[int], int, int | None]]):
+    """(host output, device output) for the same rows; seeded rows get equal fresh generators."""
+    def rows():
+        return [SamplingRow(p, ids, gen, torch.Generator().manual_seed(seed) if seed is not None else None)
+                for p, ids, gen, seed in specs]
+    vocab = logits.shape[1]
+    return Sampler(vocab).sample(logits.clone(), rows()), DeviceSampler(vocab).sample(logits.clone(), rows())
+
+
+def assert_same(host, dev, specs) -> None:
+    assert dev.tokens == host.tokens
+    if host.logprobs is None:
+        assert dev.logprobs is None
+        return
+    for i, (p, *_rest) in enumerate(specs):
+        if not (p.logprobs or p.top_logprobs):
+            continue
+        assert dev.logprobs[i] == pytest.approx(host.logprobs[i], abs=1e-4)
+        assert [t for t, _ in dev.top_logprobs[i]] == [t for t, _ in host.top_logprobs[i]]
+        for (_, a), (_, b) in zip(dev.top_logprobs[i], host.top_logprobs[i]):
+            assert a == pytest.approx(b, abs=1e-4)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(rows=st.lists(st.tuples(ROW_OPTIONS, st.integers(1, 10), st.integers(0, 8), st.booleans()),
+                     min_size=1, max_size=9),
+       vocab=st.sampled_from([256, 5003]), seed=st.integers(0, 2**16))
+def test_same_tokens_as_host_sampler(rows, vocab, seed):
+    """Greedy and seeded sampling rows, every processor and warper, mixed in one batch."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randn(len(rows), vocab, generator=g) * 3
+    specs = []
+    for k, (opts, prompt_len, num_gen, seeded) in enumerate(rows):
+        ids = torch.randint(0, vocab, (prompt_len + num_gen,), generator=g).tolist()
+        specs.append((params(**opts), ids, num_gen, seed + k if seeded or opts.get("do_sample") else None))
+    host, dev = both(logits, specs)
+    assert_same(host, dev, specs)
+
+
+def test_topk_ties_at_border_take_the_full_row_draw():
+    """bf16-like logits (few distinct values): HF keeps every tied token; both samplers agree."""
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randint(-4, 4, (64, 300), generator=g).float()
+    specs = [(params(do_sample=True, top_k=k, temperature=t), [5], 0, s)
+             for s, (k, t) in enumerate([(2, 0.5), (5, 1.0), (40, 0.7), (0, 1.0)] * 16)]
+    host, dev = both(logits, specs)
+    assert_same(host, dev, specs)
+
+
+def test_greedy_ties_pick_the_lowest_index_and_logprobs():
+    g = torch.Generator().manual_seed(5)
+    logits = torch.randint(-3, 3, (32, 256), generator=g).float()
+    specs = [(params(logprobs=i % 2 == 0, top_logprobs=i % 5), [1, 2], 0, None) for i in range(32)]
+    host, dev = both(logits, specs)
+    assert dev.tokens == torch.argmax(logits, dim=-1).tolist()
+    assert_same(host, dev, specs)
+
+
+def test_seeded_row_same_alone_or_in_any_batch():
+    p = params(do_sample=True, temperature=0.9, top_k=40, top_p=0.95, seed=7)
+    others = [params(), params(do_sample=True, top_k=0, min_p=0.1), params(do_sample=True, repetition_penalty=1.5)]
+    logits = torch.randn(8, 512, generator=torch.Generator().manual_seed(1))
+    sampler = DeviceSampler(512)
+
+    def run(batch: list[SamplingParams], at: int) -> int:
+        rows = [SamplingRow(q, [1, 2, 3], 0, torch.Generator().manual_seed(11 if k == at else 100 + k))
+                for k, q in enumerate(batch)]
+        x = logits[: len(batch)].clone()
+        x[at] = logits[7]
+        return sampler.sample(x, rows).tokens[at]
+
+    alone = run([p], 0)
+    assert run(others + [p], 3) == alone == run([others[0], p, others[2]], 1)
+
+
+def test_frequencies_follow_softmax():
+    base = torch.tensor([2.0, 1.0, 0.0, -1.0] + [-float("inf")] * 60)
+    n = 4000
+    rows = [SamplingRow(params(do_sample=True, top_k=0), [1], 0, torch.Generator().manual_seed(s)) for s in range(n)]
+    toks = DeviceSampler(64).sample(base.expand(n, 64).clone(), rows).tokens
+    probs = torch.softmax(base, -1)
+    counts = torch.bincount(torch.tensor(toks), minlength=64).double() / n
+    assert counts[4:].sum() == 0
+    for t in range(4):
+        assert abs(counts[t] - probs[t]) < 5 * math.sqrt(probs[t] * (1 - probs[t]) / n) + 1e-3
+
+
+def test_wider_logits_are_cut_and_bad_shape_refused():
+    logits = torch.full((1, 300), -1.0)
+    logits[0, 290] = 9.0  # past the vocabulary: no token
+    logits[0, 7] = 1.0
+    assert DeviceSampler(256).sample(logits, [SamplingRow(params(), [1], 0)]).tokens == [7]
+    with pytest.raises(ValueError, match="logits must be"):
+        DeviceSampler(256).sample(torch.zeros(2, 256), [SamplingRow(params(), [1], 0)])
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_one_copy_per_step_and_same_tokens_as_cpu():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(256, 32000, generator=g) * 4
+    specs = [(params(do_sample=i % 3 != 0, temperature=0.6, top_k=50 if i % 2 else 0, top_p=0.9 if i % 4 else 1.0,
+                     logprobs=i % 7 == 0), [1, 2, 3], 0, i) for i in range(256)]
+    rows = [SamplingRow(p, ids, n, torch.Generator().manual_seed(s)) for p, ids, n, s in specs]
+    cpu = DeviceSampler(32000).sample(logits.clone(), rows)
+    rows = [SamplingRow(p, ids, n, torch.Generator().manual_seed(s)) for p, ids, n, s in specs]
+    x = logits.cuda()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            out = DeviceSampler(32000).sample(x, rows)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    syncs = [w for w in caught if "synchroniz" in str(w.message)]
+    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    # Full-width rows sum in float32 on the device (not in double as the CPU's cumsum): allow a rare flip.
+    agree = sum(a == b for a, b in zip(out.tokens, cpu.tokens))
+    assert agree >= 250, agree
+
+
+def test_pipeline_outputs_equal_with_either_sampler(tiny_root, monkeypatch):
+    """The engine with the device sampler forced on CPU: greedy equals generate(), seeded sampling
+    and logprobs equal the host sampler's run."""
+    import hf_paged
+    from hf_paged.engine.pipeline import PagedPipeline
+    from tiny_models import IdTokenizer, build, load
+
+    model = load(build("llama", tiny_root))
+    prompts = [[5 + i, 9, 13 + 2 * i, 40][: 1 + i % 4] * (1 + i) for i in range(10)]
+    kinds = [dict(do_sample=False), dict(do_sample=True, temperature=0.8, top_k=20, top_p=0.9),
+             dict(do_sample=True, temperature=1.2, top_k=0, min_p=0.05, repetition_penalty=1.2),
+             dict(do_sample=False, logprobs=True, top_logprobs=3)]
+
+    def run(kind: str):
+        monkeypatch.setenv("HF_PAGED_SAMPLER", kind)
+        pipe = PagedPipeline(model, IdTokenizer(), max_num_seqs=4, max_batch_tokens=32)
+        try:
+            reqs = [pipe.submit(p, max_new_tokens=12, seed=i, **kinds[i % 4]) for i, p in enumerate(prompts)]
+            return [r.result(timeout=300) for r in reqs]
+        finally:
+            pipe.close()
+            hf_paged.unwrap(model)
+
+    host, dev = run("host"), run("device")
+    assert [r.token_ids for r in dev] == [r.token_ids for r in host]
+    for a, b in zip(dev, host):
+        if a.outputs[0].logprobs is not None:
+            assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-4)
+    for i in range(0, 10, 4):
+        ref = model.generate(input_ids=torch.tensor([prompts[i]]), max_new_tokens=12, do_sample=False)
+        assert dev[i].token_ids == ref[0, len(prompts[i]):].tolist()
