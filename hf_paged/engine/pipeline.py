@@ -77,6 +77,11 @@ class PagedPipeline:
                              adapters=self.adapters)
         if self.tp is not None and self.tp.leader:
             self.engine.runner.broadcast = self.tp
+        if self.engine.runner.device.type == "cuda" and not config.enforce_eager and self.tp is None:
+            # Decode steps as CUDA graphs (tensor parallel steps stay eager: their collectives are not
+            # captured). A batch above cuda_graph_max_bs runs eagerly.
+            max_bs = min(config.cuda_graph_max_bs or config.max_num_seqs, config.max_num_seqs, 512)
+            self.engine.runner.use_graphs(max_bs, self.max_model_len)
         self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()

@@ -47,6 +47,15 @@ class Runner:
             self.device = model.get_input_embeddings().weight.to_local().device
         params = inspect.signature(type(model).forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
+        self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
+
+    def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True) -> None:
+        """Run decode steps of up to ``max_bs`` sequences through :class:`~hf_paged.engine.graphs.DecodeGraphs`
+        (captured as CUDA graphs; ``capture=False`` runs the same static buffers eagerly)."""
+        from .graphs import DecodeGraphs
+
+        self.graphs = DecodeGraphs(self.model, self.pool, max_bs=max_bs, max_model_len=max_model_len,
+                                   device=self.device, capture=capture)
 
     def run(self, schedule: Schedule, every_position: list[bool] | None = None) -> torch.Tensor:
         """Logits (float32) of the last token of each sampling sequence, in schedule order; for a
@@ -92,6 +101,8 @@ class Runner:
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Run the model on ``plan``; the float32 logits of its ``keep`` rows."""
         self.pool.copy_blocks(plan.copies)
+        if self.graphs is not None and self.graphs.fits(plan):
+            return self.graphs.run(plan)
         meta = PagedMetadata.build(self.pool, plan.slots, plan.tables, plan.q_lens, plan.seq_lens, None)
         input_ids = torch.tensor(plan.ids, dtype=torch.long, device=self.device)[None]
         position_ids = torch.tensor(plan.positions, dtype=torch.long, device=self.device)[None]

@@ -1,0 +1,175 @@
+"""DecodeGraphs: decode steps replayed as CUDA graphs over static buffers.
+
+A decode step (one new token per sequence) has the same shape for every step of the same batch size,
+so its whole forward (HF modeling code, the paged attention kernels and the LM head) is captured once
+per batch-size bucket and replayed: the host's work per step shrinks to filling six small buffers in
+place and one ``replay()``. Batches are padded up to their bucket: padding rows have no query
+(``cu_seqlens_q`` repeats), no context (``seq_len`` 0) and slot -1 (never written), and their logits
+are dropped. Prefill and mixed steps, LoRA steps and batches above the largest bucket run eagerly.
+
+Nothing inside the captured forward may sync with the host or depend on a host value that changes
+between steps: the attention call gets ``max_seqlen_k`` = the static table width, so the split-K grid
+is fixed at capture and each program finds its real length on the device.
+
+With ``capture=False`` the same buffers and padding run eagerly (on CPU too): that is how the
+static-buffer logic is tested without a GPU.
+
+Example::
+
+    graphs = DecodeGraphs(model, pool, max_bs=256, max_model_len=4096, capture=True)
+    if graphs.fits(plan):
+        logits = graphs.run(plan)     # [len(plan.ids), vocab] float32, a view of a static buffer
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+import math
+import time
+
+import numpy as np
+import torch
+
+from ..kv.metadata import PagedMetadata, StepTensors
+from ..kv.pool import KVPool
+
+logger = logging.getLogger("hf_paged")
+
+
+def bucket_sizes(max_bs: int) -> list[int]:
+    """1, 2, 4, 8, then every 8 up to 64, every 16 up to 256, every 32 beyond; ``max_bs`` last."""
+    sizes = [b for b in (1, 2, 4) if b < max_bs]
+    b = 8
+    while b < max_bs:
+        sizes.append(b)
+        b += 8 if b < 64 else 16 if b < 256 else 32
+    return sizes + [max_bs]
+
+
+class DecodeGraphs:
+    def __init__(self, model: torch.nn.Module, pool: KVPool, *, max_bs: int, max_model_len: int,
+                 device: torch.device, capture: bool = True) -> None:
+        if max_bs < 1:
+            raise ValueError(f"max_bs must be >= 1, got {max_bs}")
+        self.model = model
+        self.pool = pool
+        self.device = device
+        self.max_bs = max_bs
+        self.buckets = bucket_sizes(max_bs)
+        self.width = math.ceil(max_model_len / pool.block_size)  # blocks per table row
+        self.max_keys = self.width * pool.block_size
+        head = model.get_output_embeddings()
+        self.vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
+        self._keep_kwarg = {"logits_to_keep": 0} if "logits_to_keep" in inspect.signature(
+            type(model).forward).parameters else {}
+        self.replays = 0
+        dev = device
+        self.ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
+        self.slots = torch.full((max_bs,), -1, dtype=torch.long, device=dev)
+        self.tables = torch.zeros(max_bs, self.width, dtype=torch.int32, device=dev)
+        self.cu = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
+        self.lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
+        self.logits = torch.zeros(max_bs, self.vocab, dtype=torch.float32, device=dev)
+        self._pinned = dev.type == "cuda"
+        # Host staging, filled with numpy and copied without waiting; two sets used in turn, so a step
+        # can be filled while the previous step's copies may still be queued on the device.
+        self._staging = [self._new_staging() for _ in range(2)]
+        self._turn = 0
+        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.captured = False
+        if capture:
+            self.capture()
+
+    # ------------------------------------------------------------------ capture
+    @torch.inference_mode()
+    def capture(self) -> None:
+        """Capture one graph per bucket, largest first, all in one memory pool."""
+        if self.device.type != "cuda":
+            raise RuntimeError("CUDA graphs need a CUDA model; use capture=False to run the buffers eagerly")
+        start = time.perf_counter()
+        self._fill_padding(0, self.max_bs)
+        torch.cuda.synchronize(self.device)
+        mempool = torch.cuda.graph_pool_handle()
+        for b in reversed(self.buckets):
+            self._forward(b)  # warm-up: Triton compiles and autotunes outside the capture
+            torch.cuda.synchronize(self.device)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=mempool):
+                self._forward(b)
+            self._graphs[b] = graph
+        torch.cuda.synchronize(self.device)
+        self.captured = True
+        logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self._graphs), self.max_bs,
+                    time.perf_counter() - start)
+
+    def _forward(self, b: int) -> None:
+        host = StepTensors(self.slots[:b], self.tables[:b], self.cu[: b + 1], self.lens[:b], None)
+        meta = PagedMetadata(self.pool, host, 1, self.max_keys)
+        meta._by_device[self.device] = host
+        out = self.model(input_ids=self.ids[None, :b], position_ids=self.positions[None, :b], paged_metadata=meta,
+                         use_cache=False, **self._keep_kwarg)
+        self.logits[:b].copy_(out.logits[0, :, : self.vocab])
+
+    # ------------------------------------------------------------------ steps
+    def fits(self, plan) -> bool:
+        """A decode-only plan (one query per sequence, every row kept) of at most ``max_bs`` rows."""
+        n = len(plan.q_lens)
+        return (0 < n <= self.max_bs and len(plan.ids) == n and plan.lora_slots is None
+                and len(plan.keep) == n and plan.keep[-1] == n - 1 and plan.keep[0] == 0
+                and all(len(t) <= self.width for t in plan.tables))
+
+    def bucket(self, n: int) -> int:
+        for b in self.buckets:
+            if b >= n:
+                return b
+        raise ValueError(f"{n} rows exceed the largest bucket {self.max_bs}")
+
+    @torch.inference_mode()
+    def run(self, plan) -> torch.Tensor:
+        """The float32 logits ``[n, vocab]`` of a plan that :meth:`fits` (a view of a static buffer,
+        valid until the next run)."""
+        n = len(plan.ids)
+        b = self.bucket(n)
+        h_vec, h_cu, h_tables = self._staging[self._turn]
+        self._turn ^= 1
+        vec = h_vec.numpy()
+        vec[0, :n] = plan.ids
+        vec[1, :n] = plan.positions
+        vec[2, :n] = plan.slots
+        vec[3, :n] = plan.seq_lens
+        vec[0:2, n:b] = 0
+        vec[2, n:b] = -1
+        vec[3, n:b] = 0
+        cu = h_cu.numpy()
+        cu[: n + 1] = np.arange(n + 1)
+        cu[n + 1 : b + 1] = n
+        tables = h_tables.numpy()
+        for i, t in enumerate(plan.tables):
+            tables[i, : len(t)] = t  # entries past a row's length are never read
+        nb = self._pinned
+        self.ids[:b].copy_(h_vec[0, :b], non_blocking=nb)
+        self.positions[:b].copy_(h_vec[1, :b], non_blocking=nb)
+        self.slots[:b].copy_(h_vec[2, :b], non_blocking=nb)
+        self.lens[:b].copy_(h_vec[3, :b], non_blocking=nb)
+        self.cu[: b + 1].copy_(h_cu[: b + 1], non_blocking=nb)
+        self.tables[:n].copy_(h_tables[:n], non_blocking=nb)
+        if self.captured:
+            self._graphs[b].replay()
+        else:
+            self._forward(b)
+        self.replays += 1
+        return self.logits[:n]
+
+    def _new_staging(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        pin = self._pinned
+        return (torch.zeros(4, self.max_bs, dtype=torch.long, pin_memory=pin),  # ids, positions, slots, lens
+                torch.zeros(self.max_bs + 1, dtype=torch.int32, pin_memory=pin),
+                torch.zeros(self.max_bs, self.width, dtype=torch.int32, pin_memory=pin))
+
+    def _fill_padding(self, n: int, b: int) -> None:
+        self.ids[n:b] = 0
+        self.positions[n:b] = 0
+        self.slots[n:b] = -1
+        self.lens[n:b] = 0
+        self.cu[n + 1 : b + 1] = n

@@ -1,0 +1,134 @@
+"""DecodeGraphs: decode steps over static, padded buffers give the eager runner's tokens.
+
+On CPU the buffers run eagerly (``capture=False``): that checks the bucketing, padding and in-place
+filling without a GPU. The CUDA tests (skipped here, run by benchmarks/gpu_check.sh) compare
+captured graphs with ``enforce_eager`` in fp32 and bf16.
+"""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+import hf_paged
+from hf_paged.engine.graphs import bucket_sizes
+from hf_paged.engine.pipeline import PagedPipeline
+from tiny_models import VOCAB, IdTokenizer, build, load
+
+CUDA = torch.cuda.is_available()
+
+
+def test_bucket_sizes():
+    assert bucket_sizes(1) == [1]
+    assert bucket_sizes(12) == [1, 2, 4, 8, 12]
+    b = bucket_sizes(256)
+    assert b[:6] == [1, 2, 4, 8, 16, 24] and b[-1] == 256 and 64 in b and 80 in b
+    assert b == sorted(set(b))
+    assert bucket_sizes(300)[-2:] == [288, 300]
+
+
+def _prompts(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    rng = random.Random(seed)
+    shared = [rng.randrange(3, VOCAB) for _ in range(40)]  # prefix-cache hits for every third prompt
+    out = []
+    for i in range(n):
+        ids = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 60))]
+        out.append((shared + ids if i % 3 == 0 else ids, rng.randint(1, 40)))
+    return out
+
+
+def _run(model, prompts, *, graphs: bool, capture: bool = False, sampling: bool = False, **engine):
+    pipe = PagedPipeline(model, IdTokenizer(), enforce_eager=not capture, **engine)
+    runner = pipe.engine.runner
+    if graphs and not capture:
+        runner.use_graphs(pipe.config.max_num_seqs, pipe.max_model_len, capture=False)
+    try:
+        kw = dict(do_sample=True, temperature=0.9, num_return_sequences=2) if sampling else dict(do_sample=False)
+        reqs = [pipe.submit(ids, max_new_tokens=new, seed=i, **kw) for i, (ids, new) in enumerate(prompts)]
+        res = [r.result(timeout=600) for r in reqs]
+        return [[o.token_ids for o in r.outputs] for r in res], pipe.stats(), runner.graphs
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+
+
+@pytest.fixture(scope="module")
+def llama(tiny_root):
+    return load(build("llama", tiny_root))
+
+
+def test_static_buffers_equal_eager_greedy(llama):
+    """Every bucket of max_num_seqs=12 (1, 2, 4, 8, 12) is used as the batch drains; prefix hits."""
+    prompts = _prompts(20)
+    eager, _, _ = _run(llama, prompts, graphs=False, max_num_seqs=12, max_batch_tokens=256)
+    got, stats, graphs = _run(llama, prompts, graphs=True, max_num_seqs=12, max_batch_tokens=256)
+    assert got == eager
+    assert graphs.replays > 0 and stats["prefix_hit_rate"] > 0
+    for ids, new in prompts[:3]:  # and both equal generate()
+        ref = llama.generate(input_ids=torch.tensor([ids]), max_new_tokens=new, do_sample=False)
+        assert eager[prompts.index((ids, new))][0] == ref[0, len(ids):].tolist()
+
+
+def test_static_buffers_equal_eager_preemption_and_n(llama):
+    prompts = _prompts(10, seed=1)
+    opts = dict(num_blocks=40, block_size=8, max_num_seqs=8, max_batch_tokens=64)
+    eager, _, _ = _run(llama, prompts, graphs=False, sampling=True, **opts)
+    got, stats, graphs = _run(llama, prompts, graphs=True, sampling=True, **opts)
+    assert got == eager
+    assert stats["preemptions"] > 0 and graphs.replays > 0
+
+
+def test_static_buffers_through_triton_interpreter(llama, monkeypatch):
+    """The padded rows as the captured graph sees them on the GPU: Triton's decode kernel (in its
+    interpreter here) with empty padding rows and the static table width as max_seqlen_k."""
+    prompts = [(ids[:20], min(new, 6)) for ids, new in _prompts(6, seed=4)]
+    monkeypatch.setenv("HF_PAGED_BACKEND", "triton")
+    eager, _, _ = _run(llama, prompts, graphs=False, max_num_seqs=3, max_batch_tokens=64, max_model_len=256)
+    got, _, graphs = _run(llama, prompts, graphs=True, max_num_seqs=3, max_batch_tokens=64, max_model_len=256)
+    assert got == eager and graphs.replays > 0
+
+
+def test_fits_only_decode_plans(llama):
+    from hf_paged.engine.runner import StepPlan
+
+    pipe = PagedPipeline(llama, IdTokenizer(), max_num_seqs=4)
+    try:
+        pipe.engine.runner.use_graphs(4, pipe.max_model_len, capture=False)
+        g = pipe.engine.runner.graphs
+        decode = StepPlan([5, 6], [3, 9], [3, 9], [[0], [0]], [1, 1], [4, 10], [0, 1], [])
+        assert g.fits(decode)
+        prefill = StepPlan([5, 6], [0, 1], [0, 1], [[0]], [2], [2], [1], [])
+        assert not g.fits(prefill)
+        too_many = StepPlan([5] * 5, [1] * 5, [1] * 5, [[0]] * 5, [1] * 5, [2] * 5, list(range(5)), [])
+        assert not g.fits(too_many)
+        with pytest.raises(RuntimeError, match="CUDA graphs need a CUDA model"):
+            pipe.engine.runner.use_graphs(4, pipe.max_model_len, capture=True)
+    finally:
+        pipe.close()
+        hf_paged.unwrap(llama)
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_graphs_equal_eager(tiny_root, dtype):
+    model = load(build("llama", tiny_root)).to("cuda", dtype)
+    prompts = _prompts(40, seed=2)
+    opts = dict(max_num_seqs=32, max_batch_tokens=512, kv_memory="256MiB")
+    eager, _, _ = _run(model, prompts, graphs=False, **opts)
+    got, stats, graphs = _run(model, prompts, graphs=True, capture=True, **opts)
+    assert graphs is not None and graphs.captured and graphs.replays > 0
+    assert got == eager
+    sampled_eager, _, _ = _run(model, prompts[:12], graphs=False, sampling=True, **opts)
+    sampled, _, _ = _run(model, prompts[:12], graphs=True, capture=True, sampling=True, **opts)
+    assert sampled == sampled_eager
+
+
+@pytest.mark.skipif(not CUDA, reason="needs CUDA")
+def test_cuda_graphs_equal_eager_preemption(tiny_root):
+    model = load(build("qwen3", tiny_root)).to("cuda")
+    prompts = _prompts(16, seed=3)
+    opts = dict(num_blocks=40, block_size=8, max_num_seqs=8, max_batch_tokens=64)
+    eager, _, _ = _run(model, prompts, graphs=False, sampling=True, **opts)
+    got, stats, graphs = _run(model, prompts, graphs=True, capture=True, sampling=True, **opts)
+    assert got == eager and stats["preemptions"] > 0 and graphs.replays > 0
