@@ -4,13 +4,19 @@
 # Expects torch, transformers and triton to be installed already; installs nothing. Runs from the
 # repository root with PYTHONPATH=. so hf_paged needs no install. Every stage logs to its own file in
 # RESULTS_DIR and the next stage runs even when one fails; stage exit codes go to status.txt.
-# Time limits add up to 10 minutes. TOKENIZER_DIR (any local tokenizer folder, e.g. the default model's)
-# enables stage 4.
-#   1. tests/test_kernels.py compiled on CUDA (HF_PAGED_TEST_CUDA=1, bf16 included)  -> test_kernels.log
-#   1b. tests/test_lora.py's Triton SGMV and engine tests on CUDA                    -> test_lora.log
-#   2. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)          -> kernels.{log,json}
-#   3. benchmarks/e2e_gpu.py (random ~1B Llama, generate, plain vs wrapped)          -> e2e.{log,json}
-#   4. benchmarks/pipeline_gpu.py (same model, 256 requests: PagedPipeline vs HF)    -> pipeline.{log,json}
+# The default stages fit one 8-minute device command (limits add up to 450 s); FULL=1 adds the older
+# kernel / end-to-end stages (another 370 s: run them in a second command). DRY_RUN=1 runs every stage
+# on CPU (tests skip their CUDA cases, benchmarks take their --cpu-dry-run path): check it before a run.
+#   1. tests/test_kernels.py compiled on CUDA (HF_PAGED_TEST_CUDA=1, bf16 included)    -> test_kernels.log
+#   2. CUDA engine tests: graphs vs eager (fp32, bf16, preemption, n>1), the device sampler's one copy
+#      per step, the overlapped loop, LoRA's Triton SGMV and engine tests               -> test_engine.log
+#   3. benchmarks/throughput_gpu.py (nano-vllm's workload on Llama-3.2-1B / Qwen3-0.6B shapes: hf_paged
+#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s 200)
+#                                                                     -> throughput.log, gpu_throughput.json
+#   FULL=1:
+#   4. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)            -> kernels.{log,json}
+#   5. benchmarks/e2e_gpu.py (random ~1B Llama, generate, plain vs wrapped)            -> e2e.{log,json}
+#   6. benchmarks/pipeline_gpu.py (same model, 256 requests; needs TOKENIZER_DIR)      -> pipeline.{log,json}
 set -u
 set -x
 
@@ -45,14 +51,25 @@ stage() {  # stage NAME SECONDS COMMAND... : run with a time limit, log, record 
 # Compilation dominates the CUDA test run: spread it over workers when pytest-xdist is there.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
-stage test_kernels 170 env -u TRITON_INTERPRET HF_PAGED_TEST_CUDA=1 HF_PAGED_BACKEND=triton \
+DRY=()
+CUDA_ENV=(env -u TRITON_INTERPRET HF_PAGED_TEST_CUDA=1)
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    DRY=(--cpu-dry-run)
+    CUDA_ENV=(env)
+    XDIST=()
+fi
+stage test_kernels 170 "${CUDA_ENV[@]}" HF_PAGED_BACKEND=triton \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${XDIST[@]}" tests/test_kernels.py
-stage test_lora 60 env -u TRITON_INTERPRET HF_PAGED_TEST_CUDA=1 \
-    "$PY" -m pytest -q -p no:cacheprovider -o addopts="" tests/test_lora.py -k "triton or cuda"
-stage kernels 100 "$PY" benchmarks/kernels.py --no-flex --out "$RESULTS/kernels.json"
-stage e2e 110 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"
-if [ -n "$TOKENIZER" ]; then
-    stage pipeline 160 "$PY" benchmarks/pipeline_gpu.py --tokenizer "$TOKENIZER" --out "$RESULTS/pipeline.json"
+stage test_engine 60 "${CUDA_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
+    tests/test_graphs.py tests/test_device_sampler.py tests/test_lora.py -k "cuda or triton"
+stage throughput 220 "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
+    --budget-s 200
+if [ "${FULL:-0}" = 1 ]; then
+    stage kernels 100 "$PY" benchmarks/kernels.py --no-flex --out "$RESULTS/kernels.json"
+    stage e2e 110 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"
+    if [ -n "$TOKENIZER" ]; then
+        stage pipeline 160 "$PY" benchmarks/pipeline_gpu.py --tokenizer "$TOKENIZER" --out "$RESULTS/pipeline.json"
+    fi
 fi
 
 cat "$STATUS"

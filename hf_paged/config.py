@@ -23,6 +23,10 @@ def _int_or_none(value: str) -> int | None:
     return None if value.lower() in ("", "none", "auto") else int(value)
 
 
+def _bool_or_none(value: str) -> bool | None:
+    return None if value.lower() in ("", "none", "auto") else _bool(value)
+
+
 def _bool(value: str) -> bool:
     if value.lower() in ("1", "true", "yes", "on"):
         return True
@@ -48,6 +52,9 @@ class EngineConfig:
 
     enforce_eager: bool = field(default=False, metadata={
         "help": "CUDA: run every step eagerly (no CUDA graphs for decode steps)"})
+    overlap: bool | None = field(default=None, metadata={
+        "help": "deliver (detokenize, stream) each step while the device runs the next one; default: on "
+                "for CUDA, off on CPU, where the forward itself holds the cores"})
     cuda_graph_max_bs: int | None = field(default=None, metadata={
         "help": "CUDA: largest decode batch replayed as a CUDA graph (default: max_num_seqs, at most 512)"})
 
@@ -74,6 +81,8 @@ class EngineConfig:
             raise ValueError(f"tp_timeout_s must be a number of seconds > 0, got {self.tp_timeout_s!r}")
         if self.lora_adapters is not None:
             object.__setattr__(self, "lora_adapters", _adapter_map(self.lora_adapters))
+        if self.overlap is not None and not isinstance(self.overlap, bool):
+            raise ValueError(f"overlap must be true, false or None (auto), got {self.overlap!r}")
         for name in ("enable_prefix_caching", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -115,7 +124,7 @@ def _positive_int(name: str, value: Any) -> None:
 
 _CLI_TYPES = {"block_size": int, "kv_memory": str, "num_blocks": _int_or_none, "enable_prefix_caching": _bool,
               "max_num_seqs": int, "max_batch_tokens": int, "max_model_len": _int_or_none,
-              "enforce_eager": _bool, "cuda_graph_max_bs": _int_or_none,
+              "enforce_eager": _bool, "overlap": _bool_or_none, "cuda_graph_max_bs": _int_or_none,
               "lora_adapters": _adapter_map, "max_lora_rank": int, "tp_timeout_s": float}
 
 

@@ -29,7 +29,7 @@ import math
 import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from .sampler import LOGPROB_FLOOR, SampleOutput, SamplingRow
+from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, SamplingRow
 
 _NEG_INF = -float("inf")
 
@@ -45,11 +45,16 @@ class DeviceSampler:
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
         """Next token of every row (``logits[i]`` belongs to ``rows[i]``)."""
+        return self.sample_async(logits, rows).result()
+
+    def sample_async(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "Pending | Ready":
+        """Queue the sampling on the device and the copy of its result into pinned host memory;
+        ``.result()`` waits for that copy (the step's one device-to-host transfer)."""
         if logits.dim() != 2 or logits.shape[0] != len(rows):
             raise ValueError(f"logits must be [len(rows)={len(rows)}, vocab], got {tuple(logits.shape)}")
         n = len(rows)
         if n == 0:
-            return SampleOutput([])
+            return Ready(SampleOutput([]))
         scores = logits.detach()
         if scores.shape[1] > self.vocab_size:
             scores = scores[:, : self.vocab_size]
@@ -76,7 +81,28 @@ class DeviceSampler:
                 d = _index(drawn, dev)
                 tokens.index_copy_(0, d, picked)
                 scores.index_copy_(0, d, processed)
-        return _to_host(tokens, final, rows)
+        flat, wants, k = _pack(tokens, final, rows)
+        if dev.type != "cuda":
+            return Ready(_unpack(flat.tolist(), rows, wants, k))
+        host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
+        host.copy_(flat, non_blocking=True)
+        done = torch.cuda.Event()
+        done.record()
+        return Pending(host, done, rows, wants, k)
+
+
+class Pending:
+    """Sampled ids on their way to the host."""
+
+    __slots__ = ("_host", "_done", "_rows", "_wants", "_k")
+
+    def __init__(self, host: torch.Tensor, done: "torch.cuda.Event", rows: list[SamplingRow], wants: list[int],
+                 k: int) -> None:
+        self._host, self._done, self._rows, self._wants, self._k = host, done, rows, wants, k
+
+    def result(self) -> SampleOutput:
+        self._done.synchronize()
+        return _unpack(self._host.tolist(), self._rows, self._wants, self._k)
 
 
 # ---------------------------------------------------------------------------------- history processors
@@ -120,7 +146,7 @@ def _apply_history(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
                     ban_rows.append(i)
                     ban_cols.append(e)
     if ban_rows:
-        scores.index_put_((_index(ban_rows, dev), _index(ban_cols, dev)), torch.tensor(_NEG_INF, device=dev))
+        scores.index_put_((_index(ban_rows, dev), _index(ban_cols, dev)), torch.full((), _NEG_INF, device=dev))
 
 
 # ---------------------------------------------------------------------------------- warpers and draw
@@ -238,14 +264,12 @@ def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------------------------- the one copy back
-def _to_host(tokens: torch.Tensor, scores: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
-    """Ids (and the log-probabilities rows asked for) in one device-to-host copy."""
-    n = len(rows)
+def _pack(tokens: torch.Tensor, scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, list[int], int]:
+    """Ids, and the log-probabilities rows asked for, as one float64 device tensor (ids are exact)."""
     wants = [i for i, r in enumerate(rows) if r.params.logprobs or r.params.top_logprobs > 0]
     if not wants:
-        return SampleOutput(tokens.tolist())
-    dev = scores.device
-    w = _index(wants, dev)
+        return tokens, wants, 0
+    w = _index(wants, scores.device)
     logp = torch.log_softmax(scores.index_select(0, w), dim=-1)
     chosen = logp.gather(1, tokens.index_select(0, w).view(-1, 1)).view(-1)
     k = min(max(rows[i].params.top_logprobs for i in wants), logp.shape[1])
@@ -253,7 +277,13 @@ def _to_host(tokens: torch.Tensor, scores: torch.Tensor, rows: list[SamplingRow]
     if k > 0:
         vals, ids = logp.topk(k, dim=-1)
         parts += [vals.double().flatten(), ids.double().flatten()]
-    flat = torch.cat(parts).tolist()
+    return torch.cat(parts), wants, k
+
+
+def _unpack(flat: list, rows: list[SamplingRow], wants: list[int], k: int) -> SampleOutput:
+    n = len(rows)
+    if not wants:
+        return SampleOutput(flat)
     out = SampleOutput([int(t) for t in flat[:n]], [None] * n, [[] for _ in range(n)])
     m = len(wants)
     lps = flat[n : n + m]

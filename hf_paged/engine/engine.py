@@ -57,6 +57,14 @@ def make_sampler(vocab_size: int, device: torch.device) -> Sampler | DeviceSampl
     return Sampler(vocab_size) if kind == "host" else DeviceSampler(vocab_size)
 
 
+@dataclass(slots=True)
+class PendingStep:
+    """A launched step: the sequences that sample and their (possibly not yet arrived) tokens."""
+
+    seqs: list[Sequence]
+    output: Any  # .result() -> SampleOutput
+
+
 class Engine:
     def __init__(self, model: torch.nn.Module, pool: KVPool, *, max_num_seqs: int, max_batch_tokens: int,
                  max_model_len: int, adapters: Any = None) -> None:
@@ -112,9 +120,17 @@ class Engine:
     # ------------------------------------------------------------------ step
     def step(self) -> list[TokenRecord]:
         """schedule -> run -> sample -> postprocess; one record per sampled token."""
+        pending = self.launch()
+        return self.complete(pending) if pending is not None else []
+
+    def launch(self) -> "PendingStep | None":
+        """Schedule a step and start it: the forward and the sampling are queued on the device, and on
+        an asynchronous device (CUDA) this returns before they finish, so the caller can do host work
+        (deliver the previous step) meanwhile. None when nothing is scheduled. Finish with
+        :meth:`complete` before the next launch."""
         sched = self.scheduler.schedule()
         if not sched.seqs:
-            return []
+            return None
         every = [s.seq.params.prompt_logprobs is not None and s.start < s.seq.num_prompt for s in sched.seqs]
         logits = self.runner.run(sched, every if any(every) else None)
         if any(every):
@@ -126,17 +142,24 @@ class Engine:
                 sampling.append(s.seq)
         rows = self.scheduler.fork_siblings(sampling)
         if len(rows) != logits.shape[0]:
-            logits = logits.index_select(0, torch.tensor(rows))
+            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         if any(s.matcher is not None for s in sampling):
             self.masks.apply(logits, [s.matcher for s in sampling])
-        out = self.sampler.sample(logits, [SamplingRow(s.params, s.token_ids, s.num_generated, s.generator)
-                                           for s in sampling])
+        out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids, s.num_generated, s.generator)
+                                                 for s in sampling])
+        return PendingStep(sampling, out)
+
+    def complete(self, pending: "PendingStep") -> list[TokenRecord]:
+        """Wait for a launched step's tokens and record them. A sequence finished in between (a stop
+        string found while delivering the previous step, a cancel) drops its token."""
+        out = pending.output.result()
+        sampling = pending.seqs
         self._recent.append((time.monotonic(), len(sampling)))
         self.tokens_generated += len(sampling)
         self.steps += 1
         return [self._postprocess(seq, out.tokens[k], out.logprobs[k] if out.logprobs is not None else None,
                                   out.top_logprobs[k] if out.top_logprobs is not None else None)
-                for k, seq in enumerate(sampling)]
+                for k, seq in enumerate(sampling) if not seq.finished]
 
     def _prompt_logprobs(self, sched: Schedule, every: list[bool], logits: torch.Tensor) -> torch.Tensor:
         """Record prompt log-probabilities from the full-chunk rows; returns the sampling rows only."""

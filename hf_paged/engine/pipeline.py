@@ -305,11 +305,27 @@ class PagedPipeline:
                 self.delivery.cancel(req)
 
     def _loop(self) -> None:
+        overlap = self.config.overlap
+        if overlap is None:
+            overlap = self.engine.runner.device.type == "cuda"
+        records: list = []  # overlap: the last step's tokens, delivered while the next step runs
         while True:
             try:
+                if records and (not self.engine.has_work() or not self._inbox.empty()):
+                    # Before adds, cancels and calls (and before idling), every token is delivered.
+                    self.delivery.deliver(records)
+                    records = []
                 if not self._drain(block=not self.engine.has_work()):
                     break
-                self.delivery.deliver(self.engine.step())
+                if not overlap:
+                    self.delivery.deliver(self.engine.step())
+                    continue
+                pending = self.engine.launch()
+                if records:
+                    # Host work while the device runs the step just launched. A stop string found here
+                    # ends its sequence; the token that sequence gets from the running step is dropped.
+                    self.delivery.deliver(records)
+                records = self.engine.complete(pending) if pending is not None else []
             except TensorParallelError as exc:  # the group is gone: nothing can run any more
                 logger.error("hf_paged: %s; the engine stops", exc)
                 self._broken = str(exc)
@@ -317,7 +333,10 @@ class PagedPipeline:
                 break
             except Exception as exc:  # one bad batch must not take the server down
                 logger.exception("engine step failed")
+                records = []
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
+        if records:
+            self.delivery.deliver(records)
         self.delivery.cancel_all()
         while True:  # calls queued behind the stop would otherwise wait forever
             try:

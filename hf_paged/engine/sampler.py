@@ -76,6 +76,16 @@ class SampleOutput:
 
 
 @dataclass(slots=True)
+class Ready:
+    """A sampling result that is already on the host."""
+
+    output: SampleOutput
+
+    def result(self) -> SampleOutput:
+        return self.output
+
+
+@dataclass(slots=True)
 class _Part:
     """Final scores for some rows: full width (``index`` None) or ``k`` candidates with their token ids."""
 
@@ -140,6 +150,10 @@ class Sampler:
                 if out.logprobs is not None:
                     self._fill_logprobs(out, part, pos, rows, wants)
         return out
+
+    def sample_async(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "Ready":
+        """:meth:`sample`, in the shape of :meth:`DeviceSampler.sample_async` (here already done)."""
+        return Ready(self.sample(logits, rows))
 
     def process(self, logits: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
         """The processed scores ``[S, V]`` that tokens are drawn from (``generate()``'s ``output_scores``)."""
