@@ -54,12 +54,19 @@ def paged_attention_forward(
     flat_q = query.transpose(1, 2).reshape(b * q, h, d)
     if t.token_index is not None:
         flat_q = flat_q.index_select(0, t.token_index)
-    out = kernels.paged_attention(
-        flat_q, k_cache, v_cache, t.block_tables, t.cu_seqlens_q, t.seq_lens,
-        scale=d ** -0.5 if scaling is None else scaling,
-        sliding_window=sliding_window, softcap=softcap,
-        max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k,
-    )
+    scale = d ** -0.5 if scaling is None else scaling
+    out = None
+    backend = kernels.resolve_backend("auto", flat_q) if meta.fresh else None
+    if (backend == "cpu" and flat_q.device.type == "cpu") or (backend == "triton" and flat_q.is_cuda):
+        # No cached context: attend over the K/V just computed, contiguous, without reading the pages.
+        out = kernels.varlen_attention(flat_q, flat_k, flat_v, t.cu_seqlens_q, meta.q_lens, meta.max_seqlen_q,
+                                       scale=scale, sliding_window=sliding_window, softcap=softcap)
+    if out is None:
+        out = kernels.paged_attention(
+            flat_q, k_cache, v_cache, t.block_tables, t.cu_seqlens_q, t.seq_lens,
+            scale=scale, sliding_window=sliding_window, softcap=softcap,
+            max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k,
+        )
     if t.token_index is not None:
         full = out.new_zeros(b * q, h, value.shape[3])
         full.index_copy_(0, t.token_index, out)

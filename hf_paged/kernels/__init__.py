@@ -101,6 +101,17 @@ def paged_attention(
     )
 
 
+def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                     lens: list[int], max_seqlen: int, *, scale: float, sliding_window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor | None:
+    """Causal attention of fresh sequences (no cached context) over their contiguous K/V: flash
+    varlen on CUDA, SDPA per sequence on CPU; None where neither applies (see ``varlen.py``)."""
+    from .varlen import varlen_attention as impl
+
+    return impl(query, key, value, cu_seqlens, lens, max_seqlen, scale=scale, sliding_window=sliding_window,
+                softcap=softcap)
+
+
 def lora_add(out: torch.Tensor, x: torch.Tensor, weights: Any, batch: Any, *, backend: str = "auto") -> None:
     """Segmented LoRA in place: ``out[s:e] += (x[s:e] @ A[slot].T) @ B[slot].T * scale[slot]`` for each
     segment ``(s, e, slot)`` of packed tokens; ``x [T, K]``, ``out [T, N]``.
@@ -128,4 +139,4 @@ def lora_add(out: torch.Tensor, x: torch.Tensor, weights: Any, batch: Any, *, ba
     return reference.lora_add(out, x, weights.a, weights.b, weights.ranks, weights.scales, batch.segments)
 
 
-__all__ = ["write_kv", "paged_attention", "lora_add", "resolve_backend", "BACKENDS"]
+__all__ = ["write_kv", "paged_attention", "varlen_attention", "lora_add", "resolve_backend", "BACKENDS"]

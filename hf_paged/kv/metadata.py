@@ -34,6 +34,10 @@ class PagedMetadata:
     max_seqlen_q: int
     max_seqlen_k: int
     _by_device: dict = field(default_factory=dict)
+    # A fresh prefill: no sequence has cached context (each seq_len equals its q_len) and no input is
+    # skipped, so attention can read the layer's own contiguous K/V (kernels.varlen); q_lens on the host.
+    fresh: bool = False
+    q_lens: list[int] | None = None
 
     def on(self, device: torch.device) -> StepTensors:
         """The step tensors on ``device`` (moved once per device and forward)."""
@@ -63,6 +67,8 @@ class PagedMetadata:
             token_index=None if token_index is None else torch.tensor(token_index, dtype=torch.int64),
         )
         meta = cls(pool, host, max(q_lens, default=0), max(seq_lens, default=0))
+        if token_index is None and meta.max_seqlen_q > 1 and list(q_lens) == list(seq_lens):
+            meta.fresh, meta.q_lens = True, list(q_lens)
         device = pool.layers[0].device
         if device.type != "cpu":
             meta.host = meta.on(device)

@@ -1,0 +1,100 @@
+"""Fresh prefill: causal attention of new sequences over the K/V their layer has just computed.
+
+When no sequence of a step has cached context (every ``seq_len`` equals its ``q_len``), the keys and
+values are the layer's own contiguous ``[T, KVH, D]`` tensors: there is nothing to gather from the
+pages. The K/V are still written to the pool (by the caller) for the decode steps that follow.
+
+- CUDA: flash attention through ``torch.nn.attention.varlen.varlen_attn`` (fp16/bf16, no softcap,
+  GQA where that torch version takes ``enable_gqa``);
+- CPU: one ``scaled_dot_product_attention`` per sequence with ``is_causal`` (a window adds a mask).
+
+``varlen_attention`` returns None where neither applies (softcap, fp32 on CUDA, an older torch): the
+caller then runs the paged kernels, which give the same result.
+
+Example::
+
+    out = varlen_attention(q, k, v, cu_seqlens, [5, 7], 7, scale=0.125)   # [T, H, D] or None
+"""
+from __future__ import annotations
+
+import functools
+import inspect
+import logging
+
+import torch
+import torch.nn.functional as F
+
+logger = logging.getLogger("hf_paged")
+
+
+@functools.lru_cache(maxsize=1)
+def _flash() -> tuple | None:
+    """``(varlen_attn, parameter names)`` when this torch has it."""
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+
+
+def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
+                     lens: list[int], max_seqlen: int, *, scale: float, sliding_window: int | None = None,
+                     softcap: float | None = None) -> torch.Tensor | None:
+    """Causal attention of packed sequences ``query [T, H, D]`` over ``key``/``value [T, KVH, D]``
+    (sequence ``i`` is rows ``cu_seqlens[i]:cu_seqlens[i+1]``, of host-side length ``lens[i]``).
+    None when no fast path takes these inputs."""
+    if softcap:
+        return None
+    window = sliding_window if sliding_window is not None and sliding_window > 0 else None
+    if query.is_cuda:
+        return _cuda(query, key, value, cu_seqlens, max_seqlen, scale, window)
+    if query.device.type == "cpu":
+        return _cpu(query, key, value, lens, scale, window)
+    return None
+
+
+def _cuda(query, key, value, cu_seqlens, max_seqlen, scale, window) -> torch.Tensor | None:
+    found = _flash()
+    if found is None or query.dtype not in (torch.float16, torch.bfloat16) or query.shape[-1] > 256:
+        return None
+    fn, names = found
+    kwargs = {"scale": scale}
+    if "window_size" in names:
+        kwargs["window_size"] = (window - 1 if window else -1, 0)
+    elif window:
+        return None
+    if "is_causal" in names:
+        kwargs["is_causal"] = True
+    elif "window_size" not in names:
+        return None
+    if key.shape[1] != query.shape[1]:
+        if "enable_gqa" not in names:
+            return None
+        kwargs["enable_gqa"] = True
+    cu = cu_seqlens.to(torch.int32)
+    try:
+        return fn(query, key, value, cu, cu, max_seqlen, max_seqlen, **kwargs)
+    except (RuntimeError, TypeError, ValueError) as exc:  # a head size or device flash cannot take
+        logger.warning("hf_paged: varlen flash attention refused these inputs (%s); the paged kernels run", exc)
+        return None
+
+
+def _cpu(query, key, value, lens, scale, window) -> torch.Tensor:
+    out = torch.empty_like(query)
+    work = torch.float32 if query.dtype == torch.float16 else None  # as the reference: fp16 SDPA is slow on CPU
+    start = 0
+    for n in lens:
+        q = query[start : start + n].transpose(0, 1)[None]
+        k = key[start : start + n].transpose(0, 1)[None]
+        v = value[start : start + n].transpose(0, 1)[None]
+        if work is not None:
+            q, k, v = q.to(work), k.to(work), v.to(work)
+        if window is not None and n > window:
+            pos = torch.arange(n)
+            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+            res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+        else:
+            res = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+        out[start : start + n] = res[0].transpose(0, 1).to(out.dtype)
+        start += n
+    return out
