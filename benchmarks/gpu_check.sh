@@ -4,19 +4,20 @@
 # Expects torch, transformers and triton to be installed already; installs nothing. Runs from the
 # repository root with PYTHONPATH=. so hf_paged needs no install. Every stage logs to its own file in
 # RESULTS_DIR and the next stage runs even when one fails; stage exit codes go to status.txt.
-# The default stages fit one 8-minute device command (limits add up to 450 s); FULL=1 adds the older
+# The default stages fit one 8-minute device command (limits add up to 470 s); FULL=1 adds the older
 # kernel / end-to-end stages (another 370 s: run them in a second command). DRY_RUN=1 runs every stage
 # on CPU (tests skip their CUDA cases, benchmarks take their --cpu-dry-run path): check it before a run.
 #   1. tests/test_kernels.py compiled on CUDA (HF_PAGED_TEST_CUDA=1, bf16 included)    -> test_kernels.log
 #   2. CUDA engine tests: graphs vs eager (fp32, bf16, preemption, n>1), the device sampler's one copy
 #      per step, the overlapped loop, LoRA's Triton SGMV and engine tests               -> test_engine.log
-#   3. benchmarks/throughput_gpu.py (nano-vllm's workload on Llama-3.2-1B / Qwen3-0.6B shapes: hf_paged
-#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s 200)
+#   3. benchmarks/prefill.py (8 x 1024 fresh prompt tokens, bf16: varlen vs paged vs plain SDPA) -> prefill.log
+#   4. benchmarks/throughput_gpu.py (nano-vllm's workload on Llama-3.2-1B / Qwen3-0.6B shapes: hf_paged
+#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s 180)
 #                                                                     -> throughput.log, gpu_throughput.json
 #   FULL=1:
-#   4. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)            -> kernels.{log,json}
-#   5. benchmarks/e2e_gpu.py (random ~1B Llama, generate, plain vs wrapped)            -> e2e.{log,json}
-#   6. benchmarks/pipeline_gpu.py (same model, 256 requests; needs TOKENIZER_DIR)      -> pipeline.{log,json}
+#   5. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)            -> kernels.{log,json}
+#   6. benchmarks/e2e_gpu.py (random ~1B Llama, generate, plain vs wrapped)            -> e2e.{log,json}
+#   7. benchmarks/pipeline_gpu.py (same model, 256 requests; needs TOKENIZER_DIR)      -> pipeline.{log,json}
 set -u
 set -x
 
@@ -61,9 +62,14 @@ fi
 stage test_kernels 170 "${CUDA_ENV[@]}" HF_PAGED_BACKEND=triton \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${XDIST[@]}" tests/test_kernels.py
 stage test_engine 60 "${CUDA_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
-    tests/test_graphs.py tests/test_device_sampler.py tests/test_lora.py -k "cuda or triton"
-stage throughput 220 "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
-    --budget-s 200
+    tests/test_graphs.py tests/test_device_sampler.py tests/test_varlen.py tests/test_lora.py -k "cuda or triton"
+if [ "${DRY_RUN:-0}" = 1 ]; then
+    stage prefill 40 "$PY" benchmarks/prefill.py --device cpu --prompts 1 --length 32 --rounds 1
+else
+    stage prefill 40 "$PY" benchmarks/prefill.py --device cuda --dtype bfloat16 --prompts 8 --length 1024
+fi
+stage throughput 200 "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
+    --budget-s 180
 if [ "${FULL:-0}" = 1 ]; then
     stage kernels 100 "$PY" benchmarks/kernels.py --no-flex --out "$RESULTS/kernels.json"
     stage e2e 110 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"
