@@ -25,6 +25,7 @@ from ..kv.pool import KVPool
 from ..lora import AdapterSet
 from ..wrap import base_model, is_peft, kv_pool, tp_size, wrap
 from .delivery import Delivery
+from .host_memory import tune_malloc
 from .engine import Engine
 from .grammar import Grammars
 from .outputs import RequestOutput, StreamEvent
@@ -77,6 +78,8 @@ class PagedPipeline:
                              adapters=self.adapters)
         if self.tp is not None and self.tp.leader:
             self.engine.runner.broadcast = self.tp
+        if self.engine.runner.device.type == "cpu":
+            tune_malloc()  # per-step tensors reuse heap memory instead of mmap/munmap each step
         if self.engine.runner.device.type == "cuda" and not config.enforce_eager and self.tp is None:
             # Decode steps as CUDA graphs (tensor parallel steps stay eager: their collectives are not
             # captured). A batch above cuda_graph_max_bs runs eagerly.
