@@ -80,11 +80,17 @@ class PagedPipeline:
             self.engine.runner.broadcast = self.tp
         if self.engine.runner.device.type == "cpu":
             tune_malloc()  # per-step tensors reuse heap memory instead of mmap/munmap each step
-        if self.engine.runner.device.type == "cuda" and not config.enforce_eager and self.tp is None:
-            # Decode steps as CUDA graphs (tensor parallel steps stay eager: their collectives are not
-            # captured). A batch above cuda_graph_max_bs runs eagerly.
+        if self.engine.runner.device.type == "cuda" and not config.enforce_eager and self.tp is None \
+                and len({p.device for p in model.parameters()}) == 1:
+            # Decode steps as CUDA graphs (tensor parallel and multi-device models stay eager: their
+            # collectives and cross-device copies are not captured). Larger batches run eagerly.
             max_bs = min(config.cuda_graph_max_bs or config.max_num_seqs, config.max_num_seqs, 512)
-            self.engine.runner.use_graphs(max_bs, self.max_model_len)
+            try:
+                self.engine.runner.use_graphs(max_bs, self.max_model_len)
+            except Exception:  # a model whose forward cannot be captured still serves, eagerly
+                logger.warning("hf_paged: CUDA graph capture failed; decode steps run eagerly "
+                               "(enforce_eager=True skips the attempt)", exc_info=True)
+                self.engine.runner.graphs = None
         self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
