@@ -22,11 +22,34 @@ HERE = Path(__file__).resolve().parent
 ALL = ["paged", "hf_single", "hf_static", "hf_cb", "vllm"]
 
 
-def build_prompts(tok, n: int) -> list[list[int]]:
+_TASKS = ["Write a short poem about {}.", "Explain {} to a ten-year-old.", "Give three tips for {}.",
+          "What are the pros and cons of {}?", "Summarize these notes in two sentences: {}",
+          "Translate into French: {}", "Write a product description for {}.", "Tell a joke about {}."]
+_WORDS = ("river mountain bicycle coffee library garden winter robot violin harbor desert lantern puzzle "
+          "market thunder orchard museum compass rocket island kettle meadow bridge forest candle").split()
+
+
+def set_b_chats(n: int) -> list[list[dict]]:
+    """Set B: other prompts than chat_requests.py: short single-turn tasks, some with a note of 5-120
+    random words, about half with a one-line system prompt; seeded, so every system gets the same."""
+    import random
+
+    rng = random.Random(1234)
+    out = []
+    for i in range(n):
+        task = rng.choice(_TASKS)
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 120) if "{}" in task and
+                                                            task.startswith(("Summarize", "Translate")) else 2))
+        msgs = [{"role": "system", "content": "You are a concise assistant."}] if i % 2 else []
+        out.append(msgs + [{"role": "user", "content": task.format(words)}])
+    return out
+
+
+def build_prompts(tok, n: int, which: str = "A") -> list[list[int]]:
     sys.path.insert(0, str(HERE))
     from chat_requests import chats
 
-    cs = chats()
+    cs = chats() if which == "A" else set_b_chats(n)
     cs = (cs * (n // len(cs) + 1))[:n]
     out = []
     for c in cs:
@@ -52,7 +75,7 @@ def worker(args) -> None:
     from transformers import AutoTokenizer
 
     tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
-    prompts = build_prompts(tok, args.num_requests)
+    prompts = build_prompts(tok, args.num_requests, args.set)
     if args.system == "hf_single":
         prompts = prompts[: args.single_limit]
     fixed = args.mode == "fixed"
@@ -139,6 +162,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--systems", default="paged,hf_single,hf_static,hf_cb,vllm")
     ap.add_argument("--mode", choices=["eos", "fixed"], default="eos")
+    ap.add_argument("--set", choices=["A", "B"], default="A",
+                    help="A: benchmarks/chat_requests.py; B: other prompts (short tasks, random-word notes)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights and KV cache dtype, for every system (vLLM included)")
     ap.add_argument("--model", default="default")

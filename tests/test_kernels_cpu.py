@@ -332,3 +332,43 @@ def test_decode_rejects_block_ids_outside_the_cache():
     with pytest.raises(RuntimeError, match="block table holds"):
         cpu.paged_decode(q, kc, vc, tables[:, :1], cu, torch.tensor([40], dtype=torch.int32),
                          torch.zeros_like(q), scale=1.0)
+
+
+@pytest.mark.parametrize("width", [1, 7, 33, 64, 1000, 49152])
+def test_argmax_rows_equals_torch_argmax(width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(37, width, generator=g)
+    ties = torch.randint(-2, 2, (37, width), generator=g).float()  # many ties: the first index wins
+    for t in (x, ties, -ties):
+        assert torch.equal(cpu.argmax_rows(t), t.argmax(-1))
+    odd = x.clone()
+    odd[3] = float("-inf")
+    odd[4, width // 2] = float("nan")  # torch and numpy pick the (first) NaN
+    odd[5, -1] = float("nan")
+    odd[6] = -0.0
+    odd[6, width - 1] = 0.0
+    assert torch.equal(cpu.argmax_rows(odd), odd.argmax(-1))
+    wide = torch.randn(5, width + 9, generator=g)[:, 3 : 3 + width]  # rows with a larger stride
+    assert torch.equal(cpu.argmax_rows(wide), wide.argmax(-1))
+
+
+def test_argmax_rows_refuses_what_it_cannot_read():
+    with pytest.raises(RuntimeError, match="float32"):
+        cpu.argmax_rows(torch.zeros(2, 3, dtype=torch.float64))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu.argmax_rows(torch.zeros(3, 2).t())
+    with pytest.raises(RuntimeError, match="empty"):
+        cpu.argmax_rows(torch.zeros(2, 0))
+
+
+def test_greedy_sampler_uses_the_kernel_with_torch_ties(monkeypatch):
+    from hf_paged.engine.params import SamplingParams
+    from hf_paged.engine.sampler import Sampler, SamplingRow
+
+    calls = []
+    real = cpu.argmax_rows
+    monkeypatch.setattr(cpu, "argmax_rows", lambda scores: calls.append(scores.shape) or real(scores))
+    logits = torch.randint(-3, 3, (64, 4096), generator=torch.Generator().manual_seed(0)).float()
+    rows = [SamplingRow(SamplingParams(max_new_tokens=4), [1], 0) for _ in range(64)]
+    assert Sampler(4096).sample(logits, rows).tokens == logits.argmax(-1).tolist()
+    assert calls == [(64, 4096)]

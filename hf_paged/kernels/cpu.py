@@ -29,7 +29,7 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp",
                                                                        "rms_norm_cpu.cpp", "lora_cpu.cpp",
-                                                                       "linear_bf16_cpu.cpp")]
+                                                                       "linear_bf16_cpu.cpp", "argmax_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -170,6 +170,11 @@ def skinny_linear_bf16(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor
 def bf16_linear_path() -> str:
     """The instruction set the bf16 skinny kernel uses here: "avx512_bf16", "avx2" or "scalar"."""
     return torch.ops.hf_paged_cpu.skinny_linear_bf16_path()
+
+
+def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
+    """``scores.argmax(-1)`` of a 2-D fp32 CPU tensor with unit-stride rows, rows split between threads."""
+    return torch.ops.hf_paged_cpu.argmax_rows(scores)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
