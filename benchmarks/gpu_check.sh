@@ -11,8 +11,10 @@
 #   2. CUDA engine tests: graphs vs eager (fp32, bf16, preemption, n>1), the device sampler's one copy
 #      per step, the overlapped loop, LoRA's Triton SGMV and engine tests               -> test_engine.log
 #   3. benchmarks/prefill.py (8 x 1024 fresh prompt tokens, bf16: varlen vs paged vs plain SDPA) -> prefill.log
+#   3b. benchmarks/profile_gpu.py (torch.profiler over 10 decode steps at 256 rows, graphs and eager)
+#                                                     -> profile.log, profile/{profile,trace}_{graphs,eager}.*
 #   4. benchmarks/throughput_gpu.py (nano-vllm's workload on Llama-3.2-1B / Qwen3-0.6B shapes: hf_paged
-#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s 180)
+#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s 150)
 #                                                                     -> throughput.log, gpu_throughput.json
 #   FULL=1:
 #   5. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)            -> kernels.{log,json}
@@ -59,7 +61,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     CUDA_ENV=(env)
     XDIST=()
 fi
-stage test_kernels 170 "${CUDA_ENV[@]}" HF_PAGED_BACKEND=triton \
+stage test_kernels 160 "${CUDA_ENV[@]}" HF_PAGED_BACKEND=triton \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${XDIST[@]}" tests/test_kernels.py
 stage test_engine 60 "${CUDA_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
     tests/test_graphs.py tests/test_device_sampler.py tests/test_varlen.py tests/test_lora.py -k "cuda or triton"
@@ -68,8 +70,9 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
 else
     stage prefill 40 "$PY" benchmarks/prefill.py --device cuda --dtype bfloat16 --prompts 8 --length 1024
 fi
-stage throughput 200 "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
-    --budget-s 180
+stage profile 40 "$PY" benchmarks/profile_gpu.py "${DRY[@]}" --eager --steps 10 --out "$RESULTS/profile"
+stage throughput 170 "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
+    --budget-s 150
 if [ "${FULL:-0}" = 1 ]; then
     stage kernels 100 "$PY" benchmarks/kernels.py --no-flex --out "$RESULTS/kernels.json"
     stage e2e 110 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"

@@ -245,10 +245,31 @@ def test_bf16_linears_install_by_isa_and_can_be_disabled(monkeypatch, tmp_path):
     want = model.generate(input_ids=ids, max_new_tokens=12, do_sample=False)
     hf_paged.wrap(model, num_blocks=16)
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
-    assert all(m._hf_paged_skinny_rows == cpu_layers.BF16_SKINNY_MAX_ROWS[path] for m in linears)
+    rows = min(cpu_layers.BF16_SKINNY_MAX_ROWS[path], cpu_layers.BF16_SKINNY_ROWS_WITH_PACKED)
+    assert all(m._hf_paged_skinny_rows == rows and m._hf_paged_packed is not None for m in linears)
     # Batch 1: every decode step's matmuls take the C++ kernel. Same greedy tokens as unwrapped bf16.
     assert torch.equal(model.generate(input_ids=ids, max_new_tokens=12, do_sample=False), want)
+    # Batch 3 (and the prompt): oneDNN with the packed weights, same tokens as unwrapped bf16 per row.
+    batch = torch.tensor([[1, 5, 9, 12, 7, 30, 2, 200], [1, 8, 8, 40, 41, 42, 43, 44], [1, 3, 3, 3, 3, 3, 3, 3]])
     hf_paged.unwrap(model)
+    want3 = model.generate(input_ids=batch, max_new_tokens=12, do_sample=False)
+    hf_paged.wrap(model, num_blocks=32)
+    assert torch.equal(model.generate(input_ids=batch, max_new_tokens=12, do_sample=False), want3)
+    # Weights changed after wrap() (in place, or replaced): the packed copy follows them.
+    layer = linears[0]
+    x = torch.randn(4, layer.in_features).bfloat16()
+    with torch.no_grad():
+        layer.weight.mul_(2)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+        layer.weight.data = torch.randn_like(layer.weight)
+        torch.testing.assert_close(layer(x), torch.nn.functional.linear(x, layer.weight, layer.bias))
+    hf_paged.unwrap(model)
+    assert not any(hasattr(m, "_hf_paged_packed") for m in linears)
+    monkeypatch.setenv("HF_PAGED_ONEDNN_PACK_BF16", "0")
+    cpu_layers.install_cpu_linears(model)
+    assert all(m._hf_paged_packed is None and m._hf_paged_skinny_rows == cpu_layers.BF16_SKINNY_MAX_ROWS[path]
+               for m in linears)
+    cpu_layers.remove_cpu_linears(model)
     monkeypatch.setenv("HF_PAGED_CPU_GEMM_BF16", "0")  # the forced fallback: transformers' F.linear
     assert cpu_layers.install_cpu_linears(model) == 0
 

@@ -57,7 +57,12 @@ def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
             y = op(x.reshape(rows, x.shape[-1]), weight, bias)
             return y.view(*x.shape[:-1], y.shape[-1])
         if rows > 0 and self._hf_paged_onednn:
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), weight, bias, "none", [], "")
+            packed = weight
+            if self._hf_paged_packed is not None:
+                if self._hf_paged_packed_of != (weight.data_ptr(), weight._version):
+                    _pack(self)  # the weights changed in place or were replaced since they were packed
+                packed = self._hf_paged_packed
+            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
             return y.view(*x.shape[:-1], y.shape[-1])
     return torch.nn.functional.linear(x, weight, bias)
 
@@ -67,6 +72,15 @@ def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
 # csrc/linear_bf16_cpu.cpp ran a decode step's matmuls 1.18-1.40x faster on this project's CPU
 # (docs/benchmarks.md), 1.15-1.21x for 1-2 rows on its AVX2 path. HF_PAGED_CPU_GEMM_BF16=0 turns it off.
 BF16_SKINNY_MAX_ROWS = {"avx512_bf16": 3, "avx2": 2, "scalar": 0}
+# From 2 rows on, oneDNN with the weights reordered once into its blocked layout
+# (torch.ops.mkldnn._reorder_linear_weight, as inductor's CPU freezing does) beats both the C++
+# kernel and F.linear, which reorders on every call: a decode step's matmuls at 64 rows ran ~1.2x
+# faster, the 49152-wide output layer 1.4x (8 rows: 2.4x), and PagedPipeline's bf16 throughput rose
+# ~17% (docs/benchmarks.md). The cost is a second copy of the linear weights in memory, so it is
+# skipped where that copy would exceed a quarter of the free memory; HF_PAGED_ONEDNN_PACK_BF16=0
+# turns it off. One row keeps the C++ kernel (faster there, and it reads the plain weights).
+BF16_SKINNY_ROWS_WITH_PACKED = 1
+PACK_BATCH_HINT = 64
 
 
 def _bf16_skinny_rows() -> int:
@@ -81,6 +95,7 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
     onednn = os.environ.get("HF_PAGED_ONEDNN_LINEAR", "1").strip() != "0" and torch.backends.mkldnn.is_available()
     skinny_rows = None
     bf16_rows = None
+    pack = None
     count = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
@@ -91,8 +106,14 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
                 if bf16_rows:
                     logger.info("hf_paged: bf16 linear layers use the C++ %s kernel up to %d rows",
                                 cpu.bf16_linear_path(), bf16_rows)
-            if bf16_rows:
-                _reroute(mod, bf16_rows, onednn=False)
+            if pack is None:
+                pack = _bf16_pack_enabled(model)
+                if bf16_rows is not None and pack:
+                    bf16_rows = min(bf16_rows, BF16_SKINNY_ROWS_WITH_PACKED)
+            if bf16_rows or pack:
+                _reroute(mod, bf16_rows, onednn=pack)
+                if pack:
+                    _pack(mod)
                 count += 1
             continue
         # Sharded (DTensor) weights under tensor parallelism keep their own forward: transformers'
@@ -108,15 +129,51 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
     return count
 
 
+def _bf16_pack_enabled(model: torch.nn.Module) -> bool:
+    """Whether a bf16 model's linear layers get a oneDNN-packed copy of their weights (see above): on
+    unless HF_PAGED_ONEDNN_PACK_BF16=0, or the copy would take more than a quarter of the free memory."""
+    if os.environ.get("HF_PAGED_ONEDNN_PACK_BF16", "1").strip() == "0" or not torch.backends.mkldnn.is_available():
+        return False
+    size = sum(m.weight.numel() * 2 for m in model.modules()
+               if type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter
+               and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu")
+    free = _available_bytes()
+    if free is not None and size > free // 4:
+        logger.info("hf_paged: bf16 linear weights not packed for oneDNN: the copy (%.1f GiB) would take more "
+                    "than a quarter of the free memory", size / 2**30)
+        return False
+    logger.info("hf_paged: bf16 linear layers from %d rows use oneDNN with packed weights (+%.0f MiB)",
+                BF16_SKINNY_ROWS_WITH_PACKED + 1, size / 2**20)
+    return True
+
+
+def _pack(mod: torch.nn.Linear) -> None:
+    w = mod._parameters["weight"]
+    mod._hf_paged_packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT)
+    mod._hf_paged_packed_of = (w.data_ptr(), w._version)
+
+
+def _available_bytes() -> int | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
 def _reroute(mod: torch.nn.Linear, skinny_rows: int, onednn: bool) -> None:
-    mod._hf_paged_skinny_rows, mod._hf_paged_onednn = skinny_rows, onednn
+    mod._hf_paged_skinny_rows, mod._hf_paged_onednn, mod._hf_paged_packed = skinny_rows, onednn, None
     mod.forward = _cpu_linear_forward.__get__(mod)
 
 
 def remove_cpu_linears(model: torch.nn.Module) -> None:
     for mod in model.modules():
         if type(mod) is torch.nn.Linear:
-            for name in ("forward", "_hf_paged_skinny_rows", "_hf_paged_onednn"):
+            for name in ("forward", "_hf_paged_skinny_rows", "_hf_paged_onednn", "_hf_paged_packed",
+                         "_hf_paged_packed_of"):
                 mod.__dict__.pop(name, None)
 
 

@@ -184,6 +184,11 @@ class BlockAllocator:
         """
         with self._lock:
             bs = self.block_size
+            at = table.num_tokens
+            if n == 1 and at % bs and self._ref[table.blocks[-1]] == 1:
+                # The decode step's case: one token into a last block of its own with room left.
+                table.num_tokens = at + 1
+                return [table.blocks[-1] * bs + at % bs], []
             copies: list[tuple[int, int]] = []
             if n <= 0:
                 return [], copies
