@@ -25,7 +25,7 @@ from ..kv.pool import KVPool
 from ..lora import AdapterSet
 from ..wrap import base_model, is_peft, kv_pool, tp_size, wrap
 from .delivery import Delivery
-from .host_memory import tune_malloc
+from .host_runtime import release_openmp_pool, tune_malloc
 from .engine import Engine
 from .grammar import Grammars
 from .outputs import RequestOutput, StreamEvent
@@ -78,8 +78,10 @@ class PagedPipeline:
                              adapters=self.adapters)
         if self.tp is not None and self.tp.leader:
             self.engine.runner.broadcast = self.tp
-        if self.engine.runner.device.type == "cpu":
+        self._cpu = self.engine.runner.device.type == "cpu"
+        if self._cpu:
             tune_malloc()  # per-step tensors reuse heap memory instead of mmap/munmap each step
+            release_openmp_pool()  # this thread's idle OpenMP team would slow the engine thread's
         if self.engine.runner.device.type == "cuda" and not config.enforce_eager and self.tp is None \
                 and len({p.device for p in model.parameters()}) == 1:
             # Decode steps as CUDA graphs (tensor parallel and multi-device models stay eager: their
@@ -190,6 +192,8 @@ class PagedPipeline:
         if self.follower:  # run rank 0's steps until it sends the results
             results = self._follow(until_results=True)
             return results[0] if single else results
+        if self._cpu:
+            release_openmp_pool()  # this thread only waits now; its idle OpenMP team would slow the engine
         reqs = self._enqueue(made)
         show = len(reqs) > 1 if progress is None else progress
         results = []
