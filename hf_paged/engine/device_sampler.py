@@ -166,11 +166,11 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
         c = _index(cand, dev)
         k = _index([ks[i] for i in cand], dev).view(-1, 1)
         # Temperature is monotonic: the k best scaled scores are the k best raw ones, in the same order.
-        top_vals, top_idx = torch.topk(scores.index_select(0, c), kmax + 1, dim=-1)
+        full_c = scores.index_select(0, c)
+        top_vals, top_idx = torch.topk(full_c, kmax + 1, dim=-1)
         kth = top_vals.gather(1, k - 1)
         tied = (top_vals.gather(1, k) == kth).view(-1)
         # TopKLogitsWarper on the full rows: every score below the k-th goes (ties stay).
-        full_c = scores.index_select(0, c)
         scores.index_copy_(0, c, full_c.masked_fill(full_c < kth, _NEG_INF))
         cols = torch.arange(kmax + 1, device=dev).view(1, -1)
         top_vals = top_vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax]

@@ -137,7 +137,9 @@ def _bf16_pack_enabled(model: torch.nn.Module) -> bool:
     size = sum(m.weight.numel() * 2 for m in model.modules()
                if type(m) is torch.nn.Linear and type(m.weight) is torch.nn.Parameter
                and m.weight.dtype == torch.bfloat16 and m.weight.device.type == "cpu")
-    free = _available_bytes()
+    from ..kv.pool import available_host_bytes
+
+    free = available_host_bytes()
     if free is not None and size > free // 4:
         logger.info("hf_paged: bf16 linear weights not packed for oneDNN: the copy (%.1f GiB) would take more "
                     "than a quarter of the free memory", size / 2**30)
@@ -151,17 +153,6 @@ def _pack(mod: torch.nn.Linear) -> None:
     w = mod._parameters["weight"]
     mod._hf_paged_packed = torch.ops.mkldnn._reorder_linear_weight(w.detach(), PACK_BATCH_HINT)
     mod._hf_paged_packed_of = (w.data_ptr(), w._version)
-
-
-def _available_bytes() -> int | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def _reroute(mod: torch.nn.Linear, skinny_rows: int, onednn: bool) -> None:

@@ -128,10 +128,15 @@ def default_kv_memory(device: torch.device) -> int:
     if device.type == "cuda":
         free, _total = torch.cuda.mem_get_info(device)
         return int(free * 0.5)
+    avail = available_host_bytes()
+    return int(min(2**30, (avail if avail is not None else 8 * 2**30) // 10))
+
+
+def available_host_bytes() -> int | None:
+    """Free physical memory of this host (None where the OS does not say)."""
     try:
         import os
 
-        avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     except (ValueError, OSError, AttributeError):
-        avail = 8 * 2**30
-    return int(min(2**30, avail // 10))
+        return None
