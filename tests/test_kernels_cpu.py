@@ -324,6 +324,87 @@ def test_cpu_norms_install_verify_and_remove(monkeypatch):
     assert cpu_layers.install_cpu_norms(torch.nn.ModuleList([_norm_modules(8)[0].double()])) == 0
 
 
+def _bf16_norm_modules(dim):
+    from transformers.models.qwen3.modeling_qwen3 import Qwen3RMSNorm
+
+    llama, gemma = _norm_modules(dim)
+    qwen3 = Qwen3RMSNorm(dim, eps=1e-6)
+    with torch.no_grad():
+        qwen3.weight.normal_()
+    return [m.bfloat16() for m in (llama, gemma, qwen3)]
+
+
+@pytest.mark.parametrize("shape", [(1, 576), (24, 576), (2, 5, 64), (3, 4, 7, 100), (7, 13), (2, 2048)])
+def test_rms_norm_bf16_matches_the_eager_modules_and_an_fp64_oracle(shape):
+    llama, gemma, qwen3 = _bf16_norm_modules(shape[-1])
+    x = (torch.randn(*shape) * 4).bfloat16()
+    with torch.no_grad():
+        for mod, offset, round_first in ((llama, 0.0, True), (gemma, 1.0, False), (qwen3, 0.0, True)):
+            got = cpu.rms_norm_bf16(x, mod.weight, mod.variance_epsilon if hasattr(mod, "variance_epsilon")
+                                    else mod.eps, offset, round_first=round_first)
+            want = type(mod).forward(mod, x)
+            assert got.dtype == torch.bfloat16 and got.shape == x.shape
+            # Only the order of the sum of squares differs from the module: equal but for rare 1-ulp flips.
+            assert int((got != want).sum()) * 200 <= x.numel()
+            torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=0)
+            xd = x.double()
+            eps = mod.variance_epsilon if hasattr(mod, "variance_epsilon") else mod.eps
+            oracle = xd * torch.rsqrt(xd.pow(2).mean(-1, keepdim=True) + eps) * (mod.weight.double() + offset)
+            # One or two roundings to bf16 (2**-8 relative each) away from the exact value.
+            torch.testing.assert_close(got.double(), oracle, rtol=2 ** -7, atol=1e-6)
+    with pytest.raises(RuntimeError, match="weight"):
+        cpu.rms_norm_bf16(x, torch.ones(shape[-1] + 1, dtype=torch.bfloat16), 1e-5)
+    with pytest.raises(RuntimeError, match="bfloat16"):
+        cpu.rms_norm_bf16(x.float(), llama.weight, 1e-5)
+
+
+def test_cpu_norms_bf16_pick_each_modules_variant(monkeypatch):
+    llama, gemma, qwen3 = _bf16_norm_modules(576)
+    odd = type("OddRMSNorm", (torch.nn.Module,), {
+        "forward": lambda self, x: (x.float() * 2 * self.weight.float()).to(x.dtype)})  # another formula
+    model = torch.nn.ModuleList([llama, gemma, qwen3, odd()])
+    model[3].weight = torch.nn.Parameter(torch.ones(576, dtype=torch.bfloat16))
+    model[3].eps = 1e-6
+    assert cpu_layers.install_cpu_norms(model) == 3
+    assert (llama._hf_paged_norm_offset, llama._hf_paged_norm_round_first) == (0.0, True)
+    assert (gemma._hf_paged_norm_offset, gemma._hf_paged_norm_round_first) == (1.0, False)
+    assert (qwen3._hf_paged_norm_offset, qwen3._hf_paged_norm_round_first) == (0.0, True)
+    assert "forward" not in model[3].__dict__
+    calls = []
+    real = torch.ops.hf_paged_cpu.rms_norm_bf16
+    monkeypatch.setattr(torch.ops.hf_paged_cpu, "rms_norm_bf16", lambda *a: calls.append(1) or real(*a))
+    x = (torch.randn(40, 576) * 3).bfloat16()
+    with torch.no_grad():
+        for mod in (llama, gemma, qwen3):
+            want = type(mod).forward(mod, x)
+            assert int((mod(x) != want).sum()) * 200 <= x.numel()
+        assert calls == [1, 1, 1]
+        assert torch.equal(llama(x.float()), type(llama).forward(llama, x.float()))  # fp32 input: the module's ops
+    assert calls == [1, 1, 1]
+    cpu_layers.remove_cpu_norms(model)
+    assert not any("_hf_paged_norm_round_first" in m.__dict__ for m in model.modules())
+    monkeypatch.setenv("HF_PAGED_CPU_NORM", "0")  # the forced fallback: transformers' own ops
+    assert cpu_layers.install_cpu_norms(model) == 0
+
+
+def test_bf16_wide_output_layer_takes_the_packed_weights_from_one_row():
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+    wide = torch.nn.Linear(64, cpu_layers.BF16_PACKED_ONE_ROW_MIN_OUT, bias=False).bfloat16()
+    narrow = torch.nn.Linear(64, 96).bfloat16()
+    model = torch.nn.ModuleList([wide, narrow])
+    assert cpu_layers.install_cpu_linears(model) == 2
+    assert wide._hf_paged_packed is not None and wide._hf_paged_skinny_rows == 0
+    assert narrow._hf_paged_skinny_rows == min(cpu_layers.BF16_SKINNY_MAX_ROWS[cpu.bf16_linear_path()],
+                                               cpu_layers.BF16_SKINNY_ROWS_WITH_PACKED)
+    x = torch.randn(1, 64).bfloat16()
+    with torch.no_grad():
+        for layer in (wide, narrow):
+            want = x.double() @ layer.weight.double().T + (layer.bias.double() if layer.bias is not None else 0)
+            torch.testing.assert_close(layer(x).double(), want, rtol=2 ** -7, atol=1e-3)
+    cpu_layers.remove_cpu_linears(model)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("slot_dtype", [torch.int64, torch.int32])
 def test_write_kv_matches_reference(dtype, slot_dtype):

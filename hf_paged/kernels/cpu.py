@@ -182,6 +182,13 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 
     return torch.ops.hf_paged_cpu.rms_norm(x, weight, float(eps), float(offset))
 
 
+def rms_norm_bf16(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0, *,
+                  round_first: bool = True) -> torch.Tensor:
+    """RMSNorm of bf16 CPU tensors in one C++ pass, fp32 inside: ``bf16((weight + offset) * bf16(x * r))``
+    (``round_first``, the Llama family) or ``bf16(x * r * (weight + offset))`` (Gemma), r the inverse RMS."""
+    return torch.ops.hf_paged_cpu.rms_norm_bf16(x, weight, float(eps), float(offset), bool(round_first))
+
+
 def lora_sgmv(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Tensor, ranks: torch.Tensor,
               scales: torch.Tensor, token_slot: torch.Tensor) -> None:
     """In place, fp32: ``out[t] += scales[s] * (a[s, :r] @ x[t]) @ bt[s, :r]`` for each token ``t`` of slot
