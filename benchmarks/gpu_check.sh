@@ -8,13 +8,13 @@
 # kernel / end-to-end stages (another 370 s: run them in a second command). DRY_RUN=1 runs every stage
 # on CPU (tests skip their CUDA cases, benchmarks take their --cpu-dry-run path): check it before a run.
 #   1. tests/test_kernels.py compiled on CUDA (HF_PAGED_TEST_CUDA=1, bf16 included)    -> test_kernels.log
-#   2. CUDA engine tests: graphs vs eager (fp32, bf16, preemption, n>1), the device sampler's one copy
-#      per step, the overlapped loop, LoRA's Triton SGMV and engine tests               -> test_engine.log
+#   2. CUDA engine tests: graphs + async scheduling vs the plain eager loop (fp32, bf16, preemption, n>1),
+#      the device sampler's one copy per step, LoRA's Triton SGMV and engine tests    -> test_engine.log
 #   3. benchmarks/prefill.py (8 x 1024 fresh prompt tokens, bf16: varlen vs paged vs plain SDPA) -> prefill.log
 #   3b. benchmarks/profile_gpu.py (torch.profiler over 10 decode steps at 256 rows, graphs and eager)
 #                                                     -> profile.log, profile/{profile,trace}_{graphs,eager}.*
 #   4. benchmarks/throughput_gpu.py (nano-vllm's workload on Llama-3.2-1B / Qwen3-0.6B shapes: hf_paged
-#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s 150)
+#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s 135)
 #                                                                     -> throughput.log, gpu_throughput.json
 #   FULL=1:
 #   5. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)            -> kernels.{log,json}
@@ -63,7 +63,7 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
 fi
 stage test_kernels 160 "${CUDA_ENV[@]}" HF_PAGED_BACKEND=triton \
     "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${XDIST[@]}" tests/test_kernels.py
-stage test_engine 60 "${CUDA_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
+stage test_engine 75 "${CUDA_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
     tests/test_graphs.py tests/test_device_sampler.py tests/test_varlen.py tests/test_lora.py -k "cuda or triton"
 if [ "${DRY_RUN:-0}" = 1 ]; then
     stage prefill 40 "$PY" benchmarks/prefill.py --device cpu --prompts 1 --length 32 --rounds 1
@@ -71,8 +71,8 @@ else
     stage prefill 40 "$PY" benchmarks/prefill.py --device cuda --dtype bfloat16 --prompts 8 --length 1024
 fi
 stage profile 40 "$PY" benchmarks/profile_gpu.py "${DRY[@]}" --eager --steps 10 --out "$RESULTS/profile"
-stage throughput 170 "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
-    --budget-s 150
+stage throughput 155 "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
+    --budget-s 135
 if [ "${FULL:-0}" = 1 ]; then
     stage kernels 100 "$PY" benchmarks/kernels.py --no-flex --out "$RESULTS/kernels.json"
     stage e2e 110 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"

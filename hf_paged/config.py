@@ -55,6 +55,9 @@ class EngineConfig:
     overlap: bool | None = field(default=None, metadata={
         "help": "deliver (detokenize, stream) each step while the device runs the next one; default: on "
                 "for CUDA, off on CPU, where the forward itself holds the cores"})
+    async_scheduling: bool | None = field(default=None, metadata={
+        "help": "schedule and launch each step before the previous step's tokens reach the host (they go "
+                "into the input on the device); implies overlap; default: on for CUDA, off on CPU"})
     cuda_graph_max_bs: int | None = field(default=None, metadata={
         "help": "CUDA: largest decode batch replayed as a CUDA graph (default: max_num_seqs, at most 512)"})
 
@@ -81,8 +84,9 @@ class EngineConfig:
             raise ValueError(f"tp_timeout_s must be a number of seconds > 0, got {self.tp_timeout_s!r}")
         if self.lora_adapters is not None:
             object.__setattr__(self, "lora_adapters", _adapter_map(self.lora_adapters))
-        if self.overlap is not None and not isinstance(self.overlap, bool):
-            raise ValueError(f"overlap must be true, false or None (auto), got {self.overlap!r}")
+        for name in ("overlap", "async_scheduling"):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true, false or None (auto), got {getattr(self, name)!r}")
         for name in ("enable_prefix_caching", "enforce_eager"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
@@ -124,7 +128,8 @@ def _positive_int(name: str, value: Any) -> None:
 
 _CLI_TYPES = {"block_size": int, "kv_memory": str, "num_blocks": _int_or_none, "enable_prefix_caching": _bool,
               "max_num_seqs": int, "max_batch_tokens": int, "max_model_len": _int_or_none,
-              "enforce_eager": _bool, "overlap": _bool_or_none, "cuda_graph_max_bs": _int_or_none,
+              "enforce_eager": _bool, "overlap": _bool_or_none,
+              "async_scheduling": _bool_or_none, "cuda_graph_max_bs": _int_or_none,
               "lora_adapters": _adapter_map, "max_lora_rank": int, "tp_timeout_s": float}
 
 

@@ -59,11 +59,14 @@ def llama(tiny_root):
     return load(build("llama", tiny_root))
 
 
-def test_static_buffers_equal_eager_greedy(llama):
-    """Every bucket of max_num_seqs=12 (1, 2, 4, 8, 12) is used as the batch drains; prefix hits."""
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_static_buffers_equal_eager_greedy(llama, ahead):
+    """Every bucket of max_num_seqs=12 (1, 2, 4, 8, 12) is used as the batch drains; prefix hits.
+    Async: the ids still in flight go into the static input buffer on the device."""
     prompts = _prompts(20)
-    eager, _, _ = _run(llama, prompts, graphs=False, max_num_seqs=12, max_batch_tokens=256)
-    got, stats, graphs = _run(llama, prompts, graphs=True, max_num_seqs=12, max_batch_tokens=256)
+    eager, _, _ = _run(llama, prompts, graphs=False, max_num_seqs=12, max_batch_tokens=256, async_scheduling=False)
+    got, stats, graphs = _run(llama, prompts, graphs=True, max_num_seqs=12, max_batch_tokens=256,
+                              async_scheduling=ahead)
     assert got == eager
     assert graphs.replays > 0 and stats["prefix_hit_rate"] > 0
     for ids, new in prompts[:3]:  # and both equal generate()
@@ -71,11 +74,12 @@ def test_static_buffers_equal_eager_greedy(llama):
         assert eager[prompts.index((ids, new))][0] == ref[0, len(ids):].tolist()
 
 
-def test_static_buffers_equal_eager_preemption_and_n(llama):
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_static_buffers_equal_eager_preemption_and_n(llama, ahead):
     prompts = _prompts(10, seed=1)
     opts = dict(num_blocks=40, block_size=8, max_num_seqs=8, max_batch_tokens=64)
-    eager, _, _ = _run(llama, prompts, graphs=False, sampling=True, **opts)
-    got, stats, graphs = _run(llama, prompts, graphs=True, sampling=True, **opts)
+    eager, _, _ = _run(llama, prompts, graphs=False, sampling=True, async_scheduling=False, **opts)
+    got, stats, graphs = _run(llama, prompts, graphs=True, sampling=True, async_scheduling=ahead, **opts)
     assert got == eager
     assert stats["preemptions"] > 0 and graphs.replays > 0
 
@@ -117,11 +121,16 @@ def test_cuda_graphs_equal_eager(tiny_root, dtype):
     model = load(build("llama", tiny_root)).to("cuda", dtype)
     prompts = _prompts(40, seed=2)
     opts = dict(max_num_seqs=32, max_batch_tokens=512, kv_memory="256MiB")
-    eager, _, _ = _run(model, prompts, graphs=False, **opts)
+    # The reference is the plain loop (eager, no async scheduling, no overlap); graphs run with the
+    # CUDA defaults (async scheduling and overlap on); eager with async on isolates the scheduling.
+    plain = dict(async_scheduling=False, overlap=False)
+    eager, _, _ = _run(model, prompts, graphs=False, **plain, **opts)
+    eager_async, _, _ = _run(model, prompts, graphs=False, **opts)
     got, stats, graphs = _run(model, prompts, graphs=True, capture=True, **opts)
     assert graphs is not None and graphs.captured and graphs.replays > 0
+    assert eager_async == eager
     assert got == eager
-    sampled_eager, _, _ = _run(model, prompts[:12], graphs=False, sampling=True, **opts)
+    sampled_eager, _, _ = _run(model, prompts[:12], graphs=False, sampling=True, **plain, **opts)
     sampled, _, _ = _run(model, prompts[:12], graphs=True, capture=True, sampling=True, **opts)
     assert sampled == sampled_eager
 
@@ -131,6 +140,6 @@ def test_cuda_graphs_equal_eager_preemption(tiny_root):
     model = load(build("qwen3", tiny_root)).to("cuda")
     prompts = _prompts(16, seed=3)
     opts = dict(num_blocks=40, block_size=8, max_num_seqs=8, max_batch_tokens=64)
-    eager, _, _ = _run(model, prompts, graphs=False, sampling=True, **opts)
+    eager, _, _ = _run(model, prompts, graphs=False, sampling=True, async_scheduling=False, overlap=False, **opts)
     got, stats, graphs = _run(model, prompts, graphs=True, capture=True, sampling=True, **opts)
     assert got == eager and stats["preemptions"] > 0 and graphs.replays > 0

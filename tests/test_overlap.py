@@ -1,5 +1,6 @@
-"""The overlapped loop (deliver step N-1 while step N runs; on by default on CUDA) gives the same
-outputs as the plain loop and frees every block, with stop strings, cancels, n>1 and preemption."""
+"""The overlapped loop (deliver step N-1 while step N runs) and async scheduling (launch step N+1 before
+step N's tokens are on the host; both on by default on CUDA) give the same outputs as the plain loop and
+free every block, with stop strings, cancels, n>1, EOS, length limits, penalties and preemption."""
 from __future__ import annotations
 
 import random
@@ -42,8 +43,16 @@ def _same(a, b) -> None:
                 assert oa[3] == pytest.approx(ob[3], abs=1e-4)
 
 
-def _run(model, reqs, *, overlap: bool, stop_from=None, **engine):
-    pipe = PagedPipeline(model, IdTokenizer(), overlap=overlap, **engine)
+MODES = {"plain": dict(overlap=False, async_scheduling=False), "overlap": dict(overlap=True, async_scheduling=False),
+         "async": dict(async_scheduling=True)}
+
+
+def _run(model, reqs, *, mode: str, stop_from=None, fills: list | None = None, **engine):
+    pipe = PagedPipeline(model, IdTokenizer(), **MODES[mode], **engine)
+    if fills is not None:  # count the steps planned with tokens still in flight
+        runner = pipe.engine.runner
+        real = runner.execute
+        runner.execute = lambda plan, prev=None: fills.append(len(plan.fill or ())) or real(plan, prev)
     try:
         handles = []
         for i, (ids, kw) in enumerate(reqs):
@@ -58,30 +67,63 @@ def _run(model, reqs, *, overlap: bool, stop_from=None, **engine):
         hf_paged.unwrap(model)
 
 
-def test_same_outputs_and_blocks_freed(model):
+@pytest.mark.parametrize("mode", ["overlap", "async"])
+def test_same_outputs_and_blocks_freed(model, mode):
     reqs = _requests(24)
-    plain, _ = _run(model, reqs, overlap=False, max_num_seqs=6, max_batch_tokens=96)
+    plain, _ = _run(model, reqs, mode="plain", max_num_seqs=6, max_batch_tokens=96)
     # Stop strings taken from the plain run's texts (the 3rd generated token onwards), so they fire.
     stops = {i: " ".join(r[0][1].split()[2:4]) for i, r in enumerate(plain) if len(r[0][1].split()) > 4 and i % 2}
     assert len(stops) >= 3
-    plain, _ = _run(model, reqs, overlap=False, stop_from=stops, max_num_seqs=6, max_batch_tokens=96)
-    got, stats = _run(model, reqs, overlap=True, stop_from=stops, max_num_seqs=6, max_batch_tokens=96)
+    plain, _ = _run(model, reqs, mode="plain", stop_from=stops, max_num_seqs=6, max_batch_tokens=96)
+    fills: list[int] = []
+    got, stats = _run(model, reqs, mode=mode, stop_from=stops, fills=fills, max_num_seqs=6, max_batch_tokens=96)
     _same(got, plain)
     assert sum(o[2] == "stop" or str(o[2]).endswith("STOP") for r in got for o in r) >= 3
     assert stats["blocks_used"] == 0
+    # Async: most steps ran ahead (inputs taken on the device from the step in flight); overlap: none.
+    assert (sum(f > 0 for f in fills) > len(fills) // 2) if mode == "async" else not any(fills)
 
 
-def test_same_outputs_under_preemption(model):
+@pytest.mark.parametrize("mode", ["overlap", "async"])
+def test_same_outputs_under_preemption(model, mode):
     reqs = [(ids, dict(kw, max_new_tokens=60, ignore_eos=True)) for ids, kw in _requests(12, seed=1)]
     opts = dict(num_blocks=40, block_size=8, max_num_seqs=8, max_batch_tokens=64)
-    plain, _ = _run(model, reqs, overlap=False, **opts)
-    got, stats = _run(model, reqs, overlap=True, **opts)
+    plain, _ = _run(model, reqs, mode="plain", **opts)
+    got, stats = _run(model, reqs, mode=mode, **opts)
     _same(got, plain)
     assert stats["preemptions"] > 0 and stats["blocks_used"] == 0
 
 
-def test_cancel_while_overlapping_frees_blocks(model):
-    pipe = PagedPipeline(model, IdTokenizer(), overlap=True, max_num_seqs=4)
+def test_async_with_penalties_eos_and_length_limits(model):
+    """Rows whose next step needs their tokens on the host (penalties, n-gram bans) make the loop wait
+    for them; EOS mid-run (a step too many, dropped) and max_new_tokens (1 included: the prompt's step
+    samples the last token) end the others as in the plain loop."""
+    reqs = _requests(18, seed=3)
+    for i, (_, kw) in enumerate(reqs):
+        if i in (2, 16):
+            kw.update(repetition_penalty=1.3)
+        elif i == 9:
+            kw.update(no_repeat_ngram_size=2, frequency_penalty=0.5)
+        kw["max_new_tokens"] = 1 if i % 6 == 4 else 40
+    plain, _ = _run(model, reqs, mode="plain", max_num_seqs=5, max_batch_tokens=64)
+    # EOS ids taken from the plain run's tokens (the 4th generated one), so they fire mid-run.
+    eos = {i: r[0][0][3] for i, r in enumerate(plain) if i % 3 == 1 and len(r[0][0]) > 6}
+    assert len(eos) >= 3
+    for i, t in eos.items():
+        reqs[i][1]["eos_token_id"] = t
+    plain, _ = _run(model, reqs, mode="plain", max_num_seqs=5, max_batch_tokens=64)
+    fills: list[int] = []
+    got, stats = _run(model, reqs, mode="async", fills=fills, max_num_seqs=5, max_batch_tokens=64)
+    _same(got, plain)
+    assert any(fills) and 0 in fills and stats["blocks_used"] == 0
+    assert all(len(o[0]) == 1 for i, r in enumerate(got) if i % 6 == 4 for o in r)
+    ended = [i for i in eos if any(o[0][-1] == eos[i] and len(o[0]) < 40 for o in got[i])]
+    assert len(ended) >= 3, "requests did not end on their EOS: the dropped-token path was not exercised"
+
+
+@pytest.mark.parametrize("mode", ["overlap", "async"])
+def test_cancel_while_overlapping_frees_blocks(model, mode):
+    pipe = PagedPipeline(model, IdTokenizer(), **MODES[mode], max_num_seqs=4)
     try:
         long = [pipe.submit([5, 6, 7], max_new_tokens=500, ignore_eos=True) for _ in range(3)]
         short = pipe.submit([8, 9], max_new_tokens=5)

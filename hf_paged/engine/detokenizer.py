@@ -21,6 +21,8 @@ Example::
 """
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -49,6 +51,20 @@ def fast_decoder(tokenizer: Any) -> Any:
     return None
 
 
+_SINGLE: "weakref.WeakKeyDictionary[Any, dict[bool, dict[int, str]]]" = weakref.WeakKeyDictionary()
+_SINGLE_LOCK = threading.Lock()
+
+
+def _single_token_texts(tokenizer: Any, skip_special_tokens: bool) -> dict[int, str]:
+    """The memo of ``decode([token])`` shared by every detokenizer of ``tokenizer`` (a plain dict: one
+    writer per key gives the same value, so concurrent use is safe); a private one if it cannot be shared."""
+    try:
+        with _SINGLE_LOCK:
+            return _SINGLE.setdefault(tokenizer, {}).setdefault(skip_special_tokens, {})
+    except TypeError:  # not weak-referenceable or not hashable
+        return {}
+
+
 class IncrementalDetokenizer:
     """Turns pushed token ids into text deltas (see the module docstring).
 
@@ -73,6 +89,7 @@ class IncrementalDetokenizer:
         self._tok = tokenizer
         self._fast = fast_decoder(tokenizer)
         self._skip = skip_special_tokens
+        self._single = _single_token_texts(tokenizer, skip_special_tokens)
         self._stops = tuple(stop)
         self._max_stop = max((len(s) for s in self._stops), default=0)
         context = list(prompt_ids[-_PROMPT_CONTEXT:])
@@ -141,7 +158,16 @@ class IncrementalDetokenizer:
     def _decode_window(self) -> str | None:
         """Text of ``ids[read:]`` decoded in context, or None when the context no longer prefixes it."""
         if self._prefix_text is None:
-            self._prefix_text = self._decode(self._ids[self._prefix : self._read])
+            if self._read - self._prefix == 1:
+                # The usual context: the one token emitted last. Its text alone is memoised per tokenizer,
+                # which saves one of the two decode calls per token.
+                tok = self._ids[self._prefix]
+                text = self._single.get(tok)
+                if text is None:
+                    text = self._single[tok] = self._decode([tok])
+                self._prefix_text = text
+            else:
+                self._prefix_text = self._decode(self._ids[self._prefix : self._read])
         window = self._decode(self._ids[self._prefix :])
         if not window.startswith(self._prefix_text):
             # Only possible for a non-local decoder; the context changes, the cut is still right.

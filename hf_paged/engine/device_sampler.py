@@ -88,17 +88,19 @@ class DeviceSampler:
         host.copy_(flat, non_blocking=True)
         done = torch.cuda.Event()
         done.record()
-        return Pending(host, done, rows, wants, k)
+        return Pending(host, done, rows, wants, k, tokens)
 
 
 class Pending:
-    """Sampled ids on their way to the host."""
+    """Sampled ids on their way to the host (``device_ids``: the same ids on the device, which the next
+    step's input takes under async scheduling)."""
 
-    __slots__ = ("_host", "_done", "_rows", "_wants", "_k")
+    __slots__ = ("_host", "_done", "_rows", "_wants", "_k", "device_ids")
 
     def __init__(self, host: torch.Tensor, done: "torch.cuda.Event", rows: list[SamplingRow], wants: list[int],
-                 k: int) -> None:
+                 k: int, device_ids: torch.Tensor | None = None) -> None:
         self._host, self._done, self._rows, self._wants, self._k = host, done, rows, wants, k
+        self.device_ids = device_ids
 
     def result(self) -> SampleOutput:
         self._done.synchronize()

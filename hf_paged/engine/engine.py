@@ -123,16 +123,31 @@ class Engine:
         pending = self.launch()
         return self.complete(pending) if pending is not None else []
 
-    def launch(self) -> "PendingStep | None":
+    def launch(self, ahead: "PendingStep | None" = None) -> "PendingStep | None":
         """Schedule a step and start it: the forward and the sampling are queued on the device, and on
         an asynchronous device (CUDA) this returns before they finish, so the caller can do host work
-        (deliver the previous step) meanwhile. None when nothing is scheduled. Finish with
-        :meth:`complete` before the next launch."""
-        sched = self.scheduler.schedule()
+        (deliver the previous step) meanwhile. None when nothing is scheduled. Each launched step is
+        finished with :meth:`complete`, in launch order.
+
+        ``ahead``: async scheduling. A launched step not completed yet (:meth:`can_run_ahead` must
+        allow it): this step is scheduled as if its sampled tokens were known, and their ids go from
+        its output into this step's input on the device, so the host never waits between steps. A
+        sequence that step ends (EOS, a stop string) has run one step too many; that token is dropped."""
+        skip: set[Sequence] = set()
+        prev_ids = None
+        if ahead is not None:
+            # Sequences whose token in flight is surely their last (length) are not scheduled again.
+            skip = {s for s in ahead.seqs if not s.finished and (
+                s.num_generated + s.num_ahead >= s.params.max_new_tokens
+                or s.num_tokens + s.num_ahead >= self.max_model_len)}
+            prev_ids = ahead.output.device_ids
+            if prev_ids is None:  # sampled on the host: the ids are there already
+                prev_ids = torch.tensor(ahead.output.result().tokens, dtype=torch.long)
+        sched = self.scheduler.schedule(skip)
         if not sched.seqs:
             return None
         every = [s.seq.params.prompt_logprobs is not None and s.start < s.seq.num_prompt for s in sched.seqs]
-        logits = self.runner.run(sched, every if any(every) else None)
+        logits = self.runner.run(sched, every if any(every) else None, prev_ids)
         if any(every):
             logits = self._prompt_logprobs(sched, every, logits)
         sampling: list[Sequence] = []
@@ -145,15 +160,35 @@ class Engine:
             logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
         if any(s.matcher is not None for s in sampling):
             self.masks.apply(logits, [s.matcher for s in sampling])
-        out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids, s.num_generated, s.generator)
-                                                 for s in sampling])
+        # A sequence with a token in flight samples with that token counted (can_run_ahead made sure
+        # that nothing else about this step depends on its value).
+        out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids, s.num_generated + s.num_ahead,
+                                                             s.generator) for s in sampling])
+        for k, s in enumerate(sampling):
+            s.num_ahead += 1
+            s.ahead_row = k
         return PendingStep(sampling, out)
+
+    def can_run_ahead(self, pending: "PendingStep") -> bool:
+        """Whether the next step may be launched before ``pending``'s tokens are known: none of its
+        sequences needs them on the host first (a grammar's mask, penalties or n-gram bans over the
+        history), and the runner is not broadcasting plans to tensor-parallel ranks."""
+        if self.runner.broadcast is not None:
+            return False
+        for s in pending.seqs:
+            p = s.params
+            if not s.finished and (s.matcher is not None or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
+                                   or p.presence_penalty != 0.0 or p.no_repeat_ngram_size > 0):
+                return False
+        return True
 
     def complete(self, pending: "PendingStep") -> list[TokenRecord]:
         """Wait for a launched step's tokens and record them. A sequence finished in between (a stop
         string found while delivering the previous step, a cancel) drops its token."""
         out = pending.output.result()
         sampling = pending.seqs
+        for s in sampling:
+            s.num_ahead -= 1
         self._recent.append((time.monotonic(), len(sampling)))
         self.tokens_generated += len(sampling)
         self.steps += 1

@@ -71,6 +71,7 @@ class DecodeGraphs:
         self.cu = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
         self.lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
         self.logits = torch.zeros(max_bs, self.vocab, dtype=torch.float32, device=dev)
+        self.fill = torch.zeros(2, max_bs, dtype=torch.long, device=dev)  # async scheduling: dst, src rows
         self._pinned = dev.type == "cuda"
         # Host staging, filled with numpy and copied without waiting; two sets used in turn, so a step
         # can be filled while the previous step's copies may still be queued on the device.
@@ -126,9 +127,9 @@ class DecodeGraphs:
         raise ValueError(f"{n} rows exceed the largest bucket {self.max_bs}")
 
     @torch.inference_mode()
-    def run(self, plan) -> torch.Tensor:
+    def run(self, plan, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
         """The float32 logits ``[n, vocab]`` of a plan that :meth:`fits` (a view of a static buffer,
-        valid until the next run)."""
+        valid until the next run). ``prev_ids``: the in-flight step's sampled ids, for ``plan.fill``."""
         n = len(plan.ids)
         b = self.bucket(n)
         h_vec, h_cu, h_tables = self._staging[self._turn]
@@ -154,6 +155,13 @@ class DecodeGraphs:
         self.lens[:b].copy_(h_vec[3, :b], non_blocking=nb)
         self.cu[: b + 1].copy_(h_cu[: b + 1], non_blocking=nb)
         self.tables[:n].copy_(h_tables[:n], non_blocking=nb)
+        if plan.fill is not None:
+            # Tokens sampled by the step still in flight go from its output into the input, on the device.
+            m = len(plan.fill)
+            vec[4, :m], vec[5, :m] = zip(*plan.fill)
+            self.fill.copy_(h_vec[4:6], non_blocking=nb)
+            prev = prev_ids.to(self.device, non_blocking=nb)
+            self.ids.index_copy_(0, self.fill[0, :m], prev.index_select(0, self.fill[1, :m]))
         if self.captured:
             self._graphs[b].replay()
         else:
@@ -163,7 +171,8 @@ class DecodeGraphs:
 
     def _new_staging(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pin = self._pinned
-        return (torch.zeros(4, self.max_bs, dtype=torch.long, pin_memory=pin),  # ids, positions, slots, lens
+        # ids, positions, slots, lens, and the async fill's destination and source rows
+        return (torch.zeros(6, self.max_bs, dtype=torch.long, pin_memory=pin),
                 torch.zeros(self.max_bs + 1, dtype=torch.int32, pin_memory=pin),
                 torch.zeros(self.max_bs, self.width, dtype=torch.int32, pin_memory=pin))
 

@@ -318,18 +318,37 @@ class PagedPipeline:
                 self.delivery.cancel(req)
 
     def _loop(self) -> None:
+        cuda = self.engine.runner.device.type == "cuda"
+        ahead = self.config.async_scheduling
+        if ahead is None:
+            ahead = cuda and self.tp is None
         overlap = self.config.overlap
         if overlap is None:
-            overlap = self.engine.runner.device.type == "cuda"
+            overlap = cuda
         records: list = []  # overlap: the last step's tokens, delivered while the next step runs
+        pending = None  # async scheduling: the launched step whose tokens are not recorded yet
         while True:
             try:
-                if records and (not self.engine.has_work() or not self._inbox.empty()):
+                if (records or pending is not None) and (not self.engine.has_work() or not self._inbox.empty()):
                     # Before adds, cancels and calls (and before idling), every token is delivered.
+                    if pending is not None:
+                        records += self.engine.complete(pending)
+                        pending = None
                     self.delivery.deliver(records)
                     records = []
                 if not self._drain(block=not self.engine.has_work()):
                     break
+                if ahead:
+                    # Launch step N+1 before step N's tokens are on the host (unless a sequence of N
+                    # needs them first), then record and deliver N while N+1 runs.
+                    if pending is not None and not self.engine.can_run_ahead(pending):
+                        self.delivery.deliver(self.engine.complete(pending))
+                        pending = None
+                    launched = self.engine.launch(ahead=pending)
+                    if pending is not None:
+                        self.delivery.deliver(self.engine.complete(pending))
+                    pending = launched
+                    continue
                 if not overlap:
                     self.delivery.deliver(self.engine.step())
                     continue
@@ -347,7 +366,10 @@ class PagedPipeline:
             except Exception as exc:  # one bad batch must not take the server down
                 logger.exception("engine step failed")
                 records = []
+                pending = None
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
+        if pending is not None:
+            records += self.engine.complete(pending)
         if records:
             self.delivery.deliver(records)
         self.delivery.cancel_all()

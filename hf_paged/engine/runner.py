@@ -34,6 +34,9 @@ class StepPlan:
     keep: list[int]  # rows whose logits are returned, in schedule order
     copies: list[tuple[int, int]]  # copy-on-write block copies to do first
     lora_slots: list[int | None] | None = None  # adapter slot of each packed sequence
+    # Async scheduling: (position in ids, row of the previous step's sampled ids) of each input token
+    # that was still being sampled when this step was planned (its place in ids holds 0 until then).
+    fill: list[tuple[int, int]] | None = None
 
 
 class Runner:
@@ -57,14 +60,16 @@ class Runner:
         self.graphs = DecodeGraphs(self.model, self.pool, max_bs=max_bs, max_model_len=max_model_len,
                                    device=self.device, capture=capture)
 
-    def run(self, schedule: Schedule, every_position: list[bool] | None = None) -> torch.Tensor:
+    def run(self, schedule: Schedule, every_position: list[bool] | None = None,
+            prev_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) of the last token of each sampling sequence, in schedule order; for a
         scheduled sequence with ``every_position[i]``, of every token of its chunk instead (its last
-        row is then its sampling row, if it samples)."""
+        row is then its sampling row, if it samples). ``prev_ids``: the sampled ids of the step still
+        in flight (async scheduling), where the tokens not yet on the host come from."""
         plan = self.plan(schedule, every_position)
         if self.broadcast is not None:
             self.broadcast.send_step(plan)
-        return self.execute(plan)
+        return self.execute(plan, prev_ids)
 
     def plan(self, schedule: Schedule, every_position: list[bool] | None = None) -> StepPlan:
         """Pack all scheduled tokens into one row. With LoRA layers in the model, tokens are packed
@@ -79,11 +84,15 @@ class Runner:
         positions: list[int] = []
         slots: list[int] = []
         offsets = [0] * len(seqs)
+        fill: list[tuple[int, int]] = []
         for i in order:
             s = seqs[i]
             offsets[i] = len(ids)
             end = s.start + s.num_tokens
             ids.extend(s.seq.token_ids[s.start:end])
+            if end > s.seq.num_tokens:  # its last token is still being sampled (async scheduling)
+                fill.append((len(ids), s.seq.ahead_row))
+                ids.append(0)
             positions.extend(range(s.start, end))
             slots.extend(s.slots)
         keep: list[int] = []
@@ -95,16 +104,22 @@ class Runner:
         packed = [seqs[i] for i in order]
         return StepPlan(ids, positions, slots, [s.seq.table.blocks for s in packed], [s.num_tokens for s in packed],
                         [s.start + s.num_tokens for s in packed], keep, list(schedule.copies),
-                        [None if s.seq.adapter is None else s.seq.adapter.slot for s in packed] if lora else None)
+                        [None if s.seq.adapter is None else s.seq.adapter.slot for s in packed] if lora else None,
+                        fill or None)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan) -> torch.Tensor:
-        """Run the model on ``plan``; the float32 logits of its ``keep`` rows."""
+    def execute(self, plan: StepPlan, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model on ``plan``; the float32 logits of its ``keep`` rows. ``prev_ids``: see :meth:`run`."""
+        if plan.fill is not None and prev_ids is None:
+            raise ValueError("the plan has tokens still being sampled: prev_ids is required")
         self.pool.copy_blocks(plan.copies)
         if self.graphs is not None and self.graphs.fits(plan):
-            return self.graphs.run(plan)
+            return self.graphs.run(plan, prev_ids)
         meta = PagedMetadata.build(self.pool, plan.slots, plan.tables, plan.q_lens, plan.seq_lens, None)
         input_ids = torch.tensor(plan.ids, dtype=torch.long, device=self.device)[None]
+        if plan.fill is not None:
+            dst, src = (torch.tensor(c, dtype=torch.long, device=self.device) for c in zip(*plan.fill))
+            input_ids[0].index_copy_(0, dst, prev_ids.to(self.device).index_select(0, src))
         position_ids = torch.tensor(plan.positions, dtype=torch.long, device=self.device)[None]
         kwargs = {}
         keep_t = torch.tensor(plan.keep, dtype=torch.long, device=self.device)

@@ -24,7 +24,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -80,6 +80,7 @@ class Ready:
     """A sampling result that is already on the host."""
 
     output: SampleOutput
+    device_ids: Any = None  # the ids as a device tensor, where sampling ran on one (None: take the list)
 
     def result(self) -> SampleOutput:
         return self.output

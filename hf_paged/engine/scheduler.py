@@ -26,7 +26,7 @@ class ScheduledSeq:
     @property
     def samples(self) -> bool:
         """This chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.start + self.num_tokens == self.seq.num_tokens
+        return self.start + self.num_tokens == self.seq.num_tokens + self.seq.num_ahead
 
 
 @dataclass(slots=True)
@@ -93,7 +93,9 @@ class Scheduler:
         return rows
 
     # ------------------------------------------------------------------ step
-    def schedule(self) -> Schedule:
+    def schedule(self, skip: "set[Sequence] | frozenset[Sequence]" = frozenset()) -> Schedule:
+        """The next step. ``skip``: running sequences to leave out (async scheduling: those whose token
+        in flight is known to be their last)."""
         out = Schedule()
         budget = self.max_batch_tokens
         # 1. Sequences already running, oldest first: decode tokens and unfinished prompt chunks.
@@ -101,7 +103,7 @@ class Scheduler:
         while i < len(self.running) and budget > 0:
             seq = self.running[i]
             n = min(seq.num_pending, budget)
-            if n <= 0:
+            if n <= 0 or seq in skip:
                 i += 1
                 continue
             while True:

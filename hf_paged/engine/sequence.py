@@ -47,6 +47,10 @@ class Sequence:
     # With params.prompt_logprobs: (logprob, top alternatives) of prompt tokens 1.. as they are computed.
     prompt_logprobs: list[tuple[float, list[tuple[int, float]]]] = field(default_factory=list)
     adapter: Any = None  # the hf_paged.lora.Adapter this sequence runs (None: the base model)
+    # Async scheduling: tokens sampled by launched steps that are not in token_ids yet (0 or 1, 2 for a
+    # moment), and the row of the latest such step's sampled ids that holds this sequence's token.
+    num_ahead: int = 0
+    ahead_row: int = -1
 
     @property
     def cache_salt(self) -> int | None:
@@ -67,8 +71,8 @@ class Sequence:
 
     @property
     def num_pending(self) -> int:
-        """Tokens whose K/V still have to be computed."""
-        return len(self.token_ids) - self.num_computed
+        """Tokens whose K/V still have to be computed (a token still being sampled counts)."""
+        return len(self.token_ids) + self.num_ahead - self.num_computed
 
     @property
     def finished(self) -> bool:
