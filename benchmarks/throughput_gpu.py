@@ -21,7 +21,8 @@ intermediate 3072, vocab 151936, tied embeddings); no EOS token, pad 0. Each sys
 (same seed, same weights), so a wrapped model never leaks into the next system.
 
 Systems, on the same requests, in this order per model (llama first):
-  hf_paged        PagedPipeline, CUDA graphs for decode (EngineConfig default enforce_eager=False),
+  hf_paged        PagedPipeline, CUDA graphs for decode (EngineConfig default enforce_eager=False) and
+                  async scheduling (the CUDA default, set explicitly so the CPU dry run takes it too),
                   max_num_seqs 256, --max-batch-tokens, --kv-memory; per-request max_new_tokens (submit()).
   hf_paged_eager  the same with enforce_eager=True.
   generate_batch  transformers' continuous batching (the manager behind ``model.generate_batch``), used
@@ -224,8 +225,9 @@ def paged_decode_step(pipe, prompts: list[list[int]], new: int, samp: dict,
 def run_hf_paged(model, args, work, side, deadline, res, notes, eager: bool) -> None:
     from hf_paged import EngineConfig, PagedPipeline, unwrap
 
+    # async_scheduling is the CUDA default; set here so that the CPU dry run takes the same loop.
     config = EngineConfig(kv_memory=args.kv_memory, max_num_seqs=args.max_num_seqs,
-                          max_batch_tokens=args.max_batch_tokens, enforce_eager=eager)
+                          max_batch_tokens=args.max_batch_tokens, enforce_eager=eager, async_scheduling=True)
     pipe = PagedPipeline(model, make_tokenizer(model.config.vocab_size), config=config)
     samp = dict(do_sample=True, temperature=args.temperature, ignore_eos=True)
     try:
@@ -254,7 +256,7 @@ def run_hf_paged(model, args, work, side, deadline, res, notes, eager: bool) -> 
         notes.append(f"run: {len(reqs)} requests, {useful} output tokens in {seconds:.2f} s; "
                      f"{after.steps - before.steps} engine steps, {after.preemptions - before.preemptions} preemptions"
                      + (f"; {short} requests returned fewer tokens than asked" if short else ""))
-        notes.append(f"EngineConfig(enforce_eager={eager}, max_num_seqs={args.max_num_seqs}, "
+        notes.append(f"EngineConfig(enforce_eager={eager}, async_scheduling=True, max_num_seqs={args.max_num_seqs}, "
                      f"max_batch_tokens={args.max_batch_tokens}, kv_memory={args.kv_memory})")
     finally:
         pipe.close()

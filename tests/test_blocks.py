@@ -1,6 +1,8 @@
 """BlockAllocator: unit tests and random operation sequences checked against every invariant."""
 from __future__ import annotations
 
+import sys
+
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -180,3 +182,44 @@ def test_random_operation_sequences_keep_invariants(ops, block_size, num_blocks)
         a.free(t)
     a.check([])
     assert a.num_free == num_blocks
+
+
+def _resident_kib(t) -> int:
+    """Resident KiB of the memory map holding ``t`` (Linux /proc/self/smaps)."""
+    start = t.data_ptr()
+    with open("/proc/self/smaps") as f:
+        lines = f.read().splitlines()
+    for i, line in enumerate(lines):
+        head = line.split()[0]
+        if "-" in head and all(c in "0123456789abcdef-" for c in head):
+            lo, hi = (int(x, 16) for x in head.split("-"))
+            if lo <= start < hi:
+                for extra in lines[i + 1:]:
+                    if extra.startswith("Rss:"):
+                        return int(extra.split()[1])
+    raise AssertionError("mapping not found")
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="anonymous maps and /proc/self/smaps: Linux")
+def test_cpu_pool_tensors_are_zero_and_take_memory_only_where_written():
+    import gc
+
+    import torch
+
+    from hf_paged.kv.pool import KVPool, LayerSpec
+
+    spec = LayerSpec(num_kv_heads=4, head_dim=64, dtype=torch.bfloat16, device=torch.device("cpu"))
+    pool = KVPool([spec], num_blocks=8192, block_size=16)  # 64 MiB per tensor
+    gc.collect()  # the maps live as long as the tensors, not their Python mmap objects
+    k = pool.k[0]
+    assert k.shape == (8192, 16, 4, 64) and k.dtype == torch.bfloat16 and k.is_contiguous()
+    assert _resident_kib(k) <= 4096  # reserved, not committed
+    assert not k[:8].any() and not k[-8:].any()
+    k[5].fill_(1.5)
+    pool.copy_blocks([(5, 8000)])
+    assert k[8000].eq(1.5).all() and not k[6].any()
+    assert _resident_kib(k) <= 16 * 1024  # a few (huge) pages around the blocks touched
+    k.fill_(2.0)  # every block written: all of it resident now
+    assert _resident_kib(k) >= 64 * 1024 - 64
+    small = KVPool([LayerSpec(1, 8, torch.float32, torch.device("cpu"))], num_blocks=4, block_size=16)
+    assert not small.k[0].any()  # small pools: plain torch.zeros

@@ -24,6 +24,8 @@ from hf_paged.engine.stats import EngineStats
     (dict(max_num_seqs=0), "max_num_seqs"), (dict(max_batch_tokens="8"), "max_batch_tokens"),
     (dict(max_model_len=-1), "max_model_len"), (dict(enable_prefix_caching="yes"), "enable_prefix_caching"),
     (dict(kv_memory="1GiB", num_blocks=8), "num_blocks"),
+    (dict(overlap="on"), "overlap"), (dict(async_scheduling=1), "async_scheduling"),
+    (dict(enforce_eager="no"), "enforce_eager"),
 ])
 def test_config_rejects_bad_values_naming_the_field(kwargs, field):
     with pytest.raises(ValueError, match=field):
