@@ -1,6 +1,9 @@
-"""The attention and mask functions that transformers calls for a wrapped model.
+"""The attention function that transformers calls for a wrapped model.
 
-Registered under the name ``"hf_paged"`` with ``AttentionInterface`` and ``AttentionMaskInterface``.
+Registered under the name ``"hf_paged"`` with ``AttentionInterface`` only. No mask function is registered
+on purpose: for an attention implementation without one, transformers' mask creation returns None at
+once (its early exit for custom backends), which also skips its packed-sequence check on the position
+ids (a ``.all()`` on the device: a host sync in every eager forward, which would stall async scheduling).
 The attention function stores the layer's new K/V in their slots and attends over the paged K/V of
 each sequence through its block table, all described by the ``paged_metadata`` keyword argument.
 No dense mask is ever built: causality, padding and sliding windows follow from the metadata.
@@ -9,7 +12,6 @@ from __future__ import annotations
 
 import torch
 from transformers import AttentionInterface
-from transformers.masking_utils import AttentionMaskInterface
 
 from . import kernels
 from .kv.metadata import PagedMetadata
@@ -74,12 +76,6 @@ def paged_attention_forward(
     return out.view(b, q, h, -1), None
 
 
-def paged_mask(*args, **kwargs) -> None:
-    """No dense mask: paged attention derives causality and padding from its metadata."""
-    return None
-
-
 def register() -> None:
     """Make ``attn_implementation="hf_paged"`` known to transformers (idempotent)."""
     AttentionInterface.register(ATTN_NAME, paged_attention_forward)
-    AttentionMaskInterface.register(ATTN_NAME, paged_mask)

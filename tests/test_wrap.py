@@ -116,3 +116,30 @@ def test_triton_backend_generates_the_same_tokens(arch, tiny_root, monkeypatch):
     finally:
         hf_paged.unwrap(model)
     assert torch.equal(ref, out)
+
+
+def test_no_mask_creation_on_the_wrapped_forward(tiny_root, monkeypatch):
+    """No mask function is registered for "hf_paged", so transformers skips mask creation, including its
+    packed-sequence check on the position ids (a host sync per eager forward on a GPU)."""
+    import transformers.masking_utils as mu
+
+    from hf_paged.engine.pipeline import PagedPipeline
+    from tiny_models import IdTokenizer
+
+    def boom(*a, **k):
+        raise AssertionError("mask creation ran for a wrapped model")
+
+    monkeypatch.setattr(mu, "find_packed_sequence_indices", boom)
+    monkeypatch.setattr(mu, "sdpa_mask", boom)
+    for arch in ("llama", "gemma3_text"):
+        model = load(build(arch, tiny_root))
+        batch = _batch([5, 12])  # parity with the unwrapped model (which creates masks) is tested above
+        hf_paged.wrap(model, num_blocks=32, block_size=8)
+        try:
+            out = model.generate(**batch, max_new_tokens=6, do_sample=False)
+            assert out.shape == (2, 18)
+        finally:
+            hf_paged.unwrap(model)
+        with PagedPipeline(model, IdTokenizer(), max_num_seqs=4) as pipe:
+            assert len(pipe.generate([[5, 6, 7], [8, 9]], max_new_tokens=5)[0].token_ids) == 5
+        hf_paged.unwrap(model)

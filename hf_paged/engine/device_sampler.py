@@ -29,6 +29,7 @@ import math
 import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
+from ..kv.metadata import to_device
 from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, SamplingRow
 
 _NEG_INF = -float("inf")
@@ -262,7 +263,7 @@ def _uniforms(rows: list[SamplingRow], device: torch.device) -> torch.Tensor:
     shared = iter(torch.rand(free, dtype=torch.float64).tolist()) if free else iter(())
     u = [torch.rand(1, dtype=torch.float64, generator=r.generator, device=r.generator.device).item()
          if r.generator is not None else next(shared) for r in rows]
-    return _to(torch.tensor(u, dtype=torch.float64), device)
+    return to_device(torch.tensor(u, dtype=torch.float64), device)
 
 
 # ---------------------------------------------------------------------------------- the one copy back
@@ -301,20 +302,12 @@ def _unpack(flat: list, rows: list[SamplingRow], wants: list[int], k: int) -> Sa
     return out
 
 
-def _to(t: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """``t`` on ``device`` without waiting: through pinned memory on CUDA (a copy from pageable memory
-    may make the driver synchronize with the stream, which would stall the overlapped loop)."""
-    if device.type == "cuda":
-        return t.pin_memory().to(device, non_blocking=True)
-    return t.to(device)
-
-
 def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return _to(torch.tensor(values, dtype=torch.long), device)
+    return to_device(torch.tensor(values, dtype=torch.long), device)
 
 
 def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return _to(torch.tensor(values, dtype=torch.float32).view(-1, 1), device)
+    return to_device(torch.tensor(values, dtype=torch.float32).view(-1, 1), device)
 
 
 def _padded(lists: list[list[int]], device: torch.device, pad: int | None = None,
@@ -322,5 +315,5 @@ def _padded(lists: list[list[int]], device: torch.device, pad: int | None = None
     """Rows of unequal length as one tensor; ``pad`` None repeats each row's first value (a no-op for
     gather/scatter of the same value)."""
     width = max(len(x) for x in lists)
-    return _to(torch.tensor([x + [x[0] if pad is None else pad] * (width - len(x)) for x in lists], dtype=dtype),
+    return to_device(torch.tensor([x + [x[0] if pad is None else pad] * (width - len(x)) for x in lists], dtype=dtype),
                device)

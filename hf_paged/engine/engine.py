@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from ..kv.metadata import to_device
 from ..kv.pool import KVPool
 from .grammar import Masks, new_matcher
 from .outputs import FinishReason
@@ -157,7 +158,7 @@ class Engine:
                 sampling.append(s.seq)
         rows = self.scheduler.fork_siblings(sampling)
         if len(rows) != logits.shape[0]:
-            logits = logits.index_select(0, torch.tensor(rows, device=logits.device))
+            logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
         if any(s.matcher is not None for s in sampling):
             self.masks.apply(logits, [s.matcher for s in sampling])
         # A sequence with a token in flight samples with that token counted (can_run_ahead made sure

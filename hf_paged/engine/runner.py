@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..kv.metadata import PagedMetadata
+from ..kv.metadata import PagedMetadata, to_device
 from ..lora.layers import LoraBatch
 from ..kv.pool import KVPool
 from .scheduler import Schedule
@@ -116,13 +116,17 @@ class Runner:
         if self.graphs is not None and self.graphs.fits(plan):
             return self.graphs.run(plan, prev_ids)
         meta = PagedMetadata.build(self.pool, plan.slots, plan.tables, plan.q_lens, plan.seq_lens, None)
-        input_ids = torch.tensor(plan.ids, dtype=torch.long, device=self.device)[None]
-        if plan.fill is not None:
-            dst, src = (torch.tensor(c, dtype=torch.long, device=self.device) for c in zip(*plan.fill))
-            input_ids[0].index_copy_(0, dst, prev_ids.to(self.device).index_select(0, src))
-        position_ids = torch.tensor(plan.positions, dtype=torch.long, device=self.device)[None]
+        # ids, positions, kept rows (and the async fill) in one host tensor, one copy without waiting.
+        n, k, m = len(plan.ids), len(plan.keep), len(plan.fill or ())
+        host = torch.tensor(plan.ids + plan.positions + plan.keep
+                            + ([d for d, _ in plan.fill] + [r for _, r in plan.fill] if m else []), dtype=torch.long)
+        dev = to_device(host, self.device)
+        input_ids, position_ids, keep_t = dev[:n], dev[n:2 * n][None], dev[2 * n:2 * n + k]
+        if m:
+            dst, src = dev[2 * n + k:2 * n + k + m], dev[2 * n + k + m:]
+            input_ids = input_ids.index_copy(0, dst, to_device(prev_ids, self.device).index_select(0, src))
+        input_ids = input_ids[None]
         kwargs = {}
-        keep_t = torch.tensor(plan.keep, dtype=torch.long, device=self.device)
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = keep_t
         with contextlib.ExitStack() as stack:

@@ -12,6 +12,16 @@ import torch
 from .pool import KVPool
 
 
+def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """Host tensor ``t`` on ``device`` without making the host wait: on CUDA through pinned memory with a
+    non-blocking copy (a copy from pageable memory may synchronize with the stream, and a blocking one,
+    as ``torch.tensor(..., device=...)`` makes, always does: either would stall async scheduling until
+    the step in flight finishes); elsewhere a plain ``to``."""
+    if device.type == "cuda" and t.device.type == "cpu":
+        return t.pin_memory().to(device, non_blocking=True)
+    return t.to(device)
+
+
 @dataclass(slots=True)
 class StepTensors:
     slot_mapping: torch.Tensor  # [N] int64: slot of each input token, -1 = not stored
@@ -44,7 +54,7 @@ class PagedMetadata:
         cached = self._by_device.get(device)
         if cached is None:
             h = self.host
-            cached = StepTensors(*(None if t is None else t.to(device, non_blocking=True)
+            cached = StepTensors(*(None if t is None else to_device(t, device)
                                    for t in (h.slot_mapping, h.block_tables, h.cu_seqlens_q, h.seq_lens,
                                              h.token_index)))
             self._by_device[device] = cached

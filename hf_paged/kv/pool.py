@@ -121,9 +121,15 @@ class KVPool:
         """Copy whole blocks ``src -> dst`` in every layer (copy-on-write)."""
         if not pairs:
             return
+        from .metadata import to_device
+
+        host = torch.tensor(pairs, dtype=torch.long).t().contiguous()  # [2, n]: sources, destinations
+        moved: dict[torch.device, torch.Tensor] = {}
         for k, v in zip(self.k, self.v):
-            src = torch.tensor([p[0] for p in pairs], device=k.device)
-            dst = torch.tensor([p[1] for p in pairs], device=k.device)
+            idx = moved.get(k.device)
+            if idx is None:
+                idx = moved[k.device] = to_device(host, k.device)
+            src, dst = idx[0], idx[1]
             k.index_copy_(0, dst, k.index_select(0, src))
             v.index_copy_(0, dst, v.index_select(0, src))
 
