@@ -122,6 +122,33 @@ def test_async_with_penalties_eos_and_length_limits(model):
 
 
 @pytest.mark.parametrize("mode", ["overlap", "async"])
+def test_requests_arriving_mid_run_give_the_same_outputs(model, mode):
+    """Every arrival makes the loop record and deliver what it holds first; nothing is recorded twice."""
+    reqs = [(ids, dict(kw, max_new_tokens=25)) for ids, kw in _requests(12, seed=5)]
+    plain, _ = _run(model, reqs, mode="plain", max_num_seqs=8)
+    pipe = PagedPipeline(model, IdTokenizer(), **MODES[mode], max_num_seqs=8)
+    completed: list = []  # every launched step is recorded exactly once
+    real = pipe.engine.complete
+    pipe.engine.complete = lambda step: completed.append(step) or real(step)
+    try:
+        handles = []
+        for i, (ids, kw) in enumerate(reqs):
+            handles.append(pipe.submit(ids, **kw))
+            if i % 3 == 2:  # let the running ones get a few steps further before the next arrivals
+                target, deadline = pipe.stats().steps + 3, time.monotonic() + 60
+                while pipe.stats().steps < target and pipe.stats().running and time.monotonic() < deadline:
+                    time.sleep(0.005)
+        got = [[(o.token_ids, o.text, o.finish_reason, o.logprobs) for o in h.result(timeout=600).outputs]
+               for h in handles]
+        assert pipe.stats().blocks_used == 0
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+    _same(got, plain)
+    assert len({id(step) for step in completed}) == len(completed) > 0
+
+
+@pytest.mark.parametrize("mode", ["overlap", "async"])
 def test_cancel_while_overlapping_frees_blocks(model, mode):
     pipe = PagedPipeline(model, IdTokenizer(), **MODES[mode], max_num_seqs=4)
     try:

@@ -27,6 +27,7 @@ from ..wrap import base_model, is_peft, kv_pool, tp_size, wrap
 from .delivery import Delivery
 from .host_runtime import release_openmp_pool, tune_malloc
 from .engine import Engine
+from .stepping import Stepper
 from .grammar import Grammars
 from .outputs import RequestOutput, StreamEvent
 from .params import SamplingParams, lone_surrogate
@@ -320,44 +321,16 @@ class PagedPipeline:
     def _loop(self) -> None:
         cuda = self.engine.runner.device.type == "cuda"
         ahead = self.config.async_scheduling
-        if ahead is None:
-            ahead = cuda and self.tp is None
         overlap = self.config.overlap
-        if overlap is None:
-            overlap = cuda
-        records: list = []  # overlap: the last step's tokens, delivered while the next step runs
-        pending = None  # async scheduling: the launched step whose tokens are not recorded yet
+        stepper = Stepper(self.engine, self.delivery, overlap=cuda if overlap is None else overlap,
+                          ahead=(cuda and self.tp is None) if ahead is None else ahead)
         while True:
             try:
-                if (records or pending is not None) and (not self.engine.has_work() or not self._inbox.empty()):
-                    # Before adds, cancels and calls (and before idling), every token is delivered.
-                    if pending is not None:
-                        records += self.engine.complete(pending)
-                        pending = None
-                    self.delivery.deliver(records)
-                    records = []
+                if stepper.holding and (not self.engine.has_work() or not self._inbox.empty()):
+                    stepper.flush()  # before adds, cancels and calls (and before idling)
                 if not self._drain(block=not self.engine.has_work()):
                     break
-                if ahead:
-                    # Launch step N+1 before step N's tokens are on the host (unless a sequence of N
-                    # needs them first), then record and deliver N while N+1 runs.
-                    if pending is not None and not self.engine.can_run_ahead(pending):
-                        self.delivery.deliver(self.engine.complete(pending))
-                        pending = None
-                    launched = self.engine.launch(ahead=pending)
-                    if pending is not None:
-                        self.delivery.deliver(self.engine.complete(pending))
-                    pending = launched
-                    continue
-                if not overlap:
-                    self.delivery.deliver(self.engine.step())
-                    continue
-                pending = self.engine.launch()
-                if records:
-                    # Host work while the device runs the step just launched. A stop string found here
-                    # ends its sequence; the token that sequence gets from the running step is dropped.
-                    self.delivery.deliver(records)
-                records = self.engine.complete(pending) if pending is not None else []
+                stepper.step()
             except TensorParallelError as exc:  # the group is gone: nothing can run any more
                 logger.error("hf_paged: %s; the engine stops", exc)
                 self._broken = str(exc)
@@ -365,13 +338,9 @@ class PagedPipeline:
                 break
             except Exception as exc:  # one bad batch must not take the server down
                 logger.exception("engine step failed")
-                records = []
-                pending = None
+                stepper.drop()
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
-        if pending is not None:
-            records += self.engine.complete(pending)
-        if records:
-            self.delivery.deliver(records)
+        stepper.flush()
         self.delivery.cancel_all()
         while True:  # calls queued behind the stop would otherwise wait forever
             try:

@@ -1,0 +1,69 @@
+"""Stepper: how the pipeline thread runs engine steps and hands their tokens to delivery.
+
+Three ways, from :class:`~hf_paged.config.EngineConfig`:
+
+* plain: ``deliver(step())``, one after the other (CPU default: the forward holds the cores);
+* overlap: launch step N, deliver step N-1 while N runs on the device, then wait for N's tokens;
+* async scheduling (CUDA default): launch step N+1 before step N's tokens reach the host, then record
+  and deliver N while N+1 runs (see :meth:`Engine.launch`); where a sequence of N needs its token on the
+  host first (:meth:`Engine.can_run_ahead`), N is finished before N+1 is launched.
+
+The pipeline calls :meth:`flush` before adds, cancels and calls and before it idles, so every token
+launched so far is recorded and delivered first.
+"""
+from __future__ import annotations
+
+from .delivery import Delivery
+from .engine import Engine, PendingStep, TokenRecord
+
+
+class Stepper:
+    def __init__(self, engine: Engine, delivery: Delivery, *, overlap: bool, ahead: bool) -> None:
+        self.engine = engine
+        self.delivery = delivery
+        self.overlap = overlap or ahead
+        self.ahead = ahead
+        self._records: list[TokenRecord] = []  # overlap: the last step's tokens, not delivered yet
+        self._pending: PendingStep | None = None  # async: the launched step whose tokens are not recorded
+
+    @property
+    def holding(self) -> bool:
+        """Tokens launched or recorded but not delivered yet."""
+        return bool(self._records) or self._pending is not None
+
+    def flush(self) -> None:
+        """Record and deliver everything launched so far."""
+        pending, records = self._pending, self._records
+        self._pending, self._records = None, []
+        if pending is not None:
+            records += self.engine.complete(pending)
+        if records:
+            self.delivery.deliver(records)
+
+    def drop(self) -> None:
+        """Forget what is in flight (after a failed step: its requests are failed by the caller)."""
+        self._pending, self._records = None, []
+
+    def step(self) -> None:
+        """Run one step the configured way."""
+        engine, delivery = self.engine, self.delivery
+        if self.ahead:
+            pending = self._pending
+            if pending is not None and not engine.can_run_ahead(pending):
+                self._pending = None
+                delivery.deliver(engine.complete(pending))
+                pending = None
+            self._pending = engine.launch(ahead=pending)
+            if pending is not None:
+                delivery.deliver(engine.complete(pending))
+        elif self.overlap:
+            launched = engine.launch()
+            records, self._records = self._records, []
+            if records:
+                # Host work while the device runs the step just launched. A stop string found here ends
+                # its sequence; the token that sequence gets from the running step is dropped.
+                delivery.deliver(records)
+            if launched is not None:
+                self._records = engine.complete(launched)
+        else:
+            delivery.deliver(engine.step())
