@@ -30,7 +30,7 @@ import time
 import numpy as np
 import torch
 
-from ..kv.metadata import PagedMetadata, StepTensors
+from ..kv.metadata import PagedMetadata, StepTensors, to_device
 from ..kv.pool import KVPool
 
 logger = logging.getLogger("hf_paged")
@@ -160,7 +160,7 @@ class DecodeGraphs:
             m = len(plan.fill)
             vec[4, :m], vec[5, :m] = zip(*plan.fill)
             self.fill.copy_(h_vec[4:6], non_blocking=nb)
-            prev = prev_ids.to(self.device, non_blocking=nb)
+            prev = to_device(prev_ids, self.device)
             self.ids.index_copy_(0, self.fill[0, :m], prev.index_select(0, self.fill[1, :m]))
         if self.captured:
             self._graphs[b].replay()
