@@ -25,8 +25,9 @@ class SeqStatus(enum.Enum):
 class Sequence:
     """Token ids (prompt then output), the blocks that hold their K/V and how many are computed.
 
-    Invariant while running: ``num_computed <= len(token_ids)``; the tokens past ``num_computed`` are
-    the next ones to feed (a prompt chunk, or the single last sampled token when decoding).
+    Invariant while running: ``num_computed <= len(token_ids) + num_ahead``; the tokens past
+    ``num_computed`` are the next ones to feed (a prompt chunk, or the single last sampled token when
+    decoding, which under async scheduling may still be on its way: ``num_ahead``).
     """
 
     seq_id: int
