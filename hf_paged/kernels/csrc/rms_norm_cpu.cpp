@@ -11,15 +11,21 @@
 
 namespace {
 
+// Both ops take CPU input [..., D] and weight [D] of one dtype.
+void check_args(const char* op, const at::Tensor& input, const at::Tensor& weight, at::ScalarType dtype,
+                const char* dtype_name) {
+  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == dtype && weight.scalar_type() == dtype, op, ": ",
+              dtype_name, " CPU tensors expected");
+  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 1 && weight.size(0) == input.size(-1), op,
+              ": weight [D] for input [..., D] expected, got ", weight.sizes(), " and ", input.sizes());
+}
+
 // RMSNorm over the last dim, as transformers' fp32 RMSNorm modules compute it, in one pass per row:
 // r = 1 / sqrt(sum(x^2) / D + eps), y = (x * r) * (weight + offset). offset 0 is the Llama family's
 // `weight * (x * r)`, offset 1 Gemma's `(x * r) * (1 + weight)`; the products are rounded in that
 // order, so only the order of the sum of squares differs from the eager module.
 at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double eps, double offset) {
-  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kFloat && weight.scalar_type() == at::kFloat,
-              "rms_norm: float32 CPU tensors expected");
-  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 1 && weight.size(0) == input.size(-1),
-              "rms_norm: weight [D] for input [..., D] expected, got ", weight.sizes(), " and ", input.sizes());
+  check_args("rms_norm", input, weight, at::kFloat, "float32");
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   at::Tensor y = at::empty_like(x);
@@ -62,12 +68,7 @@ at::Tensor rms_norm(const at::Tensor& input, const at::Tensor& weight, double ep
 //   or not (Gemma: `((x * r) * (1 + weight.float())).to(bf16)`):  y = bf16((x * r) * (weight + offset)).
 at::Tensor rms_norm_bf16(const at::Tensor& input, const at::Tensor& weight, double eps, double offset,
                          bool round_first) {
-  TORCH_CHECK(input.device().is_cpu() && input.scalar_type() == at::kBFloat16 &&
-                  weight.scalar_type() == at::kBFloat16,
-              "rms_norm_bf16: bfloat16 CPU tensors expected");
-  TORCH_CHECK(input.dim() >= 1 && weight.dim() == 1 && weight.size(0) == input.size(-1),
-              "rms_norm_bf16: weight [D] for input [..., D] expected, got ", weight.sizes(), " and ",
-              input.sizes());
+  check_args("rms_norm_bf16", input, weight, at::kBFloat16, "bfloat16");
   const at::Tensor x = input.contiguous();
   const at::Tensor w = weight.contiguous();
   at::Tensor y = at::empty_like(x);
