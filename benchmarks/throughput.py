@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ALL = ["paged", "hf_single", "hf_static", "hf_cb", "vllm"]
+ALL = ["paged", "paged_compile", "hf_single", "hf_static", "hf_cb", "vllm"]
 
 
 _TASKS = ["Write a short poem about {}.", "Explain {} to a ten-year-old.", "Give three tips for {}.",
@@ -98,11 +98,11 @@ def worker(args) -> None:
         gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
         if fixed:
             gen_kw["min_new_tokens"] = args.max_new_tokens
-        if args.system == "paged":
+        if args.system in ("paged", "paged_compile"):
             from hf_paged.engine.pipeline import PagedPipeline
 
             pipe = PagedPipeline(model, tok, kv_memory=args.kv_memory, max_num_seqs=args.max_num_seqs,
-                                 max_batch_tokens=args.max_batch_tokens)
+                                 max_batch_tokens=args.max_batch_tokens, compile=args.system == "paged_compile")
             pipe.generate(prompts[:2], max_new_tokens=4, progress=False)  # warm-up
             t0 = time.perf_counter()
             res = pipe.generate(prompts, progress=False, ignore_eos=fixed, **gen_kw)
@@ -268,18 +268,23 @@ def report(results: dict, args, rounds: list[dict] | None = None) -> None:
     rounds = rounds or [results]
     if len(rounds) > 1:
         print(f"\ntokens/s above: the median of {len(rounds)} rounds. Per round:")
-        print("| round | " + " | ".join(results) + " | paged / vllm |")
-        print("|---|" + "---|" * (len(results) + 1))
-        ratios = []
+        ours = [n for n in results if n.startswith("paged") and "vllm" in results]
+        print("| round | " + " | ".join(results) + "".join(f" | {n} / vllm" for n in ours) + " |")
+        print("|---|" + "---|" * (len(results) + len(ours)))
+        ratios: dict[str, list[float]] = {n: [] for n in ours}
         for i, r in enumerate(rounds, 1):
-            ratio = r["paged"]["tokens_per_s"] / r["vllm"]["tokens_per_s"] if "paged" in r and "vllm" in r else None
-            if ratio is not None:
-                ratios.append(ratio)
-            cells = " | ".join(f"{r[n]['tokens_per_s']:.1f}" if n in r else "-" for n in results)
-            print(f"| {i} | {cells} | {'-' if ratio is None else f'{ratio:.2f}'} |")
-        if ratios:
-            srt = sorted(ratios)
-            print(f"paged / vllm per round: median {srt[(len(srt) - 1) // 2]:.2f}, min {srt[0]:.2f}, max {srt[-1]:.2f}")
+            cells = [f"{r[n]['tokens_per_s']:.1f}" if n in r else "-" for n in results]
+            for n in ours:
+                ratio = r[n]["tokens_per_s"] / r["vllm"]["tokens_per_s"] if n in r and "vllm" in r else None
+                if ratio is not None:
+                    ratios[n].append(ratio)
+                cells.append("-" if ratio is None else f"{ratio:.2f}")
+            print(f"| {i} | " + " | ".join(cells) + " |")
+        for n, vals in ratios.items():
+            if vals:
+                srt = sorted(vals)
+                print(f"{n} / vllm per round: median {srt[(len(srt) - 1) // 2]:.2f}, min {srt[0]:.2f}, "
+                      f"max {srt[-1]:.2f}")
     if args.out:
         Path(args.out).parent.mkdir(parents=True, exist_ok=True)
         slim = [{n: {k: v for k, v in x.items() if k != "outputs"} for n, x in r.items()} for r in rounds]

@@ -58,6 +58,9 @@ class EngineConfig:
     async_scheduling: bool | None = field(default=None, metadata={
         "help": "schedule and launch each step before the previous step's tokens reach the host (they go "
                 "into the input on the device); implies overlap; default: on for CUDA, off on CPU"})
+    compile: bool = field(default=False, metadata={
+        "help": "CPU: run decode steps through torch.compile (fused small ops, no per-module Python; "
+                "compiling takes tens of seconds when the pipeline starts)"})
     cuda_graph_max_bs: int | None = field(default=None, metadata={
         "help": "CUDA: largest decode batch replayed as a CUDA graph (default: max_num_seqs, at most 512)"})
 
@@ -87,7 +90,7 @@ class EngineConfig:
         for name in ("overlap", "async_scheduling"):
             if getattr(self, name) is not None and not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true, false or None (auto), got {getattr(self, name)!r}")
-        for name in ("enable_prefix_caching", "enforce_eager"):
+        for name in ("enable_prefix_caching", "enforce_eager", "compile"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
 
@@ -128,7 +131,7 @@ def _positive_int(name: str, value: Any) -> None:
 
 _CLI_TYPES = {"block_size": int, "kv_memory": str, "num_blocks": _int_or_none, "enable_prefix_caching": _bool,
               "max_num_seqs": int, "max_batch_tokens": int, "max_model_len": _int_or_none,
-              "enforce_eager": _bool, "overlap": _bool_or_none,
+              "enforce_eager": _bool, "compile": _bool, "overlap": _bool_or_none,
               "async_scheduling": _bool_or_none, "cuda_graph_max_bs": _int_or_none,
               "lora_adapters": _adapter_map, "max_lora_rank": int, "tp_timeout_s": float}
 

@@ -14,6 +14,15 @@ is fixed at capture and each program finds its real length on the device.
 With ``capture=False`` the same buffers and padding run eagerly (on CPU too): that is how the
 static-buffer logic is tested without a GPU.
 
+With ``compile=True`` (CPU, ``EngineConfig.compile``) the forward over the same buffers is compiled
+by ``torch.compile`` (inductor) instead: HF's small ops (rotary embedding, activations, residual adds,
+casts) become a few fused C++ loops and the per-module Python is gone, while the paged-attention,
+linear and RMSNorm kernels stay opaque calls (their fake versions in :mod:`hf_paged.kernels.cpu` tell
+the tracer their shapes). The batch dimension is dynamic, so a batch runs at its own size (no padding
+to a bucket); sizes 1 and 2.. compile once each at construction, and every bucket size is run once
+there so a guard on the batch size (a kernel's row threshold) compiles its variant up front rather
+than in the middle of serving. A forward that fails to compile later falls back to the eager one.
+
 Example::
 
     graphs = DecodeGraphs(model, pool, max_bs=256, max_model_len=4096, capture=True)
@@ -48,9 +57,11 @@ def bucket_sizes(max_bs: int) -> list[int]:
 
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, pool: KVPool, *, max_bs: int, max_model_len: int,
-                 device: torch.device, capture: bool = True) -> None:
+                 device: torch.device, capture: bool = True, compile: bool = False) -> None:
         if max_bs < 1:
             raise ValueError(f"max_bs must be >= 1, got {max_bs}")
+        if capture and compile:
+            raise ValueError("compile=True compiles the eager static-buffer forward: it needs capture=False")
         self.model = model
         self.pool = pool
         self.device = device
@@ -70,7 +81,8 @@ class DecodeGraphs:
         self.tables = torch.zeros(max_bs, self.width, dtype=torch.int32, device=dev)
         self.cu = torch.zeros(max_bs + 1, dtype=torch.int32, device=dev)
         self.lens = torch.zeros(max_bs, dtype=torch.int32, device=dev)
-        self.logits = torch.zeros(max_bs, self.vocab, dtype=torch.float32, device=dev)
+        # The graphs' output buffer; a compiled forward returns fresh logits instead.
+        self.logits = None if compile else torch.zeros(max_bs, self.vocab, dtype=torch.float32, device=dev)
         self.fill = torch.zeros(2, max_bs, dtype=torch.long, device=dev)  # async scheduling: dst, src rows
         self._pinned = dev.type == "cuda"
         # Host staging, filled with numpy and copied without waiting; two sets used in turn, so a step
@@ -79,8 +91,18 @@ class DecodeGraphs:
         self._turn = 0
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.captured = False
+        self._compiled = None
+        self.compile_s = 0.0
         if capture:
             self.capture()
+        if compile:
+            self.buckets = list(range(1, max_bs + 1))
+            # Dynamo keeps compiled entries per code object (the model classes' forwards), shared by every
+            # pipeline of the process; each pipeline adds its own (batch 1, batch 2..), so the default
+            # limit of 8 would end compiling at the fourth pipeline of one process.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._compiled = torch.compile(model, fullgraph=True, dynamic=False)
+            self._warm_up()
 
     # ------------------------------------------------------------------ capture
     @torch.inference_mode()
@@ -104,13 +126,40 @@ class DecodeGraphs:
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self._graphs), self.max_bs,
                     time.perf_counter() - start)
 
-    def _forward(self, b: int) -> None:
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """Compile (batch 1, then any batch) and run every bucket size once, on padding rows."""
+        start = time.perf_counter()
+        for b in bucket_sizes(self.max_bs):
+            self._fill_padding(0, b)
+            self._compiled_forward(b)
+        self.compile_s = time.perf_counter() - start
+        logger.info("compiled the decode forward (batch 1..%d) in %.1f s", self.max_bs, self.compile_s)
+
+    def _compiled_forward(self, b: int) -> torch.Tensor:
+        ids, positions = self.ids[None, :b], self.positions[None, :b]
+        host = StepTensors(self.slots[:b], self.tables[:b], self.cu[: b + 1], self.lens[:b], None)
+        if b > 1:  # one graph for every batch of 2 or more (a batch of 1 is specialised by the tracer anyway)
+            for t, dim in ((ids, 1), (positions, 1), (host.slot_mapping, 0), (host.block_tables, 0),
+                           (host.seq_lens, 0)):
+                torch._dynamo.mark_dynamic(t, dim, min=2, max=self.max_bs)
+            torch._dynamo.mark_dynamic(host.cu_seqlens_q, 0, min=3, max=self.max_bs + 1)
+        meta = PagedMetadata(self.pool, host, 1, self.max_keys)
+        meta._by_device[self.device] = host
+        out = self._compiled(input_ids=ids, position_ids=positions, paged_metadata=meta, use_cache=False,
+                             **self._keep_kwarg)
+        return out.logits[0, :, : self.vocab].float()
+
+    def _forward(self, b: int) -> torch.Tensor:
         host = StepTensors(self.slots[:b], self.tables[:b], self.cu[: b + 1], self.lens[:b], None)
         meta = PagedMetadata(self.pool, host, 1, self.max_keys)
         meta._by_device[self.device] = host
         out = self.model(input_ids=self.ids[None, :b], position_ids=self.positions[None, :b], paged_metadata=meta,
                          use_cache=False, **self._keep_kwarg)
+        if self.logits is None:
+            return out.logits[0, :, : self.vocab].float()
         self.logits[:b].copy_(out.logits[0, :, : self.vocab])
+        return self.logits[:b]
 
     # ------------------------------------------------------------------ steps
     def fits(self, plan) -> bool:
@@ -162,12 +211,18 @@ class DecodeGraphs:
             self.fill.copy_(h_vec[4:6], non_blocking=nb)
             prev = to_device(prev_ids, self.device)
             self.ids.index_copy_(0, self.fill[0, :m], prev.index_select(0, self.fill[1, :m]))
+        self.replays += 1
         if self.captured:
             self._graphs[b].replay()
-        else:
-            self._forward(b)
-        self.replays += 1
-        return self.logits[:n]
+            return self.logits[:n]
+        if self._compiled is not None:
+            try:
+                return self._compiled_forward(b)[:n]
+            except Exception:  # noqa: BLE001 - a recompile the tracer cannot do: this step and later ones run eagerly
+                logger.warning("hf_paged: the compiled decode forward failed; decode steps run eagerly from now on",
+                               exc_info=True)
+                self._compiled = None
+        return self._forward(b)[:n]
 
     def _new_staging(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         pin = self._pinned

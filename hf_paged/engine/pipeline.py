@@ -80,6 +80,17 @@ class PagedPipeline:
         if self.tp is not None and self.tp.leader:
             self.engine.runner.broadcast = self.tp
         self._cpu = self.engine.runner.device.type == "cpu"
+        if config.compile:
+            if not self._cpu or self.tp is not None or len({p.device for p in model.parameters()}) != 1:
+                raise ValueError("compile=True is for a model on one CPU device (on CUDA, decode steps run as "
+                                 "CUDA graphs; tensor-parallel and multi-device models run eagerly)")
+            try:
+                self.engine.runner.use_graphs(min(config.max_num_seqs, 512), self.max_model_len, capture=False,
+                                              compile=True)
+            except Exception:  # a model torch.compile cannot trace still serves, eagerly
+                logger.warning("hf_paged: compiling the decode forward failed; decode steps run eagerly",
+                               exc_info=True)
+                self.engine.runner.graphs = None
         if self._cpu:
             tune_malloc()  # per-step tensors reuse heap memory instead of mmap/munmap each step
             release_openmp_pool()  # this thread's idle OpenMP team would slow the engine thread's

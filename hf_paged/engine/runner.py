@@ -52,13 +52,14 @@ class Runner:
         self._logits_to_keep = "logits_to_keep" in params
         self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
 
-    def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True) -> None:
+    def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False) -> None:
         """Run decode steps of up to ``max_bs`` sequences through :class:`~hf_paged.engine.graphs.DecodeGraphs`
-        (captured as CUDA graphs; ``capture=False`` runs the same static buffers eagerly)."""
+        (captured as CUDA graphs; ``capture=False`` runs the same static buffers eagerly, ``compile=True``
+        through torch.compile)."""
         from .graphs import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.model, self.pool, max_bs=max_bs, max_model_len=max_model_len,
-                                   device=self.device, capture=capture)
+                                   device=self.device, capture=capture, compile=compile)
 
     def run(self, schedule: Schedule, every_position: list[bool] | None = None,
             prev_ids: torch.Tensor | None = None) -> torch.Tensor:

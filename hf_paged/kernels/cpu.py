@@ -74,6 +74,7 @@ def available() -> bool:
         if "ok" not in _state:
             try:
                 _build()
+                _register_fakes()
                 _state["ok"] = True
             except Exception as exc:  # noqa: BLE001 - no compiler, no ninja, ...: the torch path still works
                 _state["ok"] = False
@@ -81,6 +82,27 @@ def available() -> bool:
                 logger.warning("hf_paged: the C++ CPU attention kernel could not be built (%s); using the "
                                "slower pure-torch path. Install a C++ compiler and ninja to enable it.", exc)
     return bool(_state["ok"])
+
+
+def _register_fakes() -> None:
+    """Shape-only ("fake") versions of the ops, so torch.compile can trace a forward that calls them
+    (EngineConfig.compile): each says what its real op returns without computing it."""
+    lib = "hf_paged_cpu::"
+
+    def linear(x, weight, bias=None, *_):
+        return x.new_empty(*x.shape[:-1], weight.shape[0])
+
+    def same(x, *_):
+        return x.new_empty(x.shape)  # contiguous, as the ops return it (even for a strided input)
+
+    def nothing(*_):
+        return None
+
+    for name, fake in (("skinny_linear", linear), ("skinny_linear_bf16", linear), ("rms_norm", same),
+                       ("rms_norm_bf16", same), ("write_kv", nothing), ("paged_decode", nothing),
+                       ("lora_sgmv", nothing),
+                       ("argmax_rows", lambda scores: scores.new_empty(scores.shape[0], dtype=torch.long))):
+        torch.library.register_fake(lib + name)(fake)
 
 
 def build_error() -> BaseException | None:

@@ -59,12 +59,28 @@ def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
         if rows > 0 and self._hf_paged_onednn:
             packed = weight
             if self._hf_paged_packed is not None:
-                if self._hf_paged_packed_of != (weight.data_ptr(), weight._version):
+                if not torch.compiler.is_compiling() and \
+                        self._hf_paged_packed_of != (weight.data_ptr(), weight._version):
                     _pack(self)  # the weights changed in place or were replaced since they were packed
                 packed = self._hf_paged_packed
-            y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
+            if torch.compiler.is_compiling():  # an opaque call: inductor's own lowering rejects packed weights
+                y = onednn_linear(x.reshape(rows, x.shape[-1]), packed, bias)
+            else:
+                y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
             return y.view(*x.shape[:-1], y.shape[-1])
     return torch.nn.functional.linear(x, weight, bias)
+
+
+@torch.library.custom_op("hf_paged::onednn_linear", mutates_args=())
+def onednn_linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """oneDNN's linear on a plain or packed (``_reorder_linear_weight``) weight, as one op that
+    torch.compile calls as is (EngineConfig.compile)."""
+    return torch.ops.mkldnn._linear_pointwise(x, weight, bias, "none", [], "")
+
+
+@onednn_linear.register_fake
+def _(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    return x.new_empty(x.shape[0], weight.shape[0])
 
 
 # bf16 models: their F.linear goes to oneDNN with avx512_bf16 dot products, which is hard to beat from a
