@@ -53,6 +53,11 @@ def main() -> None:
     timed(eng.runner, "execute", "forward (incl. metadata tensors)")
     timed(eng.sampler, "sample", "sample")
     timed(delivery, "deliver", "deliver (detokenize, emit)")
+    import hf_paged.engine.sampler as sampler_mod
+
+    # The greedy pick over [N, vocab] logits: host work on CPU, but on CUDA it runs on the device (the
+    # device sampler), so it is reported apart as well.
+    timed(sampler_mod, "_argmax", "argmax (on the device on CUDA)")
 
     prompt = pipe.tokenizer("Tell me a long story about a lighthouse keeper.")["input_ids"]
     rounds = []
@@ -76,6 +81,7 @@ def main() -> None:
         row = {k: 1e3 * sum(v) / args.steps for k, v in timings.items()}
         row["step"] = 1e3 * step
         row["host (step - forward)"] = 1e3 * (step - forward)
+        row["host without argmax"] = row["host (step - forward)"] - row.get("argmax (on the device on CUDA)", 0.0)
         rounds.append(row)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row.items()), flush=True)
         for req_id in list(delivery.requests):

@@ -285,11 +285,11 @@ class BlockAllocator:
         ``token_ids`` are the sequence's tokens; only the first ``table.num_tokens`` count; ``salt`` as
         in :meth:`match_prefix`.
         """
-        if not self.enable_prefix_caching:
-            return
+        bs = self.block_size
+        full = min(table.num_tokens, len(token_ids)) // bs
+        if not self.enable_prefix_caching or full <= len(table.hashes):
+            return  # the decode step's usual case: no block filled up (a table is its owner's alone)
         with self._lock:
-            bs = self.block_size
-            full = min(table.num_tokens, len(token_ids)) // bs
             parent = table.hashes[-1] if table.hashes else _root(salt)
             for i in range(len(table.hashes), full):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
