@@ -107,6 +107,9 @@ def worker(args) -> None:
             t0 = time.perf_counter()
             res = pipe.generate(prompts, progress=False, ignore_eos=fixed, **gen_kw)
             elapsed = time.perf_counter() - t0
+            graphs = pipe.engine.runner.graphs
+            if args.system == "paged_compile" and (graphs is None or graphs._compiled is None):
+                raise SystemExit("paged_compile: the compiled decode path fell back to eager (see the warning)")
             outputs = [r.token_ids for r in res]
             pipe.close()
         elif args.system == "hf_single":

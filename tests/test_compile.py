@@ -53,6 +53,33 @@ def test_compiled_decode_equals_eager(tiny_root, arch, ahead):
         assert eager[prompts.index((ids, new))] == ref[0, len(ids):].tolist()
 
 
+def test_no_compilation_while_serving(tiny_root):
+    """Start-up compiles every variant the batch sizes need: 56 sequences draining to 1 cross the fp32
+    linear layers' row threshold (the C++ kernel up to SKINNY_MAX_ROWS rows, oneDNN above), and serving
+    them compiles nothing more."""
+    from torch._dynamo.utils import counters
+
+    from hf_paged.kernels.cpu_layers import SKINNY_MAX_ROWS
+
+    assert 2 < SKINNY_MAX_ROWS < 56
+    model = load(build("llama", tiny_root))
+    pipe = PagedPipeline(model, IdTokenizer(), max_num_seqs=56, max_batch_tokens=2048, compile=True)
+    try:
+        graphs = pipe.engine.runner.graphs
+        compiled = counters["stats"]["unique_graphs"]
+        assert compiled > 0
+        rng = random.Random(5)
+        reqs = [pipe.submit([rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 20))], do_sample=False,
+                            max_new_tokens=rng.randint(2, 12), ignore_eos=True) for _ in range(56)]
+        for r in reqs:
+            r.result(timeout=600)
+        assert counters["stats"]["unique_graphs"] == compiled
+        assert graphs._compiled is not None and graphs.replays > 0
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+
+
 def _decode_logits(model, graphs_kw):
     """Logits of one decode step of 5 sequences, through DecodeGraphs (eager or compiled)."""
     pipe = PagedPipeline(model, IdTokenizer(), max_num_seqs=5)

@@ -137,13 +137,17 @@ class DecodeGraphs:
         logger.info("compiled the decode forward (batch 1..%d) in %.1f s", self.max_bs, self.compile_s)
 
     def _compiled_forward(self, b: int) -> torch.Tensor:
-        ids, positions = self.ids[None, :b], self.positions[None, :b]
+        # [1, b] with strides (b, 1) for every b (a [None, :b] view's first stride is max_bs, equal to b only at
+        # b == max_bs: the tracer would guard on that equality and compile again for every other size).
+        ids, positions = self.ids[:b].view(1, b), self.positions[:b].view(1, b)
         host = StepTensors(self.slots[:b], self.tables[:b], self.cu[: b + 1], self.lens[:b], None)
-        if b > 1:  # one graph for every batch of 2 or more (a batch of 1 is specialised by the tracer anyway)
+        if b > 1:
+            # One graph for the batches of 2 or more (a batch of 1 is specialised by the tracer anyway), or
+            # one per range where the code branches on the batch size (a linear layer's row threshold):
+            # "maybe" lets such a guard narrow the range instead of failing the compilation.
             for t, dim in ((ids, 1), (positions, 1), (host.slot_mapping, 0), (host.block_tables, 0),
-                           (host.seq_lens, 0)):
-                torch._dynamo.mark_dynamic(t, dim, min=2, max=self.max_bs)
-            torch._dynamo.mark_dynamic(host.cu_seqlens_q, 0, min=3, max=self.max_bs + 1)
+                           (host.seq_lens, 0), (host.cu_seqlens_q, 0)):
+                torch._dynamo.maybe_mark_dynamic(t, dim)
         meta = PagedMetadata(self.pool, host, 1, self.max_keys)
         meta._by_device[self.device] = host
         out = self._compiled(input_ids=ids, position_ids=positions, paged_metadata=meta, use_cache=False,
