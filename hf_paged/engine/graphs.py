@@ -19,9 +19,10 @@ by ``torch.compile`` (inductor) instead: HF's small ops (rotary embedding, activ
 casts) become a few fused C++ loops and the per-module Python is gone, while the paged-attention,
 linear and RMSNorm kernels stay opaque calls (their fake versions in :mod:`hf_paged.kernels.cpu` tell
 the tracer their shapes). The batch dimension is dynamic, so a batch runs at its own size (no padding
-to a bucket); sizes 1 and 2.. compile once each at construction, and every bucket size is run once
-there so a guard on the batch size (a kernel's row threshold) compiles its variant up front rather
-than in the middle of serving. A forward that fails to compile later falls back to the eager one.
+to a bucket): batch 1 gets a graph, and 2..max_bs one per range between the batch sizes where the code
+branches (a linear layer's row threshold). Every bucket size is run once at construction, which
+compiles each range up front rather than in the middle of serving. A forward that fails to compile
+later falls back to the eager one.
 
 Example::
 
