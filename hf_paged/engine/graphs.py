@@ -133,16 +133,17 @@ class DecodeGraphs:
         start = time.perf_counter()
         for b in bucket_sizes(self.max_bs):
             self._fill_padding(0, b)
-            self._compiled_forward(b)
+            self._forward(b, compiled=True)
         self.compile_s = time.perf_counter() - start
         logger.info("compiled the decode forward (batch 1..%d) in %.1f s", self.max_bs, self.compile_s)
 
-    def _compiled_forward(self, b: int) -> torch.Tensor:
+    def _forward(self, b: int, compiled: bool = False) -> torch.Tensor:
+        """The model (or its compiled version) on the first ``b`` rows of the buffers; float32 logits."""
         # [1, b] with strides (b, 1) for every b (a [None, :b] view's first stride is max_bs, equal to b only at
         # b == max_bs: the tracer would guard on that equality and compile again for every other size).
         ids, positions = self.ids[:b].view(1, b), self.positions[:b].view(1, b)
         host = StepTensors(self.slots[:b], self.tables[:b], self.cu[: b + 1], self.lens[:b], None)
-        if b > 1:
+        if compiled and b > 1:
             # One graph for the batches of 2 or more (a batch of 1 is specialised by the tracer anyway), or
             # one per range where the code branches on the batch size (a linear layer's row threshold):
             # "maybe" lets such a guard narrow the range instead of failing the compilation.
@@ -151,16 +152,8 @@ class DecodeGraphs:
                 torch._dynamo.maybe_mark_dynamic(t, dim)
         meta = PagedMetadata(self.pool, host, 1, self.max_keys)
         meta._by_device[self.device] = host
-        out = self._compiled(input_ids=ids, position_ids=positions, paged_metadata=meta, use_cache=False,
-                             **self._keep_kwarg)
-        return out.logits[0, :, : self.vocab].float()
-
-    def _forward(self, b: int) -> torch.Tensor:
-        host = StepTensors(self.slots[:b], self.tables[:b], self.cu[: b + 1], self.lens[:b], None)
-        meta = PagedMetadata(self.pool, host, 1, self.max_keys)
-        meta._by_device[self.device] = host
-        out = self.model(input_ids=self.ids[None, :b], position_ids=self.positions[None, :b], paged_metadata=meta,
-                         use_cache=False, **self._keep_kwarg)
+        model = self._compiled if compiled else self.model
+        out = model(input_ids=ids, position_ids=positions, paged_metadata=meta, use_cache=False, **self._keep_kwarg)
         if self.logits is None:
             return out.logits[0, :, : self.vocab].float()
         self.logits[:b].copy_(out.logits[0, :, : self.vocab])
@@ -222,7 +215,7 @@ class DecodeGraphs:
             return self.logits[:n]
         if self._compiled is not None:
             try:
-                return self._compiled_forward(b)[:n]
+                return self._forward(b, compiled=True)[:n]
             except Exception:  # noqa: BLE001 - a recompile the tracer cannot do: this step and later ones run eagerly
                 logger.warning("hf_paged: the compiled decode forward failed; decode steps run eagerly from now on",
                                exc_info=True)

@@ -58,12 +58,12 @@ def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
             return y.view(*x.shape[:-1], y.shape[-1])
         if rows > 0 and self._hf_paged_onednn:
             packed = weight
+            compiling = torch.compiler.is_compiling()
             if self._hf_paged_packed is not None:
-                if not torch.compiler.is_compiling() and \
-                        self._hf_paged_packed_of != (weight.data_ptr(), weight._version):
+                if not compiling and self._hf_paged_packed_of != (weight.data_ptr(), weight._version):
                     _pack(self)  # the weights changed in place or were replaced since they were packed
                 packed = self._hf_paged_packed
-            if torch.compiler.is_compiling():  # an opaque call: inductor's own lowering rejects packed weights
+            if compiling:  # an opaque call: inductor's own lowering rejects packed weights
                 y = onednn_linear(x.reshape(rows, x.shape[-1]), packed, bias)
             else:
                 y = torch.ops.mkldnn._linear_pointwise(x.reshape(rows, x.shape[-1]), packed, bias, "none", [], "")
