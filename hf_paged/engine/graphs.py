@@ -93,7 +93,6 @@ class DecodeGraphs:
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.captured = False
         self._compiled = None
-        self.compile_s = 0.0
         if capture:
             self.capture()
         if compile:
@@ -134,8 +133,7 @@ class DecodeGraphs:
         for b in bucket_sizes(self.max_bs):
             self._fill_padding(0, b)
             self._forward(b, compiled=True)
-        self.compile_s = time.perf_counter() - start
-        logger.info("compiled the decode forward (batch 1..%d) in %.1f s", self.max_bs, self.compile_s)
+        logger.info("compiled the decode forward (batch 1..%d) in %.1f s", self.max_bs, time.perf_counter() - start)
 
     def _forward(self, b: int, compiled: bool = False) -> torch.Tensor:
         """The model (or its compiled version) on the first ``b`` rows of the buffers; float32 logits."""
