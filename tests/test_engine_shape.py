@@ -122,3 +122,65 @@ def test_sampling_is_unchanged_by_the_split(tiny):
                                     num_return_sequences=3)[0]
     assert [o.token_ids for o in alone.outputs] == [o.token_ids for o in with_others.outputs]
     assert torch.tensor([len(o.token_ids) for o in alone.outputs]).eq(6).all()
+
+
+# ---------------------------------------------------------------------------- asyncio consumers
+def test_async_consumers_get_every_event_in_order_with_few_wakeups(tiny):
+    """Many streams on one event loop: every event arrives, in order, and a step's events wake the loop
+    once (Wakeups), not once per event."""
+    import asyncio
+
+    prompts = [[3 + i, 4 + i, 5 + i] for i in range(12)]
+    with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8, max_num_seqs=16) as pipe:
+        expected = pipe.generate(prompts, max_new_tokens=6, do_sample=False)
+
+        async def run():
+            loop = asyncio.get_running_loop()
+            real, calls = loop.call_soon_threadsafe, []
+
+            def counting(cb, *args, **kw):
+                calls.append(cb)
+                return real(cb, *args, **kw)
+
+            loop.call_soon_threadsafe = counting
+            handles = pipe._enqueue([pipe._make_request(p, dict(max_new_tokens=6, do_sample=False)) for p in prompts])
+
+            async def collect(h):
+                return [ev async for ev in h]
+            try:
+                return await asyncio.gather(*(collect(h) for h in handles)), calls
+            finally:
+                del loop.call_soon_threadsafe
+
+        streams, calls = asyncio.run(run())
+    events = sum(len(s) for s in streams)
+    for evs, want in zip(streams, expected):
+        assert [e.token_id for e in evs[:-1]] == want.outputs[0].token_ids
+        text = want.outputs[0].text
+        assert "".join(e.text for e in evs) == text and evs[-1].output.outputs[0].text == text
+    assert events == 12 * 7 and len(calls) <= 16, (events, len(calls))  # 7 steps at most, plus margin
+
+
+def test_wakeups_keep_order_per_queue_and_survive_a_closed_loop():
+    import asyncio
+
+    from hf_paged.engine.request import Wakeups
+
+    closed = asyncio.new_event_loop()
+    closed.close()
+    loop = asyncio.new_event_loop()
+    try:
+        qa, qb, qdead = asyncio.Queue(), asyncio.Queue(), asyncio.Queue()
+        w = Wakeups()
+        for i in range(3):
+            w.add(closed, qdead, i)
+            w.add(loop, qa, i)
+            w.add(loop, qb, 10 + i)
+        w.send()  # the closed loop's RuntimeError is swallowed; the open loop still gets its events
+        w.send()  # emptied by the first send: nothing twice
+        loop.run_until_complete(asyncio.sleep(0))
+        assert [qa.get_nowait() for _ in range(qa.qsize())] == [0, 1, 2]
+        assert [qb.get_nowait() for _ in range(qb.qsize())] == [10, 11, 12]
+        assert qdead.empty()
+    finally:
+        loop.close()

@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from .detokenizer import IncrementalDetokenizer
 from .engine import Engine, TokenRecord
 from .outputs import CompletionOutput, FinishReason, RequestOutput, StreamEvent
-from .request import Request
+from .request import Request, Wakeups
 from .sequence import Sequence
 
 
@@ -38,6 +38,7 @@ class Delivery:
         self.tokenizer = tokenizer
         self.requests: dict[str, list[_Stream]] = {}  # request id -> its sequences, index order
         self._by_seq: dict[int, _Stream] = {}
+        self._wakeups = Wakeups()
 
     def add(self, req: Request) -> None:
         """Start ``req``: its sequences go to the engine, their detokenizers stay here."""
@@ -52,23 +53,27 @@ class Delivery:
 
     def deliver(self, records: list[TokenRecord]) -> None:
         """Text deltas and events of one step's tokens; ends sequences whose stop string completed."""
-        for rec in records:
-            st = self._by_seq.get(rec.seq_id)
-            if st is None:
-                continue
-            delta = st.detok.push(rec.token)
-            reason = rec.finish_reason
-            if st.detok.stopped is not None:
-                st.stop_string = st.detok.stopped
-                reason = FinishReason.STOP
-                self.engine.finish(st.seq, reason)
-            if reason is not None:
-                delta += st.detok.flush()
-            req = st.request
-            req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
-                                 reason, stop_string=st.stop_string if reason is not None else None))
-            if reason is not None:
-                self._finish_request(req)
+        wakeups = self._wakeups
+        try:
+            for rec in records:
+                st = self._by_seq.get(rec.seq_id)
+                if st is None:
+                    continue
+                delta = st.detok.push(rec.token)
+                reason = rec.finish_reason
+                if st.detok.stopped is not None:
+                    st.stop_string = st.detok.stopped
+                    reason = FinishReason.STOP
+                    self.engine.finish(st.seq, reason)
+                if reason is not None:
+                    delta += st.detok.flush()
+                req = st.request
+                req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
+                                     reason, stop_string=st.stop_string if reason is not None else None), wakeups)
+                if reason is not None:
+                    self._finish_request(req, wakeups)
+        finally:
+            wakeups.send()  # the asyncio consumers' events of this step: one wake-up per event loop
 
     def cancel(self, req: Request) -> None:
         """Stop all of the request's sequences now; its result keeps what was generated."""
@@ -101,11 +106,11 @@ class Delivery:
             self._by_seq.pop(st.seq.seq_id, None)
         return streams
 
-    def _finish_request(self, req: Request) -> None:
+    def _finish_request(self, req: Request, wakeups: Wakeups | None = None) -> None:
         streams = self.requests.get(req.request_id)
         if streams is not None and all(st.seq.finished for st in streams):
             self._forget(req)
-            req.emit(StreamEvent(req.request_id, 0, None, "", output=self._output(req, streams)))
+            req.emit(StreamEvent(req.request_id, 0, None, "", output=self._output(req, streams)), wakeups)
 
     @staticmethod
     def _output(req: Request, streams: list[_Stream], error: str | None = None) -> RequestOutput:
