@@ -58,7 +58,11 @@ def build(arch: str, root: Path, seed: int = 0) -> Path:
 
 
 def load(path: Path) -> torch.nn.Module:
-    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32)
+    # The reference must be right: transformers 5.17 (not 5.24) loads Gemma2 with SDPA by default, which
+    # drops its attention logit soft-capping, so such configs are loaded with the eager attention.
+    cfg = tf.AutoConfig.from_pretrained(path)
+    kwargs = {"attn_implementation": "eager"} if getattr(cfg, "attn_logit_softcapping", None) else {}
+    model = tf.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32, **kwargs)
     return model.eval()
 
 
