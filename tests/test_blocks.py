@@ -223,3 +223,42 @@ def test_cpu_pool_tensors_are_zero_and_take_memory_only_where_written():
     assert _resident_kib(k) >= 64 * 1024 - 64
     small = KVPool([LayerSpec(1, 8, torch.float32, torch.device("cpu"))], num_blocks=4, block_size=16)
     assert not small.k[0].any()  # small pools: plain torch.zeros
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(["append", "fork", "free", "truncate", "step"]), st.integers(0, 40)),
+                min_size=1, max_size=80))
+def test_table_rows_always_equal_the_tables_converted_anew(ops):
+    """TableRows (the runner's persistent block-table rows) against the plain padded conversion, under
+    appends, copy-on-write forks, frees, truncations and tables that come and go; tiny capacity and
+    width, so rows are dropped and the array widens along the way."""
+    import numpy as np
+
+    from hf_paged.kv.metadata import TableRows
+
+    a = BlockAllocator(64, 2)
+    rows = TableRows(capacity=4, width=1)
+    tables = [BlockTable()]
+    for op, k in ops:
+        t = tables[k % len(tables)]
+        try:
+            if op == "append":
+                a.append_slots(t, 1 + k % 5)
+            elif op == "fork" and t.blocks:
+                tables.append(a.fork(t))
+            elif op == "free":
+                a.free(t)
+                if len(tables) > 1:
+                    tables.remove(t)
+            elif op == "truncate":
+                a.truncate(t, t.num_tokens // 2)
+        except KVCacheFullError:
+            pass
+        step = [x.blocks for x in tables if x.blocks][: 1 + k % 6]
+        width = max((len(b) for b in step), default=0) or 1
+        want = np.array([b + [0] * (width - len(b)) for b in step], np.int32).reshape(-1, width)
+        assert np.array_equal(rows.gather(step, width), want)
+        out = np.full((len(step), width + 2), -7, np.int32)
+        rows.take_into(step, out)
+        assert np.array_equal(out[:, :width], want)
+    a.check(tables)

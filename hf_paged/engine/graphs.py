@@ -40,7 +40,7 @@ import time
 import numpy as np
 import torch
 
-from ..kv.metadata import PagedMetadata, StepTensors, to_device
+from ..kv.metadata import PagedMetadata, StepTensors, TableRows, to_device
 from ..kv.pool import KVPool
 
 logger = logging.getLogger("hf_paged")
@@ -90,6 +90,7 @@ class DecodeGraphs:
         # can be filled while the previous step's copies may still be queued on the device.
         self._staging = [self._new_staging() for _ in range(2)]
         self._turn = 0
+        self._rows = TableRows(width=self.width)  # block tables kept between steps, copied in by rows
         self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
         self.captured = False
         self._compiled = None
@@ -190,9 +191,7 @@ class DecodeGraphs:
         cu = h_cu.numpy()
         cu[: n + 1] = np.arange(n + 1)
         cu[n + 1 : b + 1] = n
-        tables = h_tables.numpy()
-        for i, t in enumerate(plan.tables):
-            tables[i, : len(t)] = t  # entries past a row's length are never read
+        self._rows.take_into(plan.tables, h_tables.numpy())  # entries past a row's length are never read
         nb = self._pinned
         self.ids[:b].copy_(h_vec[0, :b], non_blocking=nb)
         self.positions[:b].copy_(h_vec[1, :b], non_blocking=nb)

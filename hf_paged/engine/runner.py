@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..kv.metadata import PagedMetadata, to_device
+from ..kv.metadata import PagedMetadata, TableRows, to_device
 from ..lora.layers import LoraBatch
 from ..kv.pool import KVPool
 from .scheduler import Schedule
@@ -51,6 +51,7 @@ class Runner:
         params = inspect.signature(type(model).forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
+        self._rows = TableRows()  # the running sequences' block tables, kept between steps
 
     def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False) -> None:
         """Run decode steps of up to ``max_bs`` sequences through :class:`~hf_paged.engine.graphs.DecodeGraphs`
@@ -116,7 +117,7 @@ class Runner:
         self.pool.copy_blocks(plan.copies)
         if self.graphs is not None and self.graphs.fits(plan):
             return self.graphs.run(plan, prev_ids)
-        meta = PagedMetadata.build(self.pool, plan.slots, plan.tables, plan.q_lens, plan.seq_lens, None)
+        meta = PagedMetadata.build(self.pool, plan.slots, plan.tables, plan.q_lens, plan.seq_lens, None, self._rows)
         # ids, positions, kept rows (and the async fill) in one host tensor, one copy without waiting.
         n, k, m = len(plan.ids), len(plan.keep), len(plan.fill or ())
         host = torch.tensor(plan.ids + plan.positions + plan.keep
