@@ -6,13 +6,23 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from hf_paged.engine.detokenizer import IncrementalDetokenizer
+from hf_paged.engine import detokenizer as detokenizer_mod
+from hf_paged.engine.detokenizer import ByteTable, IncrementalDetokenizer
 
 FFFD = "\ufffd"
 LINES = ["héllo wörld 日本語 🙂", "hello world, hello there", "the quick brown fox jumps over the lazy dog",
          "日本語のテキスト 🙂🙂 emoji", "naïve café résumé", "lo lo lo wo wo\n\nend"] * 3
 PIECES = ["héllo", " wörld", " 日本語", " 🙂", "lo", " wo", "\n\n", "é", "語", "🙂🙂", "x", " "]
 STOPS = ["lo", "ö", "本語", " w", "🙂", "l", "wörld", "\n\n", "xyz", "o w"]
+
+
+@pytest.fixture(autouse=True, params=["byte-table", "window"])
+def path(request, monkeypatch):
+    """Every test runs both ways: byte-level tokenizers through their ByteTable (the fast path) and
+    through the decode window (the path of every other tokenizer)."""
+    if request.param == "window":
+        monkeypatch.setattr(detokenizer_mod.ByteTable, "of", classmethod(lambda cls, tok, skip: None))
+    return request.param
 
 
 @pytest.fixture(scope="module")
@@ -229,3 +239,16 @@ def test_the_rust_decode_is_called_directly_only_where_it_equals_decode(smol_tok
     finally:
         smol_tok.clean_up_tokenization_spaces = before
     assert fast_decoder(object()) is None
+
+
+def test_byte_table_only_where_decode_is_byte_concatenation(tok, smol_tok, sp_tok, path):
+    if path == "window":
+        pytest.skip("about the byte-table path")
+    for skip in (True, False):
+        assert ByteTable.of(tok, skip) is not None and ByteTable.of(smol_tok, skip) is not None
+        assert ByteTable.of(sp_tok, skip) is None  # Metaspace + byte fallback: not a concatenation of bytes
+    assert IncrementalDetokenizer(smol_tok, [1, 2])._utf8 is not None
+    assert IncrementalDetokenizer(sp_tok, [1, 2])._utf8 is None
+    # A table that disagrees with decode() on any checked id is refused.
+    broken = type("Broken", (ByteTable,), {"_of": lambda self, t: b"?" if t == 5 else ByteTable._of(self, t)})
+    assert broken._checked(smol_tok, True) is None and ByteTable._checked(smol_tok, True) is not None

@@ -21,6 +21,7 @@ Example::
 """
 from __future__ import annotations
 
+import codecs
 import threading
 import weakref
 from collections.abc import Sequence
@@ -65,6 +66,92 @@ def _single_token_texts(tokenizer: Any, skip_special_tokens: bool) -> dict[int, 
         return {}
 
 
+def _byte_chars() -> dict[str, int]:
+    """The byte-level BPE alphabet: the character that stands for each byte in a token's text (printable
+    Latin-1 characters stand for themselves, the other bytes for characters from U+0100 on, in order)."""
+    keep = {*range(ord("!"), ord("~") + 1), *range(ord("\u00a1"), ord("\u00ac") + 1), *range(ord("\u00ae"), 256)}
+    out, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            out[chr(b)] = b
+        else:
+            out[chr(256 + extra)] = b
+            extra += 1
+    return out
+
+
+class ByteTable:
+    """The bytes each token id decodes to, for a tokenizer whose ``decode`` is "concatenate the tokens'
+    bytes, then UTF-8 with replacement" (a byte-level BPE: GPT-2, Llama 3, Qwen, SmolLM). With it a
+    detokenizer turns a token into text with a dict lookup and Python's incremental UTF-8 decoder, instead
+    of a Rust decode call per token plus the window bookkeeping. Filled lazily; shared by every
+    detokenizer of the tokenizer (one writer per key writes the same value, so concurrent use is safe)."""
+
+    _CHARS = _byte_chars()
+
+    def __init__(self, backend: Any, skip_special_tokens: bool) -> None:
+        self._backend = backend
+        self._skip = {i for i, t in backend.get_added_tokens_decoder().items() if t.special} \
+            if skip_special_tokens else set()
+        self._bytes: dict[int, bytes] = {}
+
+    def get(self, token: int) -> bytes:
+        b = self._bytes.get(token)
+        if b is None:
+            b = self._bytes[token] = self._of(token)
+        return b
+
+    def _of(self, token: int) -> bytes:
+        if token in self._skip:
+            return b""
+        text = self._backend.id_to_token(token)
+        if text is None:  # not in the vocabulary: decode() leaves it out
+            return b""
+        chars = self._CHARS
+        if all(c in chars for c in text):
+            return bytes(chars[c] for c in text)
+        return text.encode()  # an added token written in plain text (the decoder keeps such tokens as they are)
+
+    @classmethod
+    def of(cls, tokenizer: Any, skip_special_tokens: bool) -> "ByteTable | None":
+        """The shared table of ``tokenizer``, or None when its decode is not such a concatenation (checked
+        on its decoder's type, then on every added token, a spread of vocabulary ids, pairs of them and an
+        id past the vocabulary, each against ``decode`` itself)."""
+        try:
+            with _SINGLE_LOCK:
+                memo = _TABLES.setdefault(tokenizer, {})
+        except TypeError:  # not weak-referenceable or not hashable
+            memo = {}
+        if skip_special_tokens not in memo:
+            memo[skip_special_tokens] = cls._checked(tokenizer, skip_special_tokens)
+        return memo[skip_special_tokens]
+
+    @classmethod
+    def _checked(cls, tokenizer: Any, skip_special_tokens: bool) -> "ByteTable | None":
+        decode = fast_decoder(tokenizer)
+        if decode is None:
+            return None
+        try:
+            from tokenizers.decoders import ByteLevel
+        except ImportError:
+            return None
+        backend = tokenizer._tokenizer
+        if not isinstance(backend.decoder, ByteLevel):
+            return None
+        table = cls(backend, skip_special_tokens)
+        n = backend.get_vocab_size(with_added_tokens=True)
+        ids = sorted({*backend.get_added_tokens_decoder(), *range(0, n, max(1, n // 512)), n - 1, n + 7})
+        pairs = [[a, b] for a, b in zip(ids, reversed(ids))]
+        for case in [[i] for i in ids] + pairs:
+            want = decode(case, skip_special_tokens=skip_special_tokens)
+            if b"".join(table.get(i) for i in case).decode("utf-8", "replace") != want:
+                return None
+        return table
+
+
+_TABLES: "weakref.WeakKeyDictionary[Any, dict[bool, ByteTable | None]]" = weakref.WeakKeyDictionary()
+
+
 class IncrementalDetokenizer:
     """Turns pushed token ids into text deltas (see the module docstring).
 
@@ -92,7 +179,12 @@ class IncrementalDetokenizer:
         self._single = _single_token_texts(tokenizer, skip_special_tokens)
         self._stops = tuple(stop)
         self._max_stop = max((len(s) for s in self._stops), default=0)
-        context = list(prompt_ids[-_PROMPT_CONTEXT:])
+        # Byte-level tokenizers: bytes per token into an incremental UTF-8 decoder. No prompt context is
+        # needed: decode(prompt + output) continues decode(prompt) with decode(output) unless the prompt
+        # ends inside a character, where the window path below starts without context too.
+        self._table = ByteTable.of(tokenizer, skip_special_tokens) if tokenizer is not None else None
+        self._utf8 = codecs.getincrementaldecoder("utf-8")("replace") if self._table is not None else None
+        context = list(prompt_ids[-_PROMPT_CONTEXT:]) if self._utf8 is None else []
         # Context cut inside a multi-byte character would decode to U+FFFD; start without it then.
         if context and self._decode(context).endswith(_REPLACEMENT):
             context = []
@@ -123,6 +215,9 @@ class IncrementalDetokenizer:
         self._num_tokens += 1
         if self.stopped is not None:
             return ""  # the output already ended at a stop string
+        if self._utf8 is not None:
+            new = self._utf8.decode(self._table.get(int(token_id)))
+            return self._emit(new) if new else ""  # "": a token without text, or bytes of an unfinished character
         self._ids.append(int(token_id))
         new = self._decode_window()
         if not new or new.endswith(_REPLACEMENT):
@@ -140,7 +235,11 @@ class IncrementalDetokenizer:
         if self.stopped is not None:
             return ""
         out = ""
-        if self._read < len(self._ids):
+        if self._utf8 is not None:
+            rest = self._utf8.decode(b"", final=True)  # an unfinished character: U+FFFD, as decode() gives
+            if rest:
+                out = self._emit(rest)
+        elif self._read < len(self._ids):
             out = self._emit(self._decode_window() or "")
             self._advance()
         if self.stopped is None:
