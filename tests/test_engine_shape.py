@@ -184,3 +184,32 @@ def test_wakeups_keep_order_per_queue_and_survive_a_closed_loop():
         assert qdead.empty()
     finally:
         loop.close()
+
+
+def test_serve_freezes_the_loaded_heap_while_serving(tmp_path, monkeypatch):
+    """`hf-paged serve` takes what it loaded out of the cyclic GC's view while it serves (no full
+    collection over the model's and libraries' objects mid-stream), and gives it back on the way out."""
+    import gc
+
+    import uvicorn
+    from served import save_tiny_chat_model
+
+    from hf_paged.server.__main__ import add_arguments, serve
+
+    save_tiny_chat_model(tmp_path)
+    seen = []
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: seen.append(gc.get_freeze_count()))
+    ap = argparse.ArgumentParser()
+    add_arguments(ap)
+    pipes = []
+    real = hf_paged.PagedPipeline.from_pretrained.__func__
+    monkeypatch.setattr(hf_paged.PagedPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: pipes.append(real(cls, *a, **k)) or pipes[-1]))
+    before = gc.get_freeze_count()
+    try:
+        serve(ap.parse_args(["--model", str(tmp_path), "--no-ui", "--num-blocks", "32", "--port", "0"]))
+    finally:
+        for p in pipes:
+            p.close()
+    assert pipes and seen and seen[0] > before + 1000  # the loaded objects were frozen while "serving"
+    assert gc.get_freeze_count() == 0  # and unfrozen after

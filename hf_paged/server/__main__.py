@@ -10,6 +10,8 @@ Binds 127.0.0.1 unless told otherwise: the API can generate, so exposing it is a
 from __future__ import annotations
 
 import argparse
+import contextlib
+import gc
 import logging
 import os
 import threading
@@ -66,7 +68,8 @@ def serve(args: argparse.Namespace) -> None:
     pipe = PagedPipeline.from_pretrained(args.model, config=from_cli(args), tp_plan=tp_plan)
     if pipe.follower:  # runs rank 0's steps until rank 0 shuts down
         try:
-            pipe.follow()
+            with frozen_heap():
+                pipe.follow()
         except TensorParallelError as exc:
             raise SystemExit(f"hf_paged rank {pipe.tp.rank}: {exc}") from None
         return
@@ -83,11 +86,27 @@ def serve(args: argparse.Namespace) -> None:
     if pipe.tp is not None:
         threading.Thread(target=_stop_when_broken, args=(pipe, server), daemon=True).start()
     try:
-        server.run()
+        with frozen_heap():
+            server.run()
     except KeyboardInterrupt:  # Ctrl-C: uvicorn has shut down gracefully and re-raised it (uvicorn.run hides it too)
         pass
     if pipe._broken is not None:
         raise SystemExit(f"hf_paged: the tensor-parallel group broke: {pipe._broken}")
+
+
+@contextlib.contextmanager
+def frozen_heap():
+    """Everything loaded before serving (model, tokenizer, libraries, the app: ~400K objects that the cyclic
+    garbage collector tracks) lives as long as the server, so it is moved out of the collector's view
+    (``gc.freeze``): a full collection then scans only what requests create. Unfrozen, full collections
+    stalled every stream for 100-250 ms on this project's CPU (docs/benchmarks.md), as in vLLM, which
+    freezes its heap after start-up too. Unfrozen again on the way out, so the exit frees it normally."""
+    gc.collect()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        gc.unfreeze()
 
 
 def _stop_when_broken(pipe, server) -> None:
