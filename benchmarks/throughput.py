@@ -19,7 +19,7 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ALL = ["paged", "paged_compile", "paged_unfused", "hf_single", "hf_static", "hf_cb", "vllm"]
+ALL = ["paged", "paged_compile", "hf_single", "hf_static", "hf_cb", "vllm"]
 
 
 _TASKS = ["Write a short poem about {}.", "Explain {} to a ten-year-old.", "Give three tips for {}.",
@@ -98,7 +98,7 @@ def worker(args) -> None:
         gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
         if fixed:
             gen_kw["min_new_tokens"] = args.max_new_tokens
-        if args.system in ("paged", "paged_compile", "paged_unfused"):
+        if args.system in ("paged", "paged_compile"):
             from hf_paged.engine.pipeline import PagedPipeline
 
             pipe = PagedPipeline(model, tok, kv_memory=args.kv_memory, max_num_seqs=args.max_num_seqs,
@@ -208,8 +208,6 @@ def main() -> None:
             cmd = [py, __file__, "--worker", system] + [a for a in sys.argv[1:] if a != "--worker"]
             print(f"round {rnd + 1}/{args.repeat}: running {system} ...", flush=True)
             env = dict(os.environ, PYTHONPATH=str(HERE.parent))
-            if system == "paged_unfused":  # paged with the fused greedy LM head off (engine/greedy_head.py)
-                env["HF_PAGED_FUSED_HEAD"] = "0"
             stdout, stderr, peak = run_measured(cmd, env)
             line = next((l for l in stdout.splitlines() if l.startswith("RESULT ")), None)
             if line is None:
