@@ -11,7 +11,6 @@ left out of the host total. ``--prompt-len`` sets the context (the block tables 
 from __future__ import annotations
 
 import argparse
-import gc
 import statistics
 import sys
 import time
@@ -68,10 +67,6 @@ def main() -> None:
     prompt = pipe.tokenizer("Tell me a long story about a lighthouse keeper.")["input_ids"]
     if args.prompt_len:
         prompt = (prompt * (args.prompt_len // len(prompt) + 1))[: args.prompt_len]
-    # As `hf-paged serve` does: what is loaded stays out of the cyclic GC's view, so one full collection
-    # (100-250 ms over ~400K objects) does not land in a 50-step window; the young collections still count.
-    gc.collect()
-    gc.freeze()
     rounds = []
     for r in range(args.rounds):
         from hf_paged.engine.request import Request
@@ -105,7 +100,6 @@ def main() -> None:
         print(f"{key}: median {statistics.median(vals):.2f} ms, min {min(vals):.2f} ms")
     print(f"({args.seqs} decoding sequences of {len(prompt)} prompt tokens, torch threads {torch.get_num_threads()})")
     pipe.close()
-    gc.unfreeze()
 
 
 if __name__ == "__main__":

@@ -88,7 +88,7 @@ def _decode_logits(model, graphs_kw):
         runner.use_graphs(5, pipe.max_model_len, capture=False, **graphs_kw)
         plans = []
         execute = runner.execute
-        runner.execute = lambda plan, prev=None, *rest: plans.append(plan) or execute(plan, prev, *rest)
+        runner.execute = lambda plan, prev=None: plans.append(plan) or execute(plan, prev)
         for r in [pipe.submit(ids, max_new_tokens=3, do_sample=False) for ids, _ in _prompts(5, seed=2)]:
             r.result(timeout=600)
         plan = next(p for p in plans if runner.graphs.fits(p) and len(p.ids) == 5)

@@ -474,27 +474,3 @@ def test_greedy_sampler_uses_the_kernel_with_torch_ties(monkeypatch):
     rows = [SamplingRow(SamplingParams(max_new_tokens=4), [1], 0) for _ in range(64)]
     assert Sampler(4096).sample(logits, rows).tokens == logits.argmax(-1).tolist()
     assert calls == [(64, 4096)]
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_argmax_update_over_tiles_equals_argmax_of_the_whole_row(dtype):
-    """The fused greedy head's fold: tile by tile, the first maximum (ties across a tile border go to the
-    earlier tile) and the first NaN of the whole row, from float32 or bf16 tiles with a row stride."""
-    g = torch.Generator().manual_seed(0)
-    x = torch.randint(-3, 3, (9, 1000), generator=g).float()  # many ties, also across tiles
-    x[1] = torch.randn(1000, generator=g)
-    x[2] = float("-inf")
-    x[3, 700] = float("nan")
-    x[3, 900] = float("nan")
-    x[4, 250] = x[4].max() + 1  # a maximum right at a tile border
-    x[5, 5] = float("nan")
-    x[5, 600] = float("inf")
-    x = x.to(dtype)
-    for tile in (1, 7, 250, 333, 1000):
-        val = torch.full((9,), -float("inf"))
-        idx = torch.zeros(9, dtype=torch.long)
-        for v0 in range(0, 1000, tile):
-            cpu.argmax_update(x[:, v0:v0 + tile], v0, val, idx)
-        assert torch.equal(idx, x.float().argmax(-1)), tile
-    with pytest.raises(RuntimeError, match="float32 or bfloat16"):
-        cpu.argmax_update(x.double(), 0, val, idx)

@@ -52,7 +52,7 @@ def _run(model, reqs, *, mode: str, stop_from=None, fills: list | None = None, *
     if fills is not None:  # count the steps planned with tokens still in flight
         runner = pipe.engine.runner
         real = runner.execute
-        runner.execute = lambda plan, prev=None, *rest: fills.append(len(plan.fill or ())) or real(plan, prev, *rest)
+        runner.execute = lambda plan, prev=None: fills.append(len(plan.fill or ())) or real(plan, prev)
     try:
         handles = []
         for i, (ids, kw) in enumerate(reqs):

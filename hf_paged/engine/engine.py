@@ -31,7 +31,7 @@ from .outputs import FinishReason
 from .params import SamplingParams
 from .runner import Runner
 from .device_sampler import DeviceSampler
-from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, Sampler, SamplingRow
+from .sampler import LOGPROB_FLOOR, Sampler, SamplingRow
 from .scheduler import Schedule, Scheduler
 from .sequence import Sequence, SeqStatus
 from .stats import EngineStats
@@ -64,16 +64,6 @@ class PendingStep:
 
     seqs: list[Sequence]
     output: Any  # .result() -> SampleOutput
-
-
-def _plain_greedy(seq: Sequence) -> bool:
-    """The sampler would take this sequence's token as the bare argmax of its logits and report nothing
-    else: greedy, no log-probabilities, no grammar, nothing that reads its history (the sampler's fast rows)."""
-    p = seq.params
-    return (p.is_greedy and not p.logprobs and not p.top_logprobs and seq.matcher is None
-            and p.repetition_penalty == 1.0 and p.frequency_penalty == 0.0 and p.presence_penalty == 0.0
-            and p.no_repeat_ngram_size <= 0
-            and not (seq.num_generated + seq.num_ahead < p.min_new_tokens and p.eos_token_id))
 
 
 class Engine:
@@ -158,10 +148,7 @@ class Engine:
         if not sched.seqs:
             return None
         every = [s.seq.params.prompt_logprobs is not None and s.start < s.seq.num_prompt for s in sched.seqs]
-        # Every sampling row plain greedy: the runner may return the tokens (its fused greedy head).
-        greedy = (self.runner.greedy_head is not None and self.runner.broadcast is None and not any(every)
-                  and all(_plain_greedy(s.seq) for s in sched.seqs if s.samples))
-        logits = self.runner.run(sched, every if any(every) else None, prev_ids, greedy)
+        logits = self.runner.run(sched, every if any(every) else None, prev_ids)
         if any(every):
             logits = self._prompt_logprobs(sched, every, logits)
         sampling: list[Sequence] = []
@@ -170,13 +157,6 @@ class Engine:
             if s.samples:
                 sampling.append(s.seq)
         rows = self.scheduler.fork_siblings(sampling)
-        if logits.dim() == 1:  # the tokens already (siblings take their parent's)
-            tokens = logits.tolist()
-            out = Ready(SampleOutput([tokens[r] for r in rows] if len(rows) != len(tokens) else tokens))
-            for k, s in enumerate(sampling):
-                s.num_ahead += 1
-                s.ahead_row = k
-            return PendingStep(sampling, out)
         if len(rows) != logits.shape[0]:
             logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
         if any(s.matcher is not None for s in sampling):

@@ -52,9 +52,6 @@ class Runner:
         self._logits_to_keep = "logits_to_keep" in params
         self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
         self._rows = TableRows()  # the running sequences' block tables, kept between steps
-        from .greedy_head import GreedyHead
-
-        self.greedy_head = GreedyHead.for_model(model) if self.device.type == "cpu" else None
 
     def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False) -> None:
         """Run decode steps of up to ``max_bs`` sequences through :class:`~hf_paged.engine.graphs.DecodeGraphs`
@@ -66,19 +63,15 @@ class Runner:
                                    device=self.device, capture=capture, compile=compile)
 
     def run(self, schedule: Schedule, every_position: list[bool] | None = None,
-            prev_ids: torch.Tensor | None = None, greedy: bool = False) -> torch.Tensor:
+            prev_ids: torch.Tensor | None = None) -> torch.Tensor:
         """Logits (float32) of the last token of each sampling sequence, in schedule order; for a
         scheduled sequence with ``every_position[i]``, of every token of its chunk instead (its last
         row is then its sampling row, if it samples). ``prev_ids``: the sampled ids of the step still
-        in flight (async scheduling), where the tokens not yet on the host come from.
-
-        ``greedy``: every sampling row takes the argmax of its logits, so the runner may return those
-        tokens instead, a 1-D int64 tensor (the fused :class:`~hf_paged.engine.greedy_head.GreedyHead`,
-        where it applies to this step); callers tell the two results apart by their dimensions."""
+        in flight (async scheduling), where the tokens not yet on the host come from."""
         plan = self.plan(schedule, every_position)
         if self.broadcast is not None:
             self.broadcast.send_step(plan)
-        return self.execute(plan, prev_ids, greedy)
+        return self.execute(plan, prev_ids)
 
     def plan(self, schedule: Schedule, every_position: list[bool] | None = None) -> StepPlan:
         """Pack all scheduled tokens into one row. With LoRA layers in the model, tokens are packed
@@ -117,9 +110,8 @@ class Runner:
                         fill or None)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, prev_ids: torch.Tensor | None = None, greedy: bool = False) -> torch.Tensor:
-        """Run the model on ``plan``; the float32 logits of its ``keep`` rows, or with ``greedy`` possibly
-        their argmax tokens (see :meth:`run`). ``prev_ids``: see :meth:`run`."""
+    def execute(self, plan: StepPlan, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Run the model on ``plan``; the float32 logits of its ``keep`` rows. ``prev_ids``: see :meth:`run`."""
         if plan.fill is not None and prev_ids is None:
             raise ValueError("the plan has tokens still being sampled: prev_ids is required")
         self.pool.copy_blocks(plan.copies)
@@ -139,10 +131,6 @@ class Runner:
         kwargs = {}
         if self._logits_to_keep:
             kwargs["logits_to_keep"] = keep_t
-        fused = self.greedy_head if greedy and plan.lora_slots is None else None
-        if fused is not None and fused.wanted(k):
-            out = fused.decoder(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta, use_cache=False)
-            return fused.tokens(out[0][0].index_select(0, keep_t))
         with contextlib.ExitStack() as stack:
             if plan.lora_slots is not None:
                 batch = LoraBatch.build(plan.lora_slots, plan.q_lens, self.device)

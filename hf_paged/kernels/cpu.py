@@ -101,8 +101,7 @@ def _register_fakes() -> None:
     for name, fake in (("skinny_linear", linear), ("skinny_linear_bf16", linear), ("rms_norm", same),
                        ("rms_norm_bf16", same), ("write_kv", nothing), ("paged_decode", nothing),
                        ("lora_sgmv", nothing),
-                       ("argmax_rows", lambda scores: scores.new_empty(scores.shape[0], dtype=torch.long)),
-                       ("argmax_update", nothing)):
+                       ("argmax_rows", lambda scores: scores.new_empty(scores.shape[0], dtype=torch.long))):
         torch.library.register_fake(lib + name)(fake)
 
 
@@ -198,13 +197,6 @@ def bf16_linear_path() -> str:
 def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argmax(-1)`` of a 2-D fp32 CPU tensor with unit-stride rows, rows split between threads."""
     return torch.ops.hf_paged_cpu.argmax_rows(scores)
-
-
-def argmax_update(scores: torch.Tensor, offset: int, best_val: torch.Tensor, best_idx: torch.Tensor) -> None:
-    """Fold one vocabulary tile ``scores`` (fp32 or bf16, ``[rows, n]``, columns ``offset..offset+n-1``) into
-    each row's running maximum (``best_val`` fp32, start at -inf) and its index (``best_idx`` int64), in place;
-    over all tiles in order the result is ``argmax`` of the whole row (first maximum, first NaN)."""
-    torch.ops.hf_paged_cpu.argmax_update(scores, int(offset), best_val, best_idx)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

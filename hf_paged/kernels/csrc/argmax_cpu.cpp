@@ -9,7 +9,6 @@
 #include <algorithm>
 #include <cmath>
 #include <limits>
-#include <vector>
 
 #include "simd.h"
 
@@ -74,51 +73,12 @@ at::Tensor argmax_rows(const at::Tensor& scores) {
   return out;
 }
 
-// One vocabulary tile of a greedy LM head (the engine's fused head: the logits are made tile by tile and
-// never exist whole). best_val/best_idx hold each row's running maximum over the tiles before this one;
-// the tile's columns are vocabulary ids offset.. onwards. A later tile wins only with a larger value (or a
-// first NaN), so the result is argmax's over the whole row: the first index of the maximum, or the first NaN.
-void argmax_update(const at::Tensor& scores, int64_t offset, const at::Tensor& best_val, const at::Tensor& best_idx) {
-  TORCH_CHECK(scores.device().is_cpu() && scores.dim() == 2 && scores.size(1) > 0 && scores.stride(1) == 1,
-              "argmax_update: a 2-D CPU tile with contiguous, non-empty rows expected");
-  TORCH_CHECK(scores.scalar_type() == at::kFloat || scores.scalar_type() == at::kBFloat16,
-              "argmax_update: float32 or bfloat16 scores expected");
-  const int64_t rows = scores.size(0), n = scores.size(1), stride = scores.stride(0);
-  TORCH_CHECK(best_val.scalar_type() == at::kFloat && best_val.is_contiguous() && best_val.numel() == rows &&
-                  best_idx.scalar_type() == at::kLong && best_idx.is_contiguous() && best_idx.numel() == rows,
-              "argmax_update: best_val (float32) and best_idx (int64) of one entry per row expected");
-  float* bv = best_val.data_ptr<float>();
-  int64_t* bi = best_idx.data_ptr<int64_t>();
-  const bool bf16 = scores.scalar_type() == at::kBFloat16;
-  const float* f32 = bf16 ? nullptr : scores.data_ptr<float>();
-  const at::BFloat16* b16 = bf16 ? scores.data_ptr<at::BFloat16>() : nullptr;
-  at::parallel_for(0, rows, std::max<int64_t>(1, 65536 / n), [&](int64_t r0, int64_t r1) {
-    std::vector<float> buf(bf16 ? n : 0);
-    for (int64_t r = r0; r < r1; ++r) {
-      const float* x = f32 + r * stride;
-      if (bf16) {  // exact widening: bf16 is the top half of a float32
-        const at::BFloat16* y = b16 + r * stride;
-        for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<float>(y[j]);
-        x = buf.data();
-      }
-      const int64_t k = row_argmax(x, n);
-      const float v = x[k];
-      if (v > bv[r] || (std::isnan(v) && !std::isnan(bv[r]))) {
-        bv[r] = v;
-        bi[r] = offset + k;
-      }
-    }
-  });
-}
-
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hf_paged_cpu, m) {
   m.def("argmax_rows(Tensor scores) -> Tensor");
-  m.def("argmax_update(Tensor scores, int offset, Tensor(a!) best_val, Tensor(b!) best_idx) -> ()");
 }
 
 TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) {
   m.impl("argmax_rows", &argmax_rows);
-  m.impl("argmax_update", &argmax_update);
 }
