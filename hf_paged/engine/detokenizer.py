@@ -7,6 +7,10 @@ concatenation); the new text is what the window decodes to beyond that context. 
 ends in U+FFFD the last token(s) hold an incomplete UTF-8 sequence (a byte-level BPE splits
 multi-byte characters over tokens), so nothing is emitted until a later token completes it.
 
+A byte-level BPE tokenizer (``decode`` = concatenate the tokens' bytes, then UTF-8) skips the window:
+each token's bytes (:class:`ByteTable`, checked once per tokenizer against ``decode``) go through Python's
+incremental UTF-8 decoder, which holds an unfinished character's bytes itself; about 3x cheaper a token.
+
 Stop strings can span tokens, so text that could be the start of a stop string is held back until
 it either completes the stop (the text ends before it, nothing of it leaks) or stops matching.
 
