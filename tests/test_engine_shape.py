@@ -213,3 +213,20 @@ def test_serve_freezes_the_loaded_heap_while_serving(tmp_path, monkeypatch):
             p.close()
     assert pipes and seen and seen[0] > before + 1000  # the loaded objects were frozen while "serving"
     assert gc.get_freeze_count() == 0  # and unfrozen after
+
+
+def test_an_asyncio_consumer_leaves_no_events_behind(tiny):
+    """Events of a handle read by an asyncio consumer are not also kept in its thread queue (a long stream
+    would hold all of them until the handle is dropped); those queued before it attached reach it first."""
+    import asyncio
+
+    with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
+        async def run():
+            h = pipe.submit([5, 6, 7], max_new_tokens=300, do_sample=False, ignore_eos=True)
+            await asyncio.sleep(0.01)  # a few events may be emitted before the consumer attaches
+            return h, [ev async for ev in h]
+
+        h, events = asyncio.run(run())
+        want = pipe.generate([5, 6, 7], max_new_tokens=300, do_sample=False, ignore_eos=True)
+    assert [e.token_id for e in events[:-1]] == want.outputs[0].token_ids and events[-1].finished
+    assert h._events.qsize() == 0

@@ -46,7 +46,11 @@ class Request:
             if event.finished:
                 self._output = event.output
                 self._done.set()
-            self._events.put(event)
+            if not self._async:
+                # Held for a thread consumer (or the first asyncio one, which takes what is queued when it
+                # attaches). Once an asyncio consumer is attached, events go to it alone: queued here as
+                # well, nobody would read them, and a long stream would hold all its events to the end.
+                self._events.put(event)
             for loop, q in self._async:
                 if wakeups is not None:
                     wakeups.add(loop, q, event)
