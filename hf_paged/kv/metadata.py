@@ -48,11 +48,7 @@ class TableRows:
     def indices(self, tables: list[list[int]]) -> np.ndarray:
         """The row of each table (rows past a table's length hold 0), writing the tables that changed."""
         n = len(tables)
-        need = max((len(t) for t in tables), default=0)
-        if need > self._arr.shape[1]:
-            wider = np.zeros((self._arr.shape[0], max(need, 2 * self._arr.shape[1])), np.int32)
-            wider[:, : self._arr.shape[1]] = self._arr
-            self._arr = wider
+        self._widen(max((len(t) for t in tables), default=0))
         if self._used + n > self._arr.shape[0]:
             # Full: forget every row (most belong to finished sequences) and start over, with room to spare.
             self._entries.clear()
@@ -81,9 +77,15 @@ class TableRows:
 
     def gather(self, tables: list[list[int]], width: int) -> np.ndarray:
         """``[len(tables), width]`` int32: each table padded with 0 (cut at ``width``)."""
-        idx = self.indices(tables)
-        return self._arr[idx, :width] if width <= self._arr.shape[1] else np.pad(
-            self._arr[idx], ((0, 0), (0, width - self._arr.shape[1])))
+        self._widen(width)
+        idx = self.indices(tables)  # first: it may replace the array
+        return self._arr[idx, :width]
+
+    def _widen(self, need: int) -> None:
+        if need > self._arr.shape[1]:
+            wider = np.zeros((self._arr.shape[0], max(need, 2 * self._arr.shape[1])), np.int32)
+            wider[:, : self._arr.shape[1]] = self._arr
+            self._arr = wider
 
     def take_into(self, tables: list[list[int]], out: np.ndarray) -> None:
         """``out[:len(tables), :w] = `` the tables' rows, ``w`` the narrower of ``out`` and the rows (entries
