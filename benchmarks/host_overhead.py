@@ -6,7 +6,7 @@ detokenizing and emitting) is what the timers see. Each phase is timed by wrappi
 methods; the forward (``Runner.execute`` less the metadata tensors it builds) is reported apart and
 left out of the host total. ``--prompt-len`` sets the context (the block tables grow with it).
 
-    python benchmarks/host_overhead.py --seqs 256 --steps 50 [--prompt-len 1024]
+    python benchmarks/host_overhead.py --seqs 256 --steps 50 [--prompt-len 1024] [--logprobs]
 """
 from __future__ import annotations
 
@@ -28,6 +28,8 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0: one short chat prompt)")
+    ap.add_argument("--logprobs", action="store_true", help="every request asks for its tokens' logprobs (as TGI's "
+                    "/generate_stream always does)")
     args = ap.parse_args()
 
     from served import tiny_chat_pipeline
@@ -63,6 +65,8 @@ def main() -> None:
     # The greedy pick over [N, vocab] logits: host work on CPU, but on CUDA it runs on the device (the
     # device sampler), so it is reported apart as well.
     timed(sampler_mod, "_argmax", "argmax (on the device on CUDA)")
+    if hasattr(sampler_mod, "_argmax_logprob"):
+        timed(sampler_mod, "_argmax_logprob", "argmax + logprob (on the device on CUDA)")
 
     prompt = pipe.tokenizer("Tell me a long story about a lighthouse keeper.")["input_ids"]
     if args.prompt_len:
@@ -72,7 +76,8 @@ def main() -> None:
         from hf_paged.engine.request import Request
 
         for i in range(args.seqs):
-            params = SamplingParams.from_request(None, max_new_tokens=10_000, do_sample=False, ignore_eos=True)
+            params = SamplingParams.from_request(None, max_new_tokens=10_000, do_sample=False, ignore_eos=True,
+                                                 logprobs=args.logprobs)
             delivery.add(Request(f"r{r}-{i}", prompt, prompt, params, lambda req: None))
         while any(s.num_computed < s.num_prompt for s in eng.scheduler.running) or eng.scheduler.waiting:
             delivery.deliver(eng.step())
@@ -90,7 +95,8 @@ def main() -> None:
         row["step"] = 1e3 * step
         row["forward"] = 1e3 * forward
         row["host (step - forward)"] = 1e3 * (step - forward)
-        row["host without argmax"] = row["host (step - forward)"] - row.get("argmax (on the device on CUDA)", 0.0)
+        row["host without argmax"] = (row["host (step - forward)"] - row.get("argmax (on the device on CUDA)", 0.0)
+                                      - row.get("argmax + logprob (on the device on CUDA)", 0.0))
         rounds.append(row)
         print(f"round {r + 1}: " + ", ".join(f"{k} {v:.2f} ms" for k, v in row.items()), flush=True)
         for req_id in list(delivery.requests):

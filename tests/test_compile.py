@@ -154,6 +154,7 @@ def test_fake_kernels_agree_with_the_ops():
         (ops.rms_norm.default, (strided, _rand(16), 1e-6, 0.0)),
         (ops.rms_norm_bf16.default, (strided.bfloat16(), _rand(16, dtype=torch.bfloat16), 1e-6, 1.0, False)),
         (ops.argmax_rows.default, (x,)),
+        (ops.argmax_logprob_rows.default, (x,)),
         (ops.write_kv.default, (_rand(3, 2, 8), _rand(3, 2, 8), kc, vc, torch.tensor([0, 5, -1]))),
         (ops.paged_decode.default, (_rand(2, 4, 8), kc, vc, torch.tensor([[0, 1], [2, 3]], dtype=torch.int32),
                                     torch.tensor([0, 1, 2], dtype=torch.int32),

@@ -454,6 +454,30 @@ def test_argmax_rows_equals_torch_argmax(width):
     assert torch.equal(cpu.argmax_rows(wide), wide.argmax(-1))
 
 
+@pytest.mark.parametrize("width", [1, 7, 33, 1000, 49152])
+def test_argmax_logprob_rows_equals_log_softmax(width):
+    g = torch.Generator().manual_seed(width)
+    x = torch.randn(37, width, generator=g) * 4
+    x[1] = torch.randint(-2, 2, (width,), generator=g).float()  # ties: the first index, as argmax
+    x[2, :width // 2 + 1] = float("-inf")  # masked-out tokens count for nothing
+    x[7] += 1000.0  # large logits: exp is taken after subtracting the maximum
+    wide = torch.randn(5, width + 9, generator=g)[:, 3 : 3 + width]  # rows with a larger stride
+    for t in (x, wide):
+        ids, lps = cpu.argmax_logprob_rows(t)
+        assert torch.equal(ids, t.argmax(-1))
+        ref = torch.log_softmax(t, -1).gather(1, ids.view(-1, 1)).view(-1)
+        torch.testing.assert_close(lps, ref, atol=2e-5, rtol=1e-5, equal_nan=True)  # width 1: row 2 is all -inf
+    odd = torch.randn(4, width, generator=g)
+    odd[0] = float("-inf")
+    odd[1, width // 2] = float("nan")
+    odd[2, 0] = float("inf")
+    ids, lps = cpu.argmax_logprob_rows(odd)
+    assert torch.equal(ids, odd.argmax(-1))
+    ref = torch.log_softmax(odd, -1).gather(1, ids.view(-1, 1)).view(-1)
+    assert lps[:3].isnan().all() and ref[:3].isnan().all()  # as log_softmax: a non-finite maximum gives NaN
+    torch.testing.assert_close(lps[3:], ref[3:], atol=2e-5, rtol=1e-5)
+
+
 def test_argmax_rows_refuses_what_it_cannot_read():
     with pytest.raises(RuntimeError, match="float32"):
         cpu.argmax_rows(torch.zeros(2, 3, dtype=torch.float64))
@@ -461,6 +485,10 @@ def test_argmax_rows_refuses_what_it_cannot_read():
         cpu.argmax_rows(torch.zeros(3, 2).t())
     with pytest.raises(RuntimeError, match="empty"):
         cpu.argmax_rows(torch.zeros(2, 0))
+    with pytest.raises(RuntimeError, match="argmax_logprob_rows: a 2-D float32"):
+        cpu.argmax_logprob_rows(torch.zeros(2, 3, dtype=torch.bfloat16))
+    with pytest.raises(RuntimeError, match="contiguous"):
+        cpu.argmax_logprob_rows(torch.zeros(3, 2).t())
 
 
 def test_greedy_sampler_uses_the_kernel_with_torch_ties(monkeypatch):
@@ -474,3 +502,31 @@ def test_greedy_sampler_uses_the_kernel_with_torch_ties(monkeypatch):
     rows = [SamplingRow(SamplingParams(max_new_tokens=4), [1], 0) for _ in range(64)]
     assert Sampler(4096).sample(logits, rows).tokens == logits.argmax(-1).tolist()
     assert calls == [(64, 4096)]
+
+
+def test_greedy_logprobs_come_from_the_kernel_and_match_the_general_path(monkeypatch):
+    """Greedy rows that ask for logprobs (every TGI stream) take argmax_logprob_rows: one call, the same
+    tokens and logprobs as the log_softmax path, which still serves the rows that want top lists."""
+    from hf_paged.engine import sampler as sampler_mod
+    from hf_paged.engine.params import SamplingParams
+    from hf_paged.engine.sampler import LOGPROB_FLOOR, Sampler, SamplingRow
+
+    calls = []
+    real = cpu.argmax_logprob_rows
+    monkeypatch.setattr(cpu, "argmax_logprob_rows", lambda scores: calls.append(scores.shape) or real(scores))
+    logits = torch.randn(40, 4096, generator=torch.Generator().manual_seed(1)) * 5
+    logits[3] = float("nan")
+    kinds = [dict(logprobs=True), dict(logprobs=True, top_logprobs=3), dict()]
+    rows = [SamplingRow(SamplingParams(max_new_tokens=4, **kinds[i % 3]), [1], 0) for i in range(40)]
+    got = Sampler(4096).sample(logits, rows)
+    assert calls == [(40, 4096)]
+    monkeypatch.setattr(sampler_mod, "_argmax_logprob", lambda scores: None)  # the general path
+    want = Sampler(4096).sample(logits, rows)
+    assert got.tokens == want.tokens == logits.argmax(-1).tolist()
+    assert got.logprobs[3] == want.logprobs[3] == LOGPROB_FLOOR
+    for i in range(40):
+        if i % 3 == 2:
+            assert got.logprobs[i] is None and got.top_logprobs[i] == []
+        else:
+            assert got.logprobs[i] == pytest.approx(want.logprobs[i], abs=2e-5)
+            assert [t for t, _ in got.top_logprobs[i]] == [t for t, _ in want.top_logprobs[i]]

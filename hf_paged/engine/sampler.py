@@ -126,19 +126,26 @@ class Sampler:
             out.logprobs, out.top_logprobs = [None] * n, [[] for _ in range(n)]
         fast = [i for i, r in enumerate(rows) if r.params.is_greedy and not _needs_history(r)]
         if fast:
-            if len(fast) == n:
-                pos = _argmax(logits)
-            elif 8 * len(fast) >= n:  # one pass over the whole batch beats gathering the rows
-                every = _argmax(logits)
-                pos = [every[i] for i in fast]
+            asking = [k for k, i in enumerate(fast) if wants[i]]
+            picked = None
+            if len(fast) == n or 8 * len(fast) >= n:  # one pass over the whole batch beats gathering the rows
+                # A greedy row that asks for its token's logprob (every TGI stream) gets it from the same
+                # call, without a [rows, vocab] log_softmax.
+                picked = _argmax_logprob(logits) if asking else None
+                every = picked[0] if picked is not None else _argmax(logits)
+                pos = every if len(fast) == n else [every[i] for i in fast]
             else:
                 pos = [_argmax(logits[i : i + 1])[0] for i in fast]
             for i, t in zip(fast, pos):
                 out.tokens[i] = t
-            asking = [k for k, i in enumerate(fast) if wants[i]]
+            if picked is not None:
+                for k in asking:
+                    lp = picked[1][fast[k]]
+                    out.logprobs[fast[k]] = lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN fails >= too
+                asking = [k for k in asking if rows[fast[k]].params.top_logprobs > 0]  # still want top lists
             if asking:
                 idx = [fast[k] for k in asking]
-                scores = logits.index_select(0, torch.tensor(idx, device=logits.device))
+                scores = logits if len(idx) == n else logits.index_select(0, torch.tensor(idx, device=logits.device))
                 self._fill_logprobs(out, _Part(idx, scores, None, True), [pos[k] for k in asking], rows, wants)
         if len(fast) < n:
             fast_set = set(fast)
@@ -318,6 +325,19 @@ def _argmax(scores: torch.Tensor) -> list[int]:
                 return cpu.argmax_rows(scores).tolist()
         return np.argmax(scores.numpy(), axis=-1).tolist()
     return scores.argmax(dim=-1).tolist()
+
+
+def _argmax_logprob(scores: torch.Tensor) -> tuple[list[int], list[float]] | None:
+    """:func:`_argmax` and each pick's ``log_softmax`` value (NaN where a row's maximum is not finite), in
+    one C++ call on CPU; None where that kernel does not apply (the caller takes the general path)."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2 and scores.shape[1] \
+            and scores.stride(1) == 1:
+        from ..kernels import cpu
+
+        if cpu.available():
+            ids, lps = cpu.argmax_logprob_rows(scores)
+            return ids.tolist(), lps.tolist()
+    return None
 
 
 _KERNEL_ARGMAX_MIN = 1 << 16  # below this many scores numpy's single pass is as fast as a threaded one

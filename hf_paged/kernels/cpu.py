@@ -101,7 +101,9 @@ def _register_fakes() -> None:
     for name, fake in (("skinny_linear", linear), ("skinny_linear_bf16", linear), ("rms_norm", same),
                        ("rms_norm_bf16", same), ("write_kv", nothing), ("paged_decode", nothing),
                        ("lora_sgmv", nothing),
-                       ("argmax_rows", lambda scores: scores.new_empty(scores.shape[0], dtype=torch.long))):
+                       ("argmax_rows", lambda scores: scores.new_empty(scores.shape[0], dtype=torch.long)),
+                       ("argmax_logprob_rows", lambda scores: (scores.new_empty(scores.shape[0], dtype=torch.long),
+                                                               scores.new_empty(scores.shape[0])))):
         torch.library.register_fake(lib + name)(fake)
 
 
@@ -197,6 +199,12 @@ def bf16_linear_path() -> str:
 def argmax_rows(scores: torch.Tensor) -> torch.Tensor:
     """``scores.argmax(-1)`` of a 2-D fp32 CPU tensor with unit-stride rows, rows split between threads."""
     return torch.ops.hf_paged_cpu.argmax_rows(scores)
+
+
+def argmax_logprob_rows(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`argmax_rows` and ``log_softmax(scores, -1)`` at those ids (fp32; NaN where a row's maximum is
+    not finite), without making the ``[rows, vocab]`` log-probabilities."""
+    return torch.ops.hf_paged_cpu.argmax_logprob_rows(scores)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

@@ -23,9 +23,7 @@
 #include <utility>
 #include <vector>
 
-#if defined(__AVX2__) && defined(__FMA__)
-#include <immintrin.h>
-#endif
+#include "simd.h"
 
 namespace {
 
@@ -34,49 +32,16 @@ inline float load(const T& x) {
   return static_cast<float>(x);
 }
 
-// exp(x) for x <= 0 (softmax after subtracting the max), as plain arithmetic the compiler can
-// vectorise: x = n ln2 + r with |r| <= ln2/2, a degree-6 polynomial for e^r (the Cephes expf
-// coefficients, about 1 ulp) and 2^n built in the exponent bits. Inputs below -87 give ~1e-38.
-inline float exp_nonpositive(float x) {
-  x = x < -87.0f ? -87.0f : x;
-  const float magic = 12582912.0f;  // 1.5 * 2^23: adding it rounds to an integer
-  float n = (x * 1.44269504088896341f + magic) - magic;
-  float r = x - n * 0.693359375f + n * 2.12194440e-4f;
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * r * r + r + 1.0f;
-  int32_t bits = (static_cast<int32_t>(n) + 127) << 23;
-  float scale;
-  std::memcpy(&scale, &bits, sizeof(scale));
-  return p * scale;
-}
+using hf_paged_simd::exp_nonpositive;
 
 // x[j] = exp(x[j] - max(x)) in place.
 inline void exp_shifted(float* x, int64_t n) {
   const float mx = *std::max_element(x, x + n);
   int64_t j = 0;
-#if defined(__AVX2__) && defined(__FMA__)
-  const __m256 vmx = _mm256_set1_ps(mx), lo = _mm256_set1_ps(-87.0f), log2e = _mm256_set1_ps(1.44269504088896341f);
-  const __m256 c1 = _mm256_set1_ps(0.693359375f), c2 = _mm256_set1_ps(-2.12194440e-4f), one = _mm256_set1_ps(1.0f);
-  for (; j + 8 <= n; j += 8) {
-    __m256 v = _mm256_max_ps(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmx), lo);
-    __m256 k = _mm256_round_ps(_mm256_mul_ps(v, log2e), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    __m256 r = _mm256_fnmadd_ps(k, c1, v);
-    r = _mm256_fnmadd_ps(k, c2, r);
-    __m256 p = _mm256_set1_ps(1.9875691500e-4f);
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.3981999507e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(8.3334519073e-3f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(4.1665795894e-2f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
-    p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
-    p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, one));
-    __m256i e = _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(k), _mm256_set1_epi32(127)), 23);
-    _mm256_storeu_ps(x + j, _mm256_mul_ps(p, _mm256_castsi256_ps(e)));
-  }
+#if HF_PAGED_AVX2
+  const __m256 vmx = _mm256_set1_ps(mx);
+  for (; j + 8 <= n; j += 8)
+    _mm256_storeu_ps(x + j, hf_paged_simd::exp8_nonpositive(_mm256_sub_ps(_mm256_loadu_ps(x + j), vmx)));
 #endif
   for (; j < n; ++j) x[j] = exp_nonpositive(x[j] - mx);
 }
@@ -147,7 +112,7 @@ void pv_block(const float* p, int64_t n, const scalar_t* base, int64_t t0, int64
   pv_block_generic(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
 }
 
-#if defined(__AVX2__) && defined(__FMA__)
+#if HF_PAGED_AVX2
 inline float hsum8(__m256 v) {
   __m128 x = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
   x = _mm_add_ps(x, _mm_movehl_ps(x, x));
