@@ -34,6 +34,7 @@ def main() -> None:
 
     from served import tiny_chat_pipeline
 
+    from hf_paged.engine.host_runtime import park_openmp_workers
     from hf_paged.engine.params import SamplingParams
 
     pipe = tiny_chat_pipeline(max_model_len=args.prompt_len + 1024, max_num_seqs=args.seqs, max_batch_tokens=4096,
@@ -86,7 +87,9 @@ def main() -> None:
         steps = []
         for _ in range(args.steps):
             t = time.perf_counter()
-            delivery.deliver(eng.step())
+            records = eng.step()
+            park_openmp_workers()  # as the pipeline's thread does after each step on CPU (HF_PAGED_OMP_PARK)
+            delivery.deliver(records)
             steps.append(time.perf_counter() - t)
         forward = (sum(timings["execute (forward + metadata)"])
                    - sum(timings["metadata tensors (eager path)"])) / args.steps

@@ -167,3 +167,39 @@ def test_cancel_while_overlapping_frees_blocks(model, mode):
     finally:
         pipe.close()
         hf_paged.unwrap(model)
+
+
+@pytest.mark.parametrize("mode", ["plain", "overlap", "async"])
+def test_openmp_workers_parked_after_every_step(model, mode, monkeypatch):
+    """On CPU the pipeline's thread parks its OpenMP workers once each step is sampled (they would spin
+    through the host work), in every loop; the outputs are those of a run that never parks."""
+    import hf_paged.engine.pipeline as pipeline_mod
+    from hf_paged.engine import host_runtime
+
+    reqs = _requests(10, seed=2)
+    monkeypatch.setenv("HF_PAGED_OMP_PARK", "0")
+    unparked, _ = _run(model, reqs, mode="plain", max_num_seqs=4, max_batch_tokens=64)
+    monkeypatch.setenv("HF_PAGED_OMP_PARK", "1")
+    calls: list[bool] = []
+    monkeypatch.setattr(pipeline_mod, "park_openmp_workers",
+                        lambda: calls.append(host_runtime.park_openmp_workers()))
+    fills: list[int] = []
+    got, stats = _run(model, reqs, mode=mode, fills=fills, max_num_seqs=4, max_batch_tokens=64)
+    _same(got, unparked)
+    assert stats["blocks_used"] == 0
+    assert len(calls) >= len(fills) > 0  # at least once per forward
+    if host_runtime._gomp:  # torch links libgomp here: the pause really happened
+        assert all(calls)
+
+
+def test_park_openmp_workers_switch(monkeypatch):
+    import torch
+
+    from hf_paged.engine import host_runtime
+
+    monkeypatch.setenv("HF_PAGED_OMP_PARK", "0")
+    assert host_runtime.park_openmp_workers() is False
+    monkeypatch.setenv("HF_PAGED_OMP_PARK", "1")
+    x = torch.randn(1 << 20)
+    host_runtime.park_openmp_workers()
+    assert torch.equal(x + 1.0, torch.add(x, 1.0))  # the next parallel region builds its team again

@@ -67,12 +67,24 @@ _gomp: object = None
 
 def release_openmp_pool() -> bool:
     """Release the calling thread's idle OpenMP team (libgomp only); True when libgomp accepted."""
-    global _gomp
     if os.environ.get("HF_PAGED_OMP_RELEASE", "1").strip() in ("0", "false", "off", "no"):
         return False
     if threading.current_thread() is not threading.main_thread() and threading.current_thread().name.startswith(
             "hf_paged-engine"):
         return False  # the engine thread's own team is the one doing the work
+    return _pause()
+
+
+def park_openmp_workers() -> bool:
+    """Put the engine thread's OpenMP workers to sleep until its next parallel region (called once a step's
+    tokens are sampled): libgomp's workers otherwise spin-wait through the step's host work, a core each."""
+    if os.environ.get("HF_PAGED_OMP_PARK", "1").strip() in ("0", "false", "off", "no"):
+        return False
+    return _pause()
+
+
+def _pause() -> bool:
+    global _gomp
     if _gomp is None:
         _gomp = False
         import torch

@@ -25,7 +25,7 @@ from ..kv.pool import KVPool
 from ..lora import AdapterSet
 from ..wrap import base_model, is_peft, kv_pool, tp_size, wrap
 from .delivery import Delivery
-from .host_runtime import release_openmp_pool, tune_malloc
+from .host_runtime import park_openmp_workers, release_openmp_pool, tune_malloc
 from .engine import Engine
 from .stepping import Stepper
 from .grammar import Grammars
@@ -334,7 +334,8 @@ class PagedPipeline:
         ahead = self.config.async_scheduling
         overlap = self.config.overlap
         stepper = Stepper(self.engine, self.delivery, overlap=cuda if overlap is None else overlap,
-                          ahead=(cuda and self.tp is None) if ahead is None else ahead)
+                          ahead=(cuda and self.tp is None) if ahead is None else ahead,
+                          park=park_openmp_workers if self._cpu else None)
         while True:
             try:
                 if stepper.holding and (not self.engine.has_work() or not self._inbox.empty()):

@@ -9,17 +9,22 @@ Three ways, from :class:`~hf_paged.config.EngineConfig`:
   host first (:meth:`Engine.can_run_ahead`), N is finished before N+1 is launched.
 
 The pipeline calls :meth:`flush` before adds, cancels and calls and before it idles, so every token
-launched so far is recorded and delivered first.
+launched so far is recorded and delivered first. ``park`` (CPU): called once a launched step's forward and
+sampling are done, before the host work that follows (see :func:`~hf_paged.engine.host_runtime.park_openmp_workers`).
 """
 from __future__ import annotations
+
+from collections.abc import Callable
 
 from .delivery import Delivery
 from .engine import Engine, PendingStep, TokenRecord
 
 
 class Stepper:
-    def __init__(self, engine: Engine, delivery: Delivery, *, overlap: bool, ahead: bool) -> None:
+    def __init__(self, engine: Engine, delivery: Delivery, *, overlap: bool, ahead: bool,
+                 park: Callable[[], object] | None = None) -> None:
         self.engine = engine
+        self.park = park
         self.delivery = delivery
         self.overlap = overlap or ahead
         self.ahead = ahead
@@ -54,10 +59,14 @@ class Stepper:
                 delivery.deliver(engine.complete(pending))
                 pending = None
             self._pending = engine.launch(ahead=pending)
+            if self.park is not None:
+                self.park()
             if pending is not None:
                 delivery.deliver(engine.complete(pending))
         elif self.overlap:
             launched = engine.launch()
+            if self.park is not None:
+                self.park()
             records, self._records = self._records, []
             if records:
                 # Host work while the device runs the step just launched. A stop string found here ends
@@ -66,4 +75,7 @@ class Stepper:
             if launched is not None:
                 self._records = engine.complete(launched)
         else:
-            delivery.deliver(engine.step())
+            records = engine.step()
+            if self.park is not None:
+                self.park()
+            delivery.deliver(records)
