@@ -182,7 +182,9 @@ async def health_probe(client: httpx.AsyncClient, stop: asyncio.Event, worst: li
 
 async def run(args: argparse.Namespace, chaos: bool = False, constrained: float = 0.0) -> dict:
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
-    limits = httpx.Limits(max_connections=args.concurrency + 4)
+    # Idle connections expire on the client well before the server's keep-alive timeout (uvicorn: 5 s), so a
+    # request never goes out on a connection the server is closing at that moment.
+    limits = httpx.Limits(max_connections=args.concurrency + 4, keepalive_expiry=args.keepalive_expiry)
     rng = random.Random(args.seed)
     async with httpx.AsyncClient(base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout,
                                  limits=limits) as client:
@@ -323,6 +325,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--route", choices=["generate", "chat"], default="generate")
     ap.add_argument("--api-key", default=None)
     ap.add_argument("--timeout", type=float, default=600.0)
+    ap.add_argument("--keepalive-expiry", type=float, default=1.0,
+                    help="seconds the client keeps an idle connection (below the server's keep-alive timeout)")
     ap.add_argument("--leak-timeout", type=float, default=10.0, help="seconds to wait for the engine to go idle")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")

@@ -198,7 +198,8 @@ def test_serve_freezes_the_loaded_heap_while_serving(tmp_path, monkeypatch):
 
     save_tiny_chat_model(tmp_path)
     seen = []
-    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: seen.append(gc.get_freeze_count()))
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: seen.append(
+        (gc.get_freeze_count(), self.config.timeout_keep_alive)))
     ap = argparse.ArgumentParser()
     add_arguments(ap)
     pipes = []
@@ -207,11 +208,13 @@ def test_serve_freezes_the_loaded_heap_while_serving(tmp_path, monkeypatch):
                         classmethod(lambda cls, *a, **k: pipes.append(real(cls, *a, **k)) or pipes[-1]))
     before = gc.get_freeze_count()
     try:
-        serve(ap.parse_args(["--model", str(tmp_path), "--no-ui", "--num-blocks", "32", "--port", "0"]))
+        serve(ap.parse_args(["--model", str(tmp_path), "--no-ui", "--num-blocks", "32", "--port", "0",
+                             "--timeout-keep-alive", "75"]))
     finally:
         for p in pipes:
             p.close()
-    assert pipes and seen and seen[0] > before + 1000  # the loaded objects were frozen while "serving"
+    assert pipes and seen and seen[0][0] > before + 1000  # the loaded objects were frozen while "serving"
+    assert seen[0][1] == 75  # --timeout-keep-alive reaches uvicorn (above a load balancer's idle timeout)
     assert gc.get_freeze_count() == 0  # and unfrozen after
 
 

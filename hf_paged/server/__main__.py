@@ -41,6 +41,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
     parser.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on generation routes")
     parser.add_argument("--no-ui", action="store_true", help="do not mount the Gradio UI at /ui")
     parser.add_argument("--log-level", default="info")
+    parser.add_argument("--timeout-keep-alive", type=float, default=5.0,
+                        help="seconds an idle keep-alive connection stays open (uvicorn's default); behind a load "
+                             "balancer, set it above the balancer's idle timeout, or reused connections fail")
     parser.add_argument("--tp-plan", choices=["auto"], default=None,
                         help="tensor parallel over the torch.distributed ranks (under torchrun): rank 0 serves "
                              "HTTP and schedules, the other ranks follow its steps")
@@ -82,7 +85,7 @@ def serve(args: argparse.Namespace) -> None:
           + ("" if args.no_ui else f"  (UI: http://{args.host}:{args.port}/ui)"), flush=True)
     # A short graceful period: streams still open after it are cancelled by the app's shutdown.
     server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5))
+                                           timeout_graceful_shutdown=5, timeout_keep_alive=args.timeout_keep_alive))
     if pipe.tp is not None:
         threading.Thread(target=_stop_when_broken, args=(pipe, server), daemon=True).start()
     try:
