@@ -24,7 +24,7 @@ class Stepper:
     def __init__(self, engine: Engine, delivery: Delivery, *, overlap: bool, ahead: bool,
                  park: Callable[[], object] | None = None) -> None:
         self.engine = engine
-        self.park = park
+        self.park = park or _nothing
         self.delivery = delivery
         self.overlap = overlap or ahead
         self.ahead = ahead
@@ -59,14 +59,12 @@ class Stepper:
                 delivery.deliver(engine.complete(pending))
                 pending = None
             self._pending = engine.launch(ahead=pending)
-            if self.park is not None:
-                self.park()
+            self.park()
             if pending is not None:
                 delivery.deliver(engine.complete(pending))
         elif self.overlap:
             launched = engine.launch()
-            if self.park is not None:
-                self.park()
+            self.park()
             records, self._records = self._records, []
             if records:
                 # Host work while the device runs the step just launched. A stop string found here ends
@@ -76,6 +74,9 @@ class Stepper:
                 self._records = engine.complete(launched)
         else:
             records = engine.step()
-            if self.park is not None:
-                self.park()
+            self.park()
             delivery.deliver(records)
+
+
+def _nothing() -> None:
+    pass
