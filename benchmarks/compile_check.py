@@ -79,6 +79,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     from hf_paged.kernels.cache_write import write_kv_triton
     from hf_paged.kernels.decode import paged_decode
+    from hf_paged.kernels.lora import lora_add_triton
     from hf_paged.kernels.prefill import paged_prefill
 
     _compile_only()
@@ -107,6 +108,23 @@ def main(argv=None) -> int:
                               softcap=softcap, tiles=tiles)
                 print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
             except Exception:  # noqa: BLE001 - report every failing configuration, then fail
+                failures += 1
+                print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
+        # The LoRA SGMV kernels (shrink, expand): every dtype and stacked rank from the smallest (16) to
+        # 256; the fp32 path multiplies in IEEE fp32, the others on the tensor cores.
+        for dtype, rank in itertools.product([torch.float16, torch.bfloat16, torch.float32], (16, 64, 256)):
+            name = f"sm_{arch} {str(dtype)[6:]:8s} LoRA SGMV R={rank:3d}"
+            k_dim, n_dim, slots = 2048, 8192, 3
+            start = time.perf_counter()
+            try:
+                lora_add_triton(torch.zeros(6, n_dim, dtype=dtype), torch.zeros(6, k_dim, dtype=dtype),
+                                torch.zeros(slots, rank, k_dim, dtype=dtype),
+                                torch.zeros(slots, n_dim, rank, dtype=dtype),
+                                torch.full((slots,), rank, dtype=torch.int32), torch.ones(slots),
+                                torch.tensor([0, 2], dtype=torch.int32), torch.tensor([2, 4], dtype=torch.int32),
+                                torch.tensor([1, 2], dtype=torch.int32), max_len=4)
+                print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
+            except Exception:  # noqa: BLE001
                 failures += 1
                 print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
     print(f"{failures} configuration(s) failed")
