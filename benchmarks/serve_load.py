@@ -16,7 +16,8 @@ of the same good load alone and with ``--chaos-clients`` clients sending (``--ch
 in all, Poisson arrivals; ``inf`` sends back to back, a flood), malformed
 and out-of-range requests, lone surrogates, oversized bodies, over-long inputs, ``n`` above the limit
 and streams they drop after two tokens. It reports p99 latency of the good requests in each round
-with and without chaos, their ratio (target <= 1.2), and the slowest ``/health`` answer seen.
+with and without chaos, their ratio (target <= 1.2), and the slowest ``/health`` answer seen (by this
+client's busy event loop: ``health_probe.py`` measures the server's own).
 
     python benchmarks/serve_load.py --url http://127.0.0.1:8080 --chaos --rounds 3 --json
 
@@ -173,6 +174,9 @@ async def chaos_client(client: httpx.AsyncClient, stop: asyncio.Event, rng: rand
 
 
 async def health_probe(client: httpx.AsyncClient, stop: asyncio.Event, worst: list[float]) -> None:
+    """The slowest /health answer as this client sees it. Under a heavy load that includes this client's
+    own event-loop lag (seconds at 256 streams on 2 shared cores); ``health_probe.py`` in a process of its
+    own measures the server alone."""
     while not stop.is_set():
         t = time.perf_counter()
         await client.get("/health")
