@@ -44,7 +44,8 @@ class EngineConfig:
         "help": "KV pool budget, e.g. 1GiB or 512MiB; default: half the free GPU memory, or on CPU "
                 "1 GiB or a tenth of the available RAM, whichever is smaller"})
     num_blocks: int | None = field(default=None, metadata={"help": "KV pool size in blocks (instead of kv_memory)"})
-    enable_prefix_caching: bool = field(default=True, metadata={"help": "reuse the KV blocks of shared prompt prefixes"})
+    enable_prefix_caching: bool = field(default=True,
+                                        metadata={"help": "reuse the KV blocks of shared prompt prefixes"})
     max_num_seqs: int = field(default=128, metadata={"help": "sequences per engine step"})
     max_batch_tokens: int = field(default=2048, metadata={"help": "tokens per engine step (prompt chunks + decodes)"})
     max_model_len: int | None = field(default=None, metadata={

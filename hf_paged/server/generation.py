@@ -1,10 +1,11 @@
 """What every generation route shares: validation and tokenizing, submission and event consumption.
 
 A request is admitted (concurrency slots, TGI's 429: :mod:`~hf_paged.server.state`), validated and
-tokenized (on a validation worker), then submitted to the engine; nothing is queued before validation passed. Its events are consumed either by an SSE generator
-(Starlette cancels that generator when the client goes away) or by :func:`collect`, which polls for a
-disconnect itself since nothing else would notice one while a non-streaming request runs. Either way a
-request nobody listens to any more is cancelled, so its KV blocks return to the pool.
+tokenized (on a validation worker), then submitted to the engine; nothing is queued before validation
+passed. Its events are consumed either by an SSE generator (Starlette cancels that generator when the
+client goes away) or by :func:`collect`, which polls for a disconnect itself since nothing else would
+notice one while a non-streaming request runs. Either way a request nobody listens to any more is
+cancelled, so its KV blocks return to the pool.
 """
 from __future__ import annotations
 
