@@ -44,6 +44,17 @@ __all__ = [
     "load_model",
 ]
 
+#: What ``--dtype`` accepts on the command line: "auto" keeps the checkpoint's own dtype (float32 for
+#: the default model, whose converted weights are float32).
+DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+
+
+def cli_dtype(name: str) -> torch.dtype | None:
+    """The torch dtype a ``--dtype`` value names; None for "auto" (load in the checkpoint's dtype)."""
+    if name not in DTYPE_CHOICES:
+        raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
+    return None if name == "auto" else getattr(torch, name)
+
 logger = logging.getLogger(__name__)
 
 

@@ -218,6 +218,37 @@ def test_serve_freezes_the_loaded_heap_while_serving(tmp_path, monkeypatch):
     assert gc.get_freeze_count() == 0  # and unfrozen after
 
 
+def test_serve_dtype_option(tmp_path, monkeypatch):
+    """`--dtype` picks the weights' (and so the KV cache's) dtype: auto keeps the checkpoint's; it is
+    accepted before `serve` (the top-level option) and after it; anything else is refused."""
+    import uvicorn
+    from served import save_tiny_chat_model
+
+    from hf_paged.cli import main
+    from hf_paged.models import cli_dtype
+
+    save_tiny_chat_model(tmp_path)  # float32 weights
+    monkeypatch.setattr(uvicorn.Server, "run", lambda self, *a, **k: None)
+    pipes = []
+    real = hf_paged.PagedPipeline.from_pretrained.__func__
+    monkeypatch.setattr(hf_paged.PagedPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: pipes.append(real(cls, *a, **k)) or pipes[-1]))
+    common = ["--no-ui", "--num-blocks", "32", "--port", "0"]
+    try:
+        main(["--model", str(tmp_path), "serve", *common])
+        main(["--model", str(tmp_path), "serve", "--dtype", "bfloat16", *common])
+        main(["--model", str(tmp_path), "--dtype", "bfloat16", "serve", *common])
+        dtypes = [(p.model.dtype, p.engine.pool.k[0].dtype) for p in pipes]
+    finally:
+        for p in pipes:
+            p.close()
+    assert dtypes == [(torch.float32, torch.float32)] + [(torch.bfloat16, torch.bfloat16)] * 2
+    with pytest.raises(SystemExit):
+        main(["serve", "--dtype", "float8", *common])
+    with pytest.raises(ValueError, match="dtype must be one of"):
+        cli_dtype("int8")
+
+
 def test_an_asyncio_consumer_leaves_no_events_behind(tiny):
     """Events of a handle read by an asyncio consumer are not also kept in its thread queue (a long stream
     would hold all of them until the handle is dropped); those queued before it attached reach it first."""

@@ -18,6 +18,7 @@ import threading
 
 from ..config import add_cli_arguments as add_engine_arguments
 from ..config import from_cli
+from ..models import DTYPE_CHOICES, cli_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
@@ -25,6 +26,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
     still accepts them after ``serve`` (``SUPPRESS`` keeps the parent's defaults)."""
     parser.add_argument("--model", default="default" if common else argparse.SUPPRESS,
                         help='local model folder or "default"')
+    parser.add_argument("--dtype", default="auto" if common else argparse.SUPPRESS, choices=DTYPE_CHOICES,
+                        help="weights and KV cache dtype (auto: the checkpoint's; the default model's is float32; "
+                             "on CPU bfloat16 decodes ~1.2-1.4x faster)")
     add_engine_arguments(parser, suppress_defaults=not common)
     parser.add_argument("--model-id", default=None, help="name reported by /info and /v1/models")
     parser.add_argument("--host", default="127.0.0.1")
@@ -68,7 +72,8 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit("hf_paged: started as one of several ranks: add --tp-plan auto to serve tensor parallel")
     tp_plan = "auto" if world > 1 else None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    pipe = PagedPipeline.from_pretrained(args.model, config=from_cli(args), tp_plan=tp_plan)
+    pipe = PagedPipeline.from_pretrained(args.model, dtype=cli_dtype(args.dtype), config=from_cli(args),
+                                         tp_plan=tp_plan)
     if pipe.follower:  # runs rank 0's steps until rank 0 shuts down
         try:
             with frozen_heap():
