@@ -1,4 +1,5 @@
-"""The benchmark's chat requests: 64+ prompts of very different lengths, written for hf_paged."""
+"""The benchmark's chat requests: set A (`chats`, 64+ prompts of very different lengths, written for hf_paged) and
+set B (`set_b_chats`, other prompts and lengths, to check that a result holds beyond set A)."""
 from __future__ import annotations
 
 QUESTIONS = [
@@ -46,4 +47,27 @@ def chats() -> list[list[dict]]:
             {"role": "assistant", "content": "Of course, ask me anything."},
             {"role": "user", "content": q},
         ])
+    return out
+
+
+_TASKS = ["Write a short poem about {}.", "Explain {} to a ten-year-old.", "Give three tips for {}.",
+          "What are the pros and cons of {}?", "Summarize these notes in two sentences: {}",
+          "Translate into French: {}", "Write a product description for {}.", "Tell a joke about {}."]
+_WORDS = ("river mountain bicycle coffee library garden winter robot violin harbor desert lantern puzzle "
+          "market thunder orchard museum compass rocket island kettle meadow bridge forest candle").split()
+
+
+def set_b_chats(n: int) -> list[list[dict]]:
+    """Set B: other prompts than chats(): short single-turn tasks, some with a note of 5-120
+    random words, about half with a one-line system prompt; seeded, so every system gets the same."""
+    import random
+
+    rng = random.Random(1234)
+    out = []
+    for i in range(n):
+        task = rng.choice(_TASKS)
+        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 120) if "{}" in task and
+                                                            task.startswith(("Summarize", "Translate")) else 2))
+        msgs = [{"role": "system", "content": "You are a concise assistant."}] if i % 2 else []
+        out.append(msgs + [{"role": "user", "content": task.format(words)}])
     return out

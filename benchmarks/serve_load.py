@@ -7,6 +7,7 @@ ended (must be 0; read from ``/engine/stats``). Exits non-zero when either is no
     hf-paged serve --port 8080 &
     python benchmarks/serve_load.py --url http://127.0.0.1:8080 --requests 128 --concurrency 32 --rate 8
     python benchmarks/serve_load.py --url ... --route chat --json > load.json
+    python benchmarks/serve_load.py --url ... --route chat --prompts B --model NAME   # any OpenAI server
 
 Any TGI-compatible server works (``--route generate`` uses ``/generate_stream``, ``--route chat``
 uses ``/v1/chat/completions``); the leak check is skipped where ``/engine/stats`` does not exist.
@@ -35,6 +36,7 @@ import statistics
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import httpx
 
@@ -66,14 +68,19 @@ class Sample:
     ttft: float | None = None
     itl: list[float] = field(default_factory=list)
     latency: float | None = None
-    tokens: int = 0
+    tokens: int = 0  # streamed chunks that carried a token
+    usage_tokens: int | None = None  # completion_tokens of the chat route's usage chunk, where one came
 
 
-async def one_request(client: httpx.AsyncClient, route: str, prompt: str, max_new_tokens: int,
-                      constrained: bool = False) -> Sample:
+async def one_request(client: httpx.AsyncClient, route: str, prompt: str | list[dict], max_new_tokens: int,
+                      constrained: bool = False, model: str | None = None) -> Sample:
     if route == "chat":
-        path, body = "/v1/chat/completions", {"messages": [{"role": "user", "content": prompt}], "stream": True,
-                                             "max_tokens": max_new_tokens, "temperature": 0}
+        messages = prompt if isinstance(prompt, list) else [{"role": "user", "content": prompt}]
+        # The usage chunk counts the tokens exactly (a server may stream a chunk that holds two, or none).
+        path, body = "/v1/chat/completions", {"messages": messages, "stream": True, "max_tokens": max_new_tokens,
+                                             "temperature": 0, "stream_options": {"include_usage": True}}
+        if model:
+            body["model"] = model
         if constrained:
             body["response_format"] = {"type": "json_schema", "json_schema": {"name": "review", "schema": SCHEMA}}
     else:
@@ -94,6 +101,8 @@ async def one_request(client: httpx.AsyncClient, route: str, prompt: str, max_ne
                 if "error" in data:
                     s.error = str(data["error"])[:200]
                     return s
+                if route == "chat" and data.get("usage"):
+                    s.usage_tokens = data["usage"].get("completion_tokens")
                 if route == "chat" and not data.get("choices"):
                     continue  # the usage chunk
                 now = time.perf_counter()
@@ -107,6 +116,16 @@ async def one_request(client: httpx.AsyncClient, route: str, prompt: str, max_ne
     except (httpx.HTTPError, ValueError) as exc:
         s.error = f"{type(exc).__name__}: {exc}"
     return s
+
+
+def prompt_set(name: str, n: int) -> list:
+    """``short``: PROMPTS (one-line questions); ``A``/``B``: chat_requests.py's sets (chat messages, chat route)."""
+    if name == "short":
+        return PROMPTS
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from chat_requests import chats, set_b_chats
+
+    return chats() if name == "A" else set_b_chats(n)
 
 
 async def engine_leak(client: httpx.AsyncClient, timeout: float) -> int | None:
@@ -165,7 +184,8 @@ async def chaos_client(client: httpx.AsyncClient, stop: asyncio.Event, rng: rand
                             break
                 status = r.status_code
             elif isinstance(body, bytes):
-                status = (await client.post(path, content=body, headers={"content-type": "application/json"})).status_code
+                r = await client.post(path, content=body, headers={"content-type": "application/json"})
+                status = r.status_code
             else:
                 status = (await client.post(path, json=body)).status_code
         except httpx.HTTPError as exc:
@@ -190,6 +210,7 @@ async def run(args: argparse.Namespace, chaos: bool = False, constrained: float 
     # request never goes out on a connection the server is closing at that moment.
     limits = httpx.Limits(max_connections=args.concurrency + 4, keepalive_expiry=args.keepalive_expiry)
     rng = random.Random(args.seed)
+    prompts = prompt_set(args.prompts, args.requests)
     async with httpx.AsyncClient(base_url=args.url.rstrip("/"), headers=headers, timeout=args.timeout,
                                  limits=limits) as client:
         slots = asyncio.Semaphore(args.concurrency)
@@ -205,7 +226,8 @@ async def run(args: argparse.Namespace, chaos: bool = False, constrained: float 
             async with slots:
                 # Every other request (by index) up to the fraction asked is constrained to SCHEMA.
                 c = constrained > 0 and (i % round(1 / constrained) == 0)
-                return await one_request(client, args.route, PROMPTS[i % len(PROMPTS)], args.max_new_tokens, c)
+                return await one_request(client, args.route, prompts[i % len(prompts)], args.max_new_tokens, c,
+                                         args.model)
 
         stop, counts, worst = asyncio.Event(), {}, [0.0]
         side = [asyncio.ensure_future(health_probe(client, stop, worst))]
@@ -261,7 +283,8 @@ def summarize(samples: list[Sample], wall: float, leaked: int | None, args: argp
     ttft = [s.ttft for s in ok if s.ttft is not None]
     itl = [x for s in ok for x in s.itl]
     lat = [s.latency for s in ok]
-    tokens = sum(s.tokens for s in ok)
+    by_usage = bool(ok) and all(s.usage_tokens is not None for s in ok)
+    tokens = sum(s.usage_tokens if by_usage else s.tokens for s in ok)
     ms = lambda v: None if v is None else round(v * 1000, 1)  # noqa: E731
     errors = [s.error for s in samples if not s.ok]
     return {
@@ -272,7 +295,8 @@ def summarize(samples: list[Sample], wall: float, leaked: int | None, args: argp
         "ttft_p50_ms": ms(_pct(ttft, 50)), "ttft_p99_ms": ms(_pct(ttft, 99)),
         "itl_p50_ms": ms(_pct(itl, 50)), "itl_p99_ms": ms(_pct(itl, 99)),
         "latency_p50_ms": ms(_pct(lat, 50)), "latency_p99_ms": ms(_pct(lat, 99)),
-        "mean_tokens_per_request": round(statistics.mean([s.tokens for s in ok]), 1) if ok else None,
+        "mean_tokens_per_request": round(tokens / len(ok), 1) if ok else None,
+        "tokens_counted_by": "usage" if by_usage else "chunks", "prompts": args.prompts,
         "blocks_leaked": leaked,
     }
 
@@ -333,6 +357,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="seconds the client keeps an idle connection (below the server's keep-alive timeout)")
     ap.add_argument("--leak-timeout", type=float, default=10.0, help="seconds to wait for the engine to go idle")
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--prompts", choices=["short", "A", "B"], default="short",
+                    help="short: one-line questions; A / B: chat_requests.py's request sets (chat route only)")
+    ap.add_argument("--model", default=None, help="the `model` field of chat requests (for servers that need it)")
     ap.add_argument("--json", action="store_true", help="print JSON instead of a markdown table")
     ap.add_argument("--chaos", action="store_true", help="rounds of the load alone and with hostile traffic")
     ap.add_argument("--rounds", type=int, default=3)
@@ -343,6 +370,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="chaos requests per second over all chaos clients (inf: each sends back to back)")
     ap.add_argument("--max-body-bytes", type=int, default=4 * 2**20, help="the server's body limit (for 413s)")
     args = ap.parse_args(argv)
+    if args.prompts != "short" and args.route != "chat":
+        ap.error("--prompts A / B are chat message lists: use --route chat")
     if args.constrained:
         result = asyncio.run(constrained_rounds(args))
         print(json.dumps(result, indent=2))

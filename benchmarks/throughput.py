@@ -22,32 +22,9 @@ HERE = Path(__file__).resolve().parent
 ALL = ["paged", "paged_compile", "hf_single", "hf_static", "hf_cb", "vllm"]
 
 
-_TASKS = ["Write a short poem about {}.", "Explain {} to a ten-year-old.", "Give three tips for {}.",
-          "What are the pros and cons of {}?", "Summarize these notes in two sentences: {}",
-          "Translate into French: {}", "Write a product description for {}.", "Tell a joke about {}."]
-_WORDS = ("river mountain bicycle coffee library garden winter robot violin harbor desert lantern puzzle "
-          "market thunder orchard museum compass rocket island kettle meadow bridge forest candle").split()
-
-
-def set_b_chats(n: int) -> list[list[dict]]:
-    """Set B: other prompts than chat_requests.py: short single-turn tasks, some with a note of 5-120
-    random words, about half with a one-line system prompt; seeded, so every system gets the same."""
-    import random
-
-    rng = random.Random(1234)
-    out = []
-    for i in range(n):
-        task = rng.choice(_TASKS)
-        words = " ".join(rng.choice(_WORDS) for _ in range(rng.randint(5, 120) if "{}" in task and
-                                                            task.startswith(("Summarize", "Translate")) else 2))
-        msgs = [{"role": "system", "content": "You are a concise assistant."}] if i % 2 else []
-        out.append(msgs + [{"role": "user", "content": task.format(words)}])
-    return out
-
-
 def build_prompts(tok, n: int, which: str = "A") -> list[list[int]]:
     sys.path.insert(0, str(HERE))
-    from chat_requests import chats
+    from chat_requests import chats, set_b_chats
 
     cs = chats() if which == "A" else set_b_chats(n)
     cs = (cs * (n // len(cs) + 1))[:n]
