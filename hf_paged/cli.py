@@ -12,12 +12,11 @@ import sys
 import time
 
 from .config import add_cli_arguments, from_cli
-from .models import DTYPE_CHOICES
+from .models import DTYPE_CHOICES, DTYPE_HELP, cli_dtype
 
 
 def _pipeline(args):
     from .engine.pipeline import PagedPipeline
-    from .models import cli_dtype
 
     return PagedPipeline.from_pretrained(args.model, dtype=cli_dtype(args.dtype), config=from_cli(args))
 
@@ -88,8 +87,7 @@ def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(prog="hf-paged")
     ap.add_argument("--model", default="default", help='local model folder or "default"')
     ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
-                    help="weights and KV cache dtype for generate, chat and serve (auto: the checkpoint's; the "
-                         "default model's is float32; on CPU bfloat16 decodes ~1.2-1.4x faster). demo stays float32")
+                    help=DTYPE_HELP + "; for generate, chat and serve (demo stays float32)")
     add_cli_arguments(ap)  # the engine options, with EngineConfig's defaults
     sub = ap.add_subparsers(dest="cmd", required=True)
     g = sub.add_parser("generate")

@@ -47,6 +47,8 @@ __all__ = [
 #: What ``--dtype`` accepts on the command line: "auto" keeps the checkpoint's own dtype (float32 for
 #: the default model, whose converted weights are float32).
 DTYPE_CHOICES = ("auto", "float32", "bfloat16", "float16")
+DTYPE_HELP = ("weights and KV cache dtype (auto: the checkpoint's; the default model's is float32; on CPU "
+              "bfloat16 decodes ~1.2-1.4x faster, but its greedy tokens no longer equal float32 generate())")
 
 
 def cli_dtype(name: str) -> torch.dtype | None:
@@ -54,6 +56,7 @@ def cli_dtype(name: str) -> torch.dtype | None:
     if name not in DTYPE_CHOICES:
         raise ValueError(f"dtype must be one of {', '.join(DTYPE_CHOICES)}, got {name!r}")
     return None if name == "auto" else getattr(torch, name)
+
 
 logger = logging.getLogger(__name__)
 

@@ -151,8 +151,10 @@ class Sampler:
             fast_set = set(fast)
             slow = [i for i in range(n) if i not in fast_set]
             for part in self._parts(logits, rows, slow):
-                gens = None if part.greedy else [rows[i].generator for i in part.rows]
-                pos = _argmax(part.scores) if part.greedy else _draw(part.scores, gens)
+                if part.greedy:
+                    pos = _argmax(part.scores)
+                else:
+                    pos = _draw(part.scores, [rows[i].generator for i in part.rows])
                 toks = pos if part.index is None else _gather(part.index, pos)
                 for i, t in zip(part.rows, toks):
                     out.tokens[i] = t
