@@ -1,8 +1,10 @@
 """DecodeGraphs: decode steps over static, padded buffers give the eager runner's tokens.
 
 On CPU the buffers run eagerly (``capture=False``): that checks the bucketing, padding and in-place
-filling without a GPU. The CUDA tests (skipped here, run by benchmarks/gpu_check.sh) compare
-captured graphs with ``enforce_eager`` in fp32 and bf16.
+filling without a GPU. "recorded" runs capture each bucket's forward with graph_replay's recorder and
+replay only the recorded ops, every Python value frozen at capture as in a CUDA graph: that checks the
+forward reads nothing from the host that changes between steps. The CUDA tests (skipped here, run by
+benchmarks/gpu_check.sh) compare captured graphs with ``enforce_eager`` in fp32 and bf16.
 """
 from __future__ import annotations
 
@@ -15,7 +17,8 @@ import torch
 import hf_paged
 from hf_paged.engine.graphs import bucket_sizes
 from hf_paged.engine.pipeline import PagedPipeline
-from tiny_models import VOCAB, IdTokenizer, build, load
+from graph_replay import RecordingGraphs
+from tiny_models import ARCHS, VOCAB, IdTokenizer, build, load
 
 CUDA = torch.cuda.is_available()
 
@@ -39,11 +42,15 @@ def _prompts(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     return out
 
 
-def _run(model, prompts, *, graphs: bool, capture: bool = False, sampling: bool = False, **engine):
+def _run(model, prompts, *, graphs: bool, capture: bool = False, sampling: bool = False, record: bool = False,
+         **engine):
+    """``graphs`` on CPU: the static buffers run eagerly, or with ``record`` captured and replayed by
+    graph_replay's recorder; ``capture``: real CUDA graphs (the pipeline's own)."""
     pipe = PagedPipeline(model, IdTokenizer(), enforce_eager=not capture, **engine)
     runner = pipe.engine.runner
     if graphs and not capture:
-        runner.use_graphs(pipe.config.max_num_seqs, pipe.max_model_len, capture=False)
+        runner.use_graphs(pipe.config.max_num_seqs, pipe.max_model_len, capture=record,
+                          graph_api=RecordingGraphs() if record else None)
     try:
         kw = dict(do_sample=True, temperature=0.9, num_return_sequences=2) if sampling else dict(do_sample=False)
         reqs = [pipe.submit(ids, max_new_tokens=new, seed=i, **kw) for i, (ids, new) in enumerate(prompts)]
@@ -59,29 +66,78 @@ def llama(tiny_root):
     return load(build("llama", tiny_root))
 
 
+MODES = pytest.mark.parametrize("record", [False, True], ids=["buffers", "recorded"])
+
+
+@MODES
 @pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
-def test_static_buffers_equal_eager_greedy(llama, ahead):
+def test_static_buffers_equal_eager_greedy(llama, ahead, record):
     """Every bucket of max_num_seqs=12 (1, 2, 4, 8, 12) is used as the batch drains; prefix hits.
     Async: the ids still in flight go into the static input buffer on the device."""
     prompts = _prompts(20)
     eager, _, _ = _run(llama, prompts, graphs=False, max_num_seqs=12, max_batch_tokens=256, async_scheduling=False)
     got, stats, graphs = _run(llama, prompts, graphs=True, max_num_seqs=12, max_batch_tokens=256,
-                              async_scheduling=ahead)
+                              async_scheduling=ahead, record=record)
     assert got == eager
     assert graphs.replays > 0 and stats["prefix_hit_rate"] > 0
+    if record:
+        assert graphs.captured and sum(g.replays for g in graphs.api.graphs) == graphs.replays
     for ids, new in prompts[:3]:  # and both equal generate()
         ref = llama.generate(input_ids=torch.tensor([ids]), max_new_tokens=new, do_sample=False)
         assert eager[prompts.index((ids, new))][0] == ref[0, len(ids):].tolist()
 
 
+@MODES
 @pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
-def test_static_buffers_equal_eager_preemption_and_n(llama, ahead):
+def test_static_buffers_equal_eager_preemption_and_n(llama, ahead, record):
     prompts = _prompts(10, seed=1)
     opts = dict(num_blocks=40, block_size=8, max_num_seqs=8, max_batch_tokens=64)
     eager, _, _ = _run(llama, prompts, graphs=False, sampling=True, async_scheduling=False, **opts)
-    got, stats, graphs = _run(llama, prompts, graphs=True, sampling=True, async_scheduling=ahead, **opts)
+    got, stats, graphs = _run(llama, prompts, graphs=True, sampling=True, async_scheduling=ahead, record=record,
+                              **opts)
     assert got == eager
     assert stats["preemptions"] > 0 and graphs.replays > 0
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_recorded_graphs_every_architecture(tiny_root, arch):
+    """Each supported architecture's decode forward, captured and replayed with nothing re-run but the
+    recorded ops, gives the plain loop's greedy tokens (buckets 1, 2, 4, 6 as the batch drains)."""
+    model = load(build(arch, tiny_root))
+    prompts = _prompts(9, seed=6)
+    opts = dict(max_num_seqs=6, max_batch_tokens=128)
+    eager, _, _ = _run(model, prompts, graphs=False, **opts)
+    got, _, graphs = _run(model, prompts, graphs=True, record=True, **opts)
+    assert got == eager and graphs.captured and graphs.replays > 0
+
+
+def test_recorder_catches_what_eager_buffers_miss(llama, monkeypatch):
+    """The recorder is strict where re-running the forward is not: a host sync inside the forward fails
+    the capture, and a value read from the host at capture is frozen into every replay."""
+    from graph_replay import HostSyncInCapture
+
+    import hf_paged.attention as attention
+
+    paged = attention.kernels.paged_attention
+    prompts = _prompts(8, seed=5)
+    opts = dict(max_num_seqs=4, max_batch_tokens=128)
+    eager, _, _ = _run(llama, prompts, graphs=False, **opts)
+
+    # 1. The longest context read from the device (an .item()) instead of the static table width.
+    monkeypatch.setattr(attention.kernels, "paged_attention",
+                        lambda *a, **k: paged(*a, **{**k, "max_seqlen_k": int(a[5].max())}))
+    assert _run(llama, prompts, graphs=True, **opts)[0] == eager  # eager buffers: fine
+    with pytest.raises(HostSyncInCapture, match="aten.item"):
+        _run(llama, prompts, graphs=True, record=True, **opts)
+
+    # 2. Context lengths copied through host memory (numpy, outside the dispatcher): frozen at capture,
+    # where every row is padding of length 0.
+    def through_host(q, k_cache, v_cache, tables, cu, seq_lens, **kw):
+        return paged(q, k_cache, v_cache, tables, cu, torch.from_numpy(seq_lens.numpy().copy()), **kw)
+
+    monkeypatch.setattr(attention.kernels, "paged_attention", through_host)
+    assert _run(llama, prompts, graphs=True, **opts)[0] == eager
+    assert _run(llama, prompts, graphs=True, record=True, **opts)[0] != eager
 
 
 @pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1", reason="runs Triton's interpreter on CPU tensors")

@@ -12,7 +12,9 @@ between steps: the attention call gets ``max_seqlen_k`` = the static table width
 is fixed at capture and each program finds its real length on the device.
 
 With ``capture=False`` the same buffers and padding run eagerly (on CPU too): that is how the
-static-buffer logic is tested without a GPU.
+static-buffer logic is tested without a GPU. ``graph_api`` replaces torch.cuda's graphs: the tests pass
+a recorder (``tests/graph_replay.py``) that captures the dispatcher's ops on CPU and replays them with
+the capture's Python values baked in, as a CUDA graph does.
 
 With ``compile=True`` (CPU, ``EngineConfig.compile``) the forward over the same buffers is compiled
 by ``torch.compile`` (inductor) instead: HF's small ops (rotary embedding, activations, residual adds,
@@ -36,6 +38,7 @@ import inspect
 import logging
 import math
 import time
+from typing import Any
 
 import numpy as np
 import torch
@@ -56,9 +59,29 @@ def bucket_sizes(max_bs: int) -> list[int]:
     return sizes + [max_bs]
 
 
+class CudaGraphApi:
+    """What :meth:`DecodeGraphs.capture` uses of torch.cuda (a stand-in may replace it in tests)."""
+
+    def supports(self, device: torch.device) -> bool:
+        return device.type == "cuda"
+
+    def synchronize(self, device: torch.device) -> None:
+        torch.cuda.synchronize(device)
+
+    def pool(self) -> object:
+        return torch.cuda.graph_pool_handle()
+
+    def new_graph(self) -> torch.cuda.CUDAGraph:
+        return torch.cuda.CUDAGraph()
+
+    def capturing(self, graph: torch.cuda.CUDAGraph, pool: object):
+        return torch.cuda.graph(graph, pool=pool)
+
+
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, pool: KVPool, *, max_bs: int, max_model_len: int,
-                 device: torch.device, capture: bool = True, compile: bool = False) -> None:
+                 device: torch.device, capture: bool = True, compile: bool = False,
+                 graph_api: CudaGraphApi | None = None) -> None:
         if max_bs < 1:
             raise ValueError(f"max_bs must be >= 1, got {max_bs}")
         if capture and compile:
@@ -75,6 +98,7 @@ class DecodeGraphs:
         self._keep_kwarg = {"logits_to_keep": 0} if "logits_to_keep" in inspect.signature(
             type(model).forward).parameters else {}
         self.replays = 0
+        self.api = graph_api or CudaGraphApi()
         dev = device
         self.ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
@@ -91,7 +115,7 @@ class DecodeGraphs:
         self._staging = [self._new_staging() for _ in range(2)]
         self._turn = 0
         self._rows = TableRows(width=self.width)  # block tables kept between steps, copied in by rows
-        self._graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self._graphs: dict[int, Any] = {}  # bucket -> torch.cuda.CUDAGraph (or the api's stand-in)
         self.captured = False
         self._compiled = None
         if capture:
@@ -109,20 +133,21 @@ class DecodeGraphs:
     @torch.inference_mode()
     def capture(self) -> None:
         """Capture one graph per bucket, largest first, all in one memory pool."""
-        if self.device.type != "cuda":
+        api = self.api
+        if not api.supports(self.device):
             raise RuntimeError("CUDA graphs need a CUDA model; use capture=False to run the buffers eagerly")
         start = time.perf_counter()
         self._fill_padding(0, self.max_bs)
-        torch.cuda.synchronize(self.device)
-        mempool = torch.cuda.graph_pool_handle()
+        api.synchronize(self.device)
+        mempool = api.pool()
         for b in reversed(self.buckets):
             self._forward(b)  # warm-up: Triton compiles and autotunes outside the capture
-            torch.cuda.synchronize(self.device)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=mempool):
+            api.synchronize(self.device)
+            graph = api.new_graph()
+            with api.capturing(graph, mempool):
                 self._forward(b)
             self._graphs[b] = graph
-        torch.cuda.synchronize(self.device)
+        api.synchronize(self.device)
         self.captured = True
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self._graphs), self.max_bs,
                     time.perf_counter() - start)

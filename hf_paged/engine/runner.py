@@ -53,14 +53,15 @@ class Runner:
         self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
         self._rows = TableRows()  # the running sequences' block tables, kept between steps
 
-    def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False) -> None:
+    def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False,
+                   graph_api: Any = None) -> None:
         """Run decode steps of up to ``max_bs`` sequences through :class:`~hf_paged.engine.graphs.DecodeGraphs`
         (captured as CUDA graphs; ``capture=False`` runs the same static buffers eagerly, ``compile=True``
-        through torch.compile)."""
+        through torch.compile; ``graph_api``: a stand-in for torch.cuda's graphs, for tests)."""
         from .graphs import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.model, self.pool, max_bs=max_bs, max_model_len=max_model_len,
-                                   device=self.device, capture=capture, compile=compile)
+                                   device=self.device, capture=capture, compile=compile, graph_api=graph_api)
 
     def run(self, schedule: Schedule, every_position: list[bool] | None = None,
             prev_ids: torch.Tensor | None = None) -> torch.Tensor:
