@@ -1,12 +1,20 @@
 #!/usr/bin/env bash
 # GPU check of the Triton kernels, offline: usage  benchmarks/gpu_check.sh RESULTS_DIR [TOKENIZER_DIR]
 #
+# On the device machine:  PACK=$OUT/gpu_results.tgz bash benchmarks/gpu_check.sh /tmp/gpu
+#
 # Expects torch, transformers and triton to be installed already; installs nothing. Runs from the
 # repository root with PYTHONPATH=. so hf_paged needs no install. Every stage logs to its own file in
 # RESULTS_DIR and the next stage runs even when one fails; stage exit codes go to status.txt.
-# The default stages fit one 8-minute device command (limits add up to 470 s); FULL=1 adds the older
-# kernel / end-to-end stages (another 370 s: run them in a second command). DRY_RUN=1 runs every stage
-# on CPU (tests skip their CUDA cases, benchmarks take their --cpu-dry-run path): check it before a run.
+# Time: the default stages share TOTAL_S (460) seconds of wall clock from the script's start. Each stage
+# is capped at its own limit and at what is left; the throughput stage, last, gets all that is left (at
+# least ~120 s, more when the stages before it end early), so the whole run ends inside an 8-minute
+# device command. FULL=1 adds the older kernel / end-to-end stages (run them in a second command, with
+# TOTAL_S raised). DRY_RUN=1 runs every stage on CPU (tests skip their CUDA cases, benchmarks take their
+# --cpu-dry-run path): check it before a run.
+# PACK=FILE.tgz: after every stage, RESULTS_DIR (less the Chrome traces) is packed into FILE.tgz and the
+# traces into FILE_traces.tgz, so what finished comes back even if the command is killed (the device
+# returns at most 8 files).
 #   1. tests/test_kernels.py compiled on CUDA (HF_PAGED_TEST_CUDA=1, bf16 included)    -> test_kernels.log
 #   2. CUDA engine tests: graphs + async scheduling vs the plain eager loop (fp32, bf16, preemption, n>1),
 #      the device sampler's one copy per step, LoRA's Triton SGMV and engine tests    -> test_engine.log
@@ -14,7 +22,7 @@
 #   3b. benchmarks/profile_gpu.py (torch.profiler over 10 decode steps at 256 rows, graphs and eager)
 #                                                     -> profile.log, profile/{profile,trace}_{graphs,eager}.*
 #   4. benchmarks/throughput_gpu.py (nano-vllm's workload on Llama-3.2-1B / Qwen3-0.6B shapes: hf_paged
-#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s 135)
+#      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s: what is left)
 #                                                                     -> throughput.log, gpu_throughput.json
 #   FULL=1:
 #   5. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)            -> kernels.{log,json}
@@ -28,32 +36,60 @@ mkdir -p "$RESULTS"
 RESULTS="$(cd "$RESULTS" && pwd)"
 TOKENIZER="${2:-}"
 [ -n "$TOKENIZER" ] && TOKENIZER="$(cd "$TOKENIZER" && pwd)"
+PACK="${PACK:-}"
+[ -n "$PACK" ] && PACK="$(cd "$(dirname "$PACK")" && pwd)/$(basename "$PACK")"
 cd "$(dirname "$0")/.."
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
-export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1
-PY="${PYTHON:-python}"
+export HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 PYTHONUNBUFFERED=1
+PY="${PYTHON:-python3}"
+TOTAL_S="${TOTAL_S:-460}"
 STATUS="$RESULTS/status.txt"
 : > "$STATUS"
 
-stage() {  # stage NAME SECONDS COMMAND... : run with a time limit, log, record the exit code
+pack() {  # RESULTS_DIR into $PACK (traces apart), written whole or not at all
+    [ -n "$PACK" ] || return 0
+    tar czf "$PACK.tmp" -C "$RESULTS" --exclude='trace_*.json' . && mv "$PACK.tmp" "$PACK"
+    local traces="${PACK%.tgz}_traces.tgz"
+    if ls "$RESULTS"/profile/trace_*.json > /dev/null 2>&1; then
+        (cd "$RESULTS" && tar czf "$traces.tmp" profile/trace_*.json) && mv "$traces.tmp" "$traces"
+    fi
+}
+
+left() {  # seconds of TOTAL_S still left, less a reserve for packing
+    echo $((TOTAL_S - SECONDS - 8))
+}
+
+stage() {  # stage NAME SECONDS COMMAND... : run with a time limit (capped at what is left), log, record the exit code
     local name="$1" limit="$2"
     shift 2
+    local avail
+    avail=$(left)
+    [ "$avail" -lt "$limit" ] && limit=$avail
+    if [ "$limit" -lt 10 ]; then
+        echo "$name skipped: ${limit} s left of TOTAL_S=$TOTAL_S" >> "$STATUS"
+        return
+    fi
     local start=$SECONDS
-    timeout -k 10 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
+    timeout -k 5 "$limit" "$@" > "$RESULTS/$name.log" 2>&1
     local rc=$?
-    echo "$name rc=$rc seconds=$((SECONDS - start))" >> "$STATUS"
+    echo "$name rc=$rc seconds=$((SECONDS - start)) limit=$limit" >> "$STATUS"
+    pack
 }
 
 {
-    nvidia-smi
-    "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+    timeout 20 nvidia-smi
+    timeout 60 "$PY" -c "import torch, triton, transformers; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'triton', triton.__version__, 'transformers', transformers.__version__, torch.cuda.get_device_name())"
     git rev-parse HEAD
 } > "$RESULTS/env.log" 2>&1
+pack
 
-# Compilation dominates the CUDA test run: spread it over workers when pytest-xdist is there.
+# Compilation dominates the CUDA test run: spread it over workers when pytest-xdist is there. pytest-timeout
+# (where installed) ends a hung test instead of the whole stage; -v names every test in the log.
 XDIST=()
 "$PY" -c "import xdist" 2>/dev/null && XDIST=(-n 8)
+PYTEST=(-m pytest -v --durations=20 -p no:cacheprovider -o addopts="")
+"$PY" -c "import pytest_timeout" 2>/dev/null && PYTEST+=(--timeout 90)
 DRY=()
 CUDA_ENV=(env -u TRITON_INTERPRET HF_PAGED_TEST_CUDA=1)
 if [ "${DRY_RUN:-0}" = 1 ]; then
@@ -61,9 +97,8 @@ if [ "${DRY_RUN:-0}" = 1 ]; then
     CUDA_ENV=(env)
     XDIST=()
 fi
-stage test_kernels 160 "${CUDA_ENV[@]}" HF_PAGED_BACKEND=triton \
-    "$PY" -m pytest -q -p no:cacheprovider -o addopts="" "${XDIST[@]}" tests/test_kernels.py
-stage test_engine 75 "${CUDA_ENV[@]}" "$PY" -m pytest -q -p no:cacheprovider -o addopts="" -rs \
+stage test_kernels 110 "${CUDA_ENV[@]}" HF_PAGED_BACKEND=triton "$PY" "${PYTEST[@]}" "${XDIST[@]}" tests/test_kernels.py
+stage test_engine 130 "${CUDA_ENV[@]}" "$PY" "${PYTEST[@]}" -rs \
     tests/test_graphs.py tests/test_device_sampler.py tests/test_varlen.py tests/test_lora.py -k "cuda or triton"
 if [ "${DRY_RUN:-0}" = 1 ]; then
     stage prefill 40 "$PY" benchmarks/prefill.py --device cpu --prompts 1 --length 32 --rounds 1
@@ -71,8 +106,11 @@ else
     stage prefill 40 "$PY" benchmarks/prefill.py --device cuda --dtype bfloat16 --prompts 8 --length 1024
 fi
 stage profile 40 "$PY" benchmarks/profile_gpu.py "${DRY[@]}" --eager --steps 10 --out "$RESULTS/profile"
-stage throughput 155 "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
-    --budget-s 135
+# The throughput benchmark gets what is left; its own budget ends it (JSON written) 25 s before the stage's limit.
+T_LIMIT=$(left)
+[ "${FULL:-0}" = 1 ] && [ "$T_LIMIT" -gt 155 ] && T_LIMIT=155  # leave time for the FULL stages
+stage throughput "$T_LIMIT" "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
+    --budget-s $((T_LIMIT - 25))
 if [ "${FULL:-0}" = 1 ]; then
     stage kernels 100 "$PY" benchmarks/kernels.py --no-flex --out "$RESULTS/kernels.json"
     stage e2e 110 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"
@@ -82,3 +120,4 @@ if [ "${FULL:-0}" = 1 ]; then
 fi
 
 cat "$STATUS"
+pack

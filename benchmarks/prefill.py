@@ -11,6 +11,7 @@ target: within 1.3x of SDPA on contiguous K/V).
 from __future__ import annotations
 
 import argparse
+import copy
 import statistics
 import time
 
@@ -52,9 +53,14 @@ def main(argv: list[str] | None = None) -> int:
     positions = torch.arange(length).repeat(n)[None].to(args.device)
     sync = torch.cuda.synchronize if args.device.startswith("cuda") else (lambda: None)
 
+    # The baseline runs on its own copy: wrap() switches the model's attention to hf_paged's (its forwards
+    # would go through the paged path too).
+    plain = copy.deepcopy(model)
+    assert plain.config._attn_implementation == "sdpa", plain.config._attn_implementation
+
     @torch.inference_mode()
     def sdpa() -> None:  # plain HF, padded batch of equal lengths: contiguous K/V, no cache
-        model(input_ids=ids.to(args.device), use_cache=False, logits_to_keep=1)
+        plain(input_ids=ids.to(args.device), use_cache=False, logits_to_keep=1)
 
     hf_paged.wrap(model, num_blocks=n * (length // 16 + 1) + 8, block_size=16)
     pool = hf_paged.kv_pool(model)

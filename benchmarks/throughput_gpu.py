@@ -20,7 +20,8 @@ embeddings, default RoPE) and Qwen3-0.6B (hidden 1024, 28 layers, 16 heads, 8 KV
 intermediate 3072, vocab 151936, tied embeddings); no EOS token, pad 0. Each system gets a fresh model
 (same seed, same weights), so a wrapped model never leaks into the next system.
 
-Systems, on the same requests, in this order per model (llama first):
+Systems, on the same requests, each on both models before the next system (llama first), in the order
+of what matters most if the budget runs out:
   hf_paged        PagedPipeline, CUDA graphs for decode (EngineConfig default enforce_eager=False) and
                   async scheduling (the CUDA default, set explicitly so the CPU dry run takes it too),
                   max_num_seqs 256, --max-batch-tokens, --kv-memory; per-request max_new_tokens (submit()).
@@ -65,6 +66,7 @@ import gc
 import json
 import os
 import random
+import signal
 import statistics
 import sys
 import time
@@ -76,7 +78,7 @@ DEVICE = "cuda"
 DTYPE = torch.bfloat16
 HBM_BYTES_PER_S = 4.8e12  # H200 HBM3e
 MODELS = ("llama-3.2-1b-shape", "qwen3-0.6b-shape")
-SYSTEMS = ("hf_paged", "hf_paged_eager", "generate_batch", "hf_static")  # the run order within a model
+SYSTEMS = ("hf_paged", "hf_paged_eager", "generate_batch", "hf_static")  # the run order
 ROOFLINE_FORMULA = ("roofline_fraction = (param_bytes + sum_seqs(context_len) * layers * 2 * kv_heads * head_dim"
                     " * dtype_bytes) / 4.8e12 B/s / decode_step_seconds")
 
@@ -171,8 +173,9 @@ def side_workloads(args, vocab: int) -> dict:
     sweep = [ids(16) for _ in range(args.decode_seqs)]
     decode = [ids(args.decode_prompt) for _ in range(args.decode_seqs)]
     decode_b = [ids(args.decode_prompt) for _ in range(args.decode_seqs)]  # a second set (no prefix-cache hits)
+    decode_warm = [ids(args.decode_prompt) for _ in range(args.decode_seqs)]  # generate_batch's warm-up of them
     return {"mixed": (mixed, [4] * len(mixed)), "sweep": (sweep, [2 + i for i in range(len(sweep))]),
-            "decode": decode, "decode_b": decode_b}
+            "decode": decode, "decode_b": decode_b, "decode_warm": decode_warm}
 
 
 def remaining(deadline: float) -> float:
@@ -259,6 +262,12 @@ def run_hf_paged(model, args, work, side, deadline, res, notes, eager: bool) -> 
         notes.append(f"EngineConfig(enforce_eager={eager}, async_scheduling=True, max_num_seqs={args.max_num_seqs}, "
                      f"max_batch_tokens={args.max_batch_tokens}, kv_memory={args.kv_memory})")
     finally:
+        graphs = pipe.engine.runner.graphs
+        notes.append("decode graphs: " + ("none" if graphs is None else
+                                          f"captured={graphs.captured}, {graphs.replays} replays, buckets "
+                                          f"{graphs.buckets[0]}..{graphs.buckets[-1]}"))
+        if not eager and DEVICE == "cuda" and (graphs is None or not graphs.captured or not graphs.replays):
+            res["error"] = "CUDA graphs were not captured or never replayed: these are eager figures (see the log)"
         pipe.close()
         unwrap(model)
         del pipe
@@ -348,6 +357,10 @@ def cb_system(model, gen, cb, hints, args, work, side, deadline, res, notes) -> 
         try:
             for key in ("mixed", "sweep"):  # warm-up (graph capture of the sizes its own warmup() skipped)
                 cb_run(manager, *side[key], deadline, f"warm-{key}")
+            # and the decode measurement's own shapes (its graphs are keyed by the packed K/V length too), on
+            # prompts of their own so that no timed request finds its prefix cached
+            cb_run(manager, side["decode_warm"], [1 + args.decode_output] * len(side["decode_warm"]), deadline,
+                   "warm-decode")
             torch.cuda.synchronize()
             times = []
             for key, new in (("decode", 1), ("decode_b", 1 + args.decode_output)):
@@ -430,7 +443,10 @@ def run_hf_static(model, args, work, side, deadline, res, notes) -> None:
                 seconds = time.perf_counter() - start
                 notes.append(f"partial: {k} of {len(batches)} batches, {useful} useful tokens in {seconds:.2f} s "
                              f"= {useful / seconds:.1f} tok/s")
-                raise BudgetExceeded(f"time budget: stopped after {k} of {len(batches)} batches")
+                if useful:  # the rate of the batches that finished (arrival order: a fair sample of the workload)
+                    res["output_tok_s"], res["partial"] = useful / seconds, True
+                raise BudgetExceeded(f"time budget: stopped after {k} of {len(batches)} batches "
+                                     "(output_tok_s: those batches' rate)")
             chunk, lens = prompts[i:i + args.static_batch], outs[i:i + args.static_batch]
             out = hf_generate(model, chunk, max(lens), args.temperature)
             if out.shape[1] < max(lens):
@@ -596,10 +612,30 @@ def main(argv: list[str] | None = None) -> int:
           f"({args.min_prompt}..{args.max_prompt}), output tokens {sum(work[1])} ({args.min_output}.."
           f"{args.max_output}), temperature {args.temperature}, EOS ignored", flush=True)
     results: list[dict] = []
-    runs = [(m, s) for m in args.models for s in args.systems]
+    runs = [(m, s) for s in args.systems for m in args.models]
+
+    def killed(signum, frame):  # the stage's time limit (SIGTERM): record what is done, end the run in progress
+        stop.append(signum)
+        write_json(out, device, date, results + [{"model": current[0], "system": current[1], "output_tok_s": None,
+                                                 "decode_step_ms_256": None, "peak_gib": None,
+                                                 "roofline_fraction": None, "error": "killed (SIGTERM)",
+                                                 "notes": ""}] if current else results)
+        raise BudgetExceeded(f"killed by signal {signum}")
+
+    current: tuple[str, str] | None = None
+    stop: list[int] = []
+    signal.signal(signal.SIGTERM, killed)
     for k, (model_name, system) in enumerate(runs):
-        results.append(run_one(model_name, system, args, work, side, deadline, len(runs) - k))
+        current = (model_name, system)
+        try:
+            results.append(run_one(model_name, system, args, work, side, deadline, len(runs) - k))
+        except BudgetExceeded:  # the signal arrived outside a system's own handler: what is written stays
+            return 1
+        current = None
         write_json(out, device, date, results)
+        if stop:
+            print(f"stopped by signal {stop[0]}", flush=True)
+            return 1
     print()
     print(table(results))
     print(f"\nwritten {out} ({time.monotonic() - t_start:.0f} s)")

@@ -81,6 +81,9 @@ class RecordingGraphs:
     def __init__(self) -> None:
         self.graphs: list[RecordedGraph] = []
 
+    def session(self, device: torch.device):
+        return contextlib.nullcontext()
+
     def supports(self, device: torch.device) -> bool:
         return device.type == "cpu"
 

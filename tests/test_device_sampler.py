@@ -193,3 +193,41 @@ def test_pipeline_outputs_equal_with_either_sampler(tiny_root, monkeypatch):
     for i in range(0, 10, 4):
         ref = model.generate(input_ids=torch.tensor([prompts[i]]), max_new_tokens=12, do_sample=False)
         assert dev[i].token_ids == ref[0, len(prompts[i]):].tolist()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_every_request_option_runs_and_greedy_equals_cpu(tiny_root):
+    """Each per-request option on a CUDA model (host tensors meeting device ones is an error only there):
+    greedy ones give the CPU model's tokens and logprobs, sampling ones run to their length."""
+    import hf_paged
+    from hf_paged.engine.pipeline import PagedPipeline
+    from tiny_models import IdTokenizer, build, load
+
+    greedy = [dict(), dict(no_repeat_ngram_size=2), dict(repetition_penalty=1.3, frequency_penalty=0.5),
+              dict(logprobs=True, top_logprobs=3, prompt_logprobs=2), dict(min_new_tokens=6, stop=["7 7"])]
+    sampled = [dict(do_sample=True, temperature=0.7, top_k=20, top_p=0.9, num_return_sequences=2),
+               dict(do_sample=True, min_p=0.1, typical_p=0.9, no_repeat_ngram_size=3, presence_penalty=0.4)]
+    prompts = [[5 + i, 9, 13, 40, 7][: 2 + i % 4] for i in range(len(greedy) + len(sampled))]
+
+    def run(model):
+        pipe = PagedPipeline(model, IdTokenizer(), max_num_seqs=4, max_batch_tokens=32)
+        try:
+            reqs = [pipe.submit(p, max_new_tokens=10, seed=i, **kw) for i, (p, kw) in
+                    enumerate(zip(prompts, greedy + sampled))]
+            return [r.result(timeout=300) for r in reqs]
+        finally:
+            pipe.close()
+            hf_paged.unwrap(model)
+
+    model = load(build("llama", tiny_root))
+    cpu = run(model)
+    cuda = run(model.to("cuda"))
+    for a, b in zip(cuda[: len(greedy)], cpu):
+        assert a.token_ids == b.token_ids
+        if b.outputs[0].logprobs is not None:
+            assert a.outputs[0].logprobs == pytest.approx(b.outputs[0].logprobs, abs=1e-3)
+        if b.prompt_logprobs is not None:
+            assert [e and e[0] for e in a.prompt_logprobs] == pytest.approx([e and e[0] for e in b.prompt_logprobs],
+                                                                             abs=1e-3)
+    for r in cuda[len(greedy):]:
+        assert all(len(o.token_ids) == 10 for o in r.outputs)

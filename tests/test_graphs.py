@@ -43,9 +43,10 @@ def _prompts(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
 
 
 def _run(model, prompts, *, graphs: bool, capture: bool = False, sampling: bool = False, record: bool = False,
-         **engine):
+         top: bool = False, **engine):
     """``graphs`` on CPU: the static buffers run eagerly, or with ``record`` captured and replayed by
-    graph_replay's recorder; ``capture``: real CUDA graphs (the pipeline's own)."""
+    graph_replay's recorder; ``capture``: real CUDA graphs (the pipeline's own). ``top``: greedy with the
+    top-5 logprobs of every token, and the request outputs returned instead of the token lists."""
     pipe = PagedPipeline(model, IdTokenizer(), enforce_eager=not capture, **engine)
     runner = pipe.engine.runner
     if graphs and not capture:
@@ -53,9 +54,11 @@ def _run(model, prompts, *, graphs: bool, capture: bool = False, sampling: bool 
                           graph_api=RecordingGraphs() if record else None)
     try:
         kw = dict(do_sample=True, temperature=0.9, num_return_sequences=2) if sampling else dict(do_sample=False)
+        if top:
+            kw.update(logprobs=True, top_logprobs=5)
         reqs = [pipe.submit(ids, max_new_tokens=new, seed=i, **kw) for i, (ids, new) in enumerate(prompts)]
         res = [r.result(timeout=600) for r in reqs]
-        return [[o.token_ids for o in r.outputs] for r in res], pipe.stats(), runner.graphs
+        return res if top else [[o.token_ids for o in r.outputs] for r in res], pipe.stats(), runner.graphs
     finally:
         pipe.close()
         hf_paged.unwrap(model)
@@ -171,6 +174,23 @@ def test_fits_only_decode_plans(llama):
         hf_paged.unwrap(llama)
 
 
+def assert_greedy_close(got, ref, nats: float = 0.1, most: float = 0.75) -> None:
+    """Greedy runs of two numerically different paths (bf16: another GEMM row count, another attention split
+    count): every sequence is the reference's, or equal up to a step where the two picks were a near-tie in
+    the reference (both in its top 5, within ``nats``); and at least ``most`` of them are equal throughout."""
+    same = 0
+    for g, r in zip(got, ref):
+        a, b = g.outputs[0], r.outputs[0]
+        if a.token_ids == b.token_ids:
+            same += 1
+            continue
+        k = next(i for i, (x, y) in enumerate(zip(a.token_ids + [None], b.token_ids + [None])) if x != y)
+        top = dict(b.top_logprobs[k])
+        assert a.token_ids[k] in top, (k, a.token_ids[k], b.top_logprobs[k])
+        assert top[b.token_ids[k]] - top[a.token_ids[k]] <= nats, (k, a.token_ids[k], b.top_logprobs[k])
+    assert same >= most * len(ref), f"{same} of {len(ref)} sequences equal"
+
+
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_cuda_graphs_equal_eager(tiny_root, dtype):
@@ -180,15 +200,36 @@ def test_cuda_graphs_equal_eager(tiny_root, dtype):
     # The reference is the plain loop (eager, no async scheduling, no overlap); graphs run with the
     # CUDA defaults (async scheduling and overlap on); eager with async on isolates the scheduling.
     plain = dict(async_scheduling=False, overlap=False)
-    eager, _, _ = _run(model, prompts, graphs=False, **plain, **opts)
-    eager_async, _, _ = _run(model, prompts, graphs=False, **opts)
-    got, stats, graphs = _run(model, prompts, graphs=True, capture=True, **opts)
+    exact = dtype == torch.float32
+    eager, _, _ = _run(model, prompts, graphs=False, top=True, **plain, **opts)
+    eager_async, _, _ = _run(model, prompts, graphs=False, top=True, **opts)
+    got, stats, graphs = _run(model, prompts, graphs=True, capture=True, top=True, **opts)
     assert graphs is not None and graphs.captured and graphs.replays > 0
-    assert eager_async == eager
-    assert got == eager
+    if exact:  # fp32: token for token
+        assert [r.token_ids for r in eager_async] == [r.token_ids for r in eager]
+        assert [r.token_ids for r in got] == [r.token_ids for r in eager]
+    else:  # bf16: the graphs pad to their bucket and split K/V by the static table width
+        assert_greedy_close(eager_async, eager)
+        assert_greedy_close(got, eager)
     sampled_eager, _, _ = _run(model, prompts[:12], graphs=False, sampling=True, **plain, **opts)
     sampled, _, _ = _run(model, prompts[:12], graphs=True, capture=True, sampling=True, **opts)
-    assert sampled == sampled_eager
+    if exact:
+        assert sampled == sampled_eager
+    else:
+        assert sum(a == b for a, b in zip(sampled, sampled_eager)) >= 0.75 * len(sampled)
+
+
+def test_assert_greedy_close_accepts_near_ties_only(llama):
+    """The bf16 criterion on CPU runs: equal runs pass; a pick changed where the reference was sure fails."""
+    prompts = _prompts(6, seed=7)
+    ref, _, _ = _run(llama, prompts, graphs=False, top=True, max_num_seqs=4)
+    assert_greedy_close(ref, ref)
+    out = ref[0].outputs[0]
+    far = min(out.top_logprobs[0], key=lambda t: t[1])[0]  # the least likely of the top 5 at step 0
+    assert out.top_logprobs[0][0][1] - dict(out.top_logprobs[0])[far] > 0.1
+    out.token_ids = [far] + out.token_ids[1:]
+    with pytest.raises(AssertionError):
+        assert_greedy_close(ref, _run(llama, prompts, graphs=False, top=True, max_num_seqs=4)[0])
 
 
 @pytest.mark.skipif(not CUDA, reason="needs CUDA")

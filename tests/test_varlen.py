@@ -49,14 +49,29 @@ def test_cpu_varlen_bf16_and_softcap_declined():
     assert varlen_attention(q, k, v, cu, lens, 30, scale=0.125, softcap=30.0) is None
 
 
+@pytest.mark.parametrize("window", [None, 7])
+def test_flash_call_binds_to_this_torch(window):
+    """The CUDA path's call of aten._flash_attention_forward, on meta tensors: its arguments bind to this
+    torch's schema and the output has the query's shape with fewer K/V heads (GQA)."""
+    from hf_paged.kernels import varlen
+
+    q = torch.empty(391, 16, 128, dtype=torch.bfloat16, device="meta")
+    k = torch.empty(391, 4, 128, dtype=torch.bfloat16, device="meta")
+    cu = torch.empty(5, dtype=torch.int32, device="meta")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(torch.Tensor, "is_cuda", property(lambda t: True))
+        out = varlen.varlen_attention(q, k, k, cu, [1, 100, 33, 257], 257, scale=0.088, sliding_window=window)
+    assert out is not None and out.shape == q.shape and out.dtype == q.dtype
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("window", [None, 7])
-def test_cuda_flash_varlen_equals_paged_reference(dtype, window):
+@pytest.mark.parametrize("heads,kv_heads", [(16, 4), (8, 8)])
+def test_cuda_flash_varlen_equals_paged_reference(dtype, window, heads, kv_heads):
     lens = [1, 100, 33, 257]
-    q, k, v, kc, vc, tables, cu, seq = _case(lens, 16, 4, 128, dtype)
+    q, k, v, kc, vc, tables, cu, seq = _case(lens, heads, kv_heads, 128, dtype)
     ref = reference.paged_attention(q, kc, vc, tables, cu, seq, scale=128 ** -0.5, sliding_window=window)
     got = varlen_attention(*(t.cuda() for t in (q, k, v, cu)), lens, 257, scale=128 ** -0.5, sliding_window=window)
-    if got is None:
-        pytest.skip("this torch's varlen_attn does not take these inputs (the paged kernels run instead)")
+    assert got is not None, "flash varlen declined inputs it should take (see the hf_paged warning above)"
     torch.testing.assert_close(got.cpu().float(), ref.float(), rtol=2e-2, atol=2e-2)

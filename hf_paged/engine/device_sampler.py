@@ -136,7 +136,7 @@ def _apply_history(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
         scores.index_copy_(0, idx, sub - (freq * counts + pres * (counts > 0).to(scores.dtype)))
     for i, r in enumerate(rows):  # rare, and HF's processor is host code over the ids: kept per row
         if r.params.no_repeat_ngram_size > 0:
-            ids = torch.tensor(r.token_ids, dtype=torch.long).unsqueeze(0)
+            ids = torch.tensor(r.token_ids, dtype=torch.long, device=dev).unsqueeze(0)  # HF scatters it into the scores
             scores[i : i + 1] = NoRepeatNGramLogitsProcessor(r.params.no_repeat_ngram_size)(ids, scores[i : i + 1])
     ban_rows: list[int] = []
     ban_cols: list[int] = []

@@ -214,7 +214,7 @@ class Engine:
             last = min(s.start + s.num_tokens, seq.num_prompt - 1)
             if first <= last:
                 part = torch.log_softmax(logits[at + first - 1 - s.start: at + last - s.start], dim=-1)
-                targets = torch.tensor(seq.token_ids[first:last + 1]).view(-1, 1)
+                targets = torch.tensor(seq.token_ids[first:last + 1], device=logits.device).view(-1, 1)
                 chosen = torch.nan_to_num(part.gather(1, targets).view(-1), nan=LOGPROB_FLOOR)
                 chosen = chosen.clamp_(min=LOGPROB_FLOOR).tolist()
                 tops = part.topk(k, dim=-1) if k else None
@@ -225,7 +225,9 @@ class Engine:
             at += s.num_tokens
             if s.samples:
                 rows.append(at - 1)
-        return logits.index_select(0, torch.tensor(rows, dtype=torch.long)) if rows else logits[:0]
+        if not rows:
+            return logits[:0]
+        return logits.index_select(0, torch.tensor(rows, dtype=torch.long, device=logits.device))
 
     def _postprocess(self, seq: Sequence, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None) -> TokenRecord:

@@ -34,6 +34,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import logging
 import math
@@ -62,6 +63,24 @@ def bucket_sizes(max_bs: int) -> list[int]:
 class CudaGraphApi:
     """What :meth:`DecodeGraphs.capture` uses of torch.cuda (a stand-in may replace it in tests)."""
 
+    def __init__(self) -> None:
+        self.stream: torch.cuda.Stream | None = None
+
+    @contextlib.contextmanager
+    def session(self, device: torch.device):
+        """Warm-ups and captures on one side stream, as torch's CUDA-graph notes advise (the per-stream
+        setup, such as cuBLAS's workspace, happens in a warm-up, not in a capture); afterwards the caller's
+        stream is current again, also when a capture failed half-way, and waits for the side stream."""
+        caller = torch.cuda.current_stream(device)
+        self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(caller)
+        try:
+            with torch.cuda.stream(self.stream):
+                yield
+        finally:
+            torch.cuda.set_stream(caller)
+            caller.wait_stream(self.stream)
+
     def supports(self, device: torch.device) -> bool:
         return device.type == "cuda"
 
@@ -75,7 +94,8 @@ class CudaGraphApi:
         return torch.cuda.CUDAGraph()
 
     def capturing(self, graph: torch.cuda.CUDAGraph, pool: object):
-        return torch.cuda.graph(graph, pool=pool)
+        # thread_local: another thread's work (a second pipeline, the caller's own) cannot void this capture
+        return torch.cuda.graph(graph, pool=pool, stream=self.stream, capture_error_mode="thread_local")
 
 
 class DecodeGraphs:
@@ -137,17 +157,18 @@ class DecodeGraphs:
         if not api.supports(self.device):
             raise RuntimeError("CUDA graphs need a CUDA model; use capture=False to run the buffers eagerly")
         start = time.perf_counter()
-        self._fill_padding(0, self.max_bs)
-        api.synchronize(self.device)
-        mempool = api.pool()
-        for b in reversed(self.buckets):
-            self._forward(b)  # warm-up: Triton compiles and autotunes outside the capture
+        with api.session(self.device):
+            self._fill_padding(0, self.max_bs)
             api.synchronize(self.device)
-            graph = api.new_graph()
-            with api.capturing(graph, mempool):
-                self._forward(b)
-            self._graphs[b] = graph
-        api.synchronize(self.device)
+            mempool = api.pool()
+            for b in reversed(self.buckets):
+                self._forward(b)  # warm-up: Triton compiles and autotunes outside the capture
+                api.synchronize(self.device)
+                graph = api.new_graph()
+                with api.capturing(graph, mempool):
+                    self._forward(b)
+                self._graphs[b] = graph
+            api.synchronize(self.device)
         self.captured = True
         logger.info("captured %d decode CUDA graphs (batch 1..%d) in %.1f s", len(self._graphs), self.max_bs,
                     time.perf_counter() - start)

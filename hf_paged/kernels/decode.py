@@ -57,7 +57,7 @@ def default_block_n(head_dim_pad: int, on_gpu: bool) -> int:
     return 32 if head_dim_pad > 128 else 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # it follows the batch: no variant per value
 def _decode_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, lens_ptr, out_ptr, part_o_ptr, part_lse_ptr,
     pre, post, window, num_heads, num_splits,
@@ -120,7 +120,7 @@ def _decode_kernel(
                  mask=g_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _reduce_kernel(
     cu_q_ptr, part_o_ptr, part_lse_ptr, out_ptr, num_heads, num_splits, stride_ot, stride_oh,
     HEAD_DIM: tl.constexpr, D_PAD: tl.constexpr, SPLITS_PAD: tl.constexpr,
@@ -205,6 +205,6 @@ def paged_decode(
     if split:
         _reduce_kernel[(num_seqs, num_heads)](
             cu_seqlens_q, part_o, part_lse, out, num_heads, num_splits, out.stride(0), out.stride(1),
-            HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(num_splits),
+            HEAD_DIM=head_dim, D_PAD=d_pad, SPLITS_PAD=triton.next_power_of_2(max(num_splits, MAX_SPLITS)),
         )
     return out

@@ -115,7 +115,9 @@ def attend_tiles(
     return acc, m_i, l_i
 
 
-@triton.jit
+# num_seqs changes every step: not specialised on its value (1, multiples of 16), so that a new batch
+# size does not compile another variant in the middle of serving.
+@triton.jit(do_not_specialize=["num_seqs"])
 def _prefill_kernel(
     q_ptr, k_ptr, v_ptr, bt_ptr, cu_q_ptr, lens_ptr, cu_tiles_ptr, out_ptr,
     pre, post, window, num_seqs,
@@ -244,7 +246,9 @@ def paged_prefill(
         block_tables.stride(0), out.stride(0), out.stride(1),
         GROUP=group, HEAD_DIM=head_dim, D_PAD=d_pad, BLOCK_SIZE=k_cache.shape[1],
         BLOCK_M=tiles.block_m, BLOCK_Q=block_q, BLOCK_N=tiles.block_n,
-        SEARCH_STEPS=max(1, math.ceil(math.log2(num_seqs + 1))),
+        # Steps of the tile -> sequence search, rounded up to a multiple of 4 (extra steps leave it where it
+        # is): three variants cover up to 4095 sequences instead of one per power of two.
+        SEARCH_STEPS=-(-max(1, math.ceil(math.log2(num_seqs + 1))) // 4) * 4,
         WINDOW=sliding_window is not None, SOFTCAP=softcap is not None,
         PRECISION=dot_precision(query.dtype),
         num_warps=tiles.num_warps, num_stages=tiles.num_stages,

@@ -4,12 +4,12 @@ When no sequence of a step has cached context (every ``seq_len`` equals its ``q_
 values are the layer's own contiguous ``[T, KVH, D]`` tensors: there is nothing to gather from the
 pages. The K/V are still written to the pool (by the caller) for the decode steps that follow.
 
-- CUDA: flash attention through ``torch.nn.attention.varlen.varlen_attn`` (fp16/bf16, no softcap,
-  GQA where that torch version takes ``enable_gqa``);
+- CUDA: FlashAttention-2's varlen forward, ``aten._flash_attention_forward`` (fp16/bf16, no softcap,
+  GQA as it is);
 - CPU: one ``scaled_dot_product_attention`` per sequence with ``is_causal`` (a window adds a mask).
 
-``varlen_attention`` returns None where neither applies (softcap, fp32 on CUDA, an older torch): the
-caller then runs the paged kernels, which give the same result.
+``varlen_attention`` returns None where neither applies (softcap, fp32 on CUDA, a torch without the op):
+the caller then runs the paged kernels, which give the same result.
 
 Example::
 
@@ -17,8 +17,6 @@ Example::
 """
 from __future__ import annotations
 
-import functools
-import inspect
 import logging
 
 import torch
@@ -27,14 +25,9 @@ import torch.nn.functional as F
 logger = logging.getLogger("hf_paged")
 
 
-@functools.lru_cache(maxsize=1)
-def _flash() -> tuple | None:
-    """``(varlen_attn, parameter names)`` when this torch has it."""
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    return varlen_attn, frozenset(inspect.signature(varlen_attn).parameters)
+def _flash() -> object | None:
+    """The flash-attention varlen op of this torch (CUDA builds), or None."""
+    return getattr(torch.ops.aten, "_flash_attention_forward", None)
 
 
 def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, cu_seqlens: torch.Tensor,
@@ -54,27 +47,18 @@ def varlen_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
 
 
 def _cuda(query, key, value, cu_seqlens, max_seqlen, scale, window) -> torch.Tensor | None:
-    found = _flash()
-    if found is None or query.dtype not in (torch.float16, torch.bfloat16) or query.shape[-1] > 256:
+    op = _flash()
+    if op is None or query.dtype not in (torch.float16, torch.bfloat16) or query.shape[-1] > 256 \
+            or query.shape[1] % key.shape[1]:
         return None
-    fn, names = found
-    kwargs = {"scale": scale}
-    if "window_size" in names:
-        kwargs["window_size"] = (window - 1 if window else -1, 0)
-    elif window:
-        return None
-    if "is_causal" in names:
-        kwargs["is_causal"] = True
-    elif "window_size" not in names:
-        return None
-    if key.shape[1] != query.shape[1]:
-        if "enable_gqa" not in names:
-            return None
-        kwargs["enable_gqa"] = True
     cu = cu_seqlens.to(torch.int32)
     try:
-        return fn(query, key, value, cu, cu, max_seqlen, max_seqlen, **kwargs)
-    except (RuntimeError, TypeError, ValueError) as exc:  # a head size or device flash cannot take
+        # FlashAttention-2's varlen forward (what torch.nn.attention.varlen.varlen_attn calls): it takes
+        # fewer K/V heads than query heads as they are (GQA), which varlen_attn only allows from the torch
+        # version that has its enable_gqa flag. Causal; a window keeps keys i - window < j <= i.
+        return op(query, key, value, cu, cu, max_seqlen, max_seqlen, 0.0, window is None, False, scale=scale,
+                  window_size_left=window - 1 if window else -1, window_size_right=0)[0]
+    except (RuntimeError, TypeError, ValueError) as exc:  # a head size, dtype or device flash cannot take
         logger.warning("hf_paged: varlen flash attention refused these inputs (%s); the paged kernels run", exc)
         return None
 

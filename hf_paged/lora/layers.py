@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .. import kernels
+from ..kv.metadata import to_device
 
 if TYPE_CHECKING:
     from .adapters import AdapterSet
@@ -62,7 +63,7 @@ class LoraBatch:
                 batch.cpu_kernel = kernels.resolve_backend("auto", token_slot) == "cpu"
             else:
                 seg = torch.tensor([[s, e - s, slot] for s, e, slot in segments], dtype=torch.int32)
-                batch.device_args = tuple(seg.t().contiguous().to(device, non_blocking=True))
+                batch.device_args = tuple(to_device(seg.t().contiguous(), device))  # pinned, without waiting
         return batch
 
 
