@@ -8,7 +8,7 @@
 # RESULTS_DIR and the next stage runs even when one fails; stage exit codes go to status.txt.
 # Time: the default stages share TOTAL_S (460) seconds of wall clock from the script's start. Each stage
 # is capped at its own limit and at what is left; the throughput stage, last, gets all that is left (at
-# least ~120 s, more when the stages before it end early), so the whole run ends inside an 8-minute
+# least ~90 s, more when the stages before it end early), so the whole run ends inside an 8-minute
 # device command. FULL=1 adds the older kernel / end-to-end stages (run them in a second command, with
 # TOTAL_S raised). DRY_RUN=1 runs every stage on CPU (tests skip their CUDA cases, benchmarks take their
 # --cpu-dry-run path): check it before a run.
@@ -103,9 +103,9 @@ stage test_engine 130 "${CUDA_ENV[@]}" "$PY" "${PYTEST[@]}" -rs \
 if [ "${DRY_RUN:-0}" = 1 ]; then
     stage prefill 40 "$PY" benchmarks/prefill.py --device cpu --prompts 1 --length 32 --rounds 1
 else
-    stage prefill 40 "$PY" benchmarks/prefill.py --device cuda --dtype bfloat16 --prompts 8 --length 1024
+    stage prefill 50 "$PY" benchmarks/prefill.py --device cuda --dtype bfloat16 --prompts 8 --length 1024
 fi
-stage profile 40 "$PY" benchmarks/profile_gpu.py "${DRY[@]}" --eager --steps 10 --out "$RESULTS/profile"
+stage profile 60 "$PY" benchmarks/profile_gpu.py "${DRY[@]}" --eager --steps 10 --out "$RESULTS/profile"
 # The throughput benchmark gets what is left; its own budget ends it (JSON written) 25 s before the stage's limit.
 T_LIMIT=$(left)
 [ "${FULL:-0}" = 1 ] && [ "$T_LIMIT" -gt 155 ] && T_LIMIT=155  # leave time for the FULL stages

@@ -44,11 +44,13 @@ class TableRows:
         self._arr = np.zeros((capacity, width), np.int32)
         self._entries: dict[int, tuple[list[int], list[int], int]] = {}  # id(table) -> (table, copy, row)
         self._used = 0  # rows handed out since the last reset
+        self.longest = 0  # the longest table of the last indices() call
 
     def indices(self, tables: list[list[int]]) -> np.ndarray:
         """The row of each table (rows past a table's length hold 0), writing the tables that changed."""
         n = len(tables)
-        self._widen(max((len(t) for t in tables), default=0))
+        self.longest = max(map(len, tables), default=0)
+        self._widen(self.longest)
         if self._used + n > self._arr.shape[0]:
             # Full: forget every row (most belong to finished sequences) and start over, with room to spare.
             self._entries.clear()
@@ -88,10 +90,11 @@ class TableRows:
             self._arr = wider
 
     def take_into(self, tables: list[list[int]], out: np.ndarray) -> None:
-        """``out[:len(tables), :w] = `` the tables' rows, ``w`` the narrower of ``out`` and the rows (entries
-        past a table's length are 0 up to ``w``; the rest of ``out`` is left as it is)."""
+        """``out[:len(tables), :w] = `` the tables' rows, ``w`` the longest table's length (at most ``out``'s
+        width): entries past a table's length are 0 up to ``w``; the rest of ``out`` is left as it is, so a
+        wide ``out`` (a CUDA graph's table width at a 128K-token context) costs only what the tables use."""
         idx = self.indices(tables)
-        w = min(out.shape[1], self._arr.shape[1])
+        w = min(out.shape[1], self.longest)
         np.take(self._arr[:, :w], idx, axis=0, out=out[: len(tables), :w])
 
 
