@@ -59,8 +59,14 @@ def _cuda(query, key, value, cu_seqlens, max_seqlen, scale, window) -> torch.Ten
         return op(query, key, value, cu, cu, max_seqlen, max_seqlen, 0.0, window is None, False, scale=scale,
                   window_size_left=window - 1 if window else -1, window_size_right=0)[0]
     except (RuntimeError, TypeError, ValueError) as exc:  # a head size, dtype or device flash cannot take
-        logger.warning("hf_paged: varlen flash attention refused these inputs (%s); the paged kernels run", exc)
+        key_ = (tuple(query.shape[1:]), key.shape[1], query.dtype, query.device)
+        if key_ not in _refused:  # once per shape, not at every prefill
+            _refused.add(key_)
+            logger.warning("hf_paged: varlen flash attention refused these inputs (%s); the paged kernels run", exc)
         return None
+
+
+_refused: set = set()
 
 
 def _cpu(query, key, value, lens, scale, window) -> torch.Tensor:
