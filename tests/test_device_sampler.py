@@ -196,10 +196,14 @@ def test_pipeline_outputs_equal_with_either_sampler(tiny_root, monkeypatch):
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
-def test_cuda_every_request_option_runs_and_greedy_equals_cpu(tiny_root):
+def test_cuda_every_request_option_runs_and_greedy_equals_cpu(tiny_root, monkeypatch):
     """Each per-request option on a CUDA model (host tensors meeting device ones is an error only there):
     greedy ones give the CPU model's tokens and logprobs, sampling ones run to their length."""
     import hf_paged
+
+    # The CPU run takes the torch kernels: building the C++ ones would cost the device run ~a minute.
+    monkeypatch.setenv("HF_PAGED_CPU_KERNEL", "0")
+    monkeypatch.setenv("HF_PAGED_CPU_GEMM", "0")
     from hf_paged.engine.pipeline import PagedPipeline
     from tiny_models import IdTokenizer, build, load
 
