@@ -58,6 +58,7 @@ class WrapState:
     cache_kwarg: str
     options: dict
     hooks: list = field(default_factory=list)
+    engine_step: bool = False  # a forward the engine planned (paged_metadata given) is running
 
 
 def _unsupported(model: torch.nn.Module, why: str) -> UnsupportedModelError:
@@ -136,7 +137,8 @@ def _bound_input(args, kwargs, name, position):
 
 def _pre_hook(model, args, kwargs):
     state: WrapState = model._hf_paged
-    if kwargs.get("paged_metadata") is not None:  # the engine planned this forward itself
+    state.engine_step = kwargs.get("paged_metadata") is not None
+    if state.engine_step:  # the engine planned this forward itself
         return None
     key = state.cache_kwarg
     cache = kwargs.get(key, kwargs.get("past_key_values"))
@@ -168,6 +170,7 @@ def _pre_hook(model, args, kwargs):
 def _post_hook(model, args, kwargs, output):
     # Registered with always_call: also runs when the forward raised (then ``output`` is None).
     state: WrapState = model._hf_paged
+    state.engine_step = False
     cache = kwargs.get(state.cache_kwarg, kwargs.get("past_key_values"))
     if not isinstance(cache, PagedKVCache):
         return output
@@ -180,6 +183,15 @@ def _post_hook(model, args, kwargs, output):
         if getattr(cache, "_transient", False):
             cache.release()
     return output
+
+
+def _padding_check(state: WrapState, original, input_ids, attention_mask):
+    """transformers' "input_ids may be padded" warning, skipped in engine steps: they pack sequences into
+    one row without padding, and the check (the pad id looked up in the ids) makes the host wait for the
+    device, which would stall async scheduling on every eager step (GPT-2 runs it)."""
+    if state.engine_step:
+        return None
+    return original(input_ids, attention_mask)
 
 
 def _paged_generate(model, original, *args, **kwargs):
@@ -240,6 +252,10 @@ def wrap(model: torch.nn.Module, *, config: EngineConfig | None = None, **option
     state.hooks.append(model.register_forward_pre_hook(_pre_hook, with_kwargs=True))
     state.hooks.append(model.register_forward_hook(_post_hook, with_kwargs=True, always_call=True))
     model.generate = functools.partial(_paged_generate, model, type(model).generate.__get__(model))
+    for mod in model.modules():
+        check = getattr(type(mod), "warn_if_padding_and_no_attention_mask", None)
+        if check is not None:
+            mod.warn_if_padding_and_no_attention_mask = functools.partial(_padding_check, state, check.__get__(mod))
     from .kernels import cpu as cpu_kernels
     from .kernels import cpu_layers
 
@@ -271,6 +287,8 @@ def unwrap(model: torch.nn.Module) -> torch.nn.Module:
     for h in state.hooks:
         h.remove()
     model.__dict__.pop("generate", None)
+    for mod in model.modules():
+        mod.__dict__.pop("warn_if_padding_and_no_attention_mask", None)
     from .kernels import cpu_layers
 
     cpu_layers.remove(model)
