@@ -61,6 +61,19 @@ class RecordedGraph:
         self.replays += 1
 
 
+class SyncWatch(TorchDispatchMode):
+    """Collects (in ``seen``) the host-syncing ops run while it is active, without stopping them."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in HOST_SYNC_OPS:
+            self.seen.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
 class _Recorder(TorchDispatchMode):
     def __init__(self, graph: RecordedGraph) -> None:
         super().__init__()

@@ -118,30 +118,22 @@ def test_recorded_graphs_every_architecture(tiny_root, arch):
 def test_eager_engine_steps_make_no_host_sync(tiny_root, arch):
     """No op of an eager step's forward (prefill, mixed and decode) makes the host wait for the device:
     on CUDA one would stall async scheduling, which launches the next step while this one runs."""
-    from graph_replay import HOST_SYNC_OPS
-    from torch.utils._python_dispatch import TorchDispatchMode
+    from graph_replay import SyncWatch
 
     from hf_paged.engine.runner import Runner
 
-    seen: list[str] = []
-
-    class Watch(TorchDispatchMode):
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in HOST_SYNC_OPS:
-                seen.append(str(func))
-            return func(*args, **(kwargs or {}))
-
+    watch = SyncWatch()
     execute = Runner.execute
 
     def watched(self, plan, prev_ids=None):
-        with Watch():
+        with watch:
             return execute(self, plan, prev_ids)
 
     model = load(build(arch, tiny_root))
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(Runner, "execute", watched)
         _run(model, _prompts(6, seed=8), graphs=False, max_num_seqs=4, max_batch_tokens=64)
-    assert not seen, seen
+    assert not watch.seen, watch.seen
 
 
 def test_recorder_catches_what_eager_buffers_miss(llama, monkeypatch):
