@@ -42,8 +42,15 @@ def _prompts(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
     return out
 
 
+def _draining(n: int, seed: int = 0) -> list[tuple[list[int], int]]:
+    """``n`` prompts wanting 1..n new tokens (run with ignore_eos): once their prefills are done, one
+    sequence ends per step, so the decode batch takes every size from at most ``n`` down to 1."""
+    rng = random.Random(seed)
+    return [([rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 12))], i + 1) for i in range(n)]
+
+
 def _run(model, prompts, *, graphs: bool, capture: bool = False, sampling: bool = False, record: bool = False,
-         top: bool = False, **engine):
+         top: bool = False, ignore_eos: bool = False, **engine):
     """``graphs`` on CPU: the static buffers run eagerly, or with ``record`` captured and replayed by
     graph_replay's recorder; ``capture``: real CUDA graphs (the pipeline's own). ``top``: greedy with the
     top-5 logprobs of every token, and the request outputs returned instead of the token lists."""
@@ -56,6 +63,8 @@ def _run(model, prompts, *, graphs: bool, capture: bool = False, sampling: bool 
         kw = dict(do_sample=True, temperature=0.9, num_return_sequences=2) if sampling else dict(do_sample=False)
         if top:
             kw.update(logprobs=True, top_logprobs=5)
+        if ignore_eos:
+            kw.update(ignore_eos=True)
         reqs = [pipe.submit(ids, max_new_tokens=new, seed=i, **kw) for i, (ids, new) in enumerate(prompts)]
         res = [r.result(timeout=600) for r in reqs]
         return res if top else [[o.token_ids for o in r.outputs] for r in res], pipe.stats(), runner.graphs
@@ -100,6 +109,19 @@ def test_static_buffers_equal_eager_preemption_and_n(llama, ahead, record):
                               **opts)
     assert got == eager
     assert stats["preemptions"] > 0 and graphs.replays > 0
+
+
+@MODES
+@pytest.mark.parametrize("ahead", [False, True], ids=["sync", "async"])
+def test_static_buffers_every_bucket(llama, ahead, record):
+    """A batch that drains one sequence per step replays every bucket (1, 2, 4, 8, 12) and each size
+    within them (padding rows from 0 to 3), with the eager tokens."""
+    prompts = _draining(12, seed=9)
+    opts = dict(max_num_seqs=12, max_batch_tokens=256, ignore_eos=True)
+    eager, _, _ = _run(llama, prompts, graphs=False, async_scheduling=False, **opts)
+    got, _, graphs = _run(llama, prompts, graphs=True, async_scheduling=ahead, record=record, **opts)
+    assert got == eager and [len(t[0]) for t in got] == [new for _, new in prompts]
+    assert sorted(graphs.replays_by_bucket) == graphs.buckets == [1, 2, 4, 8, 12]
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -226,19 +248,29 @@ def test_cuda_graphs_equal_eager(tiny_root, dtype):
     eager, _, _ = _run(model, prompts, graphs=False, top=True, **plain, **opts)
     eager_async, _, _ = _run(model, prompts, graphs=False, top=True, **opts)
     got, stats, graphs = _run(model, prompts, graphs=True, capture=True, top=True, **opts)
-    assert graphs is not None and graphs.captured and graphs.replays > 0
+    assert graphs is not None and graphs.captured and graphs.replays > 0 and stats["prefix_hit_rate"] > 0
     if exact:  # fp32: token for token
         assert [r.token_ids for r in eager_async] == [r.token_ids for r in eager]
         assert [r.token_ids for r in got] == [r.token_ids for r in eager]
     else:  # bf16: the graphs pad to their bucket and split K/V by the static table width
         assert_greedy_close(eager_async, eager)
         assert_greedy_close(got, eager)
+    # n > 1 (two sampled continuations per prompt, seeded): the same draws.
     sampled_eager, _, _ = _run(model, prompts[:12], graphs=False, sampling=True, **plain, **opts)
     sampled, _, _ = _run(model, prompts[:12], graphs=True, capture=True, sampling=True, **opts)
     if exact:
         assert sampled == sampled_eager
     else:
         assert sum(a == b for a, b in zip(sampled, sampled_eager)) >= 0.75 * len(sampled)
+    # Every bucket size (1, 2, 4, 8, 16, 24, 32) replayed as a batch drains one sequence per step.
+    drain = _draining(32, seed=9)
+    drain_eager, _, _ = _run(model, drain, graphs=False, ignore_eos=True, **plain, **opts)
+    drained, _, graphs = _run(model, drain, graphs=True, capture=True, ignore_eos=True, **opts)
+    assert sorted(graphs.replays_by_bucket) == graphs.buckets == [1, 2, 4, 8, 16, 24, 32]
+    if exact:
+        assert drained == drain_eager
+    else:
+        assert sum(a == b for a, b in zip(drained, drain_eager)) >= 0.75 * len(drained)
 
 
 def test_assert_greedy_close_accepts_near_ties_only(llama):

@@ -54,24 +54,28 @@ class Delivery:
     def deliver(self, records: list[TokenRecord]) -> None:
         """Text deltas and events of one step's tokens; ends sequences whose stop string completed."""
         wakeups = self._wakeups
+        streams = self._by_seq
         try:
             for rec in records:
-                st = self._by_seq.get(rec.seq_id)
+                st = streams.get(rec.seq_id)
                 if st is None:
                     continue
-                delta = st.detok.push(rec.token)
+                detok = st.detok
+                delta = detok.push(rec.token)
                 reason = rec.finish_reason
-                if st.detok.stopped is not None:
-                    st.stop_string = st.detok.stopped
+                req = st.request
+                if detok.stopped is None and reason is None:  # the usual token: neither stop nor end
+                    req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs),
+                             wakeups)
+                    continue
+                if detok.stopped is not None:
+                    st.stop_string = detok.stopped
                     reason = FinishReason.STOP
                     self.engine.finish(st.seq, reason)
-                if reason is not None:
-                    delta += st.detok.flush()
-                req = st.request
+                delta += detok.flush()
                 req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
-                                     reason, stop_string=st.stop_string if reason is not None else None), wakeups)
-                if reason is not None:
-                    self._finish_request(req, wakeups)
+                                     reason, stop_string=st.stop_string), wakeups)
+                self._finish_request(req, wakeups)
         finally:
             wakeups.send()  # the asyncio consumers' events of this step: one wake-up per event loop
 

@@ -151,11 +151,8 @@ class Engine:
         logits = self.runner.run(sched, every if any(every) else None, prev_ids)
         if any(every):
             logits = self._prompt_logprobs(sched, every, logits)
-        sampling: list[Sequence] = []
-        for s in sched.seqs:
-            self.scheduler.advance(s)
-            if s.samples:
-                sampling.append(s.seq)
+        advance = self.scheduler.advance
+        sampling = [s.seq for s in sched.seqs if advance(s)]
         rows = self.scheduler.fork_siblings(sampling)
         if len(rows) != logits.shape[0]:
             logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
@@ -163,12 +160,13 @@ class Engine:
             self.masks.apply(logits, [s.matcher for s in sampling])
         # A sequence with a token in flight samples with that token counted (can_run_ahead made sure
         # that nothing else about this step depends on its value).
-        out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids, s.num_generated + s.num_ahead,
-                                                             s.generator) for s in sampling])
+        sample_rows = []
         for k, s in enumerate(sampling):
+            sample_rows.append(SamplingRow(s.params, s.token_ids, len(s.token_ids) - s.num_prompt + s.num_ahead,
+                                           s.generator))
             s.num_ahead += 1
             s.ahead_row = k
-        return PendingStep(sampling, out)
+        return PendingStep(sampling, self.sampler.sample_async(logits, sample_rows))
 
     def can_run_ahead(self, pending: "PendingStep") -> bool:
         """Whether the next step may be launched before ``pending``'s tokens are known: none of its
@@ -193,8 +191,11 @@ class Engine:
         self._recent.append((time.monotonic(), len(sampling)))
         self.tokens_generated += len(sampling)
         self.steps += 1
-        return [self._postprocess(seq, out.tokens[k], out.logprobs[k] if out.logprobs is not None else None,
-                                  out.top_logprobs[k] if out.top_logprobs is not None else None)
+        post = self._postprocess
+        if out.logprobs is None and out.top_logprobs is None:
+            return [post(seq, t, None, None) for seq, t in zip(sampling, out.tokens) if not seq.finished]
+        return [post(seq, out.tokens[k], out.logprobs[k] if out.logprobs is not None else None,
+                     out.top_logprobs[k] if out.top_logprobs is not None else None)
                 for k, seq in enumerate(sampling) if not seq.finished]
 
     def _prompt_logprobs(self, sched: Schedule, every: list[bool], logits: torch.Tensor) -> torch.Tensor:
@@ -232,17 +233,19 @@ class Engine:
     def _postprocess(self, seq: Sequence, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None) -> TokenRecord:
         p = seq.params
-        seq.token_ids.append(token)
+        toks = seq.token_ids
+        toks.append(token)
         if p.logprobs:
             seq.logprobs.append(logprob)
         if p.top_logprobs:
             seq.top_logprobs.append(top)
         reason = None
+        generated = len(toks) - seq.num_prompt
         # A matcher that took its stop token (EOS) has a complete output: it ends as EOS would.
         done = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
-        if done or (token in p.eos_token_id and not p.ignore_eos and seq.num_generated >= p.min_new_tokens):
+        if done or (token in p.eos_token_id and not p.ignore_eos and generated >= p.min_new_tokens):
             reason = FinishReason.STOP
-        elif seq.num_generated >= p.max_new_tokens or seq.num_tokens >= self.max_model_len:
+        elif generated >= p.max_new_tokens or len(toks) >= self.max_model_len:
             reason = FinishReason.LENGTH
         if reason is not None:
             self.scheduler.finish(seq, reason)

@@ -118,6 +118,7 @@ class DecodeGraphs:
         self._keep_kwarg = {"logits_to_keep": 0} if "logits_to_keep" in inspect.signature(
             type(model).forward).parameters else {}
         self.replays = 0
+        self.replays_by_bucket: dict[int, int] = {}  # bucket -> decode steps it served
         self.api = graph_api or CudaGraphApi()
         dev = device
         self.ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
@@ -253,6 +254,7 @@ class DecodeGraphs:
             prev = to_device(prev_ids, self.device)
             self.ids.index_copy_(0, self.fill[0, :m], prev.index_select(0, self.fill[1, :m]))
         self.replays += 1
+        self.replays_by_bucket[b] = self.replays_by_bucket.get(b, 0) + 1
         if self.captured:
             self._graphs[b].replay()
             return self.logits[:n]

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..kv.metadata import PagedMetadata, TableRows, to_device
+from ..kv.metadata import PagedMetadata, TableRows, host_tensor, to_device
 from ..lora.layers import LoraBatch
 from ..kv.pool import KVPool
 from .scheduler import Schedule
@@ -86,17 +86,30 @@ class Runner:
         ids: list[int] = []
         positions: list[int] = []
         slots: list[int] = []
+        tables: list[list[int]] = []
+        q_lens: list[int] = []
+        seq_lens: list[int] = []
         offsets = [0] * len(seqs)
         fill: list[tuple[int, int]] = []
         for i in order:
             s = seqs[i]
+            seq, start, n = s.seq, s.start, s.num_tokens
+            toks = seq.token_ids
+            end = start + n
             offsets[i] = len(ids)
-            end = s.start + s.num_tokens
-            ids.extend(s.seq.token_ids[s.start:end])
-            if end > s.seq.num_tokens:  # its last token is still being sampled (async scheduling)
-                fill.append((len(ids), s.seq.ahead_row))
+            tables.append(seq.table.blocks)
+            q_lens.append(n)
+            seq_lens.append(end)
+            if n == 1 and end <= len(toks):  # a decode token on the host: the usual case, kept short
+                ids.append(toks[start])
+                positions.append(start)
+                slots.append(s.slots[0])
+                continue
+            ids.extend(toks[start:end])
+            if end > len(toks):  # its last token is still being sampled (async scheduling)
+                fill.append((len(ids), seq.ahead_row))
                 ids.append(0)
-            positions.extend(range(s.start, end))
+            positions.extend(range(start, end))
             slots.extend(s.slots)
         keep: list[int] = []
         for i, s in enumerate(seqs):
@@ -104,11 +117,9 @@ class Runner:
                 keep.extend(range(offsets[i], offsets[i] + s.num_tokens))
             elif s.samples:
                 keep.append(offsets[i] + s.num_tokens - 1)
-        packed = [seqs[i] for i in order]
-        return StepPlan(ids, positions, slots, [s.seq.table.blocks for s in packed], [s.num_tokens for s in packed],
-                        [s.start + s.num_tokens for s in packed], keep, list(schedule.copies),
-                        [None if s.seq.adapter is None else s.seq.adapter.slot for s in packed] if lora else None,
-                        fill or None)
+        return StepPlan(ids, positions, slots, tables, q_lens, seq_lens, keep, list(schedule.copies),
+                        [None if seqs[i].seq.adapter is None else seqs[i].seq.adapter.slot for i in order]
+                        if lora else None, fill or None)
 
     @torch.inference_mode()
     def execute(self, plan: StepPlan, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
@@ -121,8 +132,8 @@ class Runner:
         meta = PagedMetadata.build(self.pool, plan.slots, plan.tables, plan.q_lens, plan.seq_lens, None, self._rows)
         # ids, positions, kept rows (and the async fill) in one host tensor, one copy without waiting.
         n, k, m = len(plan.ids), len(plan.keep), len(plan.fill or ())
-        host = torch.tensor(plan.ids + plan.positions + plan.keep
-                            + ([d for d, _ in plan.fill] + [r for _, r in plan.fill] if m else []), dtype=torch.long)
+        host = host_tensor(plan.ids + plan.positions + plan.keep
+                           + ([d for d, _ in plan.fill] + [r for _, r in plan.fill] if m else []))
         dev = to_device(host, self.device)
         input_ids, position_ids, keep_t = dev[:n], dev[n:2 * n][None], dev[2 * n:2 * n + k]
         if m:

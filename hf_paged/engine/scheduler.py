@@ -155,8 +155,13 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def advance(self, sched: ScheduledSeq) -> None:
-        """Account the tokens just computed and publish the now-full blocks to the prefix cache."""
+    def advance(self, sched: ScheduledSeq) -> bool:
+        """Account the tokens just computed and publish the now-full blocks to the prefix cache; whether
+        the chunk samples (:attr:`ScheduledSeq.samples`)."""
         seq = sched.seq
-        seq.num_computed = sched.start + sched.num_tokens
-        self.allocator.publish(seq.table, seq.token_ids, seq.cache_salt)
+        end = seq.num_computed = sched.start + sched.num_tokens
+        table = seq.table
+        # A decode step fills a block once every block_size steps: call publish only when one may have.
+        if table.num_tokens >= (len(table.hashes) + 1) * self.allocator.block_size:
+            self.allocator.publish(table, seq.token_ids, seq.cache_salt)
+        return end == len(seq.token_ids) + seq.num_ahead
