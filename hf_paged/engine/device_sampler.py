@@ -166,15 +166,18 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
     top_vals = top_idx = tied = None
     if cand:
         kmax = max(ks)
-        c = _index(cand, dev)
+        every = len(cand) == n  # every row a top-k row (generate()'s default top_k=50): no gather, no scatter
+        c = None if every else _index(cand, dev)
         k = _index([ks[i] for i in cand], dev).view(-1, 1)
         # Temperature is monotonic: the k best scaled scores are the k best raw ones, in the same order.
-        full_c = scores.index_select(0, c)
+        full_c = scores if every else scores.index_select(0, c)
         top_vals, top_idx = torch.topk(full_c, kmax + 1, dim=-1)
         kth = top_vals.gather(1, k - 1)
         tied = (top_vals.gather(1, k) == kth).view(-1)
         # TopKLogitsWarper on the full rows: every score below the k-th goes (ties stay).
-        scores.index_copy_(0, c, full_c.masked_fill(full_c < kth, _NEG_INF))
+        full_c.masked_fill_(full_c < kth, _NEG_INF)
+        if not every:
+            scores.index_copy_(0, c, full_c)
         cols = torch.arange(kmax + 1, device=dev).view(1, -1)
         top_vals = top_vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax]
         top_idx = top_idx[:, :kmax]
@@ -183,7 +186,10 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
     if cand:
         sub_rows = [rows[i] for i in cand]
         top_vals = _later_warpers(top_vals, sub_rows, list(range(len(cand))))
-        c = _index(cand, dev)
+        if c is None:
+            pos = _draw(top_vals, u)
+            from_cand = top_idx.gather(1, pos.view(-1, 1)).view(-1)
+            return torch.where(tied, picked, from_cand), scores
         pos = _draw(top_vals, u.index_select(0, c))
         from_cand = top_idx.gather(1, pos.view(-1, 1)).view(-1)
         picked.index_copy_(0, c, torch.where(tied, picked.index_select(0, c), from_cand))
