@@ -239,7 +239,7 @@ def test_table_rows_always_equal_the_tables_converted_anew(ops):
     a = BlockAllocator(64, 2)
     rows = TableRows(capacity=4, width=1)
     tables = [BlockTable()]
-    out = np.full((8, 80), -7, np.int32)  # one staging array for every step, as DecodeGraphs has
+    flat = np.full(8 * 80, -7, np.int32)  # one staging array for every step, as DecodeGraphs has
     for op, k in ops:
         t = tables[k % len(tables)]
         try:
@@ -259,6 +259,8 @@ def test_table_rows_always_equal_the_tables_converted_anew(ops):
         width = max((len(b) for b in step), default=0) or 1
         want = np.array([b + [0] * (width - len(b)) for b in step], np.int32).reshape(-1, width)
         assert np.array_equal(rows.gather(step, width), want)
-        rows.take_into(step, out)  # fills the longest table's width; the older columns past it may stay
-        assert np.array_equal(out[: len(step), :width], want)
+        w = rows.pack_into(step, flat, 80)  # the rows packed at the longest table's width
+        assert w == width and np.array_equal(flat[: len(step) * w].reshape(-1, w), want)
+        assert rows.pack_into(step, flat, 2) == min(width, 2)  # cut at the static width
+        assert np.array_equal(flat[: len(step) * min(width, 2)].reshape(-1, min(width, 2)), want[:, :2])
     a.check(tables)

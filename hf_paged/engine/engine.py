@@ -160,13 +160,13 @@ class Engine:
             self.masks.apply(logits, [s.matcher for s in sampling])
         # A sequence with a token in flight samples with that token counted (can_run_ahead made sure
         # that nothing else about this step depends on its value).
-        sample_rows = []
+        out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids,
+                                                             len(s.token_ids) - s.num_prompt + s.num_ahead,
+                                                             s.generator) for s in sampling])
         for k, s in enumerate(sampling):
-            sample_rows.append(SamplingRow(s.params, s.token_ids, len(s.token_ids) - s.num_prompt + s.num_ahead,
-                                           s.generator))
             s.num_ahead += 1
             s.ahead_row = k
-        return PendingStep(sampling, self.sampler.sample_async(logits, sample_rows))
+        return PendingStep(sampling, out)
 
     def can_run_ahead(self, pending: "PendingStep") -> bool:
         """Whether the next step may be launched before ``pending``'s tokens are known: none of its

@@ -238,14 +238,16 @@ class DecodeGraphs:
         cu = h_cu.numpy()
         cu[: n + 1] = np.arange(n + 1)
         cu[n + 1 : b + 1] = n
-        self._rows.take_into(plan.tables, h_tables.numpy())  # entries past a row's length are never read
+        w = self._rows.pack_into(plan.tables, h_tables.numpy(), self.width)  # [n, w] at the front of h_tables
         nb = self._pinned
         self.ids[:b].copy_(h_vec[0, :b], non_blocking=nb)
         self.positions[:b].copy_(h_vec[1, :b], non_blocking=nb)
         self.slots[:b].copy_(h_vec[2, :b], non_blocking=nb)
         self.lens[:b].copy_(h_vec[3, :b], non_blocking=nb)
         self.cu[: b + 1].copy_(h_cu[: b + 1], non_blocking=nb)
-        self.tables[:n].copy_(h_tables[:n], non_blocking=nb)
+        # Only the columns the tables use; those past w keep older entries, which are never read (past
+        # every row's length).
+        self.tables[:n, :w].copy_(h_tables[: n * w].view(n, w), non_blocking=nb)
         if plan.fill is not None:
             # Tokens sampled by the step still in flight go from its output into the input, on the device.
             m = len(plan.fill)
@@ -272,7 +274,7 @@ class DecodeGraphs:
         # ids, positions, slots, lens, and the async fill's destination and source rows
         return (torch.zeros(6, self.max_bs, dtype=torch.long, pin_memory=pin),
                 torch.zeros(self.max_bs + 1, dtype=torch.int32, pin_memory=pin),
-                torch.zeros(self.max_bs, self.width, dtype=torch.int32, pin_memory=pin))
+                torch.zeros(self.max_bs * self.width, dtype=torch.int32, pin_memory=pin))  # [n, w] rows, packed
 
     def _fill_padding(self, n: int, b: int) -> None:
         self.ids[n:b] = 0

@@ -94,13 +94,15 @@ class TableRows:
             wider[:, : self._arr.shape[1]] = self._arr
             self._arr = wider
 
-    def take_into(self, tables: list[list[int]], out: np.ndarray) -> None:
-        """``out[:len(tables), :w] = `` the tables' rows, ``w`` the longest table's length (at most ``out``'s
-        width): entries past a table's length are 0 up to ``w``; the rest of ``out`` is left as it is, so a
-        wide ``out`` (a CUDA graph's table width at a 128K-token context) costs only what the tables use."""
+    def pack_into(self, tables: list[list[int]], flat: np.ndarray, max_width: int) -> int:
+        """The tables' rows, cut at ``max_width`` and padded with 0 to the longest one's width ``w``, as one
+        contiguous ``[len(tables), w]`` array at the start of the 1-D ``flat``; returns ``w`` (at least 1). So
+        a step copies only what its tables use, not a CUDA graph's whole table width (8192 entries a row at
+        a 128K-token context)."""
         idx = self.indices(tables)
-        w = min(out.shape[1], self.longest)
-        np.take(self._arr[:, :w], idx, axis=0, out=out[: len(tables), :w])
+        w = max(1, min(max_width, self.longest))
+        np.take(self._arr[:, :w], idx, axis=0, out=flat[: len(tables) * w].reshape(len(tables), w))
+        return w
 
 
 @dataclass(slots=True)
