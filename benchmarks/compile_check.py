@@ -81,6 +81,7 @@ def main(argv=None) -> int:
     from hf_paged.kernels.decode import paged_decode
     from hf_paged.kernels.lora import lora_add_triton
     from hf_paged.kernels.prefill import paged_prefill
+    from hf_paged.kernels.sampling import tied_draw
 
     _compile_only()
     failures = 0
@@ -127,6 +128,17 @@ def main(argv=None) -> int:
             except Exception:  # noqa: BLE001
                 failures += 1
                 print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
+        # The device sampler's draw of tied top-k rows (fp32 scores, per-row temperature, uniform).
+        name = f"sm_{arch} float32  tied top-k draw"
+        start = time.perf_counter()
+        try:
+            rows = 4
+            tied_draw(torch.zeros(rows, 151936), torch.ones(rows), torch.zeros(rows), torch.zeros(rows),
+                      torch.ones(rows, dtype=torch.bool), torch.full((rows,), 0.5))
+            print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
+        except Exception:  # noqa: BLE001
+            failures += 1
+            print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
     print(f"{failures} configuration(s) failed")
     return 1 if failures else 0
 

@@ -3,6 +3,7 @@ CUDA test checks that a step costs one device-to-host copy)."""
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -86,6 +87,76 @@ def test_topk_ties_at_border_take_the_full_row_draw():
         specs = [(params(do_sample=True, top_k=k, temperature=t), [5], 0, s) for s, (k, t) in enumerate(mix * 16)]
         host, dev = both(logits[: len(specs)], specs)
         assert_same(host, dev, specs)
+
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def _topk_specs(n: int, seed: int = 0):
+    """Plain top-k rows (the fused draw's case), seeded, with assorted k and temperatures."""
+    return [(params(do_sample=True, top_k=(2, 5, 40)[i % 3], temperature=(0.5, 1.0, 0.7, 1.3)[i % 4]), [5], 0,
+             seed + i) for i in range(n)]
+
+
+def _tie_heavy(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Few distinct values (as bf16 logits have), so many rows tie at their k-th score; the first rows are
+    continuous (no ties) and row 4 has fewer finite scores than any k (its k-th score is -inf)."""
+    g = torch.Generator().manual_seed(seed)
+    logits = torch.randint(-4, 4, (rows, vocab), generator=g).float()
+    logits[:4] = torch.randn(4, vocab, generator=g) * 3
+    logits[4, 1:] = -float("inf")
+    logits[4, [7, 90]] = torch.tensor([0.5, 2.0])
+    return logits
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
+@pytest.mark.parametrize("vocab", [300, 5003])
+def test_fused_topk_draw_same_tokens_as_host_sampler(monkeypatch, vocab):
+    """Every row a top-k row (generate()'s default): candidates taken from the raw scores, and the Triton
+    draw for rows whose k-th score ties, give the host sampler's tokens."""
+    import hf_paged.engine.device_sampler as ds
+    from hf_paged.kernels import sampling
+
+    tied_rows = []
+    real = sampling.tied_draw
+    monkeypatch.setattr(sampling, "tied_draw", lambda *a: tied_rows.append(int(a[4].sum())) or real(*a))
+    monkeypatch.setenv("HF_PAGED_FUSED_DRAW", "1")
+    logits = _tie_heavy(40, vocab, seed=4)
+    specs = _topk_specs(40)
+    host, dev = both(logits, specs)
+    assert ds._fused_ok and tied_rows and 0 < tied_rows[0] < 40
+    assert_same(host, dev, specs)
+    # A row that asks for logprobs (or a top-p row) takes the full-width torch path: same tokens too.
+    specs[5] = (params(do_sample=True, top_k=5, logprobs=True), [5], 0, 99)
+    tied_rows.clear()
+    host, dev = both(logits, specs)
+    assert not tied_rows
+    assert_same(host, dev, specs)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
+def test_tied_draw_kernel_equals_the_torch_draw():
+    """The kernel against device_sampler._draw on the masked, scaled rows, same uniforms; untied rows are
+    not read (-1)."""
+    from hf_paged.engine.device_sampler import _draw
+    from hf_paged.kernels.sampling import tied_draw
+
+    rows, vocab = 24, 5003
+    logits = _tie_heavy(rows, vocab, seed=8)
+    g = torch.Generator().manual_seed(2)
+    temps = torch.tensor([(0.5, 1.0, 0.7, 1.3)[i % 4] for i in range(rows)]).view(-1, 1)
+    k = torch.tensor([(2, 5, 40)[i % 3] for i in range(rows)]).view(-1, 1)
+    vals = torch.topk(logits, 41, dim=-1).values / temps
+    kth = vals.gather(1, k - 1)
+    tied = (vals.gather(1, k) == kth).view(-1)
+    tied[0] = True  # a continuous row, drawn over its k best too
+    u = torch.rand(rows, dtype=torch.float64, generator=g)
+    scaled = logits / temps
+    want = _draw(scaled.masked_fill(scaled < kth, -float("inf")), u)
+    got = tied_draw(logits, temps, kth, vals[:, 0], tied, u)
+    assert tied.sum() > 5 and (~tied).sum() > 2
+    assert got[~tied].eq(-1).all()
+    assert got[tied].tolist() == want[tied].tolist()
 
 
 def test_greedy_ties_pick_the_lowest_index_and_logprobs():
@@ -235,3 +306,33 @@ def test_cuda_every_request_option_runs_and_greedy_equals_cpu(tiny_root, monkeyp
                                                                              abs=1e-3)
     for r in cuda[len(greedy):]:
         assert all(len(o.token_ids) == 10 for o in r.outputs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_fused_topk_draw_equals_the_torch_draw(monkeypatch):
+    """The GPU benchmark's sampling (temperature 0.6, generate()'s top_k=50) on bf16-rounded logits, where
+    rows tie at their 50th score: the Triton draw and the torch draw pick the same tokens (the sums round
+    differently, so a uniform right at a boundary may flip: allow 2 of 256), without a host sync."""
+    import hf_paged.engine.device_sampler as ds
+
+    g = torch.Generator().manual_seed(0)
+    logits = (torch.randn(256, 128256, generator=g) * 3).bfloat16().float().cuda()
+    specs = [(params(do_sample=True, temperature=0.6), [1, 2, 3], 0, i) for i in range(256)]
+
+    def run(flag: str):
+        monkeypatch.setenv("HF_PAGED_FUSED_DRAW", flag)
+        rows = [SamplingRow(p, ids, n, torch.Generator().manual_seed(s)) for p, ids, n, s in specs]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pending = DeviceSampler(128256).sample_async(logits.clone(), rows)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        return pending.result().tokens
+
+    fused, plain = run("1"), run("0")
+    assert ds._fused_ok
+    assert sum(a == b for a, b in zip(fused, plain)) >= 254

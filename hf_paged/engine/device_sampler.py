@@ -24,7 +24,9 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import math
+import os
 
 import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
@@ -33,6 +35,7 @@ from ..kv.metadata import to_device
 from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, SamplingRow
 
 _NEG_INF = -float("inf")
+logger = logging.getLogger("hf_paged")
 
 
 class DeviceSampler:
@@ -75,13 +78,19 @@ class DeviceSampler:
                 tokens.index_copy_(0, g, scores.index_select(0, g).argmax(dim=-1))
         if drawn:
             sub = scores if len(drawn) == n else scores.index_select(0, _index(drawn, dev))
-            picked, processed = _sample_rows(sub, [rows[i] for i in drawn])
+            drawn_rows = [rows[i] for i in drawn]
+            if _fused_applies(sub, drawn_rows):
+                picked, processed = _topk_draw_fused(sub, drawn_rows), None  # no drawn row reads its scores
+            else:
+                picked, processed = _sample_rows(sub, drawn_rows)
             if len(drawn) == n:
-                tokens, final = picked, processed
+                tokens = picked
+                final = scores if processed is None else processed
             else:
                 d = _index(drawn, dev)
                 tokens.index_copy_(0, d, picked)
-                scores.index_copy_(0, d, processed)
+                if processed is not None:
+                    scores.index_copy_(0, d, processed)
         flat, wants, k = _pack(tokens, final, rows)
         if dev.type != "cuda":
             return Ready(_unpack(flat.tolist(), rows, wants, k))
@@ -194,6 +203,59 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
         from_cand = top_idx.gather(1, pos.view(-1, 1)).view(-1)
         picked.index_copy_(0, c, torch.where(tied, picked.index_select(0, c), from_cand))
     return picked, scores
+
+
+# The Triton draw of tied top-k rows (kernels/sampling.py): on CUDA unless HF_PAGED_FUSED_DRAW=0; =1 also on
+# CPU tensors (in Triton's interpreter: tests). Turned off for the process if its first launch fails.
+_fused_ok = True
+
+
+def _fused_applies(scores: torch.Tensor, rows: list[SamplingRow]) -> bool:
+    """Every row a plain top-k row (temperature at most): no later warper, no logprobs."""
+    flag = os.environ.get("HF_PAGED_FUSED_DRAW", "").strip()
+    if not _fused_ok or flag == "0" or not (scores.is_cuda or flag == "1"):
+        return False
+    vocab = scores.shape[1]
+    for r in rows:
+        p = r.params
+        if not 0 < p.top_k < vocab or p.top_p < 1.0 or p.min_p or p.typical_p < 1.0 or p.logprobs or p.top_logprobs:
+            return False
+    return True
+
+
+def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Tensor:
+    """:func:`_sample_rows` for rows that :func:`_fused_applies` to, without its full-width passes: the
+    ``k`` candidates come from the raw scores (temperature is monotonic, and scaling a candidate gives the
+    value scaling its row would), each row draws over them, and only the rows whose k-th score ties are
+    drawn again over their whole row, by the Triton kernel."""
+    global _fused_ok
+    dev = scores.device
+    vocab = scores.shape[1]
+    temps = _column([r.params.temperature for r in rows], dev)
+    u = _uniforms(rows, dev)
+    ks = [r.params.top_k for r in rows]
+    kmax = max(ks)
+    raw, top_idx = torch.topk(scores, kmax + 1, dim=-1)
+    vals = raw / temps  # TemperatureLogitsWarper on the candidates
+    k = _index(ks, dev).view(-1, 1)
+    kth = vals.gather(1, k - 1)
+    tied = (vals.gather(1, k) == kth).view(-1)
+    cols = torch.arange(kmax + 1, device=dev).view(1, -1)
+    pos = _draw(vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax], u)
+    from_cand = top_idx[:, :kmax].gather(1, pos.view(-1, 1)).view(-1)
+    full = None
+    if _fused_ok:
+        try:
+            from ..kernels.sampling import tied_draw
+
+            full = tied_draw(scores, temps, kth, vals[:, 0], tied, u)
+        except Exception:  # noqa: BLE001 - a kernel that fails to compile or launch: the torch draw from now on
+            _fused_ok = False
+            logger.warning("hf_paged: the Triton top-k draw failed; sampling uses the torch draw", exc_info=True)
+    if full is None:  # the full-width draw of _sample_rows, same uniforms
+        scaled = scores / temps
+        full = _draw(scaled.masked_fill_(scaled < kth, _NEG_INF), u)
+    return torch.where(tied, full, from_cand).clamp_(max=vocab - 1)
 
 
 def _later_warpers(scores: torch.Tensor, rows: list[SamplingRow], which: list[int]) -> torch.Tensor:

@@ -1,0 +1,85 @@
+"""Triton draw for the top-k rows whose k-th score ties: the device sampler's full-row path, row by row.
+
+HF's TopK keeps every token whose score ties the k-th best. The samplers draw such a row over the whole
+vocabulary in vocabulary order, not over its k best candidates (see ``engine/device_sampler.py``). In
+torch that draw costs ~10 passes over the ``[rows, vocab]`` float32 scores (scale, mask, softmax,
+cumsum), on every row, though only the tied rows use it. It is also the usual case: generate()'s default
+``top_k=50``, with nothing else set.
+
+Here one program per row returns at once unless its row ties. A tied row is read twice, applying the
+temperature as it is read:
+1. the sum of ``exp(x - max)`` over the kept tokens (``x >= kth``), block by block;
+2. the first token whose running sum passes ``u * sum``.
+
+Both passes add in the same order, so the second ends exactly on the first's sum. The result equals
+``device_sampler._draw`` on the masked, scaled row, up to float rounding of the sums: a uniform that
+lands within that rounding of a boundary may pick the neighbouring token.
+
+Example::
+
+    ids = tied_draw(scores, temps, kth, top, tied, u)   # rows with tied False get -1
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+BLOCK = 4096  # keys per step of a tied row: two passes of ~32 steps over a 128K vocabulary
+
+
+@triton.jit
+def _tied_draw_kernel(scores_ptr, stride, temp_ptr, kth_ptr, top_ptr, tied_ptr, u_ptr, out_ptr, vocab,
+                      BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    if tl.load(tied_ptr + row) == 0:
+        return
+    base = scores_ptr + row.to(tl.int64) * stride
+    temp = tl.load(temp_ptr + row)
+    kth = tl.load(kth_ptr + row)  # the k-th best scaled score
+    top = tl.load(top_ptr + row)  # the best scaled score
+    cols = tl.arange(0, BLOCK)
+    total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    for start in range(0, vocab, BLOCK):
+        idx = start + cols
+        # div_rn: IEEE division, as torch's scores / temperature (Triton's "/" is an approximation)
+        x = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), temp)
+        c = tl.cumsum(tl.where(x >= kth, tl.exp(x - top), 0.0), 0)
+        total += tl.sum(tl.where(cols == BLOCK - 1, c, 0.0), 0)
+    target = tl.load(u_ptr + row) * total
+    run = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    best = vocab - 1
+    for start in range(0, vocab, BLOCK):
+        idx = start + cols
+        x = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), temp)
+        c = tl.cumsum(tl.where(x >= kth, tl.exp(x - top), 0.0), 0)
+        cdf = c + run
+        # The first token past the target, or the first where the sum is complete (torch's draw takes the
+        # smaller of the two searchsorted results the same way).
+        hit = tl.min(tl.where((cdf > target) | (cdf >= total), idx, vocab - 1), 0)
+        best = tl.minimum(best, hit)
+        run += tl.sum(tl.where(cols == BLOCK - 1, c, 0.0), 0)
+    tl.store(out_ptr + row, best.to(tl.int64))
+
+
+def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top: torch.Tensor,
+              tied: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Token of each tied row, drawn over ``softmax(scores / temps)`` restricted to scaled scores ``>= kth``
+    in vocabulary order with uniform ``u``; -1 for the other rows (not read).
+
+    ``scores`` ``[rows, vocab]`` (rows contiguous, any float dtype), and per row: ``temps`` the temperature,
+    ``kth`` the k-th best and ``top`` the best scaled score, ``tied`` bool, ``u`` the uniform.
+    """
+    rows, vocab = scores.shape
+    if scores.stride(1) != 1:
+        raise ValueError("tied_draw: the score rows must be contiguous")
+    out = torch.full((rows,), -1, dtype=torch.long, device=scores.device)
+    if rows == 0:
+        return out
+    f32 = dict(dtype=torch.float32, device=scores.device)
+    _tied_draw_kernel[(rows,)](
+        scores, scores.stride(0), temps.reshape(-1).to(**f32).contiguous(), kth.reshape(-1).to(**f32).contiguous(),
+        top.reshape(-1).to(**f32).contiguous(), tied.reshape(-1).to(torch.int8).contiguous(),
+        u.reshape(-1).to(**f32).contiguous(), out, vocab, BLOCK=BLOCK, num_warps=8,
+    )
+    return out
