@@ -149,8 +149,9 @@ def test_tied_draw_kernel_equals_the_torch_draw():
     vals = torch.topk(logits, 41, dim=-1).values / temps
     kth = vals.gather(1, k - 1)
     tied = (vals.gather(1, k) == kth).view(-1)
-    tied[0] = True  # a continuous row, drawn over its k best too
+    tied[:2] = True  # continuous rows, drawn over their k best too
     u = torch.rand(rows, dtype=torch.float64, generator=g)
+    u[1] = 1 - 1e-12  # 1.0 in float32: the last kept token
     scaled = logits / temps
     want = _draw(scaled.masked_fill(scaled < kth, -float("inf")), u)
     got = tied_draw(logits, temps, kth, vals[:, 0], tied, u)

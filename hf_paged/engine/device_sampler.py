@@ -230,7 +230,6 @@ def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     drawn again over their whole row, by the Triton kernel."""
     global _fused_ok
     dev = scores.device
-    vocab = scores.shape[1]
     temps = _column([r.params.temperature for r in rows], dev)
     u = _uniforms(rows, dev)
     ks = [r.params.top_k for r in rows]
@@ -255,7 +254,7 @@ def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     if full is None:  # the full-width draw of _sample_rows, same uniforms
         scaled = scores / temps
         full = _draw(scaled.masked_fill_(scaled < kth, _NEG_INF), u)
-    return torch.where(tied, full, from_cand).clamp_(max=vocab - 1)
+    return torch.where(tied, full, from_cand)
 
 
 def _later_warpers(scores: torch.Tensor, rows: list[SamplingRow], which: list[int]) -> torch.Tensor:

@@ -11,9 +11,9 @@ temperature as it is read:
 1. the sum of ``exp(x - max)`` over the kept tokens (``x >= kth``), block by block;
 2. the first token whose running sum passes ``u * sum``.
 
-Both passes add in the same order, so the second ends exactly on the first's sum. The result equals
-``device_sampler._draw`` on the masked, scaled row, up to float rounding of the sums: a uniform that
-lands within that rounding of a boundary may pick the neighbouring token.
+Only tokens with mass can be picked, capped at the last one. The result equals ``device_sampler._draw``
+on the masked, scaled row, up to float rounding of the sums: a uniform that lands within that rounding of
+a boundary may pick the neighbouring kept token.
 
 Example::
 
@@ -40,26 +40,32 @@ def _tied_draw_kernel(scores_ptr, stride, temp_ptr, kth_ptr, top_ptr, tied_ptr, 
     top = tl.load(top_ptr + row)  # the best scaled score
     cols = tl.arange(0, BLOCK)
     total = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+    last = -1  # the last token with mass
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         # div_rn: IEEE division, as torch's scores / temperature (Triton's "/" is an approximation)
         x = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), temp)
-        c = tl.cumsum(tl.where(x >= kth, tl.exp(x - top), 0.0), 0)
+        p = tl.where(x >= kth, tl.exp(x - top), 0.0)
+        c = tl.cumsum(p, 0)
         total += tl.sum(tl.where(cols == BLOCK - 1, c, 0.0), 0)
+        last = tl.maximum(last, tl.max(tl.where(p > 0, idx, -1), 0))
     target = tl.load(u_ptr + row) * total
     run = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
     best = vocab - 1
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         x = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), temp)
-        c = tl.cumsum(tl.where(x >= kth, tl.exp(x - top), 0.0), 0)
-        cdf = c + run
-        # The first token past the target, or the first where the sum is complete (torch's draw takes the
-        # smaller of the two searchsorted results the same way).
-        hit = tl.min(tl.where((cdf > target) | (cdf >= total), idx, vocab - 1), 0)
+        p = tl.where(x >= kth, tl.exp(x - top), 0.0)
+        c = tl.cumsum(p, 0)
+        # The first token with mass whose running sum passes the target. Only tokens with mass count: a
+        # parallel scan rounds each position on its own, so a removed token after the last kept one could
+        # show a larger sum.
+        hit = tl.min(tl.where((p > 0) & (c + run > target), idx, vocab - 1), 0)
         best = tl.minimum(best, hit)
         run += tl.sum(tl.where(cols == BLOCK - 1, c, 0.0), 0)
-    tl.store(out_ptr + row, best.to(tl.int64))
+    # Capped at the last token with mass, as torch's draw caps at the first index whose sum is complete
+    # (a uniform that rounds to the total finds no token past it).
+    tl.store(out_ptr + row, tl.maximum(tl.minimum(best, last), 0).to(tl.int64))
 
 
 def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top: torch.Tensor,
