@@ -155,7 +155,7 @@ def test_tied_draw_kernel_equals_the_torch_draw():
     scaled = logits / temps
     want = _draw(scaled.masked_fill(scaled < kth, -float("inf")), u)
     got = tied_draw(logits, temps, kth, vals[:, 0], tied, u)
-    assert tied.sum() > 5 and (~tied).sum() > 2
+    assert tied.sum() > 5 and (~tied).sum() >= 2
     assert got[~tied].eq(-1).all()
     assert got[tied].tolist() == want[tied].tolist()
 
