@@ -172,24 +172,15 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
     u = _uniforms(rows, dev)
     ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
     cand = [i for i, k in enumerate(ks) if k]
-    top_vals = top_idx = tied = None
     if cand:
-        kmax = max(ks)
         every = len(cand) == n  # every row a top-k row (generate()'s default top_k=50): no gather, no scatter
         c = None if every else _index(cand, dev)
-        k = _index([ks[i] for i in cand], dev).view(-1, 1)
-        # Temperature is monotonic: the k best scaled scores are the k best raw ones, in the same order.
         full_c = scores if every else scores.index_select(0, c)
-        top_vals, top_idx = torch.topk(full_c, kmax + 1, dim=-1)
-        kth = top_vals.gather(1, k - 1)
-        tied = (top_vals.gather(1, k) == kth).view(-1)
+        top_vals, top_idx, kth, tied = _candidates(full_c, [ks[i] for i in cand])
         # TopKLogitsWarper on the full rows: every score below the k-th goes (ties stay).
         full_c.masked_fill_(full_c < kth, _NEG_INF)
         if not every:
             scores.index_copy_(0, c, full_c)
-        cols = torch.arange(kmax + 1, device=dev).view(1, -1)
-        top_vals = top_vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax]
-        top_idx = top_idx[:, :kmax]
     scores = _later_warpers(scores, rows, list(range(n)))
     picked = _draw(scores, u)
     if cand:
@@ -203,6 +194,25 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
         from_cand = top_idx.gather(1, pos.view(-1, 1)).view(-1)
         picked.index_copy_(0, c, torch.where(tied, picked.index_select(0, c), from_cand))
     return picked, scores
+
+
+def _candidates(scores: torch.Tensor, ks: list[int], temps: torch.Tensor | None = None):
+    """Each row's ``ks[i]`` best candidates as its draw sees them: ``(vals, ids, kth, tied)``.
+
+    ``vals`` ``[rows, max(ks)]`` are the scores (divided by ``temps`` when given: temperature is monotonic,
+    so the k best scaled scores are the k best raw ones, and a candidate scaled is what scaling its row
+    gives), -inf past a row's k; ``ids`` their tokens; ``kth`` ``[rows, 1]`` the k-th best; ``tied``
+    whether the next score equals it (HF's TopK then keeps that one and every other tie)."""
+    dev = scores.device
+    kmax = max(ks)
+    vals, ids = torch.topk(scores, kmax + 1, dim=-1)
+    if temps is not None:
+        vals = vals / temps
+    k = _index(ks, dev).view(-1, 1)
+    kth = vals.gather(1, k - 1)
+    tied = (vals.gather(1, k) == kth).view(-1)
+    cols = torch.arange(kmax + 1, device=dev).view(1, -1)
+    return vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax], ids[:, :kmax], kth, tied
 
 
 # The Triton draw of tied top-k rows (kernels/sampling.py): on CUDA unless HF_PAGED_FUSED_DRAW=0; =1 also on
@@ -232,16 +242,8 @@ def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     dev = scores.device
     temps = _column([r.params.temperature for r in rows], dev)
     u = _uniforms(rows, dev)
-    ks = [r.params.top_k for r in rows]
-    kmax = max(ks)
-    raw, top_idx = torch.topk(scores, kmax + 1, dim=-1)
-    vals = raw / temps  # TemperatureLogitsWarper on the candidates
-    k = _index(ks, dev).view(-1, 1)
-    kth = vals.gather(1, k - 1)
-    tied = (vals.gather(1, k) == kth).view(-1)
-    cols = torch.arange(kmax + 1, device=dev).view(1, -1)
-    pos = _draw(vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax], u)
-    from_cand = top_idx[:, :kmax].gather(1, pos.view(-1, 1)).view(-1)
+    vals, ids, kth, tied = _candidates(scores, [r.params.top_k for r in rows], temps)
+    from_cand = ids.gather(1, _draw(vals, u).view(-1, 1)).view(-1)
     full = None
     if _fused_ok:
         try:
