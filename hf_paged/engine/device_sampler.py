@@ -186,12 +186,10 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
     if cand:
         sub_rows = [rows[i] for i in cand]
         top_vals = _later_warpers(top_vals, sub_rows, list(range(len(cand))))
-        if c is None:
-            pos = _draw(top_vals, u)
-            from_cand = top_idx.gather(1, pos.view(-1, 1)).view(-1)
-            return torch.where(tied, picked, from_cand), scores
-        pos = _draw(top_vals, u.index_select(0, c))
+        pos = _draw(top_vals, u if c is None else u.index_select(0, c))
         from_cand = top_idx.gather(1, pos.view(-1, 1)).view(-1)
+        if c is None:
+            return torch.where(tied, picked, from_cand), scores
         picked.index_copy_(0, c, torch.where(tied, picked.index_select(0, c), from_cand))
     return picked, scores
 

@@ -117,7 +117,6 @@ class DecodeGraphs:
         self.vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
         self._keep_kwarg = {"logits_to_keep": 0} if "logits_to_keep" in inspect.signature(
             type(model).forward).parameters else {}
-        self.replays = 0
         self.replays_by_bucket: dict[int, int] = {}  # bucket -> decode steps it served
         self.api = graph_api or CudaGraphApi()
         dev = device
@@ -149,6 +148,11 @@ class DecodeGraphs:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled = torch.compile(model, fullgraph=True, dynamic=False)
             self._warm_up()
+
+    @property
+    def replays(self) -> int:
+        """Decode steps run through the graphs (or the static buffers), all buckets."""
+        return sum(self.replays_by_bucket.values())
 
     # ------------------------------------------------------------------ capture
     @torch.inference_mode()
@@ -255,7 +259,6 @@ class DecodeGraphs:
             self.fill.copy_(h_vec[4:6], non_blocking=nb)
             prev = to_device(prev_ids, self.device)
             self.ids.index_copy_(0, self.fill[0, :m], prev.index_select(0, self.fill[1, :m]))
-        self.replays += 1
         self.replays_by_bucket[b] = self.replays_by_bucket.get(b, 0) + 1
         if self.captured:
             self._graphs[b].replay()
