@@ -287,7 +287,11 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
         + ([TypicalLogitsWarper(typical_p)] if typical_p < 1.0 else [])  # min_p None or 0 removes nothing
     everyone = list(range(scores.shape[0]))
     if top_k == 0 or top_k >= scores.shape[1]:  # TopK would keep every token
-        for w in temper + later:
+        for w in temper:
+            scores = w(_NO_IDS, scores)
+        if top_p < 1.0:  # what TopPLogitsWarper(top_p) returns, without sorting the whole vocabulary
+            scores, later = nucleus(scores, top_p), later[1:]
+        for w in later:
             scores = w(_NO_IDS, scores)
         yield everyone, scores, None
         return
@@ -313,6 +317,123 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
         for w in temper + [TopKLogitsWarper(top_k)] + later:
             full = w(_NO_IDS, full)
         yield rest, full, None
+
+
+# Nucleus (top-p) without a full sort (see nucleus): the best candidates looked at first; the bins of the
+# second pass, spread evenly over the row's range of scores but over NUCLEUS_SPAN nats at most (the last
+# bin then takes everything further down); the most tokens a bin may hold for its tokens to be ordered
+# by topk rather than the whole row sorted.
+NUCLEUS_CANDIDATES = 64  # 0: off, HF's sort for every row (benchmarks/nucleus.py's base)
+NUCLEUS_BINS, NUCLEUS_SPAN, NUCLEUS_MAX_BIN = 1024, 32.0, 4096
+# How far a mass sum must be from top_p to be decided without HF's own rounding: HF's fp32 softmax and
+# cumsum (double-accumulated on CPU) were off by at most 8e-7 on rows of up to 151936 tokens; ours are
+# float64 throughout.
+NUCLEUS_MARGIN = 3e-6
+
+
+def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``TopPLogitsWarper(top_p)(ids, scores)`` on ``[G, V]`` float scores, out of place, the same
+    tensor, without sorting every row.
+
+    HF sorts a row ascending and removes each token whose cumulative probability is ``<= 1 - top_p``
+    (the best token always stays). In descending order, token ``j`` stays iff the mass of the tokens
+    before it, ``S_j``, is ``< top_p``: the nucleus is the ``J`` best tokens, and only the ``J``-th
+    score, the row's threshold, has to be found.
+
+    - First among the row's ``NUCLEUS_CANDIDATES + 1`` best scores (``torch.topk``), which holds the
+      nucleus of a peaked row, with the normaliser from one ``logsumexp``.
+    - A flatter row puts each token's probability into bins by its score (``bincount``), finds the bin
+      where the mass reaches ``top_p``, and orders that bin's tokens only.
+    - A row is decided only when the mass before its last kept token and before its first removed one
+      are both at least ``NUCLEUS_MARGIN`` from ``top_p`` (no rounding of HF's could flip either), and
+      those two scores differ (of two tied tokens HF keeps one, by sort order). Other rows (a boundary
+      within the margin, a tie there, a crowded bin, non-finite scores) go through HF's warper."""
+    if not NUCLEUS_CANDIDATES:
+        return TopPLogitsWarper(top_p)(_NO_IDS, scores)
+    g, vocab = scores.shape
+    out = torch.empty_like(scores)
+    best = scores.amax(dim=-1, keepdim=True)
+    rel = torch.exp(scores - best)  # each token's probability times the row's normaliser z
+    z = rel.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    lse = best.double() + z.log()  # NaN for a row of -inf, +inf or NaN
+    finite = torch.isfinite(lse).view(-1)
+    todo = finite.nonzero().view(-1)
+    if len(todo) and vocab > 1:
+        sub = scores.index_select(0, todo) if len(todo) < g else scores
+        vals = torch.topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab), dim=-1).values
+        ok, last = _cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], exhaustive=False)
+        todo = _mask_rows(out, scores, todo, ok, last)
+    if len(todo) and vocab > 1:
+        ok, last = _cut_by_bins(scores.index_select(0, todo), best[todo], rel[todo].double() / z[todo], lse[todo],
+                                top_p)
+        todo = _mask_rows(out, scores, todo, ok, last)
+    if not bool(finite.all()):  # NaN or all -inf rows
+        todo = torch.cat([todo, (~finite).nonzero().view(-1)])
+    if len(todo):
+        out[todo] = TopPLogitsWarper(top_p)(_NO_IDS, scores.index_select(0, todo))
+    return out
+
+
+def _cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p: float, count: torch.Tensor | int,
+         exhaustive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the nucleus ends among ``vals`` ``[R, C]`` (descending; the first ``count`` of each row are
+    real, the rest -inf padding): ``(decided [R], threshold [R, 1])``. ``base``: the mass of the tokens
+    better than ``vals`` (``[R, 1]`` float64); ``exhaustive``: every token not listed below the listed
+    ones scores strictly lower (a whole bin), so the first removed token may be the one after them."""
+    mass = torch.exp(vals.double() - lse)
+    before = base + mass.cumsum(dim=-1) - mass  # S_j of each listed token
+    after = base + mass.sum(dim=-1, keepdim=True)  # S of the first token not listed
+    cols = torch.arange(vals.shape[1]).view(1, -1)
+    count = torch.as_tensor(count).view(-1, 1)
+    real = cols < count
+    n_keep = ((before < top_p) & real).sum(dim=-1, keepdim=True)  # J
+    at = n_keep.clamp(min=1)
+    nxt_in = n_keep < count  # the first removed token is listed
+    nxt = nxt_in & (at < vals.shape[1])
+    s_next = torch.where(nxt, before.gather(1, at.clamp(max=vals.shape[1] - 1)), after)
+    s_last = before.gather(1, (at - 1).clamp(max=vals.shape[1] - 1))
+    last = vals.gather(1, (at - 1).clamp(max=vals.shape[1] - 1))
+    untied = ~nxt | (last > vals.gather(1, at.clamp(max=vals.shape[1] - 1)))
+    ok = ((n_keep >= 1) & (nxt_in | exhaustive) & (s_next >= top_p + NUCLEUS_MARGIN)
+          & (s_last <= top_p - NUCLEUS_MARGIN) & untied & torch.isfinite(last))
+    return ok.view(-1), last
+
+
+def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse: torch.Tensor,
+                 top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_cut` for flat rows (``best``: each row's top score, ``prob`` its probabilities in float64):
+    bin every token by its score, find the bin where the mass passes ``top_p`` and order only its tokens."""
+    r, vocab = sub.shape
+    nb = NUCLEUS_BINS
+    span = (best - sub.amin(dim=-1, keepdim=True)).clamp_(min=1e-6, max=NUCLEUS_SPAN)  # a -inf score: the most
+    bins = (best - sub).mul_((nb - 1) / span).clamp_(max=nb - 1).long()  # monotone in the score, row by row
+    mass = torch.zeros(r, nb, dtype=torch.float64).scatter_add_(1, bins, prob)
+    cum = mass.cumsum(dim=-1)
+    crossing = (cum < top_p).sum(dim=-1, keepdim=True).clamp_(max=nb - 1)  # the bin where the mass passes top_p
+    base = torch.where(crossing > 0, cum.gather(1, (crossing - 1).clamp(min=0)), torch.zeros_like(lse))
+    inside = bins == crossing
+    count = inside.sum(dim=-1)
+    width = int(count.max())
+    if width > NUCLEUS_MAX_BIN or width == 0:
+        crowded = count > NUCLEUS_MAX_BIN
+        if bool(crowded.all()) or width == 0:
+            return torch.zeros(r, dtype=torch.bool), best
+        inside &= ~crowded.view(-1, 1)
+        count = count.masked_fill(crowded, 0)
+        width = int(count.max())
+    vals = torch.topk(sub.masked_fill(~inside, -float("inf")), width, dim=-1).values
+    ok, last = _cut(vals, lse, base, top_p, count, exhaustive=True)
+    return ok & (count > 0), last
+
+
+def _mask_rows(out: torch.Tensor, scores: torch.Tensor, todo: torch.Tensor, ok: torch.Tensor,
+               last: torch.Tensor) -> torch.Tensor:
+    """Write the decided rows (every score below the row's threshold removed); the rows still open."""
+    done = todo[ok]
+    if len(done):
+        rows = scores.index_select(0, done)
+        out[done] = rows.masked_fill_(rows < last[ok], -float("inf"))
+    return todo[~ok]
 
 
 def _argmax(scores: torch.Tensor) -> list[int]:

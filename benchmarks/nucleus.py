@@ -1,0 +1,144 @@
+"""Top-p (nucleus) sampling on CPU: HF's TopPLogitsWarper (a sort of every row) vs the sampler's
+``nucleus`` (candidates from topk, HF's sort only where the nucleus is not clear), on the default model.
+
+1. On real logits: the next-token logits of sampled chat replies (set A and set B prompts), scaled by the
+   temperature, in batches of 1, 16 and 64 rows: time per call and the rows that fell back to the sort.
+   Both must return the same tensor (checked on every call).
+2. End to end: PagedPipeline generating for 16 chat requests as an OpenAI client sends them (no top_k,
+   a seed; set A at temperature 0.7 and top_p 0.9, set B at 1.0 and 0.95), with the nucleus off (base)
+   and on (new), in interleaved rounds in one process; the tokens must be identical.
+
+    python benchmarks/nucleus.py [--rounds 3] [--requests 16] [--max-new-tokens 64] [--out results/nucleus.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+
+def chat_prompts(tok, which: str, n: int) -> list[list[int]]:
+    from throughput import build_prompts
+
+    return build_prompts(tok, n, which)
+
+
+def real_logits(model, tok, prompts: list[list[int]], steps: int, temperature: float, top_p: float) -> torch.Tensor:
+    """Raw next-token logits of ``steps`` sampled tokens of each prompt (generate, left-padded batch)."""
+    width = max(map(len, prompts))
+    pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+    ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts])
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
+    torch.manual_seed(0)
+    out = model.generate(input_ids=ids, attention_mask=mask, do_sample=True, temperature=temperature, top_k=0,
+                         top_p=top_p, max_new_tokens=steps, min_new_tokens=steps, output_logits=True,
+                         return_dict_in_generate=True, pad_token_id=pad)
+    return torch.cat(list(out.logits), dim=0).float()  # [steps * len(prompts), vocab]
+
+
+def time_call(fn, reps: int = 5) -> float:
+    ts = []
+    for _ in range(reps):
+        t = time.perf_counter()
+        fn()
+        ts.append(time.perf_counter() - t)
+    return statistics.median(ts)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--requests", type=int, default=16)
+    ap.add_argument("--max-new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+
+    from transformers import AutoTokenizer
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    import hf_paged.engine.sampler as sampler
+    from hf_paged.engine.pipeline import PagedPipeline
+    from hf_paged.models import ensure_default_model, load_model
+
+    path = str(ensure_default_model())
+    tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    model, _ = load_model(path, dtype=torch.float32)
+    ids = torch.empty(1, 0, dtype=torch.long)
+    result: dict = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "micro": [], "e2e": []}
+
+    # 1. real logits
+    fell = [0]
+    hf_warper = TopPLogitsWarper
+
+    class Counting(hf_warper):
+        def __call__(self, input_ids, scores):
+            fell[0] += scores.shape[0]
+            return super().__call__(input_ids, scores)
+
+    for which, temperature, top_p in (("A", 0.7, 0.9), ("B", 1.0, 0.95)):
+        rows = real_logits(model, tok, chat_prompts(tok, which, 8), 32, temperature, top_p) / temperature
+        sampler.TopPLogitsWarper = Counting
+        fell[0] = 0
+        for i in range(rows.shape[0]):
+            assert torch.equal(sampler.nucleus(rows[i:i + 1], top_p), hf_warper(top_p)(ids, rows[i:i + 1]))
+        fallback = fell[0] / rows.shape[0]
+        sampler.TopPLogitsWarper = hf_warper
+        for batch in (1, 16, 64):
+            x = rows[:batch]
+            per = {"hf": [], "nucleus": []}
+            for _ in range(args.rounds):
+                per["hf"].append(time_call(lambda: hf_warper(top_p)(ids, x)) * 1e3)
+                per["nucleus"].append(time_call(lambda: sampler.nucleus(x, top_p)) * 1e3)
+            entry = {"set": which, "temperature": temperature, "top_p": top_p, "rows": batch,
+                     "fallback_fraction": round(fallback, 3),
+                     **{f"{k}_ms": [round(v, 3) for v in vs] for k, vs in per.items()}}
+            result["micro"].append(entry)
+            print(f"set {which} T={temperature} top_p={top_p} rows={batch}: HF "
+                  f"{statistics.median(per['hf']):.2f} ms (min {min(per['hf']):.2f}), nucleus "
+                  f"{statistics.median(per['nucleus']):.2f} ms (min {min(per['nucleus']):.2f}); rows sorted "
+                  f"{fallback:.1%}", flush=True)
+
+    # 2. end to end, base and new interleaved
+    for which, temperature, top_p in (("A", 0.7, 0.9), ("B", 1.0, 0.95)):
+        prompts = chat_prompts(tok, which, args.requests)
+        pipe = PagedPipeline(model, tok, kv_memory="1GiB", max_num_seqs=args.requests, max_batch_tokens=2048)
+        pipe.generate(prompts[:2], max_new_tokens=4, progress=False)  # warm-up
+        kw = dict(do_sample=True, temperature=temperature, top_k=0, top_p=top_p, seed=1,
+                  max_new_tokens=args.max_new_tokens, progress=False)
+        tps: dict[str, list[float]] = {"base": [], "new": []}
+        outs: dict[str, list] = {}
+        for r in range(args.rounds):
+            for name, cands in (("base", 0), ("new", 64)) if r % 2 == 0 else \
+                    (("new", 64), ("base", 0)):
+                sampler.NUCLEUS_CANDIDATES = cands
+                t = time.perf_counter()
+                res = pipe.generate(prompts, **kw)
+                dt = time.perf_counter() - t
+                toks = [x.token_ids for x in res]
+                tps[name].append(sum(map(len, toks)) / dt)
+                assert outs.setdefault(name, toks) == toks
+        pipe.close()
+        assert outs["base"] == outs["new"], "the nucleus changed the sampled tokens"
+        result["e2e"].append({"set": which, "temperature": temperature, "top_p": top_p, "requests": args.requests,
+                              "max_new_tokens": args.max_new_tokens,
+                              **{f"{k}_tok_s": [round(v, 1) for v in vs] for k, vs in tps.items()}})
+        print(f"e2e set {which} T={temperature} top_p={top_p}: base {statistics.median(tps['base']):.1f} tok/s (rounds "
+              f"{[round(v, 1) for v in tps['base']]}), new {statistics.median(tps['new']):.1f} tok/s (rounds "
+              f"{[round(v, 1) for v in tps['new']]}); same tokens", flush=True)
+    sampler.NUCLEUS_CANDIDATES = 64
+    if args.out:
+        Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
