@@ -275,3 +275,96 @@ def test_logits_wider_than_vocab_are_cut():
 def test_bad_logits_shape():
     with pytest.raises(ValueError, match="logits"):
         Sampler(V).sample(torch.zeros(3, V), [SamplingRow(params(), [1], 0, None)])
+
+
+# ---------------------------------------------------------------------------------- nucleus (top-p) without a sort
+def _nucleus_calls(monkeypatch):
+    """Rows that nucleus() left to HF's sorting warper (counted)."""
+    import hf_paged.engine.sampler as sampler_mod
+
+    sorted_rows = []
+
+    class Counting(tf.generation.logits_process.TopPLogitsWarper):
+        def __call__(self, input_ids, scores):
+            sorted_rows.append(scores.shape[0])
+            return super().__call__(input_ids, scores)
+
+    monkeypatch.setattr(sampler_mod, "TopPLogitsWarper", Counting)
+    return sorted_rows
+
+
+def _hf_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    return tf.generation.logits_process.TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), scores)
+
+
+@pytest.mark.parametrize("vocab", [2, 256, 5003, 49152])
+def test_nucleus_equals_hf_top_p(vocab):
+    """The same tensor as TopPLogitsWarper, bit for bit: peaked, flat and near-uniform rows, ties,
+    banned (-inf) tokens, a NaN row, an all -inf row and a row with fewer finite tokens than candidates."""
+    from hf_paged.engine.sampler import nucleus
+
+    g = torch.Generator().manual_seed(vocab)
+    for scale in (0.05, 1.0, 4.0, 20.0):
+        x = torch.randn(6, vocab, generator=g) * scale
+        x[1] = (x[1] * 2).round() / 2  # many ties
+        x[2, ::3] = -float("inf")
+        x[3, 1:] = -float("inf") if vocab > 40 else x[3, 1:]
+        x[3, :min(vocab, 30)] = torch.randn(min(vocab, 30), generator=g)
+        x[4] = -float("inf")
+        x[5, 0] = float("nan")
+        for top_p in (0.01, 0.3, 0.9, 0.95, 0.999):
+            got, want = nucleus(x, top_p), _hf_top_p(x, top_p)
+            assert torch.equal(torch.isnan(got), torch.isnan(want)), (scale, top_p)
+            assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0)), (scale, top_p)
+
+
+def test_nucleus_decides_without_sorting(monkeypatch):
+    """Peaked rows are decided among the best candidates, flatter ones by the score bins: none is sorted.
+    (Otherwise the equality above would hold by falling back every time.)"""
+    from hf_paged.engine.sampler import nucleus
+
+    sorted_rows = _nucleus_calls(monkeypatch)
+    g = torch.Generator().manual_seed(0)
+    peaked = torch.randn(16, 49152, generator=g) * 8  # a nucleus of a few tokens: the candidates
+    flat = torch.randn(16, 49152, generator=g) * 2  # thousands of tokens: the bins
+    assert torch.equal(nucleus(peaked, 0.9), _hf_top_p(peaked, 0.9))
+    assert sorted_rows == []
+    for top_p in (0.5, 0.9):
+        assert torch.equal(nucleus(flat, top_p), _hf_top_p(flat, top_p))
+    # A flat row's boundary tokens weigh ~1e-5, so the margin against HF's rounding leaves a few to the sort.
+    assert sum(sorted_rows) <= 6, sorted_rows
+
+
+def test_nucleus_leaves_the_boundary_cases_to_hf(monkeypatch):
+    """A row whose mass reaches top_p exactly at a token (HF's rounding decides) or whose boundary
+    falls between two tied scores (HF's sort order decides) goes through HF's warper."""
+    from hf_paged.engine.sampler import nucleus
+
+    sorted_rows = _nucleus_calls(monkeypatch)
+    exact = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))  # S_2 = 0.75 = top_p
+    assert torch.equal(nucleus(exact, 0.75), _hf_top_p(exact, 0.75))
+    assert sorted_rows == [1]
+    tied = torch.tensor([[3.0, 1.0, 1.0, 1.0, -2.0]])
+    p = torch.softmax(tied, -1)
+    top_p = float(p[0, 0] + p[0, 1]) + 1e-3  # the boundary falls inside the run of 1.0s
+    assert torch.equal(nucleus(tied, top_p), _hf_top_p(tied, top_p))
+    assert sorted_rows == [1, 1]
+
+
+def test_top_p_sampling_tokens_unchanged_by_nucleus(monkeypatch):
+    """Seeded top-p rows (no top_k, as OpenAI clients send) draw the same tokens with the nucleus on and off."""
+    import hf_paged.engine.sampler as sampler_mod
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(12, 5003, generator=g) * torch.tensor([0.5, 2.0, 6.0]).repeat(4).view(-1, 1)
+    kinds = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95),
+             dict(temperature=1.3, top_p=0.5, min_p=0.05), dict(temperature=0.8, top_p=0.9, typical_p=0.9)]
+
+    def run() -> list[int]:
+        rows = [SamplingRow(params(do_sample=True, top_k=0, seed=5, **kinds[i % 4]), [1, 2, 3], 0,
+                            torch.Generator().manual_seed(100 + i)) for i in range(12)]
+        return Sampler(5003).sample(logits, rows).tokens
+
+    with_nucleus = run()
+    monkeypatch.setattr(sampler_mod, "NUCLEUS_CANDIDATES", 0)
+    assert run() == with_nucleus

@@ -325,10 +325,12 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
 # by topk rather than the whole row sorted.
 NUCLEUS_CANDIDATES = 64  # 0: off, HF's sort for every row (benchmarks/nucleus.py's base)
 NUCLEUS_BINS, NUCLEUS_SPAN, NUCLEUS_MAX_BIN = 1024, 32.0, 4096
-# How far a mass sum must be from top_p to be decided without HF's own rounding: HF's fp32 softmax and
-# cumsum (double-accumulated on CPU) were off by at most 8e-7 on rows of up to 151936 tokens; ours are
-# float64 throughout.
-NUCLEUS_MARGIN = 3e-6
+# How far a mass sum must be from top_p to be decided without HF's own rounding. HF compares its fp32
+# cumulative probabilities (softmax, then a cumsum accumulated in double on CPU) with 1 - top_p; they were
+# off by a relative 1.0e-6, 3.7e-6 and 9.6e-6 at most, on rows of 49152, 151936 and 262144 tokens from
+# near-uniform to peaked: so (1 - top_p) times NUCLEUS_REL_ERROR per token of the row (4-7x those), plus
+# NUCLEUS_OWN_ERROR for ours (fp32 exp of each score, summed in float64).
+NUCLEUS_REL_ERROR, NUCLEUS_OWN_ERROR = 1.5e-10, 3e-7
 
 
 def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -345,12 +347,13 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     - A flatter row puts each token's probability into bins by its score (``bincount``), finds the bin
       where the mass reaches ``top_p``, and orders that bin's tokens only.
     - A row is decided only when the mass before its last kept token and before its first removed one
-      are both at least ``NUCLEUS_MARGIN`` from ``top_p`` (no rounding of HF's could flip either), and
+      are both far enough from ``top_p`` (``NUCLEUS_REL_ERROR``) (no rounding of HF's could flip either), and
       those two scores differ (of two tied tokens HF keeps one, by sort order). Other rows (a boundary
       within the margin, a tie there, a crowded bin, non-finite scores) go through HF's warper."""
     if not NUCLEUS_CANDIDATES:
         return TopPLogitsWarper(top_p)(_NO_IDS, scores)
     g, vocab = scores.shape
+    margin = (1.0 - top_p) * max(2e-6, NUCLEUS_REL_ERROR * vocab) + NUCLEUS_OWN_ERROR
     out = torch.empty_like(scores)
     best = scores.amax(dim=-1, keepdim=True)
     rel = torch.exp(scores - best)  # each token's probability times the row's normaliser z
@@ -361,11 +364,11 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     if len(todo) and vocab > 1:
         sub = scores.index_select(0, todo) if len(todo) < g else scores
         vals = torch.topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab), dim=-1).values
-        ok, last = _cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], exhaustive=False)
+        ok, last = _cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], False, margin)
         todo = _mask_rows(out, scores, todo, ok, last)
     if len(todo) and vocab > 1:
         ok, last = _cut_by_bins(scores.index_select(0, todo), best[todo], rel[todo].double() / z[todo], lse[todo],
-                                top_p)
+                                top_p, margin)
         todo = _mask_rows(out, scores, todo, ok, last)
     if not bool(finite.all()):  # NaN or all -inf rows
         todo = torch.cat([todo, (~finite).nonzero().view(-1)])
@@ -375,11 +378,12 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 def _cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p: float, count: torch.Tensor | int,
-         exhaustive: bool) -> tuple[torch.Tensor, torch.Tensor]:
+         exhaustive: bool, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the nucleus ends among ``vals`` ``[R, C]`` (descending; the first ``count`` of each row are
     real, the rest -inf padding): ``(decided [R], threshold [R, 1])``. ``base``: the mass of the tokens
     better than ``vals`` (``[R, 1]`` float64); ``exhaustive``: every token not listed below the listed
-    ones scores strictly lower (a whole bin), so the first removed token may be the one after them."""
+    ones scores strictly lower (a whole bin), so the first removed token may be the one after them;
+    ``margin``: see NUCLEUS_REL_ERROR."""
     mass = torch.exp(vals.double() - lse)
     before = base + mass.cumsum(dim=-1) - mass  # S_j of each listed token
     after = base + mass.sum(dim=-1, keepdim=True)  # S of the first token not listed
@@ -394,13 +398,13 @@ def _cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p: float
     s_last = before.gather(1, (at - 1).clamp(max=vals.shape[1] - 1))
     last = vals.gather(1, (at - 1).clamp(max=vals.shape[1] - 1))
     untied = ~nxt | (last > vals.gather(1, at.clamp(max=vals.shape[1] - 1)))
-    ok = ((n_keep >= 1) & (nxt_in | exhaustive) & (s_next >= top_p + NUCLEUS_MARGIN)
-          & (s_last <= top_p - NUCLEUS_MARGIN) & untied & torch.isfinite(last))
+    ok = ((n_keep >= 1) & (nxt_in | exhaustive) & (s_next >= top_p + margin) & (s_last <= top_p - margin)
+          & untied & torch.isfinite(last))
     return ok.view(-1), last
 
 
 def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse: torch.Tensor,
-                 top_p: float) -> tuple[torch.Tensor, torch.Tensor]:
+                 top_p: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_cut` for flat rows (``best``: each row's top score, ``prob`` its probabilities in float64):
     bin every token by its score, find the bin where the mass passes ``top_p`` and order only its tokens."""
     r, vocab = sub.shape
@@ -422,7 +426,7 @@ def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse:
         count = count.masked_fill(crowded, 0)
         width = int(count.max())
     vals = torch.topk(sub.masked_fill(~inside, -float("inf")), width, dim=-1).values
-    ok, last = _cut(vals, lse, base, top_p, count, exhaustive=True)
+    ok, last = _cut(vals, lse, base, top_p, count, True, margin)
     return ok & (count > 0), last
 
 
