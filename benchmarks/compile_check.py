@@ -81,7 +81,7 @@ def main(argv=None) -> int:
     from hf_paged.kernels.decode import paged_decode
     from hf_paged.kernels.lora import lora_add_triton
     from hf_paged.kernels.prefill import paged_prefill
-    from hf_paged.kernels.sampling import tied_draw
+    from hf_paged.kernels.sampling import nucleus_threshold, tied_draw
 
     _compile_only()
     failures = 0
@@ -135,6 +135,17 @@ def main(argv=None) -> int:
             rows = 4
             tied_draw(torch.zeros(rows, 151936), torch.ones(rows), torch.zeros(rows), torch.zeros(rows),
                       torch.ones(rows, dtype=torch.bool), torch.full((rows,), 0.5))
+            print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
+        except Exception:  # noqa: BLE001
+            failures += 1
+            print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
+        # Its top-p threshold of rows not decided among their best candidates (fp32 scores, bisection).
+        name = f"sm_{arch} float32  top-p threshold"
+        start = time.perf_counter()
+        try:
+            rows = 4
+            nucleus_threshold(torch.zeros(rows, 151936), torch.zeros(rows), torch.full((rows,), 0.9),
+                              torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, 1))
             print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
         except Exception:  # noqa: BLE001
             failures += 1

@@ -111,6 +111,8 @@ T_LIMIT=$(left)
 [ "${FULL:-0}" = 1 ] && [ "$T_LIMIT" -gt 155 ] && T_LIMIT=155  # leave time for the FULL stages
 stage throughput "$T_LIMIT" "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
     --budget-s $((T_LIMIT - 25))
+# The device sampler by sampling setting, kernels on and off: only in what the throughput stage leaves.
+stage sampler 20 "$PY" benchmarks/sampler_gpu.py "${DRY[@]}" --out "$RESULTS/sampler.json"
 if [ "${FULL:-0}" = 1 ]; then
     stage kernels 100 "$PY" benchmarks/kernels.py --no-flex --out "$RESULTS/kernels.json"
     stage e2e 110 "$PY" benchmarks/e2e_gpu.py --out "$RESULTS/e2e.json"

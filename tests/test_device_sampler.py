@@ -337,3 +337,101 @@ def test_cuda_fused_topk_draw_equals_the_torch_draw(monkeypatch):
     fused, plain = run("1"), run("0")
     assert ds._fused_ok
     assert sum(a == b for a, b in zip(fused, plain)) >= 254
+
+
+# ---------------------------------------------------------------------------------- top-p without a sort
+def _top_p_specs(n: int, seed: int = 0):
+    """Top-p rows with no top_k (what OpenAI and TGI clients send), seeded, some with min_p or logprobs."""
+    kinds = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95), dict(top_p=0.5, min_p=0.05),
+             dict(temperature=1.3, top_p=0.8, logprobs=True, top_logprobs=2)]
+    return [(params(do_sample=True, top_k=0, **kinds[i % 4]), [5], 0, seed + i) for i in range(n)]
+
+
+def _peaked_and_flat(rows: int, vocab: int, seed: int) -> torch.Tensor:
+    """Rows from peaked (a nucleus of a few tokens) to flat (thousands), a row of -inf but two tokens."""
+    g = torch.Generator().manual_seed(seed)
+    scale = torch.tensor([8.0, 4.0, 2.0, 1.0, 0.3]).repeat(rows // 5 + 1)[:rows].view(-1, 1)
+    logits = torch.randn(rows, vocab, generator=g) * scale
+    logits[3, 2:] = -float("inf")
+    return logits
+
+
+def test_top_p_same_tokens_as_host_sampler_without_the_kernel(monkeypatch):
+    """Off the kernel (CPU tensors, the default there), rows decided among their best candidates take that
+    threshold and the others HF's sort: the host sampler's tokens and logprobs."""
+    monkeypatch.setenv("HF_PAGED_FUSED_DRAW", "0")
+    logits = _peaked_and_flat(20, 5003, seed=1)
+    specs = _top_p_specs(20)
+    host, dev = both(logits, specs)
+    assert_same(host, dev, specs)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
+def test_top_p_threshold_kernel_same_tokens_as_host_sampler(monkeypatch):
+    """With the kernel (as on CUDA), rows not decided among their best candidates get the bisection's
+    threshold: the same nucleus as HF's sort, so the host sampler's tokens."""
+    import hf_paged.engine.device_sampler as ds
+    from hf_paged.kernels import sampling
+
+    bisected = []
+    real = sampling.nucleus_threshold
+    monkeypatch.setattr(sampling, "nucleus_threshold",
+                        lambda *a: bisected.append(int((~a[3]).sum())) or real(*a))
+    monkeypatch.setenv("HF_PAGED_FUSED_DRAW", "1")
+    logits = _peaked_and_flat(10, 3001, seed=2)
+    specs = _top_p_specs(10)
+    host, dev = both(logits, specs)
+    assert ds._fused_ok and bisected and 0 < sum(bisected) < 10  # some rows bisected, the peaked ones not
+    assert_same(host, dev, specs)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
+def test_top_p_threshold_kernel_equals_hf_top_p():
+    """The bisection alone, on every row: the mask HF's TopPLogitsWarper makes, including rows with -inf
+    scores, negative and positive scores, and a single-token nucleus; rows marked done keep their value."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from hf_paged.kernels.sampling import nucleus_threshold
+
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(6, 777, generator=g) * torch.tensor([0.2, 1.0, 3.0, 9.0, 2.0, 1.0]).view(-1, 1)
+    x[4, ::3] = -float("inf")
+    x[5] += 40.0
+    lse = torch.logsumexp(x, dim=-1)
+    for top_p in (0.2, 0.9, 0.97):
+        done = torch.tensor([False] * 5 + [True])
+        thr = nucleus_threshold(x, lse, torch.full((6,), top_p), done, torch.full((6, 1), 123.0))
+        assert thr[5, 0] == 123.0
+        want = TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), x[:5])
+        assert torch.equal(x[:5].masked_fill(x[:5] < thr[:5], -float("inf")), want), top_p
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_top_p_kernel_equals_the_sort(monkeypatch):
+    """Top-p rows without top_k at [256, 128256], from peaked to flat: the candidates plus the Triton
+    bisection pick the tokens the sort of every row picks (float sums may flip a boundary token: allow 3
+    of 256), without a host sync."""
+    import hf_paged.engine.device_sampler as ds
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([8.0, 4.0, 2.0, 1.0]).repeat(64).view(-1, 1)
+    logits = (torch.randn(256, 128256, generator=g) * scale).bfloat16().float().cuda()
+    specs = [(params(do_sample=True, top_k=0, temperature=0.8, top_p=0.9), [1, 2, 3], 0, i) for i in range(256)]
+
+    def run(flag: str):
+        monkeypatch.setenv("HF_PAGED_FUSED_DRAW", flag)
+        rows = [SamplingRow(p, ids, n, torch.Generator().manual_seed(s)) for p, ids, n, s in specs]
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pending = DeviceSampler(128256).sample_async(logits.clone(), rows)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        return pending.result().tokens
+
+    kernel, sort = run("1"), run("0")
+    assert ds._fused_ok
+    assert sum(a == b for a, b in zip(kernel, sort)) >= 253

@@ -32,6 +32,7 @@ import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from ..kv.metadata import to_device
+from . import sampler as host_sampler
 from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, SamplingRow
 
 _NEG_INF = -float("inf")
@@ -213,15 +214,21 @@ def _candidates(scores: torch.Tensor, ks: list[int], temps: torch.Tensor | None 
     return vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax], ids[:, :kmax], kth, tied
 
 
-# The Triton draw of tied top-k rows (kernels/sampling.py): on CUDA unless HF_PAGED_FUSED_DRAW=0; =1 also on
-# CPU tensors (in Triton's interpreter: tests). Turned off for the process if its first launch fails.
+# The Triton kernels (kernels/sampling.py: the draw of tied top-k rows, the top-p threshold of flat rows): on
+# CUDA unless HF_PAGED_FUSED_DRAW=0; =1 also on CPU tensors (in Triton's interpreter: tests). Turned off for
+# the process if a launch fails.
 _fused_ok = True
+
+
+def _kernels_on(scores: torch.Tensor) -> bool:
+    """Whether the Triton kernels run for these scores (HF_PAGED_FUSED_DRAW, above)."""
+    flag = os.environ.get("HF_PAGED_FUSED_DRAW", "").strip()
+    return flag != "0" and (scores.is_cuda or flag == "1")
 
 
 def _fused_applies(scores: torch.Tensor, rows: list[SamplingRow]) -> bool:
     """Every row a plain top-k row (temperature at most): no later warper, no logprobs."""
-    flag = os.environ.get("HF_PAGED_FUSED_DRAW", "").strip()
-    if not _fused_ok or flag == "0" or not (scores.is_cuda or flag == "1"):
+    if not _fused_ok or not _kernels_on(scores):
         return False
     vocab = scores.shape[1]
     for r in rows:
@@ -262,7 +269,7 @@ def _later_warpers(scores: torch.Tensor, rows: list[SamplingRow], which: list[in
     dev = scores.device
     top_p = [i for i in which if rows[i].params.top_p < 1.0]
     if top_p:
-        scores = _on_rows(scores, top_p, lambda s: _top_p(s, _column([1 - rows[i].params.top_p for i in top_p], dev)))
+        scores = _on_rows(scores, top_p, lambda s: _top_p(s, [rows[i].params.top_p for i in top_p]))
     min_p = [i for i in which if rows[i].params.min_p]
     if min_p:
         scores = _on_rows(scores, min_p, lambda s: _min_p(s, _column([rows[i].params.min_p for i in min_p], dev)))
@@ -282,8 +289,42 @@ def _on_rows(scores: torch.Tensor, which: list[int], fn) -> torch.Tensor:
     return out
 
 
-def _top_p(scores: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
-    """TopPLogitsWarper with a per-row ``1 - top_p``."""
+def _top_p(scores: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
+    """TopPLogitsWarper with a per-row ``top_p``, without sorting the rows whose nucleus is clear among
+    their best candidates (the host sampler's decision, :func:`~hf_paged.engine.sampler.nucleus`). The
+    other rows get their threshold from the Triton bisection (``kernels/sampling.py``) where the device's
+    kernels run, else from the sort. Narrow rows (top-k candidates) are simply sorted."""
+    global _fused_ok
+    dev = scores.device
+    cut = _column([1 - p for p in top_ps], dev)
+    rows, vocab = scores.shape
+    k = host_sampler.NUCLEUS_CANDIDATES
+    if vocab <= 4 * (k + 1) or not k:
+        return _sorted_top_p(scores, cut)
+    top_p = to_device(torch.tensor(top_ps, dtype=torch.float64).view(-1, 1), dev)
+    best = scores.amax(dim=-1, keepdim=True)
+    lse = best.double() + torch.exp(scores - best).sum(dim=-1, keepdim=True, dtype=torch.float64).log()
+    finite = torch.isfinite(lse)
+    vals = torch.topk(scores, k + 1, dim=-1).values
+    ok, thr = host_sampler.nucleus_cut(vals, lse, torch.zeros_like(lse), top_p, vals.shape[1], False,
+                                       host_sampler.nucleus_margin(top_p, vocab))
+    ok = ok.view(-1, 1) & finite
+    if _fused_ok and _kernels_on(scores) and scores.dtype == torch.float32 and scores.stride(1) == 1:
+        try:
+            from ..kernels.sampling import nucleus_threshold
+
+            # A row of -inf or NaN keeps every token (no threshold), as HF's NaN cumsum does.
+            thr = nucleus_threshold(scores, lse.nan_to_num(0.0), top_p, ok | ~finite,
+                                    torch.where(finite, thr, _NEG_INF))
+            return scores.masked_fill(scores < thr, _NEG_INF)
+        except Exception:  # noqa: BLE001 - as in _topk_draw_fused: the torch path from now on
+            _fused_ok = False
+            logger.warning("hf_paged: the Triton top-p threshold failed; top-p sorts every row", exc_info=True)
+    return torch.where(ok, scores.masked_fill(scores < thr, _NEG_INF), _sorted_top_p(scores, cut))
+
+
+def _sorted_top_p(scores: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """TopPLogitsWarper with a per-row ``1 - top_p``, as HF computes it (a sort of every row)."""
     sorted_logits, sorted_idx = torch.sort(scores, descending=False)
     cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
     remove = cum <= cut

@@ -353,7 +353,7 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     if not NUCLEUS_CANDIDATES:
         return TopPLogitsWarper(top_p)(_NO_IDS, scores)
     g, vocab = scores.shape
-    margin = (1.0 - top_p) * max(2e-6, NUCLEUS_REL_ERROR * vocab) + NUCLEUS_OWN_ERROR
+    margin = nucleus_margin(top_p, vocab)
     out = torch.empty_like(scores)
     best = scores.amax(dim=-1, keepdim=True)
     rel = torch.exp(scores - best)  # each token's probability times the row's normaliser z
@@ -364,7 +364,7 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     if len(todo) and vocab > 1:
         sub = scores.index_select(0, todo) if len(todo) < g else scores
         vals = torch.topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab), dim=-1).values
-        ok, last = _cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], False, margin)
+        ok, last = nucleus_cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], False, margin)
         todo = _mask_rows(out, scores, todo, ok, last)
     if len(todo) and vocab > 1:
         ok, last = _cut_by_bins(scores.index_select(0, todo), best[todo], rel[todo].double() / z[todo], lse[todo],
@@ -377,18 +377,25 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return out
 
 
-def _cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p: float, count: torch.Tensor | int,
-         exhaustive: bool, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus_margin(top_p, vocab: int):
+    """How far from ``top_p`` a mass sum must be to be decided (see NUCLEUS_REL_ERROR); ``top_p`` a float
+    or a column tensor."""
+    return (1.0 - top_p) * max(2e-6, NUCLEUS_REL_ERROR * vocab) + NUCLEUS_OWN_ERROR
+
+
+def nucleus_cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p: float | torch.Tensor,
+                count: torch.Tensor | int, exhaustive: bool,
+                margin: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where the nucleus ends among ``vals`` ``[R, C]`` (descending; the first ``count`` of each row are
     real, the rest -inf padding): ``(decided [R], threshold [R, 1])``. ``base``: the mass of the tokens
     better than ``vals`` (``[R, 1]`` float64); ``exhaustive``: every token not listed below the listed
     ones scores strictly lower (a whole bin), so the first removed token may be the one after them;
-    ``margin``: see NUCLEUS_REL_ERROR."""
+    ``margin``: see NUCLEUS_REL_ERROR. ``top_p`` and ``margin`` may be ``[R, 1]`` columns. No host sync."""
     mass = torch.exp(vals.double() - lse)
     before = base + mass.cumsum(dim=-1) - mass  # S_j of each listed token
     after = base + mass.sum(dim=-1, keepdim=True)  # S of the first token not listed
-    cols = torch.arange(vals.shape[1]).view(1, -1)
-    count = torch.as_tensor(count).view(-1, 1)
+    cols = torch.arange(vals.shape[1], device=vals.device).view(1, -1)
+    count = torch.as_tensor(count, device=vals.device).view(-1, 1)
     real = cols < count
     n_keep = ((before < top_p) & real).sum(dim=-1, keepdim=True)  # J
     at = n_keep.clamp(min=1)
@@ -405,7 +412,7 @@ def _cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p: float
 
 def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse: torch.Tensor,
                  top_p: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`_cut` for flat rows (``best``: each row's top score, ``prob`` its probabilities in float64):
+    """:func:`nucleus_cut` for flat rows (``best``: each row's top score, ``prob`` its probabilities in float64):
     bin every token by its score, find the bin where the mass passes ``top_p`` and order only its tokens."""
     r, vocab = sub.shape
     nb = NUCLEUS_BINS
@@ -426,7 +433,7 @@ def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse:
         count = count.masked_fill(crowded, 0)
         width = int(count.max())
     vals = torch.topk(sub.masked_fill(~inside, -float("inf")), width, dim=-1).values
-    ok, last = _cut(vals, lse, base, top_p, count, True, margin)
+    ok, last = nucleus_cut(vals, lse, base, top_p, count, True, margin)
     return ok & (count > 0), last
 
 

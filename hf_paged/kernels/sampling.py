@@ -1,4 +1,9 @@
-"""Triton draw for the top-k rows whose k-th score ties: the device sampler's full-row path, row by row.
+"""Triton kernels of the device sampler's rare full-row cases, one program per row, each returning at once
+unless its row needs it: the draw of top-k rows whose k-th score ties (``tied_draw``), and the top-p
+threshold of rows whose nucleus is not clear among their best candidates (``nucleus_threshold``).
+
+The tied draw
+-------------
 
 HF's TopK keeps every token whose score ties the k-th best. The samplers draw such a row over the whole
 vocabulary in vocabulary order, not over its k best candidates (see ``engine/device_sampler.py``). In
@@ -15,9 +20,19 @@ Only tokens with mass can be picked, capped at the last one. The result equals `
 on the masked, scaled row, up to float rounding of the sums: a uniform that lands within that rounding of
 a boundary may pick the neighbouring kept token.
 
+The top-p threshold
+-------------------
+The device sampler finds most rows' nucleus among their best candidates (``engine/sampler.py``'s ``_cut``,
+the same decision as the host sampler's). A flat row, or one whose boundary is within rounding of top_p,
+would need HF's sort of the whole row; here its threshold is found by bisection instead: the largest
+score ``v`` of the row with ``mass(x >= v) >= top_p`` (its nucleus is every token scoring ``>= v``). It
+bisects over the scores' ordered bit patterns, 32 passes over the row, with the mass summed in float32:
+a boundary within that rounding of top_p may keep one token more or fewer than HF's sort would.
+
 Example::
 
     ids = tied_draw(scores, temps, kth, top, tied, u)   # rows with tied False get -1
+    thr = nucleus_threshold(scores, lse, top_p, done, thr)   # rows with done True keep their thr
 """
 from __future__ import annotations
 
@@ -89,3 +104,55 @@ def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top:
         u.reshape(-1).to(**f32).contiguous(), out, vocab, BLOCK=BLOCK, num_warps=8,
     )
     return out
+
+
+@triton.jit
+def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, top_p_ptr, done_ptr, best_ptr, thr_ptr, vocab,
+                              BLOCK: tl.constexpr):
+    row = tl.program_id(0)
+    if tl.load(done_ptr + row) != 0:
+        return
+    base = scores_ptr + row.to(tl.int64) * stride
+    lse = tl.load(lse_ptr + row)
+    top_p = tl.load(top_p_ptr + row)
+    cols = tl.arange(0, BLOCK)
+    # Scores as ordered integers (negative floats flipped): lo's mass at or above is >= top_p, hi's is not.
+    lo = tl.full([], -2139095040, tl.int64)  # -FLT_MAX: every finite token
+    top_bits = tl.load(best_ptr + row).to(tl.int32, bitcast=True)
+    hi = tl.where(top_bits < 0, top_bits ^ 0x7FFFFFFF, top_bits).to(tl.int64) + 1  # above the best score
+    for _ in range(32):
+        mid = lo + (hi - lo) // 2  # hi > lo: the same rounding whatever the signs
+        key = mid.to(tl.int32)
+        v = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+        mass = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        for start in range(0, vocab, BLOCK):
+            idx = start + cols
+            x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+            mass += tl.sum(tl.where(x >= v, tl.exp(x - lse), 0.0), 0)
+        open_ = hi - lo > 1
+        take = mass >= top_p
+        lo = tl.where(take & open_, mid, lo)
+        hi = tl.where(open_ & ~take, mid, hi)
+    key = lo.to(tl.int32)
+    tl.store(thr_ptr + row, tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True))
+
+
+def nucleus_threshold(scores: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, done: torch.Tensor,
+                      thr: torch.Tensor) -> torch.Tensor:
+    """Per row, the top-p threshold: the largest score ``v`` with ``sum(softmax(row)[row >= v]) >= top_p``;
+    rows with ``done`` keep their ``thr``. ``scores`` ``[rows, vocab]`` float32 with contiguous rows; per
+    row ``lse`` its logsumexp (finite), ``top_p``, ``done`` (bool) and ``thr``. Returns a new ``[rows, 1]``
+    float32 tensor."""
+    rows, vocab = scores.shape
+    if scores.stride(1) != 1 or scores.dtype != torch.float32:
+        raise ValueError("nucleus_threshold: float32 scores with contiguous rows")
+    out = thr.reshape(-1).to(torch.float32).clone()
+    if rows == 0:
+        return out.view(-1, 1)
+    f32 = dict(dtype=torch.float32, device=scores.device)
+    _nucleus_threshold_kernel[(rows,)](
+        scores, scores.stride(0), lse.reshape(-1).to(**f32).contiguous(), top_p.reshape(-1).to(**f32).contiguous(),
+        done.reshape(-1).to(torch.int8).contiguous(), scores.amax(dim=-1).contiguous(), out, vocab,
+        BLOCK=BLOCK, num_warps=8,
+    )
+    return out.view(-1, 1)
