@@ -342,14 +342,15 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     before it, ``S_j``, is ``< top_p``: the nucleus is the ``J`` best tokens, and only the ``J``-th
     score, the row's threshold, has to be found.
 
-    - First among the row's ``NUCLEUS_CANDIDATES + 1`` best scores (``torch.topk``), which holds the
-      nucleus of a peaked row, with the normaliser from one ``logsumexp``.
-    - A flatter row puts each token's probability into bins by its score (``bincount``), finds the bin
-      where the mass reaches ``top_p``, and orders that bin's tokens only.
+    - First among the row's ``NUCLEUS_CANDIDATES + 1`` best scores (``torch.topk``), which hold the
+      nucleus of a peaked row; the row's normaliser takes one pass.
+    - A flatter row adds each token's probability into bins by its score (``scatter_add``), finds the
+      bin where the mass reaches ``top_p``, and orders that bin's tokens only.
     - A row is decided only when the mass before its last kept token and before its first removed one
-      are both far enough from ``top_p`` (``NUCLEUS_REL_ERROR``) (no rounding of HF's could flip either), and
-      those two scores differ (of two tied tokens HF keeps one, by sort order). Other rows (a boundary
-      within the margin, a tie there, a crowded bin, non-finite scores) go through HF's warper."""
+      are both far enough from ``top_p`` that no rounding of HF's could flip either (see
+      ``NUCLEUS_REL_ERROR``), and those two scores differ (of two tied tokens HF keeps one, by sort
+      order). Other rows (a boundary within the margin, a tie there, a crowded bin, non-finite scores)
+      go through HF's warper."""
     if not NUCLEUS_CANDIDATES:
         return TopPLogitsWarper(top_p)(_NO_IDS, scores)
     g, vocab = scores.shape
