@@ -1,14 +1,16 @@
 """Top-p (nucleus) sampling on CPU: HF's TopPLogitsWarper (a sort of every row) vs the sampler's
-``nucleus`` (candidates from topk, HF's sort only where the nucleus is not clear), on the default model.
+``nucleus`` (candidates from topk, then score bins; HF's sort only where the nucleus is not clear).
 
-1. On real logits: the next-token logits of sampled chat replies (set A and set B prompts), scaled by the
-   temperature, in batches of 1, 16 and 64 rows: time per call and the rows that fell back to the sort.
-   Both must return the same tensor (checked on every call).
+    python benchmarks/nucleus.py [--rounds 3] [--requests 16] [--max-new-tokens 64] [--stress 60] [--out FILE.json]
+
+0. Exactness: ``--stress`` batches of 16 random rows (near-uniform to peaked, three vocabularies, five
+   top_p), each compared with TopPLogitsWarper; any difference fails the run.
+1. On real logits of the default model: the next-token logits of sampled chat replies (set A and set B
+   prompts), scaled by the temperature, in batches of 1, 16 and 64 rows: time per call and the rows that
+   fell back to the sort. Both must return the same tensor (checked on every row).
 2. End to end: PagedPipeline generating for 16 chat requests as an OpenAI client sends them (no top_k,
    a seed; set A at temperature 0.7 and top_p 0.9, set B at 1.0 and 0.95), with the nucleus off (base)
    and on (new), in interleaved rounds in one process; the tokens must be identical.
-
-    python benchmarks/nucleus.py [--rounds 3] [--requests 16] [--max-new-tokens 64] [--out results/nucleus.json]
 """
 from __future__ import annotations
 
@@ -44,6 +46,40 @@ def real_logits(model, tok, prompts: list[list[int]], steps: int, temperature: f
     return torch.cat(list(out.logits), dim=0).float()  # [steps * len(prompts), vocab]
 
 
+def stress(batches: int) -> tuple[int, int, int]:
+    """nucleus() against TopPLogitsWarper on random rows (Gaussian and Gumbel scores, near-uniform to peaked,
+    vocabularies 1000 / 49152 / 151936, top_p 0.5..0.99): (rows, rows that differ, rows HF's sort decided)."""
+    import hf_paged.engine.sampler as sampler
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    ids = torch.empty(1, 0, dtype=torch.long)
+    g = torch.Generator().manual_seed(123)
+    fell = [0]
+
+    class Counting(TopPLogitsWarper):
+        def __call__(self, input_ids, scores):
+            fell[0] += scores.shape[0]
+            return super().__call__(input_ids, scores)
+
+    rows = bad = 0
+    for trial in range(batches):
+        vocab = (1000, 49152, 151936)[trial % 3]
+        scale = (0.02, 0.3, 1.0, 1.7, 2.5, 4.0, 8.0, 15.0)[trial % 8]
+        x = torch.randn(16, vocab, generator=g) * scale
+        if trial % 5 == 0:
+            x = x + torch.randn(16, 1, generator=g)
+        if trial % 7 == 0:
+            x = -torch.log(-torch.log(torch.rand(16, vocab, generator=g))) * scale  # Gumbel
+        for top_p in (0.5, 0.8, 0.9, 0.95, 0.99):
+            sampler.TopPLogitsWarper = Counting
+            got = sampler.nucleus(x, top_p)
+            sampler.TopPLogitsWarper = TopPLogitsWarper
+            want = TopPLogitsWarper(top_p)(ids, x)
+            rows += 16
+            bad += int((got.isinf() != want.isinf()).any(dim=-1).sum())
+    return rows, bad, fell[0]
+
+
 def time_call(fn, reps: int = 5) -> float:
     ts = []
     for _ in range(reps):
@@ -59,6 +95,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=16)
     ap.add_argument("--max-new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--stress", type=int, default=60, help="batches of 16 random rows checked against HF first")
     ap.add_argument("--out", default=None)
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
@@ -75,6 +112,12 @@ def main() -> None:
     model, _ = load_model(path, dtype=torch.float32)
     ids = torch.empty(1, 0, dtype=torch.long)
     result: dict = {"date": time.strftime("%Y-%m-%d"), "threads": args.threads, "micro": [], "e2e": []}
+
+    # 0. exactness on random rows
+    rows, bad, fell = stress(args.stress)
+    result["stress"] = {"rows": rows, "differing_rows": bad, "rows_sorted_by_hf": fell}
+    print(f"random rows: {rows} checked, {bad} differ from TopPLogitsWarper, {fell} left to HF's sort", flush=True)
+    assert bad == 0
 
     # 1. real logits
     fell = [0]

@@ -398,12 +398,18 @@ def test_top_p_threshold_kernel_equals_hf_top_p():
     x[4, ::3] = -float("inf")
     x[5] += 40.0
     lse = torch.logsumexp(x, dim=-1)
-    for top_p in (0.2, 0.9, 0.97):
+    for top_p in (0.2, 0.9, 0.97, 0.99999, 1 - 1e-7):  # near 1 the tail is small: summed as HF sums it
         done = torch.tensor([False] * 5 + [True])
-        thr = nucleus_threshold(x, lse, torch.full((6,), top_p), done, torch.full((6, 1), 123.0))
+        thr = nucleus_threshold(x, lse, torch.full((6,), top_p, dtype=torch.float64), done,
+                                torch.full((6, 1), 123.0))
         assert thr[5, 0] == 123.0
         want = TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), x[:5])
         assert torch.equal(x[:5].masked_fill(x[:5] < thr[:5], -float("inf")), want), top_p
+    # Tokens tied at the boundary: all kept (HF keeps some of them, by its sort order).
+    tied = torch.tensor([[3.0, 1.0, 1.0, 1.0, -2.0]])
+    thr = nucleus_threshold(tied, torch.logsumexp(tied, -1), torch.tensor([0.8]), torch.tensor([False]),
+                            torch.zeros(1, 1))
+    assert thr.item() == 1.0
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

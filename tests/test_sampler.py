@@ -298,11 +298,13 @@ def _hf_top_p(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 
 @pytest.mark.parametrize("vocab", [2, 256, 5003, 49152])
-def test_nucleus_equals_hf_top_p(vocab):
+def test_nucleus_equals_hf_top_p(monkeypatch, vocab):
     """The same tensor as TopPLogitsWarper, bit for bit: peaked, flat and near-uniform rows, ties,
-    banned (-inf) tokens, a NaN row, an all -inf row and a row with fewer finite tokens than candidates."""
+    banned (-inf) tokens, a NaN row, an all -inf row, a row with fewer finite tokens than candidates,
+    top_p from 0.01 to 1 - 1e-9; most rows decided without HF's sort."""
     from hf_paged.engine.sampler import nucleus
 
+    sorted_rows = _nucleus_calls(monkeypatch)
     g = torch.Generator().manual_seed(vocab)
     for scale in (0.05, 1.0, 4.0, 20.0):
         x = torch.randn(6, vocab, generator=g) * scale
@@ -312,10 +314,16 @@ def test_nucleus_equals_hf_top_p(vocab):
         x[3, :min(vocab, 30)] = torch.randn(min(vocab, 30), generator=g)
         x[4] = -float("inf")
         x[5, 0] = float("nan")
-        for top_p in (0.01, 0.3, 0.9, 0.95, 0.999):
+        for top_p in (0.01, 0.3, 0.9, 0.95, 0.999, 1 - 1e-9):
             got, want = nucleus(x, top_p), _hf_top_p(x, top_p)
             assert torch.equal(torch.isnan(got), torch.isnan(want)), (scale, top_p)
             assert torch.equal(got.nan_to_num(0.0), want.nan_to_num(0.0)), (scale, top_p)
+        if vocab > 2 and scale >= 1:  # finite rows at an everyday top_p: decided without the sort (on a
+            # near-uniform row the boundary tokens weigh ~1/vocab, and HF's rounding may decide it)
+            sorted_rows.clear()
+            for top_p in (0.3, 0.9):
+                assert torch.equal(nucleus(x[:4], top_p), _hf_top_p(x[:4], top_p))
+            assert sum(sorted_rows) <= 2, (scale, sorted_rows)
 
 
 def test_nucleus_decides_without_sorting(monkeypatch):

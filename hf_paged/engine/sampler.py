@@ -329,13 +329,16 @@ NUCLEUS_BINS, NUCLEUS_SPAN, NUCLEUS_MAX_BIN = 1024, 32.0, 4096
 # cumulative probabilities (softmax, then a cumsum accumulated in double on CPU) with 1 - top_p; they were
 # off by a relative 1.0e-6, 3.7e-6 and 9.6e-6 at most, on rows of 49152, 151936 and 262144 tokens from
 # near-uniform to peaked: so (1 - top_p) times NUCLEUS_REL_ERROR per token of the row (4-7x those), plus
-# NUCLEUS_OWN_ERROR for ours (fp32 exp of each score, summed in float64).
+# NUCLEUS_OWN_ERROR for ours (fp32 exp of each score, summed in float64). This bounds what was measured,
+# not every row: a row whose tail is one score repeated ~150K times puts HF's fp32 normaliser off by ~1e-4
+# (each add rounds the same way), and its nucleus may then differ from HF's by a token at the boundary.
 NUCLEUS_REL_ERROR, NUCLEUS_OWN_ERROR = 1.5e-10, 3e-7
 
 
 def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """``TopPLogitsWarper(top_p)(ids, scores)`` on ``[G, V]`` float scores, out of place, the same
-    tensor, without sorting every row.
+    tensor (bit for bit on every row tested; see NUCLEUS_REL_ERROR for the limit), without sorting
+    every row.
 
     HF sorts a row ascending and removes each token whose cumulative probability is ``<= 1 - top_p``
     (the best token always stays). In descending order, token ``j`` stays iff the mass of the tokens
@@ -351,7 +354,7 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
       ``NUCLEUS_REL_ERROR``), and those two scores differ (of two tied tokens HF keeps one, by sort
       order). Other rows (a boundary within the margin, a tie there, a crowded bin, non-finite scores)
       go through HF's warper."""
-    if not NUCLEUS_CANDIDATES:
+    if not NUCLEUS_CANDIDATES or scores.dtype not in (torch.float32, torch.float64):  # the margin is for fp32
         return TopPLogitsWarper(top_p)(_NO_IDS, scores)
     g, vocab = scores.shape
     margin = nucleus_margin(top_p, vocab)
@@ -396,8 +399,9 @@ def nucleus_cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p
     before = base + mass.cumsum(dim=-1) - mass  # S_j of each listed token
     after = base + mass.sum(dim=-1, keepdim=True)  # S of the first token not listed
     cols = torch.arange(vals.shape[1], device=vals.device).view(1, -1)
-    count = torch.as_tensor(count, device=vals.device).view(-1, 1)
-    real = cols < count
+    if isinstance(count, torch.Tensor):
+        count = count.view(-1, 1)
+    real = cols < count  # an int count stays on the host: no copy to wait for
     n_keep = ((before < top_p) & real).sum(dim=-1, keepdim=True)  # J
     at = n_keep.clamp(min=1)
     nxt_in = n_keep < count  # the first removed token is listed
@@ -419,20 +423,20 @@ def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse:
     nb = NUCLEUS_BINS
     span = (best - sub.amin(dim=-1, keepdim=True)).clamp_(min=1e-6, max=NUCLEUS_SPAN)  # a -inf score: the most
     bins = (best - sub).mul_((nb - 1) / span).clamp_(max=nb - 1).long()  # monotone in the score, row by row
-    mass = torch.zeros(r, nb, dtype=torch.float64).scatter_add_(1, bins, prob)
+    mass = torch.zeros(r, nb, dtype=torch.float64, device=sub.device).scatter_add_(1, bins, prob)
     cum = mass.cumsum(dim=-1)
     crossing = (cum < top_p).sum(dim=-1, keepdim=True).clamp_(max=nb - 1)  # the bin where the mass passes top_p
     base = torch.where(crossing > 0, cum.gather(1, (crossing - 1).clamp(min=0)), torch.zeros_like(lse))
     inside = bins == crossing
     count = inside.sum(dim=-1)
     width = int(count.max())
-    if width > NUCLEUS_MAX_BIN or width == 0:
+    if width > NUCLEUS_MAX_BIN:  # those rows are left to the sort
         crowded = count > NUCLEUS_MAX_BIN
-        if bool(crowded.all()) or width == 0:
-            return torch.zeros(r, dtype=torch.bool), best
         inside &= ~crowded.view(-1, 1)
         count = count.masked_fill(crowded, 0)
         width = int(count.max())
+    if width == 0:  # every row crowded, or its mass never reached top_p (rounding, top_p ~ 1)
+        return torch.zeros(r, dtype=torch.bool, device=sub.device), best
     vals = torch.topk(sub.masked_fill(~inside, -float("inf")), width, dim=-1).values
     ok, last = nucleus_cut(vals, lse, base, top_p, count, True, margin)
     return ok & (count > 0), last

@@ -22,12 +22,15 @@ a boundary may pick the neighbouring kept token.
 
 The top-p threshold
 -------------------
-The device sampler finds most rows' nucleus among their best candidates (``engine/sampler.py``'s ``_cut``,
-the same decision as the host sampler's). A flat row, or one whose boundary is within rounding of top_p,
-would need HF's sort of the whole row; here its threshold is found by bisection instead: the largest
-score ``v`` of the row with ``mass(x >= v) >= top_p`` (its nucleus is every token scoring ``>= v``). It
-bisects over the scores' ordered bit patterns, 32 passes over the row, with the mass summed in float32:
-a boundary within that rounding of top_p may keep one token more or fewer than HF's sort would.
+The device sampler finds most rows' nucleus among their best candidates (``engine/sampler.py``'s
+``nucleus_cut``, the same decision as the host sampler's). A flat row, or one whose boundary is within
+rounding of top_p, would need HF's sort of the whole row; here its threshold is found by bisection
+instead: the smallest score ``v`` of the row whose tail ``mass(x <= v)`` exceeds ``1 - top_p`` (HF removes a
+token when its ascending cumulative mass is ``<= 1 - top_p``; the nucleus is every token scoring ``>= v``).
+It bisects over the scores' ordered bit patterns, 32 passes over the row, summing the tail (small
+numbers, so accurate near top_p = 1 too) block by block in float64. Where the boundary is within that
+rounding of ``1 - top_p`` it may keep a token more or fewer than HF's sort, and of tokens tied at the
+boundary it keeps all (HF keeps some of them, by sort order).
 
 Example::
 
@@ -107,42 +110,43 @@ def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top:
 
 
 @triton.jit
-def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, top_p_ptr, done_ptr, best_ptr, thr_ptr, vocab,
+def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, cut_ptr, done_ptr, best_ptr, thr_ptr, vocab,
                               BLOCK: tl.constexpr):
     row = tl.program_id(0)
     if tl.load(done_ptr + row) != 0:
         return
     base = scores_ptr + row.to(tl.int64) * stride
     lse = tl.load(lse_ptr + row)
-    top_p = tl.load(top_p_ptr + row)
+    cut = tl.load(cut_ptr + row).to(tl.float64)  # 1 - top_p
     cols = tl.arange(0, BLOCK)
-    # Scores as ordered integers (negative floats flipped): lo's mass at or above is >= top_p, hi's is not.
-    lo = tl.full([], -2139095040, tl.int64)  # -FLT_MAX: every finite token
+    # Scores as ordered integers (negative floats flipped). The mass at or below lo is <= cut (so lo's
+    # tokens go), at or below hi it is > cut (hi's stay): the tail is summed, as HF's ascending cumsum is.
+    lo = tl.full([], -2139095041, tl.int64)  # -inf
     top_bits = tl.load(best_ptr + row).to(tl.int32, bitcast=True)
-    hi = tl.where(top_bits < 0, top_bits ^ 0x7FFFFFFF, top_bits).to(tl.int64) + 1  # above the best score
+    hi = tl.where(top_bits < 0, top_bits ^ 0x7FFFFFFF, top_bits).to(tl.int64)  # the best score: mass 1
     for _ in range(32):
         mid = lo + (hi - lo) // 2  # hi > lo: the same rounding whatever the signs
         key = mid.to(tl.int32)
         v = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
-        mass = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        tail = tl.zeros([], tl.float64)
         for start in range(0, vocab, BLOCK):
             idx = start + cols
             x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-            mass += tl.sum(tl.where(x >= v, tl.exp(x - lse), 0.0), 0)
+            tail += tl.sum(tl.where(x <= v, tl.exp(x - lse), 0.0), 0).to(tl.float64)
         open_ = hi - lo > 1
-        take = mass >= top_p
-        lo = tl.where(take & open_, mid, lo)
-        hi = tl.where(open_ & ~take, mid, hi)
-    key = lo.to(tl.int32)
+        stays = tail > cut
+        hi = tl.where(open_ & stays, mid, hi)
+        lo = tl.where(open_ & ~stays, mid, lo)
+    key = hi.to(tl.int32)
     tl.store(thr_ptr + row, tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True))
 
 
 def nucleus_threshold(scores: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, done: torch.Tensor,
                       thr: torch.Tensor) -> torch.Tensor:
-    """Per row, the top-p threshold: the largest score ``v`` with ``sum(softmax(row)[row >= v]) >= top_p``;
-    rows with ``done`` keep their ``thr``. ``scores`` ``[rows, vocab]`` float32 with contiguous rows; per
-    row ``lse`` its logsumexp (finite), ``top_p``, ``done`` (bool) and ``thr``. Returns a new ``[rows, 1]``
-    float32 tensor."""
+    """Per row, the top-p threshold: the smallest score ``v`` with ``sum(softmax(row)[row <= v]) > 1 - top_p``
+    (HF's TopP keeps the tokens scoring ``>= v``); rows with ``done`` keep their ``thr``. ``scores``
+    ``[rows, vocab]`` float32 with contiguous rows; per row ``lse`` its logsumexp (finite), ``top_p``,
+    ``done`` (bool) and ``thr``. Returns a new ``[rows, 1]`` float32 tensor."""
     rows, vocab = scores.shape
     if scores.stride(1) != 1 or scores.dtype != torch.float32:
         raise ValueError("nucleus_threshold: float32 scores with contiguous rows")
@@ -150,8 +154,9 @@ def nucleus_threshold(scores: torch.Tensor, lse: torch.Tensor, top_p: torch.Tens
     if rows == 0:
         return out.view(-1, 1)
     f32 = dict(dtype=torch.float32, device=scores.device)
+    cut = (1.0 - top_p.reshape(-1).double()).to(**f32).contiguous()  # as HF compares: in float32
     _nucleus_threshold_kernel[(rows,)](
-        scores, scores.stride(0), lse.reshape(-1).to(**f32).contiguous(), top_p.reshape(-1).to(**f32).contiguous(),
+        scores, scores.stride(0), lse.reshape(-1).to(**f32).contiguous(), cut,
         done.reshape(-1).to(torch.int8).contiguous(), scores.amax(dim=-1).contiguous(), out, vocab,
         BLOCK=BLOCK, num_warps=8,
     )
