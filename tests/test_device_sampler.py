@@ -400,16 +400,36 @@ def test_top_p_threshold_kernel_equals_hf_top_p():
     lse = torch.logsumexp(x, dim=-1)
     for top_p in (0.2, 0.9, 0.97, 0.99999, 1 - 1e-7):  # near 1 the tail is small: summed as HF sums it
         done = torch.tensor([False] * 5 + [True])
-        thr = nucleus_threshold(x, lse, torch.full((6,), top_p, dtype=torch.float64), done,
-                                torch.full((6, 1), 123.0))
-        assert thr[5, 0] == 123.0
+        thr, first = nucleus_threshold(x, lse, torch.full((6,), top_p, dtype=torch.float64), done,
+                                       torch.full((6, 1), 123.0))
+        assert thr[5, 0] == 123.0 and first[5, 0] == 0
         want = TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), x[:5])
         assert torch.equal(x[:5].masked_fill(x[:5] < thr[:5], -float("inf")), want), top_p
-    # Tokens tied at the boundary: all kept (HF keeps some of them, by its sort order).
-    tied = torch.tensor([[3.0, 1.0, 1.0, 1.0, -2.0]])
-    thr = nucleus_threshold(tied, torch.logsumexp(tied, -1), torch.tensor([0.8]), torch.tensor([False]),
-                            torch.zeros(1, 1))
-    assert thr.item() == 1.0
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
+def test_top_p_threshold_kernel_keeps_as_many_tied_tokens_as_hf():
+    """bf16-like rows where the boundary falls inside a run of equal scores: the kernel keeps as many of
+    them as HF does (HF's CPU sort orders ties its own way; the kernel keeps the highest indices)."""
+    from transformers.generation.logits_process import TopPLogitsWarper
+
+    from hf_paged.kernels.sampling import nucleus_threshold
+
+    g = torch.Generator().manual_seed(6)
+    x = torch.randint(-6, 3, (8, 600), generator=g).float() / 2  # 18 distinct values: every boundary ties
+    lse = torch.logsumexp(x, dim=-1)
+    for top_p in (0.3, 0.7, 0.9):
+        thr, first = nucleus_threshold(x, lse, torch.full((8,), top_p), torch.zeros(8, dtype=torch.bool),
+                                       torch.zeros(8, 1))
+        cols = torch.arange(600).view(1, -1)
+        kept = ~((x < thr) | ((x == thr) & (cols < first)))
+        want = torch.isfinite(TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), x))
+        assert torch.equal(kept.sum(-1), want.sum(-1)), top_p
+        assert torch.equal(kept & (x != thr), want & (x != thr)), top_p  # the same tokens above and below
+        assert (first > 0).any()  # some boundaries split a run of ties
+        for r in range(8):  # the kept ties are the last ones
+            tied = (x[r] == thr[r]).nonzero().view(-1)
+            assert kept[r, tied].tolist() == sorted(kept[r, tied].tolist())
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
@@ -441,3 +461,10 @@ def test_cuda_top_p_kernel_equals_the_sort(monkeypatch):
     kernel, sort = run("1"), run("0")
     assert ds._fused_ok
     assert sum(a == b for a, b in zip(kernel, sort)) >= 253
+    # The nuclei themselves: the same number of tokens kept on every row (ties at the boundary included).
+    monkeypatch.setenv("HF_PAGED_FUSED_DRAW", "1")
+    scaled = logits / 0.8
+    fast = torch.isfinite(ds._top_p(scaled, [0.9] * 256))
+    slow = torch.isfinite(ds._sorted_top_p(scaled, torch.full((256, 1), 1 - 0.9, device="cuda")))
+    assert (fast.sum(-1) - slow.sum(-1)).abs().max().item() <= 1
+    assert (fast == slow).all(dim=-1).sum().item() >= 250

@@ -314,9 +314,10 @@ def _top_p(scores: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
             from ..kernels.sampling import nucleus_threshold
 
             # A row of -inf or NaN keeps every token (no threshold), as HF's NaN cumsum does.
-            thr = nucleus_threshold(scores, lse.nan_to_num(0.0), top_p, ok | ~finite,
-                                    torch.where(finite, thr, _NEG_INF))
-            return scores.masked_fill(scores < thr, _NEG_INF)
+            thr, first = nucleus_threshold(scores, lse.nan_to_num(0.0), top_p, ok | ~finite,
+                                           torch.where(finite, thr, _NEG_INF))
+            cols = torch.arange(vocab, device=dev).view(1, -1)
+            return scores.masked_fill((scores < thr) | ((scores == thr) & (cols < first)), _NEG_INF)
         except Exception:  # noqa: BLE001 - as in _topk_draw_fused: the torch path from now on
             _fused_ok = False
             logger.warning("hf_paged: the Triton top-p threshold failed; top-p sorts every row", exc_info=True)

@@ -28,14 +28,15 @@ rounding of top_p, would need HF's sort of the whole row; here its threshold is 
 instead: the smallest score ``v`` of the row whose tail ``mass(x <= v)`` exceeds ``1 - top_p`` (HF removes a
 token when its ascending cumulative mass is ``<= 1 - top_p``; the nucleus is every token scoring ``>= v``).
 It bisects over the scores' ordered bit patterns, 32 passes over the row, summing the tail (small
-numbers, so accurate near top_p = 1 too) block by block in float64. Where the boundary is within that
-rounding of ``1 - top_p`` it may keep a token more or fewer than HF's sort, and of tokens tied at the
-boundary it keeps all (HF keeps some of them, by sort order).
+numbers, so accurate near top_p = 1 too) block by block in float64. Tokens tied at ``v`` (bf16 logits
+have many) are kept in the number HF keeps: HF's cumsum passes them one by one, so the lowest-indexed
+ones go, as a stable sort orders them (HF's CPU sort is not stable: there it may pick other tied tokens,
+the same number). Where the boundary is within that rounding of ``1 - top_p``, a token more or fewer.
 
 Example::
 
     ids = tied_draw(scores, temps, kth, top, tied, u)   # rows with tied False get -1
-    thr = nucleus_threshold(scores, lse, top_p, done, thr)   # rows with done True keep their thr
+    thr, first = nucleus_threshold(scores, lse, top_p, done, thr)   # rows with done True keep their thr
 """
 from __future__ import annotations
 
@@ -110,7 +111,7 @@ def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top:
 
 
 @triton.jit
-def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, cut_ptr, done_ptr, best_ptr, thr_ptr, vocab,
+def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, cut_ptr, done_ptr, best_ptr, thr_ptr, first_ptr, vocab,
                               BLOCK: tl.constexpr):
     row = tl.program_id(0)
     if tl.load(done_ptr + row) != 0:
@@ -138,26 +139,52 @@ def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, cut_ptr, done_ptr, be
         hi = tl.where(open_ & stays, mid, hi)
         lo = tl.where(open_ & ~stays, mid, lo)
     key = hi.to(tl.int32)
-    tl.store(thr_ptr + row, tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True))
+    t = tl.where(key < 0, key ^ 0x7FFFFFFF, key).to(tl.float32, bitcast=True)
+    tl.store(thr_ptr + row, t)
+    # Tokens tied at t: HF's ascending cumsum passes them one by one, removing those it reaches while at
+    # most cut. Keep that many out: the lowest-indexed ones (a stable sort's order).
+    below = tl.zeros([], tl.float64)
+    ties = tl.zeros([], tl.int32)
+    for start in range(0, vocab, BLOCK):
+        idx = start + cols
+        x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        below += tl.sum(tl.where(x < t, tl.exp(x - lse), 0.0), 0).to(tl.float64)
+        ties += tl.sum((x == t).to(tl.int32), 0)
+    p_t = tl.exp(t - lse).to(tl.float64)
+    drop = tl.minimum(tl.maximum(tl.floor((cut - below) / p_t), 0.0), (ties - 1).to(tl.float64)).to(tl.int32)
+    first = tl.zeros([], tl.int32)  # the first index kept among the ties
+    if drop > 0:
+        seen = tl.zeros([], tl.int32)
+        first = vocab
+        for start in range(0, vocab, BLOCK):
+            idx = start + cols
+            x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+            eq = (x == t).to(tl.int32)
+            rank = tl.cumsum(eq, 0) + seen  # 1-based rank of each tied token
+            first = tl.minimum(first, tl.min(tl.where((eq > 0) & (rank == drop + 1), idx, vocab), 0))
+            seen += tl.sum(eq, 0)
+    tl.store(first_ptr + row, first)
 
 
 def nucleus_threshold(scores: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, done: torch.Tensor,
-                      thr: torch.Tensor) -> torch.Tensor:
-    """Per row, the top-p threshold: the smallest score ``v`` with ``sum(softmax(row)[row <= v]) > 1 - top_p``
-    (HF's TopP keeps the tokens scoring ``>= v``); rows with ``done`` keep their ``thr``. ``scores``
-    ``[rows, vocab]`` float32 with contiguous rows; per row ``lse`` its logsumexp (finite), ``top_p``,
-    ``done`` (bool) and ``thr``. Returns a new ``[rows, 1]`` float32 tensor."""
+                      thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per row, where HF's TopP cuts: ``(thr, first)``, ``[rows, 1]`` each. ``thr`` is the smallest score ``v``
+    with ``sum(softmax(row)[row <= v]) > 1 - top_p``; the row keeps the tokens scoring above ``v``, and those
+    scoring ``v`` from index ``first`` on (HF removes ties in its sort order: here the lowest indices).
+    Rows with ``done`` keep their ``thr``, with ``first`` 0. ``scores`` ``[rows, vocab]`` float32 with
+    contiguous rows; per row ``lse`` its logsumexp (finite), ``top_p``, ``done`` (bool) and ``thr``."""
     rows, vocab = scores.shape
     if scores.stride(1) != 1 or scores.dtype != torch.float32:
         raise ValueError("nucleus_threshold: float32 scores with contiguous rows")
     out = thr.reshape(-1).to(torch.float32).clone()
+    first = torch.zeros(rows, dtype=torch.int32, device=scores.device)
     if rows == 0:
-        return out.view(-1, 1)
+        return out.view(-1, 1), first.view(-1, 1)
     f32 = dict(dtype=torch.float32, device=scores.device)
     cut = (1.0 - top_p.reshape(-1).double()).to(**f32).contiguous()  # as HF compares: in float32
     _nucleus_threshold_kernel[(rows,)](
         scores, scores.stride(0), lse.reshape(-1).to(**f32).contiguous(), cut,
-        done.reshape(-1).to(torch.int8).contiguous(), scores.amax(dim=-1).contiguous(), out, vocab,
+        done.reshape(-1).to(torch.int8).contiguous(), scores.amax(dim=-1).contiguous(), out, first, vocab,
         BLOCK=BLOCK, num_warps=8,
     )
-    return out.view(-1, 1)
+    return out.view(-1, 1), first.view(-1, 1)
