@@ -144,8 +144,8 @@ def main(argv=None) -> int:
         start = time.perf_counter()
         try:
             rows = 4
-            nucleus_threshold(torch.zeros(rows, 151936), torch.zeros(rows), torch.full((rows,), 0.9),
-                              torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, 1))
+            nucleus_threshold(torch.zeros(rows, 151936), torch.zeros(rows), torch.ones(rows, dtype=torch.float64),
+                              torch.full((rows,), 0.9), torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, 1))
             print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
         except Exception:  # noqa: BLE001
             failures += 1

@@ -376,7 +376,7 @@ def test_top_p_threshold_kernel_same_tokens_as_host_sampler(monkeypatch):
     bisected = []
     real = sampling.nucleus_threshold
     monkeypatch.setattr(sampling, "nucleus_threshold",
-                        lambda *a: bisected.append(int((~a[3]).sum())) or real(*a))
+                        lambda *a: bisected.append(int((~a[4]).sum())) or real(*a))  # a[4]: done
     monkeypatch.setenv("HF_PAGED_FUSED_DRAW", "1")
     logits = _peaked_and_flat(10, 3001, seed=2)
     specs = _top_p_specs(10)
@@ -397,30 +397,39 @@ def test_top_p_threshold_kernel_equals_hf_top_p():
     x = torch.randn(6, 777, generator=g) * torch.tensor([0.2, 1.0, 3.0, 9.0, 2.0, 1.0]).view(-1, 1)
     x[4, ::3] = -float("inf")
     x[5] += 40.0
-    lse = torch.logsumexp(x, dim=-1)
+    best, z = _normaliser(x)
     for top_p in (0.2, 0.9, 0.97, 0.99999, 1 - 1e-7):  # near 1 the tail is small: summed as HF sums it
         done = torch.tensor([False] * 5 + [True])
-        thr, first = nucleus_threshold(x, lse, torch.full((6,), top_p, dtype=torch.float64), done,
+        thr, first = nucleus_threshold(x, best, z, torch.full((6,), top_p, dtype=torch.float64), done,
                                        torch.full((6, 1), 123.0))
         assert thr[5, 0] == 123.0 and first[5, 0] == 0
         want = TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), x[:5])
         assert torch.equal(x[:5].masked_fill(x[:5] < thr[:5], -float("inf")), want), top_p
 
 
+def _normaliser(x: torch.Tensor):
+    best = x.amax(dim=-1, keepdim=True)
+    return best, torch.exp(x - best).sum(dim=-1, keepdim=True, dtype=torch.float64)
+
+
 @pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
-def test_top_p_threshold_kernel_keeps_as_many_tied_tokens_as_hf():
-    """bf16-like rows where the boundary falls inside a run of equal scores: the kernel keeps as many of
-    them as HF does (HF's CPU sort orders ties its own way; the kernel keeps the highest indices)."""
+def test_top_p_threshold_kernel_keeps_as_many_tied_tokens_as_hf(monkeypatch):
+    """bf16-like rows where the boundary falls inside a run of equal scores (one row all ties, scores
+    offset by 50 as real logits are): the kernel keeps as many of them as HF does (HF's CPU sort orders
+    ties its own way; the kernel keeps the highest indices). Blocks of 128 carry the rank across blocks."""
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    from hf_paged.kernels.sampling import nucleus_threshold
+    from hf_paged.kernels import sampling
 
+    monkeypatch.setattr(sampling, "BLOCK", 128)
     g = torch.Generator().manual_seed(6)
-    x = torch.randint(-6, 3, (8, 600), generator=g).float() / 2  # 18 distinct values: every boundary ties
-    lse = torch.logsumexp(x, dim=-1)
+    x = torch.randint(-6, 3, (8, 600), generator=g).float() / 2 + 50.0  # 18 distinct values: boundaries tie
+    x[7] = 50.0  # every token tied (599 of them: no top_p below lands exactly on a token)
+    x[7, -1] = -float("inf")
+    best, z = _normaliser(x)
     for top_p in (0.3, 0.7, 0.9):
-        thr, first = nucleus_threshold(x, lse, torch.full((8,), top_p), torch.zeros(8, dtype=torch.bool),
-                                       torch.zeros(8, 1))
+        thr, first = sampling.nucleus_threshold(x, best, z, torch.full((8,), top_p),
+                                                torch.zeros(8, dtype=torch.bool), torch.zeros(8, 1))
         cols = torch.arange(600).view(1, -1)
         kept = ~((x < thr) | ((x == thr) & (cols < first)))
         want = torch.isfinite(TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), x))
@@ -441,7 +450,8 @@ def test_cuda_top_p_kernel_equals_the_sort(monkeypatch):
 
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([8.0, 4.0, 2.0, 1.0]).repeat(64).view(-1, 1)
-    logits = (torch.randn(256, 128256, generator=g) * scale).bfloat16().float().cuda()
+    offset = torch.tensor([0.0, 30.0]).repeat_interleave(128).view(-1, 1)  # real logits sit far from 0
+    logits = (torch.randn(256, 128256, generator=g) * scale + offset).bfloat16().float().cuda()
     specs = [(params(do_sample=True, top_k=0, temperature=0.8, top_p=0.9), [1, 2, 3], 0, i) for i in range(256)]
 
     def run(flag: str):

@@ -303,7 +303,8 @@ def _top_p(scores: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
         return _sorted_top_p(scores, cut)
     top_p = to_device(torch.tensor(top_ps, dtype=torch.float64).view(-1, 1), dev)
     best = scores.amax(dim=-1, keepdim=True)
-    lse = best.double() + torch.exp(scores - best).sum(dim=-1, keepdim=True, dtype=torch.float64).log()
+    z = torch.exp(scores - best).sum(dim=-1, keepdim=True, dtype=torch.float64)
+    lse = best.double() + z.log()
     finite = torch.isfinite(lse)
     vals = torch.topk(scores, k + 1, dim=-1).values
     ok, thr = host_sampler.nucleus_cut(vals, lse, torch.zeros_like(lse), top_p, vals.shape[1], False,
@@ -314,7 +315,7 @@ def _top_p(scores: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
             from ..kernels.sampling import nucleus_threshold
 
             # A row of -inf or NaN keeps every token (no threshold), as HF's NaN cumsum does.
-            thr, first = nucleus_threshold(scores, lse.nan_to_num(0.0), top_p, ok | ~finite,
+            thr, first = nucleus_threshold(scores, best.nan_to_num(0.0), z.nan_to_num(1.0), top_p, ok | ~finite,
                                            torch.where(finite, thr, _NEG_INF))
             cols = torch.arange(vocab, device=dev).view(1, -1)
             return scores.masked_fill((scores < thr) | ((scores == thr) & (cols < first)), _NEG_INF)

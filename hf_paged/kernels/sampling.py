@@ -28,15 +28,16 @@ rounding of top_p, would need HF's sort of the whole row; here its threshold is 
 instead: the smallest score ``v`` of the row whose tail ``mass(x <= v)`` exceeds ``1 - top_p`` (HF removes a
 token when its ascending cumulative mass is ``<= 1 - top_p``; the nucleus is every token scoring ``>= v``).
 It bisects over the scores' ordered bit patterns, 32 passes over the row, summing the tail (small
-numbers, so accurate near top_p = 1 too) block by block in float64. Tokens tied at ``v`` (bf16 logits
-have many) are kept in the number HF keeps: HF's cumsum passes them one by one, so the lowest-indexed
-ones go, as a stable sort orders them (HF's CPU sort is not stable: there it may pick other tied tokens,
-the same number). Where the boundary is within that rounding of ``1 - top_p``, a token more or fewer.
+numbers, so accurate near top_p = 1 too) in float32 per block and the block totals in float64. Tokens
+tied at ``v`` (bf16 logits have many) are kept in the number HF keeps: HF's cumsum passes them one by
+one, so the lowest-indexed ones go, as a stable sort orders them (HF's CPU sort is not stable: there it
+may keep other tied tokens, as many). Where the boundary is within rounding of ``1 - top_p``, a token
+more or fewer.
 
 Example::
 
     ids = tied_draw(scores, temps, kth, top, tied, u)   # rows with tied False get -1
-    thr, first = nucleus_threshold(scores, lse, top_p, done, thr)   # rows with done True keep their thr
+    thr, first = nucleus_threshold(scores, best, z, top_p, done, thr)   # rows with done True keep their thr
 """
 from __future__ import annotations
 
@@ -111,19 +112,22 @@ def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top:
 
 
 @triton.jit
-def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, cut_ptr, done_ptr, best_ptr, thr_ptr, first_ptr, vocab,
+def _nucleus_threshold_kernel(scores_ptr, stride, z_ptr, cut_ptr, done_ptr, best_ptr, thr_ptr, first_ptr, vocab,
                               BLOCK: tl.constexpr):
     row = tl.program_id(0)
     if tl.load(done_ptr + row) != 0:
         return
     base = scores_ptr + row.to(tl.int64) * stride
-    lse = tl.load(lse_ptr + row)
-    cut = tl.load(cut_ptr + row).to(tl.float64)  # 1 - top_p
+    # Masses are exp(x - best) (float32, as HF's softmax) over the row's float64 normaliser z: an fp32
+    # logsumexp would put every probability off by up to half its ulp (~2e-6 relative at 50).
+    z = tl.load(z_ptr + row)
+    best = tl.load(best_ptr + row)
+    cut_z = tl.load(cut_ptr + row).to(tl.float64) * z  # (1 - top_p) * z
     cols = tl.arange(0, BLOCK)
     # Scores as ordered integers (negative floats flipped). The mass at or below lo is <= cut (so lo's
     # tokens go), at or below hi it is > cut (hi's stay): the tail is summed, as HF's ascending cumsum is.
     lo = tl.full([], -2139095041, tl.int64)  # -inf
-    top_bits = tl.load(best_ptr + row).to(tl.int32, bitcast=True)
+    top_bits = best.to(tl.int32, bitcast=True)
     hi = tl.where(top_bits < 0, top_bits ^ 0x7FFFFFFF, top_bits).to(tl.int64)  # the best score: mass 1
     for _ in range(32):
         mid = lo + (hi - lo) // 2  # hi > lo: the same rounding whatever the signs
@@ -133,9 +137,9 @@ def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, cut_ptr, done_ptr, be
         for start in range(0, vocab, BLOCK):
             idx = start + cols
             x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-            tail += tl.sum(tl.where(x <= v, tl.exp(x - lse), 0.0), 0).to(tl.float64)
+            tail += tl.sum(tl.where(x <= v, tl.exp(x - best), 0.0), 0).to(tl.float64)
         open_ = hi - lo > 1
-        stays = tail > cut
+        stays = tail > cut_z
         hi = tl.where(open_ & stays, mid, hi)
         lo = tl.where(open_ & ~stays, mid, lo)
     key = hi.to(tl.int32)
@@ -148,10 +152,10 @@ def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, cut_ptr, done_ptr, be
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
-        below += tl.sum(tl.where(x < t, tl.exp(x - lse), 0.0), 0).to(tl.float64)
+        below += tl.sum(tl.where(x < t, tl.exp(x - best), 0.0), 0).to(tl.float64)
         ties += tl.sum((x == t).to(tl.int32), 0)
-    p_t = tl.exp(t - lse).to(tl.float64)
-    drop = tl.minimum(tl.maximum(tl.floor((cut - below) / p_t), 0.0), (ties - 1).to(tl.float64)).to(tl.int32)
+    p_t = tl.exp(t - best).to(tl.float64)  # each tied token's mass, times z
+    drop = tl.minimum(tl.maximum(tl.floor((cut_z - below) / p_t), 0.0), (ties - 1).to(tl.float64)).to(tl.int32)
     first = tl.zeros([], tl.int32)  # the first index kept among the ties
     if drop > 0:
         seen = tl.zeros([], tl.int32)
@@ -166,13 +170,14 @@ def _nucleus_threshold_kernel(scores_ptr, stride, lse_ptr, cut_ptr, done_ptr, be
     tl.store(first_ptr + row, first)
 
 
-def nucleus_threshold(scores: torch.Tensor, lse: torch.Tensor, top_p: torch.Tensor, done: torch.Tensor,
-                      thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def nucleus_threshold(scores: torch.Tensor, best: torch.Tensor, z: torch.Tensor, top_p: torch.Tensor,
+                      done: torch.Tensor, thr: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Per row, where HF's TopP cuts: ``(thr, first)``, ``[rows, 1]`` each. ``thr`` is the smallest score ``v``
     with ``sum(softmax(row)[row <= v]) > 1 - top_p``; the row keeps the tokens scoring above ``v``, and those
     scoring ``v`` from index ``first`` on (HF removes ties in its sort order: here the lowest indices).
     Rows with ``done`` keep their ``thr``, with ``first`` 0. ``scores`` ``[rows, vocab]`` float32 with
-    contiguous rows; per row ``lse`` its logsumexp (finite), ``top_p``, ``done`` (bool) and ``thr``."""
+    contiguous rows; per row ``best`` its top score, ``z`` the sum of ``exp(row - best)`` (float64; both
+    finite where not done), ``top_p``, ``done`` (bool) and ``thr``."""
     rows, vocab = scores.shape
     if scores.stride(1) != 1 or scores.dtype != torch.float32:
         raise ValueError("nucleus_threshold: float32 scores with contiguous rows")
@@ -183,8 +188,8 @@ def nucleus_threshold(scores: torch.Tensor, lse: torch.Tensor, top_p: torch.Tens
     f32 = dict(dtype=torch.float32, device=scores.device)
     cut = (1.0 - top_p.reshape(-1).double()).to(**f32).contiguous()  # as HF compares: in float32
     _nucleus_threshold_kernel[(rows,)](
-        scores, scores.stride(0), lse.reshape(-1).to(**f32).contiguous(), cut,
-        done.reshape(-1).to(torch.int8).contiguous(), scores.amax(dim=-1).contiguous(), out, first, vocab,
+        scores, scores.stride(0), z.reshape(-1).to(dtype=torch.float64).contiguous(), cut,
+        done.reshape(-1).to(torch.int8).contiguous(), best.reshape(-1).to(**f32).contiguous(), out, first, vocab,
         BLOCK=BLOCK, num_warps=8,
     )
     return out.view(-1, 1), first.view(-1, 1)
