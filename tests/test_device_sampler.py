@@ -319,24 +319,26 @@ def test_cuda_fused_topk_draw_equals_the_torch_draw(monkeypatch):
     g = torch.Generator().manual_seed(0)
     logits = (torch.randn(256, 128256, generator=g) * 3).bfloat16().float().cuda()
     specs = [(params(do_sample=True, temperature=0.6), [1, 2, 3], 0, i) for i in range(256)]
-
-    def run(flag: str):
-        monkeypatch.setenv("HF_PAGED_FUSED_DRAW", flag)
-        rows = [SamplingRow(p, ids, n, torch.Generator().manual_seed(s)) for p, ids, n, s in specs]
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                pending = DeviceSampler(128256).sample_async(logits.clone(), rows)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-        return pending.result().tokens
-
-    fused, plain = run("1"), run("0")
+    fused, plain = _cuda_tokens(monkeypatch, logits, specs, "1"), _cuda_tokens(monkeypatch, logits, specs, "0")
     assert ds._fused_ok
     assert sum(a == b for a, b in zip(fused, plain)) >= 254
+
+
+def _cuda_tokens(monkeypatch, logits: torch.Tensor, specs, flag: str) -> list[int]:
+    """The device sampler's tokens with HF_PAGED_FUSED_DRAW=flag, asserting it never syncs with the host
+    before the result is asked for."""
+    monkeypatch.setenv("HF_PAGED_FUSED_DRAW", flag)
+    rows = [SamplingRow(p, ids, n, torch.Generator().manual_seed(s)) for p, ids, n, s in specs]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            pending = DeviceSampler(logits.shape[1]).sample_async(logits.clone(), rows)
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+    return pending.result().tokens
 
 
 # ---------------------------------------------------------------------------------- top-p without a sort
@@ -453,22 +455,7 @@ def test_cuda_top_p_kernel_equals_the_sort(monkeypatch):
     offset = torch.tensor([0.0, 30.0]).repeat_interleave(128).view(-1, 1)  # real logits sit far from 0
     logits = (torch.randn(256, 128256, generator=g) * scale + offset).bfloat16().float().cuda()
     specs = [(params(do_sample=True, top_k=0, temperature=0.8, top_p=0.9), [1, 2, 3], 0, i) for i in range(256)]
-
-    def run(flag: str):
-        monkeypatch.setenv("HF_PAGED_FUSED_DRAW", flag)
-        rows = [SamplingRow(p, ids, n, torch.Generator().manual_seed(s)) for p, ids, n, s in specs]
-        torch.cuda.synchronize()
-        torch.cuda.set_sync_debug_mode("warn")
-        try:
-            with warnings.catch_warnings(record=True) as caught:
-                warnings.simplefilter("always")
-                pending = DeviceSampler(128256).sample_async(logits.clone(), rows)
-        finally:
-            torch.cuda.set_sync_debug_mode(0)
-        assert not [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-        return pending.result().tokens
-
-    kernel, sort = run("1"), run("0")
+    kernel, sort = _cuda_tokens(monkeypatch, logits, specs, "1"), _cuda_tokens(monkeypatch, logits, specs, "0")
     assert ds._fused_ok
     assert sum(a == b for a, b in zip(kernel, sort)) >= 253
     # The nuclei themselves: the same number of tokens kept on every row (ties at the boundary included).
