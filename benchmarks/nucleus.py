@@ -49,7 +49,7 @@ def real_logits(model, tok, prompts: list[list[int]], steps: int, temperature: f
 def stress(batches: int) -> tuple[int, int, int]:
     """nucleus() against TopPLogitsWarper on random rows (Gaussian and Gumbel scores, near-uniform to peaked,
     vocabularies 1000 / 49152 / 151936, top_p 0.5..0.99): (rows, rows that differ, rows HF's sort decided)."""
-    import hf_paged.engine.sampler as sampler
+    import hf_paged.engine.warpers as warpers
     from transformers.generation.logits_process import TopPLogitsWarper
 
     ids = torch.empty(1, 0, dtype=torch.long)
@@ -71,9 +71,9 @@ def stress(batches: int) -> tuple[int, int, int]:
         if trial % 7 == 0:
             x = -torch.log(-torch.log(torch.rand(16, vocab, generator=g))) * scale  # Gumbel
         for top_p in (0.5, 0.8, 0.9, 0.95, 0.99):
-            sampler.TopPLogitsWarper = Counting
-            got = sampler.nucleus(x, top_p)
-            sampler.TopPLogitsWarper = TopPLogitsWarper
+            warpers.TopPLogitsWarper = Counting
+            got = warpers.nucleus(x, top_p)
+            warpers.TopPLogitsWarper = TopPLogitsWarper
             want = TopPLogitsWarper(top_p)(ids, x)
             rows += 16
             bad += int((got.isinf() != want.isinf()).any(dim=-1).sum())
@@ -103,7 +103,7 @@ def main() -> None:
     from transformers import AutoTokenizer
     from transformers.generation.logits_process import TopPLogitsWarper
 
-    import hf_paged.engine.sampler as sampler
+    import hf_paged.engine.warpers as warpers
     from hf_paged.engine.pipeline import PagedPipeline
     from hf_paged.models import ensure_default_model, load_model
 
@@ -130,18 +130,18 @@ def main() -> None:
 
     for which, temperature, top_p in (("A", 0.7, 0.9), ("B", 1.0, 0.95)):
         rows = real_logits(model, tok, chat_prompts(tok, which, 8), 32, temperature, top_p) / temperature
-        sampler.TopPLogitsWarper = Counting
+        warpers.TopPLogitsWarper = Counting
         fell[0] = 0
         for i in range(rows.shape[0]):
-            assert torch.equal(sampler.nucleus(rows[i:i + 1], top_p), hf_warper(top_p)(ids, rows[i:i + 1]))
+            assert torch.equal(warpers.nucleus(rows[i:i + 1], top_p), hf_warper(top_p)(ids, rows[i:i + 1]))
         fallback = fell[0] / rows.shape[0]
-        sampler.TopPLogitsWarper = hf_warper
+        warpers.TopPLogitsWarper = hf_warper
         for batch in (1, 16, 64):
             x = rows[:batch]
             per = {"hf": [], "nucleus": []}
             for _ in range(args.rounds):
                 per["hf"].append(time_call(lambda: hf_warper(top_p)(ids, x)) * 1e3)
-                per["nucleus"].append(time_call(lambda: sampler.nucleus(x, top_p)) * 1e3)
+                per["nucleus"].append(time_call(lambda: warpers.nucleus(x, top_p)) * 1e3)
             entry = {"set": which, "temperature": temperature, "top_p": top_p, "rows": batch,
                      "fallback_fraction": round(fallback, 3),
                      **{f"{k}_ms": [round(v, 3) for v in vs] for k, vs in per.items()}}
@@ -163,7 +163,7 @@ def main() -> None:
         for r in range(args.rounds):
             for name, cands in (("base", 0), ("new", 64)) if r % 2 == 0 else \
                     (("new", 64), ("base", 0)):
-                sampler.NUCLEUS_CANDIDATES = cands
+                warpers.NUCLEUS_CANDIDATES = cands
                 t = time.perf_counter()
                 res = pipe.generate(prompts, **kw)
                 dt = time.perf_counter() - t
@@ -178,7 +178,7 @@ def main() -> None:
         print(f"e2e set {which} T={temperature} top_p={top_p}: base {statistics.median(tps['base']):.1f} tok/s (rounds "
               f"{[round(v, 1) for v in tps['base']]}), new {statistics.median(tps['new']):.1f} tok/s (rounds "
               f"{[round(v, 1) for v in tps['new']]}); same tokens", flush=True)
-    sampler.NUCLEUS_CANDIDATES = 64
+    warpers.NUCLEUS_CANDIDATES = 64
     if args.out:
         Path(args.out).write_text(json.dumps(result, indent=1) + "\n")
 

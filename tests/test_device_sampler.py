@@ -449,6 +449,7 @@ def test_cuda_top_p_kernel_equals_the_sort(monkeypatch):
     bisection pick the tokens the sort of every row picks (float sums may flip a boundary token: allow 3
     of 256), without a host sync."""
     import hf_paged.engine.device_sampler as ds
+    from hf_paged.engine.warpers import sorted_top_p
 
     g = torch.Generator().manual_seed(0)
     scale = torch.tensor([8.0, 4.0, 2.0, 1.0]).repeat(64).view(-1, 1)
@@ -462,6 +463,6 @@ def test_cuda_top_p_kernel_equals_the_sort(monkeypatch):
     monkeypatch.setenv("HF_PAGED_FUSED_DRAW", "1")
     scaled = logits / 0.8
     fast = torch.isfinite(ds._top_p(scaled, [0.9] * 256))
-    slow = torch.isfinite(ds._sorted_top_p(scaled, torch.full((256, 1), 1 - 0.9, device="cuda")))
+    slow = torch.isfinite(sorted_top_p(scaled, torch.full((256, 1), 1 - 0.9, device="cuda")))
     assert (fast.sum(-1) - slow.sum(-1)).abs().max().item() <= 1
     assert (fast == slow).all(dim=-1).sum().item() >= 250

@@ -280,7 +280,7 @@ def test_bad_logits_shape():
 # ---------------------------------------------------------------------------------- nucleus (top-p) without a sort
 def _nucleus_calls(monkeypatch):
     """Rows that nucleus() left to HF's sorting warper (counted)."""
-    import hf_paged.engine.sampler as sampler_mod
+    import hf_paged.engine.warpers as warpers_mod
 
     sorted_rows = []
 
@@ -289,7 +289,7 @@ def _nucleus_calls(monkeypatch):
             sorted_rows.append(scores.shape[0])
             return super().__call__(input_ids, scores)
 
-    monkeypatch.setattr(sampler_mod, "TopPLogitsWarper", Counting)
+    monkeypatch.setattr(warpers_mod, "TopPLogitsWarper", Counting)
     return sorted_rows
 
 
@@ -302,7 +302,7 @@ def test_nucleus_equals_hf_top_p(monkeypatch, vocab):
     """The same tensor as TopPLogitsWarper, bit for bit: peaked, flat and near-uniform rows, ties,
     banned (-inf) tokens, a NaN row, an all -inf row, a row with fewer finite tokens than candidates,
     top_p from 0.01 to 1 - 1e-9; most rows decided without HF's sort."""
-    from hf_paged.engine.sampler import nucleus
+    from hf_paged.engine.warpers import nucleus
 
     sorted_rows = _nucleus_calls(monkeypatch)
     g = torch.Generator().manual_seed(vocab)
@@ -329,7 +329,7 @@ def test_nucleus_equals_hf_top_p(monkeypatch, vocab):
 def test_nucleus_decides_without_sorting(monkeypatch):
     """Peaked rows are decided among the best candidates, flatter ones by the score bins: none is sorted.
     (Otherwise the equality above would hold by falling back every time.)"""
-    from hf_paged.engine.sampler import nucleus
+    from hf_paged.engine.warpers import nucleus
 
     sorted_rows = _nucleus_calls(monkeypatch)
     g = torch.Generator().manual_seed(0)
@@ -346,7 +346,7 @@ def test_nucleus_decides_without_sorting(monkeypatch):
 def test_nucleus_leaves_the_boundary_cases_to_hf(monkeypatch):
     """A row whose mass reaches top_p exactly at a token (HF's rounding decides) or whose boundary
     falls between two tied scores (HF's sort order decides) goes through HF's warper."""
-    from hf_paged.engine.sampler import nucleus
+    from hf_paged.engine.warpers import nucleus
 
     sorted_rows = _nucleus_calls(monkeypatch)
     exact = torch.log(torch.tensor([[0.5, 0.25, 0.125, 0.125]]))  # S_2 = 0.75 = top_p
@@ -361,7 +361,7 @@ def test_nucleus_leaves_the_boundary_cases_to_hf(monkeypatch):
 
 def test_top_p_sampling_tokens_unchanged_by_nucleus(monkeypatch):
     """Seeded top-p rows (no top_k, as OpenAI clients send) draw the same tokens with the nucleus on and off."""
-    import hf_paged.engine.sampler as sampler_mod
+    import hf_paged.engine.warpers as warpers_mod
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(12, 5003, generator=g) * torch.tensor([0.5, 2.0, 6.0]).repeat(4).view(-1, 1)
@@ -374,5 +374,5 @@ def test_top_p_sampling_tokens_unchanged_by_nucleus(monkeypatch):
         return Sampler(5003).sample(logits, rows).tokens
 
     with_nucleus = run()
-    monkeypatch.setattr(sampler_mod, "NUCLEUS_CANDIDATES", 0)
+    monkeypatch.setattr(warpers_mod, "NUCLEUS_CANDIDATES", 0)
     assert run() == with_nucleus

@@ -32,7 +32,7 @@ import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from ..kv.metadata import to_device
-from . import sampler as host_sampler
+from . import warpers
 from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, SamplingRow
 
 _NEG_INF = -float("inf")
@@ -272,11 +272,12 @@ def _later_warpers(scores: torch.Tensor, rows: list[SamplingRow], which: list[in
         scores = _on_rows(scores, top_p, lambda s: _top_p(s, [rows[i].params.top_p for i in top_p]))
     min_p = [i for i in which if rows[i].params.min_p]
     if min_p:
-        scores = _on_rows(scores, min_p, lambda s: _min_p(s, _column([rows[i].params.min_p for i in min_p], dev)))
+        scores = _on_rows(scores, min_p,
+                          lambda s: warpers.min_p_rows(s, _column([rows[i].params.min_p for i in min_p], dev)))
     typical = [i for i in which if rows[i].params.typical_p < 1.0]
     if typical:
         scores = _on_rows(scores, typical,
-                          lambda s: _typical(s, _column([rows[i].params.typical_p for i in typical], dev)))
+                          lambda s: warpers.typical_rows(s, _column([rows[i].params.typical_p for i in typical], dev)))
     return scores
 
 
@@ -290,70 +291,16 @@ def _on_rows(scores: torch.Tensor, which: list[int], fn) -> torch.Tensor:
 
 
 def _top_p(scores: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
-    """TopPLogitsWarper with a per-row ``top_p``, without sorting the rows whose nucleus is clear among
-    their best candidates (the host sampler's decision, :func:`~hf_paged.engine.sampler.nucleus`). The
-    other rows get their threshold from the Triton bisection (``kernels/sampling.py``) where the device's
-    kernels run, else from the sort. Narrow rows (top-k candidates) are simply sorted."""
+    """TopPLogitsWarper with a per-row ``top_p`` (:func:`~hf_paged.engine.warpers.top_p_rows`), the Triton
+    threshold for the rows it cannot decide while the kernels are on."""
     global _fused_ok
-    dev = scores.device
-    cut = _column([1 - p for p in top_ps], dev)
-    rows, vocab = scores.shape
-    k = host_sampler.NUCLEUS_CANDIDATES
-    if vocab <= 4 * (k + 1) or not k:
-        return _sorted_top_p(scores, cut)
-    top_p = to_device(torch.tensor(top_ps, dtype=torch.float64).view(-1, 1), dev)
-    best = scores.amax(dim=-1, keepdim=True)
-    z = torch.exp(scores - best).sum(dim=-1, keepdim=True, dtype=torch.float64)
-    lse = best.double() + z.log()
-    finite = torch.isfinite(lse)
-    vals = torch.topk(scores, k + 1, dim=-1).values
-    ok, thr = host_sampler.nucleus_cut(vals, lse, torch.zeros_like(lse), top_p, vals.shape[1], False,
-                                       host_sampler.nucleus_margin(top_p, vocab))
-    ok = ok.view(-1, 1) & finite
-    if _fused_ok and _kernels_on(scores) and scores.dtype == torch.float32 and scores.stride(1) == 1:
+    if _fused_ok and _kernels_on(scores):
         try:
-            from ..kernels.sampling import nucleus_threshold
-
-            # A row of -inf or NaN keeps every token (no threshold), as HF's NaN cumsum does.
-            thr, first = nucleus_threshold(scores, best.nan_to_num(0.0), z.nan_to_num(1.0), top_p, ok | ~finite,
-                                           torch.where(finite, thr, _NEG_INF))
-            cols = torch.arange(vocab, device=dev).view(1, -1)
-            return scores.masked_fill((scores < thr) | ((scores == thr) & (cols < first)), _NEG_INF)
+            return warpers.top_p_rows(scores, top_ps, kernel=True)
         except Exception:  # noqa: BLE001 - as in _topk_draw_fused: the torch path from now on
             _fused_ok = False
             logger.warning("hf_paged: the Triton top-p threshold failed; top-p sorts every row", exc_info=True)
-    return torch.where(ok, scores.masked_fill(scores < thr, _NEG_INF), _sorted_top_p(scores, cut))
-
-
-def _sorted_top_p(scores: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
-    """TopPLogitsWarper with a per-row ``1 - top_p``, as HF computes it (a sort of every row)."""
-    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= cut
-    remove[..., -1:] = False
-    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
-
-
-def _min_p(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
-    """MinPLogitsWarper with a per-row ``min_p``."""
-    probs = torch.softmax(scores, dim=-1)
-    top, best = probs.max(dim=-1, keepdim=True)
-    remove = (probs < min_p * top).scatter_(-1, best, False)
-    return scores.masked_fill(remove, _NEG_INF)
-
-
-def _typical(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """TypicalLogitsWarper with a per-row mass."""
-    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
-    p = torch.exp(normalized)
-    ent = -(normalized * p).nansum(-1, keepdim=True)
-    shifted = torch.abs((-normalized) - ent)
-    sorted_scores, sorted_idx = torch.sort(shifted, descending=False)
-    cum = scores.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
-    last = (cum < mass).sum(dim=1).clamp_(max=sorted_scores.shape[-1] - 1)
-    remove = sorted_scores > sorted_scores.gather(1, last.view(-1, 1))
-    remove[..., :1] = False
-    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
+    return warpers.top_p_rows(scores, top_ps, kernel=False)
 
 
 def _draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:

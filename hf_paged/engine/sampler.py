@@ -38,6 +38,7 @@ from transformers.generation.logits_process import (
     TypicalLogitsWarper,
 )
 
+from . import warpers
 from .params import SamplingParams
 
 # What a log-probability of -inf (a token the processors removed) or NaN is reported as: OpenAI's
@@ -290,7 +291,7 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
         for w in temper:
             scores = w(_NO_IDS, scores)
         if top_p < 1.0:  # what TopPLogitsWarper(top_p) returns, without sorting the whole vocabulary
-            scores, later = nucleus(scores, top_p), later[1:]
+            scores, later = warpers.nucleus(scores, top_p), later[1:]
         for w in later:
             scores = w(_NO_IDS, scores)
         yield everyone, scores, None
@@ -317,139 +318,6 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
         for w in temper + [TopKLogitsWarper(top_k)] + later:
             full = w(_NO_IDS, full)
         yield rest, full, None
-
-
-# Nucleus (top-p) without a full sort (see nucleus): the best candidates looked at first; the bins of the
-# second pass, spread evenly over the row's range of scores but over NUCLEUS_SPAN nats at most (the last
-# bin then takes everything further down); the most tokens a bin may hold for its tokens to be ordered
-# by topk rather than the whole row sorted.
-NUCLEUS_CANDIDATES = 64  # 0: off, HF's sort for every row (benchmarks/nucleus.py's base)
-NUCLEUS_BINS, NUCLEUS_SPAN, NUCLEUS_MAX_BIN = 1024, 32.0, 4096
-# How far a mass sum must be from top_p to be decided without HF's own rounding. HF compares its fp32
-# cumulative probabilities (softmax, then a cumsum accumulated in double on CPU) with 1 - top_p; they were
-# off by a relative 1.0e-6, 3.7e-6 and 9.6e-6 at most, on rows of 49152, 151936 and 262144 tokens from
-# near-uniform to peaked: so (1 - top_p) times NUCLEUS_REL_ERROR per token of the row (4-7x those), plus
-# NUCLEUS_OWN_ERROR for ours (fp32 exp of each score, summed in float64). This bounds what was measured,
-# not every row: a row whose tail is one score repeated ~150K times puts HF's fp32 normaliser off by ~1e-4
-# (each add rounds the same way), and its nucleus may then differ from HF's by a token at the boundary.
-NUCLEUS_REL_ERROR, NUCLEUS_OWN_ERROR = 1.5e-10, 3e-7
-
-
-def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
-    """``TopPLogitsWarper(top_p)(ids, scores)`` on ``[G, V]`` float scores, out of place, the same
-    tensor (bit for bit on every row tested; see NUCLEUS_REL_ERROR for the limit), without sorting
-    every row.
-
-    HF sorts a row ascending and removes each token whose cumulative probability is ``<= 1 - top_p``
-    (the best token always stays). In descending order, token ``j`` stays iff the mass of the tokens
-    before it, ``S_j``, is ``< top_p``: the nucleus is the ``J`` best tokens, and only the ``J``-th
-    score, the row's threshold, has to be found.
-
-    - First among the row's ``NUCLEUS_CANDIDATES + 1`` best scores (``torch.topk``), which hold the
-      nucleus of a peaked row; the row's normaliser takes one pass.
-    - A flatter row adds each token's probability into bins by its score (``scatter_add``), finds the
-      bin where the mass reaches ``top_p``, and orders that bin's tokens only.
-    - A row is decided only when the mass before its last kept token and before its first removed one
-      are both far enough from ``top_p`` that no rounding of HF's could flip either (see
-      ``NUCLEUS_REL_ERROR``), and those two scores differ (of two tied tokens HF keeps one, by sort
-      order). Other rows (a boundary within the margin, a tie there, a crowded bin, non-finite scores)
-      go through HF's warper."""
-    if not NUCLEUS_CANDIDATES or scores.dtype not in (torch.float32, torch.float64):  # the margin is for fp32
-        return TopPLogitsWarper(top_p)(_NO_IDS, scores)
-    g, vocab = scores.shape
-    margin = nucleus_margin(top_p, vocab)
-    out = torch.empty_like(scores)
-    best = scores.amax(dim=-1, keepdim=True)
-    rel = torch.exp(scores - best)  # each token's probability times the row's normaliser z
-    z = rel.sum(dim=-1, keepdim=True, dtype=torch.float64)
-    lse = best.double() + z.log()  # NaN for a row of -inf, +inf or NaN
-    finite = torch.isfinite(lse).view(-1)
-    todo = finite.nonzero().view(-1)
-    if len(todo) and vocab > 1:
-        sub = scores.index_select(0, todo) if len(todo) < g else scores
-        vals = torch.topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab), dim=-1).values
-        ok, last = nucleus_cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], False, margin)
-        todo = _mask_rows(out, scores, todo, ok, last)
-    if len(todo) and vocab > 1:
-        ok, last = _cut_by_bins(scores.index_select(0, todo), best[todo], rel[todo].double() / z[todo], lse[todo],
-                                top_p, margin)
-        todo = _mask_rows(out, scores, todo, ok, last)
-    if not bool(finite.all()):  # NaN or all -inf rows
-        todo = torch.cat([todo, (~finite).nonzero().view(-1)])
-    if len(todo):
-        out[todo] = TopPLogitsWarper(top_p)(_NO_IDS, scores.index_select(0, todo))
-    return out
-
-
-def nucleus_margin(top_p, vocab: int):
-    """How far from ``top_p`` a mass sum must be to be decided (see NUCLEUS_REL_ERROR); ``top_p`` a float
-    or a column tensor."""
-    return (1.0 - top_p) * max(2e-6, NUCLEUS_REL_ERROR * vocab) + NUCLEUS_OWN_ERROR
-
-
-def nucleus_cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p: float | torch.Tensor,
-                count: torch.Tensor | int, exhaustive: bool,
-                margin: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Where the nucleus ends among ``vals`` ``[R, C]`` (descending; the first ``count`` of each row are
-    real, the rest -inf padding): ``(decided [R], threshold [R, 1])``. ``base``: the mass of the tokens
-    better than ``vals`` (``[R, 1]`` float64); ``exhaustive``: every token not listed below the listed
-    ones scores strictly lower (a whole bin), so the first removed token may be the one after them;
-    ``margin``: see NUCLEUS_REL_ERROR. ``top_p`` and ``margin`` may be ``[R, 1]`` columns. No host sync."""
-    mass = torch.exp(vals.double() - lse)
-    before = base + mass.cumsum(dim=-1) - mass  # S_j of each listed token
-    after = base + mass.sum(dim=-1, keepdim=True)  # S of the first token not listed
-    cols = torch.arange(vals.shape[1], device=vals.device).view(1, -1)
-    if isinstance(count, torch.Tensor):
-        count = count.view(-1, 1)
-    real = cols < count  # an int count stays on the host: no copy to wait for
-    n_keep = ((before < top_p) & real).sum(dim=-1, keepdim=True)  # J
-    at = n_keep.clamp(min=1)
-    nxt_in = n_keep < count  # the first removed token is listed
-    nxt = nxt_in & (at < vals.shape[1])
-    s_next = torch.where(nxt, before.gather(1, at.clamp(max=vals.shape[1] - 1)), after)
-    s_last = before.gather(1, (at - 1).clamp(max=vals.shape[1] - 1))
-    last = vals.gather(1, (at - 1).clamp(max=vals.shape[1] - 1))
-    untied = ~nxt | (last > vals.gather(1, at.clamp(max=vals.shape[1] - 1)))
-    ok = ((n_keep >= 1) & (nxt_in | exhaustive) & (s_next >= top_p + margin) & (s_last <= top_p - margin)
-          & untied & torch.isfinite(last))
-    return ok.view(-1), last
-
-
-def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse: torch.Tensor,
-                 top_p: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`nucleus_cut` for flat rows (``best``: each row's top score, ``prob`` its probabilities in float64):
-    bin every token by its score, find the bin where the mass passes ``top_p`` and order only its tokens."""
-    r, vocab = sub.shape
-    nb = NUCLEUS_BINS
-    span = (best - sub.amin(dim=-1, keepdim=True)).clamp_(min=1e-6, max=NUCLEUS_SPAN)  # a -inf score: the most
-    bins = (best - sub).mul_((nb - 1) / span).clamp_(max=nb - 1).long()  # monotone in the score, row by row
-    mass = torch.zeros(r, nb, dtype=torch.float64, device=sub.device).scatter_add_(1, bins, prob)
-    cum = mass.cumsum(dim=-1)
-    crossing = (cum < top_p).sum(dim=-1, keepdim=True).clamp_(max=nb - 1)  # the bin where the mass passes top_p
-    base = torch.where(crossing > 0, cum.gather(1, (crossing - 1).clamp(min=0)), torch.zeros_like(lse))
-    inside = bins == crossing
-    count = inside.sum(dim=-1)
-    width = int(count.max())
-    if width > NUCLEUS_MAX_BIN:  # those rows are left to the sort
-        crowded = count > NUCLEUS_MAX_BIN
-        inside &= ~crowded.view(-1, 1)
-        count = count.masked_fill(crowded, 0)
-        width = int(count.max())
-    if width == 0:  # every row crowded, or its mass never reached top_p (rounding, top_p ~ 1)
-        return torch.zeros(r, dtype=torch.bool, device=sub.device), best
-    vals = torch.topk(sub.masked_fill(~inside, -float("inf")), width, dim=-1).values
-    ok, last = nucleus_cut(vals, lse, base, top_p, count, True, margin)
-    return ok & (count > 0), last
-
-
-def _mask_rows(out: torch.Tensor, scores: torch.Tensor, todo: torch.Tensor, ok: torch.Tensor,
-               last: torch.Tensor) -> torch.Tensor:
-    """Write the decided rows (every score below the row's threshold removed); the rows still open."""
-    done = todo[ok]
-    if len(done):
-        rows = scores.index_select(0, done)
-        out[done] = rows.masked_fill_(rows < last[ok], -float("inf"))
-    return todo[~ok]
 
 
 def _argmax(scores: torch.Tensor) -> list[int]:

@@ -22,7 +22,7 @@ a boundary may pick the neighbouring kept token.
 
 The top-p threshold
 -------------------
-The device sampler finds most rows' nucleus among their best candidates (``engine/sampler.py``'s
+The device sampler finds most rows' nucleus among their best candidates (``engine/warpers.py``'s
 ``nucleus_cut``, the same decision as the host sampler's). A flat row, or one whose boundary is within
 rounding of top_p, would need HF's sort of the whole row; here its threshold is found by bisection
 instead: the smallest score ``v`` of the row whose tail ``mass(x <= v)`` exceeds ``1 - top_p`` (HF removes a

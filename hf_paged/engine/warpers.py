@@ -1,0 +1,219 @@
+"""Sampling warpers shared by both samplers: top-p without sorting the vocabulary, and the device sampler's
+per-row TopP, MinP and Typical (HF's warpers with one setting per row, vectorised).
+
+Top-p is the setting OpenAI and TGI clients send (with a temperature, no top-k), and HF's
+``TopPLogitsWarper`` sorts every row for it: ~1.9 ms a row of 49152 scores on a CPU core. HF keeps the
+``J`` best tokens, ``J`` the first whose preceding mass reaches ``top_p``, so only the row's ``J``-th
+score is needed; :func:`nucleus` finds it among the row's best candidates or in score bins, and leaves to
+HF's sort only the rows whose boundary is within HF's own rounding. :func:`top_p_rows` is the same
+decision on a device, with no host sync: the rows it leaves go to the Triton bisection
+(``kernels/sampling.py``) or to the sort.
+
+Example::
+
+    warped = nucleus(scores / temperature, top_p=0.9)      # == TopPLogitsWarper(0.9)(ids, scores / t)
+    warped = top_p_rows(scores_on_gpu, [0.9, 0.95], kernel=True)
+"""
+from __future__ import annotations
+
+import torch
+from transformers.generation.logits_process import TopPLogitsWarper
+
+from ..kv.metadata import to_device
+
+_NEG_INF = -float("inf")
+_NO_IDS = torch.empty(1, 0, dtype=torch.long)  # the warpers never read input_ids
+
+
+# Nucleus (top-p) without a full sort (see nucleus): the best candidates looked at first; the bins of the
+# second pass, spread evenly over the row's range of scores but over NUCLEUS_SPAN nats at most (the last
+# bin then takes everything further down); the most tokens a bin may hold for its tokens to be ordered
+# by topk rather than the whole row sorted.
+NUCLEUS_CANDIDATES = 64  # 0: off, HF's sort for every row (benchmarks/nucleus.py's base)
+NUCLEUS_BINS, NUCLEUS_SPAN, NUCLEUS_MAX_BIN = 1024, 32.0, 4096
+# How far a mass sum must be from top_p to be decided without HF's own rounding. HF compares its fp32
+# cumulative probabilities (softmax, then a cumsum accumulated in double on CPU) with 1 - top_p; they were
+# off by a relative 1.0e-6, 3.7e-6 and 9.6e-6 at most, on rows of 49152, 151936 and 262144 tokens from
+# near-uniform to peaked: so (1 - top_p) times NUCLEUS_REL_ERROR per token of the row (4-7x those), plus
+# NUCLEUS_OWN_ERROR for ours (fp32 exp of each score, summed in float64). This bounds what was measured,
+# not every row: a row whose tail is one score repeated ~150K times puts HF's fp32 normaliser off by ~1e-4
+# (each add rounds the same way), and its nucleus may then differ from HF's by a token at the boundary.
+NUCLEUS_REL_ERROR, NUCLEUS_OWN_ERROR = 1.5e-10, 3e-7
+
+
+def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``TopPLogitsWarper(top_p)(ids, scores)`` on ``[G, V]`` float scores, out of place, the same
+    tensor (bit for bit on every row tested; see NUCLEUS_REL_ERROR for the limit), without sorting
+    every row.
+
+    HF sorts a row ascending and removes each token whose cumulative probability is ``<= 1 - top_p``
+    (the best token always stays). In descending order, token ``j`` stays iff the mass of the tokens
+    before it, ``S_j``, is ``< top_p``: the nucleus is the ``J`` best tokens, and only the ``J``-th
+    score, the row's threshold, has to be found.
+
+    - First among the row's ``NUCLEUS_CANDIDATES + 1`` best scores (``torch.topk``), which hold the
+      nucleus of a peaked row; the row's normaliser takes one pass.
+    - A flatter row adds each token's probability into bins by its score (``scatter_add``), finds the
+      bin where the mass reaches ``top_p``, and orders that bin's tokens only.
+    - A row is decided only when the mass before its last kept token and before its first removed one
+      are both far enough from ``top_p`` that no rounding of HF's could flip either (see
+      ``NUCLEUS_REL_ERROR``), and those two scores differ (of two tied tokens HF keeps one, by sort
+      order). Other rows (a boundary within the margin, a tie there, a crowded bin, non-finite scores)
+      go through HF's warper."""
+    if not NUCLEUS_CANDIDATES or scores.dtype not in (torch.float32, torch.float64):  # the margin is for fp32
+        return TopPLogitsWarper(top_p)(_NO_IDS, scores)
+    g, vocab = scores.shape
+    margin = nucleus_margin(top_p, vocab)
+    out = torch.empty_like(scores)
+    best = scores.amax(dim=-1, keepdim=True)
+    rel = torch.exp(scores - best)  # each token's probability times the row's normaliser z
+    z = rel.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    lse = best.double() + z.log()  # NaN for a row of -inf, +inf or NaN
+    finite = torch.isfinite(lse).view(-1)
+    todo = finite.nonzero().view(-1)
+    if len(todo) and vocab > 1:
+        sub = scores.index_select(0, todo) if len(todo) < g else scores
+        vals = torch.topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab), dim=-1).values
+        ok, last = nucleus_cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], False, margin)
+        todo = _mask_rows(out, scores, todo, ok, last)
+    if len(todo) and vocab > 1:
+        ok, last = _cut_by_bins(scores.index_select(0, todo), best[todo], rel[todo].double() / z[todo], lse[todo],
+                                top_p, margin)
+        todo = _mask_rows(out, scores, todo, ok, last)
+    if not bool(finite.all()):  # NaN or all -inf rows
+        todo = torch.cat([todo, (~finite).nonzero().view(-1)])
+    if len(todo):
+        out[todo] = TopPLogitsWarper(top_p)(_NO_IDS, scores.index_select(0, todo))
+    return out
+
+
+def nucleus_margin(top_p, vocab: int):
+    """How far from ``top_p`` a mass sum must be to be decided (see NUCLEUS_REL_ERROR); ``top_p`` a float
+    or a column tensor."""
+    return (1.0 - top_p) * max(2e-6, NUCLEUS_REL_ERROR * vocab) + NUCLEUS_OWN_ERROR
+
+
+def nucleus_cut(vals: torch.Tensor, lse: torch.Tensor, base: torch.Tensor, top_p: float | torch.Tensor,
+                count: torch.Tensor | int, exhaustive: bool,
+                margin: float | torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the nucleus ends among ``vals`` ``[R, C]`` (descending; the first ``count`` of each row are
+    real, the rest -inf padding): ``(decided [R], threshold [R, 1])``. ``base``: the mass of the tokens
+    better than ``vals`` (``[R, 1]`` float64); ``exhaustive``: every token not listed below the listed
+    ones scores strictly lower (a whole bin), so the first removed token may be the one after them;
+    ``margin``: see NUCLEUS_REL_ERROR. ``top_p`` and ``margin`` may be ``[R, 1]`` columns. No host sync."""
+    mass = torch.exp(vals.double() - lse)
+    before = base + mass.cumsum(dim=-1) - mass  # S_j of each listed token
+    after = base + mass.sum(dim=-1, keepdim=True)  # S of the first token not listed
+    cols = torch.arange(vals.shape[1], device=vals.device).view(1, -1)
+    if isinstance(count, torch.Tensor):
+        count = count.view(-1, 1)
+    real = cols < count  # an int count stays on the host: no copy to wait for
+    n_keep = ((before < top_p) & real).sum(dim=-1, keepdim=True)  # J
+    at = n_keep.clamp(min=1)
+    nxt_in = n_keep < count  # the first removed token is listed
+    nxt = nxt_in & (at < vals.shape[1])
+    s_next = torch.where(nxt, before.gather(1, at.clamp(max=vals.shape[1] - 1)), after)
+    s_last = before.gather(1, (at - 1).clamp(max=vals.shape[1] - 1))
+    last = vals.gather(1, (at - 1).clamp(max=vals.shape[1] - 1))
+    untied = ~nxt | (last > vals.gather(1, at.clamp(max=vals.shape[1] - 1)))
+    ok = ((n_keep >= 1) & (nxt_in | exhaustive) & (s_next >= top_p + margin) & (s_last <= top_p - margin)
+          & untied & torch.isfinite(last))
+    return ok.view(-1), last
+
+
+def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse: torch.Tensor,
+                 top_p: float, margin: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`nucleus_cut` for flat rows (``best``: each row's top score, ``prob`` its probabilities in float64):
+    bin every token by its score, find the bin where the mass passes ``top_p`` and order only its tokens."""
+    r, vocab = sub.shape
+    nb = NUCLEUS_BINS
+    span = (best - sub.amin(dim=-1, keepdim=True)).clamp_(min=1e-6, max=NUCLEUS_SPAN)  # a -inf score: the most
+    bins = (best - sub).mul_((nb - 1) / span).clamp_(max=nb - 1).long()  # monotone in the score, row by row
+    mass = torch.zeros(r, nb, dtype=torch.float64, device=sub.device).scatter_add_(1, bins, prob)
+    cum = mass.cumsum(dim=-1)
+    crossing = (cum < top_p).sum(dim=-1, keepdim=True).clamp_(max=nb - 1)  # the bin where the mass passes top_p
+    base = torch.where(crossing > 0, cum.gather(1, (crossing - 1).clamp(min=0)), torch.zeros_like(lse))
+    inside = bins == crossing
+    count = inside.sum(dim=-1)
+    width = int(count.max())
+    if width > NUCLEUS_MAX_BIN:  # those rows are left to the sort
+        crowded = count > NUCLEUS_MAX_BIN
+        inside &= ~crowded.view(-1, 1)
+        count = count.masked_fill(crowded, 0)
+        width = int(count.max())
+    if width == 0:  # every row crowded, or its mass never reached top_p (rounding, top_p ~ 1)
+        return torch.zeros(r, dtype=torch.bool, device=sub.device), best
+    vals = torch.topk(sub.masked_fill(~inside, -float("inf")), width, dim=-1).values
+    ok, last = nucleus_cut(vals, lse, base, top_p, count, True, margin)
+    return ok & (count > 0), last
+
+
+def _mask_rows(out: torch.Tensor, scores: torch.Tensor, todo: torch.Tensor, ok: torch.Tensor,
+               last: torch.Tensor) -> torch.Tensor:
+    """Write the decided rows (every score below the row's threshold removed); the rows still open."""
+    done = todo[ok]
+    if len(done):
+        rows = scores.index_select(0, done)
+        out[done] = rows.masked_fill_(rows < last[ok], -float("inf"))
+    return todo[~ok]
+
+
+def top_p_rows(scores: torch.Tensor, top_ps: list[float], kernel: bool) -> torch.Tensor:
+    """TopPLogitsWarper with a per-row ``top_p``, without a host sync: rows whose nucleus is clear among
+    their best candidates take :func:`nucleus_cut`'s threshold (the host sampler's decision); the others
+    take the Triton bisection with ``kernel`` (its failure raises), else HF's sort. Narrow rows (top-k
+    candidates) are simply sorted."""
+    dev = scores.device
+    cut = to_device(torch.tensor([1 - p for p in top_ps], dtype=torch.float32).view(-1, 1), dev)
+    vocab = scores.shape[1]
+    k = NUCLEUS_CANDIDATES
+    if vocab <= 4 * (k + 1) or not k:
+        return sorted_top_p(scores, cut)
+    top_p = to_device(torch.tensor(top_ps, dtype=torch.float64).view(-1, 1), dev)
+    best = scores.amax(dim=-1, keepdim=True)
+    z = torch.exp(scores - best).sum(dim=-1, keepdim=True, dtype=torch.float64)
+    lse = best.double() + z.log()
+    finite = torch.isfinite(lse)
+    vals = torch.topk(scores, k + 1, dim=-1).values
+    ok, thr = nucleus_cut(vals, lse, torch.zeros_like(lse), top_p, vals.shape[1], False, nucleus_margin(top_p, vocab))
+    ok = ok.view(-1, 1) & finite
+    if kernel and scores.dtype == torch.float32 and scores.stride(1) == 1:
+        from ..kernels.sampling import nucleus_threshold
+
+        # A row of -inf or NaN keeps every token (no threshold), as HF's NaN cumsum does.
+        thr, first = nucleus_threshold(scores, best.nan_to_num(0.0), z.nan_to_num(1.0), top_p, ok | ~finite,
+                                       torch.where(finite, thr, _NEG_INF))
+        cols = torch.arange(vocab, device=dev).view(1, -1)
+        return scores.masked_fill((scores < thr) | ((scores == thr) & (cols < first)), _NEG_INF)
+    return torch.where(ok, scores.masked_fill(scores < thr, _NEG_INF), sorted_top_p(scores, cut))
+
+
+def sorted_top_p(scores: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
+    """TopPLogitsWarper with a per-row ``1 - top_p``, as HF computes it (a sort of every row)."""
+    sorted_logits, sorted_idx = torch.sort(scores, descending=False)
+    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
+    remove = cum <= cut
+    remove[..., -1:] = False
+    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
+
+
+def min_p_rows(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
+    """MinPLogitsWarper with a per-row ``min_p``."""
+    probs = torch.softmax(scores, dim=-1)
+    top, best = probs.max(dim=-1, keepdim=True)
+    remove = (probs < min_p * top).scatter_(-1, best, False)
+    return scores.masked_fill(remove, _NEG_INF)
+
+
+def typical_rows(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
+    """TypicalLogitsWarper with a per-row mass."""
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)
+    p = torch.exp(normalized)
+    ent = -(normalized * p).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - ent)
+    sorted_scores, sorted_idx = torch.sort(shifted, descending=False)
+    cum = scores.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
+    last = (cum < mass).sum(dim=1).clamp_(max=sorted_scores.shape[-1] - 1)
+    remove = sorted_scores > sorted_scores.gather(1, last.view(-1, 1))
+    remove[..., :1] = False
+    return scores.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
