@@ -128,28 +128,27 @@ def main(argv=None) -> int:
             except Exception:  # noqa: BLE001
                 failures += 1
                 print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
-        # The device sampler's draw of tied top-k rows (fp32 scores, per-row temperature, uniform).
-        name = f"sm_{arch} float32  tied top-k draw"
-        start = time.perf_counter()
-        try:
-            rows = 4
-            tied_draw(torch.zeros(rows, 151936), torch.ones(rows), torch.zeros(rows), torch.zeros(rows),
-                      torch.ones(rows, dtype=torch.bool), torch.full((rows,), 0.5))
-            print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
-        except Exception:  # noqa: BLE001
-            failures += 1
-            print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
-        # Its top-p threshold of rows not decided among their best candidates (fp32 scores, bisection).
-        name = f"sm_{arch} float32  top-p threshold"
-        start = time.perf_counter()
-        try:
-            rows = 4
-            nucleus_threshold(torch.zeros(rows, 151936), torch.zeros(rows), torch.ones(rows, dtype=torch.float64),
-                              torch.full((rows,), 0.9), torch.zeros(rows, dtype=torch.bool), torch.zeros(rows, 1))
-            print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
-        except Exception:  # noqa: BLE001
-            failures += 1
-            print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
+        # The device sampler's kernels on fp32 scores of 4 rows: the draw of tied top-k rows (per-row
+        # temperature, uniform) and the top-p threshold of rows its candidates do not decide (bisection).
+        rows = 4
+        sampler_kernels = {
+            "tied top-k draw": lambda: tied_draw(torch.zeros(rows, 151936), torch.ones(rows), torch.zeros(rows),
+                                                 torch.zeros(rows), torch.ones(rows, dtype=torch.bool),
+                                                 torch.full((rows,), 0.5)),
+            "top-p threshold": lambda: nucleus_threshold(torch.zeros(rows, 151936), torch.zeros(rows),
+                                                         torch.ones(rows, dtype=torch.float64),
+                                                         torch.full((rows,), 0.9), torch.zeros(rows, dtype=torch.bool),
+                                                         torch.zeros(rows, 1)),
+        }
+        for kernel, launch in sampler_kernels.items():
+            name = f"sm_{arch} float32  {kernel}"
+            start = time.perf_counter()
+            try:
+                launch()
+                print(f"ok    {name}  ({time.perf_counter() - start:.1f} s)", flush=True)
+            except Exception:  # noqa: BLE001
+                failures += 1
+                print(f"FAIL  {name}\n{traceback.format_exc(limit=-3)}", flush=True)
     print(f"{failures} configuration(s) failed")
     return 1 if failures else 0
 
