@@ -7,8 +7,7 @@
    top_p), each compared with TopPLogitsWarper; any difference fails the run.
 1. On real logits of the default model: the next-token logits of sampled chat replies (set A and set B
    prompts), scaled by the temperature, in batches of 1, 16 and 64 rows: time per call and the rows that
-   fell back to the sort. Both must return the same tensor (checked on every row). Then the same logits
-   rounded to bf16 with generate()'s top_k=50 and top_p: the host sampler's processing, nucleus off / on.
+   fell back to the sort. Both must return the same tensor (checked on every row).
 2. End to end: PagedPipeline generating for 16 chat requests as an OpenAI client sends them (no top_k,
    a seed; set A at temperature 0.7 and top_p 0.9, set B at 1.0 and 0.95), with the nucleus off (base)
    and on (new), in interleaved rounds in one process; the tokens must be identical.
@@ -105,9 +104,7 @@ def main() -> None:
     from transformers.generation.logits_process import TopPLogitsWarper
 
     import hf_paged.engine.warpers as warpers
-    from hf_paged.engine.params import SamplingParams
     from hf_paged.engine.pipeline import PagedPipeline
-    from hf_paged.engine.sampler import Sampler, SamplingRow
     from hf_paged.models import ensure_default_model, load_model
 
     path = str(ensure_default_model())
@@ -153,28 +150,6 @@ def main() -> None:
                   f"{statistics.median(per['hf']):.2f} ms (min {min(per['hf']):.2f}), nucleus "
                   f"{statistics.median(per['nucleus']):.2f} ms (min {min(per['nucleus']):.2f}); rows sorted "
                   f"{fallback:.1%}", flush=True)
-
-        # 1b. the same logits rounded to bf16 (as a bf16 model's are), generate()'s top_k=50 with top_p: rows
-        # whose 50th score ties take the full-width path, whose top-p is the nucleus now.
-        rows16 = (rows * temperature).bfloat16().float()
-        top = torch.topk(rows16 / temperature, 51).values
-        tied = float((top[:, 49] == top[:, 50]).float().mean())
-        params = SamplingParams(max_new_tokens=8, do_sample=True, temperature=temperature, top_k=50, top_p=top_p)
-        for batch in (16, 64):
-            x = rows16[:batch]
-            srows = [SamplingRow(params, [1], 0, torch.Generator().manual_seed(i)) for i in range(batch)]
-            per = {"base": [], "new": []}
-            for r in range(args.rounds):
-                for name, cands in (("base", 0), ("new", 64)) if r % 2 == 0 else (("new", 64), ("base", 0)):
-                    warpers.NUCLEUS_CANDIDATES = cands
-                    per[name].append(time_call(lambda: Sampler(x.shape[1]).process(x, srows)) * 1e3)
-            warpers.NUCLEUS_CANDIDATES = 64
-            result["micro_bf16_topk"] = result.get("micro_bf16_topk", []) + [
-                {"set": which, "temperature": temperature, "top_k": 50, "top_p": top_p, "rows": batch,
-                 "tied_fraction": round(tied, 3), **{f"{k}_ms": [round(v, 3) for v in vs] for k, vs in per.items()}}]
-            print(f"set {which} bf16 top_k=50 top_p={top_p} rows={batch} ({tied:.0%} tied at the 50th): process "
-                  f"base {statistics.median(per['base']):.2f} ms (min {min(per['base']):.2f}), new "
-                  f"{statistics.median(per['new']):.2f} ms (min {min(per['new']):.2f})", flush=True)
 
     # 2. end to end, base and new interleaved
     for which, temperature, top_p in (("A", 0.7, 0.9), ("B", 1.0, 0.95)):
