@@ -376,35 +376,3 @@ def test_top_p_sampling_tokens_unchanged_by_nucleus(monkeypatch):
     with_nucleus = run()
     monkeypatch.setattr(warpers_mod, "NUCLEUS_CANDIDATES", 0)
     assert run() == with_nucleus
-
-
-def test_tied_top_k_rows_take_the_nucleus_too(monkeypatch):
-    """bf16-like logits tie at the k-th score, so top-k + top-p rows go full width: their top-p is the
-    nucleus (no sort), and their processed scores equal HF's TopK then TopP. (Rows that do not tie take
-    the candidates; where their top-p boundary falls inside a run of equal scores, which of the tied
-    tokens stay follows an ordering HF's unstable sort does not fix.)"""
-    import hf_paged.engine.sampler as sampler_mod
-
-    sorted_rows = _nucleus_calls(monkeypatch)
-    widths = []
-
-    class Widths(tf.generation.logits_process.TopPLogitsWarper):  # the sampler's own TopP (on candidates)
-        def __call__(self, input_ids, scores):
-            widths.append(scores.shape[1])
-            return super().__call__(input_ids, scores)
-
-    monkeypatch.setattr(sampler_mod, "TopPLogitsWarper", Widths)
-    g = torch.Generator().manual_seed(4)
-    logits = (torch.randn(8, 5003, generator=g) * 3).bfloat16().float()
-    p = params(do_sample=True, temperature=0.6, top_k=50, top_p=0.9)
-    rows = [SamplingRow(p, [1, 2], 0, torch.Generator().manual_seed(i)) for i in range(8)]
-    processed = Sampler(5003).process(logits, rows)
-    ids = torch.empty(1, 0, dtype=torch.long)
-    want = logits / 0.6
-    for w in (tf.generation.logits_process.TopKLogitsWarper(50), tf.generation.logits_process.TopPLogitsWarper(0.9)):
-        want = w(ids, want)
-    top = torch.topk(logits / 0.6, 51).values
-    tied = top[:, 49] == top[:, 50]
-    assert tied.any()
-    assert torch.equal(processed[tied], want[tied])
-    assert sum(sorted_rows) == 0 and 5003 not in widths  # no row sorted whole

@@ -315,11 +315,7 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
     if len(exact) < len(everyone):
         rest = [j for j in everyone if tied[j]]
         full = scores[rest]
-        for w in temper + [TopKLogitsWarper(top_k)]:
-            full = w(_NO_IDS, full)
-        if top_p < 1.0:  # bf16 logits tie at the k-th score often: no sort of the whole row for them either
-            full, later = warpers.nucleus(full, top_p), later[1:]
-        for w in later:
+        for w in temper + [TopKLogitsWarper(top_k)] + later:
             full = w(_NO_IDS, full)
         yield rest, full, None
 
