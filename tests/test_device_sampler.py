@@ -443,6 +443,23 @@ def test_top_p_threshold_kernel_keeps_as_many_tied_tokens_as_hf(monkeypatch):
             assert kept[r, tied].tolist() == sorted(kept[r, tied].tolist())
 
 
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
+def test_top_p_threshold_kernel_keeps_the_exact_count_at_128k():
+    """bf16-rounded rows of 128256 scores, peaked to flat, at logit offsets real models have (-20 to 50):
+    the device path keeps exactly as many tokens as float64 arithmetic says HF's rule keeps (HF's own fp32
+    softmax and cumsum are sometimes a token off on such rows)."""
+    from hf_paged.engine import warpers
+
+    g = torch.Generator().manual_seed(0)
+    scale = torch.tensor([4.0, 1.0]).repeat(4).view(-1, 1)
+    offset = torch.tensor([0.0, 30.0, 50.0, -20.0]).repeat_interleave(2).view(-1, 1)
+    x = (torch.randn(8, 128256, generator=g) * scale + offset).bfloat16().float() / 0.8
+    kept = torch.isfinite(warpers.top_p_rows(x, [0.9] * 8, kernel=True)).sum(-1)
+    cut = float(torch.tensor(1 - 0.9, dtype=torch.float32))  # HF compares with 1 - top_p in float32
+    exact = (torch.softmax(torch.sort(x.double(), dim=-1).values, dim=-1).cumsum(-1) > cut).sum(-1)
+    assert kept.tolist() == exact.tolist()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_top_p_kernel_equals_the_sort(monkeypatch):
     """Top-p rows without top_k at [256, 128256], from peaked to flat: the candidates plus the Triton
