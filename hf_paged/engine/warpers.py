@@ -65,10 +65,7 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     g, vocab = scores.shape
     margin = nucleus_margin(top_p, vocab)
     out = torch.empty_like(scores)
-    best = scores.amax(dim=-1, keepdim=True)
-    rel = torch.exp(scores - best)  # each token's probability times the row's normaliser z
-    z = rel.sum(dim=-1, keepdim=True, dtype=torch.float64)
-    lse = best.double() + z.log()  # NaN for a row of -inf, +inf or NaN
+    best, rel, z, lse = _normaliser(scores)
     finite = torch.isfinite(lse).view(-1)
     todo = finite.nonzero().view(-1)
     if len(todo) and vocab > 1:
@@ -164,15 +161,12 @@ def top_p_rows(scores: torch.Tensor, top_ps: list[float], kernel: bool) -> torch
     take the Triton bisection with ``kernel`` (its failure raises), else HF's sort. Narrow rows (top-k
     candidates) are simply sorted."""
     dev = scores.device
-    cut = to_device(torch.tensor([1 - p for p in top_ps], dtype=torch.float32).view(-1, 1), dev)
     vocab = scores.shape[1]
     k = NUCLEUS_CANDIDATES
     if vocab <= 4 * (k + 1) or not k:
-        return sorted_top_p(scores, cut)
+        return sorted_top_p(scores, _cut_column(top_ps, dev))
     top_p = to_device(torch.tensor(top_ps, dtype=torch.float64).view(-1, 1), dev)
-    best = scores.amax(dim=-1, keepdim=True)
-    z = torch.exp(scores - best).sum(dim=-1, keepdim=True, dtype=torch.float64)
-    lse = best.double() + z.log()
+    best, _, z, lse = _normaliser(scores)
     finite = torch.isfinite(lse)
     vals = torch.topk(scores, k + 1, dim=-1).values
     ok, thr = nucleus_cut(vals, lse, torch.zeros_like(lse), top_p, vals.shape[1], False, nucleus_margin(top_p, vocab))
@@ -185,7 +179,21 @@ def top_p_rows(scores: torch.Tensor, top_ps: list[float], kernel: bool) -> torch
                                        torch.where(finite, thr, _NEG_INF))
         cols = torch.arange(vocab, device=dev).view(1, -1)
         return scores.masked_fill((scores < thr) | ((scores == thr) & (cols < first)), _NEG_INF)
-    return torch.where(ok, scores.masked_fill(scores < thr, _NEG_INF), sorted_top_p(scores, cut))
+    return torch.where(ok, scores.masked_fill(scores < thr, _NEG_INF), sorted_top_p(scores, _cut_column(top_ps, dev)))
+
+
+def _normaliser(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per row: the best score, ``exp(score - best)`` (float32, as HF's softmax), their float64 sum ``z``
+    and the logsumexp (NaN for a row of -inf, +inf or NaN)."""
+    best = scores.amax(dim=-1, keepdim=True)
+    rel = torch.exp(scores - best)
+    z = rel.sum(dim=-1, keepdim=True, dtype=torch.float64)
+    return best, rel, z, best.double() + z.log()
+
+
+def _cut_column(top_ps: list[float], device: torch.device) -> torch.Tensor:
+    """``1 - top_p`` per row, float32 (as HF compares), for :func:`sorted_top_p`."""
+    return to_device(torch.tensor([1 - p for p in top_ps], dtype=torch.float32).view(-1, 1), device)
 
 
 def sorted_top_p(scores: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
