@@ -11,7 +11,9 @@ sampled output follows the distribution ``generate()`` samples from:
 Cost: rows with nothing to process (greedy, default penalties, min_new_tokens reached) share one
 vectorised argmax; only rows that need their history are processed one by one; sampling rows with
 equal warper settings are warped together. After TopK the later warpers and the draw run on the
-``k`` surviving candidates instead of the whole vocabulary (HF's TopP/Typical sort the full row).
+``k`` surviving candidates instead of the whole vocabulary (HF's TopP/Typical sort the full row);
+without TopK, TopP and Typical are decided without that sort where HF's rounding allows
+(``warpers.nucleus``/``warpers.typical``, the same tensors).
 
 Example::
 
@@ -292,8 +294,12 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
             scores = w(_NO_IDS, scores)
         if top_p < 1.0:  # what TopPLogitsWarper(top_p) returns, without sorting the whole vocabulary
             scores, later = warpers.nucleus(scores, top_p), later[1:]
+        if typical_p < 1.0:  # likewise TypicalLogitsWarper, the last warper
+            later = later[:-1]
         for w in later:
             scores = w(_NO_IDS, scores)
+        if typical_p < 1.0:
+            scores = warpers.typical(scores, typical_p)
         yield everyone, scores, None
         return
     # Temperature is monotonic, so the TopK survivors are the k largest raw scores: select them

@@ -1,5 +1,5 @@
-"""Sampling warpers shared by both samplers: top-p without sorting the vocabulary, and the device sampler's
-per-row TopP, MinP and Typical (HF's warpers with one setting per row, vectorised).
+"""Sampling warpers shared by both samplers: top-p and typical-p without sorting the vocabulary, and the
+device sampler's per-row TopP, MinP and Typical (HF's warpers with one setting per row, vectorised).
 
 Top-p is the setting OpenAI and TGI clients send (with a temperature, no top-k), and HF's
 ``TopPLogitsWarper`` sorts every row for it: ~1.9 ms a row of 49152 scores on a CPU core. HF keeps the
@@ -12,12 +12,13 @@ decision on a device, with no host sync: the rows it leaves go to the Triton bis
 Example::
 
     warped = nucleus(scores / temperature, top_p=0.9)      # == TopPLogitsWarper(0.9)(ids, scores / t)
+    warped = typical(scores, 0.9)                          # == TypicalLogitsWarper(0.9)(ids, scores)
     warped = top_p_rows(scores_on_gpu, [0.9, 0.95], kernel=True)
 """
 from __future__ import annotations
 
 import torch
-from transformers.generation.logits_process import TopPLogitsWarper
+from transformers.generation.logits_process import TopPLogitsWarper, TypicalLogitsWarper
 
 from ..kv.metadata import to_device
 
@@ -39,6 +40,12 @@ NUCLEUS_BINS, NUCLEUS_SPAN, NUCLEUS_MAX_BIN = 1024, 32.0, 4096
 # not every row: a row whose tail is one score repeated ~150K times puts HF's fp32 normaliser off by ~1e-4
 # (each add rounds the same way), and its nucleus may then differ from HF's by a token at the boundary.
 NUCLEUS_REL_ERROR, NUCLEUS_OWN_ERROR = 1.5e-10, 3e-7
+# Typical: HF compares its cumulative probabilities in typical order with the mass, and its softmax sums a
+# row in that order, large probabilities mid-row, so small ones are lost: its sums come out too large by up
+# to 3.6e-10 relative per token of the row (1.4e-5 at 49152 tokens, 5.4e-5 at 151936, on Gaussian and Gumbel
+# rows; 1.65e-5 on the default model's logits at temperature 1), too small by 1.2e-7 at most. The margin
+# on that side is ~4x that, relative to the mass; on the other, the top-p one.
+TYPICAL_REL_ERROR = 1.5e-9
 
 
 def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -152,6 +159,103 @@ def _mask_rows(out: torch.Tensor, scores: torch.Tensor, todo: torch.Tensor, ok: 
     if len(done):
         rows = scores.index_select(0, done)
         out[done] = rows.masked_fill_(rows < last[ok], -float("inf"))
+    return todo[~ok]
+
+
+def typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
+    """``TypicalLogitsWarper(mass)(ids, scores)`` on ``[G, V]`` float scores, out of place, the same tensor,
+    without sorting every row (the decision of :func:`nucleus`, on HF's typical order).
+
+    HF orders a row by each token's distance from the row's entropy, ``|-log p - H|`` (the ``shifted``
+    values, computed here with HF's own ops, so bit for bit its values), finds ``J``, the first position
+    where the cumulative probability reaches ``mass``, and removes every token whose distance is greater
+    than the ``J``-th's. A row is decided by the tokens that share that distance (a tie group needs no sort
+    order): the mass before the group and through it must be farther from ``mass`` than HF's rounding (see
+    NUCLEUS_REL_ERROR). They are looked for among the ``NUCLEUS_CANDIDATES + 1`` nearest tokens, then in
+    distance bins; other rows (a boundary within the margin, a crowded bin, non-finite scores) go through
+    HF's warper."""
+    if not NUCLEUS_CANDIDATES or scores.dtype not in (torch.float32, torch.float64):
+        return TypicalLogitsWarper(mass)(_NO_IDS, scores)
+    g, vocab = scores.shape
+    margin = (mass * max(2e-6, TYPICAL_REL_ERROR * vocab) + NUCLEUS_OWN_ERROR, mass * 2e-6 + NUCLEUS_OWN_ERROR)
+    normalized = torch.nn.functional.log_softmax(scores, dim=-1)  # HF's shifted values, with HF's ops
+    ent = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
+    shifted = torch.abs((-normalized) - ent)
+    _, rel, z, lse = _normaliser(scores)
+    finite = torch.isfinite(lse).view(-1)  # then a token's distance is finite, or +inf for a -inf score
+    out = torch.empty_like(scores)
+    todo = finite.nonzero().view(-1)
+    if len(todo) and vocab > 1:
+        sub = shifted.index_select(0, todo) if len(todo) < g else shifted
+        near = min(NUCLEUS_CANDIDATES + 1, vocab)
+        neg, idx = torch.topk(sub.neg(), near, dim=-1)  # the nearest tokens, ascending distance
+        probs = torch.exp(scores.index_select(0, todo).gather(1, idx).double() - lse[todo])
+        ok, thr = _typical_cut(neg.neg(), probs, torch.zeros_like(lse[todo]), mass, near, margin)
+        todo = _mask_far(out, scores, shifted, todo, ok, thr)
+    if len(todo) and vocab > 1:
+        ok, thr = _typical_by_bins(shifted.index_select(0, todo), rel[todo].double() / z[todo], mass, margin)
+        todo = _mask_far(out, scores, shifted, todo, ok, thr)
+    if not bool(finite.all()):  # NaN or all -inf rows
+        todo = torch.cat([todo, (~finite).nonzero().view(-1)])
+    if len(todo):
+        out[todo] = TypicalLogitsWarper(mass)(_NO_IDS, scores.index_select(0, todo))
+    return out
+
+
+def _typical_cut(dist: torch.Tensor, probs: torch.Tensor, base: torch.Tensor, mass: float, count: torch.Tensor | int,
+                 margin: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where a typical set ends among ``dist`` ``[R, C]`` (ascending distances, the first ``count`` real;
+    ``probs`` their float64 probabilities, ``base`` the mass of the tokens nearer than all of them):
+    ``(decided [R], largest kept distance [R, 1])``. Tokens of the threshold's distance that are not
+    listed (topk cut a tie) only add to the mass through it, so the decision holds for them too."""
+    cols = torch.arange(dist.shape[1], device=dist.device).view(1, -1)
+    if isinstance(count, torch.Tensor):
+        count = count.view(-1, 1)
+    real = cols < count
+    probs = probs * real
+    cum = base + probs.cumsum(dim=-1)
+    at = ((cum < mass) & real).sum(dim=-1, keepdim=True)  # HF's J: the first listed token reaching mass
+    found = at < count
+    thr = dist.gather(1, at.clamp(max=dist.shape[1] - 1))
+    before = base + (probs * (dist < thr)).sum(dim=-1, keepdim=True)  # the mass nearer than J's tie group
+    through = base + (probs * (dist <= thr)).sum(dim=-1, keepdim=True)  # ... and with it
+    ok = found & torch.isfinite(thr) & (before <= mass - margin[0]) & (through >= mass + margin[1])
+    return ok.view(-1), thr
+
+
+def _typical_by_bins(dist: torch.Tensor, prob: torch.Tensor, mass: float,
+                     margin: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`_typical_cut` for rows whose set is wider than the candidates: bin every token by its
+    distance (a monotone map, so a tie group stays in one bin), find the bin where the mass passes
+    ``mass`` and order only its tokens."""
+    r, vocab = dist.shape
+    nb = NUCLEUS_BINS
+    fin = torch.isfinite(dist)  # +inf: a -inf score, no mass
+    low = dist.amin(dim=-1, keepdim=True)
+    span = (dist.masked_fill(~fin, 0.0).amax(dim=-1, keepdim=True) - low).clamp_(min=1e-6, max=NUCLEUS_SPAN)
+    bins = (dist - low).mul_((nb - 1) / span).clamp_(max=nb - 1).long()
+    per_bin = torch.zeros(r, nb, dtype=torch.float64, device=dist.device).scatter_add_(1, bins, prob)
+    cum = per_bin.cumsum(dim=-1)
+    crossing = (cum < mass).sum(dim=-1, keepdim=True).clamp_(max=nb - 1)
+    base = torch.where(crossing > 0, cum.gather(1, (crossing - 1).clamp(min=0)), torch.zeros_like(cum[:, :1]))
+    inside = (bins == crossing) & fin
+    count = inside.sum(dim=-1)
+    crowded = count > NUCLEUS_MAX_BIN  # those rows are left to the sort
+    count = count.masked_fill(crowded, 0)
+    width = int(count.max())
+    if width == 0:
+        return torch.zeros(r, dtype=torch.bool, device=dist.device), low
+    neg, idx = torch.topk(dist.neg().masked_fill_(~(inside & ~crowded.view(-1, 1)), -float("inf")), width, dim=-1)
+    ok, thr = _typical_cut(neg.neg(), prob.gather(1, idx), base, mass, count, margin)
+    return ok & (count > 0), thr
+
+
+def _mask_far(out: torch.Tensor, scores: torch.Tensor, dist: torch.Tensor, todo: torch.Tensor, ok: torch.Tensor,
+              thr: torch.Tensor) -> torch.Tensor:
+    """Write the decided typical rows (every token farther than the row's threshold removed); the rows open."""
+    done = todo[ok]
+    if len(done):
+        out[done] = scores.index_select(0, done).masked_fill_(dist.index_select(0, done) > thr[ok], -float("inf"))
     return todo[~ok]
 
 
