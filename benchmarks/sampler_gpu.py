@@ -73,13 +73,13 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.pop("HF_PAGED_FUSED_DRAW", None)
     name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     print(f"device sampler, {args.rows} rows x {args.vocab} (ms per call, median of {args.reps}; rounds; "
-          f"kernels stayed on: {device_sampler._fused_ok}) on {name}")
+          f"kernels stayed on: {device_sampler.kernels_ok()}) on {name}")
     for k, v in times.items():
         print(f"  {k:32s} median {statistics.median(v):7.3f}  min {min(v):7.3f}  rounds {[round(x, 3) for x in v]}")
     if args.out:
         with open(args.out, "w") as f:
             json.dump({"device": name, "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "vocab": args.vocab,
-                       "kernels_ok": device_sampler._fused_ok, "ms": times}, f, indent=1)
+                       "kernels_ok": device_sampler.kernels_ok(), "ms": times}, f, indent=1)
     return 0
 
 

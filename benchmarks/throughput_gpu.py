@@ -269,7 +269,7 @@ def run_hf_paged(model, args, work, side, deadline, res, notes, eager: bool) -> 
         from hf_paged.engine import device_sampler
 
         notes.append(f"Triton sampling kernels (tied top-k draw, top-p threshold): "
-                     f"{'on' if device_sampler._fused_ok else 'off (failed, see log)'}")
+                     f"{'on' if device_sampler.kernels_ok() else 'off (failed, see log)'}")
         if not eager and DEVICE == "cuda" and (graphs is None or not graphs.captured or not graphs.replays):
             res["error"] = "CUDA graphs were not captured or never replayed: these are eager figures (see the log)"
         pipe.close()

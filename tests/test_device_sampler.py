@@ -124,7 +124,7 @@ def test_fused_topk_draw_same_tokens_as_host_sampler(monkeypatch, vocab):
     logits = _tie_heavy(40, vocab, seed=4)
     specs = _topk_specs(40)
     host, dev = both(logits, specs)
-    assert ds._fused_ok and tied_rows and 0 < tied_rows[0] < 40
+    assert ds.kernels_ok() and tied_rows and 0 < tied_rows[0] < 40
     assert_same(host, dev, specs)
     # A row that asks for logprobs (or a top-p row) takes the full-width torch path: same tokens too.
     specs[5] = (params(do_sample=True, top_k=5, logprobs=True), [5], 0, 99)
@@ -320,7 +320,7 @@ def test_cuda_fused_topk_draw_equals_the_torch_draw(monkeypatch):
     logits = (torch.randn(256, 128256, generator=g) * 3).bfloat16().float().cuda()
     specs = [(params(do_sample=True, temperature=0.6), [1, 2, 3], 0, i) for i in range(256)]
     fused, plain = _cuda_tokens(monkeypatch, logits, specs, "1"), _cuda_tokens(monkeypatch, logits, specs, "0")
-    assert ds._fused_ok
+    assert ds.kernels_ok()
     assert sum(a == b for a, b in zip(fused, plain)) >= 254
 
 
@@ -383,8 +383,37 @@ def test_top_p_threshold_kernel_same_tokens_as_host_sampler(monkeypatch):
     logits = _peaked_and_flat(10, 3001, seed=2)
     specs = _top_p_specs(10)
     host, dev = both(logits, specs)
-    assert ds._fused_ok and bisected and 0 < sum(bisected) < 10  # some rows bisected, the peaked ones not
+    assert ds.kernels_ok() and bisected and 0 < sum(bisected) < 10  # some rows bisected, the peaked ones not
     assert_same(host, dev, specs)
+
+
+@pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
+def test_a_failing_kernel_turns_off_alone(monkeypatch):
+    """A sampling kernel that fails to launch turns itself off, alone: the step gives the same tokens
+    through the torch path, and the other kernel stays on."""
+    import hf_paged.engine.device_sampler as ds
+    from hf_paged.kernels import sampling
+
+    monkeypatch.setitem(ds._kernel_ok, "top_p", True)
+    monkeypatch.setitem(ds._kernel_ok, "tied_draw", True)
+
+    def broken(*a):
+        raise RuntimeError("no kernel here")
+
+    monkeypatch.setattr(sampling, "nucleus_threshold", broken)
+    monkeypatch.setenv("HF_PAGED_FUSED_DRAW", "1")
+    logits = _peaked_and_flat(10, 3001, seed=2)
+    specs = _top_p_specs(10)
+    host, dev = both(logits, specs)
+    assert_same(host, dev, specs)
+    assert ds._kernel_ok == {"top_p": False, "tied_draw": True} and not ds.kernels_ok()
+    tied_rows = []
+    real = sampling.tied_draw
+    monkeypatch.setattr(sampling, "tied_draw", lambda *a: tied_rows.append(1) or real(*a))
+    logits, specs = _tie_heavy(12, 300, seed=4), _topk_specs(12)
+    host, dev = both(logits, specs)
+    assert_same(host, dev, specs)
+    assert tied_rows and ds._kernel_ok["tied_draw"]
 
 
 @pytest.mark.skipif(not INTERPRET, reason="runs the Triton kernel in its interpreter on CPU tensors")
@@ -474,7 +503,7 @@ def test_cuda_top_p_kernel_equals_the_sort(monkeypatch):
     logits = (torch.randn(256, 128256, generator=g) * scale + offset).bfloat16().float().cuda()
     specs = [(params(do_sample=True, top_k=0, temperature=0.8, top_p=0.9), [1, 2, 3], 0, i) for i in range(256)]
     kernel, sort = _cuda_tokens(monkeypatch, logits, specs, "1"), _cuda_tokens(monkeypatch, logits, specs, "0")
-    assert ds._fused_ok
+    assert ds.kernels_ok()
     assert sum(a == b for a, b in zip(kernel, sort)) >= 250
     # The nuclei themselves. HF's fp32 softmax and cumsum put a flat row's boundary a token off now and then
     # (on CPU, 4 of 16 bf16 rows of 128256 where the kernel matched a float64 count on all 16): counts

@@ -215,9 +215,14 @@ def _candidates(scores: torch.Tensor, ks: list[int], temps: torch.Tensor | None 
 
 
 # The Triton kernels (kernels/sampling.py: the draw of tied top-k rows, the top-p threshold of flat rows): on
-# CUDA unless HF_PAGED_FUSED_DRAW=0; =1 also on CPU tensors (in Triton's interpreter: tests). Turned off for
-# the process if a launch fails.
-_fused_ok = True
+# CUDA unless HF_PAGED_FUSED_DRAW=0; =1 also on CPU tensors (in Triton's interpreter: tests). Each is turned
+# off for the process, alone, if a launch of it fails.
+_kernel_ok = {"tied_draw": True, "top_p": True}
+
+
+def kernels_ok() -> bool:
+    """Whether every sampling kernel is still on (none has failed in this process)."""
+    return all(_kernel_ok.values())
 
 
 def _kernels_on(scores: torch.Tensor) -> bool:
@@ -228,7 +233,7 @@ def _kernels_on(scores: torch.Tensor) -> bool:
 
 def _fused_applies(scores: torch.Tensor, rows: list[SamplingRow]) -> bool:
     """Every row a plain top-k row (temperature at most): no later warper, no logprobs."""
-    if not _fused_ok or not _kernels_on(scores):
+    if not _kernel_ok["tied_draw"] or not _kernels_on(scores):
         return False
     vocab = scores.shape[1]
     for r in rows:
@@ -243,20 +248,19 @@ def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     ``k`` candidates come from the raw scores (temperature is monotonic, and scaling a candidate gives the
     value scaling its row would), each row draws over them, and only the rows whose k-th score ties are
     drawn again over their whole row, by the Triton kernel."""
-    global _fused_ok
     dev = scores.device
     temps = _column([r.params.temperature for r in rows], dev)
     u = _uniforms(rows, dev)
     vals, ids, kth, tied = _candidates(scores, [r.params.top_k for r in rows], temps)
     from_cand = ids.gather(1, _draw(vals, u).view(-1, 1)).view(-1)
     full = None
-    if _fused_ok:
+    if _kernel_ok["tied_draw"]:
         try:
             from ..kernels.sampling import tied_draw
 
             full = tied_draw(scores, temps, kth, vals[:, 0], tied, u)
         except Exception:  # noqa: BLE001 - a kernel that fails to compile or launch: the torch draw from now on
-            _fused_ok = False
+            _kernel_ok["tied_draw"] = False
             logger.warning("hf_paged: the Triton top-k draw failed; sampling uses the torch draw", exc_info=True)
     if full is None:  # the full-width draw of _sample_rows, same uniforms
         scaled = scores / temps
@@ -293,12 +297,11 @@ def _on_rows(scores: torch.Tensor, which: list[int], fn) -> torch.Tensor:
 def _top_p(scores: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     """TopPLogitsWarper with a per-row ``top_p`` (:func:`~hf_paged.engine.warpers.top_p_rows`), the Triton
     threshold for the rows it cannot decide while the kernels are on."""
-    global _fused_ok
-    if _fused_ok and _kernels_on(scores):
+    if _kernel_ok["top_p"] and _kernels_on(scores):
         try:
             return warpers.top_p_rows(scores, top_ps, kernel=True)
         except Exception:  # noqa: BLE001 - as in _topk_draw_fused: the torch path from now on
-            _fused_ok = False
+            _kernel_ok["top_p"] = False
             logger.warning("hf_paged: the Triton top-p threshold failed; top-p sorts every row", exc_info=True)
     return warpers.top_p_rows(scores, top_ps, kernel=False)
 
