@@ -60,24 +60,32 @@ class Pair:
         self.mod, self.name = warpers, ("TopPLogitsWarper" if warper == "top_p" else "TypicalLogitsWarper")
         self.hf_cls = getattr(lp, self.name)
         self.ours = warpers.nucleus if warper == "top_p" else warpers.typical
+        # what ours calls for the rows it leaves to HF's sort: HF's TopP warper, or typical's HF tail
+        self.hook = "TopPLogitsWarper" if warper == "top_p" else "_typical_sorted"
+        self.real = getattr(warpers, self.hook)
         self.fell = 0
         pair = self
-
-        class Counting(self.hf_cls):
-            def __call__(self, input_ids, scores):
-                pair.fell += scores.shape[0]
-                return super().__call__(input_ids, scores)
-        self.counting = Counting
+        if self.hook == "_typical_sorted":
+            def counting(rows, *a):
+                pair.fell += rows.shape[0]
+                return pair.real(rows, *a)
+        else:
+            class Counting(self.real):
+                def __call__(self, input_ids, scores):
+                    pair.fell += scores.shape[0]
+                    return super().__call__(input_ids, scores)
+            counting = Counting
+        self.counting = counting
 
     def hf(self, x: torch.Tensor, p: float) -> torch.Tensor:
         return self.hf_cls(p)(torch.empty(1, 0, dtype=torch.long), x)
 
     def new(self, x: torch.Tensor, p: float, count: bool = False) -> torch.Tensor:
-        setattr(self.mod, self.name, self.counting if count else self.hf_cls)
+        setattr(self.mod, self.hook, self.counting if count else self.real)
         try:
             return self.ours(x, p)
         finally:
-            setattr(self.mod, self.name, self.hf_cls)
+            setattr(self.mod, self.hook, self.real)
 
 
 def stress(pair: Pair, batches: int) -> tuple[int, int, int]:

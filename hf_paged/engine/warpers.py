@@ -41,10 +41,12 @@ NUCLEUS_BINS, NUCLEUS_SPAN, NUCLEUS_MAX_BIN = 1024, 32.0, 4096
 # (each add rounds the same way), and its nucleus may then differ from HF's by a token at the boundary.
 NUCLEUS_REL_ERROR, NUCLEUS_OWN_ERROR = 1.5e-10, 3e-7
 # Typical: HF compares its cumulative probabilities in typical order with the mass, and its softmax sums a
-# row in that order, large probabilities mid-row, so small ones are lost: its sums come out too large by up
-# to 3.6e-10 relative per token of the row (1.4e-5 at 49152 tokens, 5.4e-5 at 151936, on Gaussian and Gumbel
-# rows; 1.65e-5 on the default model's logits at temperature 1), too small by 1.2e-7 at most. The margin
-# on that side is ~4x that, relative to the mass; on the other, the top-p one.
+# row in that order, large probabilities mid-row, so many small ones are added to large lane sums. Its
+# sums were off by up to 3.6e-10 relative per finite token of the row (1.4e-5 at 49152 tokens, 5.4e-5 at
+# 151936, on Gaussian and Gumbel rows; 1.65e-5 on the default model's logits at temperature 1; 1.3e-5 on
+# bf16-rounded rows of 151936, whose tie groups round alike): the margin is ~4x that, relative to the mass,
+# on both sides. A -inf token adds an exact 0, so only finite tokens count. This bounds what was measured,
+# not every row: two large scores and one score repeated ~150K times put HF's normaliser off by ~5e-4.
 TYPICAL_REL_ERROR = 1.5e-9
 
 
@@ -171,17 +173,18 @@ def typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
     where the cumulative probability reaches ``mass``, and removes every token whose distance is greater
     than the ``J``-th's. A row is decided by the tokens that share that distance (a tie group needs no sort
     order): the mass before the group and through it must be farther from ``mass`` than HF's rounding (see
-    NUCLEUS_REL_ERROR). They are looked for among the ``NUCLEUS_CANDIDATES + 1`` nearest tokens, then in
-    distance bins; other rows (a boundary within the margin, a crowded bin, non-finite scores) go through
-    HF's warper."""
+    TYPICAL_REL_ERROR). They are looked for among the ``NUCLEUS_CANDIDATES + 1`` nearest tokens, then in
+    distance bins; other rows (a boundary within the margin, a crowded bin, non-finite scores) take HF's
+    sort, from the distances of the whole batch (HF's entropy of one row alone may differ by an ulp: its
+    sum is split between threads)."""
+    hf = TypicalLogitsWarper(mass)  # (checks the mass)
     if not NUCLEUS_CANDIDATES or scores.dtype not in (torch.float32, torch.float64):
-        return TypicalLogitsWarper(mass)(_NO_IDS, scores)
+        return hf(_NO_IDS, scores)
     g, vocab = scores.shape
-    margin = (mass * max(2e-6, TYPICAL_REL_ERROR * vocab) + NUCLEUS_OWN_ERROR, mass * 2e-6 + NUCLEUS_OWN_ERROR)
-    normalized = torch.nn.functional.log_softmax(scores, dim=-1)  # HF's shifted values, with HF's ops
-    ent = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
-    shifted = torch.abs((-normalized) - ent)
+    shifted = _typical_distances(scores)
     _, rel, z, lse = _normaliser(scores)
+    tokens = torch.isfinite(scores).sum(dim=-1, keepdim=True, dtype=torch.float64)
+    margin = mass * (tokens * TYPICAL_REL_ERROR).clamp_(min=2e-6) + NUCLEUS_OWN_ERROR
     finite = torch.isfinite(lse).view(-1)  # then a token's distance is finite, or +inf for a -inf score
     out = torch.empty_like(scores)
     todo = finite.nonzero().view(-1)
@@ -190,20 +193,20 @@ def typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
         near = min(NUCLEUS_CANDIDATES + 1, vocab)
         neg, idx = torch.topk(sub.neg(), near, dim=-1)  # the nearest tokens, ascending distance
         probs = torch.exp(scores.index_select(0, todo).gather(1, idx).double() - lse[todo])
-        ok, thr = _typical_cut(neg.neg(), probs, torch.zeros_like(lse[todo]), mass, near, margin)
+        ok, thr = _typical_cut(neg.neg(), probs, torch.zeros_like(lse[todo]), mass, near, margin[todo])
         todo = _mask_far(out, scores, shifted, todo, ok, thr)
     if len(todo) and vocab > 1:
-        ok, thr = _typical_by_bins(shifted.index_select(0, todo), rel[todo].double() / z[todo], mass, margin)
+        ok, thr = _typical_by_bins(shifted.index_select(0, todo), rel[todo].double() / z[todo], mass, margin[todo])
         todo = _mask_far(out, scores, shifted, todo, ok, thr)
     if not bool(finite.all()):  # NaN or all -inf rows
         todo = torch.cat([todo, (~finite).nonzero().view(-1)])
     if len(todo):
-        out[todo] = TypicalLogitsWarper(mass)(_NO_IDS, scores.index_select(0, todo))
+        out[todo] = _typical_sorted(scores.index_select(0, todo), shifted.index_select(0, todo), mass)
     return out
 
 
 def _typical_cut(dist: torch.Tensor, probs: torch.Tensor, base: torch.Tensor, mass: float, count: torch.Tensor | int,
-                 margin: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+                 margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Where a typical set ends among ``dist`` ``[R, C]`` (ascending distances, the first ``count`` real;
     ``probs`` their float64 probabilities, ``base`` the mass of the tokens nearer than all of them):
     ``(decided [R], largest kept distance [R, 1])``. Tokens of the threshold's distance that are not
@@ -219,12 +222,12 @@ def _typical_cut(dist: torch.Tensor, probs: torch.Tensor, base: torch.Tensor, ma
     thr = dist.gather(1, at.clamp(max=dist.shape[1] - 1))
     before = base + (probs * (dist < thr)).sum(dim=-1, keepdim=True)  # the mass nearer than J's tie group
     through = base + (probs * (dist <= thr)).sum(dim=-1, keepdim=True)  # ... and with it
-    ok = found & torch.isfinite(thr) & (before <= mass - margin[0]) & (through >= mass + margin[1])
+    ok = found & torch.isfinite(thr) & (before <= mass - margin) & (through >= mass + margin)
     return ok.view(-1), thr
 
 
 def _typical_by_bins(dist: torch.Tensor, prob: torch.Tensor, mass: float,
-                     margin: tuple[float, float]) -> tuple[torch.Tensor, torch.Tensor]:
+                     margin: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """:func:`_typical_cut` for rows whose set is wider than the candidates: bin every token by its
     distance (a monotone map, so a tie group stays in one bin), find the bin where the mass passes
     ``mass`` and order only its tokens."""
@@ -318,11 +321,19 @@ def min_p_rows(scores: torch.Tensor, min_p: torch.Tensor) -> torch.Tensor:
 
 
 def typical_rows(scores: torch.Tensor, mass: torch.Tensor) -> torch.Tensor:
-    """TypicalLogitsWarper with a per-row mass."""
+    """TypicalLogitsWarper with a per-row mass (a column; or one float)."""
+    return _typical_sorted(scores, _typical_distances(scores), mass)
+
+
+def _typical_distances(scores: torch.Tensor) -> torch.Tensor:
+    """HF's typical order key, with HF's ops (so its values bit for bit): each token's ``|-log p - H|``."""
     normalized = torch.nn.functional.log_softmax(scores, dim=-1)
-    p = torch.exp(normalized)
-    ent = -(normalized * p).nansum(-1, keepdim=True)
-    shifted = torch.abs((-normalized) - ent)
+    ent = -(normalized * torch.exp(normalized)).nansum(-1, keepdim=True)
+    return torch.abs((-normalized) - ent)
+
+
+def _typical_sorted(scores: torch.Tensor, shifted: torch.Tensor, mass: torch.Tensor | float) -> torch.Tensor:
+    """The rest of HF's TypicalLogitsWarper, from its distances ``shifted``: a sort of every row."""
     sorted_scores, sorted_idx = torch.sort(shifted, descending=False)
     cum = scores.gather(-1, sorted_idx).softmax(dim=-1).cumsum(dim=-1)
     last = (cum < mass).sum(dim=1).clamp_(max=sorted_scores.shape[-1] - 1)
