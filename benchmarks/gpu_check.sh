@@ -7,9 +7,9 @@
 # repository root with PYTHONPATH=. so hf_paged needs no install. Every stage logs to its own file in
 # RESULTS_DIR and the next stage runs even when one fails; stage exit codes go to status.txt.
 # Time: the default stages share TOTAL_S (460) seconds of wall clock from the script's start. Each stage
-# is capped at its own limit and at what is left; the throughput stage, last, gets all that is left (at
-# least ~90 s, more when the stages before it end early), so the whole run ends inside an 8-minute
-# device command. FULL=1 adds the older kernel / end-to-end stages (run them in a second command, with
+# is capped at its own limit and at what is left; the throughput stage gets all that is left (~70-100 s
+# when every stage before it runs to its cap, more when they end early), and the sampler stage only what
+# the throughput stage leaves, so the whole run ends inside an 8-minute device command. FULL=1 adds the older kernel / end-to-end stages (run them in a second command, with
 # TOTAL_S raised). DRY_RUN=1 runs every stage on CPU (tests skip their CUDA cases, benchmarks take their
 # --cpu-dry-run path): check it before a run.
 # PACK=FILE.tgz: after every stage, RESULTS_DIR (less the Chrome traces) is packed into FILE.tgz and the

@@ -49,21 +49,44 @@ def profile(model, tok, args, eager: bool, out: Path, device: str) -> str:
         total = args.steps + 16
         reqs = [pipe.submit(p, max_new_tokens=total, do_sample=True, temperature=0.6, ignore_eos=True)
                 for p in prompts]
+        deadline = time.monotonic() + args.warmup_s
         while pipe.stats().tokens_generated < seqs * 8:  # prefill done, a few decode steps run
+            if any(r.done for r in reqs) or time.monotonic() > deadline:  # failed (raises below) or too slow
+                break
             time.sleep(0.001)
+        if any(r.done for r in reqs):
+            for r in reqs:
+                r.result(timeout=1)  # a request that failed raises its error here
         activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+        # By default the profiler records the host ops of its own thread only; the steps run on the engine's.
+        try:
+            from torch._C._profiler import _ExperimentalConfig
+
+            every_thread, host_note = _ExperimentalConfig(profile_all_threads=True), ""
+        except (ImportError, TypeError):
+            every_thread, host_note = None, " (this torch cannot record the engine thread's host ops)"
+        prof = torch_profile(activities=activities, record_shapes=False, experimental_config=every_thread)
+        prof.start()
         start_steps = pipe.stats().steps
-        with torch_profile(activities=activities, record_shapes=False) as prof:
+        try:
             while pipe.stats().steps < start_steps + args.steps and not all(r.done for r in reqs):
-                time.sleep(0.0005)
-        for r in reqs:
-            r.result(timeout=600)
+                time.sleep(0.002)
+        finally:
+            prof.stop()
         steps = pipe.stats().steps - start_steps
+        graphs = pipe.engine.runner.graphs
+        state = ("none (eager)" if graphs is None else
+                 f"captured={graphs.captured}, {graphs.replays} replays by bucket {graphs.replays_by_bucket}")
+        for r in reqs:
+            r.cancel()  # the profile is taken; the rest of the decode is not needed
+        for r in reqs:
+            r.result(timeout=60)  # (raises a request's error, if one failed)
     finally:
         pipe.close()
         hf_paged.unwrap(model)
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    text = (f"{mode}: {steps} engine steps of {seqs} decoding sequences profiled\n\n"
+    text = (f"{mode}: {steps} engine steps of {seqs} decoding sequences profiled; decode graphs: {state}"
+            f"{host_note}\n\n"
             + prof.key_averages().table(sort_by=sort, row_limit=25)
             + "\n\nHost side, by CPU time:\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=20))
     (out / f"profile_{mode}.txt").write_text(text)
@@ -77,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=20)
     ap.add_argument("--eager", action="store_true", help="also profile enforce_eager=True")
     ap.add_argument("--kv-memory", default="16GiB")
+    ap.add_argument("--warmup-s", type=float, default=30.0, help="the most to wait for the prefill before profiling")
     ap.add_argument("--cpu-dry-run", action="store_true", help="tiny fp32 model on CPU: checks the plumbing only")
     args = ap.parse_args(argv)
     device = "cpu" if args.cpu_dry_run else "cuda"

@@ -5,8 +5,10 @@ benchmark's setting), top-p 0.9 without top_k (what OpenAI clients send) and bot
     python benchmarks/sampler_gpu.py [--rows 256] [--vocab 128256] [--rounds 3] [--out FILE.json] [--cpu-dry-run]
 
 Logits are random, rounded to bf16 (ties, as a bf16 model's have), from peaked to flat rows. Each call is
-``DeviceSampler.sample`` (one copy back, so it waits for the device); rounds interleave the settings and
-report the median of ``--reps`` calls each.
+``DeviceSampler.sample`` (one copy back, so it waits for the device) on rows built once per setting,
+unseeded as the throughput benchmark's are (so the timing is the sampler's, not the set-up of 256
+requests); rounds interleave the settings and report the median of ``--reps`` calls each. The JSON is
+rewritten after every round, so a stage cut short keeps the rounds that finished.
 """
 from __future__ import annotations
 
@@ -50,36 +52,39 @@ def main(argv: list[str] | None = None) -> int:
     runs = [(name, flag) for name in settings for flag in ("1", "0") if not (name == "greedy" and flag == "0")]
     times: dict[str, list[float]] = {f"{n} kernels={'on' if f == '1' else 'off'}": [] for n, f in runs}
     sampler = DeviceSampler(args.vocab)
+    rows = {name: [SamplingRow(SamplingParams(max_new_tokens=8, **kw), [1, 2, 3], 0, None) for _ in range(args.rows)]
+            for name, kw in settings.items()}
+    device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
 
-    def call(kw: dict) -> None:
-        rows = [SamplingRow(SamplingParams(max_new_tokens=8, **kw), [1, 2, 3], 0, torch.Generator().manual_seed(i))
-                for i in range(args.rows)]
-        sampler.sample(logits.clone(), rows)
+    def write() -> None:
+        if args.out:
+            with open(args.out + ".tmp", "w") as f:
+                json.dump({"device": device_name, "date": time.strftime("%Y-%m-%d"), "rows": args.rows,
+                           "vocab": args.vocab, "kernels_ok": device_sampler.kernels_ok(), "ms": times}, f, indent=1)
+            os.replace(args.out + ".tmp", args.out)
 
     for name, flag in runs:  # warm-up: Triton compiles here
         os.environ["HF_PAGED_FUSED_DRAW"] = flag
-        call(settings[name])
+        sampler.sample(logits.clone(), rows[name])
     for r in range(args.rounds):
         for name, flag in (runs if r % 2 == 0 else runs[::-1]):
             os.environ["HF_PAGED_FUSED_DRAW"] = flag
             ts = []
             for _ in range(args.reps):
+                scores = logits.clone()
                 if device == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                call(settings[name])
+                sampler.sample(scores, rows[name])
                 ts.append(time.perf_counter() - t)
             times[f"{name} kernels={'on' if flag == '1' else 'off'}"].append(statistics.median(ts) * 1e3)
+        write()
     os.environ.pop("HF_PAGED_FUSED_DRAW", None)
-    name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
     print(f"device sampler, {args.rows} rows x {args.vocab} (ms per call, median of {args.reps}; rounds; "
-          f"kernels stayed on: {device_sampler.kernels_ok()}) on {name}")
+          f"kernels stayed on: {device_sampler.kernels_ok()}) on {device_name}")
     for k, v in times.items():
         print(f"  {k:32s} median {statistics.median(v):7.3f}  min {min(v):7.3f}  rounds {[round(x, 3) for x in v]}")
-    if args.out:
-        with open(args.out, "w") as f:
-            json.dump({"device": name, "date": time.strftime("%Y-%m-%d"), "rows": args.rows, "vocab": args.vocab,
-                       "kernels_ok": device_sampler.kernels_ok(), "ms": times}, f, indent=1)
+    write()
     return 0
 
 
