@@ -28,6 +28,9 @@
 #   5. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)            -> kernels.{log,json}
 #   6. benchmarks/e2e_gpu.py (random ~1B Llama, generate, plain vs wrapped)            -> e2e.{log,json}
 #   7. benchmarks/pipeline_gpu.py (same model, 256 requests; needs TOKENIZER_DIR)      -> pipeline.{log,json}
+# STAGES=a,b: only those stages (names as in status.txt), e.g. for the second command of a session, after a
+# first run that passed: STAGES=throughput TOTAL_S=280 THROUGHPUT_ARGS="--systems hf_paged_eager,generate_batch,
+# hf_static" gives the systems the first run's budget did not reach their own run.
 set -u
 set -x
 
@@ -62,6 +65,9 @@ left() {  # seconds of TOTAL_S still left, less a reserve for packing
 stage() {  # stage NAME SECONDS COMMAND... : run with a time limit (capped at what is left), log, record the exit code
     local name="$1" limit="$2"
     shift 2
+    if [ -n "${STAGES:-}" ] && [[ ",$STAGES," != *",$name,"* ]]; then
+        return
+    fi
     local avail
     avail=$(left)
     [ "$avail" -lt "$limit" ] && limit=$avail
@@ -110,7 +116,7 @@ stage profile 60 "$PY" benchmarks/profile_gpu.py "${DRY[@]}" --eager --steps 10 
 T_LIMIT=$(left)
 [ "${FULL:-0}" = 1 ] && [ "$T_LIMIT" -gt 155 ] && T_LIMIT=155  # leave time for the FULL stages
 stage throughput "$T_LIMIT" "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
-    --budget-s $((T_LIMIT - 25))
+    --budget-s $((T_LIMIT - 25)) ${THROUGHPUT_ARGS:-}
 # The device sampler by sampling setting, kernels on and off: only in what the throughput stage leaves.
 stage sampler 20 "$PY" benchmarks/sampler_gpu.py "${DRY[@]}" --out "$RESULTS/sampler.json"
 if [ "${FULL:-0}" = 1 ]; then
