@@ -66,7 +66,12 @@ def profile(model, tok, args, eager: bool, out: Path, device: str) -> str:
         except (ImportError, TypeError):
             every_thread, host_note = None, " (this torch cannot record the engine thread's host ops)"
         prof = torch_profile(activities=activities, record_shapes=False, experimental_config=every_thread)
-        prof.start()
+        try:
+            prof.start()  # (torch's own distributed debug handler profiles the same way)
+        except Exception as exc:  # noqa: BLE001 - the experimental option refused: kernels and this thread only
+            host_note = f" (profile_all_threads failed: {type(exc).__name__}; no host ops of the engine thread)"
+            prof = torch_profile(activities=activities, record_shapes=False)
+            prof.start()
         start_steps = pipe.stats().steps
         try:
             while pipe.stats().steps < start_steps + args.steps and not all(r.done for r in reqs):
