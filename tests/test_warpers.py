@@ -100,23 +100,32 @@ def test_nucleus_leaves_the_boundary_cases_to_hf(monkeypatch):
     assert sorted_rows == [1, 1]
 
 
-def test_top_p_sampling_tokens_unchanged_by_nucleus(monkeypatch):
-    """Seeded top-p rows (no top_k, as OpenAI clients send) draw the same tokens with the nucleus on and off."""
+_SEEDED_KINDS = {
+    "top_p": [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95),
+              dict(temperature=1.3, top_p=0.5, min_p=0.05), dict(temperature=0.8, top_p=0.9, typical_p=0.9)],
+    "typical": [dict(temperature=0.7, typical_p=0.9), dict(temperature=1.0, typical_p=0.95),
+                dict(temperature=1.0, typical_p=0.2, min_p=0.05), dict(temperature=0.8, top_p=0.95, typical_p=0.5)],
+}
+
+
+@pytest.mark.parametrize("kind", sorted(_SEEDED_KINDS))
+def test_sampling_tokens_unchanged_without_the_sort(monkeypatch, kind):
+    """Seeded top-p and typical-p rows (no top_k, as OpenAI and TGI clients send; alone and with min-p or each
+    other) draw the same tokens with the new paths on and off."""
     import hf_paged.engine.warpers as warpers_mod
 
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(12, 5003, generator=g) * torch.tensor([0.5, 2.0, 6.0]).repeat(4).view(-1, 1)
-    kinds = [dict(temperature=0.7, top_p=0.9), dict(temperature=1.0, top_p=0.95),
-             dict(temperature=1.3, top_p=0.5, min_p=0.05), dict(temperature=0.8, top_p=0.9, typical_p=0.9)]
+    kinds = _SEEDED_KINDS[kind]
 
     def run() -> list[int]:
         rows = [SamplingRow(params(do_sample=True, top_k=0, seed=5, **kinds[i % 4]), [1, 2, 3], 0,
                             torch.Generator().manual_seed(100 + i)) for i in range(12)]
         return Sampler(5003).sample(logits, rows).tokens
 
-    with_nucleus = run()
+    new = run()
     monkeypatch.setattr(warpers_mod, "NUCLEUS_CANDIDATES", 0)
-    assert run() == with_nucleus
+    assert run() == new
 
 
 # ---------------------------------------------------------------------------------- typical-p without a sort
@@ -210,24 +219,6 @@ def test_typical_leaves_the_boundary_cases_to_hf(monkeypatch):
     _assert_same(typical(wide, 0.2), want)
     assert sorted_rows == [1]
 
-
-def test_typical_sampling_tokens_unchanged(monkeypatch):
-    """Seeded typical-p rows (alone and after top-p or min-p) draw the same tokens with the new path on and off."""
-    import hf_paged.engine.warpers as warpers_mod
-
-    g = torch.Generator().manual_seed(4)
-    logits = torch.randn(12, 5003, generator=g) * torch.tensor([0.5, 2.0, 6.0]).repeat(4).view(-1, 1)
-    kinds = [dict(temperature=0.7, typical_p=0.9), dict(temperature=1.0, typical_p=0.95),
-             dict(temperature=1.0, typical_p=0.2, min_p=0.05), dict(temperature=0.8, top_p=0.95, typical_p=0.5)]
-
-    def run() -> list[int]:
-        rows = [SamplingRow(params(do_sample=True, top_k=0, seed=5, **kinds[i % 4]), [1, 2, 3], 0,
-                            torch.Generator().manual_seed(200 + i)) for i in range(12)]
-        return Sampler(5003).sample(logits, rows).tokens
-
-    new = run()
-    monkeypatch.setattr(warpers_mod, "NUCLEUS_CANDIDATES", 0)
-    assert run() == new
 
 
 def test_typical_equals_hf_on_bf16_rounded_rows():
