@@ -6,7 +6,10 @@ detokenizing and emitting) is what the timers see. Each phase is timed by wrappi
 methods; the forward (``Runner.execute`` less the metadata tensors it builds) is reported apart and
 left out of the host total. ``--prompt-len`` sets the context (the block tables grow with it).
 
-    python benchmarks/host_overhead.py --seqs 256 --steps 50 [--prompt-len 1024] [--logprobs]
+    python benchmarks/host_overhead.py --seqs 256 --steps 50 [--prompt-len 1024] [--logprobs] [--penalties]
+
+``HF_PAGED_SAMPLER=device`` times the device sampler (on CPU tensors here: its tensor work is then host
+work too, which on CUDA it is not).
 """
 from __future__ import annotations
 
@@ -30,6 +33,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0: one short chat prompt)")
     ap.add_argument("--logprobs", action="store_true", help="every request asks for its tokens' logprobs (as TGI's "
                     "/generate_stream always does)")
+    ap.add_argument("--penalties", action="store_true", help="every request sets repetition_penalty 1.1 and "
+                    "frequency_penalty 0.2 (what many clients send)")
     args = ap.parse_args()
 
     from served import tiny_chat_pipeline
@@ -78,7 +83,9 @@ def main() -> None:
 
         for i in range(args.seqs):
             params = SamplingParams.from_request(None, max_new_tokens=10_000, do_sample=False, ignore_eos=True,
-                                                 logprobs=args.logprobs)
+                                                 logprobs=args.logprobs,
+                                                 **(dict(repetition_penalty=1.1, frequency_penalty=0.2)
+                                                    if args.penalties else {}))
             delivery.add(Request(f"r{r}-{i}", prompt, prompt, params, lambda req: None))
         while any(s.num_computed < s.num_prompt for s in eng.scheduler.running) or eng.scheduler.waiting:
             delivery.deliver(eng.step())

@@ -234,6 +234,47 @@ def test_cuda_one_copy_per_step_and_same_tokens_as_cpu():
     assert agree >= 250, agree
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_penalty_state_with_tokens_in_flight_and_no_sync():
+    """Penalised greedy rows that name their sequence, as under async scheduling: each step's lists lack the
+    token still in flight. After the first step (which fills the state from the prompts) no step syncs,
+    and every pick equals the CPU sampler's from the full lists."""
+    class Owner:
+        finished = False
+
+    vocab, n = 32000, 64
+    rng = torch.Generator().manual_seed(3)
+    kinds = [dict(repetition_penalty=1.3), dict(frequency_penalty=0.7, presence_penalty=0.2),
+             dict(repetition_penalty=0.8, presence_penalty=-0.4)]
+    ps = [params(**kinds[i % 3]) for i in range(n)]
+    hist = [torch.randint(0, vocab, (50 + i,), generator=rng).tolist() for i in range(n)]
+    prompt = [len(h) for h in hist]
+    owners = [Owner() for _ in range(n)]
+    gpu = DeviceSampler(vocab)
+    for step in range(5):
+        logits = torch.randn(n, vocab, generator=rng) * 0.5
+        inflight = 1 if step else 0
+        rows = [SamplingRow(ps[i], hist[i][:len(hist[i]) - inflight], len(hist[i]) - prompt[i], None, owners[i])
+                for i in range(n)]
+        x = logits.cuda()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn" if step else 0)
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                pending = gpu.sample_async(x, rows)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
+        assert not syncs, syncs
+        got = pending.result().tokens
+        want = DeviceSampler(vocab).sample(logits.clone(), [SamplingRow(ps[i], hist[i], len(hist[i]) - prompt[i])
+                                                            for i in range(n)]).tokens
+        assert got == want, f"step {step}"
+        for h, t in zip(hist, got):
+            h.append(t)
+
+
 def test_pipeline_outputs_equal_with_either_sampler(tiny_root, monkeypatch):
     """The engine with the device sampler forced on CPU: greedy equals generate(), seeded sampling
     and logprobs equal the host sampler's run."""

@@ -95,8 +95,8 @@ def test_same_outputs_under_preemption(model, mode):
 
 
 def test_async_with_penalties_eos_and_length_limits(model):
-    """Rows whose next step needs their tokens on the host (penalties, n-gram bans) make the loop wait
-    for them; EOS mid-run (a step too many, dropped) and max_new_tokens (1 included: the prompt's step
+    """Rows whose next step needs their tokens on the host (n-gram bans) make the loop wait for them,
+    penalised rows do not; EOS mid-run (a step too many, dropped) and max_new_tokens (1 included: the prompt's step
     samples the last token) end the others as in the plain loop."""
     reqs = _requests(18, seed=3)
     for i, (_, kw) in enumerate(reqs):
@@ -119,6 +119,28 @@ def test_async_with_penalties_eos_and_length_limits(model):
     assert all(len(o[0]) == 1 for i, r in enumerate(got) if i % 6 == 4 for o in r)
     ended = [i for i in eos if any(o[0][-1] == eos[i] and len(o[0]) < 40 for o in got[i])]
     assert len(ended) >= 3, "requests did not end on their EOS: the dropped-token path was not exercised"
+
+
+@pytest.mark.parametrize("sampler", ["host", "device"])
+def test_penalties_run_ahead(model, sampler, monkeypatch):
+    """Repetition, frequency and presence penalties no longer hold the loop back: the sampler keeps their
+    token history itself (PenaltyState) and records each token when it picks it, so a step is planned
+    with the penalised rows' tokens still in flight, and the outputs stay the plain loop's."""
+    monkeypatch.setenv("HF_PAGED_SAMPLER", sampler)
+    reqs = _requests(10, seed=7)
+    kinds = [dict(repetition_penalty=1.4), dict(frequency_penalty=0.8, presence_penalty=0.3),
+             dict(repetition_penalty=0.8, presence_penalty=-0.5)]
+    for i, (_, kw) in enumerate(reqs):
+        kw.update(kinds[i % 3], max_new_tokens=30, ignore_eos=True)
+    plain, _ = _run(model, reqs, mode="plain", max_num_seqs=6, max_batch_tokens=96)
+    fills: list[int] = []
+    got, stats = _run(model, reqs, mode="async", fills=fills, max_num_seqs=6, max_batch_tokens=96)
+    _same(got, plain)
+    assert sum(f > 0 for f in fills) > len(fills) // 2 and stats["blocks_used"] == 0
+    # The penalties were applied: without them the greedy requests pick otherwise.
+    bare = [(ids, {k: v for k, v in kw.items() if "penalty" not in k}) for ids, kw in reqs]
+    unpenalised, _ = _run(model, bare, mode="plain", max_num_seqs=6, max_batch_tokens=96)
+    assert sum(a != b for a, b in zip(plain, unpenalised)) >= 3
 
 
 @pytest.mark.parametrize("mode", ["overlap", "async"])

@@ -33,6 +33,7 @@ from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
 from ..kv.metadata import to_device
 from . import warpers
+from .penalty_state import PenaltyState, tracked
 from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, SamplingRow
 
 _NEG_INF = -float("inf")
@@ -47,6 +48,7 @@ class DeviceSampler:
         if vocab_size <= 0:
             raise ValueError(f"vocab_size must be positive, got {vocab_size}")
         self.vocab_size = vocab_size
+        self.penalties = PenaltyState(vocab_size)  # of rows with an owner (see SamplingRow.owner)
 
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
         """Next token of every row (``logits[i]`` belongs to ``rows[i]``)."""
@@ -66,7 +68,9 @@ class DeviceSampler:
         if scores.dtype != torch.float32:
             scores = scores.float()
         dev = scores.device
-        _apply_history(scores, rows)
+        track = [i for i, r in enumerate(rows) if tracked(r)]
+        slots = self.penalties.slots([rows[i] for i in track], dev) if track else []
+        _apply_history(scores, rows, self.penalties, dict(zip(track, slots)))
         tokens = torch.empty(n, dtype=torch.long, device=dev)
         greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
         drawn = [i for i, r in enumerate(rows) if not r.params.is_greedy]
@@ -92,6 +96,8 @@ class DeviceSampler:
                 tokens.index_copy_(0, d, picked)
                 if processed is not None:
                     scores.index_copy_(0, d, processed)
+        if track:  # on the device, before the ids come back: the next step may sample before they do
+            self.penalties.record(slots, tokens if len(track) == n else tokens.index_select(0, _index(track, dev)))
         flat, wants, k = _pack(tokens, final, rows)
         if dev.type != "cuda":
             return Ready(_unpack(flat.tolist(), rows, wants, k))
@@ -119,29 +125,41 @@ class Pending:
 
 
 # ---------------------------------------------------------------------------------- history processors
-def _apply_history(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
-    """generate()'s history processors, in its order, in place, one vectorised op per processor."""
+def _apply_history(scores: torch.Tensor, rows: list[SamplingRow], state: PenaltyState | None = None,
+                   slots: dict[int, int] | None = None) -> None:
+    """generate()'s history processors, in its order, in place, one vectorised op per processor. The
+    penalties of rows in ``slots`` (row -> slot of ``state``) come from ``state``, the others' from their
+    token_ids (the same values: see :mod:`.penalty_state`)."""
     dev = scores.device
-    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and r.token_ids]
-    if rep:
-        idx = _index(rep, dev)
-        ids = _padded([rows[i].token_ids for i in rep], dev)
-        pen = _column([rows[i].params.repetition_penalty for i in rep], dev)
+    slots = slots or {}
+    width = scores.shape[1]
+    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and (r.token_ids or i in slots)]
+    for part in _split(rep, slots):
+        idx = _index(part, dev)
+        pen = _column([rows[i].params.repetition_penalty for i in part], dev)
         sub = scores.index_select(0, idx)
-        got = sub.gather(1, ids)  # RepetitionPenaltyLogitsProcessor, per row
-        sub.scatter_(1, ids, torch.where(got < 0, got * pen, got / pen))
+        if part[0] in slots:  # RepetitionPenaltyLogitsProcessor over each row's set of tokens
+            sub = torch.where(state.seen([slots[i] for i in part], width), torch.where(sub < 0, sub * pen, sub / pen),
+                              sub)
+        else:
+            ids = _padded([rows[i].token_ids for i in part], dev)
+            got = sub.gather(1, ids)  # the same, per row, from its token list
+            sub.scatter_(1, ids, torch.where(got < 0, got * pen, got / pen))
         scores.index_copy_(0, idx, sub)
     pen_rows = [i for i, r in enumerate(rows) if (r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0)
                 and r.num_generated > 0]
-    if pen_rows:  # OpenAI's penalties over generated tokens only (see Sampler)
-        idx = _index(pen_rows, dev)
-        gen = [rows[i].token_ids[len(rows[i].token_ids) - rows[i].num_generated:] for i in pen_rows]
-        ids = _padded(gen, dev)
-        weight = _padded([[1] * len(g) for g in gen], dev, pad=0, dtype=scores.dtype)
-        counts = torch.zeros(len(pen_rows), scores.shape[1], dtype=scores.dtype, device=dev)
-        counts.scatter_add_(1, ids, weight)
-        freq = _column([rows[i].params.frequency_penalty for i in pen_rows], dev)
-        pres = _column([rows[i].params.presence_penalty for i in pen_rows], dev)
+    for part in _split(pen_rows, slots):  # OpenAI's penalties over generated tokens only (see Sampler)
+        idx = _index(part, dev)
+        if part[0] in slots:
+            counts = state.counts([slots[i] for i in part], width).to(scores.dtype)
+        else:
+            gen = [rows[i].token_ids[len(rows[i].token_ids) - rows[i].num_generated:] for i in part]
+            ids = _padded(gen, dev)
+            weight = _padded([[1] * len(g) for g in gen], dev, pad=0, dtype=scores.dtype)
+            counts = torch.zeros(len(part), width, dtype=scores.dtype, device=dev)
+            counts.scatter_add_(1, ids, weight)
+        freq = _column([rows[i].params.frequency_penalty for i in part], dev)
+        pres = _column([rows[i].params.presence_penalty for i in part], dev)
         sub = scores.index_select(0, idx)
         scores.index_copy_(0, idx, sub - (freq * counts + pres * (counts > 0).to(scores.dtype)))
     for i, r in enumerate(rows):  # rare, and HF's processor is host code over the ids: kept per row
@@ -160,6 +178,13 @@ def _apply_history(scores: torch.Tensor, rows: list[SamplingRow]) -> None:
                     ban_cols.append(e)
     if ban_rows:
         scores.index_put_((_index(ban_rows, dev), _index(ban_cols, dev)), torch.full((), _NEG_INF, device=dev))
+
+
+def _split(which: list[int], slots: dict[int, int]) -> list[list[int]]:
+    """``which`` as the rows with a slot and the rows without, leaving out an empty part."""
+    with_slot = [i for i in which if i in slots]
+    without = [i for i in which if i not in slots]
+    return [p for p in (with_slot, without) if p]
 
 
 # ---------------------------------------------------------------------------------- warpers and draw

@@ -160,9 +160,11 @@ class Engine:
             self.masks.apply(logits, [s.matcher for s in sampling])
         # A sequence with a token in flight samples with that token counted (can_run_ahead made sure
         # that nothing else about this step depends on its value).
+        # Each row names its sequence: the sampler keeps its penalties' token history (PenaltyState) up to
+        # date itself, on the device, so they do not need the token in flight on the host.
         out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids,
                                                              len(s.token_ids) - s.num_prompt + s.num_ahead,
-                                                             s.generator) for s in sampling])
+                                                             s.generator, s) for s in sampling])
         for k, s in enumerate(sampling):
             s.num_ahead += 1
             s.ahead_row = k
@@ -170,14 +172,13 @@ class Engine:
 
     def can_run_ahead(self, pending: "PendingStep") -> bool:
         """Whether the next step may be launched before ``pending``'s tokens are known: none of its
-        sequences needs them on the host first (a grammar's mask, penalties or n-gram bans over the
-        history), and the runner is not broadcasting plans to tensor-parallel ranks."""
+        sequences needs them on the host first (a grammar's mask, n-gram bans over the history), and the
+        runner is not broadcasting plans to tensor-parallel ranks. Repetition, frequency and presence
+        penalties do not: the sampler records each token in their state on the device."""
         if self.runner.broadcast is not None:
             return False
         for s in pending.seqs:
-            p = s.params
-            if not s.finished and (s.matcher is not None or p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0
-                                   or p.presence_penalty != 0.0 or p.no_repeat_ngram_size > 0):
+            if not s.finished and (s.matcher is not None or s.params.no_repeat_ngram_size > 0):
                 return False
         return True
 

@@ -42,6 +42,7 @@ from transformers.generation.logits_process import (
 
 from . import warpers
 from .params import SamplingParams
+from .penalty_state import PenaltyState, tracked
 
 # What a log-probability of -inf (a token the processors removed) or NaN is reported as: OpenAI's
 # own value for "negligible", and a number every JSON encoder accepts.
@@ -59,6 +60,10 @@ class SamplingRow:
     token_ids: list[int]  # prompt + generated so far
     num_generated: int
     generator: torch.Generator | None = None  # per sequence, so a seed gives the same tokens in any batch
+    # The sequence this row samples for (the engine's Sequence; anything hashable with ``.finished``): its
+    # penalties then come from the sampler's PenaltyState, which records each picked token, instead of
+    # from token_ids. A row's token_ids may then lack a token still in flight (async scheduling).
+    owner: Any = None
 
 
 @dataclass(slots=True)
@@ -117,6 +122,7 @@ class Sampler:
         # Rows gathered for processing land here, reused across steps: a fresh [256, 49152] float32
         # tensor costs far more in page faults than the copy itself. So one Sampler serves one thread.
         self._work: torch.Tensor | None = None
+        self.penalties = PenaltyState(vocab_size, on_host=True)  # of rows with an owner (see SamplingRow.owner)
 
     # ------------------------------------------------------------------ public API
     def sample(self, logits: torch.Tensor, rows: list[SamplingRow]) -> SampleOutput:
@@ -150,10 +156,12 @@ class Sampler:
                 idx = [fast[k] for k in asking]
                 scores = logits if len(idx) == n else logits.index_select(0, torch.tensor(idx, device=logits.device))
                 self._fill_logprobs(out, _Part(idx, scores, None, True), [pos[k] for k in asking], rows, wants)
+        track = [i for i, r in enumerate(rows) if tracked(r)]
+        slots = self.penalties.slots([rows[i] for i in track], logits.device) if track else []
         if len(fast) < n:
             fast_set = set(fast)
             slow = [i for i in range(n) if i not in fast_set]
-            for part in self._parts(logits, rows, slow):
+            for part in self._parts(logits, rows, slow, dict(zip(track, slots))):
                 if part.greedy:
                     pos = _argmax(part.scores)
                 else:
@@ -163,6 +171,8 @@ class Sampler:
                     out.tokens[i] = t
                 if out.logprobs is not None:
                     self._fill_logprobs(out, part, pos, rows, wants)
+        if track:
+            self.penalties.record(slots, torch.tensor([out.tokens[i] for i in track], dtype=torch.long))
         return out
 
     def sample_async(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "Ready":
@@ -196,8 +206,11 @@ class Sampler:
                                          dtype=logits.dtype, device=logits.device)
         return w
 
-    def _parts(self, logits: torch.Tensor, rows: list[SamplingRow], which: list[int]) -> Iterator[_Part]:
-        """Final scores of rows ``which``, grouped so that rows with equal warpers are warped together."""
+    def _parts(self, logits: torch.Tensor, rows: list[SamplingRow], which: list[int],
+               slots: dict[int, int] | None = None) -> Iterator[_Part]:
+        """Final scores of rows ``which``, grouped so that rows with equal warpers are warped together.
+        ``slots``: the PenaltyState slot of each tracked row (the others read their token_ids)."""
+        slots = slots or {}
         needs = {i for i in which if _needs_history(rows[i])}
         used = 0  # each group gets its own rows of the work buffer, so no part overwrites another
 
@@ -207,10 +220,16 @@ class Sampler:
                 return logits[members[0] : members[-1] + 1]  # consecutive rows: a view, no copy
             dst = self._buffer(logits)[used : used + len(members)]
             used += len(members)
-            plain = [j for j, i in enumerate(members) if i not in needs]
+            plain = [j for j, i in enumerate(members) if i not in needs or i in slots]
             _copy_rows(dst, plain, logits, [members[j] for j in plain])
+            at = [j for j, i in enumerate(members) if i in slots]
+            if at:  # the tracked rows' penalties, all at once (PenaltyState)
+                self.penalties.penalize(dst, at, [slots[members[j]] for j in at], [rows[members[j]] for j in at])
             for j, i in enumerate(members):
-                if i in needs:  # one at a time, so each row's temporaries are freed (and reused) at once
+                if i in slots:  # penalised already; what else reads the history, on the row in place
+                    if _needs_history(rows[i], penalties=False):
+                        _copy_rows(dst, [j], _apply_history(dst[j : j + 1], rows[i], penalties=False), [0])
+                elif i in needs:  # one at a time, so each row's temporaries are freed (and reused) at once
                     _copy_rows(dst, [j], _apply_history(logits[i : i + 1], rows[i]), [0])
             return dst
 
@@ -246,19 +265,22 @@ class Sampler:
                                                 if v > -math.inf]
 
 
-def _needs_history(row: SamplingRow) -> bool:
+def _needs_history(row: SamplingRow, penalties: bool = True) -> bool:
     p = row.params
-    return (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0
+    return ((penalties and (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0))
             or p.no_repeat_ngram_size > 0 or (row.num_generated < p.min_new_tokens and bool(p.eos_token_id)))
 
 
-def _apply_history(scores: torch.Tensor, row: SamplingRow) -> torch.Tensor:
-    """The processors that read the row's tokens, on ``[1, V]`` scores, in generate()'s order."""
+def _apply_history(scores: torch.Tensor, row: SamplingRow, penalties: bool = True) -> torch.Tensor:
+    """The processors that read the row's tokens, on ``[1, V]`` scores, in generate()'s order
+    (``penalties=False``: all but the repetition, frequency and presence penalties)."""
     p = row.params
-    ids = torch.tensor(row.token_ids, dtype=torch.long, device=scores.device).unsqueeze(0)
-    if p.repetition_penalty != 1.0:
+    ids = None
+    if penalties or p.no_repeat_ngram_size > 0:
+        ids = torch.tensor(row.token_ids, dtype=torch.long, device=scores.device).unsqueeze(0)
+    if penalties and p.repetition_penalty != 1.0:
         scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, scores)
-    if (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and row.num_generated > 0:
+    if penalties and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and row.num_generated > 0:
         # OpenAI semantics: counts over generated tokens only; right after HF's repetition penalty.
         vocab = scores.shape[1]
         gen = ids[0, ids.shape[1] - row.num_generated :]
@@ -365,12 +387,9 @@ def _copy_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_ro
         return
     if src.device.type == "cpu" and src.dtype == dst.dtype and src.dtype in (torch.float32, torch.float64):
         out, inp = dst.numpy(), src.numpy()
-        if len(dst_rows) == 1:
-            out[dst_rows[0]] = inp[src_rows[0]]
-        elif dst_rows == list(range(dst_rows[0], dst_rows[0] + len(dst_rows))):
-            np.take(inp, src_rows, axis=0, out=out[dst_rows[0] : dst_rows[0] + len(dst_rows)])
-        else:
-            out[dst_rows] = inp[src_rows]
+        # Row by row: ~3x faster than np.take(..., out=) or fancy indexing here (8 vs 26 ms at [256, 49152]).
+        for d, s in zip(dst_rows, src_rows):
+            out[d] = inp[s]
         return
     dst[dst_rows] = src[src_rows]
 

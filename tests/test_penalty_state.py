@@ -1,0 +1,120 @@
+"""PenaltyState: rows that name their sequence (``SamplingRow.owner``, as the engine's rows do) take their
+repetition, frequency and presence penalties from per-sequence state that the sampler updates with each
+token it picks. They must pick exactly what the same rows pick from their token lists, in both samplers,
+while sequences come and go (slots reused), with a token in flight, and after a list grew behind the
+sampler's back."""
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from hf_paged.engine.device_sampler import DeviceSampler
+from hf_paged.engine.params import SamplingParams
+from hf_paged.engine.sampler import Sampler, SamplingRow
+
+V = 300
+SAMPLERS = {"host": Sampler, "device": DeviceSampler}
+KINDS = [dict(repetition_penalty=1.6, logprobs=True, top_logprobs=3), dict(frequency_penalty=1.5),
+         dict(presence_penalty=-1.0, repetition_penalty=0.7),
+         dict(do_sample=True, temperature=0.9, top_k=0, repetition_penalty=1.3, frequency_penalty=0.4, logprobs=True),
+         dict(do_sample=True, top_k=20, presence_penalty=1.5), dict(min_new_tokens=3, eos_token_id=[5], presence_penalty=2.0),
+         dict(no_repeat_ngram_size=2, repetition_penalty=1.2, frequency_penalty=0.3), dict()]
+
+
+class Owner:
+    """What a row names: the engine passes its Sequence; the state only reads ``finished``."""
+
+    def __init__(self) -> None:
+        self.finished = False
+
+
+def _params(kind: int, seed: int) -> SamplingParams:
+    kw = dict(KINDS[kind % len(KINDS)])
+    return SamplingParams(max_new_tokens=1000, seed=seed if kw.get("do_sample") else None, **kw)
+
+
+@pytest.mark.parametrize("kind", list(SAMPLERS))
+def test_tracked_rows_pick_what_their_token_lists_pick(kind):
+    """Thirty steps of a changing batch: sequences finish (their slots go to newcomers) and join; every
+    step both samplers' picks agree, and the penalties do change picks (the test can fail)."""
+    rng = random.Random(0)
+    tracked, listed = SAMPLERS[kind](V), SAMPLERS[kind](V)
+    seqs: list[dict] = []
+
+    def join(n: int) -> None:
+        for _ in range(n):
+            i = len(seqs)
+            ids = [rng.randrange(V) for _ in range(rng.randint(1, 60))]
+            seqs.append(dict(ids=ids, prompt=len(ids), params=_params(i, i), owner=Owner(),
+                             gens=(torch.Generator().manual_seed(i), torch.Generator().manual_seed(i))))
+
+    join(20)
+    changed = 0
+    for step in range(30):
+        live = [s for s in seqs if not s["owner"].finished]
+        # Flat, close scores: the penalties decide many picks.
+        logits = torch.randn(len(live), V, generator=torch.Generator().manual_seed(step)) * 0.3
+        rows_t = [SamplingRow(s["params"], s["ids"], len(s["ids"]) - s["prompt"], s["gens"][0], s["owner"]) for s in live]
+        rows_l = [SamplingRow(s["params"], list(s["ids"]), len(s["ids"]) - s["prompt"], s["gens"][1]) for s in live]
+        out_t, out_l = tracked.sample(logits.clone(), rows_t), listed.sample(logits.clone(), rows_l)
+        got, want = out_t.tokens, out_l.tokens
+        assert got == want, f"step {step}"
+        # Log-probabilities of the processed scores, compared exactly: the penalised scores are bit for bit equal.
+        assert out_t.logprobs == out_l.logprobs and out_t.top_logprobs == out_l.top_logprobs, f"step {step}"
+        changed += sum(t != a for t, a, s in zip(got, logits.argmax(-1).tolist(), live)
+                       if not s["params"].do_sample)
+        for s, t in zip(live, got):
+            s["ids"].append(t)
+        if step % 5 == 4:  # some finish, others join: the newcomers take the finished ones' slots
+            for s in live[::3]:
+                s["owner"].finished = True
+            join(len(live[::3]))
+    assert changed > 30
+    assert 16 < tracked.penalties.live <= 32  # grown once past 16 slots, and not again: slots were reused
+
+
+@pytest.mark.parametrize("kind", list(SAMPLERS))
+def test_a_token_in_flight_is_counted(kind):
+    """Async scheduling: a row samples before its previous token reached its list (num_generated counts
+    it); the state recorded that token when it was picked."""
+    sampler = SAMPLERS[kind](V)
+    p = SamplingParams(max_new_tokens=100, repetition_penalty=1.8, frequency_penalty=1.0)
+    owner, ids = Owner(), [7, 8, 9]
+    logits = torch.zeros(1, V)
+    logits[0, 40] = 1.0  # greedy picks 40 first; then 40 is penalised and 41 wins
+    logits[0, 41] = 0.9
+    first = sampler.sample(logits.clone(), [SamplingRow(p, ids, 0, None, owner)]).tokens
+    assert first == [40]
+    # The next step samples with 40 still in flight: the list lacks it, num_generated counts it.
+    second = sampler.sample(logits.clone(), [SamplingRow(p, ids, 1, None, owner)]).tokens
+    assert second == [41]
+    ref = Sampler(V).sample(logits.clone(), [SamplingRow(p, ids + [40], 1, None)]).tokens
+    assert second == ref
+
+
+@pytest.mark.parametrize("kind", list(SAMPLERS))
+def test_a_list_that_grew_without_the_sampler_is_read_again(kind):
+    sampler = SAMPLERS[kind](V)
+    p = SamplingParams(max_new_tokens=100, repetition_penalty=3.0)
+    owner, ids = Owner(), [1, 2]
+    logits = torch.zeros(1, V)
+    logits[0, 50], logits[0, 51] = 1.0, 0.9
+    assert sampler.sample(logits.clone(), [SamplingRow(p, ids, 0, None, owner)]).tokens == [50]
+    ids += [50, 50]  # the caller appended tokens the state never saw (and one it did)
+    # ids is [1, 2, 50, 50]: 4 tokens, 3 recorded. Read again from the list: 50 penalised, 51 wins.
+    assert sampler.sample(logits.clone(), [SamplingRow(p, ids, 2, None, owner)]).tokens == [51]
+    assert sampler.penalties._length[sampler.penalties.slots([SamplingRow(p, ids + [51], 3, None, owner)],
+                                                            logits.device)[0]] == 5
+
+
+def test_ids_past_the_scores_width_are_ignored_as_hf_does():
+    """A prompt may hold ids the LM head has no column for (an embedding wider than the head): HF's
+    processor drops them; so does the state, also when the sampler's vocabulary is wider than the scores."""
+    p = SamplingParams(max_new_tokens=10, repetition_penalty=1.5, presence_penalty=0.5)
+    ids = [3, V + 2, V + 7, 3, 9]
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(1))
+    tracked = Sampler(V + 10).sample(logits.clone(), [SamplingRow(p, ids, 2, None, Owner()), SamplingRow(p, ids, 0, None, Owner())])
+    listed = Sampler(V + 10).sample(logits.clone(), [SamplingRow(p, ids, 2, None), SamplingRow(p, ids, 0, None)])
+    assert tracked.tokens == listed.tokens
