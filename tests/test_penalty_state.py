@@ -19,7 +19,8 @@ SAMPLERS = {"host": Sampler, "device": DeviceSampler}
 KINDS = [dict(repetition_penalty=1.6, logprobs=True, top_logprobs=3), dict(frequency_penalty=1.5),
          dict(presence_penalty=-1.0, repetition_penalty=0.7),
          dict(do_sample=True, temperature=0.9, top_k=0, repetition_penalty=1.3, frequency_penalty=0.4, logprobs=True),
-         dict(do_sample=True, top_k=20, presence_penalty=1.5), dict(min_new_tokens=3, eos_token_id=[5], presence_penalty=2.0),
+         dict(do_sample=True, top_k=20, presence_penalty=1.5),
+         dict(min_new_tokens=3, eos_token_id=[5], presence_penalty=2.0),
          dict(no_repeat_ngram_size=2, repetition_penalty=1.2, frequency_penalty=0.3), dict()]
 
 
@@ -56,8 +57,10 @@ def test_tracked_rows_pick_what_their_token_lists_pick(kind):
         live = [s for s in seqs if not s["owner"].finished]
         # Flat, close scores: the penalties decide many picks.
         logits = torch.randn(len(live), V, generator=torch.Generator().manual_seed(step)) * 0.3
-        rows_t = [SamplingRow(s["params"], s["ids"], len(s["ids"]) - s["prompt"], s["gens"][0], s["owner"]) for s in live]
-        rows_l = [SamplingRow(s["params"], list(s["ids"]), len(s["ids"]) - s["prompt"], s["gens"][1]) for s in live]
+        rows_t = [SamplingRow(s["params"], s["ids"], len(s["ids"]) - s["prompt"], s["gens"][0], s["owner"])
+                  for s in live]
+        rows_l = [SamplingRow(s["params"], list(s["ids"]), len(s["ids"]) - s["prompt"], s["gens"][1])
+                  for s in live]
         out_t, out_l = tracked.sample(logits.clone(), rows_t), listed.sample(logits.clone(), rows_l)
         got, want = out_t.tokens, out_l.tokens
         assert got == want, f"step {step}"
@@ -115,6 +118,7 @@ def test_ids_past_the_scores_width_are_ignored_as_hf_does():
     p = SamplingParams(max_new_tokens=10, repetition_penalty=1.5, presence_penalty=0.5)
     ids = [3, V + 2, V + 7, 3, 9]
     logits = torch.randn(2, V, generator=torch.Generator().manual_seed(1))
-    tracked = Sampler(V + 10).sample(logits.clone(), [SamplingRow(p, ids, 2, None, Owner()), SamplingRow(p, ids, 0, None, Owner())])
+    tracked = Sampler(V + 10).sample(logits.clone(), [SamplingRow(p, ids, 2, None, Owner()),
+                                                      SamplingRow(p, ids, 0, None, Owner())])
     listed = Sampler(V + 10).sample(logits.clone(), [SamplingRow(p, ids, 2, None), SamplingRow(p, ids, 0, None)])
     assert tracked.tokens == listed.tokens

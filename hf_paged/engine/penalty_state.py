@@ -111,7 +111,7 @@ class PenaltyState:
         rep = [k for k, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
         if rep:  # RepetitionPenaltyLogitsProcessor: each history token's score, once whatever its count
             idx, owner = self._gather([slots[k] for k in rep], [at[k] for k in rep], width, output_only=False)
-            pen = torch.from_numpy(np.array([rows[k].params.repetition_penalty for k in rep], dtype=np.float32)[owner])
+            pen = _per_token([rows[k].params.repetition_penalty for k in rep], owner)
             idx, pen = idx.to(dev), pen.to(dev)
             got = flat[idx]
             flat[idx] = torch.where(got < 0, got * pen, got / pen)
@@ -123,8 +123,8 @@ class PenaltyState:
             tok = idx - torch.from_numpy(np.array([at[k] for k in pres], dtype=np.int64)[owner] * width)
             where = torch.from_numpy(np.array(ks, dtype=np.int64)[owner] * self.vocab) + tok
             counts = self._counts.view(-1)[where].to(dev, scores.dtype)
-            freq = torch.from_numpy(np.array([rows[k].params.frequency_penalty for k in pres], dtype=np.float32)[owner])
-            presence = torch.from_numpy(np.array([rows[k].params.presence_penalty for k in pres], dtype=np.float32)[owner])
+            freq = _per_token([rows[k].params.frequency_penalty for k in pres], owner)
+            presence = _per_token([rows[k].params.presence_penalty for k in pres], owner)
             idx, freq, presence = idx.to(dev), freq.to(dev), presence.to(dev)
             flat[idx] = flat[idx] - (freq * counts + presence * (counts > 0).to(scores.dtype))
 
@@ -150,7 +150,8 @@ class PenaltyState:
     def _index(self, slots: list[int]) -> torch.Tensor:
         return to_device(host_tensor(slots), self._counts.device)
 
-    def _gather(self, slots: list[int], at: list[int], width: int, *, output_only: bool) -> tuple[torch.Tensor, np.ndarray]:
+    def _gather(self, slots: list[int], at: list[int], width: int, *,
+                output_only: bool) -> tuple[torch.Tensor, np.ndarray]:
         """Host layout: flat indices ``at[i] * width + token`` of each slot's tokens (its output only, or all)
         below ``width``, and which of the given slots each came from."""
         parts = [self._hist[s][self._prompt[s] if output_only else 0 : self._length[s]] for s in slots]
@@ -239,3 +240,9 @@ class PenaltyState:
         if ids_c:
             at = (to_device(host_tensor(rows_c), dev), to_device(host_tensor(ids_c), dev))
             self._counts.index_put_(at, torch.ones((), dtype=torch.float32, device=dev), accumulate=True)
+
+
+def _per_token(values: list[float], owner: np.ndarray) -> torch.Tensor:
+    """float32 ``values[owner[j]]`` for each gathered token ``j`` (a float32 tensor times a Python float
+    and times a float32 tensor of that value give the same bits)."""
+    return torch.from_numpy(np.array(values, dtype=np.float32)[owner])
