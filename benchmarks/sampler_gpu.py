@@ -1,6 +1,9 @@
 """The device sampler's time per step at 256 rows of a 128K vocabulary, by sampling setting, with its Triton
 kernels on and off (HF_PAGED_FUSED_DRAW): greedy, generate()'s top_k=50 at temperature 0.6 (the GPU
-benchmark's setting), top-p 0.9 without top_k (what OpenAI clients send) and both together.
+benchmark's setting), top-p 0.9 without top_k (what OpenAI clients send) and both together; and top_k=50
+with repetition_penalty 1.1 and frequency_penalty 0.2 over 1124-token histories, read from the rows' token
+lists (rows without an owner) or from the sampler's PenaltyState (rows naming their sequence, as the
+engine's do; their lists grow by each pick, outside the timed call).
 
     python benchmarks/sampler_gpu.py [--rows 256] [--vocab 128256] [--rounds 3] [--out FILE.json] [--cpu-dry-run]
 
@@ -49,11 +52,22 @@ def main(argv: list[str] | None = None) -> int:
         "top_p=0.9 T=0.7": dict(do_sample=True, temperature=0.7, top_k=0, top_p=0.9),
         "top_k=50 top_p=0.9": dict(do_sample=True, temperature=0.7, top_p=0.9),
     }
+    penalised = {"penalties, lists": None, "penalties, state": True}
     runs = [(name, flag) for name in settings for flag in ("1", "0") if not (name == "greedy" and flag == "0")]
+    runs += [(name, "1") for name in penalised]
     times: dict[str, list[float]] = {f"{n} kernels={'on' if f == '1' else 'off'}": [] for n, f in runs}
     sampler = DeviceSampler(args.vocab)
     rows = {name: [SamplingRow(SamplingParams(max_new_tokens=8, **kw), [1, 2, 3], 0, None) for _ in range(args.rows)]
             for name, kw in settings.items()}
+
+    class Owner:  # what the engine's rows name (its Sequence); the state reads only .finished
+        finished = False
+
+    pen = SamplingParams(max_new_tokens=10_000, do_sample=True, temperature=0.6, repetition_penalty=1.1,
+                         frequency_penalty=0.2)
+    for name, owned in penalised.items():
+        rows[name] = [SamplingRow(pen, torch.randint(0, args.vocab, (1124,), generator=g).tolist(), 100, None,
+                                  Owner() if owned else None) for _ in range(args.rows)]
     device_name = torch.cuda.get_device_name() if device == "cuda" else "cpu (dry run)"
 
     def write() -> None:
@@ -63,9 +77,15 @@ def main(argv: list[str] | None = None) -> int:
                            "vocab": args.vocab, "kernels_ok": device_sampler.kernels_ok(), "ms": times}, f, indent=1)
             os.replace(args.out + ".tmp", args.out)
 
+    def grow(name: str, out) -> None:
+        if penalised.get(name):  # as the engine appends each pick to its sequence (not timed)
+            for r, t in zip(rows[name], out.tokens):
+                r.token_ids.append(t)
+                r.num_generated += 1
+
     for name, flag in runs:  # warm-up: Triton compiles here
         os.environ["HF_PAGED_FUSED_DRAW"] = flag
-        sampler.sample(logits.clone(), rows[name])
+        grow(name, sampler.sample(logits.clone(), rows[name]))
     for r in range(args.rounds):
         for name, flag in (runs if r % 2 == 0 else runs[::-1]):
             os.environ["HF_PAGED_FUSED_DRAW"] = flag
@@ -75,8 +95,9 @@ def main(argv: list[str] | None = None) -> int:
                 if device == "cuda":
                     torch.cuda.synchronize()
                 t = time.perf_counter()
-                sampler.sample(scores, rows[name])
+                out = sampler.sample(scores, rows[name])
                 ts.append(time.perf_counter() - t)
+                grow(name, out)
             times[f"{name} kernels={'on' if flag == '1' else 'off'}"].append(statistics.median(ts) * 1e3)
         write()
     os.environ.pop("HF_PAGED_FUSED_DRAW", None)
