@@ -237,25 +237,39 @@ def test_cuda_one_copy_per_step_and_same_tokens_as_cpu():
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_penalty_state_with_tokens_in_flight_and_no_sync():
     """Penalised greedy rows that name their sequence, as under async scheduling: each step's lists lack the
-    token still in flight. After the first step (which fills the state from the prompts) no step syncs,
-    and every pick equals the CPU sampler's from the full lists."""
+    token still in flight. Sequences finish and new ones join mid-run (their slots filled from their lists,
+    finished slots reused, the tensors grown), all with no host sync after the first step, and every pick
+    equals the CPU sampler's from the full lists."""
     class Owner:
         finished = False
+        num_ahead = 0
 
-    vocab, n = 32000, 64
+    vocab = 32000
     rng = torch.Generator().manual_seed(3)
     kinds = [dict(repetition_penalty=1.3), dict(frequency_penalty=0.7, presence_penalty=0.2),
              dict(repetition_penalty=0.8, presence_penalty=-0.4)]
-    ps = [params(**kinds[i % 3]) for i in range(n)]
-    hist = [torch.randint(0, vocab, (50 + i,), generator=rng).tolist() for i in range(n)]
-    prompt = [len(h) for h in hist]
-    owners = [Owner() for _ in range(n)]
+    seqs: list[dict] = []
+
+    def join(k: int) -> None:
+        for _ in range(k):
+            i = len(seqs)
+            hist = torch.randint(0, vocab, (50 + i,), generator=rng).tolist()
+            seqs.append(dict(p=params(**kinds[i % 3]), hist=hist, prompt=len(hist), owner=Owner()))
+
+    join(60)
     gpu = DeviceSampler(vocab)
-    for step in range(5):
-        logits = torch.randn(n, vocab, generator=rng) * 0.5
-        inflight = 1 if step else 0
-        rows = [SamplingRow(ps[i], hist[i][:len(hist[i]) - inflight], len(hist[i]) - prompt[i], None, owners[i])
-                for i in range(n)]
+    for step in range(6):
+        if step == 3:  # some finish, more join than leave: slots reused and the tensors grown, while in flight
+            for sq in seqs[::4]:
+                sq["owner"].finished = True
+            join(30)
+        live = [sq for sq in seqs if not sq["owner"].finished]
+        logits = torch.randn(len(live), vocab, generator=rng) * 0.5
+        rows = []
+        for sq in live:
+            o, h = sq["owner"], sq["hist"]
+            o.num_ahead = 1 if len(h) > sq["prompt"] else 0  # the last pick is still in flight
+            rows.append(SamplingRow(sq["p"], h[:len(h) - o.num_ahead], len(h) - sq["prompt"], None, o))
         x = logits.cuda()
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("warn" if step else 0)
@@ -266,12 +280,40 @@ def test_cuda_penalty_state_with_tokens_in_flight_and_no_sync():
         finally:
             torch.cuda.set_sync_debug_mode(0)
         syncs = [str(w.message) for w in caught if "synchroniz" in str(w.message)]
-        assert not syncs, syncs
+        assert not syncs, (step, syncs)
         got = pending.result().tokens
-        want = DeviceSampler(vocab).sample(logits.clone(), [SamplingRow(ps[i], hist[i], len(hist[i]) - prompt[i])
-                                                            for i in range(n)]).tokens
+        full = [SamplingRow(sq["p"], sq["hist"], len(sq["hist"]) - sq["prompt"]) for sq in live]
+        want = DeviceSampler(vocab).sample(logits.clone(), full).tokens
         assert got == want, f"step {step}"
-        for h, t in zip(hist, got):
+        for sq, t in zip(live, got):
+            sq["hist"].append(t)
+    assert len(gpu.penalties._owner) == 128  # grown past 64 at step 3, with the finished slots reused
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_host_sampler_penalties_match_hf_bits(monkeypatch):
+    """The host sampler on CUDA logits (HF_PAGED_SAMPLER=host there): its penalties from the state equal HF's
+    processor bit for bit, which divides by a Python float (a product with the reciprocal, on CUDA)."""
+    from hf_paged.engine.sampler import Sampler
+
+    class Owner:
+        finished = False
+
+    vocab, n = 32000, 32
+    rng = torch.Generator().manual_seed(5)
+    ps = [params(repetition_penalty=1.05 + 0.05 * (i % 6), frequency_penalty=0.3, logprobs=True, top_logprobs=5)
+          for i in range(n)]
+    hist = [torch.randint(0, vocab, (40 + i,), generator=rng).tolist() for i in range(n)]
+    prompt = [len(h) for h in hist]
+    owners = [Owner() for _ in range(n)]
+    tracked, listed = Sampler(vocab), Sampler(vocab)
+    for step in range(4):
+        x = (torch.randn(n, vocab, generator=rng) * 2).cuda()
+        a = tracked.sample(x.clone(), [SamplingRow(ps[i], hist[i], len(hist[i]) - prompt[i], None, owners[i])
+                                       for i in range(n)])
+        b = listed.sample(x.clone(), [SamplingRow(ps[i], list(hist[i]), len(hist[i]) - prompt[i]) for i in range(n)])
+        assert a.tokens == b.tokens and a.logprobs == b.logprobs and a.top_logprobs == b.top_logprobs, step
+        for h, t in zip(hist, a.tokens):
             h.append(t)
 
 

@@ -126,13 +126,20 @@ def test_penalties_run_ahead(model, sampler, monkeypatch):
     """Repetition, frequency and presence penalties no longer hold the loop back: the sampler keeps their
     token history itself (PenaltyState) and records each token when it picks it, so a step is planned
     with the penalised rows' tokens still in flight, and the outputs stay the plain loop's."""
+    import hf_paged.engine.device_sampler as device_sampler_mod
+    import hf_paged.engine.sampler as sampler_mod
+
     monkeypatch.setenv("HF_PAGED_SAMPLER", sampler)
     reqs = _requests(10, seed=7)
     kinds = [dict(repetition_penalty=1.4), dict(frequency_penalty=0.8, presence_penalty=0.3),
              dict(repetition_penalty=0.8, presence_penalty=-0.5)]
     for i, (_, kw) in enumerate(reqs):
         kw.update(kinds[i % 3], max_new_tokens=30, ignore_eos=True)
-    plain, _ = _run(model, reqs, mode="plain", max_num_seqs=6, max_batch_tokens=96)
+    # The reference reads every row's token list (the state off), in the plain loop.
+    with monkeypatch.context() as m:
+        m.setattr(sampler_mod, "tracked", lambda row: False)
+        m.setattr(device_sampler_mod, "tracked", lambda row: False)
+        plain, _ = _run(model, reqs, mode="plain", max_num_seqs=6, max_batch_tokens=96)
     fills: list[int] = []
     got, stats = _run(model, reqs, mode="async", fills=fills, max_num_seqs=6, max_batch_tokens=96)
     _same(got, plain)

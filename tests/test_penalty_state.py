@@ -75,7 +75,7 @@ def test_tracked_rows_pick_what_their_token_lists_pick(kind):
                 s["owner"].finished = True
             join(len(live[::3]))
     assert changed > 30
-    assert 16 < tracked.penalties.live <= 32  # grown once past 16 slots, and not again: slots were reused
+    assert len(tracked.penalties._owner) == 32  # grown once past 16 slots, and not again: slots were reused
 
 
 @pytest.mark.parametrize("kind", list(SAMPLERS))
@@ -122,3 +122,41 @@ def test_ids_past_the_scores_width_are_ignored_as_hf_does():
                                                       SamplingRow(p, ids, 0, None, Owner())])
     listed = Sampler(V + 10).sample(logits.clone(), [SamplingRow(p, ids, 2, None), SamplingRow(p, ids, 0, None)])
     assert tracked.tokens == listed.tokens
+
+
+@pytest.mark.parametrize("kind", list(SAMPLERS))
+def test_an_owner_that_says_what_is_in_flight(kind, caplog):
+    """The engine's owners carry ``num_ahead``: the state's length must be the list's plus that, exactly. A
+    mismatch is refilled from the list; tokens in flight then cannot be known and are left out, with a
+    warning (the engine never gets there: this checks that it would not corrupt the counts silently)."""
+    sampler = SAMPLERS[kind](V)
+    p = SamplingParams(max_new_tokens=100, frequency_penalty=1.0)
+    owner, ids = Owner(), [7, 8, 9]
+    owner.num_ahead = 0
+    logits = torch.zeros(1, V)
+    logits[0, 40], logits[0, 41] = 1.0, 0.9
+    assert sampler.sample(logits.clone(), [SamplingRow(p, ids, 0, None, owner)]).tokens == [40]
+    owner.num_ahead = 1  # 40 in flight: the list lacks it, the state has it (no refill, no warning)
+    assert sampler.sample(logits.clone(), [SamplingRow(p, ids, 1, None, owner)]).tokens == [41]
+    assert "refilled" not in caplog.text
+    # Then the list gets 40 and 41 but claims 41 still in flight: the state (5 tokens) is not the list's 5
+    # plus 1. Refilled from the list with a warning; the in-flight count keeps the prompt's last token out
+    # of the output counts.
+    with caplog.at_level("WARNING", logger="hf_paged"):
+        sampler.sample(logits.clone(), [SamplingRow(p, ids + [40, 41], 3, None, owner)])
+    assert "refilled" in caplog.text
+    counts = sampler.penalties._counts[sampler.penalties._slot[owner]]
+    assert counts[9].item() == 0 and counts[40].item() >= 1 and counts[41].item() >= 1
+    assert counts.sum().item() == 3  # 40 and 41 from the list, then this step's pick
+
+
+def test_low_precision_logits_read_the_lists():
+    """The host layout takes float32 scores (the engine's); bf16 logits passed straight to a Sampler take the
+    token-list path for every row, owner or not, and give what rows without an owner get."""
+    p = SamplingParams(max_new_tokens=10, repetition_penalty=1.3, frequency_penalty=0.3, presence_penalty=0.7)
+    ids = [4, 5, 6, 4, 9, 9]
+    logits = (torch.randn(2, V, generator=torch.Generator().manual_seed(2)) * 0.3).bfloat16()
+    owned = Sampler(V).sample(logits.clone(), [SamplingRow(p, ids, 3, None, Owner()), SamplingRow(p, ids, 0, None,
+                                                                                                   Owner())])
+    plain = Sampler(V).sample(logits.clone(), [SamplingRow(p, ids, 3, None), SamplingRow(p, ids, 0, None)])
+    assert owned.tokens == plain.tokens

@@ -20,8 +20,10 @@ of it can be in flight); after that the sampler records each token it picks. Two
   scores: one gather and one scatter for all the step's rows (HF's processor also gathers by the token
   list, duplicates included, which write the same value).
 
-Either way the processed scores are bit for bit what the token-list processors give: the same
-elementwise float32 operations on the same scores (tests check it). A slot is given back once its
+Either way the processed scores are bit for bit what the token-list processors give (the same
+elementwise float32 operations on the same scores; tests compare exact logprobs), but for the sign of a
+zero score: the list path subtracts a zero penalty from every score of the row, which can turn -0.0 into
++0.0. The host layout takes float32 scores (the engine's are). A slot is given back once its
 sequence is finished (checked when a slot is wanted), so a cancelled or stopped request needs no call. A
 sequence whose recorded length falls behind its token list (tokens appended without this sampler) is
 filled again from the list.
@@ -36,6 +38,7 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -45,6 +48,14 @@ from ..kv.metadata import host_tensor, to_device
 
 if TYPE_CHECKING:
     from .sampler import SamplingRow
+
+logger = logging.getLogger("hf_paged")
+
+
+def _in_flight(row: "SamplingRow") -> int | None:
+    """Tokens of ``row``'s sequence sampled but not in its list yet (the engine's Sequence.num_ahead), or
+    None where the owner does not say."""
+    return getattr(row.owner, "num_ahead", None)
 
 
 def tracked(row: "SamplingRow") -> bool:
@@ -66,6 +77,7 @@ class PenaltyState:
         self._owner: list[Any] = []  # slot -> owner (None: free)
         self._length: list[int] = []  # slot -> tokens recorded (prompt included)
         self._free: list[int] = []
+        self._calls = 0
 
     @property
     def live(self) -> int:
@@ -79,6 +91,9 @@ class PenaltyState:
         device = torch.device("cpu") if self.on_host else torch.device(device)
         if self._counts is not None and self._counts.device != device:
             self.__init__(self.vocab, on_host=self.on_host)  # a new device: start over (owners are filled again)
+        self._calls += 1
+        if self._calls % 64 == 0:
+            self._sweep()  # now and then, so finished sequences are not held for long
         out: list[int] = []
         fill: list[tuple[int, "SamplingRow"]] = []
         for r in rows:
@@ -86,8 +101,10 @@ class PenaltyState:
             if slot is None:
                 slot = self._take(r.owner, device)
                 fill.append((slot, r))
-            elif self._length[slot] < len(r.token_ids) or self._length[slot] > len(r.token_ids) + 2:
-                fill.append((slot, r))  # appended to without record(), or more recorded than can be in flight
+            else:
+                n, ahead = self._length[slot], _in_flight(r)
+                if (n != len(r.token_ids) + ahead) if ahead is not None else not 0 <= n - len(r.token_ids) <= 1:
+                    fill.append((slot, r))  # tokens appended without record(), or recorded and then lost
             out.append(slot)
         if fill:
             self._fill(fill)
@@ -107,6 +124,8 @@ class PenaltyState:
         of the contiguous ``scores`` ``[R, V]`` (on CPU, or wherever the host sampler runs), in place, from
         slot ``slots[i]``."""
         width, dev = scores.shape[1], scores.device
+        if scores.dtype != torch.float32:
+            raise TypeError(f"penalize takes float32 scores, got {scores.dtype}")
         flat = scores.view(-1)
         rep = [k for k, r in enumerate(rows) if r.params.repetition_penalty != 1.0]
         if rep:  # RepetitionPenaltyLogitsProcessor: each history token's score, once whatever its count
@@ -114,7 +133,10 @@ class PenaltyState:
             pen = _per_token([rows[k].params.repetition_penalty for k in rep], owner)
             idx, pen = idx.to(dev), pen.to(dev)
             got = flat[idx]
-            flat[idx] = torch.where(got < 0, got * pen, got / pen)
+            # HF divides by a Python float: true division on CPU, a product with the float32 reciprocal on
+            # CUDA (its kernel's shortcut for a scalar divisor). The same here, so the bits are HF's.
+            div = got * (1.0 / pen) if dev.type == "cuda" else got / pen
+            flat[idx] = torch.where(got < 0, got * pen, div)
         pres = [k for k, r in enumerate(rows) if (r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0)
                 and r.num_generated > 0]
         if pres:  # OpenAI's: score - (frequency * count + presence * (count > 0)); zero elsewhere
@@ -207,8 +229,9 @@ class PenaltyState:
         self._free += range(new - 1, cap - 1, -1)  # lowest slot first
 
     def _fill(self, fill: list[tuple[int, "SamplingRow"]]) -> None:
-        """Set the given slots from their rows' token lists: every id for ``seen``, the last
-        ``num_generated`` for ``counts`` (no token is in flight on a first sample)."""
+        """Set the given slots from their rows' token lists: every id for ``seen``, the output ones for
+        ``counts``. No token is in flight on a first sample; on a refill with tokens in flight (which the
+        engine never makes) those cannot be known, and are left out with a warning."""
         rows_s: list[int] = []
         ids_s: list[int] = []
         rows_c: list[int] = []
@@ -216,7 +239,11 @@ class PenaltyState:
         v = self.vocab
         for slot, r in fill:
             toks = r.token_ids
-            n, gen = len(toks), min(r.num_generated, len(toks))
+            ahead = _in_flight(r) or 0
+            if ahead:
+                logger.warning("hf_paged: penalty history of a sequence refilled with %d token(s) in flight; "
+                               "they are left out", ahead)
+            n, gen = len(toks), max(0, min(r.num_generated - ahead, len(toks)))
             self._length[slot] = n
             if self.on_host:
                 h = np.empty(n + max(64, n // 2), dtype=np.int64)

@@ -60,9 +60,10 @@ class SamplingRow:
     token_ids: list[int]  # prompt + generated so far
     num_generated: int
     generator: torch.Generator | None = None  # per sequence, so a seed gives the same tokens in any batch
-    # The sequence this row samples for (the engine's Sequence; anything hashable with ``.finished``): its
-    # penalties then come from the sampler's PenaltyState, which records each picked token, instead of
-    # from token_ids. A row's token_ids may then lack a token still in flight (async scheduling).
+    # The sequence this row samples for (the engine's Sequence; anything hashable with ``.finished``, and
+    # ``.num_ahead`` if tokens may be in flight): its penalties then come from the sampler's PenaltyState,
+    # which records each picked token, instead of from token_ids, which may then lack a token still in
+    # flight (async scheduling). The host sampler does so for float32 logits.
     owner: Any = None
 
 
@@ -156,7 +157,8 @@ class Sampler:
                 idx = [fast[k] for k in asking]
                 scores = logits if len(idx) == n else logits.index_select(0, torch.tensor(idx, device=logits.device))
                 self._fill_logprobs(out, _Part(idx, scores, None, True), [pos[k] for k in asking], rows, wants)
-        track = [i for i, r in enumerate(rows) if tracked(r)]
+        # PenaltyState's host layout takes float32 scores (the engine's); other rows read their lists.
+        track = [i for i, r in enumerate(rows) if tracked(r)] if logits.dtype == torch.float32 else []
         slots = self.penalties.slots([rows[i] for i in track], logits.device) if track else []
         if len(fast) < n:
             fast_set = set(fast)
