@@ -59,6 +59,15 @@ def make_sampler(vocab_size: int, device: torch.device) -> Sampler | DeviceSampl
 
 
 @dataclass(slots=True)
+class LaunchedForward:
+    """A step whose forward is queued and whose sampling is not (:meth:`Engine.launch_forward`)."""
+
+    sampling: list[Sequence]
+    logits: torch.Tensor
+    rows: list[int]  # the logits row of each sampling sequence (siblings share their parent's)
+
+
+@dataclass(slots=True)
 class PendingStep:
     """A launched step: the sequences that sample and their (possibly not yet arrived) tokens."""
 
@@ -133,7 +142,16 @@ class Engine:
         ``ahead``: async scheduling. A launched step not completed yet (:meth:`can_run_ahead` must
         allow it): this step is scheduled as if its sampled tokens were known, and their ids go from
         its output into this step's input on the device, so the host never waits between steps. A
-        sequence that step ends (EOS, a stop string) has run one step too many; that token is dropped."""
+        sequence that step ends (EOS, a stop string) has run one step too many; that token is dropped.
+
+        The same as :meth:`launch_forward` then :meth:`launch_sample`; between the two the caller may
+        :meth:`complete` ``ahead``, which lets grammar and n-gram rows run ahead too (see the Stepper)."""
+        fwd = self.launch_forward(ahead)
+        return None if fwd is None else self.launch_sample(fwd)
+
+    def launch_forward(self, ahead: "PendingStep | None" = None) -> "LaunchedForward | None":
+        """The first half of :meth:`launch`: schedule the step and queue its forward (``ahead``: as there,
+        but only :meth:`can_plan_ahead` must allow it). None when nothing is scheduled."""
         skip: set[Sequence] = set()
         prev_ids = None
         if ahead is not None:
@@ -154,14 +172,26 @@ class Engine:
         advance = self.scheduler.advance
         sampling = [s.seq for s in sched.seqs if advance(s)]
         rows = self.scheduler.fork_siblings(sampling)
-        if len(rows) != logits.shape[0]:
-            logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
+        return LaunchedForward(sampling, logits, rows)
+
+    def needs_tokens(self, fwd: "LaunchedForward") -> bool:
+        """Whether a sequence that samples in ``fwd`` needs its token in flight on the host first: its
+        grammar's mask or its n-gram bans read it. The caller then :meth:`complete`\ s the step in flight
+        before :meth:`launch_sample` (while the device runs this forward)."""
+        return any(s.num_ahead and (s.matcher is not None or s.params.no_repeat_ngram_size > 0)
+                   for s in fwd.sampling)
+
+    def launch_sample(self, fwd: "LaunchedForward") -> "PendingStep":
+        """The second half of :meth:`launch`: queue the sampling of ``fwd``'s rows."""
+        sampling, logits = fwd.sampling, fwd.logits
+        if len(fwd.rows) != logits.shape[0]:
+            logits = logits.index_select(0, to_device(torch.tensor(fwd.rows), logits.device))
         if any(s.matcher is not None for s in sampling):
-            self.masks.apply(logits, [s.matcher for s in sampling])
-        # A sequence with a token in flight samples with that token counted (can_run_ahead made sure
-        # that nothing else about this step depends on its value).
-        # Each row names its sequence: the sampler keeps its penalties' token history (PenaltyState) up to
-        # date itself, on the device, so they do not need the token in flight on the host.
+            # A sequence ended meanwhile (by the step completed in between) gets no mask: its token is dropped.
+            self.masks.apply(logits, [None if s.finished else s.matcher for s in sampling])
+        # A sequence with a token in flight samples with that token counted (needs_tokens and can_run_ahead
+        # made sure that nothing else about this step depends on its value). Each row names its sequence:
+        # the sampler keeps its penalties' token history (PenaltyState) up to date itself, on the device.
         out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids,
                                                              len(s.token_ids) - s.num_prompt + s.num_ahead,
                                                              s.generator, s) for s in sampling])
@@ -170,12 +200,17 @@ class Engine:
             s.ahead_row = k
         return PendingStep(sampling, out)
 
+    def can_plan_ahead(self, pending: "PendingStep") -> bool:
+        """Whether the next step may be scheduled and its forward launched before ``pending``'s tokens are
+        known: not while the runner broadcasts plans to tensor-parallel ranks (they would need the ids)."""
+        return self.runner.broadcast is None
+
     def can_run_ahead(self, pending: "PendingStep") -> bool:
-        """Whether the next step may be launched before ``pending``'s tokens are known: none of its
-        sequences needs them on the host first (a grammar's mask, n-gram bans over the history), and the
-        runner is not broadcasting plans to tensor-parallel ranks. Repetition, frequency and presence
-        penalties do not: the sampler records each token in their state on the device."""
-        if self.runner.broadcast is not None:
+        """Whether the whole next step, sampling included, may be launched before ``pending``'s tokens are
+        known (:meth:`launch` with ``ahead``): :meth:`can_plan_ahead`, and none of its sequences needs them
+        on the host first (a grammar's mask, n-gram bans over the history). Repetition, frequency and
+        presence penalties do not: the sampler records each token in their state on the device."""
+        if not self.can_plan_ahead(pending):
             return False
         for s in pending.seqs:
             if not s.finished and (s.matcher is not None or s.params.no_repeat_ngram_size > 0):

@@ -5,8 +5,10 @@ Three ways, from :class:`~hf_paged.config.EngineConfig`:
 * plain: ``deliver(step())``, one after the other (CPU default: the forward holds the cores);
 * overlap: launch step N, deliver step N-1 while N runs on the device, then wait for N's tokens;
 * async scheduling (CUDA default): launch step N+1 before step N's tokens reach the host, then record
-  and deliver N while N+1 runs (see :meth:`Engine.launch`); where a sequence of N needs its token on the
-  host first (:meth:`Engine.can_run_ahead`), N is finished before N+1 is launched.
+  and deliver N while N+1 runs (see :meth:`Engine.launch`). Where a sequence sampling in N+1 needs its
+  token of N on the host first (a grammar's mask, n-gram bans: :meth:`Engine.needs_tokens`), N+1's
+  forward is launched, N is recorded while it runs, and then N+1's sampling is launched; N is delivered
+  after. Only under tensor parallelism (:meth:`Engine.can_plan_ahead`) is N finished before N+1 is planned.
 
 The pipeline calls :meth:`flush` before adds, cancels and calls and before it idles, so every token
 launched so far is recorded and delivered first. ``park`` (CPU): called once a launched step's forward and
@@ -54,12 +56,22 @@ class Stepper:
         engine, delivery = self.engine, self.delivery
         if self.ahead:
             pending = self._pending
-            if pending is not None and not engine.can_run_ahead(pending):
+            if pending is not None and not engine.can_plan_ahead(pending):
                 self._pending = None
                 delivery.deliver(engine.complete(pending))
                 pending = None
-            self._pending = engine.launch(ahead=pending)
+            fwd = engine.launch_forward(ahead=pending)
+            early = None
+            if pending is not None and fwd is not None and engine.needs_tokens(fwd):
+                # Grammar masks or n-gram bans of this step read the tokens in flight: record them now, while
+                # the device runs this step's forward (they come first in stream order), then sample.
+                self._pending = None
+                early = engine.complete(pending)
+                pending = None
+            self._pending = engine.launch_sample(fwd) if fwd is not None else None
             self.park()
+            if early is not None:
+                delivery.deliver(early)
             if pending is not None:
                 delivery.deliver(engine.complete(pending))
         elif self.overlap:
