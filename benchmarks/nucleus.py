@@ -133,6 +133,7 @@ def main() -> None:
     from transformers import AutoTokenizer
 
     import hf_paged.engine.warpers as warpers
+    from ab import ab_generate
     from hf_paged.engine.pipeline import PagedPipeline
     from hf_paged.models import ensure_default_model, load_model
 
@@ -180,18 +181,10 @@ def main() -> None:
         setting = {"top_p": p} if args.warper == "top_p" else {"typical_p": p}
         kw = dict(do_sample=True, temperature=temperature, top_k=0, seed=1, max_new_tokens=args.max_new_tokens,
                   progress=False, **setting)
-        tps: dict[str, list[float]] = {"base": [], "new": []}
-        outs: dict[str, list] = {}
-        for r in range(args.rounds):
-            for name, cands in (("base", 0), ("new", 64)) if r % 2 == 0 else \
-                    (("new", 64), ("base", 0)):
-                warpers.NUCLEUS_CANDIDATES = cands
-                t = time.perf_counter()
-                res = pipe.generate(prompts, **kw)
-                dt = time.perf_counter() - t
-                toks = [x.token_ids for x in res]
-                tps[name].append(sum(map(len, toks)) / dt)
-                assert outs.setdefault(name, toks) == toks
+        def candidates(n: int):
+            return lambda: setattr(warpers, "NUCLEUS_CANDIDATES", n)
+
+        tps, outs = ab_generate(pipe, prompts, kw, args.rounds, {"base": candidates(0), "new": candidates(64)})
         pipe.close()
         assert outs["base"] == outs["new"], "the new path changed the sampled tokens"
         result["e2e"].append({"set": which, "temperature": temperature, args.warper: p, "requests": args.requests,

@@ -92,6 +92,7 @@ def main() -> None:
     # 2. end to end
     from transformers import AutoTokenizer
 
+    from ab import ab_generate
     from hf_paged.engine.pipeline import PagedPipeline
     from hf_paged.models import ensure_default_model, load_model
     from throughput import build_prompts
@@ -104,17 +105,8 @@ def main() -> None:
         pipe = PagedPipeline(model, tok, kv_memory="1GiB", max_num_seqs=args.requests, max_batch_tokens=2048)
         pipe.generate(prompts[:2], max_new_tokens=4, progress=False)  # warm-up
         kw = dict(max_new_tokens=args.max_new_tokens, progress=False, **setting)
-        tps: dict[str, list[float]] = {"lists": [], "state": []}
-        outs: dict[str, list] = {}
-        for r in range(args.rounds):
-            for name in ("lists", "state") if r % 2 == 0 else ("state", "lists"):
-                use_state(name == "state")
-                t = time.perf_counter()
-                res = pipe.generate(prompts, **kw)
-                dt = time.perf_counter() - t
-                toks = [x.token_ids for x in res]
-                tps[name].append(sum(map(len, toks)) / dt)
-                assert outs.setdefault(name, toks) == toks
+        tps, outs = ab_generate(pipe, prompts, kw, args.rounds,
+                                {"lists": lambda: use_state(False), "state": lambda: use_state(True)})
         use_state(True)
         pipe.close()
         assert outs["lists"] == outs["state"], "the state changed the tokens"
