@@ -234,6 +234,18 @@ def test_cuda_one_copy_per_step_and_same_tokens_as_cpu():
     assert agree >= 250, agree
 
 
+def test_the_runners_inference_tensors_are_processed_in_place():
+    """The runner's logits come out of inference mode; the n-gram ban writes rows in place, which outside
+    inference mode fails on such a tensor (it did: every request with no_repeat_ngram_size failed its batch)."""
+    with torch.inference_mode():
+        logits = torch.randn(3, 64, generator=torch.Generator().manual_seed(0))
+    rows = [SamplingRow(params(no_repeat_ngram_size=2), [5, 6, 5], 1),
+            SamplingRow(params(repetition_penalty=1.5), [5], 0),
+            SamplingRow(params(no_repeat_ngram_size=1, min_new_tokens=3), [7, 8], 1)]
+    want = Sampler(64).sample(logits.clone(), rows).tokens
+    assert DeviceSampler(64).sample(logits, rows).tokens == want
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_penalty_state_with_tokens_in_flight_and_no_sync():
     """Penalised greedy rows that name their sequence, as under async scheduling: each step's lists lack the

@@ -172,7 +172,7 @@ def test_grammar_and_ngram_rows_run_ahead():
         elif i % 4 == 1:
             kw.update(regex=r"[a-z]{3,8}( [a-z]{3,8}){2,4}\.", do_sample=True, temperature=0.9)
         elif i % 4 == 2:
-            kw.update(no_repeat_ngram_size=2, ignore_eos=True, repetition_penalty=1.2)
+            kw.update(no_repeat_ngram_size=1, ignore_eos=True, repetition_penalty=1.2)
         else:
             kw.update(ignore_eos=True)
         reqs.append((prompt, kw))
@@ -196,12 +196,49 @@ def test_grammar_and_ngram_rows_run_ahead():
     early: list[bool] = []
     got, stats = run("async", fills, early)
     assert got == plain
+    # The bans did ban: without them, those requests' greedy outputs repeat tokens.
+    assert all(len(set(got[i][0])) == len(got[i][0]) for i in range(2, 12, 4))
+    assert any(len(set(t)) < len(t) for t, _, _ in plain[3::4])
     assert stats["blocks_used"] == 0
     assert sum(f > 0 for f in fills) > len(fills) // 2  # most steps ran ahead, constrained rows in them
     assert sum(early) >= 5  # steps that recorded the one in flight between their forward and their sampling
     for i in range(0, 12, 4):
         if got[i][2] == "stop":
             json.loads(got[i][1])
+
+
+@pytest.mark.parametrize("sampler", ["host", "device"])
+def test_penalised_rows_that_end_while_the_step_in_flight_is_recorded(model, sampler, monkeypatch):
+    """An n-gram row makes steps record the one in flight between their forward and their sampling; more than
+    16 penalised requests end by EOS meanwhile (their slots of the penalty state are then reused). Their
+    rows of the next step name no sequence, so no live sequence's history is swept or shared: every output
+    equals the plain loop reading token lists."""
+    import hf_paged.engine.device_sampler as device_sampler_mod
+    import hf_paged.engine.sampler as sampler_mod
+
+    monkeypatch.setenv("HF_PAGED_SAMPLER", sampler)
+    rng = random.Random(1)
+    reqs = [([rng.randrange(3, VOCAB) for _ in range(20)], dict(no_repeat_ngram_size=3, ignore_eos=True,
+                                                                   max_new_tokens=200))]
+    reqs += [([rng.randrange(3, VOCAB) for _ in range(rng.randint(5, 40))],
+              dict(repetition_penalty=1.3, frequency_penalty=0.3, max_new_tokens=30)) for _ in range(40)]
+    opts = dict(max_num_seqs=20, max_batch_tokens=64)
+
+    def lists_plain():
+        with monkeypatch.context() as m:
+            m.setattr(sampler_mod, "tracked", lambda row: False)
+            m.setattr(device_sampler_mod, "tracked", lambda row: False)
+            return _run(model, reqs, mode="plain", **opts)[0]
+
+    first = lists_plain()
+    for i in range(1, len(reqs)):  # EOS: one of its own early tokens, so they end at varied steps
+        toks = first[i][0][0]
+        reqs[i][1]["eos_token_id"] = toks[rng.randint(2, min(12, len(toks) - 1))]
+    plain = lists_plain()
+    assert sum(r[0][2] == "stop" for r in plain) > 16
+    got, stats = _run(model, reqs, mode="async", **opts)
+    _same(got, plain)
+    assert stats["blocks_used"] == 0
 
 
 @pytest.mark.parametrize("mode", ["overlap", "async"])

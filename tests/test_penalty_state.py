@@ -160,3 +160,20 @@ def test_low_precision_logits_read_the_lists():
                                                                                                    Owner())])
     plain = Sampler(V).sample(logits.clone(), [SamplingRow(p, ids, 3, None), SamplingRow(p, ids, 0, None)])
     assert owned.tokens == plain.tokens
+
+
+def test_a_call_never_sweeps_its_own_rows():
+    """Every slot is held and one holder has finished; a call with that holder and a newcomer must not give
+    the newcomer the holder's slot (the sweep that frees it leaves this call's rows alone)."""
+    from hf_paged.engine.penalty_state import PenaltyState
+
+    state = PenaltyState(V)
+    p = SamplingParams(max_new_tokens=10, repetition_penalty=1.2)
+    owners = [Owner() for _ in range(16)]
+    state.slots([SamplingRow(p, [1, 2], 0, None, o) for o in owners], torch.device("cpu"))
+    owners[0].finished = True
+    new = Owner()
+    slots = state.slots([SamplingRow(p, [1, 2], 0, None, owners[0]), SamplingRow(p, [3], 0, None, new)],
+                        torch.device("cpu"))
+    assert slots[0] != slots[1]
+    assert len(state._owner) == 32  # grown instead

@@ -54,6 +54,7 @@ class DeviceSampler:
         """Next token of every row (``logits[i]`` belongs to ``rows[i]``)."""
         return self.sample_async(logits, rows).result()
 
+    @torch.inference_mode()  # the runner's logits are inference tensors, which only inference mode updates in place
     def sample_async(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "Pending | Ready":
         """Queue the sampling on the device and the copy of its result into pinned host memory;
         ``.result()`` waits for that copy (the step's one device-to-host transfer)."""

@@ -139,13 +139,18 @@ class Engine:
         (deliver the previous step) meanwhile. None when nothing is scheduled. Each launched step is
         finished with :meth:`complete`, in launch order.
 
-        ``ahead``: async scheduling. A launched step not completed yet (:meth:`can_run_ahead` must
-        allow it): this step is scheduled as if its sampled tokens were known, and their ids go from
-        its output into this step's input on the device, so the host never waits between steps. A
-        sequence that step ends (EOS, a stop string) has run one step too many; that token is dropped.
+        ``ahead``: async scheduling. A launched step not completed yet: this step is scheduled as if its
+        sampled tokens were known, and their ids go from its output into this step's input on the device,
+        so the host never waits between steps. A sequence that step ends (EOS, a stop string) has run one
+        step too many; that token is dropped. :meth:`can_plan_ahead` must allow it, and no unfinished
+        sequence of ``ahead`` may have a grammar or n-gram bans (their sampling needs the tokens on the host:
+        use :meth:`launch_forward`, :meth:`complete` ``ahead`` and :meth:`launch_sample`, as the Stepper does).
 
-        The same as :meth:`launch_forward` then :meth:`launch_sample`; between the two the caller may
-        :meth:`complete` ``ahead``, which lets grammar and n-gram rows run ahead too (see the Stepper)."""
+        The same as :meth:`launch_forward` then :meth:`launch_sample`."""
+        if ahead is not None and any(not s.finished and (s.matcher is not None or s.params.no_repeat_ngram_size > 0)
+                                     for s in ahead.seqs):
+            raise ValueError("launch(ahead=...): a sequence in flight has a grammar or n-gram bans; launch_forward, "
+                             "complete the step in flight, then launch_sample")
         fwd = self.launch_forward(ahead)
         return None if fwd is None else self.launch_sample(fwd)
 
@@ -189,12 +194,14 @@ class Engine:
         if any(s.matcher is not None for s in sampling):
             # A sequence ended meanwhile (by the step completed in between) gets no mask: its token is dropped.
             self.masks.apply(logits, [None if s.finished else s.matcher for s in sampling])
-        # A sequence with a token in flight samples with that token counted (needs_tokens and can_run_ahead
-        # made sure that nothing else about this step depends on its value). Each row names its sequence:
-        # the sampler keeps its penalties' token history (PenaltyState) up to date itself, on the device.
+        # A sequence with a token in flight samples with that token counted (needs_tokens made sure that
+        # nothing else about this step depends on its value). Each row names its sequence: the sampler keeps
+        # its penalties' token history (PenaltyState) up to date itself, on the device. A sequence ended
+        # meanwhile names none: its token is dropped, and its history may already be another's.
         out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids,
                                                              len(s.token_ids) - s.num_prompt + s.num_ahead,
-                                                             s.generator, s) for s in sampling])
+                                                             s.generator, None if s.finished else s)
+                                                 for s in sampling])
         for k, s in enumerate(sampling):
             s.num_ahead += 1
             s.ahead_row = k
@@ -204,18 +211,6 @@ class Engine:
         """Whether the next step may be scheduled and its forward launched before ``pending``'s tokens are
         known: not while the runner broadcasts plans to tensor-parallel ranks (they would need the ids)."""
         return self.runner.broadcast is None
-
-    def can_run_ahead(self, pending: "PendingStep") -> bool:
-        """Whether the whole next step, sampling included, may be launched before ``pending``'s tokens are
-        known (:meth:`launch` with ``ahead``): :meth:`can_plan_ahead`, and none of its sequences needs them
-        on the host first (a grammar's mask, n-gram bans over the history). Repetition, frequency and
-        presence penalties do not: the sampler records each token in their state on the device."""
-        if not self.can_plan_ahead(pending):
-            return False
-        for s in pending.seqs:
-            if not s.finished and (s.matcher is not None or s.params.no_repeat_ngram_size > 0):
-                return False
-        return True
 
     def complete(self, pending: "PendingStep") -> list[TokenRecord]:
         """Wait for a launched step's tokens and record them. A sequence finished in between (a stop

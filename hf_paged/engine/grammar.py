@@ -23,6 +23,8 @@ from typing import Any
 
 import torch
 
+from ..kv.metadata import to_device
+
 _LOG_PREFIX = re.compile(r"^\[[0-9:]+\]\s+\S+:\d+:\s*")
 CACHE_BYTES = 256 * 2**20
 # What SamplingParams accepts, by field; ``json_object`` (any JSON) is ``json_schema=True``.
@@ -123,5 +125,6 @@ class Masks:
         for i in rows:
             matchers[i].fill_next_token_bitmask(self._buf, i)
         dev = "cpu" if logits.device.type == "cpu" else "auto"
-        xgr.apply_token_bitmask_inplace(logits, self._buf[: len(matchers)].to(logits.device),
+        # to_device: pinned and non-blocking on CUDA, so the copy does not wait for the queued forward.
+        xgr.apply_token_bitmask_inplace(logits, to_device(self._buf[: len(matchers)], logits.device),
                                         vocab_size=self.vocab_size, indices=rows, backend=dev)

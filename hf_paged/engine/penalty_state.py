@@ -91,15 +91,16 @@ class PenaltyState:
         device = torch.device("cpu") if self.on_host else torch.device(device)
         if self._counts is not None and self._counts.device != device:
             self.__init__(self.vocab, on_host=self.on_host)  # a new device: start over (owners are filled again)
+        taken = {r.owner for r in rows}  # never swept by this call, finished or not
         self._calls += 1
         if self._calls % 64 == 0:
-            self._sweep()  # now and then, so finished sequences are not held for long
+            self._sweep(taken)  # now and then, so finished sequences are not held for long
         out: list[int] = []
         fill: list[tuple[int, "SamplingRow"]] = []
         for r in rows:
             slot = self._slot.get(r.owner)
             if slot is None:
-                slot = self._take(r.owner, device)
+                slot = self._take(r.owner, device, taken)
                 fill.append((slot, r))
             else:
                 n, ahead = self._length[slot], _in_flight(r)
@@ -191,9 +192,9 @@ class PenaltyState:
         h[n] = token
         self._length[slot] = n + 1
 
-    def _take(self, owner: Any, device: torch.device) -> int:
+    def _take(self, owner: Any, device: torch.device, keep: set | frozenset = frozenset()) -> int:
         if not self._free:
-            self._sweep()
+            self._sweep(keep)
         if not self._free:
             self._grow(device)
         slot = self._free.pop()
@@ -201,10 +202,10 @@ class PenaltyState:
         self._owner[slot] = owner
         return slot
 
-    def _sweep(self) -> None:
-        """Give back the slots of finished owners."""
+    def _sweep(self, keep: set | frozenset = frozenset()) -> None:
+        """Give back the slots of finished owners (but those in ``keep``)."""
         for owner, slot in list(self._slot.items()):
-            if getattr(owner, "finished", False):
+            if getattr(owner, "finished", False) and owner not in keep:
                 del self._slot[owner]
                 self._owner[slot] = None
                 self._hist[slot] = None
