@@ -181,8 +181,8 @@ class Engine:
 
     def needs_tokens(self, fwd: "LaunchedForward") -> bool:
         """Whether a sequence that samples in ``fwd`` needs its token in flight on the host first: its
-        grammar's mask or its n-gram bans read it. The caller then :meth:`complete`\ s the step in flight
-        before :meth:`launch_sample` (while the device runs this forward)."""
+        grammar's mask or its n-gram bans read it. The caller then records the step in flight
+        (:meth:`complete`) before :meth:`launch_sample`, while the device runs this forward."""
         return any(s.num_ahead and (s.matcher is not None or s.params.no_repeat_ngram_size > 0)
                    for s in fwd.sampling)
 

@@ -14,7 +14,7 @@ of it can be in flight); after that the sampler records each token it picks. Two
 * on the device (:class:`~hf_paged.engine.device_sampler.DeviceSampler`): ``seen`` ``[slots, vocab]`` bool
   (prompt and output tokens) and ``counts`` ``[slots, vocab]`` float32 (output tokens). A pick is recorded
   by a scatter on the device, so the next step can sample before the host has seen it; the penalties are
-  full-row ``where``\\ s, without a sync.
+  full-row selections (``torch.where``), without a sync.
 * on the host (:class:`~hf_paged.engine.sampler.Sampler`, ``on_host=True``): each slot's tokens as a growing
   numpy array (converted once, then appended to), plus ``counts``. The penalties touch only the history's
   scores: one gather and one scatter for all the step's rows (HF's processor also gathers by the token
