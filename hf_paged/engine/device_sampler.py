@@ -29,10 +29,10 @@ import math
 import os
 
 import torch
-from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor
 
-from ..kv.metadata import to_device
+from ..kv.metadata import column_tensor, index_tensor, to_device
 from . import warpers
+from .history import apply_history_rows
 from .penalty_state import PenaltyState, tracked
 from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, SamplingRow
 
@@ -71,7 +71,7 @@ class DeviceSampler:
         dev = scores.device
         track = [i for i, r in enumerate(rows) if tracked(r)]
         slots = self.penalties.slots([rows[i] for i in track], dev) if track else []
-        _apply_history(scores, rows, self.penalties, dict(zip(track, slots)))
+        apply_history_rows(scores, rows, self.penalties, dict(zip(track, slots)))
         tokens = torch.empty(n, dtype=torch.long, device=dev)
         greedy = [i for i, r in enumerate(rows) if r.params.is_greedy]
         drawn = [i for i, r in enumerate(rows) if not r.params.is_greedy]
@@ -80,10 +80,10 @@ class DeviceSampler:
             if len(greedy) == n:
                 tokens = scores.argmax(dim=-1)
             else:
-                g = _index(greedy, dev)
+                g = index_tensor(greedy, dev)
                 tokens.index_copy_(0, g, scores.index_select(0, g).argmax(dim=-1))
         if drawn:
-            sub = scores if len(drawn) == n else scores.index_select(0, _index(drawn, dev))
+            sub = scores if len(drawn) == n else scores.index_select(0, index_tensor(drawn, dev))
             drawn_rows = [rows[i] for i in drawn]
             if _fused_applies(sub, drawn_rows):
                 picked, processed = _topk_draw_fused(sub, drawn_rows), None  # no drawn row reads its scores
@@ -93,12 +93,13 @@ class DeviceSampler:
                 tokens = picked
                 final = scores if processed is None else processed
             else:
-                d = _index(drawn, dev)
+                d = index_tensor(drawn, dev)
                 tokens.index_copy_(0, d, picked)
                 if processed is not None:
                     scores.index_copy_(0, d, processed)
         if track:  # on the device, before the ids come back: the next step may sample before they do
-            self.penalties.record(slots, tokens if len(track) == n else tokens.index_select(0, _index(track, dev)))
+            picked = tokens if len(track) == n else tokens.index_select(0, index_tensor(track, dev))
+            self.penalties.record(slots, picked)
         flat, wants, k = _pack(tokens, final, rows)
         if dev.type != "cuda":
             return Ready(_unpack(flat.tolist(), rows, wants, k))
@@ -125,69 +126,6 @@ class Pending:
         return _unpack(self._host.tolist(), self._rows, self._wants, self._k)
 
 
-# ---------------------------------------------------------------------------------- history processors
-def _apply_history(scores: torch.Tensor, rows: list[SamplingRow], state: PenaltyState | None = None,
-                   slots: dict[int, int] | None = None) -> None:
-    """generate()'s history processors, in its order, in place, one vectorised op per processor. The
-    penalties of rows in ``slots`` (row -> slot of ``state``) come from ``state``, the others' from their
-    token_ids (the same values: see :mod:`.penalty_state`)."""
-    dev = scores.device
-    slots = slots or {}
-    width = scores.shape[1]
-    rep = [i for i, r in enumerate(rows) if r.params.repetition_penalty != 1.0 and (r.token_ids or i in slots)]
-    for part in _split(rep, slots):
-        idx = _index(part, dev)
-        pen = _column([rows[i].params.repetition_penalty for i in part], dev)
-        sub = scores.index_select(0, idx)
-        if part[0] in slots:  # RepetitionPenaltyLogitsProcessor over each row's set of tokens
-            sub = torch.where(state.seen([slots[i] for i in part], width), torch.where(sub < 0, sub * pen, sub / pen),
-                              sub)
-        else:
-            ids = _padded([rows[i].token_ids for i in part], dev)
-            got = sub.gather(1, ids)  # the same, per row, from its token list
-            sub.scatter_(1, ids, torch.where(got < 0, got * pen, got / pen))
-        scores.index_copy_(0, idx, sub)
-    pen_rows = [i for i, r in enumerate(rows) if (r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0)
-                and r.num_generated > 0]
-    for part in _split(pen_rows, slots):  # OpenAI's penalties over generated tokens only (see Sampler)
-        idx = _index(part, dev)
-        if part[0] in slots:
-            counts = state.counts([slots[i] for i in part], width).to(scores.dtype)
-        else:
-            gen = [rows[i].token_ids[len(rows[i].token_ids) - rows[i].num_generated:] for i in part]
-            ids = _padded(gen, dev)
-            weight = _padded([[1] * len(g) for g in gen], dev, pad=0, dtype=scores.dtype)
-            counts = torch.zeros(len(part), width, dtype=scores.dtype, device=dev)
-            counts.scatter_add_(1, ids, weight)
-        freq = _column([rows[i].params.frequency_penalty for i in part], dev)
-        pres = _column([rows[i].params.presence_penalty for i in part], dev)
-        sub = scores.index_select(0, idx)
-        scores.index_copy_(0, idx, sub - (freq * counts + pres * (counts > 0).to(scores.dtype)))
-    for i, r in enumerate(rows):  # rare, and HF's processor is host code over the ids: kept per row
-        if r.params.no_repeat_ngram_size > 0:
-            ids = torch.tensor(r.token_ids, dtype=torch.long, device=dev).unsqueeze(0)  # HF scatters it into the scores
-            scores[i : i + 1] = NoRepeatNGramLogitsProcessor(r.params.no_repeat_ngram_size)(ids, scores[i : i + 1])
-    ban_rows: list[int] = []
-    ban_cols: list[int] = []
-    for i, r in enumerate(rows):  # MinNewTokensLength: EOS banned until min_new_tokens
-        p = r.params
-        if r.num_generated < p.min_new_tokens and p.eos_token_id:
-            eos = p.eos_token_id if isinstance(p.eos_token_id, (list, tuple)) else [p.eos_token_id]
-            for e in eos:
-                if 0 <= e < scores.shape[1]:
-                    ban_rows.append(i)
-                    ban_cols.append(e)
-    if ban_rows:
-        scores.index_put_((_index(ban_rows, dev), _index(ban_cols, dev)), torch.full((), _NEG_INF, device=dev))
-
-
-def _split(which: list[int], slots: dict[int, int]) -> list[list[int]]:
-    """``which`` as the rows with a slot and the rows without, leaving out an empty part."""
-    with_slot = [i for i in which if i in slots]
-    without = [i for i in which if i not in slots]
-    return [p for p in (with_slot, without) if p]
-
-
 # ---------------------------------------------------------------------------------- warpers and draw
 def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sampled ids of ``rows`` (all sampling) and their processed full-width scores."""
@@ -195,13 +133,13 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
     n, vocab = scores.shape
     temps = [r.params.temperature for r in rows]
     if any(t != 1.0 for t in temps):
-        scores = scores / _column(temps, dev)  # TemperatureLogitsWarper
+        scores = scores / column_tensor(temps, dev)  # TemperatureLogitsWarper
     u = _uniforms(rows, dev)
     ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
     cand = [i for i, k in enumerate(ks) if k]
     if cand:
         every = len(cand) == n  # every row a top-k row (generate()'s default top_k=50): no gather, no scatter
-        c = None if every else _index(cand, dev)
+        c = None if every else index_tensor(cand, dev)
         full_c = scores if every else scores.index_select(0, c)
         top_vals, top_idx, kth, tied = _candidates(full_c, [ks[i] for i in cand])
         # TopKLogitsWarper on the full rows: every score below the k-th goes (ties stay).
@@ -233,7 +171,7 @@ def _candidates(scores: torch.Tensor, ks: list[int], temps: torch.Tensor | None 
     vals, ids = torch.topk(scores, kmax + 1, dim=-1)
     if temps is not None:
         vals = vals / temps
-    k = _index(ks, dev).view(-1, 1)
+    k = index_tensor(ks, dev).view(-1, 1)
     kth = vals.gather(1, k - 1)
     tied = (vals.gather(1, k) == kth).view(-1)
     cols = torch.arange(kmax + 1, device=dev).view(1, -1)
@@ -275,7 +213,7 @@ def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     value scaling its row would), each row draws over them, and only the rows whose k-th score ties are
     drawn again over their whole row, by the Triton kernel."""
     dev = scores.device
-    temps = _column([r.params.temperature for r in rows], dev)
+    temps = column_tensor([r.params.temperature for r in rows], dev)
     u = _uniforms(rows, dev)
     vals, ids, kth, tied = _candidates(scores, [r.params.top_k for r in rows], temps)
     from_cand = ids.gather(1, _draw(vals, u).view(-1, 1)).view(-1)
@@ -303,18 +241,18 @@ def _later_warpers(scores: torch.Tensor, rows: list[SamplingRow], which: list[in
     min_p = [i for i in which if rows[i].params.min_p]
     if min_p:
         scores = _on_rows(scores, min_p,
-                          lambda s: warpers.min_p_rows(s, _column([rows[i].params.min_p for i in min_p], dev)))
+                          lambda s: warpers.min_p_rows(s, column_tensor([rows[i].params.min_p for i in min_p], dev)))
     typical = [i for i in which if rows[i].params.typical_p < 1.0]
     if typical:
-        scores = _on_rows(scores, typical,
-                          lambda s: warpers.typical_rows(s, _column([rows[i].params.typical_p for i in typical], dev)))
+        masses = column_tensor([rows[i].params.typical_p for i in typical], dev)
+        scores = _on_rows(scores, typical, lambda s: warpers.typical_rows(s, masses))
     return scores
 
 
 def _on_rows(scores: torch.Tensor, which: list[int], fn) -> torch.Tensor:
     if len(which) == scores.shape[0]:
         return fn(scores)
-    idx = _index(which, scores.device)
+    idx = index_tensor(which, scores.device)
     out = scores.clone()
     out.index_copy_(0, idx, fn(scores.index_select(0, idx)))
     return out
@@ -358,7 +296,7 @@ def _pack(tokens: torch.Tensor, scores: torch.Tensor, rows: list[SamplingRow]) -
     wants = [i for i, r in enumerate(rows) if r.params.logprobs or r.params.top_logprobs > 0]
     if not wants:
         return tokens, wants, 0
-    w = _index(wants, scores.device)
+    w = index_tensor(wants, scores.device)
     logp = torch.log_softmax(scores.index_select(0, w), dim=-1)
     chosen = logp.gather(1, tokens.index_select(0, w).view(-1, 1)).view(-1)
     k = min(max(rows[i].params.top_logprobs for i in wants), logp.shape[1])
@@ -386,20 +324,3 @@ def _unpack(flat: list, rows: list[SamplingRow], wants: list[int], k: int) -> Sa
                                                                                vals[j * k : j * k + top])
                                if v > -math.inf]
     return out
-
-
-def _index(values: list[int], device: torch.device) -> torch.Tensor:
-    return to_device(torch.tensor(values, dtype=torch.long), device)
-
-
-def _column(values: list[float], device: torch.device) -> torch.Tensor:
-    return to_device(torch.tensor(values, dtype=torch.float32).view(-1, 1), device)
-
-
-def _padded(lists: list[list[int]], device: torch.device, pad: int | None = None,
-            dtype: torch.dtype = torch.long) -> torch.Tensor:
-    """Rows of unequal length as one tensor; ``pad`` None repeats each row's first value (a no-op for
-    gather/scatter of the same value)."""
-    width = max(len(x) for x in lists)
-    return to_device(torch.tensor([x + [x[0] if pad is None else pad] * (width - len(x)) for x in lists], dtype=dtype),
-               device)

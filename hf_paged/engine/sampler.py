@@ -32,8 +32,6 @@ import numpy as np
 import torch
 from transformers.generation.logits_process import (
     MinPLogitsWarper,
-    NoRepeatNGramLogitsProcessor,
-    RepetitionPenaltyLogitsProcessor,
     TemperatureLogitsWarper,
     TopKLogitsWarper,
     TopPLogitsWarper,
@@ -41,6 +39,7 @@ from transformers.generation.logits_process import (
 )
 
 from . import warpers
+from .history import apply_history, needs_history
 from .params import SamplingParams
 from .penalty_state import PenaltyState, tracked
 
@@ -134,7 +133,7 @@ class Sampler:
         out = SampleOutput([0] * n)
         if any(wants):
             out.logprobs, out.top_logprobs = [None] * n, [[] for _ in range(n)]
-        fast = [i for i, r in enumerate(rows) if r.params.is_greedy and not _needs_history(r)]
+        fast = [i for i, r in enumerate(rows) if r.params.is_greedy and not needs_history(r)]
         if fast:
             asking = [k for k, i in enumerate(fast) if wants[i]]
             picked = None
@@ -213,7 +212,7 @@ class Sampler:
         """Final scores of rows ``which``, grouped so that rows with equal warpers are warped together.
         ``slots``: the PenaltyState slot of each tracked row (the others read their token_ids)."""
         slots = slots or {}
-        needs = {i for i in which if _needs_history(rows[i])}
+        needs = {i for i in which if needs_history(rows[i])}
         used = 0  # each group gets its own rows of the work buffer, so no part overwrites another
 
         def stack(members: list[int]) -> torch.Tensor:
@@ -229,10 +228,10 @@ class Sampler:
                 self.penalties.penalize(dst, at, [slots[members[j]] for j in at], [rows[members[j]] for j in at])
             for j, i in enumerate(members):
                 if i in slots:  # penalised already; what else reads the history, on the row in place
-                    if _needs_history(rows[i], penalties=False):
-                        _copy_rows(dst, [j], _apply_history(dst[j : j + 1], rows[i], penalties=False), [0])
+                    if needs_history(rows[i], penalties=False):
+                        _copy_rows(dst, [j], apply_history(dst[j : j + 1], rows[i], penalties=False), [0])
                 elif i in needs:  # one at a time, so each row's temporaries are freed (and reused) at once
-                    _copy_rows(dst, [j], _apply_history(logits[i : i + 1], rows[i]), [0])
+                    _copy_rows(dst, [j], apply_history(logits[i : i + 1], rows[i]), [0])
             return dst
 
         greedy = [i for i in which if rows[i].params.is_greedy]
@@ -265,40 +264,6 @@ class Sampler:
                 n = rows[part.rows[j]].params.top_logprobs
                 out.top_logprobs[part.rows[j]] = [(t, max(v, LOGPROB_FLOOR)) for t, v in zip(ts[:n], vs[:n])
                                                 if v > -math.inf]
-
-
-def _needs_history(row: SamplingRow, penalties: bool = True) -> bool:
-    p = row.params
-    return ((penalties and (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0))
-            or p.no_repeat_ngram_size > 0 or (row.num_generated < p.min_new_tokens and bool(p.eos_token_id)))
-
-
-def _apply_history(scores: torch.Tensor, row: SamplingRow, penalties: bool = True) -> torch.Tensor:
-    """The processors that read the row's tokens, on ``[1, V]`` scores, in generate()'s order
-    (``penalties=False``: all but the repetition, frequency and presence penalties)."""
-    p = row.params
-    ids = None
-    if penalties or p.no_repeat_ngram_size > 0:
-        ids = torch.tensor(row.token_ids, dtype=torch.long, device=scores.device).unsqueeze(0)
-    if penalties and p.repetition_penalty != 1.0:
-        scores = RepetitionPenaltyLogitsProcessor(p.repetition_penalty)(ids, scores)
-    if penalties and (p.frequency_penalty != 0.0 or p.presence_penalty != 0.0) and row.num_generated > 0:
-        # OpenAI semantics: counts over generated tokens only; right after HF's repetition penalty.
-        vocab = scores.shape[1]
-        gen = ids[0, ids.shape[1] - row.num_generated :]
-        counts = torch.bincount(gen, minlength=vocab)[:vocab].to(scores.dtype)
-        scores = scores - (p.frequency_penalty * counts + p.presence_penalty * (counts > 0).to(scores.dtype))
-    if p.no_repeat_ngram_size > 0:
-        scores = NoRepeatNGramLogitsProcessor(p.no_repeat_ngram_size)(ids, scores)
-    if row.num_generated < p.min_new_tokens and p.eos_token_id:
-        # What MinNewTokensLengthLogitsProcessor does (EOS ids to -inf), without its isin over the
-        # whole vocabulary per row and step.
-        eos = p.eos_token_id if isinstance(p.eos_token_id, (list, tuple)) else [p.eos_token_id]
-        eos = [e for e in eos if 0 <= e < scores.shape[1]]
-        if eos:
-            scores = scores.clone()
-            scores[:, eos] = -float("inf")
-    return scores
 
 
 def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float | None,

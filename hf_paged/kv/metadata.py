@@ -28,6 +28,25 @@ def host_tensor(values: list[int], dtype: type = np.int64) -> torch.Tensor:
     return torch.from_numpy(np.array(values, dtype=dtype))
 
 
+def index_tensor(values: list[int], device: torch.device) -> torch.Tensor:
+    """``values`` as a long tensor on ``device`` (see :func:`to_device`)."""
+    return to_device(torch.tensor(values, dtype=torch.long), device)
+
+
+def column_tensor(values: list[float], device: torch.device) -> torch.Tensor:
+    """``values`` as a float32 ``[n, 1]`` column on ``device``."""
+    return to_device(torch.tensor(values, dtype=torch.float32).view(-1, 1), device)
+
+
+def padded_tensor(lists: list[list[int]], device: torch.device, pad: int | None = None,
+            dtype: torch.dtype = torch.long) -> torch.Tensor:
+    """Rows of unequal length as one tensor; ``pad`` None repeats each row's first value (a no-op for
+    gather/scatter of the same value)."""
+    width = max(len(x) for x in lists)
+    return to_device(torch.tensor([x + [x[0] if pad is None else pad] * (width - len(x)) for x in lists], dtype=dtype),
+               device)
+
+
 class TableRows:
     """Block tables kept as rows of one persistent int32 array, so that a step's ``[S, width]`` table
     tensor is one gather instead of S Python lists converted anew (at 256 sequences of 1024 tokens that
