@@ -79,11 +79,6 @@ class PenaltyState:
         self._free: list[int] = []
         self._calls = 0
 
-    @property
-    def live(self) -> int:
-        """Slots held by owners (finished ones included until a slot is next wanted)."""
-        return len(self._slot)
-
     # ------------------------------------------------------------------ slots
     def slots(self, rows: list["SamplingRow"], device: torch.device) -> list[int]:
         """The slot of each row's owner, filled from its token list where it has none yet (or where its list
@@ -163,7 +158,7 @@ class PenaltyState:
             self._seen.index_put_((idx, tok), torch.ones((), dtype=torch.bool, device=dev))
         self._counts.index_put_((idx, tok), torch.ones((), dtype=torch.float32, device=dev), accumulate=True)
         if self.on_host:
-            for s, t in zip(slots, tok.tolist()):
+            for s, t in zip(slots, tokens if isinstance(tokens, list) else tok.tolist()):
                 self._append(s, t)
         else:
             for s in slots:

@@ -173,7 +173,7 @@ class Sampler:
                 if out.logprobs is not None:
                     self._fill_logprobs(out, part, pos, rows, wants)
         if track:
-            self.penalties.record(slots, torch.tensor([out.tokens[i] for i in track], dtype=torch.long))
+            self.penalties.record(slots, [out.tokens[i] for i in track])
         return out
 
     def sample_async(self, logits: torch.Tensor, rows: list[SamplingRow]) -> "Ready":
