@@ -89,6 +89,22 @@ def test_topk_ties_at_border_take_the_full_row_draw():
         assert_same(host, dev, specs)
 
 
+def test_seeded_topk_row_same_tokens_beside_a_larger_top_k():
+    """bf16-rounded logits tie inside the top k, and topk orders equal scores differently for another k: a
+    seeded top_k=20 row draws the same tokens alone, beside a top_k=50 row, and in the host sampler."""
+    vocab, differ = 2000, 0
+    for seed in range(60):
+        g = torch.Generator().manual_seed(seed)
+        logits = (torch.randn(2, vocab, generator=g) * 2).bfloat16().float()
+        row = (params(do_sample=True, top_k=20, temperature=0.7), [5], 0, seed)
+        other = (params(do_sample=True, top_k=50, temperature=0.7), [5], 0, 1000 + seed)
+        alone_host, alone_dev = both(logits[:1], [row])
+        pair_host, pair_dev = both(logits, [row, other])
+        assert alone_dev.tokens == alone_host.tokens == pair_dev.tokens[:1] == pair_host.tokens[:1], seed
+        differ += pair_dev.tokens[1] != pair_dev.tokens[0]
+    assert differ  # the rows do draw apart
+
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

@@ -466,3 +466,41 @@ def test_scale_matters():
     batch = make_batch([33], [5], heads=1, kv_heads=1, head_dim=16, block_size=8, dtype=torch.float32)
     for scale in (0.0, 1.7):
         check(batch, paged_attention_triton(*batch.args(), scale=scale), scale=scale)
+
+
+def test_triton_launches_on_the_tensors_device(monkeypatch):
+    """Triton launches on the current CUDA device; the entry points make the tensors' device current
+    first (a model on cuda:1 would otherwise run its kernels on cuda:0), and change nothing when it is."""
+    import hf_paged.kernels as kernels
+
+    entered = []
+
+    class Guard:
+        def __init__(self, index):
+            self.index = index
+
+        def __enter__(self):
+            entered.append(self.index)
+
+        def __exit__(self, *exc):
+            return False
+
+    class Fake:
+        def __init__(self, device):
+            self.device = torch.device(device)
+
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(torch.cuda, "device", Guard)
+    for device, want in (("cuda:1", [1]), ("cuda:0", []), ("cpu", [])):
+        entered.clear()
+        with kernels.on_device(Fake(device)):
+            pass
+        assert entered == want, device
+    # The entry points go through it: write_kv's Triton branch on a "cuda:1" key.
+    import hf_paged.kernels.cache_write as cache_write
+
+    calls = []
+    monkeypatch.setattr(cache_write, "write_kv_triton", lambda *a: calls.append(list(entered)))
+    entered.clear()
+    kernels.write_kv(Fake("cuda:1"), None, None, None, None, backend="triton")
+    assert calls == [[1]]

@@ -106,7 +106,7 @@ class DeviceSampler:
         host = torch.empty(flat.shape, dtype=flat.dtype, pin_memory=True)
         host.copy_(flat, non_blocking=True)
         done = torch.cuda.Event()
-        done.record()
+        done.record(torch.cuda.current_stream(dev))  # the copy's stream: the current device may be another
         return Pending(host, done, rows, wants, k, tokens)
 
 
@@ -165,7 +165,11 @@ def _candidates(scores: torch.Tensor, ks: list[int], temps: torch.Tensor | None 
     ``vals`` ``[rows, max(ks)]`` are the scores (divided by ``temps`` when given: temperature is monotonic,
     so the k best scaled scores are the k best raw ones, and a candidate scaled is what scaling its row
     gives), -inf past a row's k; ``ids`` their tokens; ``kth`` ``[rows, 1]`` the k-th best; ``tied``
-    whether the next score equals it (HF's TopK then keeps that one and every other tie)."""
+    whether the next score equals it (HF's TopK then keeps that one and every other tie).
+
+    A row's candidates are in token order, those past its k last: ``topk`` orders equal scores differently
+    for another ``k``, and the draw walks the candidates in order, so a seeded row would otherwise draw
+    another token when a row with a larger top_k shares its batch (the host sampler orders them the same)."""
     dev = scores.device
     kmax = max(ks)
     vals, ids = torch.topk(scores, kmax + 1, dim=-1)
@@ -174,8 +178,10 @@ def _candidates(scores: torch.Tensor, ks: list[int], temps: torch.Tensor | None 
     k = index_tensor(ks, dev).view(-1, 1)
     kth = vals.gather(1, k - 1)
     tied = (vals.gather(1, k) == kth).view(-1)
-    cols = torch.arange(kmax + 1, device=dev).view(1, -1)
-    return vals.masked_fill(cols >= k, _NEG_INF)[:, :kmax], ids[:, :kmax], kth, tied
+    past = torch.arange(kmax, device=dev).view(1, -1) >= k
+    ids = ids[:, :kmax]
+    _, order = ids.masked_fill(past, scores.shape[1]).sort(dim=-1)
+    return (vals[:, :kmax].masked_fill(past, _NEG_INF).gather(1, order), ids.gather(1, order), kth, tied)
 
 
 # The Triton kernels (kernels/sampling.py: the draw of tied top-k rows, the top-p threshold of flat rows): on
@@ -222,7 +228,7 @@ def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
         try:
             from ..kernels.sampling import tied_draw
 
-            full = tied_draw(scores, temps, kth, vals[:, 0], tied, u)
+            full = tied_draw(scores, temps, kth, vals.amax(dim=1), tied, u)
         except Exception:  # noqa: BLE001 - a kernel that fails to compile or launch: the torch draw from now on
             _kernel_ok["tied_draw"] = False
             logger.warning("hf_paged: the Triton top-k draw failed; sampling uses the torch draw", exc_info=True)
@@ -272,9 +278,12 @@ def _top_p(scores: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
 
 def _draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw with the given uniforms, as the host sampler's ``_draw`` (float64 sums up to
-    4096 columns, the scores' dtype above)."""
+    4096 columns, the scores' dtype above). A single row on CUDA sums in float64 too: CUDA scans one row
+    in a regrouped order whose float32 sums need not stay level across a run of tokens without mass, so
+    the search could land on such a token after the last kept one; in float64 that gap is ~1e-16."""
     probs = torch.softmax(scores, dim=-1)
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if scores.shape[1] <= 4096 else scores.dtype)
+    wide = scores.shape[1] <= 4096 or (scores.shape[0] == 1 and scores.is_cuda)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if wide else scores.dtype)
     total = cdf[:, -1:]
     pos = torch.searchsorted(cdf, u.to(cdf.dtype).view(-1, 1) * total, right=True)
     last = torch.searchsorted(cdf, total.contiguous(), right=False)

@@ -124,7 +124,10 @@ class Masks:
             self._buf = xgr.allocate_token_bitmask(max(len(matchers), 8), self.vocab_size)
         for i in rows:
             matchers[i].fill_next_token_bitmask(self._buf, i)
-        dev = "cpu" if logits.device.type == "cpu" else "auto"
-        # to_device: pinned and non-blocking on CUDA, so the copy does not wait for the queued forward.
+        cpu = logits.device.type == "cpu"
+        # to_device: pinned and non-blocking on CUDA, so neither copy waits for the queued forward (given a
+        # list, xgrammar would copy the row indices from pageable memory, which may wait).
         xgr.apply_token_bitmask_inplace(logits, to_device(self._buf[: len(matchers)], logits.device),
-                                        vocab_size=self.vocab_size, indices=rows, backend=dev)
+                                        vocab_size=self.vocab_size, backend="cpu" if cpu else "auto",
+                                        indices=rows if cpu else to_device(torch.tensor(rows, dtype=torch.int32),
+                                                                           logits.device))

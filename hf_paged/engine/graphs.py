@@ -134,6 +134,10 @@ class DecodeGraphs:
         # can be filled while the previous step's copies may still be queued on the device.
         self._staging = [self._new_staging() for _ in range(2)]
         self._turn = 0
+        # On CUDA, an event after each staging set's copies: a set is refilled two runs later, when its
+        # copies have long left it if every step is completed before the next but one is planned (as the
+        # Stepper does); the event makes sure of it for any caller.
+        self._copied: list[torch.cuda.Event | None] = [None, None]
         self._rows = TableRows(width=self.width)  # block tables kept between steps, copied in by rows
         self._graphs: dict[int, Any] = {}  # bucket -> torch.cuda.CUDAGraph (or the api's stand-in)
         self.captured = False
@@ -229,8 +233,11 @@ class DecodeGraphs:
         valid until the next run). ``prev_ids``: the in-flight step's sampled ids, for ``plan.fill``."""
         n = len(plan.ids)
         b = self.bucket(n)
-        h_vec, h_cu, h_tables = self._staging[self._turn]
+        turn = self._turn
+        h_vec, h_cu, h_tables = self._staging[turn]
         self._turn ^= 1
+        if self._copied[turn] is not None:
+            self._copied[turn].synchronize()
         vec = h_vec.numpy()
         vec[0, :n] = plan.ids
         vec[1, :n] = plan.positions
@@ -259,6 +266,9 @@ class DecodeGraphs:
             self.fill.copy_(h_vec[4:6], non_blocking=nb)
             prev = to_device(prev_ids, self.device)
             self.ids.index_copy_(0, self.fill[0, :m], prev.index_select(0, self.fill[1, :m]))
+        if nb:
+            self._copied[turn] = torch.cuda.Event()
+            self._copied[turn].record(torch.cuda.current_stream(self.device))
         self.replays_by_bucket[b] = self.replays_by_bucket.get(b, 0) + 1
         if self.captured:
             self._graphs[b].replay()

@@ -67,14 +67,17 @@ def apply_history_rows(scores: torch.Tensor, rows: list["SamplingRow"], state: P
     for part in _split(rep, slots):
         idx = index_tensor(part, dev)
         pen = column_tensor([rows[i].params.repetition_penalty for i in part], dev)
+        # HF divides by a Python float, which CUDA does as a product with the float32 reciprocal (as
+        # PenaltyState.penalize): the same here, so greedy picks after a penalty stay generate()'s.
+        inv = 1.0 / pen if dev.type == "cuda" else None
         sub = scores.index_select(0, idx)
         if part[0] in slots:  # RepetitionPenaltyLogitsProcessor over each row's set of tokens
-            sub = torch.where(state.seen([slots[i] for i in part], width), torch.where(sub < 0, sub * pen, sub / pen),
-                              sub)
+            div = sub * inv if inv is not None else sub / pen
+            sub = torch.where(state.seen([slots[i] for i in part], width), torch.where(sub < 0, sub * pen, div), sub)
         else:
             ids = padded_tensor([rows[i].token_ids for i in part], dev)
             got = sub.gather(1, ids)  # the same, per row, from its token list
-            sub.scatter_(1, ids, torch.where(got < 0, got * pen, got / pen))
+            sub.scatter_(1, ids, torch.where(got < 0, got * pen, got * inv if inv is not None else got / pen))
         scores.index_copy_(0, idx, sub)
     pen_rows = [i for i, r in enumerate(rows) if (r.params.frequency_penalty != 0.0 or r.params.presence_penalty != 0.0)
                 and r.num_generated > 0]
@@ -94,7 +97,7 @@ def apply_history_rows(scores: torch.Tensor, rows: list["SamplingRow"], state: P
         scores.index_copy_(0, idx, sub - (freq * counts + pres * (counts > 0).to(scores.dtype)))
     for i, r in enumerate(rows):  # rare, and HF's processor is host code over the ids: kept per row
         if r.params.no_repeat_ngram_size > 0:
-            ids = torch.tensor(r.token_ids, dtype=torch.long, device=dev).unsqueeze(0)  # HF scatters it into the scores
+            ids = index_tensor(r.token_ids, dev).unsqueeze(0)  # HF scatters it into the scores (pinned: no wait)
             scores[i : i + 1] = NoRepeatNGramLogitsProcessor(r.params.no_repeat_ngram_size)(ids, scores[i : i + 1])
     ban_rows: list[int] = []
     ban_cols: list[int] = []

@@ -330,7 +330,12 @@ class PagedPipeline:
                 self.delivery.cancel(req)
 
     def _loop(self) -> None:
-        cuda = self.engine.runner.device.type == "cuda"
+        device = self.engine.runner.device
+        cuda = device.type == "cuda"
+        if cuda and device.index is not None:
+            # The current CUDA device is per thread, and Triton launches on it (and on its stream) whatever
+            # its tensors' device: a model on cuda:1 would otherwise get its kernels launched on cuda:0.
+            torch.cuda.set_device(device)
         ahead = self.config.async_scheduling
         overlap = self.config.overlap
         stepper = Stepper(self.engine, self.delivery, overlap=cuda if overlap is None else overlap,

@@ -301,7 +301,11 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
     tied = (vals[:, top_k] == vals[:, top_k - 1]).tolist()
     exact = [j for j in everyone if not tied[j]]
     if exact:
-        vals, index = vals[:, :top_k], index[:, :top_k]
+        # The candidates in token order: topk orders equal scores differently for another k, and the draw
+        # walks them in order, so a seeded row would otherwise depend on its batch (the device sampler
+        # takes its candidates for every row's k at once, and orders them the same way).
+        index, order = index[:, :top_k].sort(dim=-1)
+        vals = vals[:, :top_k].gather(1, order)
         if len(exact) < len(everyone):
             vals, index = vals[exact], index[exact]
         for w in later:  # each is a per-row function of the surviving scores; -inf entries add nothing

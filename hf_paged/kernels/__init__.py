@@ -13,6 +13,7 @@ Example::
 """
 from __future__ import annotations
 
+import contextlib
 import os
 from typing import Any
 
@@ -39,6 +40,16 @@ def resolve_backend(backend: str, tensor: torch.Tensor) -> str:
     return chosen
 
 
+def on_device(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Make ``t``'s CUDA device the current one while a Triton kernel launches: Triton launches on the
+    current device and its stream, whatever its arguments' device (a model placed on cuda:1, or spread
+    over GPUs by a ``device_map``, would otherwise run its kernels on cuda:0's stream)."""
+    index = t.device.index
+    if index is None or index == torch.cuda.current_device():
+        return contextlib.nullcontext()
+    return torch.cuda.device(index)
+
+
 def write_kv(
     key: torch.Tensor,
     value: torch.Tensor,
@@ -53,7 +64,8 @@ def write_kv(
     if chosen == "triton":
         from .cache_write import write_kv_triton
 
-        return write_kv_triton(key, value, k_cache, v_cache, slot_mapping)
+        with on_device(key):
+            return write_kv_triton(key, value, k_cache, v_cache, slot_mapping)
     if chosen == "cpu":
         from .cpu import write_kv as cpu_write_kv
 
@@ -86,11 +98,12 @@ def paged_attention(
     if chosen == "triton":
         from .attention import paged_attention_triton
 
-        return paged_attention_triton(
-            query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
-            sliding_window=sliding_window, softcap=softcap,
-            max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        )
+        with on_device(query):
+            return paged_attention_triton(
+                query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
+                sliding_window=sliding_window, softcap=softcap,
+                max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+            )
     impl = reference.paged_attention
     if chosen == "cpu":
         from .cpu import paged_attention as impl
@@ -130,8 +143,9 @@ def lora_add(out: torch.Tensor, x: torch.Tensor, weights: Any, batch: Any, *, ba
         if seg is None or seg[0].device != x.device:
             seg = tuple(torch.tensor(col, dtype=torch.int32, device=x.device)
                         for col in zip(*[(s, e - s, slot) for s, e, slot in batch.segments]))
-        return lora_add_triton(out, x, weights.a, weights.b, weights.ranks_t.to(x.device),
-                               weights.scales_t.to(x.device), *seg, batch.max_len)
+        with on_device(x):
+            return lora_add_triton(out, x, weights.a, weights.b, weights.ranks_t.to(x.device),
+                                   weights.scales_t.to(x.device), *seg, batch.max_len)
     if chosen == "cpu" and x.dtype == torch.float32 and weights.a.dtype == torch.float32:
         from .cpu import lora_sgmv
 

@@ -45,6 +45,8 @@ import torch
 import triton
 import triton.language as tl
 
+from . import on_device
+
 BLOCK = 4096  # keys per step of a tied row: two passes of ~32 steps over a 128K vocabulary
 
 
@@ -103,11 +105,11 @@ def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top:
     if rows == 0:
         return out
     f32 = dict(dtype=torch.float32, device=scores.device)
-    _tied_draw_kernel[(rows,)](
-        scores, scores.stride(0), temps.reshape(-1).to(**f32).contiguous(), kth.reshape(-1).to(**f32).contiguous(),
-        top.reshape(-1).to(**f32).contiguous(), tied.reshape(-1).to(torch.int8).contiguous(),
-        u.reshape(-1).to(**f32).contiguous(), out, vocab, BLOCK=BLOCK, num_warps=8,
-    )
+    args = (temps.reshape(-1).to(**f32).contiguous(), kth.reshape(-1).to(**f32).contiguous(),
+            top.reshape(-1).to(**f32).contiguous(), tied.reshape(-1).to(torch.int8).contiguous(),
+            u.reshape(-1).to(**f32).contiguous())
+    with on_device(scores):
+        _tied_draw_kernel[(rows,)](scores, scores.stride(0), *args, out, vocab, BLOCK=BLOCK, num_warps=8)
     return out
 
 
@@ -187,9 +189,9 @@ def nucleus_threshold(scores: torch.Tensor, best: torch.Tensor, z: torch.Tensor,
         return out.view(-1, 1), first.view(-1, 1)
     f32 = dict(dtype=torch.float32, device=scores.device)
     cut = (1.0 - top_p.reshape(-1).double()).to(**f32).contiguous()  # as HF compares: in float32
-    _nucleus_threshold_kernel[(rows,)](
-        scores, scores.stride(0), z.reshape(-1).to(dtype=torch.float64).contiguous(), cut,
-        done.reshape(-1).to(torch.int8).contiguous(), best.reshape(-1).to(**f32).contiguous(), out, first, vocab,
-        BLOCK=BLOCK, num_warps=8,
-    )
+    args = (z.reshape(-1).to(dtype=torch.float64).contiguous(), cut, done.reshape(-1).to(torch.int8).contiguous(),
+            best.reshape(-1).to(**f32).contiguous())
+    with on_device(scores):
+        _nucleus_threshold_kernel[(rows,)](scores, scores.stride(0), *args, out, first, vocab, BLOCK=BLOCK,
+                                           num_warps=8)
     return out.view(-1, 1), first.view(-1, 1)

@@ -19,7 +19,12 @@ def to_device(t: torch.Tensor, device: torch.device) -> torch.Tensor:
     as ``torch.tensor(..., device=...)`` makes, always does: either would stall async scheduling until
     the step in flight finishes); elsewhere a plain ``to``."""
     if device.type == "cuda" and t.device.type == "cpu":
-        return t.pin_memory().to(device, non_blocking=True)
+        if t.is_pinned():  # pin_memory() would return t itself, which the caller may overwrite before the copy
+            pinned = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
+            pinned.copy_(t)
+        else:
+            pinned = t.pin_memory()
+        return pinned.to(device, non_blocking=True)
     return t.to(device)
 
 
