@@ -303,9 +303,22 @@ def test_adapter_errors_are_clear(adapter_dirs, tmp_path):
         other.save_pretrained(tmp_path / "other")
         with pytest.raises(ValueError, match="'other' does not fit this model"):
             pipe.load_adapter("other", str(tmp_path / "other"))
+        before = [pipe.generate(PROMPTS[1], adapter=a, max_new_tokens=4, do_sample=False, ignore_eos=True).token_ids
+                  for a in ("attn", None)]
+        # The engine runs the output layer on the sampled rows only: LoRA on lm_head is refused at load (it
+        # failed every request of that adapter on CPU, and read past its rows on CUDA), as are whole trained
+        # modules (modules_to_save), which the batched path does not serve.
+        for bad, extra, match in (("head", dict(target_modules=["q_proj", "lm_head"]), "output layer"),
+                                  ("mts", dict(target_modules=["q_proj"], modules_to_save=["lm_head"]),
+                                   "modules_to_save")):
+            peft.get_peft_model(load(base_path), peft.LoraConfig(r=4, init_lora_weights=False, **extra)) \
+                .save_pretrained(tmp_path / bad)
+            with pytest.raises(ValueError, match=match):
+                pipe.load_adapter(bad, str(tmp_path / bad))
         assert sorted(pipe.adapter_names) == ["attn"]
-        got = pipe.generate(PROMPTS[0], adapter="attn", max_new_tokens=4, do_sample=False, ignore_eos=True)
-        assert len(got.token_ids) == 4  # still serving
+        after = [pipe.generate(PROMPTS[1], adapter=a, max_new_tokens=4, do_sample=False, ignore_eos=True).token_ids
+                 for a in ("attn", None)]
+        assert after == before and len(after[0]) == 4  # still serving, the same tokens
     with pytest.raises(ValueError, match="lora_adapters must be name=path"):
         hf_paged.EngineConfig(lora_adapters="attn")
 

@@ -135,6 +135,9 @@ def lora_add(out: torch.Tensor, x: torch.Tensor, weights: Any, batch: Any, *, ba
     runs the SGMV kernels (``lora.py``); ``cpu`` the C++ kernel (fp32; ``csrc/lora_cpu.cpp``); ``torch``
     one pair of matmuls per segment (``reference.lora_add``).
     """
+    end = max((e for _, e, _ in batch.segments), default=0)
+    if end > x.shape[0] or out.shape[0] != x.shape[0]:  # the kernels would read and write past the rows
+        raise ValueError(f"lora_add: segments reach token {end} of x [{x.shape[0]}, ...] (out [{out.shape[0]}, ...])")
     chosen = resolve_backend(backend, x)
     if chosen == "triton":
         from .lora import lora_add_triton

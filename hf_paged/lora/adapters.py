@@ -64,6 +64,7 @@ class AdapterSet:
         if self.peft is not None:
             for name, config in self.peft.peft_config.items():
                 self._check_config(name, config)
+                self._check_layers(name)
             for name, config in self.peft.peft_config.items():
                 self._register(name, config, None)
             self._restack()
@@ -125,12 +126,11 @@ class AdapterSet:
         self.peft.eval()
         if self._owns_peft:
             self.peft.base_model.disable_adapter_layers()
-        odd = [n for n, m in self.base.named_modules()
-               if name in getattr(m, "lora_A", {}) and not layers.is_lora_linear(m)]
-        odd += [n for n, m in self.base.named_modules() if name in getattr(m, "lora_embedding_A", {})]
-        if odd:
+        try:
+            self._check_layers(name)
+        except ValueError:
             self.peft.delete_adapter(name)
-            raise ValueError(f"adapter {name!r}: LoRA on non-linear layers is not supported ({odd[:3]})")
+            raise
         adapter = self._register(name, config, str(path))
         self._restack()
         logger.info("hf_paged: loaded LoRA adapter %r (rank %d, slot %d) from %s", name, adapter.rank,
@@ -168,6 +168,22 @@ class AdapterSet:
         for flag, what in (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias")):
             if getattr(config, flag, False):
                 raise ValueError(f"adapter {name!r}: {what} is not supported by the batched LoRA path")
+        for flag in ("modules_to_save", "trainable_token_indices"):
+            if getattr(config, flag, None):
+                raise ValueError(f"adapter {name!r}: {flag} ({getattr(config, flag)!r}) is not supported: the "
+                                 "batched LoRA path serves the LoRA weights only, not whole trained modules")
+
+    def _check_layers(self, name: str) -> None:
+        """The layers adapter ``name`` adapts (once injected) must be ones the batched path serves."""
+        odd = [n for n, m in self.base.named_modules()
+               if name in getattr(m, "lora_A", {}) and not layers.is_lora_linear(m)]
+        odd += [n for n, m in self.base.named_modules() if name in getattr(m, "lora_embedding_A", {})]
+        if odd:
+            raise ValueError(f"adapter {name!r}: LoRA on non-linear layers is not supported ({odd[:3]})")
+        head = self.base.get_output_embeddings()
+        if head is not None and name in getattr(head, "lora_A", {}):
+            # The engine runs the output layer on the sampled rows only, not on every token of the step.
+            raise ValueError(f"adapter {name!r}: LoRA on the output layer (lm_head) is not supported")
 
     def _register(self, name: str, config: Any, path: str | None) -> Adapter:
         used = {a.slot for a in self._by_name.values()}
