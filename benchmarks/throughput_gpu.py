@@ -42,7 +42,7 @@ Metrics per (model, system):
   output_tok_s        useful output tokens / wall seconds of the full run (torch.cuda.synchronize around).
   decode_step_ms_256  a separate short run: --decode-seqs (256) requests of --decode-prompt (128) tokens,
                       --decode-output (64) new tokens each. hf_paged: the engine's step counter
-                      (pipe.stats().steps) and tokens_generated are polled every ~1 ms; an interval is
+                      (pipe.stats().steps) and tokens_generated are polled every ~5 ms; an interval is
                       decode-only when its token count is exactly 256 x its step count (all 256 sequences
                       sampled in each step); the value is the median over those intervals of seconds per
                       step. HF systems have no step counter: (T(1 + D new tokens) - T(1 new token)) / D
@@ -55,7 +55,9 @@ Metrics per (model, system):
                       model is built (so it includes the weights and the KV pool: --kv-memory for hf_paged).
 A system that fails records its error and the others still run. --budget-s (default 420) bounds the
 whole run: a system that would start after it is recorded with error "skipped: time budget", and a run
-still going at the deadline is stopped and recorded as cut. The JSON is rewritten after every system.
+still going at the deadline is stopped and recorded as cut, with the rate of what it generated until then
+("partial": true; it overstates a whole run, whose end has a thinner batch). Every system after the first
+may use at most its fair share of the budget left. The JSON is rewritten after every system.
 """
 from __future__ import annotations
 
@@ -286,11 +288,12 @@ def run_hf_paged(model, args, work, side, deadline, res, notes, eager: bool) -> 
 
 
 # ---------------------------------------------------------------------------------- generate_batch
-def cb_run(manager, prompts, outs, deadline: float, tag: str) -> list[list[int]]:
-    """Submit requests to transformers' continuous batching manager, each with its own max_new_tokens."""
+def cb_run(manager, prompts, outs, deadline: float, tag: str, done: dict | None = None) -> list[list[int]]:
+    """Submit requests to transformers' continuous batching manager, each with its own max_new_tokens.
+    ``done``: where the finished results go (request id -> output), also when the run is cut."""
     ids = [manager.add_request(p, request_id=f"{tag}-{i}", max_new_tokens=n)
            for i, (p, n) in enumerate(zip(prompts, outs))]
-    done: dict = {}
+    done = {} if done is None else done
     while len(done) < len(ids):
         if remaining(deadline) < 0:
             raise BudgetExceeded(f"time budget: generate_batch {tag} cut ({len(done)} of {len(ids)} requests done)")
@@ -392,7 +395,12 @@ def cb_system(model, gen, cb, hints, args, work, side, deadline, res, notes) -> 
             torch.manual_seed(0)
             torch.cuda.synchronize()
             start = time.perf_counter()
-            outputs = cb_run(manager, prompts, outs, deadline, "run")
+            finished: dict = {}
+            try:
+                outputs = cb_run(manager, prompts, outs, deadline, "run", finished)
+            except BudgetExceeded:
+                _cb_partial(manager, finished, outs, time.perf_counter() - start, res, notes)
+                raise
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start
         except BaseException:
@@ -410,6 +418,24 @@ def cb_system(model, gen, cb, hints, args, work, side, deadline, res, notes) -> 
     return info
 
 
+def _cb_partial(manager, finished: dict, outs: list[int], seconds: float, res: dict, notes: list[str]) -> None:
+    """A cut generate_batch run: the rate of the tokens generated until the cut. A hard stop fails every
+    unfinished request and hands it back with the tokens it has (transformers' _fail_all_remaining_requests)."""
+    try:
+        manager.stop(block=True, timeout=20, hard_stop=True)
+        while (r := manager.get_result(timeout=0.5)) is not None:
+            if str(r.request_id).startswith("run-"):
+                finished.setdefault(r.request_id, r)
+    except Exception as exc:  # noqa: BLE001 - count what was read
+        notes.append(f"partial outputs not all read back ({type(exc).__name__}: {exc})")
+    useful = sum(min(len(r.generated_tokens), outs[int(str(k).split("-")[1])]) for k, r in finished.items())
+    done = sum(r.error is None for r in finished.values())
+    notes.append(f"partial: cut after {seconds:.2f} s, {done} of {len(outs)} requests finished, {useful} useful tokens "
+                 "(finished ones and those handed back by the hard stop)")
+    if useful:  # no output_tok_s: as hf_paged's partial rate, the batch was still full
+        res["partial_tok_s"] = useful / seconds
+
+
 def _bytes(value: str) -> int:
     from hf_paged.kv.pool import parse_bytes
 
@@ -417,12 +443,12 @@ def _bytes(value: str) -> int:
 
 
 # --------------------------------------------------------------------------------------- hf_static
-def hf_generate(model, prompts, new: int, temperature: float):
+def hf_generate(model, prompts, new: int, temperature: float, max_time: float | None = None):
     width = max(map(len, prompts))
     ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=DEVICE)
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=DEVICE)
     out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=new, do_sample=True,
-                         temperature=temperature, pad_token_id=0)
+                         temperature=temperature, pad_token_id=0, max_time=max_time)
     return out[:, width:]
 
 
@@ -450,6 +476,7 @@ def run_hf_static(model, args, work, side, deadline, res, notes) -> None:
         start = time.perf_counter()
         batches = range(0, len(prompts), args.static_batch)
         useful = generated = 0
+        whole = (0, 0.0)  # useful tokens and seconds of the batches that finished
         for k, i in enumerate(batches):
             if remaining(deadline) < 0:
                 seconds = time.perf_counter() - start
@@ -460,11 +487,26 @@ def run_hf_static(model, args, work, side, deadline, res, notes) -> None:
                 raise BudgetExceeded(f"time budget: stopped after {k} of {len(batches)} batches "
                                      "(output_tok_s: those batches' rate)")
             chunk, lens = prompts[i:i + args.static_batch], outs[i:i + args.static_batch]
-            out = hf_generate(model, chunk, max(lens), args.temperature)
-            if out.shape[1] < max(lens):
-                raise RuntimeError(f"generate stopped early: {out.shape[1]} of {max(lens)} tokens")
-            useful += sum(lens)
+            # max_time: a batch takes tens of seconds; one the deadline cuts counts what it made by then
+            out = hf_generate(model, chunk, max(lens), args.temperature, max_time=max(remaining(deadline), 1.0))
+            useful += sum(min(n, out.shape[1]) for n in lens)
             generated += out.numel()
+            if out.shape[1] < max(lens):
+                if remaining(deadline) > 0:
+                    raise RuntimeError(f"generate stopped early: {out.shape[1]} of {max(lens)} tokens")
+                # Cut inside a batch (max_time): its rows were all still running, so the rate until now
+                # overstates the run's; output_tok_s keeps the finished batches' rate, if any.
+                torch.cuda.synchronize()
+                seconds = time.perf_counter() - start
+                res["partial_tok_s"] = useful / seconds
+                if whole[0]:
+                    res["output_tok_s"], res["partial"] = whole[0] / whole[1], True
+                notes.append(f"partial: batch {k + 1} of {len(batches)} cut at {out.shape[1]} of {max(lens)} tokens; "
+                             f"{useful} useful tokens in {seconds:.2f} s; {k} whole batches: {whole[0]} in "
+                             f"{whole[1]:.2f} s")
+                raise BudgetExceeded(f"time budget: cut in batch {k + 1} of {len(batches)}")
+            torch.cuda.synchronize()
+            whole = (useful, time.perf_counter() - start)
         torch.cuda.synchronize()
         seconds = time.perf_counter() - start
     res["output_tok_s"] = useful / seconds
@@ -475,9 +517,9 @@ def run_hf_static(model, args, work, side, deadline, res, notes) -> None:
 
 # ------------------------------------------------------------------------------------------- driver
 def run_one(model_name: str, system: str, args, work, side, deadline: float, left: int) -> dict:
-    """Run one system on a fresh model. The baselines (generate_batch, hf_static) may use at most their fair
-    share of what is left of the budget (left / systems still to run, this one included), so that a slow
-    baseline cannot starve the systems after it; hf_paged systems are bounded by the whole budget only."""
+    """Run one system on a fresh model. Every system but hf_paged (the first) may use at most its fair share
+    of what is left of the budget (left / systems still to run, this one included), so that a slow one
+    cannot starve the systems after it; hf_paged is bounded by the whole budget only."""
     res = {"model": model_name, "system": system, "output_tok_s": None, "decode_step_ms_256": None,
            "peak_gib": None, "roofline_fraction": None, "error": None, "notes": ""}
     if remaining(deadline) < (args.min_start_paged_s if system.startswith("hf_paged") else args.min_start_s):
@@ -486,7 +528,7 @@ def run_one(model_name: str, system: str, args, work, side, deadline: float, lef
     notes: list[str] = []
     model = None
     start = time.monotonic()
-    if system in ("generate_batch", "hf_static") and left > 1:
+    if system != "hf_paged" and left > 1:
         deadline = min(deadline, start + max(remaining(deadline) / left, args.min_start_s))
         notes.append(f"time cap {remaining(deadline):.0f} s (fair share of the budget left)")
     print(f"--- {model_name} / {system} (may run {remaining(deadline):.0f} s)", flush=True)
@@ -517,7 +559,10 @@ def run_one(model_name: str, system: str, args, work, side, deadline: float, lef
             pass
         del model
         gc.collect()
-        torch.cuda.empty_cache()
+        try:
+            torch.cuda.empty_cache()
+        except Exception as exc:  # noqa: BLE001 - a sticky CUDA error: record this system, the next ones fail fast
+            notes.append(f"cleanup failed: {type(exc).__name__}: {str(exc)[:200]}")
     notes.append(f"system wall {time.monotonic() - start:.1f} s incl. model build and warm-up")
     res["notes"] = "; ".join(notes)
     print(f"    output {_fmt(res['output_tok_s'], '.1f')} tok/s, decode {_fmt(res['decode_step_ms_256'], '.3f')} "
@@ -534,7 +579,10 @@ def table(results: list[dict]) -> str:
     rows = ["| model | system | output tok/s | decode ms/step @256 | roofline | peak GiB | error |",
             "|---|---|---:|---:|---:|---:|---|"]
     for r in results:
-        rows.append(f"| {r['model']} | {r['system']} | {_fmt(r['output_tok_s'], '.1f')} | "
+        rate = _fmt(r['output_tok_s'], '.1f') + (" (finished part)" if r.get("partial") else "")
+        if r.get("partial_tok_s") is not None:
+            rate += f" (cut: {r['partial_tok_s']:.1f} until then)"
+        rows.append(f"| {r['model']} | {r['system']} | {rate} | "
                     f"{_fmt(r['decode_step_ms_256'], '.3f')} | {_fmt(r['roofline_fraction'], '.3f')} | "
                     f"{_fmt(r['peak_gib'], '.2f')} | {(r['error'] or '')[:120]} |")
     return "\n".join(rows)
