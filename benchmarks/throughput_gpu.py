@@ -396,6 +396,7 @@ def cb_system(model, gen, cb, hints, args, work, side, deadline, res, notes) -> 
             torch.cuda.synchronize()
             start = time.perf_counter()
             finished: dict = {}
+            graphs_before = _cb_graphs(manager)
             try:
                 outputs = cb_run(manager, prompts, outs, deadline, "run", finished)
             except BudgetExceeded:
@@ -403,6 +404,11 @@ def cb_system(model, gen, cb, hints, args, work, side, deadline, res, notes) -> 
                 raise
             torch.cuda.synchronize()
             seconds = time.perf_counter() - start
+            graphs_after = _cb_graphs(manager)
+            if graphs_before is not None and graphs_after is not None:
+                # its graphs are keyed by the packed K/V length too: longer contexts than the warm-up's are
+                # captured inside the timed run (two forwards each)
+                notes.append(f"CUDA graphs: {graphs_before} before the timed run, {graphs_after} after")
         except BaseException:
             try:  # do not let the context manager flush what is still queued
                 manager.stop(block=True, timeout=30, hard_stop=True)
@@ -416,6 +422,17 @@ def cb_system(model, gen, cb, hints, args, work, side, deadline, res, notes) -> 
     notes.append(f"run: {len(prompts)} requests, {useful} output tokens in {seconds:.2f} s"
                  + (f"; {short} requests returned fewer tokens than asked" if short else ""))
     return info
+
+
+def _cb_graphs(manager) -> int | None:
+    """How many CUDA graphs transformers' continuous batching holds (None where its layout is unknown)."""
+    try:
+        io = manager.batch_processor.inputs_and_outputs
+        holders = list(getattr(io, "io_pairs", None) or [io])
+        counts = [len(h.graphs._storage) for h in holders if hasattr(getattr(h, "graphs", None), "_storage")]
+        return sum(counts) if counts else None
+    except Exception:  # noqa: BLE001 - a note only
+        return None
 
 
 def _cb_partial(manager, finished: dict, outs: list[int], seconds: float, res: dict, notes: list[str]) -> None:
