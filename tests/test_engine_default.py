@@ -95,6 +95,26 @@ def test_cancel_frees_every_block(pipe):
     assert pipe.stats()["blocks_used"] == 0
 
 
+def test_cancel_before_the_engine_takes_the_request(pipe):
+    """A request cancelled before the engine thread picked it up still ends (it used to never finish), with
+    nothing generated; n > 1 too. The engine thread is held by a call while the requests are submitted."""
+    release = threading.Event()
+    holder = threading.Thread(target=pipe._call, args=(release.wait,))
+    holder.start()
+    try:
+        handles = [pipe.submit(CHATS[0], max_new_tokens=8, num_return_sequences=n, do_sample=n > 1) for n in (1, 2)]
+        for h in handles:
+            h.cancel()
+    finally:
+        release.set()
+        holder.join(timeout=60)
+    for h, n in zip(handles, (1, 2)):
+        out = h.result(timeout=60)
+        assert len(out.outputs) == n and all(o.finish_reason == "cancelled" and not o.token_ids for o in out.outputs)
+    assert pipe.stats()["blocks_used"] == 0
+    assert pipe.generate(CHATS[0], max_new_tokens=4).token_ids  # still serving
+
+
 def test_sixteen_threads_submit_at_once(pipe):
     results: dict[int, str] = {}
 

@@ -124,6 +124,62 @@ def test_sampling_is_unchanged_by_the_split(tiny):
     assert torch.tensor([len(o.token_ids) for o in alone.outputs]).eq(6).all()
 
 
+def test_siblings_count_against_max_num_seqs(tiny):
+    """num_return_sequences' siblings join the running batch when their prompt is computed: a prompt is
+    admitted only if they fit under max_num_seqs (they used to push the batch past it: 16 running at 4).
+    A prompt with more siblings than max_num_seqs runs alone. Seeded: the tokens of an unbounded batch."""
+    def run(max_num_seqs):
+        hf_paged.wrap(tiny, num_blocks=256, block_size=8)
+        engine = Engine(tiny, hf_paged.kv_pool(tiny), max_num_seqs=max_num_seqs, max_batch_tokens=256,
+                        max_model_len=512)
+        seqs = [engine.add([1, 5 + i, 7, 9] * 3, SamplingParams(max_new_tokens=6, num_return_sequences=n,
+                                                               do_sample=True, seed=i, ignore_eos=True))
+                for i, n in enumerate((3, 3, 2, 3, 6))]
+        peak = []
+        while engine.has_work():
+            engine.step()
+            peak.append(len(engine.scheduler.running))
+        assert engine.stats().blocks_used == 0
+        hf_paged.unwrap(tiny)
+        return [[s.output_ids for s in group] for group in seqs], peak
+
+    bounded, peak = run(4)
+    unbounded, _ = run(64)
+    assert bounded == unbounded and all(len(o) == 6 for group in bounded for o in group)
+    assert max(peak) == 6 and all(n <= 4 for n in peak[:peak.index(6)])  # the n=6 prompt alone, last
+
+
+def test_generated_tokens_count_only_recorded_ones(tiny):
+    """Under async scheduling a sequence ended by a stop string has one more token in flight, which is
+    dropped: the engine's tokens_generated (the Prometheus counter) counts what was delivered."""
+    with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8, max_num_seqs=4,
+                                async_scheduling=True) as pipe:
+        prompts = [[1, 5, 6, 7], [1, 8, 9], [1, 3, 4, 5, 6]]
+        free = pipe.generate(prompts, max_new_tokens=12, ignore_eos=True)
+        before = pipe.stats().tokens_generated
+        cut = pipe.generate(prompts, max_new_tokens=12, ignore_eos=True,
+                            stop=[f" {r.token_ids[3]}" for r in free][:1])
+        delivered = sum(len(r.token_ids) for r in cut)
+        assert any(r.finish_reason == "stop" for r in cut) and delivered < 36
+        assert pipe.stats().tokens_generated - before == delivered
+
+
+def test_a_request_whose_detokenizer_fails_leaves_nothing_running(tiny, monkeypatch):
+    import hf_paged.engine.delivery as delivery
+
+    with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
+        real = delivery.IncrementalDetokenizer
+
+        def broken(*a, **k):
+            raise ValueError("tokenizer broke")
+        monkeypatch.setattr(delivery, "IncrementalDetokenizer", broken)
+        with pytest.raises(RuntimeError, match="tokenizer broke"):
+            pipe.generate([1, 5, 6, 7], max_new_tokens=50, ignore_eos=True, num_return_sequences=2, do_sample=True)
+        assert pipe._call(lambda: (pipe.engine.has_work(), pipe.stats().blocks_used)) == (False, 0)
+        monkeypatch.setattr(delivery, "IncrementalDetokenizer", real)
+        assert len(pipe.generate([1, 5, 6, 7], max_new_tokens=3).token_ids) == 3
+
+
 # ---------------------------------------------------------------------------- asyncio consumers
 def test_async_consumers_get_every_event_in_order_with_few_wakeups(tiny):
     """Many streams on one event loop: every event arrives, in order, and a step's events wake the loop

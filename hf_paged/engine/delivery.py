@@ -44,9 +44,14 @@ class Delivery:
         """Start ``req``: its sequences go to the engine, their detokenizers stay here."""
         p = req.params
         seqs = self.engine.add(req.prompt_ids, p, req.grammar, req.adapter)
-        streams = [_Stream(req, s, IncrementalDetokenizer(self.tokenizer, req.prompt_ids,
-                                                          skip_special_tokens=p.skip_special_tokens, stop=p.stop))
-                   for s in seqs]
+        try:
+            streams = [_Stream(req, s, IncrementalDetokenizer(self.tokenizer, req.prompt_ids,
+                                                              skip_special_tokens=p.skip_special_tokens, stop=p.stop))
+                       for s in seqs]
+        except BaseException:  # nobody would deliver its tokens: take its sequences (and blocks) back
+            for s in seqs:
+                self.engine.finish(s, FinishReason.ERROR)
+            raise
         self.requests[req.request_id] = streams
         for st in streams:
             self._by_seq[st.seq.seq_id] = st

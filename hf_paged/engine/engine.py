@@ -219,15 +219,18 @@ class Engine:
         sampling = pending.seqs
         for s in sampling:
             s.num_ahead -= 1
-        self._recent.append((time.monotonic(), len(sampling)))
-        self.tokens_generated += len(sampling)
-        self.steps += 1
         post = self._postprocess
         if out.logprobs is None and out.top_logprobs is None:
-            return [post(seq, t, None, None) for seq, t in zip(sampling, out.tokens) if not seq.finished]
-        return [post(seq, out.tokens[k], out.logprobs[k] if out.logprobs is not None else None,
-                     out.top_logprobs[k] if out.top_logprobs is not None else None)
-                for k, seq in enumerate(sampling) if not seq.finished]
+            records = [post(seq, t, None, None) for seq, t in zip(sampling, out.tokens) if not seq.finished]
+        else:
+            records = [post(seq, out.tokens[k], out.logprobs[k] if out.logprobs is not None else None,
+                            out.top_logprobs[k] if out.top_logprobs is not None else None)
+                       for k, seq in enumerate(sampling) if not seq.finished]
+        # Only the recorded tokens count: one sampled for a sequence that ended meanwhile is dropped.
+        self._recent.append((time.monotonic(), len(records)))
+        self.tokens_generated += len(records)
+        self.steps += 1
+        return records
 
     def _prompt_logprobs(self, sched: Schedule, every: list[bool], logits: torch.Tensor) -> torch.Tensor:
         """Record prompt log-probabilities from the full-chunk rows; returns the sampling rows only."""

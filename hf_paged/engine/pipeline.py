@@ -319,8 +319,7 @@ class PagedPipeline:
                     fut.set_exception(exc)
                 continue
             if kind == "add":
-                if req.cancelled:
-                    continue
+                # Even if already cancelled: the cancel queued behind this add then ends it with a result.
                 try:
                     self.delivery.add(req)
                 except Exception as exc:  # this request alone is bad: tell its caller, keep serving
@@ -366,6 +365,8 @@ class PagedPipeline:
                 break
             if kind == "call":
                 item[2].set_exception(RuntimeError("pipeline is closed"))
+            elif kind == "add":  # submitted while closing: it ends now, failed, instead of never
+                self.delivery.fail(item, "pipeline is closed")
 
     @property
     def alive(self) -> bool:

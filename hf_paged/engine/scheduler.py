@@ -120,9 +120,15 @@ class Scheduler:
             out.seqs.append(ScheduledSeq(seq, n, seq.num_computed, slots, copies))
             budget -= n
             i += 1
-        # 2. Waiting prompts (and preempted sequences), first come first served.
-        while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not out.preempted:
+        # 2. Waiting prompts (and preempted sequences), first come first served. A prompt's siblings
+        # (num_return_sequences) join the running batch once it is computed, so they count now, as do those
+        # of prompts still being computed; a prompt with more siblings than max_num_seqs runs alone.
+        forking = sum(not c.finished for s in self.running if s.children for c in s.children) if self.waiting else 0
+        while self.waiting and budget > 0 and not out.preempted:
             seq = self.waiting[0]
+            kids = sum(not c.finished for c in seq.children)
+            if self.running and len(self.running) + forking + 1 + kids > self.max_num_seqs:
+                break
             if not seq.table.blocks and seq.params.prompt_logprobs is None:
                 # Leave one token to compute: its logits give the next token. (A request for prompt
                 # log-probabilities computes its whole prompt: a cached block holds K/V, not logits.)
@@ -140,6 +146,7 @@ class Scheduler:
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
+            forking += kids
             out.seqs.append(ScheduledSeq(seq, n, seq.num_computed, slots, copies))
             budget -= n
         return out
