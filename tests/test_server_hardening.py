@@ -448,3 +448,85 @@ def test_soak_mixed_requests(pipe):
         assert seen["ok"] > 50 and seen["cancelled"] > 5 and seen["overloaded"] > 0, seen
     finally:
         srv.stop()
+
+
+# ---------------------------------------------------------------------------- grammar compilation
+def test_a_slow_grammar_is_refused_in_time_and_holds_up_nothing_else(srv, http, monkeypatch):
+    """Constraints compile on a thread of their own, within GRAMMAR_TIMEOUT_S (then 422) and at most
+    GRAMMAR_QUEUE at once (then 429); tokenizing and plain requests go on meanwhile. xgrammar's compile
+    time grows with the cube of an object's optional properties: past 256 the schema is refused at once."""
+    import hf_paged.server.state as state_mod
+
+    grammars = srv.state.pipe.grammars
+    real = grammars.compile
+    gate = threading.Event()
+
+    def slow(constraint):
+        if "slow" in constraint[1]:
+            gate.wait(30)
+        return real(constraint)
+    monkeypatch.setattr(grammars, "compile", slow)
+    monkeypatch.setattr(state_mod, "GRAMMAR_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(state_mod, "GRAMMAR_QUEUE", 2)
+    slow_body = {"inputs": "Hello", "parameters": {"max_new_tokens": 4, "grammar": {"type": "regex", "value": "slow"}}}
+    results: list = []
+
+    def post_slow():
+        with httpx.Client(base_url=srv.url, timeout=60) as c:
+            results.append(c.post("/generate", json=slow_body))
+    try:
+        threads = [threading.Thread(target=post_slow) for _ in range(2)]
+        for t in threads:
+            t.start()
+        deadline = time.monotonic() + 10
+        while srv.state.compiling < 2:
+            assert time.monotonic() < deadline
+            time.sleep(0.01)
+        assert_error(http.post("/generate", json=slow_body), 429, "overloaded")  # the queue is full
+        start = time.monotonic()
+        r = http.post("/generate", json={"inputs": "Hello", "parameters": {"max_new_tokens": 3}})
+        assert r.status_code == 200 and time.monotonic() - start < 5  # not behind the compilations
+        for t in threads:
+            t.join(30)
+        for r in results:
+            assert_error(r, 422, "validation", "still compiling after 1 s")
+    finally:
+        gate.set()
+    deadline = time.monotonic() + 10
+    while srv.state.compiling:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    # a retry finds it compiled (the regex "slow" itself is fine)
+    assert http.post("/generate", json=slow_body).status_code == 200
+    props = {f"p{i}": {"type": "string"} for i in range(300)}
+    body = {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 4, "response_format": {
+        "type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "object", "properties": props}}}}
+    start = time.monotonic()
+    assert_error(http.post("/v1/chat/completions", json=body), 422, "validation", "300 optional properties")
+    assert time.monotonic() - start < 5
+
+
+def test_a_chat_template_that_refuses_the_messages_is_422(srv, http, monkeypatch):
+    import jinja2
+
+    tok = srv.state.pipe.tokenizer
+    real = tok.apply_chat_template
+
+    def strict(messages, *a, **k):
+        roles = [m["role"] for m in messages]
+        if any(a == b for a, b in zip(roles, roles[1:])):
+            raise jinja2.exceptions.TemplateError("Conversation roles must alternate user/assistant/user/assistant")
+        return real(messages, *a, **k)
+    monkeypatch.setattr(tok, "apply_chat_template", strict)
+    two = [{"role": "user", "content": "a"}, {"role": "user", "content": "b"}]
+    for stream in (False, True):
+        assert_error(http.post("/v1/chat/completions", json={"messages": two, "max_tokens": 4, "stream": stream}),
+                     422, "validation", "roles must alternate")
+    assert http.post("/v1/chat/completions", json={"messages": two[:1], "max_tokens": 2}).status_code == 200
+
+
+def test_echo_with_max_tokens_0_and_no_logprobs_returns_the_prompt_alone(http):
+    r = http.post("/v1/completions", json={"prompt": "hello world", "max_tokens": 0, "echo": True})
+    assert r.status_code == 200, r.text
+    body = r.json()
+    assert body["choices"][0]["text"] == "hello world" and body["usage"]["completion_tokens"] == 0

@@ -68,6 +68,21 @@ def test_forced_calls_round_trip(srv, choice):
         [json.loads(t.function.arguments) for t in c.message.tool_calls]
 
 
+def test_a_named_call_cut_short_is_no_call(srv):
+    """max_tokens ends a named call mid-arguments: finish_reason "length" and the text as content, not a
+    "tool_calls" answer whose arguments are not JSON."""
+    choice = {"type": "function", "function": {"name": "get_weather"}}
+    r = srv.client.chat.completions.create(model="tiny", messages=MSGS, tools=TOOLS, tool_choice=choice,
+                                           max_tokens=3, temperature=0)
+    c = r.choices[0]
+    assert c.finish_reason == "length" and c.message.tool_calls is None and c.message.content
+    stream = srv.client.chat.completions.create(model="tiny", messages=MSGS, tools=TOOLS, tool_choice=choice,
+                                                max_tokens=3, temperature=0, stream=True)
+    chunks = [ch for chunk in stream for ch in chunk.choices]
+    assert chunks[-1].finish_reason == "length" and not any(ch.delta.tool_calls for ch in chunks)
+    assert "".join(ch.delta.content or "" for ch in chunks) == c.message.content
+
+
 def test_auto_and_none_answer_in_text_when_the_model_does(srv):
     for choice in ("auto", "none"):
         r = srv.client.chat.completions.create(model="tiny", messages=MSGS, tools=TOOLS, tool_choice=choice,
@@ -83,6 +98,11 @@ def test_auto_parsing_and_streaming_holdback():
     assert parse_output("no call here", plan) == ("no call here", [])
     bad = 'x <tool_call>{"name": "nope", "arguments": {}}</tool_call>'
     assert parse_output(bad, plan) == (bad, [])  # unknown function: left as text
+    odd = 'x <tool_call>{"name": ["add"], "arguments": {}}</tool_call>'
+    assert parse_output(odd, plan) == (odd, [])  # a name that is not a string: text too (it was a 500)
+    for mode, cut in (("named", '{"a": 1, "b'), ("required", '[{"name": "add", "arg'), ("required", '[{"x": 1}]')):
+        # cut short by max_tokens or a stop string: no call, the text is the content
+        assert parse_output(cut, ToolPlan(mode, plan.functions, "add")) == (cut, [])
     s = AutoStream()
     out = "".join(s.push(d) for d in ["Sure", ". <to", "ol_call>", '{"name"'])
     assert out == "Sure. " and s.calling
@@ -92,6 +112,9 @@ def test_auto_parsing_and_streaming_holdback():
 
 @pytest.mark.parametrize("body,mentions", [
     ({"tool_choice": {"type": "function", "function": {"name": "nope"}}}, "unknown tool 'nope'"),
+    ({"tool_choice": {"type": "function", "function": "add"}}, "`tool_choice` must be"),
+    ({"tool_choice": {"type": "function", "function": 5}}, "`tool_choice` must be"),
+    ({"tool_choice": {"type": "function", "function": {"name": ["add"]}}}, "`tool_choice` must be"),
     ({"response_format": {"type": "json_object"}}, "cannot be combined"),
     ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}],
       "tool_choice": "required"}, "objec"),

@@ -152,7 +152,12 @@ class PagedPipeline:
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ValueError("prompt: chat messages need a tokenizer with a chat template")
             extra = {"tools": tools} if tools else {}
-            ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, **extra)
+            try:
+                ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
+                                                         **extra)
+            except Exception as exc:  # noqa: BLE001 - the template refused these messages (jinja errors)
+                # e.g. roles that do not alternate ({{ raise_exception(...) }}), or a field it reads missing
+                raise ValueError(f"messages: the chat template failed: {type(exc).__name__}: {exc}") from None
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
             return list(ids)

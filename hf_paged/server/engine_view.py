@@ -7,10 +7,12 @@ Blocks are counted one way everywhere (stats, metrics, this grid): used (referen
 """
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
 from ..engine.pipeline import PagedPipeline
+from ..engine.request import Request
 
 
 
@@ -41,11 +43,15 @@ class LocalEngineClient:
                    seed: int | None, json_schema: dict | None = None, adapter: str | None = None) -> AsyncIterator[str]:
         """Text deltas of the reply (JSON following ``json_schema`` when given, from LoRA ``adapter`` when
         given); cancelling the consumer cancels the request."""
-        ids = self.pipe.encode(messages)
-        room = self.pipe.max_model_len - len(ids)
-        handle = self.pipe.submit(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
-                                  do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
-                                  top_k=0, seed=seed, json_schema=json_schema, adapter=adapter)
+        def start() -> Request:
+            ids = self.pipe.encode(messages)
+            room = self.pipe.max_model_len - len(ids)
+            return self.pipe.submit(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
+                                    do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
+                                    top_k=0, seed=seed, json_schema=json_schema, adapter=adapter)
+
+        # Templating, tokenizing and compiling the schema are CPU work: off the event loop, which serves the API.
+        handle = await asyncio.to_thread(start)
         if self._state is not None:
             self._state.handles.add(handle)  # so that shutdown cancels UI chats too
         async for ev in handle:

@@ -128,9 +128,18 @@ async def start(state: ServerState, http: HTTPRequest, prompts: Sequence[Any], k
 async def prepare_all(state: ServerState, prompts: Sequence[Any], kwargs: dict[str, Any], *,
                       truncate: int | None = None,
                       template: dict[str, Any] | None = None) -> list[tuple[list[int], dict[str, Any]]]:
-    """:func:`prepare` for each prompt, on the validation workers (tokenizing is CPU-heavy)."""
-    return await state.off_loop(lambda: [prepare(state, p, kwargs, truncate=truncate, template=template)
-                                         for p in prompts])
+    """:func:`prepare` for each prompt, on the validation workers (tokenizing is CPU-heavy); then the
+    request's constraint, compiled on the grammar worker (:meth:`ServerState.compile_grammar`)."""
+    prepared = await state.off_loop(lambda: [prepare(state, p, kwargs, truncate=truncate, template=template)
+                                             for p in prompts])
+    given = [(k, kwargs[k]) for k in CONSTRAINT_KINDS if kwargs.get(k) is not None]
+    if len(given) == 1:  # more than one: SamplingParams refuses the request at submit
+        try:
+            constraint = normalize_constraint(*given[0])
+        except ValueError as exc:
+            raise validation_error(str(exc)) from None
+        await state.compile_grammar(constraint)  # the engine's submit finds it compiled
+    return prepared
 
 
 def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *, truncate: int | None = None,
@@ -146,9 +155,6 @@ def prepare(state: ServerState, prompt: Any, kwargs: dict[str, Any], *, truncate
         check_text_length(state, prompt)
     try:
         ids = state.pipe.encode(prompt, **(template or {}))  # template: chat-template kwargs (tools)
-        given = [(k, kwargs[k]) for k in CONSTRAINT_KINDS if kwargs.get(k) is not None]
-        if len(given) == 1:  # compile here, on the worker (xgrammar caches it for the engine's submit)
-            state.pipe.grammars.compile(normalize_constraint(*given[0]))
     except ValueError as exc:
         raise validation_error(str(exc)) from None
     if not ids:

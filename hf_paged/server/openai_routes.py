@@ -167,7 +167,7 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
     finally:
         permit.release()
     _raise_failed(gens)
-    scoring = kwargs["prompt_logprobs"] is not None and req.max_tokens == 0  # the prompt alone, scored
+    scoring = bool(req.echo) and req.max_tokens == 0  # the prompt alone (scored with logprobs), as validated
     choices = []
     for i, (gen, events) in enumerate(zip(gens, all_events, strict=True)):
         for out in gen.output.outputs:

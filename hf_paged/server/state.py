@@ -27,6 +27,10 @@ from .schemas import Info
 from .validation import Limits
 
 T = TypeVar("T")
+# A constraint still compiling after this long is refused (422); its compilation goes on, and a retry
+# finds it compiled. At most GRAMMAR_QUEUE compilations wait or run at once (then 429).
+GRAMMAR_TIMEOUT_S = 10.0
+GRAMMAR_QUEUE = 8
 
 
 @dataclass(slots=True, eq=False)
@@ -43,6 +47,9 @@ class ServerState:
     special_ids: frozenset[int] = frozenset()
     token_text: Any = None  # token id -> its string (set in __post_init__)
     workers: ThreadPoolExecutor | None = None
+    # Constraints compile on a thread of their own: a slow one never holds up tokenizing (workers).
+    grammar_worker: ThreadPoolExecutor | None = None
+    compiling: int = 0  # constraints waiting for or in compilation
     # No token covers more characters than the longest vocabulary entry: a text longer than this many
     # characters per allowed token cannot fit, and is refused without being tokenized.
     max_token_chars: int = 0
@@ -55,6 +62,7 @@ class ServerState:
         # Per-token strings (logprobs, top tokens) are looked up over and over; the vocabulary is fixed.
         self.token_text = functools.lru_cache(maxsize=65536)(self._token_text)
         self.workers = ThreadPoolExecutor(self.info.validation_workers, thread_name_prefix="hf_paged-validation")
+        self.grammar_worker = ThreadPoolExecutor(1, thread_name_prefix="hf_paged-grammar")
 
     async def shutdown(self, timeout: float = 10.0) -> None:
         """Cancel every request and wait until the engine delivered their last events: the engine
@@ -67,6 +75,7 @@ class ServerState:
         while any(not h.done for h in pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         self.workers.shutdown(wait=False, cancel_futures=True)
+        self.grammar_worker.shutdown(wait=False, cancel_futures=True)
 
     def healthy(self) -> bool:
         """False while shutting down or once the engine thread died (requests would hang forever)."""
@@ -78,6 +87,28 @@ class ServerState:
     async def off_loop(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """``fn(*args, **kwargs)`` on a validation worker (CPU-heavy work must not block the loop)."""
         return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(fn, *args, **kwargs))
+
+    async def compile_grammar(self, constraint: tuple[str, str]) -> None:
+        """Compile a request's constraint (xgrammar) on the grammar worker: 422 for a bad one or one still
+        compiling after GRAMMAR_TIMEOUT_S, 429 while GRAMMAR_QUEUE others wait."""
+        if self.compiling >= GRAMMAR_QUEUE:
+            raise overloaded()
+        self.compiling += 1
+        loop = asyncio.get_running_loop()
+        fut = loop.run_in_executor(self.grammar_worker, self.pipe.grammars.compile, constraint)
+
+        def done(f: asyncio.Future) -> None:
+            self.compiling -= 1
+            if not f.cancelled():
+                f.exception()  # retrieved: a late failure after a timeout is not an unhandled error
+        fut.add_done_callback(done)
+        try:
+            await asyncio.wait_for(asyncio.shield(fut), GRAMMAR_TIMEOUT_S)
+        except ValueError as exc:
+            raise validation_error(str(exc)) from None
+        except asyncio.TimeoutError:
+            raise validation_error(f"{constraint[0]}: still compiling after {GRAMMAR_TIMEOUT_S:.0f} s; simplify "
+                                   "it (fewer optional properties, alternatives or long repetitions)") from None
 
     # ------------------------------------------------------------------ admission (TGI: a semaphore)
     def acquire(self, sequences: int = 1) -> "Permit":

@@ -66,8 +66,9 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool | None 
         return ToolPlan("auto", functions, parallel=parallel)
     if tool_choice in ("none", "required"):
         return ToolPlan(tool_choice, functions, parallel=parallel)
-    name = (tool_choice.get("function") or {}).get("name") if isinstance(tool_choice, dict) else None
-    if name is None:
+    fn = tool_choice.get("function") if isinstance(tool_choice, dict) else None
+    name = fn.get("name") if isinstance(fn, dict) else None
+    if not isinstance(name, str):
         raise validation_error("`tool_choice` must be \"none\", \"auto\", \"required\" or "
                                "{\"type\": \"function\", \"function\": {\"name\": ...}}")
     if name not in names:
@@ -112,13 +113,16 @@ def _call(name: str, arguments: Any) -> dict:
 def parse_output(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
     """``(content, tool_calls)`` of a finished output."""
     if plan.mode == "named":
-        return None, [_call(plan.name, text)]
+        try:
+            complete = isinstance(json.loads(text), dict)
+        except ValueError:  # cut short (max_tokens, a stop string): no complete call to report
+            complete = False
+        return (None, [_call(plan.name, text)]) if complete else (text, [])
     if plan.mode == "required":
         try:
-            calls = json.loads(text)
-        except ValueError:  # cut short by max_tokens: no complete call to report
+            return None, [_call(c["name"], c["arguments"]) for c in json.loads(text)]
+        except (ValueError, TypeError, KeyError):  # cut short: no complete call to report
             return text, []
-        return None, [_call(c["name"], c["arguments"]) for c in calls]
     calls, content, rest = [], [], text
     known = {f["name"] for f in plan.functions}
     while OPEN in rest:
@@ -127,10 +131,11 @@ def parse_output(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
         content.append(before)
         try:
             call = json.loads(body)
-            if not closed or call.get("name") not in known:
+            if not closed or not isinstance(call, dict) or not isinstance(call.get("name"), str) \
+                    or call["name"] not in known:
                 raise ValueError
             calls.append(_call(call["name"], call.get("arguments", {})))
-        except (ValueError, AttributeError):
+        except ValueError:
             content.append(OPEN + body + closed)  # not a well-formed call: leave it as text
     content.append(rest)
     joined = "".join(content).strip()
