@@ -152,11 +152,10 @@ class PagedPipeline:
             if getattr(self.tokenizer, "chat_template", None) is None:
                 raise ValueError("prompt: chat messages need a tokenizer with a chat template")
             extra = {"tools": tools} if tools else {}
-            try:
+            try:  # a template may refuse the messages (jinja errors: roles that must alternate, a missing field)
                 ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
                                                          **extra)
-            except Exception as exc:  # noqa: BLE001 - the template refused these messages (jinja errors)
-                # e.g. roles that do not alternate ({{ raise_exception(...) }}), or a field it reads missing
+            except Exception as exc:  # noqa: BLE001
                 raise ValueError(f"messages: the chat template failed: {type(exc).__name__}: {exc}") from None
             if isinstance(ids, dict) or hasattr(ids, "keys"):
                 ids = ids["input_ids"]
@@ -323,8 +322,7 @@ class PagedPipeline:
                 except BaseException as exc:  # the caller gets it; the engine goes on
                     fut.set_exception(exc)
                 continue
-            if kind == "add":
-                # Even if already cancelled: the cancel queued behind this add then ends it with a result.
+            if kind == "add":  # even if cancelled already: the cancel queued behind it ends it, with a result
                 try:
                     self.delivery.add(req)
                 except Exception as exc:  # this request alone is bad: tell its caller, keep serving
@@ -334,12 +332,9 @@ class PagedPipeline:
                 self.delivery.cancel(req)
 
     def _loop(self) -> None:
-        device = self.engine.runner.device
-        cuda = device.type == "cuda"
-        if cuda and device.index is not None:
-            # The current CUDA device is per thread, and Triton launches on it (and on its stream) whatever
-            # its tensors' device: a model on cuda:1 would otherwise get its kernels launched on cuda:0.
-            torch.cuda.set_device(device)
+        cuda = self.engine.runner.device.type == "cuda"
+        if cuda:  # the current device is per thread, and Triton launches on it (and its stream)
+            torch.cuda.set_device(self.engine.runner.device)  # a parameter's device: it has an index
         ahead = self.config.async_scheduling
         overlap = self.config.overlap
         stepper = Stepper(self.engine, self.delivery, overlap=cuda if overlap is None else overlap,
@@ -363,14 +358,14 @@ class PagedPipeline:
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
         stepper.flush()
         self.delivery.cancel_all()
-        while True:  # calls queued behind the stop would otherwise wait forever
+        while True:  # calls and adds queued behind the stop would otherwise wait forever
             try:
                 kind, item = self._inbox.get_nowait()
             except queue.Empty:
                 break
             if kind == "call":
                 item[2].set_exception(RuntimeError("pipeline is closed"))
-            elif kind == "add":  # submitted while closing: it ends now, failed, instead of never
+            elif kind == "add":
                 self.delivery.fail(item, "pipeline is closed")
 
     @property
