@@ -56,8 +56,9 @@ Metrics per (model, system):
 A system that fails records its error and the others still run. --budget-s (default 420) bounds the
 whole run: a system that would start after it is recorded with error "skipped: time budget", and a run
 still going at the deadline is stopped and recorded as cut, with the rate of what it generated until then
-("partial": true; it overstates a whole run, whose end has a thinner batch). Every system after the first
-may use at most its fair share of the budget left. The JSON is rewritten after every system.
+as "partial_tok_s" (it overstates a whole run, whose end has a thinner batch; hf_static's output_tok_s then
+holds its finished batches' rate, with "partial": true). Every system but hf_paged may use at most its fair
+share of the budget left. The JSON is rewritten after every system.
 """
 from __future__ import annotations
 

@@ -98,8 +98,8 @@ def test_bad_constraints_are_value_errors(pipe):
     with pytest.raises(ValueError, match="300 optional properties; at most 256"):
         pipe.submit(PROMPT, json_schema=many)
     pipe.submit(PROMPT, json_schema=dict(many, required=list(many["properties"])), max_new_tokens=1).result(60)
-    pipe.submit(PROMPT, json_schema={"type": "object", "properties": {"not": {"type": "string"}}},
-                max_new_tokens=1).result(60)
+    pipe.submit(PROMPT, json_schema={"type": "object", "properties": {"not": {"type": "string", "example": {"not": 1}}},
+                                     "dependencies": {"not": ["not"]}}, max_new_tokens=1).result(60)
 
 
 # ---------------------------------------------------------------------------- server

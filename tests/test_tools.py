@@ -100,6 +100,7 @@ def test_auto_parsing_and_streaming_holdback():
     assert parse_output(bad, plan) == (bad, [])  # unknown function: left as text
     odd = 'x <tool_call>{"name": ["add"], "arguments": {}}</tool_call>'
     assert parse_output(odd, plan) == (odd, [])  # a name that is not a string: text too (it was a 500)
+    assert parse_output("[1, 2]", ToolPlan("named", plan.functions, "add"))[1]  # any complete JSON is a call
     for mode, cut in (("named", '{"a": 1, "b'), ("required", '[{"name": "add", "arg'), ("required", '[{"x": 1}]')):
         # cut short by max_tokens or a stop string: no call, the text is the content
         assert parse_output(cut, ToolPlan(mode, plan.functions, "add")) == (cut, [])

@@ -31,8 +31,10 @@ CACHE_BYTES = 256 * 2**20
 # xgrammar's compile time grows about with the cube of an object's optional properties (here: 256 in
 # 0.12 s, 500 in 1 s, 1000 in 4 s, 3000 in 3 minutes): more than this many in one object are refused.
 MAX_OPTIONAL_PROPERTIES = 256
-RECENT = 32  # compiled grammars kept here, so a request compiled off the event loop is found again on it
-# What SamplingParams accepts, by field; ``json_object`` (any JSON) is ``json_schema=True``.
+# Compiled grammars kept here, so that a request compiled off the event loop is found again on it: the last
+# RECENT ones, up to RECENT_BYTES together.
+RECENT, RECENT_BYTES = 16, 64 * 2**20
+# What SamplingParams accepts, by field; ``json_object`` (any JSON object) is ``json_schema=True``.
 KINDS = ("json_schema", "regex", "grammar", "choices")
 
 
@@ -115,20 +117,24 @@ class Grammars:
             raise ValueError(reason if reason.startswith(kind) else f"{kind}: {reason}") from None
         with self._lock:
             self._recent[constraint] = compiled
-            while len(self._recent) > RECENT:
+            while len(self._recent) > 1 and (len(self._recent) > RECENT or sum(
+                    getattr(c, "memory_size_bytes", 0) for c in self._recent.values()) > RECENT_BYTES):
                 self._recent.popitem(last=False)
         return compiled
+
+    def cached(self, constraint: tuple[str, str]) -> bool:
+        """Whether :meth:`compile` would return at once (compiled lately)."""
+        with self._lock:
+            return constraint in self._recent
 
 
 def _check_schema(schema: Any) -> None:
     """Refuse what xgrammar would take minutes to compile or silently ignore: objects with very many
-    optional properties (:data:`MAX_OPTIONAL_PROPERTIES`) and ``not`` (it constrains nothing there)."""
+    optional properties (:data:`MAX_OPTIONAL_PROPERTIES`) and ``not`` (it constrains nothing there).
+    Only the keywords that hold subschemas are followed (data such as ``enum`` or ``example`` is not)."""
     stack = [schema]
     while stack:
         node = stack.pop()
-        if isinstance(node, list):
-            stack.extend(node)
-            continue
         if not isinstance(node, dict):
             continue
         if "not" in node:
@@ -144,14 +150,18 @@ def _check_schema(schema: Any) -> None:
                                  f"{MAX_OPTIONAL_PROPERTIES} (their compilation time grows with the cube of "
                                  "their number): list some in 'required'")
         for key, value in node.items():
-            if key in _SCHEMA_MAPS and isinstance(value, dict):
-                stack.extend(value.values())  # name -> schema: the names are not keywords
-            elif key not in _NOT_SCHEMAS:
+            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+                stack.extend(value.values())  # name -> schema (a "dependencies" list of names is skipped)
+            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+                stack.extend(value)
+            elif key in _SUBSCHEMA:
                 stack.append(value)
 
 
-_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
-_NOT_SCHEMAS = ("enum", "const", "default", "examples", "required", "dependentRequired", "title", "description")
+_SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "contains", "propertyNames", "if", "then", "else",
+              "unevaluatedItems", "unevaluatedProperties")
+_SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
+_SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
 
 
 def new_matcher(compiled: Any) -> Any:

@@ -72,7 +72,7 @@ class SamplingParams:
     num_return_sequences: int = 1
     skip_special_tokens: bool = True
     # Constrained decoding (at most one): a JSON schema (dict, JSON text, pydantic model class, or True
-    # for any JSON), a regex, an EBNF grammar (xgrammar's dialect) or a list of allowed outputs.
+    # for any JSON object), a regex, an EBNF grammar (xgrammar's dialect) or a list of allowed outputs.
     json_schema: Any = None
     regex: str | None = None
     grammar: str | None = None

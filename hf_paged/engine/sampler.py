@@ -374,8 +374,10 @@ def _draw(scores: torch.Tensor, generators: list[torch.Generator | None]) -> lis
     """
     probs = torch.softmax(scores, dim=-1)
     # float64 where it is cheap (TopK candidates); a full-vocabulary row keeps float32 (cumsum still
-    # accumulates in double on CPU) rather than doubling the largest temporary of the step.
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if scores.shape[1] <= 4096 else scores.dtype)
+    # accumulates in double on CPU) rather than doubling the largest temporary of the step. A single row
+    # on CUDA too: there one row's scan regroups its additions (see device_sampler._draw).
+    wide = scores.shape[1] <= 4096 or (scores.shape[0] == 1 and scores.is_cuda)
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if wide else scores.dtype)
     total = cdf[:, -1:]
     u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=g.device) if g is not None
                    else torch.rand(1, dtype=torch.float64) for g in generators])

@@ -51,7 +51,12 @@ class LocalEngineClient:
                                     top_k=0, seed=seed, json_schema=json_schema, adapter=adapter)
 
         # Templating, tokenizing and compiling the schema are CPU work: off the event loop, which serves the API.
-        handle = await asyncio.to_thread(start)
+        starting = asyncio.get_running_loop().run_in_executor(None, start)
+        try:
+            handle = await asyncio.shield(starting)
+        except asyncio.CancelledError:  # the consumer left while it started: cancel it once it has
+            starting.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().cancel())
+            raise
         if self._state is not None:
             self._state.handles.add(handle)  # so that shutdown cancels UI chats too
         async for ev in handle:

@@ -89,24 +89,30 @@ class ServerState:
         return await asyncio.get_running_loop().run_in_executor(self.workers, functools.partial(fn, *args, **kwargs))
 
     async def compile_grammar(self, constraint: tuple[str, str]) -> None:
-        """Compile a request's constraint (xgrammar) on the grammar worker: 422 for a bad one or one still
-        compiling after GRAMMAR_TIMEOUT_S, 429 while GRAMMAR_QUEUE others wait."""
+        """Compile a request's constraint (xgrammar) on the grammar worker, unless compiled lately: 422 for a
+        bad one or one still compiling after GRAMMAR_TIMEOUT_S; 429 while GRAMMAR_QUEUE others wait, or
+        when it timed out still queued behind them."""
+        grammars = self.pipe.grammars
+        if grammars.cached(constraint):
+            return
         if self.compiling >= GRAMMAR_QUEUE:
             raise overloaded()
+        job = self.grammar_worker.submit(grammars.compile, constraint)
         self.compiling += 1
-        loop = asyncio.get_running_loop()
-        fut = loop.run_in_executor(self.grammar_worker, self.pipe.grammars.compile, constraint)
 
-        def done(f: asyncio.Future) -> None:
+        def done(f: asyncio.Future) -> None:  # on the event loop
             self.compiling -= 1
             if not f.cancelled():
                 f.exception()  # retrieved: a late failure after a timeout is not an unhandled error
+        fut = asyncio.wrap_future(job)
         fut.add_done_callback(done)
         try:
             await asyncio.wait_for(asyncio.shield(fut), GRAMMAR_TIMEOUT_S)
         except ValueError as exc:
             raise validation_error(str(exc)) from None
         except asyncio.TimeoutError:
+            if job.cancel():  # never started: the others before it took the time
+                raise overloaded() from None
             raise validation_error(f"{constraint[0]}: still compiling after {GRAMMAR_TIMEOUT_S:.0f} s; simplify "
                                    "it (fewer optional properties, alternatives or long repetitions)") from None
 

@@ -114,10 +114,10 @@ def parse_output(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
     """``(content, tool_calls)`` of a finished output."""
     if plan.mode == "named":
         try:
-            complete = isinstance(json.loads(text), dict)
+            json.loads(text)
         except ValueError:  # cut short (max_tokens, a stop string): no complete call to report
-            complete = False
-        return (None, [_call(plan.name, text)]) if complete else (text, [])
+            return text, []
+        return None, [_call(plan.name, text)]
     if plan.mode == "required":
         try:
             return None, [_call(c["name"], c["arguments"]) for c in json.loads(text)]

@@ -187,7 +187,7 @@ def chat_params(req: ChatRequest, limits: Limits) -> dict[str, Any]:
 
 
 def response_format(fmt: Any) -> dict[str, Any]:
-    """OpenAI's ``response_format``: ``text`` (the default), ``json_object`` (any JSON) or
+    """OpenAI's ``response_format``: ``text`` (the default), ``json_object`` (any JSON object) or
     ``json_schema`` with ``{"name", "schema", "strict"}``, as engine kwargs."""
     if fmt is None:
         return {}
