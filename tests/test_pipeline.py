@@ -53,6 +53,22 @@ def test_greedy_matches_generate_per_prompt(case):
     assert stats["preemptions"] == 0
 
 
+def test_fused_greedy_head_matches_generate(case, monkeypatch):
+    """The fused LM head + argmax (CPU, every step here, from one row up) gives generate()'s tokens."""
+    from hf_paged.engine import runner
+    from hf_paged.kernels import cpu
+
+    model, prompts, ref = case
+    monkeypatch.setattr(runner, "FUSED_HEAD_MIN_ROWS", 1)
+    calls = []
+    real = cpu.head_argmax
+    monkeypatch.setattr(cpu, "head_argmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    got, _ = _run(model, prompts, num_blocks=512, block_size=16, max_batch_tokens=256)
+    assert got == ref
+    assert bool(calls) == (runner.fused_head(model) is not None) == (cpu.available() and model.config.model_type
+                                                                     != "gemma2")
+
+
 def test_preemption_keeps_outputs_identical(case):
     model, prompts, ref = case
     # 48 blocks of 8 tokens hold the longest sequence (364 tokens) but not 16 sequences at once.

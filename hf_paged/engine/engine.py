@@ -29,9 +29,9 @@ from ..kv.pool import KVPool
 from .grammar import Masks, new_matcher
 from .outputs import FinishReason
 from .params import SamplingParams
-from .runner import Runner
+from .runner import Picked, Runner
 from .device_sampler import DeviceSampler
-from .sampler import LOGPROB_FLOOR, Sampler, SamplingRow
+from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, Sampler, SamplingRow
 from .scheduler import Schedule, Scheduler
 from .sequence import Sequence, SeqStatus
 from .stats import EngineStats
@@ -63,7 +63,7 @@ class LaunchedForward:
     """A step whose forward is queued and whose sampling is not (:meth:`Engine.launch_forward`)."""
 
     sampling: list[Sequence]
-    logits: torch.Tensor
+    logits: torch.Tensor | Picked  # Picked: the fused greedy head's tokens (Engine._greedy_pick)
     rows: list[int]  # the logits row of each sampling sequence (siblings share their parent's)
 
 
@@ -83,6 +83,8 @@ class Engine:
         self.runner = Runner(model, pool, adapters)
         self.sampler = make_sampler(model.config.vocab_size, self.runner.device)
         self.masks = Masks(model.config.vocab_size)
+        # The runner's fused greedy head serves the host sampler's plain greedy rows (CPU).
+        self._fused_head = self.runner.head is not None and isinstance(self.sampler, Sampler)
         self.max_model_len = max_model_len
         self._ids = itertools.count()
         self.tokens_generated = 0
@@ -171,13 +173,35 @@ class Engine:
         if not sched.seqs:
             return None
         every = [s.seq.params.prompt_logprobs is not None and s.start < s.seq.num_prompt for s in sched.seqs]
-        logits = self.runner.run(sched, every if any(every) else None, prev_ids)
+        pick = self._greedy_pick(sched) if self._fused_head and self.runner.broadcast is None \
+            and not any(every) else None
+        logits = self.runner.run(sched, every if any(every) else None, prev_ids, pick)
         if any(every):
             logits = self._prompt_logprobs(sched, every, logits)
         advance = self.scheduler.advance
         sampling = [s.seq for s in sched.seqs if advance(s)]
         rows = self.scheduler.fork_siblings(sampling)
         return LaunchedForward(sampling, logits, rows)
+
+    @staticmethod
+    def _greedy_pick(sched: Schedule) -> str | None:
+        """"argmax" when every sequence that samples in ``sched`` takes the host sampler's plain greedy path
+        (greedy, no processor reads its tokens, no grammar, no top logprobs), "logprob" when one of them
+        also asks for its token's logprob; None otherwise (the step makes logits)."""
+        pick = "argmax"
+        for s in sched.seqs:
+            seq = s.seq
+            if s.start + s.num_tokens != len(seq.token_ids) + seq.num_ahead:
+                continue  # a prompt chunk that does not sample
+            p = seq.params
+            if p.do_sample or seq.matcher is not None or p.top_logprobs or p.repetition_penalty != 1.0 \
+                    or p.frequency_penalty or p.presence_penalty or p.no_repeat_ngram_size \
+                    or (p.min_new_tokens and p.eos_token_id
+                        and len(seq.token_ids) - seq.num_prompt + seq.num_ahead < p.min_new_tokens):
+                return None
+            if p.logprobs:
+                pick = "logprob"
+        return pick
 
     def needs_tokens(self, fwd: "LaunchedForward") -> bool:
         """Whether a sequence that samples in ``fwd`` needs its token in flight on the host first: its
@@ -189,6 +213,8 @@ class Engine:
     def launch_sample(self, fwd: "LaunchedForward") -> "PendingStep":
         """The second half of :meth:`launch`: queue the sampling of ``fwd``'s rows."""
         sampling, logits = fwd.sampling, fwd.logits
+        if isinstance(logits, Picked):
+            return self._picked(fwd)
         if len(fwd.rows) != logits.shape[0]:
             logits = logits.index_select(0, to_device(torch.tensor(fwd.rows), logits.device))
         if any(s.matcher is not None for s in sampling):
@@ -206,6 +232,21 @@ class Engine:
             s.num_ahead += 1
             s.ahead_row = k
         return PendingStep(sampling, out)
+
+    def _picked(self, fwd: "LaunchedForward") -> "PendingStep":
+        """:meth:`launch_sample` for the fused head's tokens: what the host sampler gives plain greedy rows."""
+        sampling, picked, rows = fwd.sampling, fwd.logits, fwd.rows
+        ids = picked.ids.tolist()
+        out = SampleOutput([ids[r] for r in rows])
+        if picked.logprobs is not None:
+            lps = picked.logprobs.tolist()
+            out.logprobs = [(lps[r] if lps[r] >= LOGPROB_FLOOR else LOGPROB_FLOOR) if s.params.logprobs else None
+                            for s, r in zip(sampling, rows)]  # NaN fails >= too
+            out.top_logprobs = [[] for _ in rows]
+        for k, s in enumerate(sampling):
+            s.num_ahead += 1
+            s.ahead_row = k
+        return PendingStep(sampling, Ready(out))
 
     def can_plan_ahead(self, pending: "PendingStep") -> bool:
         """Whether the next step may be scheduled and its forward launched before ``pending``'s tokens are

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,6 +38,55 @@ class StepPlan:
     # Async scheduling: (position in ids, row of the previous step's sampled ids) of each input token
     # that was still being sampled when this step was planned (its place in ids holds 0 until then).
     fill: list[tuple[int, int]] | None = None
+    # "argmax" / "logprob": every kept row is a plain greedy pick (with its logprob); the runner may then
+    # return a Picked from the fused LM head instead of the logits.
+    pick: str | None = None
+
+
+@dataclass(slots=True)
+class Picked:
+    """What :meth:`Runner.execute` returns for a ``pick`` plan through the fused LM head: the greedy token
+    of each kept row and, for "logprob", its log-probability (NaN where the row's maximum is not finite)."""
+
+    ids: torch.Tensor  # [rows] int64
+    logprobs: torch.Tensor | None  # [rows] float32
+
+
+# The fused LM head (kernels/cpu.head_argmax): on CPU, a greedy step's output layer and argmax in one pass
+# over the vocabulary, without the [rows, vocab] logits (docs/benchmarks.md, sixteenth session). From this
+# many kept rows (below it the skinny kernel's logits are cheaper) and up to this hidden size (above it the
+# product dominates and oneDNN's full-width call was as fast or faster). HF_PAGED_FUSED_HEAD=0 turns it off.
+FUSED_HEAD_MIN_ROWS = 16
+FUSED_HEAD_MAX_HIDDEN = 1024
+# Model classes whose logits are exactly ``output_embeddings(base_model(...)[0])`` (no scaling, soft-capping
+# or bias terms besides the layer's own); test_fused_head checks each against the model's forward.
+_PLAIN_HEADS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
+                          "GemmaForCausalLM", "Gemma2ForCausalLM", "Gemma3ForCausalLM", "Phi3ForCausalLM",
+                          "GPT2LMHeadModel", "OPTForCausalLM", "GPTNeoXForCausalLM"})
+
+
+def fused_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear, int] | None:
+    """(base model, output layer, vocabulary size) where the fused greedy head applies to ``model``:
+    a CPU fp32 model of a class in ``_PLAIN_HEADS`` without final logit soft-capping, whose output layer
+    is a plain ``nn.Linear`` of at most ``FUSED_HEAD_MAX_HIDDEN`` inputs, with the C++ kernels built."""
+    if os.environ.get("HF_PAGED_FUSED_HEAD", "1").strip() == "0" or type(model).__name__ not in _PLAIN_HEADS:
+        return None
+    cfg = getattr(model, "config", None)
+    if cfg is None or getattr(cfg, "final_logit_softcapping", None) is not None:
+        return None
+    head = model.get_output_embeddings()
+    base = getattr(model, getattr(model, "base_model_prefix", ""), None)
+    w = getattr(head, "weight", None)
+    if type(head) is not torch.nn.Linear or not isinstance(base, torch.nn.Module) \
+            or type(w) is not torch.nn.Parameter or w.device.type != "cpu" or w.dtype != torch.float32 \
+            or head.in_features > FUSED_HEAD_MAX_HIDDEN:
+        return None
+    from ..kernels import cpu
+
+    if not cpu.available():
+        return None
+    vocab = min(int(getattr(cfg, "vocab_size", None) or w.shape[0]), w.shape[0])
+    return base, head, vocab
 
 
 class Runner:
@@ -51,6 +101,7 @@ class Runner:
         params = inspect.signature(type(model).forward).parameters
         self._logits_to_keep = "logits_to_keep" in params
         self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
+        self.head = fused_head(model)  # (base, output layer, vocab) for the fused greedy head, or None
         self._rows = TableRows()  # the running sequences' block tables, kept between steps
 
     def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False,
@@ -64,12 +115,14 @@ class Runner:
                                    device=self.device, capture=capture, compile=compile, graph_api=graph_api)
 
     def run(self, schedule: Schedule, every_position: list[bool] | None = None,
-            prev_ids: torch.Tensor | None = None) -> torch.Tensor:
+            prev_ids: torch.Tensor | None = None, pick: str | None = None) -> torch.Tensor | Picked:
         """Logits (float32) of the last token of each sampling sequence, in schedule order; for a
         scheduled sequence with ``every_position[i]``, of every token of its chunk instead (its last
         row is then its sampling row, if it samples). ``prev_ids``: the sampled ids of the step still
-        in flight (async scheduling), where the tokens not yet on the host come from."""
+        in flight (async scheduling), where the tokens not yet on the host come from. ``pick``: see
+        :attr:`StepPlan.pick` (the caller takes either result)."""
         plan = self.plan(schedule, every_position)
+        plan.pick = pick
         if self.broadcast is not None:
             self.broadcast.send_step(plan)
         return self.execute(plan, prev_ids)
@@ -122,8 +175,10 @@ class Runner:
                         if lora else None, fill or None)
 
     @torch.inference_mode()
-    def execute(self, plan: StepPlan, prev_ids: torch.Tensor | None = None) -> torch.Tensor:
-        """Run the model on ``plan``; the float32 logits of its ``keep`` rows. ``prev_ids``: see :meth:`run`."""
+    def execute(self, plan: StepPlan, prev_ids: torch.Tensor | None = None) -> torch.Tensor | Picked:
+        """Run the model on ``plan``; the float32 logits of its ``keep`` rows, or for a ``pick`` plan of
+        enough rows on a model :func:`fused_head` accepts, their :class:`Picked` tokens. ``prev_ids``: see
+        :meth:`run`."""
         if plan.fill is not None and prev_ids is None:
             raise ValueError("the plan has tokens still being sampled: prev_ids is required")
         self.pool.copy_blocks(plan.copies)
@@ -141,12 +196,20 @@ class Runner:
             input_ids = input_ids.index_copy(0, dst, to_device(prev_ids, self.device).index_select(0, src))
         input_ids = input_ids[None]
         kwargs = {}
-        if self._logits_to_keep:
+        fused = self.head if plan.pick is not None and k >= FUSED_HEAD_MIN_ROWS else None
+        if self._logits_to_keep and fused is None:
             kwargs["logits_to_keep"] = keep_t
         with contextlib.ExitStack() as stack:
             if plan.lora_slots is not None:
                 batch = LoraBatch.build(plan.lora_slots, plan.q_lens, self.device)
                 stack.enter_context(self.adapters.active(batch))
+            if fused is not None:
+                base, head, vocab = fused
+                hidden = base(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta,
+                              use_cache=False)[0][0].index_select(0, keep_t)
+                from ..kernels import cpu
+
+                return Picked(*cpu.head_argmax(hidden, head.weight, head.bias, vocab, plan.pick == "logprob"))
             out = self.model(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta,
                              use_cache=False, **kwargs)
         logits = out.logits[0]

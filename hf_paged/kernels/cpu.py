@@ -103,7 +103,9 @@ def _register_fakes() -> None:
                        ("lora_sgmv", nothing),
                        ("argmax_rows", lambda scores: scores.new_empty(scores.shape[0], dtype=torch.long)),
                        ("argmax_logprob_rows", lambda scores: (scores.new_empty(scores.shape[0], dtype=torch.long),
-                                                               scores.new_empty(scores.shape[0])))):
+                                                               scores.new_empty(scores.shape[0]))),
+                       ("head_argmax", lambda x, weight, bias, vocab, logprob: (
+                           x.new_empty(x.shape[0], dtype=torch.long), x.new_empty(x.shape[0] if logprob else 0)))):
         torch.library.register_fake(lib + name)(fake)
 
 
@@ -205,6 +207,15 @@ def argmax_logprob_rows(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     """:func:`argmax_rows` and ``log_softmax(scores, -1)`` at those ids (fp32; NaN where a row's maximum is
     not finite), without making the ``[rows, vocab]`` log-probabilities."""
     return torch.ops.hf_paged_cpu.argmax_logprob_rows(scores)
+
+
+def head_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, vocab: int,
+                logprob: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The output layer and the greedy pick fused: :func:`argmax_logprob_rows` (``logprob``) or
+    :func:`argmax_rows` of ``F.linear(x, weight, bias)[:, :vocab]`` without making those ``[rows, vocab]``
+    logits (fp32 CPU tensors). The log-probabilities are None without ``logprob``."""
+    ids, lps = torch.ops.hf_paged_cpu.head_argmax(x, weight, bias, int(vocab), bool(logprob))
+    return ids, (lps if logprob else None)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
