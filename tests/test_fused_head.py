@@ -191,6 +191,26 @@ def test_only_plain_greedy_steps_pick(tiny_root, monkeypatch):
     assert Engine._greedy_pick(s) == "argmax"
 
 
+@pytest.mark.parametrize("ahead", [False, True])
+def test_overlapped_and_async_steps_pick_and_match_generate(tiny_root, monkeypatch, ahead):
+    """The overlapped loop (and async scheduling, whose next step takes the ids from the step in flight)
+    with every step picked: generate()'s tokens, every block back."""
+    model = load(build("phi3", tiny_root))
+    prompts = _prompts(12)
+    ref = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=12 + i % 7, do_sample=False)[0, len(p):]
+           .tolist() for i, p in enumerate(prompts)]
+    monkeypatch.setattr(runner_mod, "FUSED_HEAD_MIN_ROWS", 1)
+    calls = _counting(monkeypatch)
+    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=256, block_size=8, max_batch_tokens=64, overlap=True,
+                         async_scheduling=ahead)
+    try:
+        got = [r.token_ids for r in _generate(pipe, prompts, do_sample=False)]
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+    assert got == ref and calls
+
+
 def test_mixed_batches_take_both_paths_and_match_generate(tiny_root, monkeypatch):
     """Greedy requests next to sampled ones: steps with a sampled row make logits, steps without pick;
     the greedy outputs equal generate() throughout."""

@@ -151,12 +151,23 @@ def _pipe(base_path, dirs, **kw):
     return hf_paged.PagedPipeline(load(base_path), IdTokenizer(), lora_adapters=dirs, **kw)
 
 
-@pytest.mark.parametrize("max_batch_tokens,backend", [(2048, "auto"), (16, "auto"), (2048, "torch")])
+@pytest.mark.parametrize("max_batch_tokens,backend", [(2048, "auto"), (16, "auto"), (2048, "torch"),
+                                                      (2048, "fused")])
 def test_mixed_batch_of_base_and_three_adapters_equals_each_alone(adapter_dirs, references, max_batch_tokens, backend,
                                                                   monkeypatch):
     """16 tokens a step: prompts are chunked across steps. "torch": the matmul per segment path instead
-    of the C++ kernel (and the torch attention)."""
-    if backend != "auto":
+    of the C++ kernel (and the torch attention). "fused": every step through the fused greedy LM head."""
+    calls = []
+    if backend == "fused":
+        from hf_paged.engine import runner
+        from hf_paged.kernels import cpu
+
+        if not cpu.available():
+            pytest.skip("C++ CPU kernel not built")
+        monkeypatch.setattr(runner, "FUSED_HEAD_MIN_ROWS", 1)
+        real = cpu.head_argmax
+        monkeypatch.setattr(cpu, "head_argmax", lambda *a, **k: calls.append(1) or real(*a, **k))
+    elif backend != "auto":
         monkeypatch.setenv("HF_PAGED_BACKEND", backend)
     base_path, dirs = adapter_dirs
     jobs = [(name, i) for i in range(len(PROMPTS)) for name in (None, *ADAPTERS)]
@@ -167,6 +178,7 @@ def test_mixed_batch_of_base_and_three_adapters_equals_each_alone(adapter_dirs, 
         got = {job: h.result().token_ids for job, h in zip(jobs, handles)}
     for job in jobs:
         assert got[job] == references[job], job
+    assert bool(calls) == (backend == "fused")
 
 
 @pytest.mark.skipif(not ON_CUDA, reason="needs CUDA and HF_PAGED_TEST_CUDA=1")

@@ -53,7 +53,7 @@ class Picked:
 
 
 # The fused LM head (kernels/cpu.head_argmax): on CPU, a greedy step's output layer and argmax in one pass
-# over the vocabulary, without the [rows, vocab] logits (docs/benchmarks.md, sixteenth session). From this
+# over the vocabulary, without the [rows, vocab] logits (docs/benchmarks.md, fifteenth session). From this
 # many kept rows (below it the skinny kernel's logits are cheaper) and up to this hidden size (above it the
 # product dominates and oneDNN's full-width call was as fast or faster). HF_PAGED_FUSED_HEAD=0 turns it off.
 FUSED_HEAD_MIN_ROWS = 16
@@ -69,7 +69,8 @@ def fused_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear
     """(base model, output layer, vocabulary size) where the fused greedy head applies to ``model``:
     a CPU fp32 model of a class in ``_PLAIN_HEADS`` without final logit soft-capping, whose output layer
     is a plain ``nn.Linear`` of at most ``FUSED_HEAD_MAX_HIDDEN`` inputs, with the C++ kernels built."""
-    if os.environ.get("HF_PAGED_FUSED_HEAD", "1").strip() == "0" or type(model).__name__ not in _PLAIN_HEADS:
+    if os.environ.get("HF_PAGED_FUSED_HEAD", "1").strip() == "0" or type(model).__name__ not in _PLAIN_HEADS \
+            or not type(model).__module__.startswith("transformers.models."):  # not remote code of the same name
         return None
     cfg = getattr(model, "config", None)
     if cfg is None or getattr(cfg, "final_logit_softcapping", None) is not None:
@@ -205,8 +206,17 @@ class Runner:
                 stack.enter_context(self.adapters.active(batch))
             if fused is not None:
                 base, head, vocab = fused
-                hidden = base(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta,
-                              use_cache=False)[0][0].index_select(0, keep_t)
+                # The wrapped model's own pre-hook (bypassed here) marks an engine step: checks meant for
+                # padded batches (GPT-2's pad-id lookup, a host sync) are then skipped.
+                state = getattr(self.model, "_hf_paged", None)
+                if state is not None:
+                    state.engine_step = True
+                try:
+                    hidden = base(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta,
+                                  use_cache=False)[0][0].index_select(0, keep_t)
+                finally:
+                    if state is not None:
+                        state.engine_step = False
                 from ..kernels import cpu
 
                 return Picked(*cpu.head_argmax(hidden, head.weight, head.bias, vocab, plan.pick == "logprob"))
