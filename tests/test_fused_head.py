@@ -159,9 +159,9 @@ def test_pipeline_fused_equals_unfused(tiny_root, monkeypatch, logprobs):
             assert not a.logprobs and not b.logprobs
 
 
-def test_only_plain_greedy_steps_pick(tiny_root, monkeypatch):
-    """A step with a sampled row, a penalty, top logprobs, a grammar or a minimum length still to reach
-    makes logits; the pick covers the others, mixed-in prompt chunks included."""
+def test_only_plain_greedy_rows_are_picked(tiny_root, monkeypatch):
+    """A sampled row, a penalty, top logprobs, a grammar or a minimum length still to reach keeps its row on
+    the logits; the plain greedy rows next to it are picked; chunks that do not sample are no rows."""
     from hf_paged.engine.scheduler import ScheduledSeq, Schedule
     from hf_paged.engine.sequence import Sequence
 
@@ -173,22 +173,66 @@ def test_only_plain_greedy_steps_pick(tiny_root, monkeypatch):
         return Schedule(seqs)
 
     greedy = SamplingParams(max_new_tokens=8)
-    assert Engine._greedy_pick(sched(greedy, greedy)) == "argmax"
-    assert Engine._greedy_pick(sched(greedy, SamplingParams(max_new_tokens=8, logprobs=True))) == "logprob"
+    assert Engine._greedy_pick(sched(greedy, greedy)) == ([0, 1], False)
+    assert Engine._greedy_pick(sched(greedy, SamplingParams(max_new_tokens=8, logprobs=True))) == ([0, 1], True)
     for odd in (dict(do_sample=True), dict(repetition_penalty=1.1), dict(frequency_penalty=0.5),
                 dict(presence_penalty=0.5), dict(no_repeat_ngram_size=2), dict(logprobs=True, top_logprobs=2),
                 dict(min_new_tokens=5, eos_token_id=[2]), dict(regex="[a-z]+")):
         p = SamplingParams(max_new_tokens=8, **odd)
-        s = sched(greedy, p)
-        if p.constraint is not None:
-            s.seqs[1].seq.matcher = object()
-        assert Engine._greedy_pick(s) is None, odd
-    # The minimum reached, or a chunk that does not sample: the pick applies again.
+        mixed, alone = sched(p, greedy, p), sched(p, p)
+        if p.constraint is not None:  # the engine gives such a sequence a matcher
+            for entry in (mixed.seqs[0], mixed.seqs[2], *alone.seqs):
+                entry.seq.matcher = object()
+        assert Engine._greedy_pick(mixed) == ([1], False), odd
+        assert Engine._greedy_pick(alone) is None, odd
+    # The minimum reached: picked again.
     assert Engine._greedy_pick(sched(greedy, SamplingParams(max_new_tokens=8, min_new_tokens=3, eos_token_id=[2]))) \
-        == "argmax"
-    s = sched(greedy, SamplingParams(max_new_tokens=8, do_sample=True))
-    s.seqs[1].start, s.seqs[1].num_tokens = 0, 5  # a chunk ending before its last token does not sample
-    assert Engine._greedy_pick(s) == "argmax"
+        == ([0, 1], False)
+    s = sched(SamplingParams(max_new_tokens=8, do_sample=True), greedy)
+    s.seqs[0].start, s.seqs[0].num_tokens = 0, 5  # a chunk ending before its last token does not sample
+    assert Engine._greedy_pick(s) == ([0], False)
+
+
+def test_mixed_steps_pick_the_greedy_rows_and_sample_the_others(tiny_root, monkeypatch):
+    """Greedy rows (some with logprobs) next to seeded sampled rows (with top logprobs): the picked rows and
+    the rows sampled from the remaining logits give what the logits path gives, token for token."""
+    model = load(build("llama", tiny_root))
+    prompts = _prompts(24)
+
+    def run():
+        pipe = PagedPipeline(model, IdTokenizer(), num_blocks=256, block_size=8, max_batch_tokens=128)
+        try:
+            reqs = []
+            for i, p in enumerate(prompts):
+                kw = dict(do_sample=False, logprobs=i % 3 == 0) if i % 2 else dict(
+                    do_sample=True, seed=i, temperature=0.8, top_k=20, logprobs=True, top_logprobs=2)
+                reqs.append(pipe.submit(p, max_new_tokens=10 + i % 5, **kw))
+            return [r.result(timeout=300) for r in reqs]
+        finally:
+            pipe.close()
+            hf_paged.unwrap(model)
+
+    monkeypatch.setattr(runner_mod, "FUSED_HEAD_MIN_ROWS", 1)
+    calls = _counting(monkeypatch)
+    mixed = []
+    real = Engine._picked
+    monkeypatch.setattr(Engine, "_picked",
+                        lambda self, fwd: mixed.append(fwd.logits.rest is not None) or real(self, fwd))
+    fused = run()
+    assert calls and any(mixed)  # steps with both picked and sampled rows ran
+    monkeypatch.setenv("HF_PAGED_FUSED_HEAD", "0")
+    plain = run()
+    assert [r.token_ids for r in fused] == [r.token_ids for r in plain]
+    for i, (a, b) in enumerate(zip(fused, plain)):
+        a, b = a.outputs[0], b.outputs[0]
+        if i % 2 and i % 3:  # greedy without logprobs
+            assert not a.logprobs and not b.logprobs
+            continue
+        assert a.logprobs == pytest.approx(b.logprobs, abs=2e-5)
+        assert len(a.logprobs) == len(a.token_ids)
+        assert [[t for t, _ in top] for top in a.top_logprobs or []] == \
+            [[t for t, _ in top] for top in b.top_logprobs or []]
+        assert bool(a.top_logprobs) == (i % 2 == 0)  # the sampled rows ask for top lists
 
 
 @pytest.mark.parametrize("ahead", [False, True])

@@ -184,24 +184,26 @@ class Engine:
         return LaunchedForward(sampling, logits, rows)
 
     @staticmethod
-    def _greedy_pick(sched: Schedule) -> str | None:
-        """"argmax" when every sequence that samples in ``sched`` takes the host sampler's plain greedy path
-        (greedy, no processor reads its tokens, no grammar, no top logprobs), "logprob" when one of them
-        also asks for its token's logprob; None otherwise (the step makes logits)."""
-        pick = "argmax"
+    def _greedy_pick(sched: Schedule) -> tuple[list[int], bool] | None:
+        """The sampling rows of ``sched`` (in schedule order) that take the host sampler's plain greedy path
+        (greedy, no processor reads their tokens, no grammar, no top logprobs), and whether one of them asks
+        for its token's logprob; None when there is none (see :attr:`StepPlan.pick`)."""
+        rows: list[int] = []
+        logprob = False
+        k = 0
         for s in sched.seqs:
             seq = s.seq
             if s.start + s.num_tokens != len(seq.token_ids) + seq.num_ahead:
                 continue  # a prompt chunk that does not sample
             p = seq.params
-            if p.do_sample or seq.matcher is not None or p.top_logprobs or p.repetition_penalty != 1.0 \
-                    or p.frequency_penalty or p.presence_penalty or p.no_repeat_ngram_size \
+            if not (p.do_sample or seq.matcher is not None or p.top_logprobs or p.repetition_penalty != 1.0
+                    or p.frequency_penalty or p.presence_penalty or p.no_repeat_ngram_size
                     or (p.min_new_tokens and p.eos_token_id
-                        and len(seq.token_ids) - seq.num_prompt + seq.num_ahead < p.min_new_tokens):
-                return None
-            if p.logprobs:
-                pick = "logprob"
-        return pick
+                        and len(seq.token_ids) - seq.num_prompt + seq.num_ahead < p.min_new_tokens)):
+                rows.append(k)
+                logprob = logprob or p.logprobs
+            k += 1
+        return (rows, logprob) if rows else None
 
     def needs_tokens(self, fwd: "LaunchedForward") -> bool:
         """Whether a sequence that samples in ``fwd`` needs its token in flight on the host first: its
@@ -212,11 +214,20 @@ class Engine:
 
     def launch_sample(self, fwd: "LaunchedForward") -> "PendingStep":
         """The second half of :meth:`launch`: queue the sampling of ``fwd``'s rows."""
-        sampling, logits = fwd.sampling, fwd.logits
-        if isinstance(logits, Picked):
-            return self._picked(fwd)
-        if len(fwd.rows) != logits.shape[0]:
-            logits = logits.index_select(0, to_device(torch.tensor(fwd.rows), logits.device))
+        sampling = fwd.sampling
+        if isinstance(fwd.logits, Picked):
+            out = self._picked(fwd)
+        else:
+            out = self._sample(sampling, fwd.logits, fwd.rows)
+        for k, s in enumerate(sampling):
+            s.num_ahead += 1
+            s.ahead_row = k
+        return PendingStep(sampling, out)
+
+    def _sample(self, sampling: list[Sequence], logits: torch.Tensor, rows: list[int]) -> Any:
+        """Queue the sampling of ``sampling[k]`` from ``logits[rows[k]]``; its output (``.result()``)."""
+        if len(rows) != logits.shape[0]:  # siblings share rows; else rows are 0..n-1 in order
+            logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
         if any(s.matcher is not None for s in sampling):
             # A sequence ended meanwhile (by the step completed in between) gets no mask: its token is dropped.
             self.masks.apply(logits, [None if s.finished else s.matcher for s in sampling])
@@ -224,29 +235,39 @@ class Engine:
         # nothing else about this step depends on its value). Each row names its sequence: the sampler keeps
         # its penalties' token history (PenaltyState) up to date itself, on the device. A sequence ended
         # meanwhile names none: its token is dropped, and its history may already be another's.
-        out = self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids,
-                                                             len(s.token_ids) - s.num_prompt + s.num_ahead,
-                                                             s.generator, None if s.finished else s)
-                                                 for s in sampling])
-        for k, s in enumerate(sampling):
-            s.num_ahead += 1
-            s.ahead_row = k
-        return PendingStep(sampling, out)
+        return self.sampler.sample_async(logits, [SamplingRow(s.params, s.token_ids,
+                                                              len(s.token_ids) - s.num_prompt + s.num_ahead,
+                                                              s.generator, None if s.finished else s)
+                                                  for s in sampling])
 
-    def _picked(self, fwd: "LaunchedForward") -> "PendingStep":
-        """:meth:`launch_sample` for the fused head's tokens: what the host sampler gives plain greedy rows."""
+    def _picked(self, fwd: "LaunchedForward") -> Ready:
+        """The output for a step through the fused head: its picked rows as the host sampler gives plain greedy
+        rows, the others sampled from their logits (``Picked.logits``), in one :class:`SampleOutput`."""
         sampling, picked, rows = fwd.sampling, fwd.logits, fwd.rows
+        at = {r: j for j, r in enumerate(picked.rows)}
         ids = picked.ids.tolist()
-        out = SampleOutput([ids[r] for r in rows])
-        if picked.logprobs is not None:
-            lps = picked.logprobs.tolist()
-            out.logprobs = [(lps[r] if lps[r] >= LOGPROB_FLOOR else LOGPROB_FLOOR) if s.params.logprobs else None
-                            for s, r in zip(sampling, rows)]  # NaN fails >= too
-            out.top_logprobs = [[] for _ in rows]
-        for k, s in enumerate(sampling):
-            s.num_ahead += 1
-            s.ahead_row = k
-        return PendingStep(sampling, Ready(out))
+        lps = picked.logprobs.tolist() if picked.logprobs is not None else None
+        out = SampleOutput([ids[at[r]] if r in at else 0 for r in rows])
+        others = [k for k, r in enumerate(rows) if r not in at]
+        sub = None
+        if others:
+            rest = {r: j for j, r in enumerate(picked.rest)}
+            sub = self._sample([sampling[k] for k in others], picked.logits, [rest[rows[k]] for k in others]).result()
+        if lps is not None or (sub is not None and sub.logprobs is not None):
+            out.logprobs, out.top_logprobs = [None] * len(rows), [[] for _ in rows]
+        if lps is not None:
+            for k, (s, r) in enumerate(zip(sampling, rows)):
+                if r in at and s.params.logprobs:
+                    lp = lps[at[r]]
+                    out.logprobs[k] = lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN fails >= too
+        if sub is not None:
+            for j, k in enumerate(others):
+                out.tokens[k] = sub.tokens[j]
+                if sub.logprobs is not None:
+                    out.logprobs[k] = sub.logprobs[j]
+                if sub.top_logprobs is not None:
+                    out.top_logprobs[k] = sub.top_logprobs[j]
+        return Ready(out)
 
     def can_plan_ahead(self, pending: "PendingStep") -> bool:
         """Whether the next step may be scheduled and its forward launched before ``pending``'s tokens are

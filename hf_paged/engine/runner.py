@@ -38,18 +38,23 @@ class StepPlan:
     # Async scheduling: (position in ids, row of the previous step's sampled ids) of each input token
     # that was still being sampled when this step was planned (its place in ids holds 0 until then).
     fill: list[tuple[int, int]] | None = None
-    # "argmax" / "logprob": every kept row is a plain greedy pick (with its logprob); the runner may then
-    # return a Picked from the fused LM head instead of the logits.
-    pick: str | None = None
+    # The kept rows (positions in keep) that are plain greedy picks, and whether one of them wants its
+    # logprob: the runner may then return a Picked from the fused LM head instead of the logits.
+    pick: list[int] | None = None
+    pick_logprob: bool = False
 
 
 @dataclass(slots=True)
 class Picked:
-    """What :meth:`Runner.execute` returns for a ``pick`` plan through the fused LM head: the greedy token
-    of each kept row and, for "logprob", its log-probability (NaN where the row's maximum is not finite)."""
+    """What :meth:`Runner.execute` returns for a ``pick`` plan through the fused LM head: the greedy token of
+    each picked row and, with ``pick_logprob``, its log-probability (NaN where the row's maximum is not
+    finite); the float32 logits of the other kept rows."""
 
-    ids: torch.Tensor  # [rows] int64
-    logprobs: torch.Tensor | None  # [rows] float32
+    ids: torch.Tensor  # [len(rows)] int64
+    logprobs: torch.Tensor | None  # [len(rows)] float32
+    rows: list[int]  # the kept rows picked (StepPlan.pick)
+    logits: torch.Tensor | None = None  # [len(rest), vocab]
+    rest: list[int] | None = None  # the other kept rows, in keep order
 
 
 # The fused LM head (kernels/cpu.head_argmax): on CPU, a greedy step's output layer and argmax in one pass
@@ -116,14 +121,16 @@ class Runner:
                                    device=self.device, capture=capture, compile=compile, graph_api=graph_api)
 
     def run(self, schedule: Schedule, every_position: list[bool] | None = None,
-            prev_ids: torch.Tensor | None = None, pick: str | None = None) -> torch.Tensor | Picked:
+            prev_ids: torch.Tensor | None = None,
+            pick: tuple[list[int], bool] | None = None) -> torch.Tensor | Picked:
         """Logits (float32) of the last token of each sampling sequence, in schedule order; for a
         scheduled sequence with ``every_position[i]``, of every token of its chunk instead (its last
         row is then its sampling row, if it samples). ``prev_ids``: the sampled ids of the step still
-        in flight (async scheduling), where the tokens not yet on the host come from. ``pick``: see
-        :attr:`StepPlan.pick` (the caller takes either result)."""
+        in flight (async scheduling), where the tokens not yet on the host come from. ``pick``: (rows,
+        logprob), see :attr:`StepPlan.pick` (the caller takes either result)."""
         plan = self.plan(schedule, every_position)
-        plan.pick = pick
+        if pick is not None:
+            plan.pick, plan.pick_logprob = pick
         if self.broadcast is not None:
             self.broadcast.send_step(plan)
         return self.execute(plan, prev_ids)
@@ -197,7 +204,7 @@ class Runner:
             input_ids = input_ids.index_copy(0, dst, to_device(prev_ids, self.device).index_select(0, src))
         input_ids = input_ids[None]
         kwargs = {}
-        fused = self.head if plan.pick is not None and k >= FUSED_HEAD_MIN_ROWS else None
+        fused = self.head if plan.pick is not None and len(plan.pick) >= FUSED_HEAD_MIN_ROWS else None
         if self._logits_to_keep and fused is None:
             kwargs["logits_to_keep"] = keep_t
         with contextlib.ExitStack() as stack:
@@ -219,7 +226,14 @@ class Runner:
                         state.engine_step = False
                 from ..kernels import cpu
 
-                return Picked(*cpu.head_argmax(hidden, head.weight, head.bias, vocab, plan.pick == "logprob"))
+                rows, rest, logits = plan.pick, None, None
+                if len(rows) < k:  # the other rows sample from their logits
+                    chosen = set(rows)
+                    rest = [i for i in range(k) if i not in chosen]
+                    logits = head(hidden[rest]).float()
+                    hidden = hidden[rows]
+                ids, lps = cpu.head_argmax(hidden, head.weight, head.bias, vocab, plan.pick_logprob)
+                return Picked(ids, lps, rows, logits, rest)
             out = self.model(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta,
                              use_cache=False, **kwargs)
         logits = out.logits[0]
