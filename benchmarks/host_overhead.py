@@ -4,9 +4,11 @@ A 2-layer random Llama with the default model's tokenizer (vocabulary 49152), so
 short and the host work (schedule, step plan and metadata, sampling over [N, vocab], postprocess,
 detokenizing and emitting) is what the timers see. Each phase is timed by wrapping the engine's own
 methods; the forward (``Runner.execute`` less the metadata tensors it builds) is reported apart and
-left out of the host total. ``--prompt-len`` sets the context (the block tables grow with it).
+left out of the host total. ``--prompt-len`` sets the context (the block tables grow with it). Greedy
+rows go through the fused LM head on CPU (``Runner.fused_head``): their argmax is then part of the forward.
 
     python benchmarks/host_overhead.py --seqs 256 --steps 50 [--prompt-len 1024] [--logprobs] [--penalties]
+                                       [--sampled-every K]
 
 ``HF_PAGED_SAMPLER=device`` times the device sampler (on CPU tensors here: its tensor work is then host
 work too, which on CUDA it is not).
@@ -33,6 +35,8 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=0, help="prompt tokens (0: one short chat prompt)")
     ap.add_argument("--logprobs", action="store_true", help="every request asks for its tokens' logprobs (as TGI's "
                     "/generate_stream always does)")
+    ap.add_argument("--sampled-every", type=int, default=0, help="every K-th request samples (temperature 0.7, "
+                    "top_k 50, seeded) instead of decoding greedily: mixed traffic (0: all greedy)")
     ap.add_argument("--penalties", action="store_true", help="every request sets repetition_penalty 1.1 and "
                     "frequency_penalty 0.2 (what many clients send)")
     args = ap.parse_args()
@@ -82,8 +86,10 @@ def main() -> None:
         from hf_paged.engine.request import Request
 
         for i in range(args.seqs):
-            params = SamplingParams.from_request(None, max_new_tokens=10_000, do_sample=False, ignore_eos=True,
+            sample = bool(args.sampled_every) and i % args.sampled_every == 0
+            params = SamplingParams.from_request(None, max_new_tokens=10_000, do_sample=sample, ignore_eos=True,
                                                  logprobs=args.logprobs,
+                                                 **(dict(temperature=0.7, top_k=50, seed=i) if sample else {}),
                                                  **(dict(repetition_penalty=1.1, frequency_penalty=0.2)
                                                     if args.penalties else {}))
             delivery.add(Request(f"r{r}-{i}", prompt, prompt, params, lambda req: None))

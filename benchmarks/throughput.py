@@ -65,14 +65,17 @@ def worker(args) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(_gib(args.kv_memory)))))
         llm = LLM(model=path, dtype=args.dtype, max_model_len=4096, seed=0, gpu_memory_utilization=0.3,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens)
-        sp = SamplingParams(temperature=0.0, max_tokens=args.max_new_tokens, ignore_eos=fixed)
+        sp = SamplingParams(temperature=0.7 if args.sample else 0.0, top_k=50 if args.sample else -1,
+                            max_tokens=args.max_new_tokens, ignore_eos=fixed)
         t0 = time.perf_counter()
         res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         elapsed = time.perf_counter() - t0
         outputs = [list(r.outputs[0].token_ids) for r in res]
     else:
         model, _ = load_model(path, dtype=getattr(torch, args.dtype))
-        gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=False)
+        gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
+        if args.sample:
+            gen_kw.update(temperature=0.7, top_k=50)
         if fixed:
             gen_kw["min_new_tokens"] = args.max_new_tokens
         if args.system in ("paged", "paged_compile"):
@@ -146,6 +149,8 @@ def main() -> None:
                     help="A: benchmarks/chat_requests.py; B: other prompts (short tasks, random-word notes)")
     ap.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                     help="weights and KV cache dtype, for every system (vLLM included)")
+    ap.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top_k 50) instead of greedy; "
+                    "outputs then differ between systems")
     ap.add_argument("--model", default="default")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=256)

@@ -150,7 +150,7 @@ def test_skinny_linear_strided_input_threads_and_errors():
         cpu.skinny_linear(x, w, torch.randn(36))
 
 
-@pytest.mark.parametrize("rows", [1, 7, 48, 300])  # skinny kernel, then oneDNN above SKINNY_MAX_ROWS
+@pytest.mark.parametrize("rows", [1, 7, 16, 48, 300])  # skinny kernel, then oneDNN above fp32_skinny_rows()
 def test_cpu_linears_install_and_remove(rows):
     model = _mlp()
     x = torch.randn(rows, 1, 32)
@@ -172,11 +172,32 @@ def test_cpu_linears_route_by_row_count(monkeypatch):
     skinny, onednn = torch.ops.hf_paged_cpu.skinny_linear, torch.ops.mkldnn._linear_pointwise
     monkeypatch.setattr(torch.ops.hf_paged_cpu, "skinny_linear", lambda *a: calls.append("skinny") or skinny(*a))
     monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append("onednn") or onednn(*a))
+    rows = cpu_layers.fp32_skinny_rows(16)
+    assert rows == (cpu_layers.SKINNY_MAX_ROWS_AVX512 if torch.backends.cpu.get_cpu_capability() == "AVX512"
+                    else cpu_layers.SKINNY_MAX_ROWS)
     with torch.inference_mode():
-        model(torch.randn(cpu_layers.SKINNY_MAX_ROWS, 32))
+        model(torch.randn(rows, 32))
         assert calls == ["skinny", "skinny"]
-        model(torch.randn(cpu_layers.SKINNY_MAX_ROWS + 1, 32))
+        model(torch.randn(rows + 1, 32))
         assert calls[2:] == ["onednn", "onednn"]
+
+
+def test_cpu_linears_wide_output_layers_leave_the_skinny_kernel_sooner_on_avx512(monkeypatch):
+    """On AVX-512 a vocabulary-wide layer takes oneDNN from WIDE_SKINNY_MAX_ROWS + 1 rows, narrower ones from
+    SKINNY_MAX_ROWS_AVX512 + 1; on AVX2 both keep the skinny kernel up to SKINNY_MAX_ROWS."""
+    wide, narrow = torch.nn.Linear(8, cpu_layers.WIDE_OUT_FEATURES), torch.nn.Linear(8, 64)
+    model = torch.nn.ModuleList([wide, narrow])
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
+    assert cpu_layers.install_cpu_linears(model) == 2
+    assert wide._hf_paged_skinny_rows == cpu_layers.WIDE_SKINNY_MAX_ROWS
+    assert narrow._hf_paged_skinny_rows == cpu_layers.SKINNY_MAX_ROWS_AVX512
+    monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
+    assert cpu_layers.install_cpu_linears(model) == 2
+    assert wide._hf_paged_skinny_rows == narrow._hf_paged_skinny_rows == cpu_layers.SKINNY_MAX_ROWS
+    x = torch.randn(cpu_layers.WIDE_SKINNY_MAX_ROWS + 1, 8)
+    with torch.inference_mode():
+        torch.testing.assert_close(wide(x), torch.nn.functional.linear(x, wide.weight, wide.bias),
+                                   atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_linears_leave_training_to_f_linear(monkeypatch):
@@ -212,7 +233,8 @@ def test_wrap_installs_and_unwrap_removes_cpu_linears_and_norms(tmp_path):
     linears = [m for m in model.modules() if type(m) is torch.nn.Linear]
     norms = [m for m in model.modules() if type(m).__name__.endswith("RMSNorm")]
     hf_paged.wrap(model, num_blocks=16)
-    assert all("forward" in m.__dict__ and m._hf_paged_skinny_rows == cpu_layers.SKINNY_MAX_ROWS for m in linears)
+    assert all("forward" in m.__dict__ and m._hf_paged_skinny_rows == cpu_layers.fp32_skinny_rows(m.out_features)
+               for m in linears)
     assert norms and all("forward" in m.__dict__ for m in norms)
     hf_paged.unwrap(model)
     assert not any("forward" in m.__dict__ or "_hf_paged_skinny_rows" in m.__dict__ for m in linears + norms)

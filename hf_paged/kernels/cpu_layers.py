@@ -35,6 +35,22 @@ def remove(model: torch.nn.Module) -> None:
 # F.linear only in summation order (~1e-6 relative), as the attention kernels' do; inference only:
 # grad-enabled calls use F.linear.
 SKINNY_MAX_ROWS = 48
+# That was an AVX2 comparison. On AVX-512 CPUs oneDNN's products are twice as wide and the crossover comes
+# sooner (2026-12-01, this project's Sapphire Rapids VM, `python benchmarks/cpu_kernels.py`: one decode
+# step's matmuls with cold weights, skinny vs oneDNN, 1.6-1.7x faster at 1-8 rows, 1.07x at 16, 0.87x at 24,
+# 0.78x at 48). There the skinny kernel serves up to SKINNY_MAX_ROWS_AVX512 rows, and for output layers of
+# WIDE_OUT_FEATURES or more (a vocabulary: 49152 x 576 ran 1.1-1.5x faster on oneDNN from 12 rows) up to
+# WIDE_SKINNY_MAX_ROWS.
+SKINNY_MAX_ROWS_AVX512 = 16
+WIDE_OUT_FEATURES = 16384
+WIDE_SKINNY_MAX_ROWS = 8
+
+
+def fp32_skinny_rows(out_features: int) -> int:
+    """Up to how many rows an fp32 layer of ``out_features`` outputs runs the skinny kernel on this CPU."""
+    if torch.backends.cpu.get_cpu_capability() != "AVX512":
+        return SKINNY_MAX_ROWS
+    return WIDE_SKINNY_MAX_ROWS if out_features >= WIDE_OUT_FEATURES else SKINNY_MAX_ROWS_AVX512
 
 
 def _skinny_enabled() -> bool:
@@ -140,10 +156,10 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
         if type(mod) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.device.type == "cpu" \
                 and w.dtype == torch.float32 and w.is_contiguous():
             if skinny_rows is None:
-                skinny_rows = SKINNY_MAX_ROWS if _skinny_enabled() else 0
+                skinny_rows = _skinny_enabled()
             if not onednn and not skinny_rows:
                 return count
-            _reroute(mod, skinny_rows, onednn)
+            _reroute(mod, fp32_skinny_rows(mod.out_features) if skinny_rows else 0, onednn)
             count += 1
     return count
 
