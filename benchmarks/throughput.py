@@ -115,7 +115,8 @@ def worker(args) -> None:
         elif args.system == "hf_cb":
             from transformers import GenerationConfig
 
-            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=False,
+            cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
+                                   **(dict(temperature=0.7, top_k=50) if args.sample else {}),
                                    eos_token_id=None if fixed else tok.eos_token_id, pad_token_id=tok.pad_token_id)
             t0 = time.perf_counter()
             res = model.generate_batch(inputs=prompts, generation_config=cfg)

@@ -177,7 +177,7 @@ def test_only_plain_greedy_rows_are_picked(tiny_root, monkeypatch):
     assert Engine._greedy_pick(sched(greedy, SamplingParams(max_new_tokens=8, logprobs=True))) == ([0, 1], True)
     for odd in (dict(do_sample=True), dict(repetition_penalty=1.1), dict(frequency_penalty=0.5),
                 dict(presence_penalty=0.5), dict(no_repeat_ngram_size=2), dict(logprobs=True, top_logprobs=2),
-                dict(min_new_tokens=5, eos_token_id=[2]), dict(regex="[a-z]+")):
+                dict(min_new_tokens=5, eos_token_id=[2], logprobs=True), dict(regex="[a-z]+")):
         p = SamplingParams(max_new_tokens=8, **odd)
         mixed, alone = sched(p, greedy, p), sched(p, p)
         if p.constraint is not None:  # the engine gives such a sequence a matcher
@@ -185,8 +185,10 @@ def test_only_plain_greedy_rows_are_picked(tiny_root, monkeypatch):
                 entry.seq.matcher = object()
         assert Engine._greedy_pick(mixed) == ([1], False), odd
         assert Engine._greedy_pick(alone) is None, odd
-    # The minimum reached: picked again.
-    assert Engine._greedy_pick(sched(greedy, SamplingParams(max_new_tokens=8, min_new_tokens=3, eos_token_id=[2]))) \
+    # The minimum reached, or not reached without logprobs (an EOS pick is redone from logits): picked.
+    assert Engine._greedy_pick(sched(greedy, SamplingParams(max_new_tokens=8, min_new_tokens=3, eos_token_id=[2],
+                                                            logprobs=True))) == ([0, 1], True)
+    assert Engine._greedy_pick(sched(greedy, SamplingParams(max_new_tokens=8, min_new_tokens=5, eos_token_id=[2]))) \
         == ([0, 1], False)
     s = sched(SamplingParams(max_new_tokens=8, do_sample=True), greedy)
     s.seqs[0].start, s.seqs[0].num_tokens = 0, 5  # a chunk ending before its last token does not sample
@@ -255,9 +257,35 @@ def test_overlapped_and_async_steps_pick_and_match_generate(tiny_root, monkeypat
     assert got == ref and calls
 
 
+def test_min_new_tokens_rows_whose_pick_is_eos_are_redone_and_match_generate(tiny_root, monkeypatch):
+    """Rows that may not end yet are picked; where the pick is one of their EOS ids the row is sampled from its
+    logits with EOS suppressed: generate(min_new_tokens=...)'s tokens, as without the fused head."""
+    model = load(build("llama", tiny_root))
+    prompts = _prompts(16)
+    with torch.inference_mode():  # the EOS: each prompt's own first greedy token, so the redo is needed
+        firsts = [int(model(input_ids=torch.tensor([p])).logits[0, -1].argmax()) for p in prompts]
+    ref = [model.generate(input_ids=torch.tensor([p]), max_new_tokens=8, min_new_tokens=4, eos_token_id=e,
+                          do_sample=False)[0, len(p):].tolist() for p, e in zip(prompts, firsts)]
+    monkeypatch.setattr(runner_mod, "FUSED_HEAD_MIN_ROWS", 1)
+    calls = _counting(monkeypatch)
+    redone = []
+    real = runner_mod.Runner.head_logits
+    monkeypatch.setattr(runner_mod.Runner, "head_logits", lambda self, h: redone.append(h.shape[0]) or real(self, h))
+    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=256, block_size=8, max_batch_tokens=2048)
+    try:
+        reqs = [pipe.submit(p, max_new_tokens=8, min_new_tokens=4, eos_token_id=[e], do_sample=False)
+                for p, e in zip(prompts, firsts)]
+        got = [r.result(timeout=300).token_ids for r in reqs]
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+    assert calls and sum(redone) >= len(prompts)  # every first token was redone
+    assert got == ref
+
+
 def test_mixed_batches_take_both_paths_and_match_generate(tiny_root, monkeypatch):
-    """Greedy requests next to sampled ones: steps with a sampled row make logits, steps without pick;
-    the greedy outputs equal generate() throughout."""
+    """Greedy requests next to sampled ones: the greedy rows are picked (from one row up here, where they are
+    at least half the step), the sampled ones sample; the greedy outputs equal generate() throughout."""
     model = load(build("llama", tiny_root))
     prompts = _prompts(10)
     ref = []

@@ -55,11 +55,12 @@ class Picked:
     rows: list[int]  # the kept rows picked (StepPlan.pick)
     logits: torch.Tensor | None = None  # [len(rest), vocab]
     rest: list[int] | None = None  # the other kept rows, in keep order
+    hidden: torch.Tensor | None = None  # [len(rows), hidden]: the picked rows' logits on demand (head_logits)
 
 
-# The fused LM head (kernels/cpu.head_argmax): on CPU, a greedy step's output layer and argmax in one pass
-# over the vocabulary, without the [rows, vocab] logits (docs/benchmarks.md, fifteenth session). From this
-# many kept rows (below it the skinny kernel's logits are cheaper) and up to this hidden size (above it the
+# The fused LM head (kernels/cpu.head_argmax): on CPU, the greedy rows' output layer and argmax in one pass
+# over the vocabulary, without their [rows, vocab] logits (docs/benchmarks.md, fifteenth session). From this
+# many greedy rows (below it the logits were as cheap or cheaper) and up to this hidden size (above it the
 # product dominates and oneDNN's full-width call was as fast or faster). HF_PAGED_FUSED_HEAD=0 turns it off.
 FUSED_HEAD_MIN_ROWS = 16
 FUSED_HEAD_MAX_HIDDEN = 1024
@@ -109,6 +110,11 @@ class Runner:
         self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
         self.head = fused_head(model)  # (base, output layer, vocab) for the fused greedy head, or None
         self._rows = TableRows()  # the running sequences' block tables, kept between steps
+
+    @torch.inference_mode()
+    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The float32 logits of hidden states from a :class:`Picked` (``Picked.hidden`` rows)."""
+        return self.head[1](hidden).float()
 
     def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False,
                    graph_api: Any = None) -> None:
@@ -204,7 +210,10 @@ class Runner:
             input_ids = input_ids.index_copy(0, dst, to_device(prev_ids, self.device).index_select(0, src))
         input_ids = input_ids[None]
         kwargs = {}
-        fused = self.head if plan.pick is not None and len(plan.pick) >= FUSED_HEAD_MIN_ROWS else None
+        # Only where the picks are at least half the kept rows: the other rows' logits read the output layer
+        # once more, which a few picks do not repay.
+        fused = self.head if plan.pick is not None and len(plan.pick) >= FUSED_HEAD_MIN_ROWS \
+            and 2 * len(plan.pick) >= k else None
         if self._logits_to_keep and fused is None:
             kwargs["logits_to_keep"] = keep_t
         with contextlib.ExitStack() as stack:
@@ -233,7 +242,7 @@ class Runner:
                     logits = head(hidden[rest]).float()
                     hidden = hidden[rows]
                 ids, lps = cpu.head_argmax(hidden, head.weight, head.bias, vocab, plan.pick_logprob)
-                return Picked(ids, lps, rows, logits, rest)
+                return Picked(ids, lps, rows, logits, rest, hidden)
             out = self.model(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta,
                              use_cache=False, **kwargs)
         logits = out.logits[0]
