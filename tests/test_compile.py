@@ -55,13 +55,13 @@ def test_compiled_decode_equals_eager(tiny_root, arch, ahead):
 
 def test_no_compilation_while_serving(tiny_root):
     """Start-up compiles every variant the batch sizes need: 56 sequences draining to 1 cross the fp32
-    linear layers' row threshold (the C++ kernel up to SKINNY_MAX_ROWS rows, oneDNN above), and serving
+    linear layers' row thresholds (the C++ kernel up to fp32_skinny_rows() rows, oneDNN above), and serving
     them compiles nothing more."""
     from torch._dynamo.utils import counters
 
-    from hf_paged.kernels.cpu_layers import SKINNY_MAX_ROWS
+    from hf_paged.kernels.cpu_layers import SKINNY_MAX_ROWS, SKINNY_MAX_ROWS_AVX512, WIDE_SKINNY_MAX_ROWS
 
-    assert 2 < SKINNY_MAX_ROWS < 56
+    assert 2 < WIDE_SKINNY_MAX_ROWS < SKINNY_MAX_ROWS_AVX512 < SKINNY_MAX_ROWS < 56
     model = load(build("llama", tiny_root))
     pipe = PagedPipeline(model, IdTokenizer(), max_num_seqs=56, max_batch_tokens=2048, compile=True)
     try:

@@ -191,13 +191,19 @@ def test_cpu_linears_wide_output_layers_leave_the_skinny_kernel_sooner_on_avx512
     assert cpu_layers.install_cpu_linears(model) == 2
     assert wide._hf_paged_skinny_rows == cpu_layers.WIDE_SKINNY_MAX_ROWS
     assert narrow._hf_paged_skinny_rows == cpu_layers.SKINNY_MAX_ROWS_AVX512
+    calls = []
+    skinny, onednn = torch.ops.hf_paged_cpu.skinny_linear, torch.ops.mkldnn._linear_pointwise
+    monkeypatch.setattr(torch.ops.hf_paged_cpu, "skinny_linear", lambda *a: calls.append("skinny") or skinny(*a))
+    monkeypatch.setattr(torch.ops.mkldnn, "_linear_pointwise", lambda *a: calls.append("onednn") or onednn(*a))
+    for rows, want in ((cpu_layers.WIDE_SKINNY_MAX_ROWS, "skinny"), (cpu_layers.WIDE_SKINNY_MAX_ROWS + 1, "onednn")):
+        x = torch.randn(rows, 8)
+        with torch.inference_mode():
+            torch.testing.assert_close(wide(x), torch.nn.functional.linear(x, wide.weight, wide.bias),
+                                       atol=1e-5, rtol=1e-5)
+        assert calls.pop() == want
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX2")
     assert cpu_layers.install_cpu_linears(model) == 2
     assert wide._hf_paged_skinny_rows == narrow._hf_paged_skinny_rows == cpu_layers.SKINNY_MAX_ROWS
-    x = torch.randn(cpu_layers.WIDE_SKINNY_MAX_ROWS + 1, 8)
-    with torch.inference_mode():
-        torch.testing.assert_close(wide(x), torch.nn.functional.linear(x, wide.weight, wide.bias),
-                                   atol=1e-5, rtol=1e-5)
 
 
 def test_cpu_linears_leave_training_to_f_linear(monkeypatch):

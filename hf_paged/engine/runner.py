@@ -60,10 +60,11 @@ class Picked:
 
 # The fused LM head (kernels/cpu.head_argmax): on CPU, the greedy rows' output layer and argmax in one pass
 # over the vocabulary, without their [rows, vocab] logits (docs/benchmarks.md, fifteenth session). From this
-# many greedy rows (below it the logits were as cheap or cheaper) and up to this hidden size (above it the
-# product dominates and oneDNN's full-width call was as fast or faster). HF_PAGED_FUSED_HEAD=0 turns it off.
+# many greedy rows (below it the logits were as cheap or cheaper) and up to this hidden size (at 960 the
+# logits through oneDNN were faster up to 128 rows; at 576 the fused head was as fast at 16 rows and faster
+# from 32). HF_PAGED_FUSED_HEAD=0 turns it off.
 FUSED_HEAD_MIN_ROWS = 16
-FUSED_HEAD_MAX_HIDDEN = 1024
+FUSED_HEAD_MAX_HIDDEN = 768
 # Model classes whose logits are exactly ``output_embeddings(base_model(...)[0])`` (no scaling, soft-capping
 # or bias terms besides the layer's own); test_fused_head checks each against the model's forward.
 _PLAIN_HEADS = frozenset({"LlamaForCausalLM", "MistralForCausalLM", "Qwen2ForCausalLM", "Qwen3ForCausalLM",
