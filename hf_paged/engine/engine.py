@@ -193,11 +193,8 @@ class Engine:
     @staticmethod
     def _greedy_pick(sched: Schedule) -> tuple[list[int], bool] | None:
         """The sampling rows of ``sched`` (in schedule order) that take the host sampler's plain greedy path
-        (greedy, no processor reads their tokens but ``min_new_tokens``, no grammar, no top logprobs), and
-        whether one of them asks for its token's logprob; None when there is none (see :attr:`StepPlan.pick`).
-        A row whose ``min_new_tokens`` is not reached yet is picked unless it asks for logprobs (they come
-        from the processed scores): where its pick is an EOS it is sampled from its logits instead
-        (:meth:`_picked`), so it gets the best other token, as the sampler gives it."""
+        (greedy, no processor reads their tokens, ``min_new_tokens`` reached, no grammar, no top logprobs), and
+        whether one of them asks for its token's logprob; None when there is none (see :attr:`StepPlan.pick`)."""
         rows: list[int] = []
         logprob = False
         k = 0
@@ -208,7 +205,7 @@ class Engine:
             p = seq.params
             if not (p.do_sample or seq.matcher is not None or p.top_logprobs or p.repetition_penalty != 1.0
                     or p.frequency_penalty or p.presence_penalty or p.no_repeat_ngram_size
-                    or (p.logprobs and _below_min(seq))):
+                    or _below_min(seq)):
                 rows.append(k)
                 logprob = logprob or p.logprobs
             k += 1
@@ -262,14 +259,6 @@ class Engine:
         if others:
             rest = {r: j for j, r in enumerate(picked.rest)}
             sub = self._sample([sampling[k] for k in others], picked.logits, [rest[rows[k]] for k in others]).result()
-        # An EOS picked for a row that may not end yet: that row is sampled from its logits (EOS suppressed).
-        redo = [k for k, (s, r) in enumerate(zip(sampling, rows))
-                if r in at and out.tokens[k] in s.params.eos_token_id and _below_min(s)]
-        if redo:
-            logits = self.runner.head_logits(picked.hidden[[at[rows[k]] for k in redo]])
-            again = self._sample([sampling[k] for k in redo], logits, list(range(len(redo)))).result()
-            for j, k in enumerate(redo):
-                out.tokens[k] = again.tokens[j]
         if lps is not None or (sub is not None and sub.logprobs is not None):
             out.logprobs, out.top_logprobs = [None] * len(rows), [[] for _ in rows]
         if lps is not None:

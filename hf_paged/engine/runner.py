@@ -55,14 +55,13 @@ class Picked:
     rows: list[int]  # the kept rows picked (StepPlan.pick)
     logits: torch.Tensor | None = None  # [len(rest), vocab]
     rest: list[int] | None = None  # the other kept rows, in keep order
-    hidden: torch.Tensor | None = None  # [len(rows), hidden]: the picked rows' logits on demand (head_logits)
 
 
 # The fused LM head (kernels/cpu.head_argmax): on CPU, the greedy rows' output layer and argmax in one pass
 # over the vocabulary, without their [rows, vocab] logits (docs/benchmarks.md, fifteenth session). From this
 # many greedy rows (below it the logits were as cheap or cheaper) and up to this hidden size (at 960 the
-# logits through oneDNN were faster up to 128 rows; at 576 the fused head was as fast at 16 rows and faster
-# from 32). HF_PAGED_FUSED_HEAD=0 turns it off.
+# logits through oneDNN were faster up to 128 rows; at 576 the fused head was as fast or slightly faster from
+# 16 rows, 1.3x at 256; 768 itself was not measured). HF_PAGED_FUSED_HEAD=0 turns it off.
 FUSED_HEAD_MIN_ROWS = 16
 FUSED_HEAD_MAX_HIDDEN = 768
 # Model classes whose logits are exactly ``output_embeddings(base_model(...)[0])`` (no scaling, soft-capping
@@ -111,11 +110,6 @@ class Runner:
         self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
         self.head = fused_head(model)  # (base, output layer, vocab) for the fused greedy head, or None
         self._rows = TableRows()  # the running sequences' block tables, kept between steps
-
-    @torch.inference_mode()
-    def head_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        """The float32 logits of hidden states from a :class:`Picked` (``Picked.hidden`` rows)."""
-        return self.head[1](hidden).float()
 
     def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False,
                    graph_api: Any = None) -> None:
@@ -243,7 +237,7 @@ class Runner:
                     logits = head(hidden[rest]).float()
                     hidden = hidden[rows]
                 ids, lps = cpu.head_argmax(hidden, head.weight, head.bias, vocab, plan.pick_logprob)
-                return Picked(ids, lps, rows, logits, rest, hidden)
+                return Picked(ids, lps, rows, logits, rest)
             out = self.model(input_ids=input_ids, position_ids=position_ids, paged_metadata=meta,
                              use_cache=False, **kwargs)
         logits = out.logits[0]
