@@ -127,6 +127,16 @@ def _generate(pipe, prompts, **kw):
     return [r.result(timeout=300) for r in reqs]
 
 
+def _serve(model, prompts, **kw):
+    """_generate on a fresh pipeline (96 tokens a step), closed and unwrapped after."""
+    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=256, block_size=8, max_batch_tokens=96)
+    try:
+        return _generate(pipe, prompts, **kw)
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+
+
 @pytest.mark.parametrize("logprobs", [False, True])
 def test_pipeline_fused_equals_unfused(tiny_root, monkeypatch, logprobs):
     """The same tokens (and logprobs, to rounding) with the fused head as through the logits; both paths
@@ -135,21 +145,11 @@ def test_pipeline_fused_equals_unfused(tiny_root, monkeypatch, logprobs):
     prompts = _prompts(20)
     monkeypatch.setattr(runner_mod, "FUSED_HEAD_MIN_ROWS", 1)
     calls = _counting(monkeypatch)
-    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=256, block_size=8, max_batch_tokens=96)
-    try:
-        fused = _generate(pipe, prompts, do_sample=False, logprobs=logprobs)
-    finally:
-        pipe.close()
-        hf_paged.unwrap(model)
+    fused = _serve(model, prompts, do_sample=False, logprobs=logprobs)
     assert calls and all(lp == logprobs for _, lp in calls)
     monkeypatch.setenv("HF_PAGED_FUSED_HEAD", "0")
     calls.clear()
-    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=256, block_size=8, max_batch_tokens=96)
-    try:
-        plain = _generate(pipe, prompts, do_sample=False, logprobs=logprobs)
-    finally:
-        pipe.close()
-        hf_paged.unwrap(model)
+    plain = _serve(model, prompts, do_sample=False, logprobs=logprobs)
     assert not calls
     assert [r.token_ids for r in fused] == [r.token_ids for r in plain]
     for a, b in zip(fused, plain):
