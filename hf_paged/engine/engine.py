@@ -27,6 +27,7 @@ import torch
 from ..kv.metadata import to_device
 from ..kv.pool import KVPool
 from .grammar import Masks, new_matcher
+from .history import processes
 from .outputs import FinishReason
 from .params import SamplingParams
 from .runner import Picked, Runner
@@ -35,13 +36,6 @@ from .sampler import LOGPROB_FLOOR, Ready, SampleOutput, Sampler, SamplingRow
 from .scheduler import Schedule, Scheduler
 from .sequence import Sequence, SeqStatus
 from .stats import EngineStats
-
-
-def _below_min(seq: Sequence) -> bool:
-    """Whether ``seq``'s next token is still below its ``min_new_tokens`` (the sampler suppresses EOS then)."""
-    p = seq.params
-    return bool(p.min_new_tokens and p.eos_token_id
-                and len(seq.token_ids) - seq.num_prompt + seq.num_ahead < p.min_new_tokens)
 
 
 @dataclass(slots=True)
@@ -203,9 +197,8 @@ class Engine:
             if s.start + s.num_tokens != len(seq.token_ids) + seq.num_ahead:
                 continue  # a prompt chunk that does not sample
             p = seq.params
-            if not (p.do_sample or seq.matcher is not None or p.top_logprobs or p.repetition_penalty != 1.0
-                    or p.frequency_penalty or p.presence_penalty or p.no_repeat_ngram_size
-                    or _below_min(seq)):
+            if not (p.do_sample or seq.matcher is not None or p.top_logprobs
+                    or processes(p, len(seq.token_ids) - seq.num_prompt + seq.num_ahead)):
                 rows.append(k)
                 logprob = logprob or p.logprobs
             k += 1

@@ -6,7 +6,7 @@ name their sequence take the penalties from a :class:`~hf_paged.engine.penalty_s
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import torch
 from transformers.generation.logits_process import NoRepeatNGramLogitsProcessor, RepetitionPenaltyLogitsProcessor
@@ -22,9 +22,13 @@ _NEG_INF = -float("inf")
 
 def needs_history(row: "SamplingRow", penalties: bool = True) -> bool:
     """Whether a processor here changes ``row``'s scores (``penalties=False``: one besides the penalties)."""
-    p = row.params
+    return processes(row.params, row.num_generated, penalties)
+
+
+def processes(p: Any, num_generated: int, penalties: bool = True) -> bool:
+    """:func:`needs_history` for params ``p`` with ``num_generated`` tokens so far (no row needed)."""
     return ((penalties and (p.repetition_penalty != 1.0 or p.frequency_penalty != 0.0 or p.presence_penalty != 0.0))
-            or p.no_repeat_ngram_size > 0 or (row.num_generated < p.min_new_tokens and bool(p.eos_token_id)))
+            or p.no_repeat_ngram_size > 0 or (num_generated < p.min_new_tokens and bool(p.eos_token_id)))
 
 
 def apply_history(scores: torch.Tensor, row: "SamplingRow", penalties: bool = True) -> torch.Tensor:

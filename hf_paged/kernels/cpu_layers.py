@@ -128,7 +128,7 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
     """Route the CPU fp32 ``nn.Linear`` layers of ``model`` through the C++ skinny kernel (few rows)
     and oneDNN (more rows), where each is enabled; returns how many layers were rerouted."""
     onednn = os.environ.get("HF_PAGED_ONEDNN_LINEAR", "1").strip() != "0" and torch.backends.mkldnn.is_available()
-    skinny_rows = None
+    skinny = None  # whether the C++ skinny kernel is enabled (checked once)
     bf16_rows = None
     pack = None
     count = 0
@@ -155,11 +155,11 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
         # hooks redistribute their inputs and outputs around it.
         if type(mod) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.device.type == "cpu" \
                 and w.dtype == torch.float32 and w.is_contiguous():
-            if skinny_rows is None:
-                skinny_rows = _skinny_enabled()
-            if not onednn and not skinny_rows:
+            if skinny is None:
+                skinny = _skinny_enabled()
+            if not onednn and not skinny:
                 return count
-            _reroute(mod, fp32_skinny_rows(mod.out_features) if skinny_rows else 0, onednn)
+            _reroute(mod, fp32_skinny_rows(mod.out_features) if skinny else 0, onednn)
             count += 1
     return count
 
