@@ -258,7 +258,7 @@ class Sampler:
             out.logprobs[part.rows[j]] = lp if lp >= LOGPROB_FLOOR else LOGPROB_FLOOR  # NaN fails >= too
         k = min(max(rows[part.rows[j]].params.top_logprobs for j in sel), logp.shape[1])
         if k > 0:
-            vals, cols = logp.topk(k, dim=-1)
+            vals, cols = warpers.topk(logp, k)
             ids = cols if part.index is None else part.index[sel].gather(1, cols)
             for j, vs, ts in zip(sel, vals.tolist(), ids.tolist()):
                 n = rows[part.rows[j]].params.top_logprobs
@@ -295,7 +295,7 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
     # first and scale only those (bitwise the same values as scaling the whole row). One extra
     # candidate tells whether the k-th scaled score ties with the next one: HF's TopK keeps every
     # score >= the k-th, so such rows keep more than k tokens and take the full-width path.
-    vals, index = torch.topk(scores, top_k + 1, dim=-1)
+    vals, index = warpers.topk(scores, top_k + 1)
     for w in temper:
         vals = w(_NO_IDS, vals)
     tied = (vals[:, top_k] == vals[:, top_k - 1]).tolist()

@@ -48,6 +48,24 @@ NUCLEUS_REL_ERROR, NUCLEUS_OWN_ERROR = 1.5e-10, 3e-7
 # on both sides. A -inf token adds an exact 0, so only finite tokens count. This bounds what was measured,
 # not every row: two large scores and one score repeated ~150K times put HF's normaliser off by ~5e-4.
 TYPICAL_REL_ERROR = 1.5e-9
+# torch.topk on CPU takes ~90 us a row of 49152 scores (a partial sort), most of a sampled step; the C++
+# kernel (kernels/csrc/topk_cpu.cpp) takes two streaming passes, 4-5x less. Below this many scores torch's
+# call is as fast.
+TOPK_KERNEL_MIN = 1 << 15
+
+
+def topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=-1)`` of ``[R, V]`` scores as ``(values, indices)``, best first: by the C++
+    kernel for fp32 CPU rows (the same values; among equal scores the lower index first, and kept at the
+    boundary, where torch leaves the order open), else by torch."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2 \
+            and scores.stride(-1) == 1 and 8 * k <= scores.shape[1] and scores.numel() >= TOPK_KERNEL_MIN:
+        from ..kernels import cpu
+
+        if cpu.available():
+            return cpu.topk_rows(scores, k)
+    vals, idx = torch.topk(scores, k, dim=-1)
+    return vals, idx
 
 
 def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
@@ -60,7 +78,7 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     before it, ``S_j``, is ``< top_p``: the nucleus is the ``J`` best tokens, and only the ``J``-th
     score, the row's threshold, has to be found.
 
-    - First among the row's ``NUCLEUS_CANDIDATES + 1`` best scores (``torch.topk``), which hold the
+    - First among the row's ``NUCLEUS_CANDIDATES + 1`` best scores (:func:`topk`), which hold the
       nucleus of a peaked row; the row's normaliser takes one pass.
     - A flatter row adds each token's probability into bins by its score (``scatter_add``), finds the
       bin where the mass reaches ``top_p``, and orders that bin's tokens only.
@@ -79,7 +97,7 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     todo = finite.nonzero().view(-1)
     if len(todo) and vocab > 1:
         sub = scores.index_select(0, todo) if len(todo) < g else scores
-        vals = torch.topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab), dim=-1).values
+        vals = topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab))[0]
         ok, last = nucleus_cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], False, margin)
         todo = _mask_rows(out, scores, todo, ok, last)
     if len(todo) and vocab > 1:
@@ -149,7 +167,7 @@ def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse:
         width = int(count.max())
     if width == 0:  # every row crowded, or its mass never reached top_p (rounding, top_p ~ 1)
         return torch.zeros(r, dtype=torch.bool, device=sub.device), best
-    vals = torch.topk(sub.masked_fill(~inside, -float("inf")), width, dim=-1).values
+    vals = topk(sub.masked_fill(~inside, -float("inf")), width)[0]
     ok, last = nucleus_cut(vals, lse, base, top_p, count, True, margin)
     return ok & (count > 0), last
 
@@ -191,7 +209,7 @@ def typical(scores: torch.Tensor, mass: float) -> torch.Tensor:
     if len(todo) and vocab > 1:
         sub = shifted.index_select(0, todo) if len(todo) < g else shifted
         near = min(NUCLEUS_CANDIDATES + 1, vocab)
-        neg, idx = torch.topk(sub.neg(), near, dim=-1)  # the nearest tokens, ascending distance
+        neg, idx = topk(sub.neg(), near)  # the nearest tokens, ascending distance
         probs = torch.exp(scores.index_select(0, todo).gather(1, idx).double() - lse[todo])
         ok, thr = _typical_cut(neg.neg(), probs, torch.zeros_like(lse[todo]), mass, near, margin[todo])
         todo = _mask_far(out, scores, shifted, todo, ok, thr)
@@ -248,7 +266,7 @@ def _typical_by_bins(dist: torch.Tensor, prob: torch.Tensor, mass: float,
     width = int(count.max())
     if width == 0:
         return torch.zeros(r, dtype=torch.bool, device=dist.device), low
-    neg, idx = torch.topk(dist.neg().masked_fill_(~(inside & ~crowded.view(-1, 1)), -float("inf")), width, dim=-1)
+    neg, idx = topk(dist.neg().masked_fill_(~(inside & ~crowded.view(-1, 1)), -float("inf")), width)
     ok, thr = _typical_cut(neg.neg(), prob.gather(1, idx), base, mass, count, margin)
     return ok & (count > 0), thr
 

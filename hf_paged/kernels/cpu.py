@@ -29,7 +29,8 @@ logger = logging.getLogger(__name__)
 
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp",
                                                                        "rms_norm_cpu.cpp", "lora_cpu.cpp",
-                                                                       "linear_bf16_cpu.cpp", "argmax_cpu.cpp")]
+                                                                       "linear_bf16_cpu.cpp", "argmax_cpu.cpp",
+                                                                       "topk_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -105,7 +106,9 @@ def _register_fakes() -> None:
                        ("argmax_logprob_rows", lambda scores: (scores.new_empty(scores.shape[0], dtype=torch.long),
                                                                scores.new_empty(scores.shape[0]))),
                        ("head_argmax", lambda x, weight, bias, vocab, logprob: (
-                           x.new_empty(x.shape[0], dtype=torch.long), x.new_empty(x.shape[0] if logprob else 0)))):
+                           x.new_empty(x.shape[0], dtype=torch.long), x.new_empty(x.shape[0] if logprob else 0))),
+                       ("topk_rows", lambda scores, k: (scores.new_empty(scores.shape[0], k),
+                                                        scores.new_empty(scores.shape[0], k, dtype=torch.long)))):
         torch.library.register_fake(lib + name)(fake)
 
 
@@ -216,6 +219,12 @@ def head_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
     logits (fp32 CPU tensors). The log-probabilities are None without ``logprob``."""
     ids, lps = torch.ops.hf_paged_cpu.head_argmax(x, weight, bias, int(vocab), bool(logprob))
     return ids, (lps if logprob else None)
+
+
+def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``torch.topk(scores, k, dim=-1)`` of a 2-D fp32 CPU tensor with unit-stride rows: the same values, best
+    first; equal scores in index order, the lower index kept at the boundary. One streaming pass a row."""
+    return torch.ops.hf_paged_cpu.topk_rows(scores, int(k))
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:
