@@ -49,21 +49,30 @@ NUCLEUS_REL_ERROR, NUCLEUS_OWN_ERROR = 1.5e-10, 3e-7
 # not every row: two large scores and one score repeated ~150K times put HF's normaliser off by ~5e-4.
 TYPICAL_REL_ERROR = 1.5e-9
 # torch.topk on CPU takes ~90 us a row of 49152 scores (a partial sort), most of a sampled step; the C++
-# kernel (kernels/csrc/topk_cpu.cpp) takes two streaming passes, 4-5x less. Below this many scores torch's
-# call is as fast.
+# kernel (kernels/csrc/topk_cpu.cpp) takes two streaming passes, 4-5x less. The nucleus' normaliser and mask
+# also have C++ passes (kernels/csrc/sample_cpu.cpp). Below this many scores torch's calls are as fast.
 TOPK_KERNEL_MIN = 1 << 15
+
+
+def _kernel_rows(scores: torch.Tensor):
+    """The C++ CPU kernels' module where they can take these ``[R, V]`` scores (fp32 CPU rows of unit stride,
+    enough of them for a call to pay); else None."""
+    if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2 \
+            and scores.stride(-1) == 1 and scores.numel() >= TOPK_KERNEL_MIN:
+        from ..kernels import cpu
+
+        if cpu.available():
+            return cpu
+    return None
 
 
 def topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, k, dim=-1)`` of ``[R, V]`` scores as ``(values, indices)``, best first: by the C++
     kernel for fp32 CPU rows (the same values; among equal scores the lower index first, and kept at the
     boundary, where torch leaves the order open), else by torch."""
-    if scores.device.type == "cpu" and scores.dtype == torch.float32 and scores.dim() == 2 \
-            and scores.stride(-1) == 1 and 8 * k <= scores.shape[1] and scores.numel() >= TOPK_KERNEL_MIN:
-        from ..kernels import cpu
-
-        if cpu.available():
-            return cpu.topk_rows(scores, k)
+    fast = _kernel_rows(scores) if 8 * k <= scores.shape[-1] else None
+    if fast:
+        return fast.topk_rows(scores, k)
     vals, idx = torch.topk(scores, k, dim=-1)
     return vals, idx
 
@@ -91,18 +100,26 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
         return TopPLogitsWarper(top_p)(_NO_IDS, scores)
     g, vocab = scores.shape
     margin = nucleus_margin(top_p, vocab)
+    fast = _kernel_rows(scores)
+    if fast:  # the normaliser in one C++ pass; each row's exp(score - best) only where the bins need it
+        best, z = (t.view(-1, 1) for t in fast.max_sum_exp(scores))
+        rel, lse = None, best.double() + z.log()
+    else:
+        best, rel, z, lse = _normaliser(scores)
     out = torch.empty_like(scores)
-    best, rel, z, lse = _normaliser(scores)
     finite = torch.isfinite(lse).view(-1)
     todo = finite.nonzero().view(-1)
     if len(todo) and vocab > 1:
         sub = scores.index_select(0, todo) if len(todo) < g else scores
         vals = topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab))[0]
         ok, last = nucleus_cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], False, margin)
+        if fast and len(todo) == g and bool(ok.all()):  # every row decided (the usual case): one pass, no copies
+            return fast.cut_below(scores, last.view(-1))
         todo = _mask_rows(out, scores, todo, ok, last)
     if len(todo) and vocab > 1:
-        ok, last = _cut_by_bins(scores.index_select(0, todo), best[todo], rel[todo].double() / z[todo], lse[todo],
-                                top_p, margin)
+        sub = scores.index_select(0, todo)
+        rows_rel = rel[todo] if rel is not None else torch.exp(sub - best[todo])  # the same values, these rows only
+        ok, last = _cut_by_bins(sub, best[todo], rows_rel.double() / z[todo], lse[todo], top_p, margin)
         todo = _mask_rows(out, scores, todo, ok, last)
     if not bool(finite.all()):  # NaN or all -inf rows
         todo = torch.cat([todo, (~finite).nonzero().view(-1)])
@@ -178,7 +195,8 @@ def _mask_rows(out: torch.Tensor, scores: torch.Tensor, todo: torch.Tensor, ok: 
     done = todo[ok]
     if len(done):
         rows = scores.index_select(0, done)
-        out[done] = rows.masked_fill_(rows < last[ok], -float("inf"))
+        fast = _kernel_rows(rows)
+        out[done] = fast.cut_below(rows, last[ok].view(-1)) if fast else rows.masked_fill_(rows < last[ok], _NEG_INF)
     return todo[~ok]
 
 

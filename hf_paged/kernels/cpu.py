@@ -30,7 +30,7 @@ logger = logging.getLogger(__name__)
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp",
                                                                        "rms_norm_cpu.cpp", "lora_cpu.cpp",
                                                                        "linear_bf16_cpu.cpp", "argmax_cpu.cpp",
-                                                                       "topk_cpu.cpp")]
+                                                                       "topk_cpu.cpp", "sample_cpu.cpp")]
 _lock = threading.Lock()
 _state: dict[str, object] = {}
 
@@ -108,7 +108,10 @@ def _register_fakes() -> None:
                        ("head_argmax", lambda x, weight, bias, vocab, logprob: (
                            x.new_empty(x.shape[0], dtype=torch.long), x.new_empty(x.shape[0] if logprob else 0))),
                        ("topk_rows", lambda scores, k: (scores.new_empty(scores.shape[0], k),
-                                                        scores.new_empty(scores.shape[0], k, dtype=torch.long)))):
+                                                        scores.new_empty(scores.shape[0], k, dtype=torch.long))),
+                       ("cut_below", lambda scores, thr: scores.new_empty(scores.shape)),
+                       ("max_sum_exp", lambda scores: (scores.new_empty(scores.shape[0]),
+                                                       scores.new_empty(scores.shape[0], dtype=torch.float64)))):
         torch.library.register_fake(lib + name)(fake)
 
 
@@ -225,6 +228,16 @@ def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     """``torch.topk(scores, k, dim=-1)`` of a 2-D fp32 CPU tensor with unit-stride rows: the same values, best
     first; equal scores in index order, the lower index kept at the boundary. One streaming pass a row."""
     return torch.ops.hf_paged_cpu.topk_rows(scores, int(k))
+
+
+def cut_below(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
+    """``scores.masked_fill(scores < thr.view(-1, 1), -inf)`` of 2-D fp32 CPU rows, in one pass (a new tensor)."""
+    return torch.ops.hf_paged_cpu.cut_below(scores, thr)
+
+
+def max_sum_exp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each fp32 row's maximum and its ``sum(exp(score - max))`` in float64 (NaN where the maximum is not finite)."""
+    return torch.ops.hf_paged_cpu.max_sum_exp(scores)
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float, offset: float = 0.0) -> torch.Tensor:

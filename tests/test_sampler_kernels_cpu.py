@@ -1,12 +1,14 @@
-"""The C++ row top-k (``kernels/csrc/topk_cpu.cpp``) against torch, and the host sampler on it.
+"""The host sampler's C++ passes against torch: the row top-k (``kernels/csrc/topk_cpu.cpp``), the nucleus'
+normaliser and mask (``kernels/csrc/sample_cpu.cpp``), and the sampler on them.
 
-The reference is a stable descending sort: the same values as ``torch.topk`` and the order the kernel
+The top-k reference is a stable descending sort: the same values as ``torch.topk`` and the order the kernel
 promises among equal scores (lower index first, NaN above every number).
 """
 from __future__ import annotations
 
 import pytest
 import torch
+import transformers as tf
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -106,3 +108,61 @@ def test_sampler_on_the_kernel_draws_what_it_draws_on_torch_topk(monkeypatch, pe
     assert got.tokens == want.tokens
     assert got.logprobs == want.logprobs
     assert got.top_logprobs == want.top_logprobs
+
+
+def test_cut_below_equals_masked_fill():
+    g = torch.Generator().manual_seed(5)
+    x = torch.randn(7, 3001, generator=g) * 3
+    x[1, ::5] = float("-inf")
+    x[2, 7] = float("nan")  # NaN is not below anything: kept, as masked_fill keeps it
+    x[3, 9] = float("inf")
+    thr = torch.tensor([0.0, 1.0, 2.0, 10.0, float("-inf"), float("inf"), float("nan")])
+    got = cpu.cut_below(x, thr)
+    want = x.masked_fill(x < thr.view(-1, 1), float("-inf"))
+    assert torch.equal(got.nan_to_num(7.5), want.nan_to_num(7.5))
+    wide = torch.randn(3, 3010, generator=g)[:, 5:3005]  # rows with a larger stride
+    assert torch.equal(cpu.cut_below(wide, thr[:3]), wide.masked_fill(wide < thr[:3].view(-1, 1), float("-inf")))
+    with pytest.raises(RuntimeError, match="one float32 threshold per row"):
+        cpu.cut_below(x, thr[:3])
+
+
+def test_max_sum_exp_equals_the_torch_normaliser():
+    g = torch.Generator().manual_seed(6)
+    x = torch.randn(8, 49157, generator=g) * 4
+    x[1, ::2] = float("-inf")  # removed tokens add nothing (to float rounding)
+    x[2] += 1000.0
+    best, z = cpu.max_sum_exp(x[:3])
+    assert torch.equal(best, x[:3].amax(-1))
+    want = torch.exp(x[:3] - x[:3].amax(-1, keepdim=True)).sum(-1, dtype=torch.float64)
+    torch.testing.assert_close(z, want, rtol=1e-6, atol=0.0)  # well inside NUCLEUS_OWN_ERROR (3e-7 of a mass)
+    x[3, 11] = float("nan")
+    x[4] = float("-inf")
+    x[5, 3] = float("inf")
+    best, z = cpu.max_sum_exp(x)
+    assert best[3].isnan() and best[4] == float("-inf") and best[5] == float("inf")
+    assert z[3:6].isnan().all() and not z[6:].isnan().any()  # a non-finite maximum: NaN, as torch's lse
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0, 8.0])
+def test_nucleus_on_the_kernels_equals_hf_and_the_torch_passes(monkeypatch, scale):
+    """Peaked rows (decided among the candidates: one cut_below over the batch), flat rows (the bins) and odd
+    rows: HF's TopPLogitsWarper bit for bit, on the C++ passes and without them."""
+    g = torch.Generator().manual_seed(int(scale))
+    x = torch.randn(12, 49152, generator=g) * scale
+    x[1, ::3] = float("-inf")
+    x[2] = float("-inf")
+    x[3, 0] = float("nan")
+    calls = []
+    for name in ("cut_below", "max_sum_exp"):
+        real = getattr(cpu, name)
+        monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
+    for rows in (x, x[4:]):  # with odd rows (some rows left to HF) and without
+        for top_p in (0.5, 0.9, 0.95):
+            calls.clear()
+            got = warpers.nucleus(rows, top_p)
+            assert "max_sum_exp" in calls and "cut_below" in calls
+            want = tf.generation.logits_process.TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), rows)
+            assert torch.equal(got.nan_to_num(7.5), want.nan_to_num(7.5))
+            with monkeypatch.context() as m:
+                m.setattr(warpers, "TOPK_KERNEL_MIN", 1 << 62)
+                assert torch.equal(warpers.nucleus(rows, top_p).nan_to_num(7.5), got.nan_to_num(7.5))
