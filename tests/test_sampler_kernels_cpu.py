@@ -95,12 +95,14 @@ def test_sampler_on_the_kernel_draws_what_it_draws_on_torch_topk(monkeypatch, pe
     """Top-k, top-p, typical and top lists through the kernel give the tokens and logprobs of torch.topk, seeded."""
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(40, 32768, generator=g) * (8.0 if peaked else 2.0)
-    calls = []
-    real = cpu.topk_rows
+    calls, draws = [], []
+    real, real_draw = cpu.topk_rows, cpu.cdf_draw
     monkeypatch.setattr(cpu, "topk_rows", lambda s, k: calls.append((tuple(s.shape), k)) or real(s, k))
+    monkeypatch.setattr(cpu, "cdf_draw", lambda p, u: draws.append(tuple(p.shape)) or real_draw(p, u))
     got = Sampler(32768).sample(logits, _rows(40))
     assert ((8, 32768), 51) in calls and ((8, 32768), 41) in calls  # TopK's k + 1 candidates
     assert any(k == warpers.NUCLEUS_CANDIDATES + 1 for _, k in calls)  # the nucleus' best scores
+    assert sorted(draws) == [(8, 32768), (8, 32768)]  # the top-p and the typical rows' draws
     monkeypatch.setattr(warpers, "TOPK_KERNEL_MIN", 1 << 62)  # torch.topk everywhere
     calls.clear()
     want = Sampler(32768).sample(logits, _rows(40))
@@ -166,3 +168,53 @@ def test_nucleus_on_the_kernels_equals_hf_and_the_torch_passes(monkeypatch, scal
             with monkeypatch.context() as m:
                 m.setattr(warpers, "TOPK_KERNEL_MIN", 1 << 62)
                 assert torch.equal(warpers.nucleus(rows, top_p).nan_to_num(7.5), got.nan_to_num(7.5))
+
+
+def _torch_draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """sampler._draw's searches for full-width fp32 rows, given the uniforms."""
+    cdf = torch.softmax(scores, dim=-1).cumsum(dim=-1, dtype=torch.float32)
+    total = cdf[:, -1:]
+    pos = torch.searchsorted(cdf, u.float().view(-1, 1) * total, right=True)
+    last = torch.searchsorted(cdf, total.contiguous(), right=False)
+    return torch.minimum(pos, last).clamp_(max=scores.shape[1] - 1).view(-1)
+
+
+@pytest.mark.parametrize("keep", [1.0, 0.1, 0.001])
+def test_cdf_draw_picks_what_torchs_cumsum_and_searches_pick(keep):
+    """Bit for bit, on dense and cut rows, with uniforms that land exactly on CDF entries and at 0 and ~1."""
+    g = torch.Generator().manual_seed(int(keep * 1000))
+    for scale in (0.5, 3.0, 12.0):
+        x = torch.randn(24, 20000, generator=g) * scale
+        if keep < 1.0:
+            x = x.masked_fill(torch.rand(x.shape, generator=g) > keep, float("-inf"))
+            x[:, 5] = 1.0  # every row keeps a token
+        probs = torch.softmax(x, dim=-1)
+        cdf = probs.cumsum(dim=-1, dtype=torch.float32)
+        at = torch.randint(0, x.shape[1], (24,), generator=g)
+        on_entries = cdf.gather(1, at.view(-1, 1)).view(-1).double() / cdf[:, -1].double()
+        for u in (torch.rand(24, dtype=torch.float64, generator=g), on_entries, torch.zeros(24, dtype=torch.float64),
+                  torch.full((24,), 1 - 2**-53, dtype=torch.float64)):
+            assert torch.equal(cpu.cdf_draw(probs, u), _torch_draw(x, u))
+
+
+def test_cdf_draw_odd_rows():
+    p = torch.zeros(3, 100)
+    p[1, 7] = float("nan")
+    p[2, 99] = 1.0
+    assert cpu.cdf_draw(p, torch.full((3,), 0.5, dtype=torch.float64)).tolist() == [0, -1, 99]
+    with pytest.raises(RuntimeError, match="one float64 uniform per row"):
+        cpu.cdf_draw(p, torch.full((3,), 0.5))
+
+
+def test_sampler_draw_with_a_nan_row_takes_torchs_searches_for_the_batch():
+    from hf_paged.engine.sampler import _draw
+
+    x = torch.randn(4, 40000, generator=torch.Generator().manual_seed(9)) * 3
+    x = x.masked_fill(x < 6.0, float("-inf"))
+    x[:, 0] = 9.0
+    x[2, 3] = float("nan")
+    gens = [torch.Generator().manual_seed(i) for i in range(4)]
+    got = _draw(x, gens, cut=True)
+    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)])
+    want = _torch_draw(x, u).tolist()
+    assert got == want

@@ -102,6 +102,7 @@ class _Part:
     scores: torch.Tensor
     index: torch.Tensor | None
     greedy: bool
+    cut: bool = False  # full-width scores that a warper cut down (most of them -inf)
 
 
 class Sampler:
@@ -166,7 +167,7 @@ class Sampler:
                 if part.greedy:
                     pos = _argmax(part.scores)
                 else:
-                    pos = _draw(part.scores, [rows[i].generator for i in part.rows])
+                    pos = _draw(part.scores, [rows[i].generator for i in part.rows], part.cut)
                 toks = pos if part.index is None else _gather(part.index, pos)
                 for i, t in zip(part.rows, toks):
                     out.tokens[i] = t
@@ -243,8 +244,11 @@ class Sampler:
             if not p.is_greedy:
                 groups[(p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p)].append(i)
         for key, members in groups.items():
+            cuts = key[2] < 1.0 or bool(key[3]) or key[4] < 1.0  # top_p, min_p, typical_p
             for sub, scores, index in _warp(stack(members), *key):
-                yield _Part([members[j] for j in sub], scores, index, False)
+                # A full-width part was cut if a later warper ran, or TopK (its tied rows: index None, top_k > 0).
+                cut = index is None and (cuts or 0 < key[1] < scores.shape[1])
+                yield _Part([members[j] for j in sub], scores, index, False, cut)
 
     def _fill_logprobs(self, out: SampleOutput, part: _Part, pos: list[int], rows: list[SamplingRow],
                        wants: list[bool]) -> None:
@@ -365,22 +369,30 @@ def _copy_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_ro
     dst[dst_rows] = src[src_rows]
 
 
-def _draw(scores: torch.Tensor, generators: list[torch.Generator | None]) -> list[int]:
+def _draw(scores: torch.Tensor, generators: list[torch.Generator | None], cut: bool = False) -> list[int]:
     """One token per row from ``softmax(scores)``, by inverse CDF with one uniform from the row's generator.
 
     Same distribution as ``torch.multinomial(probs, 1)``, but a batched cumsum plus one random number
     per row instead of a full-vocabulary multinomial per row (which costs milliseconds each on CPU).
     The result of a row depends only on its scores and its generator, never on the rest of the batch.
+    ``cut``: most scores are -inf (a top-p, typical or min-p row); on CPU the C++ walk then finds the
+    same pick without writing the CDF (``cpu.cdf_draw``: 2-3x faster on such rows, slower on full ones).
     """
     probs = torch.softmax(scores, dim=-1)
     # float64 where it is cheap (TopK candidates); a full-vocabulary row keeps float32 (cumsum still
     # accumulates in double on CPU) rather than doubling the largest temporary of the step. A single row
     # on CUDA too: there one row's scan regroups its additions (see device_sampler._draw).
     wide = scores.shape[1] <= 4096 or (scores.shape[0] == 1 and scores.is_cuda)
-    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if wide else scores.dtype)
-    total = cdf[:, -1:]
     u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=g.device) if g is not None
                    else torch.rand(1, dtype=torch.float64) for g in generators])
+    fast = warpers._kernel_rows(probs) if cut and not wide else None
+    if fast:
+        picks = fast.cdf_draw(probs, u.cpu()).tolist()
+        if min(picks) >= 0:
+            return picks
+        # A NaN row (-1): torch's searches below decide every row, with the same uniforms, so the same picks.
+    cdf = probs.cumsum(dim=-1, dtype=torch.float64 if wide else scores.dtype)
+    total = cdf[:, -1:]
     u = u.to(device=cdf.device, dtype=cdf.dtype).view(-1, 1)
     pos = torch.searchsorted(cdf, u * total, right=True)
     # u * total can round up to total; the first index reaching total is the last token with p > 0.

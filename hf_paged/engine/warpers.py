@@ -106,23 +106,26 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
         rel, lse = None, best.double() + z.log()
     else:
         best, rel, z, lse = _normaliser(scores)
-    out = torch.empty_like(scores)
+    # Each decided row's threshold; NaN (nothing is below it) for the rest, which HF's warper overwrites.
+    thr = torch.full((g,), float("nan"), dtype=scores.dtype, device=scores.device)
     finite = torch.isfinite(lse).view(-1)
     todo = finite.nonzero().view(-1)
     if len(todo) and vocab > 1:
         sub = scores.index_select(0, todo) if len(todo) < g else scores
         vals = topk(sub, min(NUCLEUS_CANDIDATES + 1, vocab))[0]
         ok, last = nucleus_cut(vals, lse[todo], torch.zeros_like(lse[todo]), top_p, vals.shape[1], False, margin)
-        if fast and len(todo) == g and bool(ok.all()):  # every row decided (the usual case): one pass, no copies
-            return fast.cut_below(scores, last.view(-1))
-        todo = _mask_rows(out, scores, todo, ok, last)
+        thr[todo[ok]] = last[ok].view(-1)
+        todo = todo[~ok]
     if len(todo) and vocab > 1:
         sub = scores.index_select(0, todo)
         rows_rel = rel[todo] if rel is not None else torch.exp(sub - best[todo])  # the same values, these rows only
         ok, last = _cut_by_bins(sub, best[todo], rows_rel.double() / z[todo], lse[todo], top_p, margin)
-        todo = _mask_rows(out, scores, todo, ok, last)
+        thr[todo[ok]] = last[ok].view(-1)
+        todo = todo[~ok]
     if not bool(finite.all()):  # NaN or all -inf rows
         todo = torch.cat([todo, (~finite).nonzero().view(-1)])
+    # Every score below its row's threshold removed: one pass over the batch.
+    out = fast.cut_below(scores, thr) if fast else scores.masked_fill(scores < thr.view(-1, 1), _NEG_INF)
     if len(todo):
         out[todo] = TopPLogitsWarper(top_p)(_NO_IDS, scores.index_select(0, todo))
     return out
@@ -187,17 +190,6 @@ def _cut_by_bins(sub: torch.Tensor, best: torch.Tensor, prob: torch.Tensor, lse:
     vals = topk(sub.masked_fill(~inside, -float("inf")), width)[0]
     ok, last = nucleus_cut(vals, lse, base, top_p, count, True, margin)
     return ok & (count > 0), last
-
-
-def _mask_rows(out: torch.Tensor, scores: torch.Tensor, todo: torch.Tensor, ok: torch.Tensor,
-               last: torch.Tensor) -> torch.Tensor:
-    """Write the decided rows (every score below the row's threshold removed); the rows still open."""
-    done = todo[ok]
-    if len(done):
-        rows = scores.index_select(0, done)
-        fast = _kernel_rows(rows)
-        out[done] = fast.cut_below(rows, last[ok].view(-1)) if fast else rows.masked_fill_(rows < last[ok], _NEG_INF)
-    return todo[~ok]
 
 
 def typical(scores: torch.Tensor, mass: float) -> torch.Tensor:

@@ -110,6 +110,7 @@ def _register_fakes() -> None:
                        ("topk_rows", lambda scores, k: (scores.new_empty(scores.shape[0], k),
                                                         scores.new_empty(scores.shape[0], k, dtype=torch.long))),
                        ("cut_below", lambda scores, thr: scores.new_empty(scores.shape)),
+                       ("cdf_draw", lambda probs, u: probs.new_empty(probs.shape[0], dtype=torch.long)),
                        ("max_sum_exp", lambda scores: (scores.new_empty(scores.shape[0]),
                                                        scores.new_empty(scores.shape[0], dtype=torch.float64)))):
         torch.library.register_fake(lib + name)(fake)
@@ -233,6 +234,13 @@ def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
 def cut_below(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:
     """``scores.masked_fill(scores < thr.view(-1, 1), -inf)`` of 2-D fp32 CPU rows, in one pass (a new tensor)."""
     return torch.ops.hf_paged_cpu.cut_below(scores, thr)
+
+
+def cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+    """Each row's inverse-CDF pick from fp32 probabilities and a float64 uniform ``u`` [rows]: where
+    ``searchsorted`` finds ``u * total`` on ``probs.cumsum(-1)`` (float32, as torch sums it on CPU), capped at
+    the first prefix reaching the total; -1 for a row whose total is NaN. Fast where most probabilities are 0."""
+    return torch.ops.hf_paged_cpu.cdf_draw(probs, u)
 
 
 def max_sum_exp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -58,6 +58,74 @@ at::Tensor cut_below(const at::Tensor& scores, const at::Tensor& thr) {
   return out;
 }
 
+// Calls f(j) for each j in [0, n) with p[j] != 0 (NaN included), in order, until f returns true; 8 at a time.
+template <typename F>
+inline void for_nonzero(const float* p, int64_t n, F f) {
+  int64_t j = 0;
+#if HF_PAGED_AVX2
+  const __m256 zero = _mm256_setzero_ps();
+  for (; j + 8 <= n; j += 8) {
+    uint32_t m = _mm256_movemask_ps(_mm256_cmp_ps(_mm256_loadu_ps(p + j), zero, _CMP_NEQ_UQ));
+    if (m == 0xFF) {  // a dense block (a row no warper cut): in order, without the bit scan
+      for (int64_t i = j; i < j + 8; ++i)
+        if (f(i)) return;
+      continue;
+    }
+    for (; m; m &= m - 1)
+      if (f(j + __builtin_ctz(m))) return;
+  }
+#endif
+  for (; j < n; ++j)
+    if (!(p[j] == 0.0f) && f(j)) return;
+}
+
+// sampler._draw's pick on fp32 probabilities: searchsorted(cdf, u * total, right=True), capped at
+// searchsorted(cdf, total, right=False) and at n - 1, where cdf = probs.cumsum(-1) in float32 as torch makes it
+// on CPU (each prefix a double sum rounded to float) and total its last entry; u is rounded to float first.
+// A prefix changes only at a nonzero probability, so both searches land on one (or on 0 for an all-zero row),
+// and the zeros a nucleus leaves are skipped 8 at a time: on such rows this is a fraction of cumsum's time,
+// on dense ones about twice it. -1 for a row whose total is NaN (the caller leaves those to torch).
+at::Tensor cdf_draw(const at::Tensor& probs, const at::Tensor& u) {
+  check_rows(probs, "cdf_draw");
+  const int64_t rows = probs.size(0), n = probs.size(1), stride = probs.stride(0);
+  TORCH_CHECK(u.device().is_cpu() && u.scalar_type() == at::kDouble && u.numel() == rows,
+              "cdf_draw: one float64 uniform per row expected");
+  const at::Tensor uc = u.contiguous();
+  at::Tensor out = at::empty({rows}, probs.options().dtype(at::kLong));
+  const float* base = probs.data_ptr<float>();
+  const double* ud = uc.data_ptr<double>();
+  int64_t* o = out.data_ptr<int64_t>();
+  at::parallel_for(0, rows, grain(n), [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* p = base + r * stride;
+      double acc = 0.0;
+      for_nonzero(p, n, [&](int64_t j) {
+        acc += p[j];
+        return false;
+      });
+      const float total = static_cast<float>(acc);
+      if (std::isnan(total)) {
+        o[r] = -1;
+        continue;
+      }
+      const float target = static_cast<float>(ud[r]) * total;
+      int64_t pick = 0;  // an all-zero row: the first prefix (0) already reaches the total (0)
+      acc = 0.0;
+      for_nonzero(p, n, [&](int64_t j) {
+        acc += p[j];
+        const float c = static_cast<float>(acc);
+        if (c > target || c >= total) {
+          pick = j;
+          return true;
+        }
+        return false;
+      });
+      o[r] = std::min(pick, n - 1);
+    }
+  });
+  return out;
+}
+
 std::tuple<at::Tensor, at::Tensor> max_sum_exp(const at::Tensor& scores) {
   check_rows(scores, "max_sum_exp");
   const int64_t rows = scores.size(0), n = scores.size(1), stride = scores.stride(0);
@@ -120,10 +188,12 @@ std::tuple<at::Tensor, at::Tensor> max_sum_exp(const at::Tensor& scores) {
 
 TORCH_LIBRARY_FRAGMENT(hf_paged_cpu, m) {
   m.def("cut_below(Tensor scores, Tensor thr) -> Tensor");
+  m.def("cdf_draw(Tensor probs, Tensor u) -> Tensor");
   m.def("max_sum_exp(Tensor scores) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) {
   m.impl("cut_below", &cut_below);
+  m.impl("cdf_draw", &cdf_draw);
   m.impl("max_sum_exp", &max_sum_exp);
 }
