@@ -8,7 +8,7 @@ left out of the host total. ``--prompt-len`` sets the context (the block tables 
 rows go through the fused LM head on CPU (``Runner.fused_head``): their argmax is then part of the forward.
 
     python benchmarks/host_overhead.py --seqs 256 --steps 50 [--prompt-len 1024] [--logprobs] [--penalties]
-                                       [--sampled-every K]
+                                       [--sampled-every K [--top-p P]]
 
 ``HF_PAGED_SAMPLER=device`` times the device sampler (on CPU tensors here: its tensor work is then host
 work too, which on CUDA it is not).
@@ -37,6 +37,8 @@ def main() -> None:
                     "/generate_stream always does)")
     ap.add_argument("--sampled-every", type=int, default=0, help="every K-th request samples (temperature 0.7, "
                     "top_k 50, seeded) instead of decoding greedily: mixed traffic (0: all greedy)")
+    ap.add_argument("--top-p", type=float, default=None, help="sampled requests use top_p P and no top-k (what "
+                    "OpenAI and TGI clients send) instead of top_k 50")
     ap.add_argument("--penalties", action="store_true", help="every request sets repetition_penalty 1.1 and "
                     "frequency_penalty 0.2 (what many clients send)")
     args = ap.parse_args()
@@ -81,6 +83,7 @@ def main() -> None:
     prompt = pipe.tokenizer("Tell me a long story about a lighthouse keeper.")["input_ids"]
     if args.prompt_len:
         prompt = (prompt * (args.prompt_len // len(prompt) + 1))[: args.prompt_len]
+    top_p = dict(top_k=0, top_p=args.top_p) if args.top_p else {}
     rounds = []
     for r in range(args.rounds):
         from hf_paged.engine.request import Request
@@ -89,7 +92,7 @@ def main() -> None:
             sample = bool(args.sampled_every) and i % args.sampled_every == 0
             params = SamplingParams.from_request(None, max_new_tokens=10_000, do_sample=sample, ignore_eos=True,
                                                  logprobs=args.logprobs,
-                                                 **(dict(temperature=0.7, top_k=50, seed=i) if sample else {}),
+                                                 **(dict(temperature=0.7, top_k=50, seed=i) | top_p if sample else {}),
                                                  **(dict(repetition_penalty=1.1, frequency_penalty=0.2)
                                                     if args.penalties else {}))
             delivery.add(Request(f"r{r}-{i}", prompt, prompt, params, lambda req: None))

@@ -65,8 +65,8 @@ def worker(args) -> None:
         os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(max(1, int(_gib(args.kv_memory)))))
         llm = LLM(model=path, dtype=args.dtype, max_model_len=4096, seed=0, gpu_memory_utilization=0.3,
                   max_num_seqs=args.max_num_seqs, max_num_batched_tokens=args.max_batch_tokens)
-        sp = SamplingParams(temperature=0.7 if args.sample else 0.0, top_k=50 if args.sample else -1,
-                            max_tokens=args.max_new_tokens, ignore_eos=fixed)
+        sp = SamplingParams(temperature=0.7 if args.sample else 0.0, top_k=50 if args.sample and not args.top_p else -1,
+                            top_p=args.top_p or 1.0, max_tokens=args.max_new_tokens, ignore_eos=fixed)
         t0 = time.perf_counter()
         res = llm.generate([{"prompt_token_ids": p} for p in prompts], sp, use_tqdm=False)
         elapsed = time.perf_counter() - t0
@@ -75,7 +75,7 @@ def worker(args) -> None:
         model, _ = load_model(path, dtype=getattr(torch, args.dtype))
         gen_kw = dict(max_new_tokens=args.max_new_tokens, do_sample=args.sample)
         if args.sample:
-            gen_kw.update(temperature=0.7, top_k=50)
+            gen_kw.update(_sampling(args))
         if fixed:
             gen_kw["min_new_tokens"] = args.max_new_tokens
         if args.system in ("paged", "paged_compile"):
@@ -116,7 +116,7 @@ def worker(args) -> None:
             from transformers import GenerationConfig
 
             cfg = GenerationConfig(max_new_tokens=args.max_new_tokens, do_sample=args.sample,
-                                   **(dict(temperature=0.7, top_k=50) if args.sample else {}),
+                                   **(_sampling(args) if args.sample else {}),
                                    eos_token_id=None if fixed else tok.eos_token_id, pad_token_id=tok.pad_token_id)
             t0 = time.perf_counter()
             res = model.generate_batch(inputs=prompts, generation_config=cfg)
@@ -126,6 +126,12 @@ def worker(args) -> None:
     print("RESULT " + json.dumps({"system": args.system, "requests": len(prompts), "tokens": n_tokens,
                                   "seconds": elapsed, "tokens_per_s": n_tokens / elapsed,
                                   "peak_rss_mib": peak_rss_mib(), "outputs": outputs}))
+
+
+def _sampling(args) -> dict:
+    """--sample's settings: temperature 0.7 with top_k 50, or with --top-p (and no top-k, as OpenAI's and TGI's
+    clients send)."""
+    return dict(temperature=0.7, top_k=0, top_p=args.top_p) if args.top_p else dict(temperature=0.7, top_k=50)
 
 
 def _gib(size: str) -> float:
@@ -152,6 +158,8 @@ def main() -> None:
                     help="weights and KV cache dtype, for every system (vLLM included)")
     ap.add_argument("--sample", action="store_true", help="sample (temperature 0.7, top_k 50) instead of greedy; "
                     "outputs then differ between systems")
+    ap.add_argument("--top-p", type=float, default=None, help="with --sample: top_p P and no top-k instead of top_k "
+                    "50 (what OpenAI and TGI clients send)")
     ap.add_argument("--model", default="default")
     ap.add_argument("--num-requests", type=int, default=64)
     ap.add_argument("--max-new-tokens", type=int, default=256)

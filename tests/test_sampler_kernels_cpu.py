@@ -61,6 +61,12 @@ def test_topk_rows_non_finite_and_ordered_rows():
     x[8, 1::2] = 0.0
     for k in (1, 10, 51, 600):
         check(x, k)
+    # Mostly masked rows (a nucleus' bin, a banned vocabulary): fewer finite scores than k, or just more.
+    masked = torch.full((3, 49152), float("-inf"))
+    for r, count in enumerate((200, 400, 450)):
+        at = torch.randperm(49152, generator=g)[:count]
+        masked[r, at] = torch.randn(count, generator=g)
+    check(masked, 400)
 
 
 @settings(max_examples=60, deadline=None)

@@ -87,6 +87,11 @@ bool row_topk(const float* x, int64_t n, int64_t k, float* ov, int64_t* oi, std:
     std::nth_element(order.begin(), order.begin() + (k - 1), order.end(), std::greater<float>());
     t = order[k - 1];
   }
+  // With T = -inf (fewer than k segments hold a finite score: a row mostly masked out) every score passes
+  // ">= T"; take the finite ones, then as many -inf entries as the list lacks, lowest index first.
+  const float neg = -std::numeric_limits<float>::infinity();
+  const bool masked = t == neg;
+  if (masked) t = std::numeric_limits<float>::lowest();  // ">= the lowest finite float": "> -inf"
   cand.clear();
   for (int64_t s = 0; s < segs; ++s) {
     if (!(maxima[s] >= t)) continue;
@@ -104,6 +109,8 @@ bool row_topk(const float* x, int64_t n, int64_t k, float* ov, int64_t* oi, std:
     for (; i < hi; ++i)
       if (x[i] >= t) cand.push_back({x[i], i});
   }
+  for (int64_t i = 0; masked && static_cast<int64_t>(cand.size()) < k; ++i)
+    if (x[i] == neg) cand.push_back({x[i], i});
   std::nth_element(cand.begin(), cand.begin() + (k - 1), cand.end(), better);
   std::sort(cand.begin(), cand.begin() + k, better);
   for (int64_t j = 0; j < k; ++j) ov[j] = cand[j].first, oi[j] = cand[j].second;
