@@ -101,7 +101,7 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     g, vocab = scores.shape
     margin = nucleus_margin(top_p, vocab)
     fast = _kernel_rows(scores)
-    if fast:  # the normaliser in one C++ pass; each row's exp(score - best) only where the bins need it
+    if fast:  # the normaliser in one C++ pass (and the bins below in C++ too)
         best, z = (t.view(-1, 1) for t in fast.max_sum_exp(scores))
         rel, lse = None, best.double() + z.log()
     else:
@@ -118,8 +118,11 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
         todo = todo[~ok]
     if len(todo) and vocab > 1:
         sub = scores.index_select(0, todo)
-        rows_rel = rel[todo] if rel is not None else torch.exp(sub - best[todo])  # the same values, these rows only
-        ok, last = _cut_by_bins(sub, best[todo], rows_rel.double() / z[todo], lse[todo], top_p, margin)
+        if fast:  # the same decision, two passes and a sort of one bin a row
+            ok, last = fast.nucleus_bins(sub, best[todo], lse[todo], top_p, margin, NUCLEUS_BINS, NUCLEUS_SPAN,
+                                         NUCLEUS_MAX_BIN)
+        else:
+            ok, last = _cut_by_bins(sub, best[todo], rel[todo].double() / z[todo], lse[todo], top_p, margin)
         thr[todo[ok]] = last[ok].view(-1)
         todo = todo[~ok]
     if not bool(finite.all()):  # NaN or all -inf rows

@@ -111,6 +111,8 @@ def _register_fakes() -> None:
                                                         scores.new_empty(scores.shape[0], k, dtype=torch.long))),
                        ("cut_below", lambda scores, thr: scores.new_empty(scores.shape)),
                        ("cdf_draw", lambda probs, u: probs.new_empty(probs.shape[0], dtype=torch.long)),
+                       ("nucleus_bins", lambda scores, best, lse, *_: (
+                           scores.new_empty(scores.shape[0], dtype=torch.bool), scores.new_empty(scores.shape[0]))),
                        ("max_sum_exp", lambda scores: (scores.new_empty(scores.shape[0]),
                                                        scores.new_empty(scores.shape[0], dtype=torch.float64)))):
         torch.library.register_fake(lib + name)(fake)
@@ -241,6 +243,14 @@ def cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     ``searchsorted`` finds ``u * total`` on ``probs.cumsum(-1)`` (float32, as torch sums it on CPU), capped at
     the first prefix reaching the total; -1 for a row whose total is NaN. Fast where most probabilities are 0."""
     return torch.ops.hf_paged_cpu.cdf_draw(probs, u)
+
+
+def nucleus_bins(scores: torch.Tensor, best: torch.Tensor, lse: torch.Tensor, top_p: float, margin: float, bins: int,
+                 span: float, max_bin: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """``warpers._cut_by_bins``' decision for fp32 rows (``best`` their float32 maxima, ``lse`` their float64
+    logsumexp): per row whether it is decided, and its threshold (float32)."""
+    return torch.ops.hf_paged_cpu.nucleus_bins(scores, best.reshape(-1), lse.reshape(-1), float(top_p), float(margin),
+                                               int(bins), float(span), int(max_bin))
 
 
 def max_sum_exp(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,4 +1,4 @@
-// Two of the nucleus' (warpers.nucleus) full-vocabulary passes on fp32 rows, each one call with rows split
+// The nucleus' (warpers.nucleus) full-vocabulary passes on fp32 rows, each one call with rows split
 // between threads. A top-p row of 49152 scores went through ~12 torch passes, ~20 ms a step at 64 rows here;
 // the normaliser took four of them and the mask five (a copy of the rows, a compare, a fill, a write back).
 //
@@ -6,14 +6,18 @@
 //   known). Comparisons only: bit for bit what masked_fill gives.
 // - max_sum_exp: each row's maximum and sum of exp(score - max) in float64, the nucleus' normaliser (its
 //   decisions keep a margin for such a sum: warpers.NUCLEUS_OWN_ERROR).
+// - nucleus_bins: the nucleus of a flat row (warpers._cut_by_bins' decision) in two passes and a sort of
+//   one bin, instead of ~15 torch passes over float64 copies of the rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <functional>
 #include <cmath>
 #include <limits>
 #include <tuple>
+#include <vector>
 
 #include "simd.h"
 
@@ -184,16 +188,122 @@ std::tuple<at::Tensor, at::Tensor> max_sum_exp(const at::Tensor& scores) {
   return {best, sums};
 }
 
+// The nucleus of rows whose top_p mass spreads past the best candidates (warpers._cut_by_bins, the same
+// decision): each token's probability exp(x - lse) goes into one of `nb` bins by its score (the bins span
+// best - min, at most `span_max`, the last bin taking everything further down); the bin where the mass
+// passes top_p is ordered and cut as nucleus_cut does with exhaustive=True. Returns per row whether it is
+// decided (both masses around the cut farther from top_p than `margin`, the two scores there distinct) and
+// its threshold (the last kept score). A crossing bin of more than `max_bin` tokens leaves the row open.
+std::tuple<at::Tensor, at::Tensor> nucleus_bins(const at::Tensor& scores, const at::Tensor& best,
+                                                const at::Tensor& lse, double top_p, double margin, int64_t nb,
+                                                double span_max, int64_t max_bin) {
+  check_rows(scores, "nucleus_bins");
+  const int64_t rows = scores.size(0), n = scores.size(1), stride = scores.stride(0);
+  TORCH_CHECK(best.scalar_type() == at::kFloat && best.numel() == rows && lse.scalar_type() == at::kDouble &&
+                  lse.numel() == rows, "nucleus_bins: a float32 best and a float64 lse per row expected");
+  TORCH_CHECK(nb >= 2 && max_bin >= 1, "nucleus_bins: nb >= 2 and max_bin >= 1 expected");
+  const at::Tensor bc = best.contiguous(), lc = lse.contiguous();
+  at::Tensor ok = at::empty({rows}, scores.options().dtype(at::kBool));
+  at::Tensor last = at::empty({rows}, scores.options());
+  const float* base = scores.data_ptr<float>();
+  const float* bp = bc.data_ptr<float>();
+  const double* lp = lc.data_ptr<double>();
+  bool* okp = ok.data_ptr<bool>();
+  float* outp = last.data_ptr<float>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    std::vector<double> mass(nb);
+    std::vector<int32_t> bins(n);
+    std::vector<float> vals;
+    for (int64_t r = r0; r < r1; ++r) {
+      const float* x = base + r * stride;
+      const float b = bp[r];
+      const double l = lp[r];
+      okp[r] = false;
+      outp[r] = b;
+      float mn = std::numeric_limits<float>::infinity();
+      int64_t j0 = 0;
+#if HF_PAGED_AVX2
+      __m256 vmn = _mm256_set1_ps(mn);
+      for (; j0 + 8 <= n; j0 += 8) vmn = _mm256_min_ps(vmn, _mm256_loadu_ps(x + j0));
+      alignas(32) float lanes[8];
+      _mm256_store_ps(lanes, vmn);
+      for (float v : lanes) mn = std::min(mn, v);
+#endif
+      for (; j0 < n; ++j0) mn = std::min(mn, x[j0]);
+      const float span = std::min(std::max(b - mn, 1e-6f), static_cast<float>(span_max));
+      const float scale = static_cast<float>(nb - 1) / span;
+      const float top = static_cast<float>(nb - 1);
+      std::fill(mass.begin(), mass.end(), 0.0);
+      const double inv_z = std::exp(static_cast<double>(b) - l);  // 1 / sum exp(x - b)
+      int64_t j = 0;
+#if HF_PAGED_AVX2
+      const __m256 vb = _mm256_set1_ps(b), vs = _mm256_set1_ps(scale), vt = _mm256_set1_ps(top);
+      alignas(32) float e[8];
+      for (; j + 8 <= n; j += 8) {  // bins and exps 8 at a time; the adds into the bins one by one
+        const __m256 v = _mm256_loadu_ps(x + j);
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins.data() + j),
+                            _mm256_cvttps_epi32(_mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(vb, v), vs), vt)));
+        _mm256_store_ps(e, hf_paged_simd::exp8_nonpositive(_mm256_sub_ps(v, vb)));
+        for (int i = 0; i < 8; ++i) mass[bins[j + i]] += static_cast<double>(e[i]) * inv_z;
+      }
+#endif
+      for (; j < n; ++j) {
+        const int32_t k = static_cast<int32_t>(std::min((b - x[j]) * scale, top));
+        bins[j] = k;
+        mass[k] += static_cast<double>(hf_paged_simd::exp_nonpositive(x[j] - b)) * inv_z;  // as torch's rel / z
+      }
+      // The first bin where the cumulative mass reaches top_p (the last one if none does), and the mass
+      // of the bins before it.
+      double before_bin = 0.0;
+      int64_t crossing = nb - 1;
+      for (int64_t k = 0; k < nb - 1; ++k) {
+        if (before_bin + mass[k] >= top_p) {
+          crossing = k;
+          break;
+        }
+        before_bin += mass[k];
+      }
+      vals.clear();
+      for (int64_t j = 0; j < n; ++j)
+        if (bins[j] == crossing) vals.push_back(x[j]);
+      const int64_t count = static_cast<int64_t>(vals.size());
+      if (count == 0 || count > max_bin) continue;
+      std::sort(vals.begin(), vals.end(), std::greater<float>());
+      // nucleus_cut over this bin, exhaustive: S_j, the mass before each listed token.
+      double run = before_bin;
+      int64_t n_keep = 0;
+      std::vector<double> before(count);
+      for (int64_t j = 0; j < count; ++j) {
+        before[j] = run;
+        if (run < top_p) n_keep = j + 1;
+        run += std::exp(static_cast<double>(vals[j]) - l);
+      }
+      if (n_keep < 1) continue;
+      const int64_t at = n_keep;
+      const double s_next = at < count ? before[at] : run;
+      const double s_last = before[at - 1];
+      const float lastv = vals[at - 1];
+      const bool untied = at >= count || lastv > vals[at];
+      outp[r] = lastv;
+      okp[r] = s_next >= top_p + margin && s_last <= top_p - margin && untied && std::isfinite(lastv);
+    }
+  });
+  return {ok, last};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_FRAGMENT(hf_paged_cpu, m) {
   m.def("cut_below(Tensor scores, Tensor thr) -> Tensor");
   m.def("cdf_draw(Tensor probs, Tensor u) -> Tensor");
   m.def("max_sum_exp(Tensor scores) -> (Tensor, Tensor)");
+  m.def("nucleus_bins(Tensor scores, Tensor best, Tensor lse, float top_p, float margin, int nb, float span_max, "
+        "int max_bin) -> (Tensor, Tensor)");
 }
 
 TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) {
   m.impl("cut_below", &cut_below);
   m.impl("cdf_draw", &cdf_draw);
   m.impl("max_sum_exp", &max_sum_exp);
+  m.impl("nucleus_bins", &nucleus_bins);
 }
