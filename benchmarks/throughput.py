@@ -177,6 +177,8 @@ def main() -> None:
     ap.add_argument("--from-json", default=None, help="re-print the report (and --plot) of a saved --out file")
     ap.add_argument("--worker", dest="system", default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.top_p is not None and not args.sample:
+        ap.error("--top-p needs --sample")
     if args.system:
         return worker(args)
     if args.from_json:

@@ -161,7 +161,7 @@ def test_nucleus_on_the_kernels_equals_hf_and_the_torch_passes(monkeypatch, scal
     x[2] = float("-inf")
     x[3, 0] = float("nan")
     calls = []
-    for name in ("cut_below", "max_sum_exp"):
+    for name in ("cut_below", "max_sum_exp", "nucleus_bins"):
         real = getattr(cpu, name)
         monkeypatch.setattr(cpu, name, lambda *a, _real=real, _name=name: calls.append(_name) or _real(*a))
     for rows in (x, x[4:]):  # with odd rows (some rows left to HF) and without
@@ -169,6 +169,8 @@ def test_nucleus_on_the_kernels_equals_hf_and_the_torch_passes(monkeypatch, scal
             calls.clear()
             got = warpers.nucleus(rows, top_p)
             assert "max_sum_exp" in calls and "cut_below" in calls
+            if scale != 2.0:  # flat rows reach the bins; peaked ones are decided among the candidates
+                assert ("nucleus_bins" in calls) == (scale == 1.0)
             want = tf.generation.logits_process.TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), rows)
             assert torch.equal(got.nan_to_num(7.5), want.nan_to_num(7.5))
             with monkeypatch.context() as m:
@@ -224,3 +226,30 @@ def test_sampler_draw_with_a_nan_row_takes_torchs_searches_for_the_batch():
     u = torch.cat([torch.rand(1, dtype=torch.float64, generator=torch.Generator().manual_seed(i)) for i in range(4)])
     want = _torch_draw(x, u).tolist()
     assert got == want
+
+
+@pytest.mark.parametrize("scale", [0.5, 1.0, 2.0])
+def test_nucleus_bins_decides_flat_rows_as_the_torch_bins_do(scale):
+    """Flat rows (a nucleus of thousands of tokens): the C++ bins decide the rows the torch bins decide, at the
+    same thresholds, and the cut at those thresholds is HF's TopP."""
+    g = torch.Generator().manual_seed(int(scale * 10))
+    x = torch.randn(16, 49152, generator=g) * scale
+    best, z = cpu.max_sum_exp(x)
+    lse = best.double() + z.log()
+    for top_p in (0.5, 0.9, 0.95):
+        margin = warpers.nucleus_margin(top_p, x.shape[1])
+        ok, last = cpu.nucleus_bins(x, best, lse, top_p, margin, warpers.NUCLEUS_BINS, warpers.NUCLEUS_SPAN,
+                                    warpers.NUCLEUS_MAX_BIN)
+        rel = torch.exp(x - best.view(-1, 1))
+        ok_t, last_t = warpers._cut_by_bins(x, best.view(-1, 1), rel.double() / z.view(-1, 1), lse.view(-1, 1),
+                                            top_p, margin)
+        # Near-uniform rows weigh ~1/vocab a token, so the margin leaves some to the sort, as the torch bins do.
+        assert int(ok.sum()) >= 10, (scale, top_p)
+        assert int((ok != ok_t.view(-1)).sum()) <= 1  # rounding may tip a row at the margin, no more
+        both = ok & ok_t.view(-1)
+        assert torch.equal(last[both], last_t.view(-1)[both])
+        cut = cpu.cut_below(x[ok], last[ok])
+        hf = tf.generation.logits_process.TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), x[ok])
+        assert torch.equal(cut, hf)
+    with pytest.raises(RuntimeError, match="span_max > 0"):
+        cpu.nucleus_bins(x, best, lse, 0.9, 1e-6, 1024, 0.0, 4096)

@@ -70,7 +70,7 @@ def topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, k, dim=-1)`` of ``[R, V]`` scores as ``(values, indices)``, best first: by the C++
     kernel for fp32 CPU rows (the same values; among equal scores the lower index first, and kept at the
     boundary, where torch leaves the order open), else by torch."""
-    fast = _kernel_rows(scores) if 8 * k <= scores.shape[-1] else None
+    fast = _kernel_rows(scores) if 1 <= k and 8 * k <= scores.shape[-1] else None
     if fast:
         return fast.topk_rows(scores, k)
     vals, idx = torch.topk(scores, k, dim=-1)
@@ -118,7 +118,7 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
         todo = todo[~ok]
     if len(todo) and vocab > 1:
         sub = scores.index_select(0, todo)
-        if fast:  # the same decision, two passes and a sort of one bin a row
+        if fast:  # the bins' decision in C++ (two passes and a sort of one bin a row; the same margins)
             ok, last = fast.nucleus_bins(sub, best[todo], lse[todo], top_p, margin, NUCLEUS_BINS, NUCLEUS_SPAN,
                                          NUCLEUS_MAX_BIN)
         else:

@@ -229,7 +229,8 @@ def head_argmax(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None
 
 def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     """``torch.topk(scores, k, dim=-1)`` of a 2-D fp32 CPU tensor with unit-stride rows: the same values, best
-    first; equal scores in index order, the lower index kept at the boundary. One streaming pass a row."""
+    first; equal scores in index order, the lower index kept at the boundary. Two passes a row, the second
+    over the few segments that can hold a top-k score."""
     return torch.ops.hf_paged_cpu.topk_rows(scores, int(k))
 
 
@@ -247,8 +248,8 @@ def cdf_draw(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 def nucleus_bins(scores: torch.Tensor, best: torch.Tensor, lse: torch.Tensor, top_p: float, margin: float, bins: int,
                  span: float, max_bin: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """``warpers._cut_by_bins``' decision for fp32 rows (``best`` their float32 maxima, ``lse`` their float64
-    logsumexp): per row whether it is decided, and its threshold (float32)."""
+    """``warpers._cut_by_bins``' decision (its method and margins, C++ float rounding) for fp32 rows: ``best``
+    their float32 maxima, ``lse`` their float64 logsumexp. Per row whether it is decided, and its threshold."""
     return torch.ops.hf_paged_cpu.nucleus_bins(scores, best.reshape(-1), lse.reshape(-1), float(top_p), float(margin),
                                                int(bins), float(span), int(max_bin))
 

@@ -6,8 +6,11 @@
 //   known). Comparisons only: bit for bit what masked_fill gives.
 // - max_sum_exp: each row's maximum and sum of exp(score - max) in float64, the nucleus' normaliser (its
 //   decisions keep a margin for such a sum: warpers.NUCLEUS_OWN_ERROR).
-// - nucleus_bins: the nucleus of a flat row (warpers._cut_by_bins' decision) in two passes and a sort of
-//   one bin, instead of ~15 torch passes over float64 copies of the rows.
+// - cdf_draw: sampler._draw's inverse-CDF pick from softmax probabilities, bit for bit, without writing the
+//   CDF, skipping the zeros a nucleus leaves.
+// - nucleus_bins: the nucleus of a flat row (warpers._cut_by_bins' method, its own float rounding: the
+//   decision keeps the same margins) in two passes and a sort of one bin, instead of ~15 torch passes over
+//   float64 copies of the rows.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -188,8 +191,8 @@ std::tuple<at::Tensor, at::Tensor> max_sum_exp(const at::Tensor& scores) {
   return {best, sums};
 }
 
-// The nucleus of rows whose top_p mass spreads past the best candidates (warpers._cut_by_bins, the same
-// decision): each token's probability exp(x - lse) goes into one of `nb` bins by its score (the bins span
+// The nucleus of rows whose top_p mass spreads past the best candidates (warpers._cut_by_bins' method and
+// margins; its bin edges and masses may differ from torch's by float rounding, which the margins cover): each token's probability exp(x - lse) goes into one of `nb` bins by its score (the bins span
 // best - min, at most `span_max`, the last bin taking everything further down); the bin where the mass
 // passes top_p is ordered and cut as nucleus_cut does with exhaustive=True. Returns per row whether it is
 // decided (both masses around the cut farther from top_p than `margin`, the two scores there distinct) and
@@ -201,7 +204,8 @@ std::tuple<at::Tensor, at::Tensor> nucleus_bins(const at::Tensor& scores, const 
   const int64_t rows = scores.size(0), n = scores.size(1), stride = scores.stride(0);
   TORCH_CHECK(best.scalar_type() == at::kFloat && best.numel() == rows && lse.scalar_type() == at::kDouble &&
                   lse.numel() == rows, "nucleus_bins: a float32 best and a float64 lse per row expected");
-  TORCH_CHECK(nb >= 2 && max_bin >= 1, "nucleus_bins: nb >= 2 and max_bin >= 1 expected");
+  TORCH_CHECK(best.device().is_cpu() && lse.device().is_cpu(), "nucleus_bins: CPU tensors expected");
+  TORCH_CHECK(nb >= 2 && max_bin >= 1 && span_max > 0, "nucleus_bins: nb >= 2, max_bin >= 1, span_max > 0 expected");
   const at::Tensor bc = best.contiguous(), lc = lse.contiguous();
   at::Tensor ok = at::empty({rows}, scores.options().dtype(at::kBool));
   at::Tensor last = at::empty({rows}, scores.options());
@@ -214,6 +218,7 @@ std::tuple<at::Tensor, at::Tensor> nucleus_bins(const at::Tensor& scores, const 
     std::vector<double> mass(nb);
     std::vector<int32_t> bins(n);
     std::vector<float> vals;
+    std::vector<double> before;
     for (int64_t r = r0; r < r1; ++r) {
       const float* x = base + r * stride;
       const float b = bp[r];
@@ -241,14 +246,14 @@ std::tuple<at::Tensor, at::Tensor> nucleus_bins(const at::Tensor& scores, const 
       alignas(32) float e[8];
       for (; j + 8 <= n; j += 8) {  // bins and exps 8 at a time; the adds into the bins one by one
         const __m256 v = _mm256_loadu_ps(x + j);
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins.data() + j),
-                            _mm256_cvttps_epi32(_mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(vb, v), vs), vt)));
+        const __m256 f = _mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(vb, v), vs), vt), _mm256_setzero_ps());
+        _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins.data() + j), _mm256_cvttps_epi32(f));
         _mm256_store_ps(e, hf_paged_simd::exp8_nonpositive(_mm256_sub_ps(v, vb)));
         for (int i = 0; i < 8; ++i) mass[bins[j + i]] += static_cast<double>(e[i]) * inv_z;
       }
 #endif
       for (; j < n; ++j) {
-        const int32_t k = static_cast<int32_t>(std::min((b - x[j]) * scale, top));
+        const int32_t k = static_cast<int32_t>(std::max(std::min((b - x[j]) * scale, top), 0.0f));
         bins[j] = k;
         mass[k] += static_cast<double>(hf_paged_simd::exp_nonpositive(x[j] - b)) * inv_z;  // as torch's rel / z
       }
@@ -272,7 +277,7 @@ std::tuple<at::Tensor, at::Tensor> nucleus_bins(const at::Tensor& scores, const 
       // nucleus_cut over this bin, exhaustive: S_j, the mass before each listed token.
       double run = before_bin;
       int64_t n_keep = 0;
-      std::vector<double> before(count);
+      before.resize(count);
       for (int64_t j = 0; j < count; ++j) {
         before[j] = run;
         if (run < top_p) n_keep = j + 1;

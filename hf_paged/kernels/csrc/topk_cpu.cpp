@@ -1,13 +1,12 @@
 // Row-wise top-k of fp32 scores: the sampler's TopK candidates (k ~ 50 of a 50K-150K vocabulary) and the
 // nucleus' best scores. torch.topk on CPU takes ~90 us a row of 49152 scores (a partial sort), the bulk
-// of a sampled decode step. Here each row is one streaming pass: 32 scores at a time are compared with the k-th best
-// so far, and only a block holding a better score is looked at again. On a row in random order ~k*ln(n/k)
-// scores pass that test, so the pass runs at about memory speed.
-// Rows are split between threads.
+// of a sampled decode step. Here a row takes two passes (see row_topk): the maxima of ~8k segments, then
+// only the segments that can hold a top-k score, whose candidates are selected and sorted. Rows are split
+// between threads.
 //
-// Result: torch.topk(scores, k, dim=-1, sorted=True)'s values, bit for bit (they are copies of the row's
-// scores). Among equal scores the lower index comes first and is the one kept at the boundary (torch
-// leaves that order unspecified). A row holding a NaN takes a sort in which NaN ranks above everything,
+// Result: torch.topk(scores, k, dim=-1, sorted=True)'s values (copies of the row's scores; of equal scores
+// -0.0 and +0.0, the one at the lower index). Among equal scores the lower index comes first and is the
+// one kept at the boundary (torch leaves that order unspecified). A row holding a NaN takes a sort in which NaN ranks above everything,
 // as torch.topk ranks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
@@ -47,11 +46,12 @@ void row_topk_nan(const float* x, int64_t n, int64_t k, float* ov, int64_t* oi, 
 
 // The k best of one row into ov/oi, best first. Returns false (writing nothing) if the row holds a NaN.
 //
-// Two passes, without a data-dependent branch per score. The row is cut into m >= k segments (m ~ 4k) and
-// the first pass takes each segment's maximum (a streaming pass, as fast as the argmax). T, the k-th best
-// of those m maxima, is a floor: the k segments it ranks hold k scores >= T, so every score of the top k
-// is >= T. The second pass reads only the segments whose maximum reaches T (in cache by then) and collects
-// their scores >= T, little more than k of them on a row in random order; the k best of those are the answer.
+// Two passes, without a data-dependent branch per score. The row is cut into m segments (about 8k, fewer
+// for a short row) and the first pass takes each segment's maximum (a streaming pass, as fast as the
+// argmax). T, the k-th best of those m maxima, is a floor: the k segments it ranks hold k scores >= T, so
+// every score of the top k is >= T. The second pass reads only the segments whose maximum reaches T (in
+// cache by then) and collects their scores >= T, little more than k of them on a row in random order; the
+// k best of those are the answer. With m < k, or T = -inf, see below.
 bool row_topk(const float* x, int64_t n, int64_t k, float* ov, int64_t* oi, std::vector<float>& maxima,
               std::vector<float>& order, std::vector<Entry>& cand) {
   const int64_t vecs = (n + 7) / 8, want = std::min(vecs, std::max<int64_t>(8 * k, 64));
