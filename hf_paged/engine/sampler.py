@@ -13,7 +13,9 @@ vectorised argmax; only rows that need their history are processed one by one; s
 equal warper settings are warped together. After TopK the later warpers and the draw run on the
 ``k`` surviving candidates instead of the whole vocabulary (HF's TopP/Typical sort the full row);
 without TopK, TopP and Typical are decided without that sort where HF's rounding allows
-(``warpers.nucleus``/``warpers.typical``, the same tensors).
+(``warpers.nucleus``/``warpers.typical``, the same tensors). On CPU the full-vocabulary passes (TopK
+candidates, the nucleus' normaliser, bins and cut, the draw of cut rows) are C++ kernels
+(``kernels/csrc/topk_cpu.cpp``, ``sample_cpu.cpp``) with the same results.
 
 Example::
 
