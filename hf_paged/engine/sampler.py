@@ -13,9 +13,8 @@ vectorised argmax; only rows that need their history are processed one by one; s
 equal warper settings are warped together. After TopK the later warpers and the draw run on the
 ``k`` surviving candidates instead of the whole vocabulary (HF's TopP/Typical sort the full row);
 without TopK, TopP and Typical are decided without that sort where HF's rounding allows
-(``warpers.nucleus``/``warpers.typical``, the same tensors). On CPU the full-vocabulary passes (TopK
-candidates, the nucleus' normaliser, bins and cut, the draw of cut rows) are C++ kernels
-(``kernels/csrc/topk_cpu.cpp``, ``sample_cpu.cpp``) with the same results.
+(``warpers.nucleus``/``warpers.typical``, the same tensors). On CPU those full-vocabulary passes are C++
+kernels with the same results (``kernels/csrc/topk_cpu.cpp``, ``sample_cpu.cpp``).
 
 Example::
 
@@ -246,11 +245,10 @@ class Sampler:
             if not p.is_greedy:
                 groups[(p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p)].append(i)
         for key, members in groups.items():
-            cuts = key[2] < 1.0 or bool(key[3]) or key[4] < 1.0  # top_p, min_p, typical_p
-            for sub, scores, index in _warp(stack(members), *key):
-                # A full-width part was cut if a later warper ran, or TopK (its tied rows: index None, top_k > 0).
-                cut = index is None and (cuts or 0 < key[1] < scores.shape[1])
-                yield _Part([members[j] for j in sub], scores, index, False, cut)
+            cuts = key[2] < 1.0 or bool(key[3]) or key[4] < 1.0  # top_p, min_p, typical_p: most scores -inf
+            for sub, scores, index in _warp(stack(members), *key):  # (index None and top_k > 0: TopK's tied rows)
+                yield _Part([members[j] for j in sub], scores, index, False,
+                            index is None and (cuts or 0 < key[1] < scores.shape[1]))
 
     def _fill_logprobs(self, out: SampleOutput, part: _Part, pos: list[int], rows: list[SamplingRow],
                        wants: list[bool]) -> None:
@@ -356,7 +354,6 @@ def _argmax_logprob(scores: torch.Tensor) -> tuple[list[int], list[float]] | Non
 _KERNEL_ARGMAX_MIN = 1 << 16  # below this many scores numpy's single pass is as fast as a threaded one
 
 
-
 def _copy_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_rows: list[int]) -> None:
     """``dst[dst_rows] = src[src_rows]``; on CPU through numpy, a plain memcpy per row: torch runs such
     copies as OpenMP regions, which stall for milliseconds each when the cores are busy elsewhere."""
@@ -377,8 +374,7 @@ def _draw(scores: torch.Tensor, generators: list[torch.Generator | None], cut: b
     Same distribution as ``torch.multinomial(probs, 1)``, but a batched cumsum plus one random number
     per row instead of a full-vocabulary multinomial per row (which costs milliseconds each on CPU).
     The result of a row depends only on its scores and its generator, never on the rest of the batch.
-    ``cut``: most scores are -inf (a top-p, typical or min-p row); on CPU the C++ walk then finds the
-    same pick without writing the CDF (``cpu.cdf_draw``: 2-3x faster on such rows, slower on full ones).
+    ``cut``: most scores are -inf; on CPU ``cpu.cdf_draw`` then finds the same picks without writing the CDF.
     """
     probs = torch.softmax(scores, dim=-1)
     # float64 where it is cheap (TopK candidates); a full-vocabulary row keeps float32 (cumsum still
@@ -388,11 +384,9 @@ def _draw(scores: torch.Tensor, generators: list[torch.Generator | None], cut: b
     u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=g.device) if g is not None
                    else torch.rand(1, dtype=torch.float64) for g in generators])
     fast = warpers._kernel_rows(probs) if cut and not wide else None
-    if fast:
-        picks = fast.cdf_draw(probs, u.cpu()).tolist()
-        if min(picks) >= 0:
-            return picks
-        # A NaN row (-1): torch's searches below decide every row, with the same uniforms, so the same picks.
+    picks = fast.cdf_draw(probs, u.cpu()).tolist() if fast else [-1]
+    if min(picks) >= 0:  # else (no kernel, or a NaN row) torch's searches below, with the same uniforms
+        return picks
     cdf = probs.cumsum(dim=-1, dtype=torch.float64 if wide else scores.dtype)
     total = cdf[:, -1:]
     u = u.to(device=cdf.device, dtype=cdf.dtype).view(-1, 1)
