@@ -192,9 +192,10 @@ std::tuple<at::Tensor, at::Tensor> max_sum_exp(const at::Tensor& scores) {
 }
 
 // The nucleus of rows whose top_p mass spreads past the best candidates (warpers._cut_by_bins' method and
-// margins; its bin edges and masses may differ from torch's by float rounding, which the margins cover): each token's probability exp(x - lse) goes into one of `nb` bins by its score (the bins span
-// best - min, at most `span_max`, the last bin taking everything further down); the bin where the mass
-// passes top_p is ordered and cut as nucleus_cut does with exhaustive=True. Returns per row whether it is
+// margins; its bin edges and masses may differ from torch's by float rounding, which the margins cover):
+// each token's probability exp(x - lse) goes into one of `nb` bins by its score (the bins span best - min,
+// at most `span_max`, the last bin taking everything further down); the bin where the mass passes top_p
+// is ordered and cut as nucleus_cut does with exhaustive=True. Returns per row whether it is
 // decided (both masses around the cut farther from top_p than `margin`, the two scores there distinct) and
 // its threshold (the last kept score). A crossing bin of more than `max_bin` tokens leaves the row open.
 std::tuple<at::Tensor, at::Tensor> nucleus_bins(const at::Tensor& scores, const at::Tensor& best,
@@ -205,7 +206,8 @@ std::tuple<at::Tensor, at::Tensor> nucleus_bins(const at::Tensor& scores, const 
   TORCH_CHECK(best.scalar_type() == at::kFloat && best.numel() == rows && lse.scalar_type() == at::kDouble &&
                   lse.numel() == rows, "nucleus_bins: a float32 best and a float64 lse per row expected");
   TORCH_CHECK(best.device().is_cpu() && lse.device().is_cpu(), "nucleus_bins: CPU tensors expected");
-  TORCH_CHECK(nb >= 2 && max_bin >= 1 && span_max > 0, "nucleus_bins: nb >= 2, max_bin >= 1, span_max > 0 expected");
+  TORCH_CHECK(nb >= 2 && max_bin >= 1 && span_max > 0,
+              "nucleus_bins: nb >= 2, max_bin >= 1, span_max > 0 expected");
   const at::Tensor bc = best.contiguous(), lc = lse.contiguous();
   at::Tensor ok = at::empty({rows}, scores.options().dtype(at::kBool));
   at::Tensor last = at::empty({rows}, scores.options());
@@ -246,7 +248,8 @@ std::tuple<at::Tensor, at::Tensor> nucleus_bins(const at::Tensor& scores, const 
       alignas(32) float e[8];
       for (; j + 8 <= n; j += 8) {  // bins and exps 8 at a time; the adds into the bins one by one
         const __m256 v = _mm256_loadu_ps(x + j);
-        const __m256 f = _mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(vb, v), vs), vt), _mm256_setzero_ps());
+        const __m256 f =
+            _mm256_max_ps(_mm256_min_ps(_mm256_mul_ps(_mm256_sub_ps(vb, v), vs), vt), _mm256_setzero_ps());
         _mm256_storeu_si256(reinterpret_cast<__m256i*>(bins.data() + j), _mm256_cvttps_epi32(f));
         _mm256_store_ps(e, hf_paged_simd::exp8_nonpositive(_mm256_sub_ps(v, vb)));
         for (int i = 0; i < 8; ++i) mass[bins[j + i]] += static_cast<double>(e[i]) * inv_z;

@@ -6,8 +6,8 @@
 //
 // Result: torch.topk(scores, k, dim=-1, sorted=True)'s values (copies of the row's scores; of equal scores
 // -0.0 and +0.0, the one at the lower index). Among equal scores the lower index comes first and is the
-// one kept at the boundary (torch leaves that order unspecified). A row holding a NaN takes a sort in which NaN ranks above everything,
-// as torch.topk ranks it.
+// one kept at the boundary (torch leaves that order unspecified). A row holding a NaN takes a sort in which
+// NaN ranks above everything, as torch.topk ranks it.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -133,7 +133,8 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
     std::vector<Entry> buf;
     for (int64_t r = r0; r < r1; ++r) {
       const float* x = base + r * stride;
-      if (!row_topk(x, n, k, ov + r * k, oi + r * k, maxima, order, buf)) row_topk_nan(x, n, k, ov + r * k, oi + r * k, buf);
+      if (!row_topk(x, n, k, ov + r * k, oi + r * k, maxima, order, buf))
+        row_topk_nan(x, n, k, ov + r * k, oi + r * k, buf);
     }
   });
   return {vals, idx};
