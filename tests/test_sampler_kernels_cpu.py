@@ -253,3 +253,71 @@ def test_nucleus_bins_decides_flat_rows_as_the_torch_bins_do(scale):
         assert torch.equal(cut, hf)
     with pytest.raises(RuntimeError, match="span_max > 0"):
         cpu.nucleus_bins(x, best, lse, 0.9, 1e-6, 1024, 0.0, 4096)
+
+
+def test_sort_rows_equals_a_stable_torch_sort():
+    """The radix sort: torch.sort(stable=True)'s values and indices (-0.0 before +0.0, which torch ranks equal
+    and keeps in index order); a NaN row is flagged, not sorted."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, 40000, generator=g) * 4
+    x[1] = torch.randint(-5, 5, (40000,), generator=g).float()  # ties everywhere
+    x[2, ::3] = float("-inf")
+    x[3, 10], x[3, 20] = float("inf"), float("-inf")
+    x[4] = torch.arange(40000, dtype=torch.float32).flip(0)  # descending
+    x[5] = 2.5  # all equal
+    x[6, 7] = float("nan")
+    x[7] = x[7].abs() + 1.0  # every key's top bits alike (one bucket in the last pass)
+    x[8, 5], x[8, 9] = -1e-40, 1e-40  # subnormals
+    vals, idx, ok = cpu.sort_rows(x)
+    assert ok.tolist() == [True] * 6 + [False] + [True] * 2
+    assert torch.equal(idx[6], torch.arange(40000)) and torch.equal(vals[6].nan_to_num(7.5), x[6].nan_to_num(7.5))
+    want_vals, want_idx = torch.sort(x, dim=-1, stable=True)
+    for r in (0, 1, 2, 3, 4, 5, 7, 8):
+        assert torch.equal(vals[r], want_vals[r]), r
+        assert torch.equal(idx[r], want_idx[r]), r
+    signed = torch.tensor([[0.0, -0.0, 1.0, -0.0, 0.0] * 7000])  # -0.0 first, then +0.0, each in index order
+    vals, idx, ok = cpu.sort_rows(signed)
+    zeros = idx[0, :28000].tolist()
+    assert ok.all() and zeros == sorted(zeros, key=lambda i: (i % 5 not in (1, 3), i))
+    assert torch.signbit(vals[0, :14000]).all() and not torch.signbit(vals[0, 14000:]).any()
+    wide = torch.randn(3, 50000, generator=g)[:, 5:45005]  # strided rows
+    assert torch.equal(cpu.sort_rows(wide)[1], torch.sort(wide, dim=-1, stable=True)[1])
+
+
+@pytest.mark.parametrize("kind", ["flat", "ties", "signed zeros", "odd"])
+def test_sorted_nucleus_equals_hf(monkeypatch, kind):
+    """The rows the nucleus leaves to HF's sort, on the radix sort: HF's TopPLogitsWarper bit for bit, with
+    HF's own warper only for the rows where equal scores straddle the cut (and NaN rows)."""
+    g = torch.Generator().manual_seed(len(kind))
+    x = torch.randn(8, 49152, generator=g) * 0.05  # near-uniform: a nucleus of most of the vocabulary
+    if kind == "ties":
+        x = (x * 40).round() / 40  # ~30 distinct scores: a tie group at every cut
+    elif kind == "signed zeros":
+        x = (x * 40).round()  # 0.0 and -0.0 both
+    elif kind == "odd":
+        x[0, ::2] = float("-inf")
+        x[1] = float("-inf")
+        x[2, 3] = float("nan")
+        x[3, 9] = float("inf")
+        x[4] = 1.0
+    redone = []
+    hf_warper = warpers.TopPLogitsWarper
+
+    def counting(top_p):
+        w = hf_warper(top_p)
+        return lambda ids, s: redone.append(s.shape[0]) or w(ids, s)
+
+    monkeypatch.setattr(warpers, "TopPLogitsWarper", counting)
+    for top_p in (0.3, 0.9, 0.95, 0.999):
+        redone.clear()
+        got = warpers._sorted_nucleus(x, top_p)
+        want = hf_warper(top_p)(torch.empty(1, 0, dtype=torch.long), x)
+        assert torch.equal(got.nan_to_num(7.5), want.nan_to_num(7.5)), (kind, top_p)
+        if kind == "flat":
+            assert not redone  # no tie at the cut: every row through the radix sort
+        elif kind == "odd":
+            assert sum(redone) <= 4  # the NaN row, and at most the +inf and all-equal rows' tied cuts
+    with monkeypatch.context() as m:  # the whole nucleus, its undecided rows included
+        m.setattr(warpers, "TOPK_KERNEL_MIN", 1 << 15)
+        got = warpers.nucleus(x, 0.9)
+    assert torch.equal(got.nan_to_num(7.5), hf_warper(0.9)(torch.empty(1, 0, dtype=torch.long), x).nan_to_num(7.5))

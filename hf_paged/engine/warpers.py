@@ -130,7 +130,26 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     # Every score below its row's threshold removed: one pass over the batch.
     out = fast.cut_below(scores, thr) if fast else scores.masked_fill(scores < thr.view(-1, 1), _NEG_INF)
     if len(todo):
-        out[todo] = TopPLogitsWarper(top_p)(_NO_IDS, scores.index_select(0, todo))
+        out[todo] = _sorted_nucleus(scores.index_select(0, todo), top_p)
+    return out
+
+
+def _sorted_nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
+    """``TopPLogitsWarper(top_p)(ids, scores)``, HF's own ops, with fp32 CPU rows sorted by the C++ radix sort
+    (~5x faster than torch.sort a row): the same sorted scores, so the same softmax, cumulative sums and cut
+    position. Only the order of equal scores may differ from torch.sort's, and it decides which of them is
+    removed only where a group of equal scores straddles the cut: such rows (and NaN rows) take HF's warper."""
+    fast = _kernel_rows(scores)
+    if not fast:
+        return TopPLogitsWarper(top_p)(_NO_IDS, scores)
+    vals, idx, ok = fast.sort_rows(scores)
+    remove = vals.softmax(dim=-1).cumsum(dim=-1) <= (1 - top_p)
+    remove[..., -1:] = False
+    straddle = ((remove[:, 1:] != remove[:, :-1]) & (vals[:, 1:] == vals[:, :-1])).any(dim=-1)
+    out = scores.masked_fill(remove.scatter(1, idx, remove), _NEG_INF)
+    redo = (straddle | ~ok).nonzero().view(-1)
+    if len(redo):
+        out[redo] = TopPLogitsWarper(top_p)(_NO_IDS, scores.index_select(0, redo))
     return out
 
 

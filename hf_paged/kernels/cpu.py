@@ -109,6 +109,9 @@ def _register_fakes() -> None:
                            x.new_empty(x.shape[0], dtype=torch.long), x.new_empty(x.shape[0] if logprob else 0))),
                        ("topk_rows", lambda scores, k: (scores.new_empty(scores.shape[0], k),
                                                         scores.new_empty(scores.shape[0], k, dtype=torch.long))),
+                       ("sort_rows", lambda scores: (scores.new_empty(scores.shape),
+                                                     scores.new_empty(scores.shape, dtype=torch.long),
+                                                     scores.new_empty(scores.shape[0], dtype=torch.bool))),
                        ("cut_below", lambda scores, thr: scores.new_empty(scores.shape)),
                        ("cdf_draw", lambda probs, u: probs.new_empty(probs.shape[0], dtype=torch.long)),
                        ("nucleus_bins", lambda scores, best, lse, *_: (
@@ -232,6 +235,13 @@ def topk_rows(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]
     first; equal scores in index order, the lower index kept at the boundary. Two passes a row, the second
     over the few segments that can hold a top-k score."""
     return torch.ops.hf_paged_cpu.topk_rows(scores, int(k))
+
+
+def sort_rows(scores: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``torch.sort(scores, dim=-1, stable=True)`` of a 2-D fp32 CPU tensor with unit-stride rows (a radix sort,
+    ~5x faster a row), and per row whether it was sorted: False for a row holding a NaN, returned unsorted
+    (indices 0, 1, ...). Of -0.0 and +0.0, which torch ranks equal, -0.0 comes first."""
+    return torch.ops.hf_paged_cpu.sort_rows(scores)
 
 
 def cut_below(scores: torch.Tensor, thr: torch.Tensor) -> torch.Tensor:

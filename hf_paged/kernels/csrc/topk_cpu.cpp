@@ -14,6 +14,8 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdint>
+#include <cstring>
 #include <functional>
 #include <limits>
 #include <tuple>
@@ -140,8 +142,90 @@ std::tuple<at::Tensor, at::Tensor> topk_rows(const at::Tensor& scores, int64_t k
   return {vals, idx};
 }
 
+// sort_rows: each row in ascending order, stable (equal scores keep their index order), as
+// torch.sort(scores, stable=True) gives it, by LSD radix sort: 3 passes of 11 bits over keys that order as
+// the floats do (-0.0 just before +0.0, which torch ranks equal). torch.sort takes ~2.8 ms a row of 49152
+// scores on a CPU core; the nucleus needs HF's own sort only for the rows whose boundary is within HF's
+// rounding. ok[r] is false for a row holding a NaN, which is returned unsorted: the caller sorts it.
+void row_sort(const float* x, int64_t n, float* ov, int64_t* oi, bool* ok, std::vector<uint32_t>& keys,
+              std::vector<int32_t>& idx) {
+  keys.resize(2 * n);
+  idx.resize(2 * n);
+  uint32_t* k0 = keys.data();
+  uint32_t* k1 = k0 + n;
+  int32_t* i0 = idx.data();
+  int32_t* i1 = i0 + n;
+  std::vector<uint32_t> hist(3 * 2048, 0);
+  for (int64_t i = 0; i < n; ++i) {
+    uint32_t u;
+    std::memcpy(&u, x + i, sizeof(u));
+    if ((u & 0x7fffffffu) > 0x7f800000u) {  // NaN: the row as given, flagged
+      for (int64_t j = 0; j < n; ++j) ov[j] = x[j], oi[j] = j;
+      *ok = false;
+      return;
+    }
+    u ^= (u >> 31) ? 0xffffffffu : 0x80000000u;  // negative: all bits flipped; else the sign bit set
+    k0[i] = u;
+    i0[i] = static_cast<int32_t>(i);
+    ++hist[u & 2047];
+    ++hist[2048 + ((u >> 11) & 2047)];
+    ++hist[4096 + (u >> 22)];
+  }
+  for (int pass = 0; pass < 3; ++pass) {
+    uint32_t* h = hist.data() + 2048 * pass;
+    const int shift = 11 * pass;
+    if (h[(k0[0] >> shift) & 2047] == static_cast<uint32_t>(n)) continue;  // one bucket: already in order
+    uint32_t sum = 0;
+    for (int b = 0; b < 2048; ++b) {
+      const uint32_t c = h[b];
+      h[b] = sum;
+      sum += c;
+    }
+    for (int64_t i = 0; i < n; ++i) {
+      const uint32_t d = h[(k0[i] >> shift) & 2047]++;
+      k1[d] = k0[i];
+      i1[d] = i0[i];
+    }
+    std::swap(k0, k1);
+    std::swap(i0, i1);
+  }
+  for (int64_t j = 0; j < n; ++j) {
+    const uint32_t key = k0[j], u = key ^ ((key >> 31) ? 0x80000000u : 0xffffffffu);  // the float's bits again
+    std::memcpy(ov + j, &u, sizeof(u));
+    oi[j] = i0[j];
+  }
+  *ok = true;
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor> sort_rows(const at::Tensor& scores) {
+  TORCH_CHECK(scores.device().is_cpu() && scores.scalar_type() == at::kFloat && scores.dim() == 2,
+              "sort_rows: a 2-D float32 CPU tensor expected");
+  TORCH_CHECK(scores.stride(1) == 1 || scores.size(1) <= 1, "sort_rows: rows must be contiguous");
+  const int64_t rows = scores.size(0), n = scores.size(1), stride = scores.stride(0);
+  TORCH_CHECK(n >= 1 && n < (int64_t(1) << 31), "sort_rows: rows of 1 to 2^31 - 1 scores expected, got ", n);
+  at::Tensor vals = at::empty({rows, n}, scores.options());
+  at::Tensor idx = at::empty({rows, n}, scores.options().dtype(at::kLong));
+  at::Tensor ok = at::empty({rows}, scores.options().dtype(at::kBool));
+  const float* base = scores.data_ptr<float>();
+  float* ov = vals.data_ptr<float>();
+  int64_t* oi = idx.data_ptr<int64_t>();
+  bool* good = ok.data_ptr<bool>();
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    thread_local std::vector<uint32_t> keys;  // kept between calls: fresh pages each call cost more than the sort
+    thread_local std::vector<int32_t> order;
+    for (int64_t r = r0; r < r1; ++r) row_sort(base + r * stride, n, ov + r * n, oi + r * n, good + r, keys, order);
+  });
+  return {vals, idx, ok};
+}
+
 }  // namespace
 
-TORCH_LIBRARY_FRAGMENT(hf_paged_cpu, m) { m.def("topk_rows(Tensor scores, int k) -> (Tensor, Tensor)"); }
+TORCH_LIBRARY_FRAGMENT(hf_paged_cpu, m) {
+  m.def("topk_rows(Tensor scores, int k) -> (Tensor, Tensor)");
+  m.def("sort_rows(Tensor scores) -> (Tensor, Tensor, Tensor)");
+}
 
-TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) { m.impl("topk_rows", &topk_rows); }
+TORCH_LIBRARY_IMPL(hf_paged_cpu, CPU, m) {
+  m.impl("topk_rows", &topk_rows);
+  m.impl("sort_rows", &sort_rows);
+}
