@@ -284,6 +284,23 @@ def test_sort_rows_equals_a_stable_torch_sort():
     assert torch.equal(cpu.sort_rows(wide)[1], torch.sort(wide, dim=-1, stable=True)[1])
 
 
+@settings(max_examples=60, deadline=None)
+@given(rows=st.integers(1, 3), width=st.integers(1, 3000), data=st.data())
+def test_sort_rows_on_random_rows(rows, width, data):
+    """Any width (one bucket or many, short rows), values drawn from a small set with both zeros and infinities."""
+    seed = data.draw(st.integers(0, 2**31 - 1))
+    g = torch.Generator().manual_seed(seed)
+    pool = torch.tensor([-float("inf"), -3.5, -1.0, -0.0, 0.0, 1e-42, 2.0, 1e30, float("inf")])
+    x = pool[torch.randint(0, len(pool), (rows, width), generator=g)] + torch.randn(rows, width, generator=g) \
+        * data.draw(st.sampled_from([0.0, 1e-3, 10.0]))
+    vals, idx, ok = cpu.sort_rows(x)
+    assert ok.all()
+    want_vals, want_idx = torch.sort(x, dim=-1, stable=True)
+    assert torch.equal(vals, want_vals)  # ==: -0.0 and 0.0 compare equal, as torch ranks them
+    assert torch.equal(idx.sort(dim=-1).values, torch.arange(width).expand(rows, width))  # a permutation
+    assert torch.equal(x.gather(1, idx), vals)
+
+
 @pytest.mark.parametrize("kind", ["flat", "ties", "signed zeros", "odd"])
 def test_sorted_nucleus_equals_hf(monkeypatch, kind):
     """The rows the nucleus leaves to HF's sort, on the radix sort: HF's TopPLogitsWarper bit for bit, with
