@@ -25,10 +25,15 @@ import torch
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-# (name, rows, temperature, top_k, top_p): the settings OpenAI and TGI clients send, and plain top-k.
-SETTINGS = (("A T0.7 top_p0.9", "A", 0.7, 0, 0.9), ("B T1.0 top_p0.95", "B", 1.0, 0, 0.95),
-            ("A T0.7 top_k50", "A", 0.7, 50, 1.0), ("B T1.0 plain", "B", 1.0, 0, 1.0),
-            ("flat T1.0 top_p0.9", "flat", 1.0, 0, 0.9))
+# (name, rows, sampling settings): what OpenAI clients send (temperature, top_p), what TGI clients may add
+# (typical_p), and plain top-k.
+SETTINGS = (("A T0.7 top_p0.9", "A", dict(temperature=0.7, top_p=0.9)),
+            ("B T1.0 top_p0.95", "B", dict(temperature=1.0, top_p=0.95)),
+            ("A T0.7 top_k50", "A", dict(temperature=0.7, top_k=50)),
+            ("B T1.0 plain", "B", dict(temperature=1.0)),
+            ("B T1.0 typical0.95", "B", dict(temperature=1.0, typical_p=0.95)),
+            ("flat T1.0 top_p0.9", "flat", dict(temperature=1.0, top_p=0.9)),
+            ("flat T1.0 typical0.9", "flat", dict(temperature=1.0, typical_p=0.9)))
 
 
 def load_rows(cache: Path, rows: int) -> dict[str, torch.Tensor]:
@@ -66,11 +71,11 @@ def main() -> None:
     tune_malloc()
     data = load_rows(Path(args.cache), args.rows)
     result = {"label": args.label, "rows": args.rows, "threads": torch.get_num_threads(), "ms": {}}
-    for name, which, temperature, top_k, top_p in SETTINGS:
+    for name, which, settings in SETTINGS:
         logits = data[which][: args.rows]
         sampler = Sampler(logits.shape[1])
-        params = SamplingParams.from_request(None, do_sample=True, temperature=temperature, top_k=top_k, top_p=top_p,
-                                             seed=0, max_new_tokens=16)
+        params = SamplingParams.from_request(None, do_sample=True, seed=0, max_new_tokens=16,
+                                             **(dict(top_k=0) | settings))
         ts = []
         for call in range(args.calls + 1):
             rows = [SamplingRow(params, [1], 1, torch.Generator().manual_seed(i), None) for i in range(len(logits))]
