@@ -38,7 +38,9 @@ SETTINGS = (("A T0.7 top_p0.9", "A", dict(temperature=0.7, top_p=0.9)),
 
 def load_rows(cache: Path, rows: int) -> dict[str, torch.Tensor]:
     if cache.exists():
-        return torch.load(cache)
+        data = torch.load(cache)
+        if all(t.shape[0] >= rows for t in data.values()):
+            return data
     from nucleus import chat_prompts, real_logits
     from transformers import AutoTokenizer
 

@@ -266,7 +266,7 @@ def test_sort_rows_equals_a_stable_torch_sort():
     x[4] = torch.arange(40000, dtype=torch.float32).flip(0)  # descending
     x[5] = 2.5  # all equal
     x[6, 7] = float("nan")
-    x[7] = x[7].abs() + 1.0  # every key's top bits alike (one bucket in the last pass)
+    x[7] = 1.0 + x[7].abs() / (x[7].abs().max() * 3)  # all in [1, 1.5): the last pass, after two, has one bucket
     x[8, 5], x[8, 9] = -1e-40, 1e-40  # subnormals
     vals, idx, ok = cpu.sort_rows(x)
     assert ok.tolist() == [True] * 6 + [False] + [True] * 2
@@ -282,6 +282,9 @@ def test_sort_rows_equals_a_stable_torch_sort():
     assert torch.signbit(vals[0, :14000]).all() and not torch.signbit(vals[0, 14000:]).any()
     wide = torch.randn(3, 50000, generator=g)[:, 5:45005]  # strided rows
     assert torch.equal(cpu.sort_rows(wide)[1], torch.sort(wide, dim=-1, stable=True)[1])
+    for empty in (torch.empty(0, 0), torch.empty(3, 0), torch.empty(0, 5)):
+        vals, idx, ok = cpu.sort_rows(empty)
+        assert vals.shape == idx.shape == empty.shape and ok.shape == (empty.shape[0],) and ok.all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -299,6 +302,9 @@ def test_sort_rows_on_random_rows(rows, width, data):
     assert torch.equal(vals, want_vals)  # ==: -0.0 and 0.0 compare equal, as torch ranks them
     assert torch.equal(idx.sort(dim=-1).values, torch.arange(width).expand(rows, width))  # a permutation
     assert torch.equal(x.gather(1, idx), vals)
+    assert torch.equal(torch.signbit(x.gather(1, idx)), torch.signbit(vals))
+    same = (vals[:, 1:] == vals[:, :-1]) & (torch.signbit(vals[:, 1:]) == torch.signbit(vals[:, :-1]))
+    assert bool((idx[:, 1:] > idx[:, :-1])[same].all())  # equal scores in index order
 
 
 @pytest.mark.parametrize("kind", ["flat", "ties", "signed zeros", "odd"])
@@ -325,7 +331,7 @@ def test_sorted_nucleus_equals_hf(monkeypatch, kind):
         return lambda ids, s: redone.append(s.shape[0]) or w(ids, s)
 
     monkeypatch.setattr(warpers, "TopPLogitsWarper", counting)
-    for top_p in (0.3, 0.9, 0.95, 0.999):
+    for top_p in (0.3, 0.9, 0.95, 0.999, 1.0):
         redone.clear()
         got = warpers._sorted_nucleus(x, top_p)
         want = hf_warper(top_p)(torch.empty(1, 0, dtype=torch.long), x)
@@ -333,8 +339,6 @@ def test_sorted_nucleus_equals_hf(monkeypatch, kind):
         if kind == "flat":
             assert not redone  # no tie at the cut: every row through the radix sort
         elif kind == "odd":
-            assert sum(redone) <= 4  # the NaN row, and at most the +inf and all-equal rows' tied cuts
-    with monkeypatch.context() as m:  # the whole nucleus, its undecided rows included
-        m.setattr(warpers, "TOPK_KERNEL_MIN", 1 << 15)
-        got = warpers.nucleus(x, 0.9)
+            assert sum(redone) <= 2  # the NaN row, and at most the all-equal row's tied cut
+    got = warpers.nucleus(x, 0.9)  # the whole nucleus, its undecided rows included
     assert torch.equal(got.nan_to_num(7.5), hf_warper(0.9)(torch.empty(1, 0, dtype=torch.long), x).nan_to_num(7.5))

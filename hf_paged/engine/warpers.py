@@ -136,9 +136,10 @@ def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
 
 def _sorted_nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     """``TopPLogitsWarper(top_p)(ids, scores)``, HF's own ops, with fp32 CPU rows sorted by the C++ radix sort
-    (~5x faster than torch.sort a row): the same sorted scores, so the same softmax, cumulative sums and cut
-    position. Only the order of equal scores may differ from torch.sort's, and it decides which of them is
-    removed only where a group of equal scores straddles the cut: such rows (and NaN rows) take HF's warper."""
+    (~5x faster than torch.sort a row): the same sorted scores (but for the signs of equal zeros, which
+    change no exp), so the same softmax, cumulative sums and cut position. Only the order of equal scores may
+    differ from torch.sort's, and it decides which of them is removed only where a group of equal scores
+    straddles the cut: such rows (and NaN rows) take HF's warper."""
     fast = _kernel_rows(scores)
     if not fast:
         return TopPLogitsWarper(top_p)(_NO_IDS, scores)
