@@ -275,3 +275,18 @@ def test_logits_wider_than_vocab_are_cut():
 def test_bad_logits_shape():
     with pytest.raises(ValueError, match="logits"):
         Sampler(V).sample(torch.zeros(3, V), [SamplingRow(params(), [1], 0, None)])
+
+
+def test_unseeded_rows_draw_one_call_of_the_same_uniforms():
+    """Unseeded rows take torch's global generator in row order, in one call when no row is seeded: the same
+    picks as one draw a row (the path a batch with a seeded row takes)."""
+    from hf_paged.engine.sampler import _draw
+
+    x = torch.randn(6, 300, generator=torch.Generator().manual_seed(0)) * 0.3
+    torch.manual_seed(11)
+    batched = _draw(x[:5], [None] * 5)
+    torch.manual_seed(11)
+    per_row = _draw(x, [None] * 5 + [torch.Generator().manual_seed(1)])
+    assert batched == per_row[:5]
+    torch.manual_seed(12)
+    assert _draw(x[:5], [None] * 5) != batched  # another seed, other picks: the rows did draw from it

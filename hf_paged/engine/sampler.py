@@ -371,8 +371,7 @@ def _copy_rows(dst: torch.Tensor, dst_rows: list[int], src: torch.Tensor, src_ro
 def _draw(scores: torch.Tensor, generators: list[torch.Generator | None], cut: bool = False) -> list[int]:
     """One token per row from ``softmax(scores)``, by inverse CDF with one uniform from the row's generator.
 
-    Same distribution as ``torch.multinomial(probs, 1)``, but a batched cumsum plus one random number
-    per row instead of a full-vocabulary multinomial per row (which costs milliseconds each on CPU).
+    Same distribution as ``torch.multinomial(probs, 1)`` (ms a row on CPU), by a batched cumsum: one uniform a row.
     The result of a row depends only on its scores and its generator, never on the rest of the batch.
     ``cut``: most scores are -inf; on CPU ``cpu.cdf_draw`` then finds the same picks without writing the CDF.
     """
@@ -381,8 +380,9 @@ def _draw(scores: torch.Tensor, generators: list[torch.Generator | None], cut: b
     # accumulates in double on CPU) rather than doubling the largest temporary of the step. A single row
     # on CUDA too: there one row's scan regroups its additions (see device_sampler._draw).
     wide = scores.shape[1] <= 4096 or (scores.shape[0] == 1 and scores.is_cuda)
-    u = torch.cat([torch.rand(1, dtype=torch.float64, generator=g, device=g.device) if g is not None
-                   else torch.rand(1, dtype=torch.float64) for g in generators])
+    u = torch.rand(len(generators), dtype=torch.float64) if all(g is None for g in generators) else torch.cat(
+        [torch.rand(1, dtype=torch.float64, generator=g, device=g.device) if g is not None
+         else torch.rand(1, dtype=torch.float64) for g in generators])  # unseeded: torch's own, in row order
     fast = warpers._kernel_rows(probs) if cut and not wide else None
     picks = fast.cdf_draw(probs, u.cpu()).tolist() if fast else [-1]
     if min(picks) >= 0:  # else (no kernel, or a NaN row) torch's searches below, with the same uniforms
