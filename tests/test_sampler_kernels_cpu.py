@@ -175,6 +175,7 @@ def test_nucleus_on_the_kernels_equals_hf_and_the_torch_passes(monkeypatch, scal
             assert torch.equal(got.nan_to_num(7.5), want.nan_to_num(7.5))
             with monkeypatch.context() as m:
                 m.setattr(warpers, "TOPK_KERNEL_MIN", 1 << 62)
+                m.setattr(warpers, "SORT_KERNEL_MIN", 1 << 62)
                 assert torch.equal(warpers.nucleus(rows, top_p).nan_to_num(7.5), got.nan_to_num(7.5))
 
 
@@ -305,6 +306,20 @@ def test_sort_rows_on_random_rows(rows, width, data):
     assert torch.equal(torch.signbit(x.gather(1, idx)), torch.signbit(vals))
     same = (vals[:, 1:] == vals[:, :-1]) & (torch.signbit(vals[:, 1:]) == torch.signbit(vals[:, :-1]))
     assert bool((idx[:, 1:] > idx[:, :-1])[same].all())  # equal scores in index order
+
+
+@pytest.mark.parametrize("vocab", [1024, 32000])
+def test_sorted_nucleus_single_small_rows(monkeypatch, vocab):
+    """One undecided row of a small vocabulary takes the radix sort too (SORT_KERNEL_MIN), and equals HF."""
+    sorts = []
+    real = cpu.sort_rows
+    monkeypatch.setattr(cpu, "sort_rows", lambda x: sorts.append(x.shape) or real(x))
+    x = torch.randn(1, vocab, generator=torch.Generator().manual_seed(vocab)) * 0.05
+    for top_p in (0.5, 0.9):
+        want = tf.generation.logits_process.TopPLogitsWarper(top_p)(torch.empty(1, 0, dtype=torch.long), x)
+        assert torch.equal(warpers._sorted_nucleus(x, top_p), want)
+        assert torch.equal(warpers.nucleus(x, top_p), want)
+    assert sorts and all(s == (1, vocab) for s in sorts)
 
 
 @pytest.mark.parametrize("kind", ["flat", "ties", "signed zeros", "odd"])
