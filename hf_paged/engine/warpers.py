@@ -74,10 +74,7 @@ def topk(scores: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
     kernel for fp32 CPU rows (the same values; among equal scores the lower index first, and kept at the
     boundary, where torch leaves the order open), else by torch."""
     fast = _kernel_rows(scores) if 1 <= k and 8 * k <= scores.shape[-1] else None
-    if fast:
-        return fast.topk_rows(scores, k)
-    vals, idx = torch.topk(scores, k, dim=-1)
-    return vals, idx
+    return fast.topk_rows(scores, k) if fast else torch.topk(scores, k, dim=-1)
 
 
 def nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
