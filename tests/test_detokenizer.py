@@ -252,3 +252,19 @@ def test_byte_table_only_where_decode_is_byte_concatenation(tok, smol_tok, sp_to
     # A table that disagrees with decode() on any checked id is refused.
     broken = type("Broken", (ByteTable,), {"_of": lambda self, t: b"?" if t == 5 else ByteTable._of(self, t)})
     assert broken._checked(smol_tok, True) is None and ByteTable._checked(smol_tok, True) is not None
+
+
+def test_byte_table_text_only_for_whole_characters(tok, path):
+    """A token's memoised text is what the incremental decoder gives for it with nothing buffered: only where its
+    bytes are whole UTF-8 characters; bytes of an unfinished character (or not UTF-8) take the decoder."""
+    if path == "window":
+        pytest.skip("about the byte-table path")
+    table = ByteTable.of(tok, True)
+    whole = tok.convert_tokens_to_ids("h")
+    first, *rest = [tok.convert_tokens_to_ids(c) for c in _byte_level("🙂")]
+    assert table.text(whole) == "h" and table.text(first) is None and table.text(first) is None  # memoised too
+    # A whole-character token right after bytes of an unfinished one goes through the decoder (it completes or
+    # replaces them), and the text is decode()'s.
+    ids = [whole, first, *rest, whole, first, whole]
+    _, deltas = run(tok, [], ids)
+    assert "".join(deltas) == tok.decode(ids) == "h🙂h\ufffdh"

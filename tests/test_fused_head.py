@@ -169,7 +169,7 @@ def test_only_plain_greedy_rows_are_picked(tiny_root, monkeypatch):
         seqs = []
         for i, p in enumerate(params):
             seq = Sequence(i, list(range(10 + generated)), 10, p)
-            seqs.append(ScheduledSeq(seq, 1, 10 + generated - 1, [0], []))  # its decode token
+            seqs.append(ScheduledSeq(seq, 1, 10 + generated - 1, [0], [], True))  # its decode token
         return Schedule(seqs)
 
     greedy = SamplingParams(max_new_tokens=8)
@@ -189,7 +189,8 @@ def test_only_plain_greedy_rows_are_picked(tiny_root, monkeypatch):
     assert Engine._greedy_pick(sched(greedy, SamplingParams(max_new_tokens=8, min_new_tokens=3, eos_token_id=[2],
                                                             logprobs=True))) == ([0, 1], True)
     s = sched(SamplingParams(max_new_tokens=8, do_sample=True), greedy)
-    s.seqs[0].start, s.seqs[0].num_tokens = 0, 5  # a chunk ending before its last token does not sample
+    # A chunk ending before its last token does not sample.
+    s.seqs[0].start, s.seqs[0].num_tokens, s.seqs[0].samples = 0, 5, False
     assert Engine._greedy_pick(s) == ([0], False)
 
 

@@ -98,12 +98,27 @@ class ByteTable:
         self._skip = {i for i, t in backend.get_added_tokens_decoder().items() if t.special} \
             if skip_special_tokens else set()
         self._bytes: dict[int, bytes] = {}
+        self._texts: dict[int, str | None] = {}
 
     def get(self, token: int) -> bytes:
         b = self._bytes.get(token)
         if b is None:
             b = self._bytes[token] = self._of(token)
         return b
+
+    def text(self, token: int) -> str | None:
+        """The token's bytes as text where they are whole UTF-8 characters (what an incremental decoder
+        holding no bytes gives for them), else None (they end inside a character, or are not UTF-8)."""
+        try:
+            return self._texts[token]
+        except KeyError:
+            pass
+        try:
+            t = self.get(token).decode("utf-8")
+        except UnicodeDecodeError:
+            t = None
+        self._texts[token] = t
+        return t
 
     def _of(self, token: int) -> bytes:
         if token in self._skip:
@@ -219,8 +234,12 @@ class IncrementalDetokenizer:
         self._num_tokens += 1
         if self.stopped is not None:
             return ""  # the output already ended at a stop string
-        if self._utf8 is not None:
-            new = self._utf8.decode(self._table.get(int(token_id)))
+        utf8 = self._utf8
+        if utf8 is not None:
+            # The usual token: whole characters, with no bytes of an unfinished one waiting in the decoder.
+            new = self._table.text(int(token_id)) if not utf8.buffer else None
+            if new is None:
+                new = utf8.decode(self._table.get(int(token_id)))
             return self._emit(new) if new else ""  # "": a token without text, or bytes of an unfinished character
         self._ids.append(int(token_id))
         new = self._decode_window()

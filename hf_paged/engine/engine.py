@@ -179,8 +179,7 @@ class Engine:
         logits = self.runner.run(sched, every if any(every) else None, prev_ids, pick)
         if any(every):
             logits = self._prompt_logprobs(sched, every, logits)
-        advance = self.scheduler.advance
-        sampling = [s.seq for s in sched.seqs if advance(s)]
+        sampling = self.scheduler.advance(sched.seqs)
         rows = self.scheduler.fork_siblings(sampling)
         return LaunchedForward(sampling, logits, rows)
 
@@ -193,9 +192,9 @@ class Engine:
         logprob = False
         k = 0
         for s in sched.seqs:
-            seq = s.seq
-            if s.start + s.num_tokens != len(seq.token_ids) + seq.num_ahead:
+            if not s.samples:
                 continue  # a prompt chunk that does not sample
+            seq = s.seq
             p = seq.params
             if not (p.do_sample or seq.matcher is not None or p.top_logprobs
                     or processes(p, len(seq.token_ids) - seq.num_prompt + seq.num_ahead)):
@@ -243,9 +242,11 @@ class Engine:
         """The output for a step through the fused head: its picked rows as the host sampler gives plain greedy
         rows, the others sampled from their logits (``Picked.logits``), in one :class:`SampleOutput`."""
         sampling, picked, rows = fwd.sampling, fwd.logits, fwd.rows
-        at = {r: j for j, r in enumerate(picked.rows)}
         ids = picked.ids.tolist()
         lps = picked.logprobs.tolist() if picked.logprobs is not None else None
+        if lps is None and picked.rows == rows:  # every row picked, none shared (the usual greedy step)
+            return Ready(SampleOutput(ids))
+        at = {r: j for j, r in enumerate(picked.rows)}
         out = SampleOutput([ids[at[r]] if r in at else 0 for r in rows])
         others = [k for k, r in enumerate(rows) if r not in at]
         sub = None

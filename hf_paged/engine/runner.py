@@ -173,12 +173,15 @@ class Runner:
                 ids.append(0)
             positions.extend(range(start, end))
             slots.extend(s.slots)
-        keep: list[int] = []
-        for i, s in enumerate(seqs):
-            if every_position is not None and every_position[i]:
-                keep.extend(range(offsets[i], offsets[i] + s.num_tokens))
-            elif s.samples:
-                keep.append(offsets[i] + s.num_tokens - 1)
+        if every_position is None:
+            keep = [offsets[i] + s.num_tokens - 1 for i, s in enumerate(seqs) if s.samples]
+        else:
+            keep = []
+            for i, s in enumerate(seqs):
+                if every_position[i]:
+                    keep.extend(range(offsets[i], offsets[i] + s.num_tokens))
+                elif s.samples:
+                    keep.append(offsets[i] + s.num_tokens - 1)
         return StepPlan(ids, positions, slots, tables, q_lens, seq_lens, keep, list(schedule.copies),
                         [None if seqs[i].seq.adapter is None else seqs[i].seq.adapter.slot for i in order]
                         if lora else None, fill or None)

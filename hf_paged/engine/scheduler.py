@@ -22,11 +22,10 @@ class ScheduledSeq:
     start: int  # == seq.num_computed when scheduled
     slots: list[int]
     copies: list[tuple[int, int]]  # copy-on-write block copies to do before the forward
-
-    @property
-    def samples(self) -> bool:
-        """This chunk reaches the sequence's last token, so its logits give the next token."""
-        return self.start + self.num_tokens == self.seq.num_tokens + self.seq.num_ahead
+    # This chunk reaches the sequence's last token (a token in flight counts), so its logits give the next
+    # token. Set when scheduled; it holds for the step: recording a token in flight moves it from num_ahead
+    # to token_ids.
+    samples: bool
 
 
 @dataclass(slots=True)
@@ -98,26 +97,31 @@ class Scheduler:
         in flight is known to be their last)."""
         out = Schedule()
         budget = self.max_batch_tokens
-        # 1. Sequences already running, oldest first: decode tokens and unfinished prompt chunks.
+        # 1. Sequences already running, oldest first: decode tokens and unfinished prompt chunks. (Runs for
+        # every sequence at every step: names are bound locally and num_pending is spelled out.)
+        running, scheduled = self.running, out.seqs
+        append_slots = self.allocator.append_slots
         i = 0
-        while i < len(self.running) and budget > 0:
-            seq = self.running[i]
-            n = min(seq.num_pending, budget)
-            if n <= 0 or seq in skip:
+        while i < len(running) and budget > 0:
+            seq = running[i]
+            pending = n = len(seq.token_ids) + seq.num_ahead - seq.num_computed  # seq.num_pending
+            if n > budget:
+                n = budget
+            if n <= 0 or (skip and seq in skip):
                 i += 1
                 continue
             while True:
                 try:
-                    slots, copies = self.allocator.append_slots(seq.table, n)
+                    slots, copies = append_slots(seq.table, n)
                     break
                 except KVCacheFullError:
-                    victim = self.running[-1]
+                    victim = running[-1]
                     self._preempt(victim, out)
                     if victim is seq:
                         break
             if seq.status is not SeqStatus.RUNNING:  # preempted itself: nothing else to free
                 break
-            out.seqs.append(ScheduledSeq(seq, n, seq.num_computed, slots, copies))
+            scheduled.append(ScheduledSeq(seq, n, seq.num_computed, slots, copies, n == pending))
             budget -= n
             i += 1
         # 2. Waiting prompts (and preempted sequences), first come first served. A prompt's siblings
@@ -136,7 +140,8 @@ class Scheduler:
                                                  salt=seq.cache_salt)
                 seq.table = hit
                 seq.num_computed = hit.num_tokens
-            n = min(seq.num_pending, budget)
+            pending = seq.num_pending
+            n = min(pending, budget)
             if self.allocator.blocks_needed(seq.table, n) > self.allocator.num_free:
                 # Not now: give back the prefix hit (its blocks stay cached) and wait for space.
                 self.allocator.free(seq.table)
@@ -147,7 +152,7 @@ class Scheduler:
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)
             forking += kids
-            out.seqs.append(ScheduledSeq(seq, n, seq.num_computed, slots, copies))
+            out.seqs.append(ScheduledSeq(seq, n, seq.num_computed, slots, copies, n == pending))
             budget -= n
         return out
 
@@ -162,13 +167,19 @@ class Scheduler:
         out.preempted.append(seq)
         self.num_preemptions += 1
 
-    def advance(self, sched: ScheduledSeq) -> bool:
-        """Account the tokens just computed and publish the now-full blocks to the prefix cache; whether
-        the chunk samples (:attr:`ScheduledSeq.samples`)."""
-        seq = sched.seq
-        end = seq.num_computed = sched.start + sched.num_tokens
-        table = seq.table
-        # A decode step fills a block once every block_size steps: call publish only when one may have.
-        if table.num_tokens >= (len(table.hashes) + 1) * self.allocator.block_size:
-            self.allocator.publish(table, seq.token_ids, seq.cache_salt)
-        return end == len(seq.token_ids) + seq.num_ahead
+    def advance(self, scheduled: list[ScheduledSeq]) -> list[Sequence]:
+        """Account the tokens just computed and publish the now-full blocks to the prefix cache; returns the
+        sequences whose chunk samples (:attr:`ScheduledSeq.samples`), in order."""
+        bs = self.allocator.block_size
+        publish = self.allocator.publish
+        sampling = []
+        for sched in scheduled:
+            seq = sched.seq
+            seq.num_computed = sched.start + sched.num_tokens
+            table = seq.table
+            # A decode step fills a block once every block_size steps: call publish only when one may have.
+            if table.num_tokens >= (len(table.hashes) + 1) * bs:
+                publish(table, seq.token_ids, seq.cache_salt)
+            if sched.samples:
+                sampling.append(seq)
+        return sampling

@@ -182,13 +182,15 @@ class BlockAllocator:
         (copy-on-write of a shared, partially filled last block). All or nothing: on
         :class:`KVCacheFullError` the table is unchanged.
         """
+        bs = self.block_size
+        at = table.num_tokens
+        if n == 1 and at % bs and self._ref[table.blocks[-1]] == 1:
+            # The decode step's case: one token into a last block of its own with room left. No lock: only
+            # this table's owner can change that block's count (a fork or free of this table), nothing else
+            # here changes, and snapshot() does not read tables.
+            table.num_tokens = at + 1
+            return [table.blocks[-1] * bs + at % bs], []
         with self._lock:
-            bs = self.block_size
-            at = table.num_tokens
-            if n == 1 and at % bs and self._ref[table.blocks[-1]] == 1:
-                # The decode step's case: one token into a last block of its own with room left.
-                table.num_tokens = at + 1
-                return [table.blocks[-1] * bs + at % bs], []
             copies: list[tuple[int, int]] = []
             if n <= 0:
                 return [], copies

@@ -172,7 +172,7 @@ class PagedMetadata:
               seq_lens: list[int], token_index: list[int] | None, rows: TableRows | None = None) -> "PagedMetadata":
         """Pack host-side lists into tensors (on the pool's first device). ``rows``: where the block
         tables persist between calls (the engine's runner), else they are converted anew."""
-        width = max((len(t) for t in tables), default=0) or 1
+        width = max(map(len, tables), default=0) or 1
         if rows is not None:
             bt = torch.from_numpy(rows.gather(tables, width))
         else:

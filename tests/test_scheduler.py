@@ -1,0 +1,68 @@
+"""The scheduler alone: which chunks sample, preemption order, and the blocks it leaves behind."""
+from __future__ import annotations
+
+from hf_paged.engine.params import SamplingParams
+from hf_paged.engine.scheduler import Scheduler
+from hf_paged.engine.sequence import Sequence, SeqStatus
+from hf_paged.kv.blocks import BlockAllocator
+
+
+def _seq(i: int, prompt_len: int) -> Sequence:
+    return Sequence(i, list(range(100 + i, 100 + i + prompt_len)), prompt_len, SamplingParams(max_new_tokens=64))
+
+
+def _samples(s) -> bool:
+    """What ``ScheduledSeq.samples`` must say: the chunk reaches the last token, one in flight included."""
+    return s.start + s.num_tokens == len(s.seq.token_ids) + s.seq.num_ahead
+
+
+def test_samples_marks_the_chunks_that_reach_the_last_token():
+    """Prompt chunks under a small token budget, decode tokens, and a decode token still in flight (async
+    scheduling): ``samples`` is set when scheduled and equals the definition for each."""
+    alloc = BlockAllocator(64, 4)
+    sched = Scheduler(alloc, max_num_seqs=8, max_batch_tokens=6)
+    seqs = [_seq(0, 9), _seq(1, 3), _seq(2, 5)]
+    for s in seqs:
+        sched.add(s)
+    seen = []
+    for step in range(12):
+        out = sched.schedule()
+        for s in out.seqs:
+            assert s.samples == _samples(s), (step, s.seq.seq_id, s.start, s.num_tokens)
+            seen.append(s.samples)
+        for s in sched.advance(out.seqs):
+            if step % 3 == 2:
+                s.num_ahead += 1  # its next token is in flight: the next step feeds it before it is known
+            else:
+                s.token_ids.append(7)
+        for s in list(sched.running):
+            if s.num_ahead and step % 3 != 2:
+                s.num_ahead -= 1  # the token in flight arrives
+                s.token_ids.append(7)
+    assert True in seen and False in seen  # both kinds of chunk were seen
+    for s in seqs:
+        sched.finish(s, None)
+    alloc.check()
+    assert alloc.num_used == 0
+
+
+def test_budget_cut_decode_and_preemption_keep_samples_right():
+    """A prompt chunk cut by the budget does not sample; a sequence preempted for blocks is left out of the step."""
+    alloc = BlockAllocator(4, 4)
+    sched = Scheduler(alloc, max_num_seqs=4, max_batch_tokens=12)
+    a, b = _seq(0, 8), _seq(1, 8)
+    sched.add(a)
+    sched.add(b)
+    out = sched.schedule()
+    assert [(s.seq.seq_id, s.num_tokens, s.samples) for s in out.seqs] == [(0, 8, True), (1, 4, False)]
+    assert sched.advance(out.seqs) == [a]
+    a.token_ids.append(1)
+    # a's decode token takes the last free block; b's second chunk then needs one: b, the newest, is preempted.
+    out = sched.schedule()
+    assert [(s.seq.seq_id, s.num_tokens, s.samples) for s in out.seqs] == [(0, 1, True)]
+    assert out.preempted == [b] and b.status is SeqStatus.WAITING and b.num_computed == 0
+    assert sched.advance(out.seqs) == [a]
+    for s in (a, b):
+        sched.finish(s, None)
+    alloc.check()
+    assert alloc.num_used == 0
