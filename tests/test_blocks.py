@@ -240,6 +240,7 @@ def test_table_rows_always_equal_the_tables_converted_anew(ops):
     rows = TableRows(capacity=4, width=1)
     tables = [BlockTable()]
     flat = np.full(8 * 80, -7, np.int32)  # one staging array for every step, as DecodeGraphs has
+    seen: dict[int, tuple[list[int], list[int]]] = {}  # id -> (list, its blocks when last seen)
     for op, k in ops:
         t = tables[k % len(tables)]
         try:
@@ -255,6 +256,12 @@ def test_table_rows_always_equal_the_tables_converted_anew(ops):
                 a.truncate(t, t.num_tokens // 2)
         except KVCacheFullError:
             pass
+        # What TableRows relies on: a table's list only grows in place (anything else puts a new list there).
+        for x in tables:
+            before = seen.get(id(x.blocks))
+            if before is not None and before[0] is x.blocks:
+                assert x.blocks[: len(before[1])] == before[1], (op, before[1], x.blocks)
+            seen[id(x.blocks)] = (x.blocks, list(x.blocks))
         step = [x.blocks for x in tables if x.blocks][: 1 + k % 6]
         width = max((len(b) for b in step), default=0) or 1
         want = np.array([b + [0] * (width - len(b)) for b in step], np.int32).reshape(-1, width)

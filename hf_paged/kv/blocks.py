@@ -29,7 +29,12 @@ class KVCacheFullError(RuntimeError):
 
 @dataclass(slots=True)
 class BlockTable:
-    """The blocks of one sequence, in order, and how many token slots of them are filled."""
+    """The blocks of one sequence, in order, and how many token slots of them are filled.
+
+    ``blocks`` only ever grows in place; any other change (a copy-on-write of the last block, a truncation,
+    a free) puts a new list there. So a list seen before with the same length holds the same blocks, which
+    is how the runner's :class:`~hf_paged.kv.metadata.TableRows` finds the tables that changed.
+    """
 
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0
@@ -201,7 +206,7 @@ class BlockAllocator:
                 old = table.blocks[-1]
                 new = self._take(1)[0]
                 self._release(old)
-                table.blocks[-1] = new
+                table.blocks = [*table.blocks[:-1], new]  # a new list: see BlockTable
                 copies.append((old, new))
             extra = -(-(table.num_tokens + n) // bs) - len(table.blocks)
             if extra > 0:
@@ -239,7 +244,7 @@ class BlockAllocator:
             keep = -(-num_tokens // self.block_size)
             for b in reversed(table.blocks[keep:]):
                 self._release(b)
-            del table.blocks[keep:]
+            table.blocks = table.blocks[:keep]  # a new list: see BlockTable
             del table.hashes[num_tokens // self.block_size:]
             table.num_tokens = num_tokens
             # A published block that is partial again will be written into: unless it is shared (then
