@@ -240,7 +240,12 @@ class IncrementalDetokenizer:
             new = self._table.text(int(token_id)) if not utf8.buffer else None
             if new is None:
                 new = utf8.decode(self._table.get(int(token_id)))
-            return self._emit(new) if new else ""  # "": a token without text, or bytes of an unfinished character
+            if not new:
+                return ""  # a token without text, or bytes of an unfinished character
+            if not self._stops:
+                self._emitted.append(new)  # what _emit does without stop strings
+                return new
+            return self._emit(new)
         self._ids.append(int(token_id))
         new = self._decode_window()
         if not new or new.endswith(_REPLACEMENT):

@@ -339,7 +339,7 @@ class Engine:
         generated = len(toks) - seq.num_prompt
         # A matcher that took its stop token (EOS) has a complete output: it ends as EOS would.
         done = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
-        if done or (token in p.eos_token_id and not p.ignore_eos and generated >= p.min_new_tokens):
+        if done or (not p.ignore_eos and token in p.eos_token_id and generated >= p.min_new_tokens):
             reason = FinishReason.STOP
         elif generated >= p.max_new_tokens or len(toks) >= self.max_model_len:
             reason = FinishReason.LENGTH
