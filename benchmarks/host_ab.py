@@ -7,8 +7,8 @@ tiny model and requests, and they take turns of ``--steps`` steps, so both see t
 machine. The forward is stubbed out (the model body returns zeros and the fused greedy head returns fixed
 tokens), so a step's time is its host time alone: schedule, plan and metadata, sampling bookkeeping,
 recording and delivery. With ``--forward`` the real forward runs and its thread time (the model body and
-the fused head) is subtracted: slower to run, but the host work then meets caches as cold as in a real run. Each turn reports the median of its steps' thread CPU times; each round pairs one
-turn of each tree.
+the fused head) is subtracted: slower to run, but the host work then meets caches as cold as in a real
+run. Each turn reports the median of its steps' thread CPU times; each round pairs one turn of each tree.
 
     git worktree add /tmp/base <rev>
     python benchmarks/host_ab.py --base /tmp/base [--seqs 256] [--prompt-len 1024] [--rounds 12] [--steps 30]

@@ -94,6 +94,34 @@ def test_same_outputs_under_preemption(model, mode):
     assert stats["preemptions"] > 0 and stats["blocks_used"] == 0
 
 
+@pytest.mark.parametrize("mode", ["plain", "async"])
+def test_samples_set_when_scheduled_holds_where_it_is_read(model, mode, monkeypatch):
+    """``ScheduledSeq.samples`` is set by the scheduler; where the runner's plan and the scheduler's advance read
+    it, it still says whether the chunk reaches the sequence's last token (a token in flight counts): under
+    chunked prefill, preemption, siblings, stop strings, prompt logprobs and async scheduling."""
+    from hf_paged.engine.runner import Runner
+    from hf_paged.engine.scheduler import Scheduler
+
+    checked = []
+
+    def check(scheduled):
+        for s in scheduled:
+            assert s.samples == (s.start + s.num_tokens == len(s.seq.token_ids) + s.seq.num_ahead)
+            checked.append(s.samples)
+
+    real_plan, real_advance = Runner.plan, Scheduler.advance
+    monkeypatch.setattr(Runner, "plan", lambda self, sched, every=None: check(sched.seqs)
+                        or real_plan(self, sched, every))
+    monkeypatch.setattr(Scheduler, "advance", lambda self, scheduled: check(scheduled)
+                        or real_advance(self, scheduled))
+    reqs = [(ids, dict(kw, max_new_tokens=40, **({"prompt_logprobs": 1} if i % 5 == 0 else {})))
+            for i, (ids, kw) in enumerate(_requests(12, seed=2))]
+    _, stats = _run(model, reqs, mode=mode, stop_from={3: "a", 7: "b"}, num_blocks=40, block_size=8, max_num_seqs=8,
+                    max_batch_tokens=32)
+    assert True in checked and False in checked  # prompt chunks cut by the budget were seen
+    assert stats["preemptions"] > 0 and stats["blocks_used"] == 0
+
+
 def test_async_with_penalties_eos_and_length_limits(model):
     """Rows whose next step's sampling needs their tokens on the host (n-gram bans) get them between that
     step's forward and its sampling, penalised rows not at all; EOS mid-run (a step too many, dropped) and

@@ -23,8 +23,8 @@ class ScheduledSeq:
     slots: list[int]
     copies: list[tuple[int, int]]  # copy-on-write block copies to do before the forward
     # This chunk reaches the sequence's last token (a token in flight counts), so its logits give the next
-    # token. Set when scheduled; it holds for the step: recording a token in flight moves it from num_ahead
-    # to token_ids.
+    # token. Set when scheduled; read in the same Engine.launch_forward (the runner's plan, advance), where
+    # no token is recorded in between.
     samples: bool
 
 

@@ -189,12 +189,15 @@ class BlockAllocator:
         """
         bs = self.block_size
         at = table.num_tokens
-        if n == 1 and at % bs and self._ref[table.blocks[-1]] == 1:
-            # The decode step's case: one token into a last block of its own with room left. No lock: only
-            # this table's owner can change that block's count (a fork or free of this table), nothing else
-            # here changes, and snapshot() does not read tables.
-            table.num_tokens = at + 1
-            return [table.blocks[-1] * bs + at % bs], []
+        if n == 1 and at % bs:
+            last = table.blocks[-1]
+            if self._ref[last] == 1 and self._hash[last] is None:
+                # The decode step's case: one token into an unpublished last block of its own with room left.
+                # No lock: no other thread can reach that block (a prefix match finds published blocks only,
+                # and only this table's owner forks or frees it), nothing else here changes, and snapshot()
+                # does not read tables.
+                table.num_tokens = at + 1
+                return [last * bs + at % bs], []
         with self._lock:
             copies: list[tuple[int, int]] = []
             if n <= 0:
