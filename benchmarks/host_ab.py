@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import json
 import shutil
 import statistics
 import sys
@@ -103,6 +104,7 @@ def main() -> None:
     ap.add_argument("--prompt-len", type=int, default=1024)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--steps", type=int, default=30, help="steps per turn")
+    ap.add_argument("--json", type=Path, help="append this run's rounds to this JSON list")
     ap.add_argument("--forward", action="store_true", help="keep the real forward and subtract its time (the "
                     "forward evicts the host's data from the caches between steps, as in a real run)")
     args = ap.parse_args()
@@ -142,7 +144,14 @@ def main() -> None:
     for name, v in turns.items():
         print(f"{name}: median {statistics.median(v):.3f} ms, min {min(v):.3f} ms")
     print(f"new/base per round: median {statistics.median(ratios):.3f}, min {min(ratios):.3f}, "
-          f"max {max(ratios):.3f} ({args.seqs} sequences of {args.prompt_len} prompt tokens, {args.steps} steps a turn)")
+          f"max {max(ratios):.3f} ({args.seqs} sequences of {args.prompt_len} prompt tokens, "
+          f"{args.steps} steps a turn)")
+    if args.json:
+        row = {"seqs": args.seqs, "prompt_len": args.prompt_len, "steps_per_turn": args.steps,
+               "forward": args.forward, "base": str(args.base), "base_ms": turns["base"], "new_ms": turns["new"],
+               "ratio_median": statistics.median(ratios), "date": time.strftime("%Y-%m-%d")}
+        old = json.loads(args.json.read_text()) if args.json.exists() else []
+        args.json.write_text(json.dumps(old + [row], indent=1))
     for pipe in trees.values():
         pipe.close()
 
