@@ -21,6 +21,7 @@ absolute figure, this the ratio.
 from __future__ import annotations
 
 import argparse
+import copy
 import importlib
 import json
 import shutil
@@ -123,7 +124,15 @@ def main() -> None:
     seed = tiny_chat_pipeline(max_model_len=args.prompt_len + 4096)
     model, tok = seed.model, seed.tokenizer
     seed.close()
-    trees = {"base": _engine(base_pkg, model, tok, args), "new": _engine(hf_paged, model, tok, args)}
+    hf_paged.unwrap(model)
+    # One model each: a model wrapped once keeps its KV pool and allocator, which the other tree's wrap would
+    # then reuse (its allocator code included).
+    trees = {"base": _engine(base_pkg, copy.deepcopy(model), tok, args),
+             "new": _engine(hf_paged, copy.deepcopy(model), tok, args)}
+    for name, pkg in (("base", base_pkg), ("new", hf_paged)):
+        alloc = type(trees[name].engine.pool.allocator)
+        if not alloc.__module__.startswith(pkg.__name__ + "."):
+            raise SystemExit(f"{name}: the allocator comes from {alloc.__module__}")
     turns: dict[str, list[float]] = {k: [] for k in trees}
     for r in range(args.rounds):
         order = list(trees) if r % 2 == 0 else list(reversed(trees))

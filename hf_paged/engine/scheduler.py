@@ -21,7 +21,7 @@ class ScheduledSeq:
     num_tokens: int  # tokens fed this step: token_ids[start:start+num_tokens]
     start: int  # == seq.num_computed when scheduled
     slots: list[int]
-    copies: list[tuple[int, int]]  # copy-on-write block copies to do before the forward
+    copies: list[tuple[int, int]] | tuple[()]  # copy-on-write block copies to do before the forward
     # This chunk reaches the sequence's last token (a token in flight counts), so its logits give the next
     # token. Set when scheduled; read in the same Engine.launch_forward (the runner's plan, advance), where
     # no token is recorded in between.
@@ -100,7 +100,7 @@ class Scheduler:
         # 1. Sequences already running, oldest first: decode tokens and unfinished prompt chunks. (Runs for
         # every sequence at every step: names are bound locally and num_pending is spelled out.)
         running, scheduled = self.running, out.seqs
-        append_slots = self.allocator.append_slots
+        append_slots, decode_slot = self.allocator.append_slots, self.allocator.decode_slot
         i = 0
         while i < len(running) and budget > 0:
             seq = running[i]
@@ -110,6 +110,15 @@ class Scheduler:
             if n <= 0 or (skip and seq in skip):
                 i += 1
                 continue
+            if n == 1:
+                # A decode token into its own block: the usual case, with as few new objects as can be (each one
+                # taken from memory the forward has just pushed out of the caches costs a miss).
+                slot = decode_slot(seq.table)
+                if slot >= 0:
+                    scheduled.append(ScheduledSeq(seq, 1, seq.num_computed, [slot], (), pending == 1))
+                    budget -= 1
+                    i += 1
+                    continue
             while True:
                 try:
                     slots, copies = append_slots(seq.table, n)

@@ -187,17 +187,11 @@ class BlockAllocator:
         (copy-on-write of a shared, partially filled last block). All or nothing: on
         :class:`KVCacheFullError` the table is unchanged.
         """
+        if n == 1:
+            slot = self.decode_slot(table)
+            if slot >= 0:
+                return [slot], []
         bs = self.block_size
-        at = table.num_tokens
-        if n == 1 and at % bs:
-            last = table.blocks[-1]
-            if self._ref[last] == 1 and self._hash[last] is None:
-                # The decode step's case: one token into an unpublished last block of its own with room left.
-                # No lock: no other thread can reach that block (a prefix match finds published blocks only,
-                # and only this table's owner forks or frees it), nothing else here changes, and snapshot()
-                # does not read tables.
-                table.num_tokens = at + 1
-                return [last * bs + at % bs], []
         with self._lock:
             copies: list[tuple[int, int]] = []
             if n <= 0:
@@ -219,6 +213,21 @@ class BlockAllocator:
             slots = [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             table.num_tokens = start + n
             return slots, copies
+
+    def decode_slot(self, table: BlockTable) -> int:
+        """Reserve the slot of one more token of ``table`` and return it, where that token goes into an unpublished
+        last block of the table's own with room left (a decode step's usual case); else -1, and nothing changes
+        (:meth:`append_slots` then does the rest). No lock and no allocation but the slot's int: no other thread
+        can reach that block (a prefix match finds published blocks only, and only this table's owner forks or
+        frees it), nothing else here changes, and snapshot() does not read tables."""
+        bs = self.block_size
+        at = table.num_tokens
+        if at % bs:
+            last = table.blocks[-1]
+            if self._ref[last] == 1 and self._hash[last] is None:
+                table.num_tokens = at + 1
+                return last * bs + at % bs
+        return -1
 
     def fork(self, table: BlockTable) -> BlockTable:
         """A new table sharing every block of ``table`` (copy-on-write on the next append)."""
