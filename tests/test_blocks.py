@@ -56,6 +56,33 @@ def test_full_shared_block_needs_no_copy():
     a.check([])
 
 
+def test_decode_slot_only_into_an_unpublished_block_of_its_own():
+    """decode_slot reserves one slot where the token goes into the table's own partial, unpublished last block,
+    and refuses (-1, nothing changed) an empty table, a full last block, a shared one and a published one."""
+    a = BlockAllocator(8, 4)
+    t = BlockTable()
+    assert a.decode_slot(t) == -1 and t.num_tokens == 0  # no block yet
+    a.append_slots(t, 2)
+    assert a.decode_slot(t) == t.blocks[0] * 4 + 2 and t.num_tokens == 3
+    assert a.decode_slot(t) == t.blocks[0] * 4 + 3 and t.num_tokens == 4
+    assert a.decode_slot(t) == -1 and t.num_tokens == 4  # full: append_slots takes a new block
+    a.append_slots(t, 1)
+    child = a.fork(t)
+    assert a.decode_slot(t) == -1 and a.decode_slot(child) == -1 and t.num_tokens == child.num_tokens == 5
+    a.free(child)
+    assert a.decode_slot(t) == t.blocks[1] * 4 + 1  # its own again
+    # A partial block left published (a truncation of a shared table keeps it in the prefix index) is refused.
+    a.append_slots(t, 2)
+    a.publish(t, list(range(t.num_tokens)))  # both blocks full and published
+    other = a.fork(t)
+    a.truncate(t, 5)
+    a.free(other)
+    assert a.ref_count(t.blocks[1]) == 1 and a.num_cached == 2
+    assert a.decode_slot(t) == -1 and t.num_tokens == 5
+    a.free(t)
+    a.check([])
+
+
 def test_out_of_blocks_is_all_or_nothing():
     a = BlockAllocator(2, 4)
     t = BlockTable()
