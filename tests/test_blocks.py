@@ -79,6 +79,15 @@ def test_decode_slot_only_into_an_unpublished_block_of_its_own():
     a.free(other)
     assert a.ref_count(t.blocks[1]) == 1 and a.num_cached == 2
     assert a.decode_slot(t) == -1 and t.num_tokens == 5
+    # Nor is it written into by append_slots: the token goes into a copy, and the cached block stays as it was.
+    cached = t.blocks[1]
+    assert a.blocks_needed(t, 1) == 1
+    slots, copies = a.append_slots(t, 1)
+    assert copies == [(cached, t.blocks[1])] and t.blocks[1] != cached and slots == [t.blocks[1] * 4 + 1]
+    assert a.ref_count(cached) == 0 and a.num_cached == 2  # unreferenced, still a prefix-cache hit
+    hit = a.match_prefix(list(range(8)))
+    assert hit.blocks[1] == cached
+    a.free(hit)
     a.free(t)
     a.check([])
 

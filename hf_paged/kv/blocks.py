@@ -137,7 +137,7 @@ class BlockAllocator:
         """New blocks ``append_slots(table, num_new_tokens)`` would take, copy-on-write included."""
         bs = self.block_size
         total = -(-(table.num_tokens + num_new_tokens) // bs) - len(table.blocks)
-        if num_new_tokens > 0 and table.num_tokens % bs and self._ref[table.blocks[-1]] > 1:
+        if num_new_tokens > 0 and self._copy_on_write(table):
             total += 1
         return max(total, 0)
 
@@ -199,7 +199,7 @@ class BlockAllocator:
             need = self.blocks_needed(table, n)
             if need > self.num_free:
                 self._take(need)  # raises with the full explanation
-            if table.num_tokens % bs and self._ref[table.blocks[-1]] > 1:
+            if self._copy_on_write(table):
                 old = table.blocks[-1]
                 new = self._take(1)[0]
                 self._release(old)
@@ -213,6 +213,15 @@ class BlockAllocator:
             slots = [blocks[p // bs] * bs + p % bs for p in range(start, start + n)]
             table.num_tokens = start + n
             return slots, copies
+
+    def _copy_on_write(self, table: BlockTable) -> bool:
+        """Whether the next token of ``table`` must go into a copy of its partial last block: the block is shared,
+        or still in the prefix index (a truncation leaves a shared block there; once the others let go of it, its
+        cached K/V must stay as they are for later prefix hits)."""
+        if not table.num_tokens % self.block_size:
+            return False
+        last = table.blocks[-1]
+        return self._ref[last] > 1 or self._hash[last] is not None
 
     def decode_slot(self, table: BlockTable) -> int:
         """Reserve the slot of one more token of ``table`` and return it, where that token goes into an unpublished
