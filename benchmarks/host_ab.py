@@ -14,7 +14,10 @@ run. Each turn reports the median of its steps' thread CPU times; each round pai
     python benchmarks/host_ab.py --base /tmp/base [--seqs 256] [--prompt-len 1024] [--rounds 12] [--steps 30]
                                 [--forward]
 
-Both trees must take the same C++ sources (the compiled ops are loaded once and shared). The numbers are
+Both trees must take the same C++ sources (the compiled ops are loaded once and shared). Each tree wraps its
+own copy of the model (own KV pool, allocator and hooks), but transformers' attention registry is global:
+the tree wrapped last names the "hf_paged" attention function for both, which only the (subtracted or
+stubbed) forward calls. The numbers are
 host time with warm caches unless ``--forward``; ``host_overhead.py`` (one tree, wall time) gives the
 absolute figure, this the ratio.
 """
