@@ -149,6 +149,32 @@ def test_siblings_count_against_max_num_seqs(tiny):
     assert max(peak) == 6 and all(n <= 4 for n in peak[:peak.index(6)])  # the n=6 prompt alone, last
 
 
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_siblings_that_end_in_one_step_all_deliver_their_last_token(tiny, async_scheduling):
+    """Siblings (n > 1) of equal length end in the same step. The request's output used to be built when the
+    first of them delivered its last token, before the others had delivered theirs: their texts lacked the
+    last token, and their last events were never sent. (Found by tests/engine_fuzz.py.)"""
+    from hf_paged.engine.pipeline import PagedPipeline
+
+    pipe = PagedPipeline(tiny, IdTokenizer(), num_blocks=128, block_size=8, async_scheduling=async_scheduling)
+    try:
+        handles = [pipe.submit([1, 5 + i, 7, 9] * 3, max_new_tokens=n_new, num_return_sequences=3, do_sample=True,
+                               seed=i, ignore_eos=True) for i, n_new in enumerate((1, 4, 9))]
+        for h in handles:
+            events = list(h)
+            out = h.result(timeout=60)
+            assert [k for k, ev in enumerate(events) if ev.output is not None] == [len(events) - 1]
+            for o in out.outputs:
+                mine = [ev for ev in events if ev.index == o.index and ev.token_id is not None]
+                assert [ev.token_id for ev in mine] == o.token_ids and len(o.token_ids) == len(out.outputs[0].token_ids)
+                assert "".join(ev.text for ev in mine) == o.text == IdTokenizer().decode(o.token_ids)
+                assert mine[-1].finish_reason is FinishReason.LENGTH
+        assert pipe.stats()["blocks_used"] == 0
+    finally:
+        pipe.close()
+        hf_paged.unwrap(tiny)
+
+
 def test_generated_tokens_count_only_recorded_ones(tiny):
     """Under async scheduling a sequence ended by a stop string has one more token in flight, which is
     dropped: the engine's tokens_generated (the Prometheus counter) counts what was delivered."""

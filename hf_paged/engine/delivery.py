@@ -30,6 +30,9 @@ class _Stream:
     seq: Sequence
     detok: IncrementalDetokenizer
     stop_string: str | None = None
+    # Its last event was emitted (its final token delivered, or it was cancelled or failed). Siblings that
+    # end in the same step end in one step's records: the request's output waits for all of them.
+    ended: bool = False
 
 
 class Delivery:
@@ -78,6 +81,7 @@ class Delivery:
                     reason = FinishReason.STOP
                     self.engine.finish(st.seq, reason)
                 delta += detok.flush()
+                st.ended = True
                 req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
                                      reason, stop_string=st.stop_string), wakeups)
                 self._finish_request(req, wakeups)
@@ -106,6 +110,7 @@ class Delivery:
     # ------------------------------------------------------------------ internals
     def _stop(self, req: Request, reason: FinishReason) -> None:
         for st in self.requests.get(req.request_id, ()):
+            st.ended = True
             if not st.seq.finished:
                 self.engine.finish(st.seq, reason)
 
@@ -117,7 +122,7 @@ class Delivery:
 
     def _finish_request(self, req: Request, wakeups: Wakeups | None = None) -> None:
         streams = self.requests.get(req.request_id)
-        if streams is not None and all(st.seq.finished for st in streams):
+        if streams is not None and all(st.ended for st in streams):
             self._forget(req)
             req.emit(StreamEvent(req.request_id, 0, None, "", output=self._output(req, streams)), wakeups)
 

@@ -1,0 +1,229 @@
+"""Randomised differential runs of the engine: one request set, many engine shapes, the same outputs.
+
+A scenario is a random set of requests (shared prompt prefixes, greedy and seeded sampled rows with every
+warper, penalties, n-gram bans, min_new_tokens, logprobs and top lists, n > 1, stop strings, length limits)
+and a random set of engine shapes: the overlapped loop and async scheduling, a KV pool small enough to
+preempt, chunked prefill, block sizes, prefix caching off, the fused greedy head off. Every shape must give
+the reference shape's tokens, texts and finish reasons (a seeded row samples from its own generator, so its
+tokens do not depend on the batch), logprobs to float noise, and free every block.
+
+    python tests/engine_fuzz.py --seeds 50 [--first 0] [--arch llama]   # a long run; test_engine_fuzz runs a few
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import random
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+if os.environ.get("HF_PAGED_TEST_CUDA") != "1":
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import hf_paged  # noqa: E402
+from hf_paged.engine import runner as runner_mod  # noqa: E402
+from hf_paged.engine.pipeline import PagedPipeline  # noqa: E402
+from tiny_models import VOCAB, IdTokenizer  # noqa: E402
+
+# The reference: everything at once, nothing shared, no loop tricks.
+REFERENCE = dict(overlap=False, async_scheduling=False, max_num_seqs=64, max_batch_tokens=4096, num_blocks=2048,
+                 block_size=16, enable_prefix_caching=False)
+
+
+def requests(rng: random.Random, n: int) -> list[tuple[list[int], dict]]:
+    """``n`` random (prompt ids, submit kwargs). A third of the prompts share one of three prefixes."""
+    prefixes = [[rng.randrange(3, VOCAB) for _ in range(rng.randint(8, 40))] for _ in range(3)]
+    out = []
+    for i in range(n):
+        ids = [rng.randrange(3, VOCAB) for _ in range(rng.randint(1, 60))]
+        if rng.random() < 0.35:
+            ids = rng.choice(prefixes) + ids[: rng.randint(0, 12)]
+        kw: dict = dict(max_new_tokens=rng.randint(1, 40), seed=rng.randrange(1000))
+        if rng.random() < 0.5:
+            kw.update(do_sample=True, temperature=rng.choice([0.5, 0.8, 1.0, 1.3]), top_k=rng.choice([0, 0, 5, 50]))
+            if rng.random() < 0.4:
+                kw["top_p"] = rng.choice([0.5, 0.9, 0.97])
+            if rng.random() < 0.15:
+                kw["min_p"] = rng.choice([0.02, 0.1])
+            if rng.random() < 0.15:
+                kw["typical_p"] = rng.choice([0.6, 0.95])
+            if rng.random() < 0.25:
+                kw["num_return_sequences"] = rng.randint(2, 3)
+        if rng.random() < 0.2:
+            kw["repetition_penalty"] = rng.choice([0.9, 1.2])
+        if rng.random() < 0.2:
+            kw.update(frequency_penalty=rng.choice([-0.5, 0.4]), presence_penalty=rng.choice([0.0, 0.6]))
+        if rng.random() < 0.1:
+            kw["no_repeat_ngram_size"] = rng.randint(1, 3)
+        if rng.random() < 0.15:
+            kw["min_new_tokens"] = rng.randint(0, kw["max_new_tokens"])
+        if rng.random() < 0.3:
+            kw["ignore_eos"] = True
+        if rng.random() < 0.3:
+            kw["logprobs"] = True
+        if rng.random() < 0.15:
+            kw["top_logprobs"] = rng.randint(1, 5)
+        if rng.random() < 0.08:
+            kw["prompt_logprobs"] = rng.randint(0, 3)
+        if rng.random() < 0.1:
+            kw["stop"] = [str(rng.randrange(3, VOCAB))]  # IdTokenizer's text is the ids, space-separated
+        out.append((ids, kw))
+    return out
+
+
+def shapes(rng: random.Random, k: int) -> list[dict]:
+    """``k`` random engine shapes (each differs from the reference in several ways at once)."""
+    out = []
+    for _ in range(k):
+        block = rng.choice([4, 8, 16])
+        small = rng.random() < 0.5
+        out.append(dict(
+            overlap=rng.random() < 0.5, async_scheduling=rng.random() < 0.5,
+            max_num_seqs=rng.choice([2, 5, 16, 64]), max_batch_tokens=rng.choice([16, 48, 256, 4096]),
+            block_size=block, num_blocks=rng.randint(30, 60) * 16 // block if small else 2048,
+            enable_prefix_caching=rng.random() < 0.7, fused_head=rng.random() < 0.5))
+    return out
+
+
+def run(model, reqs, shape: dict) -> tuple[list, int, list[str]]:
+    """The outputs of ``reqs`` on an engine of ``shape``, the blocks it left used and what :func:`invariants` found."""
+    shape = dict(shape)
+    fused = shape.pop("fused_head", True)
+    old = os.environ.get("HF_PAGED_FUSED_HEAD")
+    os.environ["HF_PAGED_FUSED_HEAD"] = "1" if fused else "0"
+    try:
+        pipe = PagedPipeline(model, IdTokenizer(), **shape)
+    finally:
+        if old is None:
+            os.environ.pop("HF_PAGED_FUSED_HEAD")
+        else:
+            os.environ["HF_PAGED_FUSED_HEAD"] = old
+    rows = runner_mod.FUSED_HEAD_MIN_ROWS
+    runner_mod.FUSED_HEAD_MIN_ROWS = 1  # where it is on, from one greedy row (the requests here are few)
+    try:
+        handles = [pipe.submit(ids, **kw) for ids, kw in reqs]
+        streamed = [list(h) for h in handles]  # every event, as a thread consumer reads them
+        out = [h.result(timeout=600) for h in handles]
+        used = pipe.stats()["blocks_used"]
+        problems = [f"request {i}: {p}" for i, (ev, r) in enumerate(zip(streamed, out)) for p in invariants(ev, r)]
+    finally:
+        runner_mod.FUSED_HEAD_MIN_ROWS = rows
+        pipe.close()
+        hf_paged.unwrap(model)
+    return [[(o.token_ids, o.text, str(o.finish_reason), o.logprobs, o.top_logprobs, r.prompt_logprobs)
+             for o in r.outputs] for r in out], used, problems
+
+
+def invariants(events: list, result) -> list[str]:
+    """What is wrong with one request's events and output on their own: each continuation's streamed tokens
+    and text are its output's, its text decodes its tokens (up to a stop string), and only the last event
+    carries the output."""
+    problems = []
+    finals = [k for k, ev in enumerate(events) if ev.output is not None]
+    if finals != [len(events) - 1]:
+        problems.append(f"the output came with events {finals} of {len(events)}")
+    for o in result.outputs:
+        mine = [ev for ev in events if ev.index == o.index and ev.token_id is not None]
+        if [ev.token_id for ev in mine] != o.token_ids:
+            problems.append(f"output {o.index}: streamed tokens {[ev.token_id for ev in mine]} vs {o.token_ids}")
+        if "".join(ev.text for ev in mine) != o.text:
+            problems.append(f"output {o.index}: streamed text {''.join(ev.text for ev in mine)!r} vs {o.text!r}")
+        full = IdTokenizer().decode(o.token_ids)
+        if o.text != full and not (o.stop_string is not None and full.startswith(o.text)):
+            problems.append(f"output {o.index}: text {o.text!r} is not its tokens' {full!r}")
+    return problems
+
+
+def compare(ref: list, got: list, reqs, shape: dict) -> list[str]:
+    """What differs between two runs' outputs (empty: the same)."""
+    problems = []
+    for i, (ra, rb) in enumerate(zip(ref, got)):
+        for j, (a, b) in enumerate(zip(ra, rb)):
+            if a[:3] != b[:3]:
+                k = next((t for t, (x, y) in enumerate(zip(a[0], b[0])) if x != y), min(len(a[0]), len(b[0])))
+                problems.append(f"request {i}.{j} {reqs[i][1]} prompt {len(reqs[i][0])} tokens: differs from "
+                                f"token {k}: {a[0][k:k + 4]} ({a[2]}) vs {b[0][k:k + 4]} ({b[2]})")
+                continue
+            for x, y in ((a[3], b[3]), (a[4], b[4])):
+                if (x is None) != (y is None):
+                    problems.append(f"request {i}.{j}: logprobs given in one run only")
+            if a[3] is not None and b[3] is not None and any(abs(p - q) > 1e-3 for p, q in zip(a[3], b[3])):
+                problems.append(f"request {i}.{j}: logprobs differ: {a[3][:4]} vs {b[3][:4]}")
+            if _prompt_logprobs_differ(a[5], b[5]):
+                problems.append(f"request {i}.{j}: prompt logprobs differ")
+            if a[4] is not None and b[4] is not None:
+                ids_a = [[t for t, _ in step] for step in a[4]]
+                ids_b = [[t for t, _ in step] for step in b[4]]
+                if len(ids_a) != len(ids_b) or any(
+                        len(p) != len(q) or abs(u - v) > 1e-3
+                        for sa, sb in zip(a[4], b[4]) for p, q in [(sa, sb)] for (_, u), (_, v) in zip(p, q)):
+                    problems.append(f"request {i}.{j}: top logprobs differ: {a[4][:2]} vs {b[4][:2]}")
+                elif ids_a != ids_b and not _near_ties(a[4], b[4]):
+                    problems.append(f"request {i}.{j}: top logprob ids differ: {ids_a[:3]} vs {ids_b[:3]}")
+    return problems
+
+
+def _prompt_logprobs_differ(a, b) -> bool:
+    if a is None or b is None:
+        return (a is None) != (b is None)
+    return len(a) != len(b) or any((x is None) != (y is None) or (
+        x is not None and (abs(x[0] - y[0]) > 1e-3 or len(x[1]) != len(y[1]))) for x, y in zip(a, b))
+
+
+def _near_ties(a, b) -> bool:
+    """Top lists whose ids differ only where two alternatives' logprobs are within float noise."""
+    for sa, sb in zip(a, b):
+        for (ta, va), (tb, vb) in zip(sa, sb):
+            if ta != tb and abs(va - vb) > 1e-4:
+                return False
+    return True
+
+
+def scenario(model, seed: int, n_requests: int = 14, n_shapes: int = 3) -> list[str]:
+    """One scenario: returns the problems found (empty when every shape matched the reference)."""
+    rng = random.Random(seed)
+    reqs = requests(rng, n_requests)
+    ref, used, found = run(model, reqs, REFERENCE)
+    problems = [f"seed {seed} reference: {p}" for p in found]
+    if used:
+        problems.append(f"seed {seed} reference: {used} blocks still used")
+    for shape in shapes(rng, n_shapes):
+        got, used, found = run(model, reqs, dict(REFERENCE, **shape))
+        found += compare(ref, got, reqs, shape)
+        if used:
+            found.append(f"{used} blocks still used")
+        problems += [f"seed {seed} shape {shape}: {p}" for p in found]
+    return problems
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--seeds", type=int, default=20)
+    ap.add_argument("--first", type=int, default=0)
+    ap.add_argument("--arch", default="llama")
+    ap.add_argument("--requests", type=int, default=14)
+    ap.add_argument("--shapes", type=int, default=3)
+    args = ap.parse_args()
+    import tempfile
+
+    from tiny_models import build, load
+
+    model = load(build(args.arch, Path(tempfile.mkdtemp())))
+    bad = 0
+    for seed in range(args.first, args.first + args.seeds):
+        t = time.time()
+        problems = scenario(model, seed, args.requests, args.shapes)
+        bad += bool(problems)
+        print(f"seed {seed}: {'OK' if not problems else f'{len(problems)} problem(s)'} ({time.time() - t:.1f} s)",
+              flush=True)
+        for p in problems[:6]:
+            print("   ", p, flush=True)
+    print(f"{bad} of {args.seeds} scenarios differ")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
