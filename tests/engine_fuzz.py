@@ -15,6 +15,7 @@ import argparse
 import os
 import random
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -74,7 +75,7 @@ def requests(rng: random.Random, n: int) -> list[tuple[list[int], dict]]:
     return out
 
 
-def shapes(rng: random.Random, k: int) -> list[dict]:
+def shapes(rng: random.Random, k: int, n_requests: int) -> list[dict]:
     """``k`` random engine shapes (each differs from the reference in several ways at once)."""
     out = []
     for _ in range(k):
@@ -84,7 +85,9 @@ def shapes(rng: random.Random, k: int) -> list[dict]:
             overlap=rng.random() < 0.5, async_scheduling=rng.random() < 0.5,
             max_num_seqs=rng.choice([2, 5, 16, 64]), max_batch_tokens=rng.choice([16, 48, 256, 4096]),
             block_size=block, num_blocks=rng.randint(30, 60) * 16 // block if small else 2048,
-            enable_prefix_caching=rng.random() < 0.7, fused_head=rng.random() < 0.5))
+            enable_prefix_caching=rng.random() < 0.7, fused_head=rng.random() < 0.5,
+            # Requests cancelled by their consumer after this many events (0: at once).
+            cancel={i: rng.randint(0, 6) for i in range(n_requests) if rng.random() < 0.15}))
     return out
 
 
@@ -92,6 +95,7 @@ def run(model, reqs, shape: dict) -> tuple[list, int, list[str]]:
     """The outputs of ``reqs`` on an engine of ``shape``, the blocks it left used and what :func:`invariants` found."""
     shape = dict(shape)
     fused = shape.pop("fused_head", True)
+    cancel = shape.pop("cancel", {})
     old = os.environ.get("HF_PAGED_FUSED_HEAD")
     os.environ["HF_PAGED_FUSED_HEAD"] = "1" if fused else "0"
     try:
@@ -105,7 +109,24 @@ def run(model, reqs, shape: dict) -> tuple[list, int, list[str]]:
     runner_mod.FUSED_HEAD_MIN_ROWS = 1  # where it is on, from one greedy row (the requests here are few)
     try:
         handles = [pipe.submit(ids, **kw) for ids, kw in reqs]
-        streamed = [list(h) for h in handles]  # every event, as a thread consumer reads them
+        streamed: list[list] = [[] for _ in handles]
+
+        def consume(i: int) -> None:  # every event, as a thread consumer reads them; cancels if asked
+            if cancel.get(i) == 0:
+                handles[i].cancel()
+            for ev in handles[i]:
+                streamed[i].append(ev)
+                if len(streamed[i]) == cancel.get(i):
+                    handles[i].cancel()
+
+        threads = [threading.Thread(target=consume, args=(i,)) for i in cancel]
+        for t in threads:
+            t.start()
+        for i in range(len(handles)):
+            if i not in cancel:
+                consume(i)
+        for t in threads:
+            t.join(600)
         out = [h.result(timeout=600) for h in handles]
         used = pipe.stats()["blocks_used"]
         problems = [f"request {i}: {p}" for i, (ev, r) in enumerate(zip(streamed, out)) for p in invariants(ev, r)]
@@ -126,9 +147,10 @@ def invariants(events: list, result) -> list[str]:
     if finals != [len(events) - 1]:
         problems.append(f"the output came with events {finals} of {len(events)}")
     for o in result.outputs:
-        mine = [ev for ev in events if ev.index == o.index and ev.token_id is not None]
-        if [ev.token_id for ev in mine] != o.token_ids:
-            problems.append(f"output {o.index}: streamed tokens {[ev.token_id for ev in mine]} vs {o.token_ids}")
+        mine = [ev for ev in events if ev.index == o.index and ev.output is None]
+        toks = [ev.token_id for ev in mine if ev.token_id is not None]
+        if toks != o.token_ids:
+            problems.append(f"output {o.index}: streamed tokens {toks} vs {o.token_ids}")
         if "".join(ev.text for ev in mine) != o.text:
             problems.append(f"output {o.index}: streamed text {''.join(ev.text for ev in mine)!r} vs {o.text!r}")
         full = IdTokenizer().decode(o.token_ids)
@@ -142,6 +164,11 @@ def compare(ref: list, got: list, reqs, shape: dict) -> list[str]:
     problems = []
     for i, (ra, rb) in enumerate(zip(ref, got)):
         for j, (a, b) in enumerate(zip(ra, rb)):
+            if b[2] == "cancelled" and a[2] != "cancelled":  # ended early: a prefix of the full run's tokens
+                if b[0] != a[0][: len(b[0])]:
+                    problems.append(f"request {i}.{j}: cancelled after {len(b[0])} tokens, not a prefix: "
+                                    f"{b[0][:8]} vs {a[0][:8]}")
+                continue
             if a[:3] != b[:3]:
                 k = next((t for t, (x, y) in enumerate(zip(a[0], b[0])) if x != y), min(len(a[0]), len(b[0])))
                 problems.append(f"request {i}.{j} {reqs[i][1]} prompt {len(reqs[i][0])} tokens: differs from "
@@ -190,7 +217,7 @@ def scenario(model, seed: int, n_requests: int = 14, n_shapes: int = 3) -> list[
     problems = [f"seed {seed} reference: {p}" for p in found]
     if used:
         problems.append(f"seed {seed} reference: {used} blocks still used")
-    for shape in shapes(rng, n_shapes):
+    for shape in shapes(rng, n_shapes, n_requests):
         got, used, found = run(model, reqs, dict(REFERENCE, **shape))
         found += compare(ref, got, reqs, shape)
         if used:

@@ -175,6 +175,39 @@ def test_siblings_that_end_in_one_step_all_deliver_their_last_token(tiny, async_
         hf_paged.unwrap(tiny)
 
 
+def test_a_cancelled_stream_ends_with_the_text_it_held_back(tiny):
+    """Text held back as the possible start of a stop string is in a cancelled request's output, so its
+    stream carries it too (a last event without a token), and the streamed text equals the output's."""
+    from hf_paged.engine.delivery import Delivery
+    from hf_paged.engine.request import Request
+
+    hf_paged.wrap(tiny, num_blocks=64, block_size=8)
+    try:
+        engine = Engine(tiny, hf_paged.kv_pool(tiny), max_num_seqs=4, max_batch_tokens=256, max_model_len=512)
+        delivery = Delivery(engine, IdTokenizer())
+        prompt = [1, 5, 7, 9, 11]
+        first = engine.add(prompt, SamplingParams(max_new_tokens=2))[0]
+        while engine.has_work():
+            engine.step()
+        second = first.output_ids[1]
+        stop = f" {second}zzz"  # never completes: " <second>" is held back as its start
+        req = Request("r", prompt, prompt, SamplingParams(max_new_tokens=8, stop=[stop]), lambda r: None)
+        delivery.add(req)
+        for _ in range(2):
+            delivery.deliver(engine.step())
+        delivery.cancel(req)
+        events = list(req)
+        out = req.result(timeout=5)
+        assert out.outputs[0].token_ids == first.output_ids and out.finish_reason == FinishReason.CANCELLED
+        assert out.text == IdTokenizer().decode(first.output_ids)
+        assert [ev.token_id for ev in events] == [*first.output_ids, None, None]
+        assert events[-2].text == f" {second}" and events[-2].finish_reason is FinishReason.CANCELLED
+        assert "".join(ev.text for ev in events) == out.text
+        assert engine.stats().blocks_used == 0
+    finally:
+        hf_paged.unwrap(tiny)
+
+
 def test_generated_tokens_count_only_recorded_ones(tiny):
     """Under async scheduling a sequence ended by a stop string has one more token in flight, which is
     dropped: the engine's tokens_generated (the Prometheus counter) counts what was delivered."""

@@ -110,7 +110,13 @@ class Delivery:
     # ------------------------------------------------------------------ internals
     def _stop(self, req: Request, reason: FinishReason) -> None:
         for st in self.requests.get(req.request_id, ()):
-            st.ended = True
+            if not st.ended:
+                # Text held back (the start of a stop string, perhaps) was generated all the same: it is in the
+                # output, so it is streamed too, in a last event of the sequence without a token.
+                st.ended = True
+                tail = st.detok.flush()
+                if tail:
+                    req.emit(StreamEvent(req.request_id, st.seq.index, None, tail, finish_reason=reason))
             if not st.seq.finished:
                 self.engine.finish(st.seq, reason)
 
