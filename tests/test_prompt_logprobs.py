@@ -83,3 +83,31 @@ def test_openai_echo_logprobs_scores_the_prompt(srv, pipe):
     # With generated tokens too: the prompt's entries first, then the generated ones.
     res = client.completions.create(model="tiny", prompt=TEXT, max_tokens=3, echo=True, logprobs=1, temperature=0)
     assert len(res.choices[0].logprobs.tokens) == len(ids) + 3
+
+
+def test_openai_echo_logprobs_streamed_as_without_streaming(srv, pipe):
+    """A streamed completion with echo and logprobs sends the prompt's logprobs with the echoed text (held
+    until the first token, which brings them), so the chunks add up to the response without streaming."""
+    import json
+
+    import httpx
+
+    body = {"prompt": TEXT, "max_tokens": 3, "echo": True, "logprobs": 2, "temperature": 0.7, "seed": 3, "n": 2}
+    plain = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()
+    r = httpx.post(f"{srv.url}/v1/completions", json={**body, "stream": True}, timeout=60)
+    got: dict = {}
+    for line in r.text.splitlines():
+        if line.startswith("data:") and line[5:].strip() != "[DONE]":
+            for c in json.loads(line[5:])["choices"]:
+                ch = got.setdefault(c["index"], {"text": "", "tokens": [], "token_logprobs": [], "text_offset": []})
+                ch["text"] += c["text"]
+                for key in ("tokens", "token_logprobs", "text_offset"):
+                    ch[key] += (c["logprobs"] or {}).get(key, [])
+    assert sorted(got) == [0, 1]
+    for c in plain["choices"]:
+        mine = got[c["index"]]
+        assert mine["text"] == c["text"] and mine["tokens"] == c["logprobs"]["tokens"]
+        assert mine["text_offset"] == c["logprobs"]["text_offset"]
+        assert mine["token_logprobs"][0] is None and c["logprobs"]["token_logprobs"][0] is None
+        assert mine["token_logprobs"][1:] == pytest.approx(c["logprobs"]["token_logprobs"][1:], abs=1e-4)
+        assert len(mine["tokens"]) == len(pipe.encode(TEXT)) + 3

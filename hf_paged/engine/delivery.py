@@ -33,6 +33,7 @@ class _Stream:
     # Its last event was emitted (its final token delivered, or it was cancelled or failed). Siblings that
     # end in the same step end in one step's records: the request's output waits for all of them.
     ended: bool = False
+    prompt_logprobs: bool = False  # continuation 0 of a request that asked for them, until its first event
 
 
 class Delivery:
@@ -55,6 +56,8 @@ class Delivery:
             for s in seqs:
                 self.engine.finish(s, FinishReason.ERROR)
             raise
+        if p.prompt_logprobs is not None and streams:
+            streams[0].prompt_logprobs = True
         self.requests[req.request_id] = streams
         for st in streams:
             self._by_seq[st.seq.seq_id] = st
@@ -72,9 +75,13 @@ class Delivery:
                 delta = detok.push(rec.token)
                 reason = rec.finish_reason
                 req = st.request
+                prompt_lps = None
+                if st.prompt_logprobs:  # the first event of a request that asked for prompt logprobs
+                    st.prompt_logprobs = False
+                    prompt_lps = [None, *st.seq.prompt_logprobs]
                 if detok.stopped is None and reason is None:  # the usual token: neither stop nor end
-                    req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs),
-                             wakeups)
+                    req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
+                                         prompt_logprobs=prompt_lps), wakeups)
                     continue
                 if detok.stopped is not None:
                     st.stop_string = detok.stopped
@@ -83,7 +90,7 @@ class Delivery:
                 delta += detok.flush()
                 st.ended = True
                 req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
-                                     reason, stop_string=st.stop_string), wakeups)
+                                     reason, stop_string=st.stop_string, prompt_logprobs=prompt_lps), wakeups)
                 self._finish_request(req, wakeups)
         finally:
             wakeups.send()  # the asyncio consumers' events of this step: one wake-up per event loop

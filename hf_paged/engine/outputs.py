@@ -75,6 +75,9 @@ class StreamEvent:
     output: RequestOutput | None = None
     error: str | None = None
     stop_string: str | None = None  # with finish_reason STOP: the stop string (None: EOS)
+    # On the first token event of continuation 0, when the request asked for prompt log-probabilities: as
+    # RequestOutput.prompt_logprobs (a stream can show them with the prompt, before the output is done).
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
     @property
     def finished(self) -> bool:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import aclosing
 
 from fastapi import APIRouter, Request
@@ -187,16 +187,21 @@ async def completions(req: CompletionRequest, request: Request) -> Response:
 
 def _with_prompt(state: ServerState, gen: Generation, generated: dict) -> dict:
     """Legacy logprobs with the echoed prompt's tokens first (the first token's logprob is null)."""
+    prompt = _prompt_logprobs(state, gen.handle.prompt_ids, gen.output.prompt_logprobs)
+    return {k: prompt[k] + generated[k] for k in prompt}
+
+
+def _prompt_logprobs(state: ServerState, ids: list[int], entries: list) -> dict:
+    """The prompt's part of legacy logprobs, from ``RequestOutput.prompt_logprobs``-shaped ``entries``."""
     tokens, lps, tops, offsets, offset = [], [], [], [], 0
-    for t, entry in zip(gen.handle.prompt_ids, gen.output.prompt_logprobs, strict=True):
+    for t, entry in zip(ids, entries, strict=True):
         text = state.token_text(t)
         tokens.append(text)
         lps.append(None if entry is None else entry[0])
         tops.append(None if entry is None else {state.token_text(a): lp for a, lp in entry[1]})
         offsets.append(offset)
         offset += len(text)
-    return {"tokens": tokens + generated["tokens"], "token_logprobs": lps + generated["token_logprobs"],
-            "top_logprobs": tops + generated["top_logprobs"], "text_offset": offsets + generated["text_offset"]}
+    return {"tokens": tokens, "token_logprobs": lps, "top_logprobs": tops, "text_offset": offsets}
 
 
 def _echo(state: ServerState, prompt: str | list[int]) -> str:
@@ -207,17 +212,31 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
                              n: int, echoes: list[str]) -> AsyncIterator[bytes]:
     env = _envelope(state, "text_completion", rid, req.model)
     offsets: dict[int, int] = {}
-    for i, echo in enumerate(echoes):
+    # With logprobs the echo waits for the first token event, which carries the prompt's logprobs (as the
+    # response without streaming has them); else it goes out at once.
+    held = set(range(len(echoes))) if req.logprobs is not None and any(echoes) else set()
+
+    def echo_chunks(i: int, prompt_lps: list | None) -> Iterator[bytes]:
+        logprobs = _prompt_logprobs(state, gens[i].handle.prompt_ids, prompt_lps) if prompt_lps else None
         for j in range(n):
-            offsets[i * n + j] = len(echo)
-            if echo:
-                yield sse({**env, "choices": [{"index": i * n + j, "text": echo, "logprobs": None,
+            offsets[i * n + j] = len(echoes[i])
+            if echoes[i]:
+                yield sse({**env, "choices": [{"index": i * n + j, "text": echoes[i], "logprobs": logprobs,
                                                "finish_reason": None}]})
+
+    for i in range(len(echoes)):
+        if i not in held:
+            for chunk in echo_chunks(i, None):
+                yield chunk
     async with aclosing(merge(gens)) as events:
         async for i, ev in events:
             if ev.error is not None:
                 yield sse(openai_error_frame(generation_error(ev.error)))
                 return
+            if i in held:
+                held.discard(i)
+                for chunk in echo_chunks(i, ev.prompt_logprobs):
+                    yield chunk
             if ev.token_id is None:
                 continue
             index = i * n + ev.index
