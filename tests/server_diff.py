@@ -22,6 +22,12 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+WEATHER = {"type": "object", "properties": {"city": {"type": "string", "maxLength": 12},
+                                            "unit": {"enum": ["c", "f"]}}, "required": ["city"]}
+ADD = {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                        "b": {"type": "integer", "minimum": 0, "maximum": 99}}, "required": ["a", "b"]}
+TOOLS = [{"type": "function", "function": {"name": "get_weather", "parameters": WEATHER}},
+         {"type": "function", "function": {"name": "add", "parameters": ADD}}]
 WORDS = ["the", "cat", "sat", "on", "a", "mat", "é", "日本", "🙂", "Paris", "1", "2", "\n", "code", "def", "{", "}"]
 
 
@@ -54,6 +60,9 @@ def make_requests(rng: random.Random, n: int) -> list[tuple[str, dict]]:
                 p["return_full_text"] = True
             if stop:
                 p["stop"] = stop
+            if rng.random() < 0.15:
+                p["grammar"] = rng.choice([{"type": "json", "value": ADD}, {"type": "regex", "value": "[a-z]{2,8}"}])
+                p["max_new_tokens"] = 40
             out.append((route, {"inputs": _text(rng, 1, 12), "parameters": p}))
             continue
         body: dict = dict(max_tokens=rng.randint(1, 16), seed=rng.randrange(1000),
@@ -68,6 +77,13 @@ def make_requests(rng: random.Random, n: int) -> list[tuple[str, dict]]:
             body["stop"] = stop if rng.random() < 0.5 else stop[0]
         if route == "/v1/chat/completions":
             body["messages"] = [{"role": "user", "content": _text(rng, 1, 12)}]
+            roll = rng.random()
+            if roll < 0.15:  # one call per answer keeps a random model's output finite
+                body.update(tools=TOOLS, parallel_tool_calls=False, max_tokens=60, tool_choice=rng.choice(
+                    ["auto", "required", "none", {"type": "function", "function": {"name": "add"}}]))
+            elif roll < 0.3:
+                body.update(max_tokens=60, response_format=rng.choice([
+                    {"type": "json_object"}, {"type": "json_schema", "json_schema": {"name": "w", "schema": WEATHER}}]))
             if rng.random() < 0.4:
                 body["logprobs"] = True
                 if rng.random() < 0.5:
@@ -102,9 +118,12 @@ def plain(route: str, body: dict, resp: dict) -> dict:
         if route == "/v1/chat/completions":
             lps = c.get("logprobs") or {}
             choices[c["index"]] = {
-                "text": c["message"]["content"], "finish": c["finish_reason"], "stop_reason": c.get("stop_reason"),
+                "text": c["message"]["content"] or "", "finish": c["finish_reason"],
+                "stop_reason": c.get("stop_reason"),
                 "logprobs": [(e["token"], round(e["logprob"], 4), [t["token"] for t in e.get("top_logprobs", [])])
-                             for e in lps.get("content") or []]}
+                             for e in lps.get("content") or []],
+                "calls": [(t["function"]["name"], json.loads(t["function"]["arguments"]))
+                          for t in c["message"].get("tool_calls") or []]}
         else:
             lps = c.get("logprobs") or {}
             choices[c["index"]] = {
@@ -137,7 +156,10 @@ def streamed(route: str, body: dict, events: list[dict]) -> dict:
         for c in e.get("choices", []):
             ch = choices.setdefault(c["index"], {"text": "", "finish": None, "stop_reason": None, "logprobs": []})
             if route == "/v1/chat/completions":
+                ch.setdefault("calls", [])
                 ch["text"] += (c.get("delta") or {}).get("content") or ""
+                for d in (c.get("delta") or {}).get("tool_calls") or []:
+                    ch["calls"].append((d["function"]["name"], json.loads(d["function"]["arguments"])))
                 for entry in (c.get("logprobs") or {}).get("content") or []:
                     ch["logprobs"].append((entry["token"], round(entry["logprob"], 4),
                                            [t["token"] for t in entry.get("top_logprobs", [])]))
@@ -224,7 +246,7 @@ def main() -> None:
     args = ap.parse_args()
     from served import serving, tiny_chat_pipeline
 
-    pipe = tiny_chat_pipeline(max_model_len=256, kv_memory="64MiB", max_num_seqs=16)
+    pipe = tiny_chat_pipeline(max_model_len=512, kv_memory="64MiB", max_num_seqs=16)
     try:
         with serving(pipe) as srv:
             problems = check(srv.url, make_requests(random.Random(args.seed), args.requests))

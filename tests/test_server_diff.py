@@ -13,7 +13,7 @@ from served import serving, tiny_chat_pipeline  # noqa: E402
 
 
 def test_random_requests_streamed_and_not_and_at_once_agree():
-    pipe = tiny_chat_pipeline(max_model_len=256, kv_memory="64MiB", max_num_seqs=16)
+    pipe = tiny_chat_pipeline(max_model_len=512, kv_memory="64MiB", max_num_seqs=16)
     try:
         with serving(pipe) as srv:
             problems = check(srv.url, make_requests(random.Random(0), 24))
