@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import hf_paged  # noqa: E402
 from hf_paged.engine import runner as runner_mod  # noqa: E402
 from hf_paged.engine.pipeline import PagedPipeline  # noqa: E402
-from tiny_models import VOCAB, IdTokenizer  # noqa: E402
+from tiny_models import VOCAB, IdTokenizer, load  # noqa: E402
 
 PEAK = 30.0  # chat_model()'s output layer, scaled
 
@@ -38,9 +38,10 @@ REFERENCE = dict(overlap=False, async_scheduling=False, max_num_seqs=64, max_bat
                  block_size=16, enable_prefix_caching=False)
 
 
-def requests(rng: random.Random, n: int, tok=None) -> list[tuple[list[int], dict]]:
+def requests(rng: random.Random, n: int, tok=None, adapters: list[str] | None = None) -> list[tuple[list[int], dict]]:
     """``n`` random (prompt ids, submit kwargs). A third of the prompts share one of three prefixes. ``tok``: a
-    real tokenizer (its stop strings are bits of its tokens' text), else :class:`IdTokenizer`'s ids."""
+    real tokenizer (its stop strings are bits of its tokens' text), else :class:`IdTokenizer`'s ids. ``adapters``:
+    LoRA adapter names, one (or none) picked per request."""
     vocab = len(tok) if tok is not None else VOCAB
     prefixes = [[rng.randrange(3, vocab) for _ in range(rng.randint(8, 40))] for _ in range(3)]
     out = []
@@ -75,6 +76,8 @@ def requests(rng: random.Random, n: int, tok=None) -> list[tuple[list[int], dict
             kw["top_logprobs"] = rng.randint(1, 5)
         if rng.random() < 0.08:
             kw["prompt_logprobs"] = rng.randint(0, 3)
+        if adapters:
+            kw["adapter"] = rng.choice([None, *adapters])
         if rng.random() < 0.1:
             if tok is None:
                 kw["stop"] = [str(rng.randrange(3, vocab))]  # IdTokenizer's text is the ids, space-separated
@@ -103,13 +106,17 @@ def shapes(rng: random.Random, k: int, n_requests: int) -> list[dict]:
 
 
 def run(model, reqs, shape: dict, tok=None) -> tuple[list, int, list[str]]:
-    """The outputs of ``reqs`` on an engine of ``shape``, the blocks it left used and what :func:`invariants` found."""
+    """The outputs of ``reqs`` on an engine of ``shape``, the blocks it left used and what :func:`invariants` found.
+    ``model``: a model, or a :class:`LoraTarget` (each run then loads its base model afresh)."""
     shape = dict(shape)
     fused = shape.pop("fused_head", True)
     cancel = shape.pop("cancel", {})
     old = os.environ.get("HF_PAGED_FUSED_HEAD")
     os.environ["HF_PAGED_FUSED_HEAD"] = "1" if fused else "0"
     try:
+        if isinstance(model, LoraTarget):
+            shape["lora_adapters"] = model.dirs
+            model = load(model.base_path)
         pipe = PagedPipeline(model, tok if tok is not None else IdTokenizer(), **shape)
     finally:
         if old is None:
@@ -174,17 +181,16 @@ def invariants(events: list, result, tok=None) -> list[str]:
 
 def compare(ref: list, got: list, reqs, shape: dict, model=None, flips: list | None = None) -> list[str]:
     """What differs between two runs' outputs (empty: the same). With ``model``, a token that differs where the
-    draw was within float noise of the boundary between the two tokens (:func:`rounding_margin`) is a rounding
+    draw changes with float noise alone (:func:`rounding_flip`) is a rounding
     flip, not a problem: that continuation is compared up to it, and the flip is noted in ``flips``."""
     problems = []
     for i, (ra, rb) in enumerate(zip(ref, got)):
         for j, (a, b) in enumerate(zip(ra, rb)):
             k = next((t for t, (x, y) in enumerate(zip(a[0], b[0])) if x != y), None)
             if k is not None and model is not None:
-                margin = rounding_margin(model, reqs[i], j, a[0][:k], a[0][k], b[0][k])
-                if margin < FLIP_MARGIN:
+                if rounding_flip(model, reqs[i], j, a[0][:k], a[0][k], b[0][k]):
                     if flips is not None:
-                        flips.append(f"request {i}.{j} token {k}: {a[0][k]} vs {b[0][k]} (margin {margin:.1e})")
+                        flips.append(f"request {i}.{j} token {k}: {a[0][k]} vs {b[0][k]}")
                     continue
             if b[2] == "cancelled" and a[2] != "cancelled":  # ended early: a prefix of the full run's tokens
                 if b[0] != a[0][: len(b[0])]:
@@ -215,33 +221,39 @@ def compare(ref: list, got: list, reqs, shape: dict, model=None, flips: list | N
     return problems
 
 
-FLIP_MARGIN = 1e-5  # the logits differ by ~1e-6 between batch shapes; a bug seldom lands this close
+FLIP_NOISE = 1e-5  # the logits differ by ~1e-6 between batch shapes (5e-6 over a 49152-token vocabulary)
+FLIP_TRIES = 24
 
 
 @torch.no_grad()
-def rounding_margin(model, req: tuple[list[int], dict], index: int, prefix: list[int], a: int, b: int) -> float:
-    """How close continuation ``index`` of ``req`` came, after ``prefix``, to drawing ``b`` instead of ``a``
-    (or the other way round): the distance of its draw from the nearest boundary between the two tokens, in
-    probability mass (greedy: the gap between the two processed scores). Recomputed with the plain model (no
-    engine) and the sampler's processors; the uniform is the one the sequence's seeded generator gives at that
-    step (one a step). A real difference has no reason to sit at a boundary; a rounding flip sits on one."""
+def rounding_flip(model, req: tuple[list[int], dict], index: int, prefix: list[int], a: int, b: int) -> bool:
+    """Whether continuation ``index`` of ``req``, after ``prefix``, draws ``a`` or ``b`` depending on float
+    rounding alone: its next-token logits, recomputed with the plain model (no engine) and nudged by noise of
+    ``FLIP_NOISE``, give both tokens among ``FLIP_TRIES`` draws by the sampler with the sequence's own uniform
+    for that step. A draw near a boundary of the CDF, a near-tie of greedy scores, and a truncation (top-p,
+    typical, min-p) decided by a hair all are. A real difference is not: noise that small leaves it alone."""
     from hf_paged.engine.params import SamplingParams
     from hf_paged.engine.sampler import Sampler, SamplingRow
 
     ids, kw = req
-    kw = {k: v for k, v in kw.items() if k != "stop"}
+    if isinstance(model, LoraTarget):
+        model = model.plain(kw.get("adapter"))
+    kw = {k: v for k, v in kw.items() if k not in ("stop", "adapter")}
     params = SamplingParams.from_request(model.generation_config, **kw)  # as the pipeline makes them
     logits = model(torch.tensor([ids + prefix])).logits[0, -1:].float()
-    vocab = model.config.vocab_size
-    scores = Sampler(vocab).process(logits, [SamplingRow(params, ids + prefix, len(prefix))])[0].double()
-    if not params.do_sample:
-        return abs(scores[a] - scores[b]).item()
-    cdf = torch.softmax(scores, -1).cumsum(0)
-    g = torch.Generator().manual_seed(params.seed + index)
-    u = torch.rand(len(prefix) + 1, dtype=torch.float64, generator=g)[-1].item()
-    x = u * cdf[-1].item()
-    lo, hi = min(a, b), max(a, b)
-    return min(abs(x - c) for c in cdf[lo:hi].tolist())
+    sampler = Sampler(model.config.vocab_size)
+    noise = torch.Generator().manual_seed(len(prefix))
+    seen = set()
+    for t in range(FLIP_TRIES):
+        gen = None
+        if params.do_sample:
+            gen = torch.Generator().manual_seed(params.seed + index)
+            torch.rand(len(prefix), dtype=torch.float64, generator=gen)  # one uniform a step before this one
+        nudged = logits + FLIP_NOISE * (t > 0) * torch.randn(logits.shape, generator=noise) * logits.abs().max()
+        seen.add(sampler.sample(nudged, [SamplingRow(params, ids + prefix, len(prefix), gen)]).tokens[0])
+        if a in seen and b in seen:
+            return True
+    return False
 
 
 def _prompt_logprobs_differ(a, b) -> bool:
@@ -265,11 +277,12 @@ def scenario(model, seed: int, n_requests: int = 14, n_shapes: int = 3, tok=None
     """One scenario: returns the problems found (empty when every shape matched the reference). ``tok``: the
     model's real tokenizer (default: the tiny models' :class:`IdTokenizer`)."""
     rng = random.Random(seed)
-    reqs = requests(rng, n_requests, tok)
+    reqs = requests(rng, n_requests, tok, list(model.dirs) if isinstance(model, LoraTarget) else None)
     ref, used, found = run(model, reqs, REFERENCE, tok)
     problems = [f"seed {seed} reference: {p}" for p in found]
     if used:
         problems.append(f"seed {seed} reference: {used} blocks still used")
+    problems += [f"seed {seed} against generate(): {p}" for p in hf_parity(model, reqs, ref, flips)]
     for shape in shapes(rng, n_shapes, n_requests):
         got, used, found = run(model, reqs, dict(REFERENCE, **shape), tok)
         found += compare(ref, got, reqs, shape, model, flips)
@@ -277,6 +290,81 @@ def scenario(model, seed: int, n_requests: int = 14, n_shapes: int = 3, tok=None
             found.append(f"{used} blocks still used")
         problems += [f"seed {seed} shape {shape}: {p}" for p in found]
     return problems
+
+
+@torch.no_grad()
+def hf_parity(model, reqs, ref: list, flips: list | None = None) -> list[str]:
+    """The reference run's greedy requests against HF ``generate()`` on the plain model, one at a time: the same
+    tokens (up to a near-tie, :func:`rounding_flip`), and where asked, logprobs equal to ``log_softmax`` of
+    ``generate()``'s processed scores. Requests with what ``generate()`` lacks (OpenAI's frequency and presence
+    penalties, stop strings, ignore_eos) are left out."""
+    problems = []
+    for i, ((ids, kw), outs) in enumerate(zip(reqs, ref)):
+        if kw.get("do_sample") or kw.get("frequency_penalty") or kw.get("presence_penalty") or kw.get("stop") \
+                or kw.get("ignore_eos"):
+            continue
+        plain = model.plain(kw.get("adapter")) if isinstance(model, LoraTarget) else model
+        gen = plain.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+                             max_new_tokens=kw["max_new_tokens"], do_sample=False, pad_token_id=0,
+                             repetition_penalty=kw.get("repetition_penalty"), min_new_tokens=kw.get("min_new_tokens"),
+                             no_repeat_ngram_size=kw.get("no_repeat_ngram_size"), output_scores=True,
+                             return_dict_in_generate=True)
+        want = gen.sequences[0, len(ids):].tolist()
+        got, logprobs = outs[0][0], outs[0][3]
+        k = next((t for t, (x, y) in enumerate(zip(got, want)) if x != y), None)
+        if k is not None:
+            if rounding_flip(model, (ids, kw), 0, got[:k], got[k], want[k]):
+                if flips is not None:
+                    flips.append(f"generate(): request {i} token {k}: {got[k]} vs {want[k]}")
+                continue
+            problems.append(f"request {i} {kw} prompt {len(ids)}: differs from generate() at token {k}: "
+                            f"{got[k:k + 4]} vs {want[k:k + 4]}")
+            continue
+        if got != want:
+            problems.append(f"request {i} {kw}: {len(got)} tokens, generate() made {len(want)}")
+            continue
+        if logprobs is not None:
+            hf = [torch.log_softmax(sc[0].float(), -1)[t].item() for sc, t in zip(gen.scores, want)]
+            if any(abs(a - b) > 1e-3 for a, b in zip(logprobs, hf) if a > -9999):
+                problems.append(f"request {i}: logprobs {logprobs[:4]} vs generate()'s {hf[:4]}")
+    return problems
+
+
+class LoraTarget:
+    """A tiny Llama and three PEFT LoRA adapters of other ranks, targets and scalings (as tests/test_lora.py
+    makes them), for scenarios whose requests pick an adapter each (batched LoRA)."""
+
+    CONFIGS = {
+        "attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+        "mlp": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+        "all": dict(r=4, lora_alpha=4, use_rslora=True,
+                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+    }
+
+    def __init__(self, root: Path) -> None:
+        import peft
+
+        from tiny_models import build
+
+        self.base_path = build("llama", root)
+        self.dirs = {}
+        for i, (name, cfg) in enumerate(self.CONFIGS.items()):
+            torch.manual_seed(100 + i)
+            model = peft.get_peft_model(load(self.base_path), peft.LoraConfig(init_lora_weights=False, **cfg))
+            model.save_pretrained(root / f"lora_{name}")
+            self.dirs[name] = str(root / f"lora_{name}")
+        self._plain: dict = {}
+        self.config = load(self.base_path).config
+
+    def plain(self, adapter: str | None):
+        """The model with ``adapter`` applied by PEFT (no engine), for replaying a draw."""
+        if adapter not in self._plain:
+            import peft
+
+            model = load(self.base_path)
+            self._plain[adapter] = model if adapter is None else \
+                peft.PeftModel.from_pretrained(model, self.dirs[adapter]).eval()
+        return self._plain[adapter]
 
 
 def chat_model():
@@ -300,18 +388,21 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--seeds", type=int, default=20)
     ap.add_argument("--first", type=int, default=0)
-    ap.add_argument("--arch", default="llama", help="a tiny model of tests/tiny_models.py, or 'chat': a tiny Llama "
-                    "with the default model's tokenizer (real text: byte-level tokens, multi-byte characters)")
+    ap.add_argument("--arch", default="llama", help="a tiny model of tests/tiny_models.py, 'chat': a tiny Llama "
+                    "with the default model's tokenizer (real text: byte-level tokens, multi-byte characters), or "
+                    "'lora': the tiny Llama with three LoRA adapters, picked per request")
     ap.add_argument("--requests", type=int, default=14)
     ap.add_argument("--shapes", type=int, default=3)
     args = ap.parse_args()
     import tempfile
 
-    from tiny_models import build, load
+    from tiny_models import build
 
     tok = None
     if args.arch == "chat":
         model, tok = chat_model()
+    elif args.arch == "lora":
+        model = LoraTarget(Path(tempfile.mkdtemp()))
     else:
         model = load(build(args.arch, Path(tempfile.mkdtemp())))
     bad = 0

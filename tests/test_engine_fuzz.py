@@ -1,14 +1,19 @@
 """A few scenarios of tests/engine_fuzz.py (random requests, random engine shapes, the same outputs, every
-block freed); ``python tests/engine_fuzz.py --seeds N`` runs many more."""
+block freed; greedy requests against HF generate()); ``python tests/engine_fuzz.py --seeds N`` runs many more."""
 from __future__ import annotations
 
 import pytest
-from engine_fuzz import scenario
+from engine_fuzz import LoraTarget, scenario
 from tiny_models import build, load
 
 
-@pytest.mark.parametrize("arch,seeds", [("llama", range(0, 4)), ("gpt2", range(4, 6)), ("gemma2", range(6, 8))])
-def test_random_requests_give_the_same_outputs_on_every_engine_shape(tiny_root, arch, seeds):
-    model = load(build(arch, tiny_root))
+@pytest.mark.parametrize("arch,seeds", [("llama", range(0, 4)), ("gpt2", range(4, 6)), ("gemma2", range(6, 8)),
+                                        ("lora", range(8, 9))])
+def test_random_requests_give_the_same_outputs_on_every_engine_shape(tiny_root, tmp_path, arch, seeds):
+    if arch == "lora":
+        pytest.importorskip("peft")
+        model = LoraTarget(tmp_path)
+    else:
+        model = load(build(arch, tiny_root))
     problems = [p for seed in seeds for p in scenario(model, seed)]
     assert not problems, "\n".join(problems[:10])
