@@ -208,6 +208,41 @@ def test_a_cancelled_stream_ends_with_the_text_it_held_back(tiny):
         hf_paged.unwrap(tiny)
 
 
+def test_a_tokenizer_failing_while_delivering_fails_every_request_and_the_engine_goes_on(tiny):
+    """The detokenizer raising on a token fails the step's requests (fail_all); failing a stream flushes what it
+    held back, which decodes the same tokens again and raises again: that must not end the engine's thread
+    (every request would then wait forever)."""
+    from hf_paged.engine.pipeline import PagedPipeline
+
+    prompt = [1, 5, 7, 9, 11]
+    with PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8) as pipe:
+        bad = pipe.generate(prompt, max_new_tokens=3).token_ids[2]
+    hf_paged.unwrap(tiny)
+
+    class Failing(IdTokenizer):
+        def decode(self, ids, **kw):
+            if bad in ids:
+                raise IndexError("piece id is out of range")
+            return super().decode(ids, **kw)
+
+    pipe = PagedPipeline(tiny, Failing(), num_blocks=64, block_size=8)
+    try:
+        handles = [pipe.submit(prompt, max_new_tokens=3, stop=["zzz"]),
+                   pipe.submit([1, 8, 8, 8], max_new_tokens=40, ignore_eos=True)]
+        for h in handles:
+            with pytest.raises(RuntimeError, match="IndexError"):
+                h.result(timeout=60)
+        later = pipe.submit([1, 8, 9], max_new_tokens=1)  # still serving: it ends instead of hanging
+        try:
+            later.result(timeout=60)
+        except RuntimeError:
+            pass  # it may draw the failing token too
+        assert pipe.alive and pipe.stats()["blocks_used"] == 0
+    finally:
+        pipe.close()
+        hf_paged.unwrap(tiny)
+
+
 def test_generated_tokens_count_only_recorded_ones(tiny):
     """Under async scheduling a sequence ended by a stop string has one more token in flight, which is
     dropped: the engine's tokens_generated (the Prometheus counter) counts what was delivered."""

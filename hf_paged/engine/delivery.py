@@ -75,13 +75,11 @@ class Delivery:
                 delta = detok.push(rec.token)
                 reason = rec.finish_reason
                 req = st.request
-                prompt_lps = None
-                if st.prompt_logprobs:  # the first event of a request that asked for prompt logprobs
-                    st.prompt_logprobs = False
-                    prompt_lps = [None, *st.seq.prompt_logprobs]
                 if detok.stopped is None and reason is None:  # the usual token: neither stop nor end
-                    req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
-                                         prompt_logprobs=prompt_lps), wakeups)
+                    ev = StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs)
+                    if st.prompt_logprobs:
+                        self._with_prompt_logprobs(st, ev)
+                    req.emit(ev, wakeups)
                     continue
                 if detok.stopped is not None:
                     st.stop_string = detok.stopped
@@ -89,8 +87,11 @@ class Delivery:
                     self.engine.finish(st.seq, reason)
                 delta += detok.flush()
                 st.ended = True
-                req.emit(StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
-                                     reason, stop_string=st.stop_string, prompt_logprobs=prompt_lps), wakeups)
+                ev = StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
+                                 reason, stop_string=st.stop_string)
+                if st.prompt_logprobs:
+                    self._with_prompt_logprobs(st, ev)
+                req.emit(ev, wakeups)
                 self._finish_request(req, wakeups)
         finally:
             wakeups.send()  # the asyncio consumers' events of this step: one wake-up per event loop
@@ -115,17 +116,26 @@ class Delivery:
             self.cancel(streams[0].request)
 
     # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _with_prompt_logprobs(st: _Stream, ev: StreamEvent) -> None:
+        """The first event of a request that asked for prompt logprobs carries them."""
+        st.prompt_logprobs = False
+        ev.prompt_logprobs = [None, *st.seq.prompt_logprobs]
+
     def _stop(self, req: Request, reason: FinishReason) -> None:
         for st in self.requests.get(req.request_id, ()):
+            if not st.seq.finished:
+                self.engine.finish(st.seq, reason)
             if not st.ended:
                 # Text held back (the start of a stop string, perhaps) was generated all the same: it is in the
                 # output, so it is streamed too, in a last event of the sequence without a token.
                 st.ended = True
-                tail = st.detok.flush()
+                try:
+                    tail = st.detok.flush()
+                except Exception:  # noqa: BLE001 - the tokenizer failed on these tokens (fail() is why we are here)
+                    tail = ""
                 if tail:
-                    req.emit(StreamEvent(req.request_id, st.seq.index, None, tail, finish_reason=reason))
-            if not st.seq.finished:
-                self.engine.finish(st.seq, reason)
+                    req.emit(StreamEvent(req.request_id, st.seq.index, None, tail, finish_reason=st.seq.finish_reason))
 
     def _forget(self, req: Request) -> list[_Stream]:
         streams = self.requests.pop(req.request_id, [])

@@ -63,7 +63,9 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class StreamEvent:
-    """One new token of one continuation (``index``); the last event of a request has ``output``."""
+    """One new token of one continuation (``index``); the last event of a request has ``output``. A continuation
+    cancelled or failed while it held text back (the start of a stop string, perhaps) ends with an event that
+    has that text, its ``finish_reason`` and no token."""
 
     request_id: str
     index: int

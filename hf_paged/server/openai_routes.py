@@ -235,7 +235,8 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
                 return
             if i in held:
                 held.discard(i)
-                for chunk in echo_chunks(i, ev.prompt_logprobs):
+                prompt_lps = ev.prompt_logprobs or (ev.output.prompt_logprobs if ev.output is not None else None)
+                for chunk in echo_chunks(i, prompt_lps):
                     yield chunk
             if ev.token_id is None:
                 continue
