@@ -3,9 +3,11 @@
 A scenario is a random set of requests (shared prompt prefixes, greedy and seeded sampled rows with every
 warper, penalties, n-gram bans, min_new_tokens, logprobs and top lists, n > 1, stop strings, length limits)
 and a random set of engine shapes: the overlapped loop and async scheduling, a KV pool small enough to
-preempt, chunked prefill, block sizes, prefix caching off, the fused greedy head off. Every shape must give
-the reference shape's tokens, texts and finish reasons (a seeded row samples from its own generator, so its
-tokens do not depend on the batch), logprobs to float noise, and free every block.
+preempt, chunked prefill, block sizes, prefix caching, the fused greedy head, consumers that cancel. Every
+shape must give the reference shape's tokens, texts and finish reasons (a seeded row samples from its own
+generator, so its tokens do not depend on the batch, up to the float rounding that batch shapes change: see
+fuzz_models.rounding_flip), logprobs to float noise, and free every block; the reference's greedy requests
+must equal HF ``generate()``.
 
     python tests/engine_fuzz.py --seeds 50 [--first 0] [--arch llama]   # a long run; test_engine_fuzz runs a few
 """

@@ -137,17 +137,12 @@ def plain(route: str, body: dict, resp: dict) -> dict:
 def streamed(route: str, body: dict, events: list[dict]) -> dict:
     """The same shape as :func:`plain`, put together from a stream's chunks as a client would."""
     if route == "/generate":
-        toks = [e["token"] for e in events if e.get("token") and not e["token"].get("special", False)]
-        last = events[-1]
-        details = last.get("details") or {}
-        out = {"text": last.get("generated_text"), "finish": details.get("finish_reason") if body["parameters"].get(
-            "details") else None,
-            "tokens": [(e["token"]["id"], e["token"]["text"], round(e["token"]["logprob"], 4)) for e in events
-                       if e.get("token")] if body["parameters"].get("details") else [],
-            "top": [[t["id"] for t in e.get("top_tokens") or []] for e in events if e.get("token")]
-            if body["parameters"].get("top_n_tokens") and body["parameters"].get("details") else []}
-        del toks
-        return out
+        p, last = body["parameters"], events[-1]
+        toks = [e for e in events if e.get("token")] if p.get("details") else []  # details: the tokens, the reason
+        return {"text": last.get("generated_text"),
+                "finish": (last.get("details") or {}).get("finish_reason") if p.get("details") else None,
+                "tokens": [(e["token"]["id"], e["token"]["text"], round(e["token"]["logprob"], 4)) for e in toks],
+                "top": [[t["id"] for t in e.get("top_tokens") or []] for e in toks] if p.get("top_n_tokens") else []}
     choices: dict = {}
     usage = None
     for e in events:
