@@ -86,30 +86,15 @@ def hf_parity(model, reqs, ref: list, flips: list | None = None) -> list[str]:
 
 
 class LoraTarget:
-    """A tiny Llama and three PEFT LoRA adapters of other ranks, targets and scalings (as tests/test_lora.py
-    makes them), for scenarios whose requests pick an adapter each (batched LoRA)."""
-
-    CONFIGS = {
-        "attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-        "mlp": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
-        "all": dict(r=4, lora_alpha=4, use_rslora=True,
-                    target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-    }
+    """A tiny Llama and tiny_models.LORA_ADAPTERS (other ranks, targets and scalings, as tests/test_lora.py
+    uses them), for scenarios whose requests pick an adapter each (batched LoRA)."""
 
     def __init__(self, root: Path) -> None:
-        import peft
-
-        from tiny_models import build
+        from tiny_models import build, save_lora_adapters
 
         self.base_path = build("llama", root)
-        self.dirs = {}
-        for i, (name, cfg) in enumerate(self.CONFIGS.items()):
-            torch.manual_seed(100 + i)
-            model = peft.get_peft_model(load(self.base_path), peft.LoraConfig(init_lora_weights=False, **cfg))
-            model.save_pretrained(root / f"lora_{name}")
-            self.dirs[name] = str(root / f"lora_{name}")
+        self.dirs = save_lora_adapters(self.base_path, root)
         self._plain: dict = {}
-        self.config = load(self.base_path).config
 
     def plain(self, adapter: str | None):
         """The model with ``adapter`` applied by PEFT (no engine), for replaying a draw."""

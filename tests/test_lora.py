@@ -9,7 +9,7 @@ import threading
 import pytest
 import torch
 import transformers
-from tiny_models import IdTokenizer, build, load
+from tiny_models import LORA_ADAPTERS, IdTokenizer, build, load, save_lora_adapters
 
 import hf_paged
 from hf_paged import kernels
@@ -22,13 +22,7 @@ peft = pytest.importorskip("peft")
 # HF_PAGED_TEST_CUDA=1 (benchmarks/gpu_check.sh): the Triton kernels compiled on the GPU, not interpreted.
 ON_CUDA = os.environ.get("HF_PAGED_TEST_CUDA") == "1" and torch.cuda.is_available()
 
-# name -> LoRA config: different ranks, targets (attention only, MLP only, all) and scalings.
-ADAPTERS = {
-    "attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
-    "mlp": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
-    "all": dict(r=4, lora_alpha=4, use_rslora=True,
-                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
-}
+ADAPTERS = LORA_ADAPTERS
 PROMPTS = [[1, 5, 9, 12, 7], [1, 44, 3, 90, 17, 23, 51, 8, 61, 11, 4, 77, 30], [1, 200, 13],
            [1, 7, 7, 8, 100, 101, 102, 103, 9, 10, 11, 12, 13, 14, 15, 16, 17, 18, 19, 20, 21, 22]]
 
@@ -36,14 +30,7 @@ PROMPTS = [[1, 5, 9, 12, 7], [1, 44, 3, 90, 17, 23, 51, 8, 61, 11, 4, 77, 30], [
 @pytest.fixture(scope="module")
 def adapter_dirs(tiny_root, tmp_path_factory):
     base_path = build("llama", tiny_root)
-    root = tmp_path_factory.mktemp("adapters")
-    dirs = {}
-    for i, (name, cfg) in enumerate(ADAPTERS.items()):
-        torch.manual_seed(100 + i)
-        model = peft.get_peft_model(load(base_path), peft.LoraConfig(init_lora_weights=False, **cfg))
-        model.save_pretrained(root / name)
-        dirs[name] = str(root / name)
-    return base_path, dirs
+    return base_path, save_lora_adapters(base_path, tmp_path_factory.mktemp("adapters"))
 
 
 def _reference(base_path, adapter_dir, prompt, n=10, device="cpu"):

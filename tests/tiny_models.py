@@ -83,3 +83,26 @@ class IdTokenizer:
 
     def convert_ids_to_tokens(self, ids):
         return [f" {i}" for i in ids]
+
+
+# name -> PEFT LoRA config: different ranks, targets (attention only, MLP only, all) and scalings.
+LORA_ADAPTERS = {
+    "attn": dict(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"]),
+    "mlp": dict(r=16, lora_alpha=8, target_modules=["gate_proj", "up_proj", "down_proj"]),
+    "all": dict(r=4, lora_alpha=4, use_rslora=True,
+                target_modules=["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]),
+}
+
+
+def save_lora_adapters(base_path: Path, root: Path) -> dict[str, str]:
+    """Save :data:`LORA_ADAPTERS` (random, non-zero weights) for the model at ``base_path`` under ``root``;
+    returns name -> folder."""
+    import peft
+
+    dirs = {}
+    for i, (name, cfg) in enumerate(LORA_ADAPTERS.items()):
+        torch.manual_seed(100 + i)
+        model = peft.get_peft_model(load(base_path), peft.LoraConfig(init_lora_weights=False, **cfg))
+        model.save_pretrained(root / name)
+        dirs[name] = str(root / name)
+    return dirs
