@@ -317,6 +317,52 @@ def test_cancel_while_overlapping_frees_blocks(model, mode):
         hf_paged.unwrap(model)
 
 
+@pytest.mark.parametrize("mode", ["overlap", "async"])
+def test_a_cancel_arriving_while_a_step_is_held_keeps_tokens_and_text_together(model, mode, monkeypatch):
+    """A cancel that arrives after the loop looked at its inbox, while the stepper holds a recorded step: it
+    used to be applied before that step was delivered, so the output had the step's token but not its text.
+    Here every cancel arrives so (the inbox never looks non-empty to the loop, and the cancel is queued from
+    inside a step)."""
+    import queue
+
+    from hf_paged.engine import pipeline as pipeline_mod
+
+    class Blind(queue.SimpleQueue):
+        def empty(self) -> bool:
+            return True
+
+    cancel_at = {}
+
+    class Cancelling(pipeline_mod.Stepper):
+        def step(self) -> None:
+            super().step()
+            for req, k in list(cancel_at.items()):
+                streams = self.delivery.requests.get(req.request_id)
+                if streams and streams[0].seq.num_generated >= k:
+                    del cancel_at[req]
+                    req.cancel()
+
+    monkeypatch.setattr(pipeline_mod, "Stepper", Cancelling)
+    pipe = PagedPipeline(model, IdTokenizer(), **MODES[mode], max_num_seqs=8)
+    pipe._inbox = Blind()
+    try:
+        reqs = [pipe.submit([5, 6 + i, 7], max_new_tokens=40, ignore_eos=True) for i in range(4)]
+        for k, r in enumerate(reqs):
+            cancel_at[r] = 2 + 3 * k
+        for r in reqs:
+            events = list(r)
+            out = r.result(timeout=60).outputs[0]
+            assert out.finish_reason == "cancelled" and 2 <= len(out.token_ids) < 40
+            assert out.text == IdTokenizer().decode(out.token_ids)
+            assert [ev.token_id for ev in events if ev.token_id is not None] == out.token_ids
+            assert "".join(ev.text for ev in events) == out.text
+        assert pipe.generate([1, 2, 3], max_new_tokens=3).token_ids  # still serving
+        assert pipe.stats()["blocks_used"] == 0
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+
+
 @pytest.mark.parametrize("mode", ["plain", "overlap", "async"])
 def test_openmp_workers_parked_after_every_step(model, mode, monkeypatch):
     """On CPU the pipeline's thread parks its OpenMP workers once each step is sampled (they would spin

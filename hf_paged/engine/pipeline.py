@@ -30,8 +30,8 @@ from .engine import Engine
 from .stepping import Stepper
 from .grammar import Grammars
 from .outputs import RequestOutput, StreamEvent
-from .params import SamplingParams, lone_surrogate
-from .request import Request
+from .params import SamplingParams
+from .request import Request, encode_prompt
 from .stats import EngineStats
 from .tp import StepChannel, TensorParallelError, init_group
 
@@ -108,6 +108,7 @@ class PagedPipeline:
         self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
+        self._held: tuple[str, Any] | None = None  # an inbox item taken out but not applied yet (_drain)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()
@@ -137,30 +138,7 @@ class PagedPipeline:
     def encode(self, prompt: Prompt, *, tools: list[dict] | None = None) -> list[int]:
         """Token ids of a string, a chat message list (chat template applied, with ``tools`` where
         given) or a token id list."""
-        if lone_surrogate(prompt) is not None:
-            raise ValueError("prompt: contains a lone UTF-16 surrogate, which is not valid Unicode text")
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            return list(self.tokenizer(prompt)["input_ids"])
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
-            bad = [t for t in prompt if not 0 <= t < self.model.config.vocab_size]
-            if bad:
-                raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary")
-            return list(prompt)
-        if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
-            if getattr(self.tokenizer, "chat_template", None) is None:
-                raise ValueError("prompt: chat messages need a tokenizer with a chat template")
-            extra = {"tools": tools} if tools else {}
-            try:  # a template may refuse the messages (jinja errors: roles that must alternate, a missing field)
-                ids = self.tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True,
-                                                         **extra)
-            except Exception as exc:  # noqa: BLE001
-                raise ValueError(f"messages: the chat template failed: {type(exc).__name__}: {exc}") from None
-            if isinstance(ids, dict) or hasattr(ids, "keys"):
-                ids = ids["input_ids"]
-            return list(ids)
-        raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
+        return encode_prompt(self.tokenizer, self.model.config.vocab_size, prompt, tools)
 
     def _make_request(self, prompt: Prompt, kwargs: dict) -> Request:
         kwargs = dict(kwargs)  # generate() shares one dict between its prompts
@@ -305,16 +283,26 @@ class PagedPipeline:
                 self._thread = threading.Thread(target=self._loop, name="hf_paged-engine", daemon=True)
                 self._thread.start()
 
-    def _drain(self, block: bool) -> bool:
-        """Apply queued adds/cancels; returns False when asked to stop."""
+    def _take(self, block: bool) -> tuple[str, Any]:
+        item, self._held = self._held, None
+        return item if item is not None else self._inbox.get(block=block)
+
+    def _drain(self, block: bool, stepper: Stepper) -> bool:
+        """Apply queued adds/cancels/calls, each after every token launched so far is delivered (a cancel
+        must not land between a step's recording and its delivery); returns False when asked to stop."""
         while True:
             try:
-                kind, req = self._inbox.get(block=block, timeout=None)
+                item = self._take(block)
             except queue.Empty:
                 return True
             block = False
+            kind, req = item
             if kind == "stop":
                 return False
+            if stepper.holding:
+                self._held = item  # if delivering fails, the loop fails what runs and applies this item next
+                stepper.flush()
+                self._held = None
             if kind == "call":
                 fn, args, fut = req
                 try:
@@ -342,9 +330,9 @@ class PagedPipeline:
                           park=park_openmp_workers if self._cpu else None)
         while True:
             try:
-                if stepper.holding and (not self.engine.has_work() or not self._inbox.empty()):
-                    stepper.flush()  # before adds, cancels and calls (and before idling)
-                if not self._drain(block=not self.engine.has_work()):
+                if stepper.holding and not self.engine.has_work():
+                    stepper.flush()  # before idling (and _drain flushes before adds, cancels and calls)
+                if not self._drain(not self.engine.has_work(), stepper):
                     break
                 stepper.step()
             except TensorParallelError as exc:  # the group is gone: nothing can run any more
@@ -360,7 +348,7 @@ class PagedPipeline:
         self.delivery.cancel_all()
         while True:  # calls and adds queued behind the stop would otherwise wait forever
             try:
-                kind, item = self._inbox.get_nowait()
+                kind, item = self._take(False)
             except queue.Empty:
                 break
             if kind == "call":

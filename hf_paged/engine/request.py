@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator, Callable, Iterator
 from typing import Any
 
 from .outputs import RequestOutput, StreamEvent
-from .params import SamplingParams
+from .params import SamplingParams, lone_surrogate
 
 
 class Request:
@@ -142,3 +142,31 @@ class Wakeups:
 def _put_all(items: list[tuple[asyncio.Queue, StreamEvent]]) -> None:
     for q, event in items:
         q.put_nowait(event)
+
+
+def encode_prompt(tokenizer, vocab_size: int, prompt: Any, tools: list[dict] | None = None) -> list[int]:
+    """Token ids of a string, a chat message list (chat template applied, with ``tools`` where given) or a
+    token id list; ValueError naming what is wrong with it."""
+    if lone_surrogate(prompt) is not None:
+        raise ValueError("prompt: contains a lone UTF-16 surrogate, which is not valid Unicode text")
+    if isinstance(prompt, str):
+        if not prompt:
+            raise ValueError("prompt: must not be empty")
+        return list(tokenizer(prompt)["input_ids"])
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
+        bad = [t for t in prompt if not 0 <= t < vocab_size]
+        if bad:
+            raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary")
+        return list(prompt)
+    if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
+        if getattr(tokenizer, "chat_template", None) is None:
+            raise ValueError("prompt: chat messages need a tokenizer with a chat template")
+        extra = {"tools": tools} if tools else {}
+        try:  # a template may refuse the messages (jinja errors: roles that must alternate, a missing field)
+            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, **extra)
+        except Exception as exc:  # noqa: BLE001
+            raise ValueError(f"messages: the chat template failed: {type(exc).__name__}: {exc}") from None
+        if isinstance(ids, dict) or hasattr(ids, "keys"):
+            ids = ids["input_ids"]
+        return list(ids)
+    raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")
