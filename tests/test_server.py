@@ -171,6 +171,21 @@ def test_chat_tokenize(http, pipe):
     assert "".join(t["text"] for t in r["tokenize_response"]) == r["templated_text"]
 
 
+def test_chat_tokenize_shows_the_tools_as_a_chat_completion_does(http):
+    msgs = [{"role": "user", "content": "Weather in Paris?"}]
+    tools = [{"type": "function", "function": {"name": "get_weather", "description": "The weather in a city",
+                                               "parameters": {"type": "object", "properties": {
+                                                   "city": {"type": "string"}}, "required": ["city"]}}}]
+    r = http.post("/chat_tokenize", json={"messages": msgs, "tools": tools}).json()
+    assert "get_weather" in r["templated_text"]
+    chat = http.post("/v1/chat/completions", json={"messages": msgs, "tools": tools, "max_tokens": 1}).json()
+    assert chat["usage"]["prompt_tokens"] == len(r["tokenize_response"])
+    plain = http.post("/chat_tokenize", json={"messages": msgs, "tools": tools, "tool_choice": "none"}).json()
+    assert "get_weather" not in plain["templated_text"]
+    bad = http.post("/chat_tokenize", json={"messages": msgs, "tools": [{"type": "function"}]})
+    assert bad.status_code == 422
+
+
 def test_tokenize(http, pipe):
     toks = http.post("/tokenize", json={"inputs": "Hello world"}).json()
     assert [t["id"] for t in toks] == pipe.tokenizer("Hello world")["input_ids"]

@@ -254,15 +254,17 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
 @router.post("/chat_tokenize", responses={200: {"model": ChatTokenizeResponse}, **ERROR_RESPONSES})
 @guarded(counted=False)
 async def chat_tokenize(req: ChatRequest, request: Request) -> Response:
-    """TGI's ``/chat_tokenize``: the chat template applied to ``messages``, and its tokens."""
+    """TGI's ``/chat_tokenize``: the chat template applied to ``messages``, with ``tools`` shown as a chat
+    completion shows them, and its tokens."""
     state = state_of(request)
-    messages = chat_messages(req.messages)
+    tok = state.pipe.tokenizer
+    plan = plan_tools(req.tools, req.tool_choice, req.parallel_tool_calls)
+    messages, template = tool_prompt(chat_messages(req.messages), plan, tok)
 
     def run() -> dict:
         check_text_length(state, messages)
-        tok = state.pipe.tokenizer
         try:
-            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
+            text = tok.apply_chat_template(messages, add_generation_prompt=True, tokenize=False, **template)
         except Exception as exc:  # a template that cannot render these messages
             raise validation_error(f"chat template: {type(exc).__name__}: {exc}") from None
         return {"tokenize_response": tokenize_text(state, text, add_special_tokens=False), "templated_text": text}
