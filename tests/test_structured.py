@@ -161,6 +161,80 @@ def test_bad_grammar_is_422_and_disturbs_nothing(srv, path, body, mentions):
     assert len(frames) == 40 and "generated_text" in json.loads(frames[-1][5:])
 
 
+DEAD_END = "a[^\\x00-\\U0010FFFF]"  # compiles; after "a" no character can follow
+
+
+@pytest.mark.parametrize("engine", ["plain", "async", "device_sampler"])
+def test_a_constraint_that_cannot_go_on_fails_its_request_alone(engine, monkeypatch):
+    """A grammar that allows no next token (here: after "a") fails closed: the request fails with a clear error
+    and nothing the grammar rejects is in its output; siblings end with it, other requests go on."""
+    if engine == "device_sampler":
+        monkeypatch.setenv("HF_PAGED_SAMPLER", "device")
+    p = tiny_chat_pipeline(max_model_len=256, kv_memory="16MiB", async_scheduling=engine == "async")
+    try:
+        plain = p.submit(PROMPT, max_new_tokens=20, ignore_eos=True)
+        good = p.submit(PROMPT, max_new_tokens=16, regex="[0-9]{3}", do_sample=True, seed=1)
+        dead = p.submit(PROMPT, max_new_tokens=16, regex=DEAD_END, do_sample=True, seed=2, num_return_sequences=2,
+                        logprobs=True)
+        events = list(dead)
+        assert events[-1].error is not None and "no token can continue the output (1 tokens so far)" in events[-1].error
+        assert events[-1].error.startswith("regex: ")
+        out = events[-1].output
+        assert [o.text for o in out.outputs] == ["a", "a"] and all(len(o.token_ids) == 1 for o in out.outputs)
+        assert {o.finish_reason for o in out.outputs} == {"error"}
+        with pytest.raises(RuntimeError, match="cannot be completed"):
+            dead.result(timeout=60)
+        assert re.fullmatch("[0-9]{3}", good.result(timeout=60).text)
+        assert len(plain.result(timeout=60).token_ids) == 20
+        assert p.stats().blocks_used == 0
+    finally:
+        p.close()
+
+
+def test_a_token_the_matcher_rejects_fails_the_request(pipe, monkeypatch):
+    """Should xgrammar's mask allow a token its matcher then rejects, that token is not recorded: the request
+    fails, naming the token."""
+    from hf_paged.engine import engine as engine_mod
+
+    real = engine_mod.new_matcher
+
+    class Rejecting:
+        def __init__(self, compiled):
+            self.m, self.n = real(compiled), 0
+
+        def accept_token(self, token):
+            self.n += 1
+            return self.n < 3 and self.m.accept_token(token)
+
+        def __getattr__(self, name):
+            return getattr(self.m, name)
+
+    monkeypatch.setattr(engine_mod, "new_matcher", Rejecting)
+    h = pipe.submit(PROMPT, max_new_tokens=16, regex="[a-z]{8}", do_sample=True, seed=5)
+    with pytest.raises(RuntimeError, match="regex: the grammar matcher rejected token"):
+        h.result(timeout=60)
+    ev = list(h)[-1]
+    assert len(ev.output.outputs[0].token_ids) == 2 and re.fullmatch("[a-z]+", ev.output.text)
+    monkeypatch.undo()
+    assert pipe.generate(PROMPT, max_new_tokens=4, do_sample=False).token_ids  # still serving
+    assert pipe.stats().blocks_used == 0
+
+
+def test_a_dead_end_over_http_is_a_424_and_disturbs_nothing(srv):
+    import httpx
+
+    body = {"inputs": "x", "parameters": {"max_new_tokens": 8, "grammar": {"type": "regex", "value": DEAD_END}}}
+    with httpx.Client(base_url=srv.url, timeout=120) as c, c.stream(
+            "POST", "/generate_stream", json={"inputs": "Count:", "parameters": {"max_new_tokens": 40}}) as running:
+        r = c.post("/generate", json=body)
+        assert r.status_code == 424 and "cannot be completed" in r.json()["error"]
+        frames = [json.loads(line[5:]) for line in c.post("/generate_stream", json=body).iter_lines()
+                  if line.startswith("data:")]
+        assert "cannot be completed" in frames[-1]["error"] and "generated_text" not in frames[-1]
+        done = [line for line in running.iter_lines() if line.startswith("data:")]
+    assert len(done) == 40 and "generated_text" in json.loads(done[-1][5:])
+
+
 def test_constraints_compose_with_preemption_stop_strings_and_prefix_cache():
     small = tiny_chat_pipeline(max_model_len=512, kv_memory=None, num_blocks=32, block_size=16, max_num_seqs=16)
     try:

@@ -71,10 +71,13 @@ class Delivery:
                 st = streams.get(rec.seq_id)
                 if st is None:
                     continue
-                detok = st.detok
-                delta = detok.push(rec.token)
                 reason = rec.finish_reason
                 req = st.request
+                if reason is FinishReason.ERROR:  # no token: the engine failed this sequence (rec.error)
+                    self.fail(req, rec.error)
+                    continue
+                detok = st.detok
+                delta = detok.push(rec.token)
                 if detok.stopped is None and reason is None:  # the usual token: neither stop nor end
                     ev = StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs)
                     if st.prompt_logprobs:

@@ -48,6 +48,7 @@ class TokenRecord:
     logprob: float | None = None
     top_logprobs: list[tuple[int, float]] | None = None
     finish_reason: FinishReason | None = None
+    error: str | None = None  # with finish_reason ERROR and token -1: why the sequence (and its request) failed
 
 
 def make_sampler(vocab_size: int, device: torch.device) -> Sampler | DeviceSampler:
@@ -74,6 +75,7 @@ class PendingStep:
 
     seqs: list[Sequence]
     output: Any  # .result() -> SampleOutput
+    dead: list[Sequence] | None = None  # constrained sequences whose grammar allowed no token: they fail
 
 
 class Engine:
@@ -91,6 +93,7 @@ class Engine:
         self.tokens_generated = 0
         self.steps = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) per step
+        self._dead: list[Sequence] = []  # sampled (_sample) with an empty grammar mask, for the PendingStep
 
     # ------------------------------------------------------------------ sequences
     def add(self, prompt_ids: list[int], params: SamplingParams, grammar: Any = None,
@@ -220,7 +223,10 @@ class Engine:
         for k, s in enumerate(sampling):
             s.num_ahead += 1
             s.ahead_row = k
-        return PendingStep(sampling, out)
+        dead = None
+        if self._dead:
+            dead, self._dead = self._dead, []
+        return PendingStep(sampling, out, dead)
 
     def _sample(self, sampling: list[Sequence], logits: torch.Tensor, rows: list[int]) -> Any:
         """Queue the sampling of ``sampling[k]`` from ``logits[rows[k]]``; its output (``.result()``)."""
@@ -228,7 +234,8 @@ class Engine:
             logits = logits.index_select(0, to_device(torch.tensor(rows), logits.device))
         if any(s.matcher is not None for s in sampling):
             # A sequence ended meanwhile (by the step completed in between) gets no mask: its token is dropped.
-            self.masks.apply(logits, [None if s.finished else s.matcher for s in sampling])
+            for k in self.masks.apply(logits, [None if s.finished else s.matcher for s in sampling]):
+                self._dead.append(sampling[k])
         # A sequence with a token in flight samples with that token counted (needs_tokens made sure that
         # nothing else about this step depends on its value). Each row names its sequence: the sampler keeps
         # its penalties' token history (PenaltyState) up to date itself, on the device. A sequence ended
@@ -281,6 +288,7 @@ class Engine:
         sampling = pending.seqs
         for s in sampling:
             s.num_ahead -= 1
+        failed = [self._fail(s, _dead_end(s)) for s in pending.dead if not s.finished] if pending.dead else None
         post = self._postprocess
         if out.logprobs is None and out.top_logprobs is None:
             records = [post(seq, t, None, None) for seq, t in zip(sampling, out.tokens) if not seq.finished]
@@ -292,6 +300,8 @@ class Engine:
         self._recent.append((time.monotonic(), len(records)))
         self.tokens_generated += len(records)
         self.steps += 1
+        if failed:
+            records.extend(failed)
         return records
 
     def _prompt_logprobs(self, sched: Schedule, every: list[bool], logits: torch.Tensor) -> torch.Tensor:
@@ -329,6 +339,9 @@ class Engine:
     def _postprocess(self, seq: Sequence, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None) -> TokenRecord:
         p = seq.params
+        if seq.matcher is not None and not seq.matcher.accept_token(token):  # fail closed: not in the output
+            return self._fail(seq, f"{_kind(seq)}: the grammar matcher rejected token {token}, which its mask "
+                                   "allowed (an inconsistency in xgrammar)")
         toks = seq.token_ids
         toks.append(token)
         if p.logprobs:
@@ -338,7 +351,7 @@ class Engine:
         reason = None
         generated = len(toks) - seq.num_prompt
         # A matcher that took its stop token (EOS) has a complete output: it ends as EOS would.
-        done = seq.matcher is not None and seq.matcher.accept_token(token) and seq.matcher.is_terminated()
+        done = seq.matcher is not None and seq.matcher.is_terminated()
         if done or (not p.ignore_eos and token in p.eos_token_id and generated >= p.min_new_tokens):
             reason = FinishReason.STOP
         elif generated >= p.max_new_tokens or len(toks) >= self.max_model_len:
@@ -346,6 +359,11 @@ class Engine:
         if reason is not None:
             self.scheduler.finish(seq, reason)
         return TokenRecord(seq.seq_id, token, logprob, top, reason)
+
+    def _fail(self, seq: Sequence, error: str) -> TokenRecord:
+        """End ``seq`` with ``error`` instead of recording a token; delivery fails its request."""
+        self.scheduler.finish(seq, FinishReason.ERROR)
+        return TokenRecord(seq.seq_id, -1, None, None, FinishReason.ERROR, error)
 
     # ------------------------------------------------------------------ stats
     def tokens_per_second(self, window: float = 5.0) -> float:
@@ -364,3 +382,13 @@ class Engine:
             blocks_used=snap.used, blocks_free=snap.free, blocks_cached=snap.cached,
             prefix_hit_rate=self.pool.allocator.prefix_hit_rate, preemptions=self.scheduler.num_preemptions,
             tokens_generated=self.tokens_generated, tokens_per_s=self.tokens_per_second(), steps=self.steps)
+
+
+def _kind(seq: Sequence) -> str:
+    return seq.params.constraint[0] if seq.params.constraint is not None else "constraint"
+
+
+def _dead_end(seq: Sequence) -> str:
+    return (f"{_kind(seq)}: no token can continue the output ({seq.num_generated} tokens so far): "
+            "the constraint cannot be completed from there (an unsatisfiable schema or pattern, or text this "
+            "tokenizer cannot spell)")

@@ -177,17 +177,20 @@ class Masks:
         self.vocab_size = vocab_size
         self._buf: torch.Tensor | None = None
 
-    def apply(self, logits: torch.Tensor, matchers: list[Any]) -> None:
-        """``logits[i]`` of every row ``i`` whose matcher is not None: forbidden tokens to -inf."""
+    def apply(self, logits: torch.Tensor, matchers: list[Any]) -> list[int]:
+        """``logits[i]`` of every row ``i`` whose matcher is not None: forbidden tokens to -inf. Returns the
+        rows whose matcher allows no token at all (a dead end: the constraint cannot be completed from there;
+        their draw is meaningless, and the caller must not record it)."""
         import xgrammar as xgr
 
         rows = [i for i, m in enumerate(matchers) if m is not None]
         if not rows:
-            return
+            return []
         if self._buf is None or self._buf.shape[0] < len(matchers):
             self._buf = xgr.allocate_token_bitmask(max(len(matchers), 8), self.vocab_size)
         for i in rows:
             matchers[i].fill_next_token_bitmask(self._buf, i)
+        allowed = self._buf[rows].any(dim=1).tolist()  # a complete grammar allows its stop token: never empty
         cpu = logits.device.type == "cpu"
         # to_device: pinned and non-blocking on CUDA, so neither copy waits for the queued forward (given a
         # list, xgrammar would copy the row indices from pageable memory, which may wait).
@@ -195,3 +198,4 @@ class Masks:
                                         vocab_size=self.vocab_size, backend="cpu" if cpu else "auto",
                                         indices=rows if cpu else to_device(torch.tensor(rows, dtype=torch.int32),
                                                                            logits.device))
+        return [i for i, ok in zip(rows, allowed) if not ok]
