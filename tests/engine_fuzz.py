@@ -1,7 +1,8 @@
 """Randomised differential runs of the engine: one request set, many engine shapes, the same outputs.
 
 A scenario is a random set of requests (shared prompt prefixes, greedy and seeded sampled rows with every
-warper, penalties, n-gram bans, min_new_tokens, logprobs and top lists, n > 1, stop strings, length limits)
+warper, penalties, n-gram bans, min_new_tokens, logprobs and top lists, n > 1, stop strings, length limits;
+with a real tokenizer also regex, choice and JSON schema constraints, one of which cannot be completed)
 and a random set of engine shapes: the overlapped loop and async scheduling, a KV pool small enough to
 preempt, chunked prefill, block sizes, prefix caching, the fused greedy head, consumers that cancel. Every
 shape must give the reference shape's tokens, texts and finish reasons (a seeded row samples from its own
@@ -77,6 +78,9 @@ def requests(rng: random.Random, n: int, tok=None, adapters: list[str] | None = 
             kw["prompt_logprobs"] = rng.randint(0, 3)
         if adapters:
             kw["adapter"] = rng.choice([None, *adapters])
+        if tok is not None and rng.random() < 0.15:  # xgrammar needs a real tokenizer
+            kind, value = rng.choice(CONSTRAINTS)
+            kw[kind] = value
         if rng.random() < 0.1:
             if tok is None:
                 kw["stop"] = [str(rng.randrange(3, vocab))]  # IdTokenizer's text is the ids, space-separated
@@ -86,6 +90,32 @@ def requests(rng: random.Random, n: int, tok=None, adapters: list[str] | None = 
                 kw["stop"] = [text[start:start + rng.randint(1, 2)]]
         out.append((ids, kw))
     return out
+
+
+# Constraints of the 'chat' scenarios (the last one has no way on after "a": its request fails, closed).
+CONSTRAINTS = [("regex", "[0-9]{1,4}"), ("regex", "(yes|no)!"), ("regex", "[a-z]{2,5}( [a-z]{2,5}){0,2}\\."),
+               ("choices", ["red", "green", "blue sky", "naïve"]),
+               ("json_schema", {"type": "object", "properties": {"a": {"type": "integer", "minimum": 0, "maximum": 99},
+                                                                 "b": {"type": "string", "maxLength": 6}},
+                                "required": ["a", "b"]}),
+               ("regex", "a[^\\x00-\\U0010FFFF]")]
+
+
+def follows(kind: str, value, text: str) -> bool:
+    """Whether ``text`` is a complete output of the constraint."""
+    import json
+    import re
+
+    if kind == "regex":
+        return re.fullmatch(value, text) is not None
+    if kind == "choices":
+        return text in value
+    try:
+        obj = json.loads(text)
+    except ValueError:
+        return False
+    return isinstance(obj, dict) and set(obj) == {"a", "b"} and isinstance(obj["a"], int) and 0 <= obj["a"] <= 99 \
+        and isinstance(obj["b"], str) and len(obj["b"]) <= 6
 
 
 def shapes(rng: random.Random, k: int, n_requests: int) -> list[dict]:
@@ -146,9 +176,10 @@ def run(model, reqs, shape: dict, tok=None) -> tuple[list, int, list[str]]:
                 consume(i)
         for t in threads:
             t.join(600)
-        out = [h.result(timeout=600) for h in handles]
+        out = [ev[-1].output for ev in streamed]  # a failed request's too (result() would raise)
         used = pipe.stats()["blocks_used"]
-        problems = [f"request {i}: {p}" for i, (ev, r) in enumerate(zip(streamed, out)) for p in invariants(ev, r, tok)]
+        problems = [f"request {i}: {p}" for i, (ev, r, (_, kw)) in enumerate(zip(streamed, out, reqs))
+                    for p in invariants(ev, r, kw, tok)]
     finally:
         runner_mod.FUSED_HEAD_MIN_ROWS = rows
         pipe.close()
@@ -157,15 +188,24 @@ def run(model, reqs, shape: dict, tok=None) -> tuple[list, int, list[str]]:
              for o in r.outputs] for r in out], used, problems
 
 
-def invariants(events: list, result, tok=None) -> list[str]:
+def invariants(events: list, result, kw: dict, tok=None) -> list[str]:
     """What is wrong with one request's events and output on their own: each continuation's streamed tokens
-    and text are its output's, its text decodes its tokens (up to a stop string), and only the last event
-    carries the output."""
+    and text are its output's, its text decodes its tokens (up to a stop string), only the last event
+    carries the output, a constrained output that ended on its own follows its constraint, and only a
+    constraint that cannot go on fails a request."""
     problems = []
     finals = [k for k, ev in enumerate(events) if ev.output is not None]
     if finals != [len(events) - 1]:
         problems.append(f"the output came with events {finals} of {len(events)}")
+    kind = next((k for k in ("regex", "choices", "json_schema") if k in kw), None)
+    if result.error is not None and not (kind == "regex" and kw[kind] == CONSTRAINTS[-1][1]
+                                         and "cannot be completed" in result.error) \
+            and not (kind is not None and ("min_new_tokens=" in result.error or "no_repeat_ngram" in result.error)):
+        problems.append(f"failed: {result.error}")  # a constraint against min_new_tokens or n-gram bans may fail
     for o in result.outputs:
+        if kind is not None and o.finish_reason == "stop" and o.stop_string is None \
+                and not follows(kind, kw[kind], o.text):
+            problems.append(f"output {o.index}: {o.text!r} does not follow {kind} {kw[kind]}")
         mine = [ev for ev in events if ev.index == o.index and ev.output is None]
         toks = [ev.token_id for ev in mine if ev.token_id is not None]
         if toks != o.token_ids:

@@ -14,19 +14,29 @@ PEAK = 30.0  # chat_model()'s output layer, scaled
 
 FLIP_NOISE = 1e-5  # the logits differ by ~1e-6 between batch shapes (5e-6 over a 49152-token vocabulary)
 FLIP_TRIES = 24
+# Independent noise barely moves a dense row's CDF far from its ends (it averages out), but rounding that
+# differs between batch shapes is correlated. So the logits are also tilted, from -t to +t along the
+# vocabulary, t up to FLIP_TILT of their largest magnitude: at T 1.3 over 49152 tokens that moves the CDF
+# near its middle by up to ~1e-6. Two seeded draws 3e-7 and 3e-8 from a boundary were missed without it; at
+# 1e-6, 1 of 291 made-up neighbour pairs passed as a flip, at 3e-7 none.
+FLIP_TILT = 3e-7
+FLIP_TILTS = 12
 
 
 @torch.no_grad()
 def rounding_flip(model, req: tuple[list[int], dict], index: int, prefix: list[int], a: int, b: int) -> bool:
     """Whether continuation ``index`` of ``req``, after ``prefix``, draws ``a`` or ``b`` depending on float
     rounding alone: its next-token logits, recomputed with the plain model (no engine) and nudged by noise of
-    ``FLIP_NOISE``, give both tokens among ``FLIP_TRIES`` draws by the sampler with the sequence's own uniform
-    for that step. A draw near a boundary of the CDF, a near-tie of greedy scores, and a truncation (top-p,
-    typical, min-p) decided by a hair all are. A real difference is not: noise that small leaves it alone."""
+    ``FLIP_NOISE`` or tilted by up to ``FLIP_TILT``, give both tokens among the draws by the sampler with the
+    sequence's own uniform for that step. A draw near a boundary of the CDF, a near-tie of greedy scores, and a
+    truncation (top-p, typical, min-p) decided by a hair all are. A real difference is not: noise that small
+    leaves it alone."""
     from hf_paged.engine.params import SamplingParams
     from hf_paged.engine.sampler import Sampler, SamplingRow
 
     ids, kw = req
+    if any(k in kw for k in ("regex", "choices", "json_schema")):
+        return False  # the draw would need the grammar's mask: such a difference is reported, to be looked at
     if isinstance(model, LoraTarget):
         model = model.plain(kw.get("adapter"))
     kw = {k: v for k, v in kw.items() if k not in ("stop", "adapter")}
@@ -34,17 +44,39 @@ def rounding_flip(model, req: tuple[list[int], dict], index: int, prefix: list[i
     logits = model(torch.tensor([ids + prefix])).logits[0, -1:].float()
     sampler = Sampler(model.config.vocab_size)
     noise = torch.Generator().manual_seed(len(prefix))
-    seen = set()
-    for t in range(FLIP_TRIES):
+    scale = logits.abs().max()
+    ramp = torch.linspace(-1.0, 1.0, logits.shape[-1])
+
+    def draw(nudged: torch.Tensor) -> int:
         gen = None
         if params.do_sample:
             gen = torch.Generator().manual_seed(params.seed + index)
             torch.rand(len(prefix), dtype=torch.float64, generator=gen)  # one uniform a step before this one
-        nudged = logits + FLIP_NOISE * (t > 0) * torch.randn(logits.shape, generator=noise) * logits.abs().max()
-        seen.add(sampler.sample(nudged, [SamplingRow(params, ids + prefix, len(prefix), gen)]).tokens[0])
+        return sampler.sample(nudged, [SamplingRow(params, ids + prefix, len(prefix), gen)]).tokens[0]
+
+    def tilted(x: float) -> int:
+        return draw(logits + FLIP_TILT * x * scale * ramp)
+
+    seen = set()
+    for t in range(FLIP_TRIES):
+        seen.add(draw(logits + FLIP_NOISE * (t > 0) * torch.randn(logits.shape, generator=noise) * scale))
         if a in seen and b in seen:
             return True
-    return False
+    # Tilts of -FLIP_TILT .. +FLIP_TILT in even steps; between two that draw differently, a bisection finds the
+    # tokens in between (a token of p 3e-9 is a window that narrow in the CDF).
+    grid = [2 * k / (FLIP_TILTS - 1) - 1 for k in range(FLIP_TILTS)]
+    picks = [tilted(x) for x in grid]
+    seen.update(picks)
+    for (lo, p_lo), (hi, p_hi) in zip(zip(grid, picks), zip(grid[1:], picks[1:])):
+        for _ in range(24 if p_lo != p_hi else 0):
+            mid = (lo + hi) / 2
+            p_mid = tilted(mid)
+            seen.add(p_mid)
+            if p_mid == p_lo:
+                lo = mid
+            else:
+                hi, p_hi = mid, p_mid
+    return a in seen and b in seen
 
 
 @torch.no_grad()
@@ -52,11 +84,11 @@ def hf_parity(model, reqs, ref: list, flips: list | None = None) -> list[str]:
     """The reference run's greedy requests against HF ``generate()`` on the plain model, one at a time: the same
     tokens (up to a near-tie, :func:`rounding_flip`), and where asked, logprobs equal to ``log_softmax`` of
     ``generate()``'s processed scores. Requests with what ``generate()`` lacks (OpenAI's frequency and presence
-    penalties, stop strings, ignore_eos) are left out."""
+    penalties, stop strings, ignore_eos, constraints) are left out."""
     problems = []
     for i, ((ids, kw), outs) in enumerate(zip(reqs, ref)):
         if kw.get("do_sample") or kw.get("frequency_penalty") or kw.get("presence_penalty") or kw.get("stop") \
-                or kw.get("ignore_eos"):
+                or kw.get("ignore_eos") or any(k in kw for k in ("regex", "choices", "json_schema")):
             continue
         plain = model.plain(kw.get("adapter")) if isinstance(model, LoraTarget) else model
         gen = plain.generate(input_ids=torch.tensor([ids]), attention_mask=torch.ones(1, len(ids), dtype=torch.long),

@@ -211,12 +211,22 @@ def test_a_token_the_matcher_rejects_fails_the_request(pipe, monkeypatch):
 
     monkeypatch.setattr(engine_mod, "new_matcher", Rejecting)
     h = pipe.submit(PROMPT, max_new_tokens=16, regex="[a-z]{8}", do_sample=True, seed=5)
-    with pytest.raises(RuntimeError, match="regex: the grammar matcher rejected token"):
+    with pytest.raises(RuntimeError, match="regex: no token that follows the constraint could be sampled: the "
+                                           "grammar matcher rejected a token its mask allowed"):
         h.result(timeout=60)
     ev = list(h)[-1]
     assert len(ev.output.outputs[0].token_ids) == 2 and re.fullmatch("[a-z]+", ev.output.text)
     monkeypatch.undo()
     assert pipe.generate(PROMPT, max_new_tokens=4, do_sample=False).token_ids  # still serving
+    assert pipe.stats().blocks_used == 0
+
+
+def test_a_constraint_that_must_end_before_min_new_tokens_fails_saying_so(pipe):
+    h = pipe.submit(PROMPT, max_new_tokens=16, choices=["yes", "no"], min_new_tokens=6, do_sample=True, seed=1)
+    with pytest.raises(RuntimeError, match=r"min_new_tokens=6 forbids ending after \d tokens, and the "
+                                           "constraint allows nothing but the end here"):
+        h.result(timeout=60)
+    assert list(h)[-1].output.text in ("yes", "no")
     assert pipe.stats().blocks_used == 0
 
 

@@ -340,8 +340,7 @@ class Engine:
                      top: list[tuple[int, float]] | None) -> TokenRecord:
         p = seq.params
         if seq.matcher is not None and not seq.matcher.accept_token(token):  # fail closed: not in the output
-            return self._fail(seq, f"{_kind(seq)}: the grammar matcher rejected token {token}, which its mask "
-                                   "allowed (an inconsistency in xgrammar)")
+            return self._fail(seq, _rejected(seq, token))
         toks = seq.token_ids
         toks.append(token)
         if p.logprobs:
@@ -386,6 +385,19 @@ class Engine:
 
 def _kind(seq: Sequence) -> str:
     return seq.params.constraint[0] if seq.params.constraint is not None else "constraint"
+
+
+def _rejected(seq: Sequence, token: int) -> str:
+    """Why a sampled token broke the constraint: the other settings removed every token its mask allowed."""
+    p, n = seq.params, seq.num_generated
+    if n < p.min_new_tokens:
+        why = (f"min_new_tokens={p.min_new_tokens} forbids ending after {n} tokens, and the constraint allows "
+               "nothing but the end here")
+    elif p.no_repeat_ngram_size > 0:
+        why = f"no_repeat_ngram_size={p.no_repeat_ngram_size} banned every token the constraint allows here"
+    else:
+        why = "the grammar matcher rejected a token its mask allowed (an inconsistency in xgrammar)"
+    return f"{_kind(seq)}: no token that follows the constraint could be sampled: {why} (sampled token {token})"
 
 
 def _dead_end(seq: Sequence) -> str:
