@@ -85,12 +85,19 @@ def test_openai_echo_logprobs_scores_the_prompt(srv, pipe):
     assert len(res.choices[0].logprobs.tokens) == len(ids) + 3
 
 
-def test_openai_echo_logprobs_streamed_as_without_streaming(srv, pipe):
+@pytest.mark.parametrize("empty", [False, True], ids=["text", "empty_echo"])
+def test_openai_echo_logprobs_streamed_as_without_streaming(srv, pipe, empty, monkeypatch):
     """A streamed completion with echo and logprobs sends the prompt's logprobs with the echoed text (held
-    until the first token, which brings them), so the chunks add up to the response without streaming."""
+    until the first token, which brings them), so the chunks add up to the response without streaming. Also
+    where the prompt's tokens decode to "" (some sentencepiece tokens do; here the echo is made empty)."""
     import json
 
     import httpx
+
+    if empty:
+        from hf_paged.server import openai_routes
+
+        monkeypatch.setattr(openai_routes, "_echo", lambda state, prompt: "")
 
     body = {"prompt": TEXT, "max_tokens": 3, "echo": True, "logprobs": 2, "temperature": 0.7, "seed": 3, "n": 2}
     plain = httpx.post(f"{srv.url}/v1/completions", json=body, timeout=60).json()

@@ -214,13 +214,13 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
     offsets: dict[int, int] = {}
     # With logprobs the echo waits for the first token event, which carries the prompt's logprobs (as the
     # response without streaming has them); else it goes out at once.
-    held = set(range(len(echoes))) if req.logprobs is not None and any(echoes) else set()
+    held = set(range(len(echoes))) if req.logprobs is not None and req.echo else set()
 
     def echo_chunks(i: int, prompt_lps: list | None) -> Iterator[bytes]:
         logprobs = _prompt_logprobs(state, gens[i].handle.prompt_ids, prompt_lps) if prompt_lps else None
         for j in range(n):
             offsets[i * n + j] = len(echoes[i])
-            if echoes[i]:
+            if echoes[i] or logprobs:  # a prompt that decodes to "" still has its tokens' logprobs
                 yield sse({**env, "choices": [{"index": i * n + j, "text": echoes[i], "logprobs": logprobs,
                                                "finish_reason": None}]})
 
