@@ -15,10 +15,11 @@ PEAK = 30.0  # chat_model()'s output layer, scaled
 FLIP_NOISE = 1e-5  # the logits differ by ~1e-6 between batch shapes (5e-6 over a 49152-token vocabulary)
 FLIP_TRIES = 24
 # Independent noise barely moves a dense row's CDF far from its ends (it averages out), but rounding that
-# differs between batch shapes is correlated. So the logits are also tilted, from -t to +t along the
-# vocabulary, t up to FLIP_TILT of their largest magnitude: at T 1.3 over 49152 tokens that moves the CDF
-# near its middle by up to ~1e-6. Two seeded draws 3e-7 and 3e-8 from a boundary were missed without it; at
-# 1e-6, 1 of 291 made-up neighbour pairs passed as a flip, at 3e-7 none.
+# differs between batch shapes is correlated. So the logits up to the lower of the two tokens are also
+# raised or lowered together, by up to FLIP_TILT of their largest magnitude: that moves the CDF between the
+# two by up to ~c(1 - c) * FLIP_TILT * max|logit| / T (~1e-6 at T 1.3). Seeded draws 3e-8 to 3e-7 from a
+# boundary, over tokens of p ~1e-7, were missed without it. Of 291 made-up pairs (the drawn token and its
+# neighbours at -1, +1 and +7), 1 passes: a neighbour at -1 in such a region of a dense row.
 FLIP_TILT = 3e-7
 FLIP_TILTS = 12
 
@@ -27,10 +28,10 @@ FLIP_TILTS = 12
 def rounding_flip(model, req: tuple[list[int], dict], index: int, prefix: list[int], a: int, b: int) -> bool:
     """Whether continuation ``index`` of ``req``, after ``prefix``, draws ``a`` or ``b`` depending on float
     rounding alone: its next-token logits, recomputed with the plain model (no engine) and nudged by noise of
-    ``FLIP_NOISE`` or tilted by up to ``FLIP_TILT``, give both tokens among the draws by the sampler with the
-    sequence's own uniform for that step. A draw near a boundary of the CDF, a near-tie of greedy scores, and a
-    truncation (top-p, typical, min-p) decided by a hair all are. A real difference is not: noise that small
-    leaves it alone."""
+    ``FLIP_NOISE`` or shifted below the two by up to ``FLIP_TILT``, give both tokens among the draws by the
+    sampler with the sequence's own uniform for that step. A draw near a boundary of the CDF, a near-tie of
+    greedy scores, and a truncation (top-p, typical, min-p) decided by a hair all are. A real difference is not:
+    noise that small leaves it alone."""
     from hf_paged.engine.params import SamplingParams
     from hf_paged.engine.sampler import Sampler, SamplingRow
 
@@ -45,7 +46,8 @@ def rounding_flip(model, req: tuple[list[int], dict], index: int, prefix: list[i
     sampler = Sampler(model.config.vocab_size)
     noise = torch.Generator().manual_seed(len(prefix))
     scale = logits.abs().max()
-    ramp = torch.linspace(-1.0, 1.0, logits.shape[-1])
+    step = torch.zeros(logits.shape[-1])
+    step[: min(a, b) + 1] = 1.0
 
     def draw(nudged: torch.Tensor) -> int:
         gen = None
@@ -54,28 +56,21 @@ def rounding_flip(model, req: tuple[list[int], dict], index: int, prefix: list[i
             torch.rand(len(prefix), dtype=torch.float64, generator=gen)  # one uniform a step before this one
         return sampler.sample(nudged, [SamplingRow(params, ids + prefix, len(prefix), gen)]).tokens[0]
 
-    def tilted(x: float) -> int:
-        return draw(logits + FLIP_TILT * x * scale * ramp)
+    def shifted(x: float) -> int:
+        return draw(logits + FLIP_TILT * x * scale * step)
 
     seen = set()
     for t in range(FLIP_TRIES):
         seen.add(draw(logits + FLIP_NOISE * (t > 0) * torch.randn(logits.shape, generator=noise) * scale))
         if a in seen and b in seen:
             return True
-    # Tilts of -FLIP_TILT .. +FLIP_TILT in even steps; between two that draw differently, a bisection finds the
-    # tokens in between (a token of p 3e-9 is a window that narrow in the CDF).
-    grid = [2 * k / (FLIP_TILTS - 1) - 1 for k in range(FLIP_TILTS)]
-    picks = [tilted(x) for x in grid]
+    # Shifts of -FLIP_TILT .. +FLIP_TILT in even steps. Where the picks move one way only (a draw over the row in
+    # token order: dense or truncated, not TopK's candidates), every token between them is within reach: one of
+    # p 3e-9 is a CDF window of at most one float32 step, which a shift may skip and rounding may not.
+    picks = [shifted(2 * k / (FLIP_TILTS - 1) - 1) for k in range(FLIP_TILTS)]
     seen.update(picks)
-    for (lo, p_lo), (hi, p_hi) in zip(zip(grid, picks), zip(grid[1:], picks[1:])):
-        for _ in range(24 if p_lo != p_hi else 0):
-            mid = (lo + hi) / 2
-            p_mid = tilted(mid)
-            seen.add(p_mid)
-            if p_mid == p_lo:
-                lo = mid
-            else:
-                hi, p_hi = mid, p_mid
+    if all(p >= q for p, q in zip(picks, picks[1:])) or all(p <= q for p, q in zip(picks, picks[1:])):
+        return min(picks) <= min(a, b) and max(a, b) <= max(picks)
     return a in seen and b in seen
 
 
