@@ -75,3 +75,34 @@ def test_preemption_keeps_outputs_identical(case):
     got, stats = _run(model, prompts, num_blocks=48, block_size=8, max_batch_tokens=128)
     assert stats["preemptions"] > 0
     assert got == ref
+
+
+def test_generate_keeps_only_each_requests_output_and_gives_what_submit_gives(tiny_root, monkeypatch):
+    """generate()'s requests are read for their results alone: their token events are not kept (a batch job
+    would hold one per token until its request ends). The results equal submit()'s, event for event."""
+    model = load(build("llama", tiny_root))
+    prompts = [ids for ids, _ in _prompts(6, seed=3)]
+    kw = dict(max_new_tokens=12, num_return_sequences=2, do_sample=True, seed=4, logprobs=True, prompt_logprobs=1,
+              stop=["17"])
+    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=256, block_size=8, enable_prefix_caching=False)
+    try:
+        made = []
+        real = pipe._enqueue
+        monkeypatch.setattr(pipe, "_enqueue", lambda reqs: made.extend(reqs) or real(reqs))
+        quiet = pipe.generate(prompts, **kw)
+        assert len(made) == len(prompts) and all(r.quiet for r in made)
+        assert all(r._events.qsize() == 1 for r in made)  # the last event, with the output
+        streamed = real([pipe._make_request(p, kw) for p in prompts])  # queued at once, as generate() does
+        assert all(len(list(h)) > 1 for h in streamed)
+        for a, h in zip(quiet, streamed):
+            b = h.result(timeout=60)
+            assert [(o.token_ids, o.text, o.finish_reason, o.stop_string) for o in a.outputs] == \
+                [(o.token_ids, o.text, o.finish_reason, o.stop_string) for o in b.outputs]
+            for oa, ob in zip(a.outputs, b.outputs):
+                assert oa.logprobs == pytest.approx(ob.logprobs, abs=1e-5)
+            assert [e and e[0] for e in a.prompt_logprobs] == pytest.approx([e and e[0] for e in b.prompt_logprobs],
+                                                                            abs=1e-5)
+        assert pipe.stats()["blocks_used"] == 0
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)

@@ -79,6 +79,8 @@ class Delivery:
                 detok = st.detok
                 delta = detok.push(rec.token)
                 if detok.stopped is None and reason is None:  # the usual token: neither stop nor end
+                    if req.quiet:  # nobody reads its token events (Request.quiet)
+                        continue
                     ev = StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs)
                     if st.prompt_logprobs:
                         self._with_prompt_logprobs(st, ev)

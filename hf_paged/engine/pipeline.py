@@ -183,6 +183,8 @@ class PagedPipeline:
         single = isinstance(prompts, str) or (prompts and isinstance(prompts[0], (int, dict)))
         batch = [prompts] if single else list(prompts)
         made = [self._make_request(p, kwargs) for p in batch]  # every rank validates alike
+        for r in made:
+            r.quiet = True  # only results are read here
         if self.follower:  # run rank 0's steps until it sends the results
             results = self._follow(until_results=True)
             return results[0] if single else results

@@ -36,11 +36,16 @@ class Request:
         self._done = threading.Event()
         self._output: RequestOutput | None = None
         self.cancelled = False
+        # Only the last event is kept (generate()'s requests, which nobody iterates): a long batch job would
+        # otherwise hold every token's event until its request ends (memory, and full GC passes over them).
+        self.quiet = False
 
     # ------------------------------------------------------------------ delivery side
     def emit(self, event: StreamEvent, wakeups: "Wakeups | None" = None) -> None:
         """Hand ``event`` to every consumer. ``wakeups``: collect the asyncio consumers' puts there
         (sent with :meth:`Wakeups.send`, one wake-up per event loop) instead of waking each loop now."""
+        if self.quiet and not event.finished:
+            return
         with self._lock:
             # Done before delivery: a consumer that sees the last event must also see done=True.
             if event.finished:
