@@ -236,6 +236,11 @@ def compare(ref: list, got: list, reqs, shape: dict, model=None, flips: list | N
                     problems.append(f"request {i}.{j}: cancelled after {len(b[0])} tokens, not a prefix: "
                                     f"{b[0][:8]} vs {a[0][:8]}")
                 continue
+            if a[2] == "error" and b[2] == "error":  # a sibling's failure ends it wherever it is: prefixes
+                short, long = sorted((a[0], b[0]), key=len)
+                if long[: len(short)] != short:
+                    problems.append(f"request {i}.{j}: failed in both runs, tokens differ: {a[0][:8]} vs {b[0][:8]}")
+                continue
             if a[:3] != b[:3]:
                 k = k if k is not None else min(len(a[0]), len(b[0]))
                 problems.append(f"request {i}.{j} {reqs[i][1]} prompt {len(reqs[i][0])} tokens: differs from "

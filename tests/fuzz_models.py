@@ -67,10 +67,15 @@ def rounding_flip(model, req: tuple[list[int], dict], index: int, prefix: list[i
     # Shifts of -FLIP_TILT .. +FLIP_TILT in even steps. Where the picks move one way only (a draw over the row in
     # token order: dense or truncated, not TopK's candidates), every token between them is within reach: one of
     # p 3e-9 is a CDF window of at most one float32 step, which a shift may skip and rounding may not.
+    # Sampled rows only, and only tokens the row can draw at all: a greedy pick is the top score of the tokens
+    # on one side of the shift or the other, and a token a warper or processor removed has no CDF window.
     picks = [shifted(2 * k / (FLIP_TILTS - 1) - 1) for k in range(FLIP_TILTS)]
     seen.update(picks)
-    if all(p >= q for p, q in zip(picks, picks[1:])) or all(p <= q for p, q in zip(picks, picks[1:])):
-        return min(picks) <= min(a, b) and max(a, b) <= max(picks)
+    if params.do_sample and (all(p >= q for p, q in zip(picks, picks[1:]))
+                             or all(p <= q for p, q in zip(picks, picks[1:]))):
+        scores = sampler.process(logits, [SamplingRow(params, ids + prefix, len(prefix))])[0]
+        if bool(torch.isfinite(scores[[a, b]]).all()) and min(picks) <= min(a, b) and max(a, b) <= max(picks):
+            return True
     return a in seen and b in seen
 
 

@@ -208,6 +208,39 @@ def test_a_cancelled_stream_ends_with_the_text_it_held_back(tiny):
         hf_paged.unwrap(tiny)
 
 
+def test_a_failed_sibling_reaches_asyncio_consumers_after_the_steps_other_tokens(tiny):
+    """A record that fails a sequence (its constraint could not go on) fails its request after the events of
+    the same step that came before it, for asyncio consumers too (their events are batched per step)."""
+    import asyncio
+
+    from hf_paged.engine.delivery import Delivery
+    from hf_paged.engine.request import Request
+
+    hf_paged.wrap(tiny, num_blocks=64, block_size=8)
+    loop = asyncio.new_event_loop()
+    try:
+        engine = Engine(tiny, hf_paged.kv_pool(tiny), max_num_seqs=4, max_batch_tokens=256, max_model_len=512)
+        delivery = Delivery(engine, IdTokenizer())
+        req = Request("r", [1, 5, 7], [1, 5, 7], SamplingParams(max_new_tokens=8, num_return_sequences=2, do_sample=True),
+                      lambda r: None)
+        delivery.add(req)
+        delivery.deliver(engine.step())
+        q: asyncio.Queue = asyncio.Queue()
+        req._async.append((loop, q))
+        first, second = (st.seq for st in delivery.requests["r"])
+        engine.finish(second, FinishReason.ERROR)
+        delivery.deliver([TokenRecord(first.seq_id, 9), TokenRecord(second.seq_id, -1, None, None, FinishReason.ERROR,
+                                                                    "regex: no token can continue")])
+        loop.run_until_complete(asyncio.sleep(0.05))
+        events = [q.get_nowait() for _ in range(q.qsize())]
+        assert [ev.token_id for ev in events][:1] == [9] and events[-1].error == "regex: no token can continue"
+        engine.finish(first, FinishReason.ERROR)
+        assert engine.stats().blocks_used == 0
+    finally:
+        loop.close()
+        hf_paged.unwrap(tiny)
+
+
 def test_a_tokenizer_failing_while_delivering_fails_every_request_and_the_engine_goes_on(tiny):
     """The detokenizer raising on a token fails the step's requests (fail_all); failing a stream flushes what it
     held back, which decodes the same tokens again and raises again: that must not end the engine's thread

@@ -363,6 +363,35 @@ def test_a_cancel_arriving_while_a_step_is_held_keeps_tokens_and_text_together(m
         hf_paged.unwrap(model)
 
 
+def test_a_flush_that_fails_at_close_still_ends_every_request(model, monkeypatch):
+    """close() while the overlapped loop holds a step: that step is delivered after the stop is taken, and a
+    failure there must not end the engine thread before it ends the running requests (they would wait forever)."""
+    from hf_paged.engine import pipeline as pipeline_mod
+
+    broken = {"on": False}
+
+    class Failing(pipeline_mod.Stepper):
+        def flush(self) -> None:
+            if broken["on"] and self.holding:
+                raise RuntimeError("device lost")
+            super().flush()
+
+    monkeypatch.setattr(pipeline_mod, "Stepper", Failing)
+    pipe = PagedPipeline(model, IdTokenizer(), **MODES["overlap"], max_num_seqs=4)
+    try:
+        long = pipe.submit([5, 6, 7], max_new_tokens=500, ignore_eos=True)
+        events = iter(long)
+        next(events)  # running
+        broken["on"] = True
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+    assert long._done.wait(30), "the running request was never ended"
+    last = list(events)[-1]
+    assert last.finished and (last.error is not None or last.output.finish_reason == "cancelled")
+    assert not pipe._thread.is_alive()
+
+
 @pytest.mark.parametrize("mode", ["plain", "overlap", "async"])
 def test_openmp_workers_parked_after_every_step(model, mode, monkeypatch):
     """On CPU the pipeline's thread parks its OpenMP workers once each step is sampled (they would spin

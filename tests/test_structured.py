@@ -210,12 +210,14 @@ def test_a_token_the_matcher_rejects_fails_the_request(pipe, monkeypatch):
             return getattr(self.m, name)
 
     monkeypatch.setattr(engine_mod, "new_matcher", Rejecting)
+    before = pipe.stats().tokens_generated
     h = pipe.submit(PROMPT, max_new_tokens=16, regex="[a-z]{8}", do_sample=True, seed=5)
     with pytest.raises(RuntimeError, match="regex: no token that follows the constraint could be sampled: the "
                                            "grammar matcher rejected a token its mask allowed"):
         h.result(timeout=60)
     ev = list(h)[-1]
     assert len(ev.output.outputs[0].token_ids) == 2 and re.fullmatch("[a-z]+", ev.output.text)
+    assert pipe.stats().tokens_generated - before == 2  # the rejected token is not counted
     monkeypatch.undo()
     assert pipe.generate(PROMPT, max_new_tokens=4, do_sample=False).token_ids  # still serving
     assert pipe.stats().blocks_used == 0

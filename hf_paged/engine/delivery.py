@@ -74,7 +74,7 @@ class Delivery:
                 reason = rec.finish_reason
                 req = st.request
                 if reason is FinishReason.ERROR:  # no token: the engine failed this sequence (rec.error)
-                    self.fail(req, rec.error)
+                    self.fail(req, rec.error, wakeups)  # after this step's events before it, also for asyncio
                     continue
                 detok = st.detok
                 delta = detok.push(rec.token)
@@ -106,11 +106,12 @@ class Delivery:
         self._stop(req, FinishReason.CANCELLED)
         self._finish_request(req)
 
-    def fail(self, req: Request, error: str) -> None:
-        self._stop(req, FinishReason.ERROR)
+    def fail(self, req: Request, error: str, wakeups: Wakeups | None = None) -> None:
+        self._stop(req, FinishReason.ERROR, wakeups)
         streams = self._forget(req)
         if not req.done:
-            req.emit(StreamEvent(req.request_id, 0, None, "", error=error, output=self._output(req, streams, error)))
+            req.emit(StreamEvent(req.request_id, 0, None, "", error=error, output=self._output(req, streams, error)),
+                     wakeups)
 
     def fail_all(self, error: str) -> None:
         for streams in list(self.requests.values()):
@@ -127,7 +128,7 @@ class Delivery:
         st.prompt_logprobs = False
         ev.prompt_logprobs = [None, *st.seq.prompt_logprobs]
 
-    def _stop(self, req: Request, reason: FinishReason) -> None:
+    def _stop(self, req: Request, reason: FinishReason, wakeups: Wakeups | None = None) -> None:
         for st in self.requests.get(req.request_id, ()):
             if not st.seq.finished:
                 self.engine.finish(st.seq, reason)
@@ -140,7 +141,8 @@ class Delivery:
                 except Exception:  # noqa: BLE001 - the tokenizer failed on these tokens (fail() is why we are here)
                     tail = ""
                 if tail:
-                    req.emit(StreamEvent(req.request_id, st.seq.index, None, tail, finish_reason=st.seq.finish_reason))
+                    req.emit(StreamEvent(req.request_id, st.seq.index, None, tail, finish_reason=st.seq.finish_reason),
+                             wakeups)
 
     def _forget(self, req: Request) -> list[_Stream]:
         streams = self.requests.pop(req.request_id, [])

@@ -94,6 +94,7 @@ class Engine:
         self.steps = 0
         self._recent: deque[tuple[float, int]] = deque(maxlen=64)  # (time, tokens) per step
         self._dead: list[Sequence] = []  # sampled (_sample) with an empty grammar mask, for the PendingStep
+        self._rejected = 0  # records of the step being completed that fail a sequence (_postprocess)
 
     # ------------------------------------------------------------------ sequences
     def add(self, prompt_ids: list[int], params: SamplingParams, grammar: Any = None,
@@ -216,6 +217,7 @@ class Engine:
     def launch_sample(self, fwd: "LaunchedForward") -> "PendingStep":
         """The second half of :meth:`launch`: queue the sampling of ``fwd``'s rows."""
         sampling = fwd.sampling
+        self._dead = []  # (what a launch that raised left here belongs to no step)
         if isinstance(fwd.logits, Picked):
             out = self._picked(fwd)
         else:
@@ -289,6 +291,7 @@ class Engine:
         for s in sampling:
             s.num_ahead -= 1
         failed = [self._fail(s, _dead_end(s)) for s in pending.dead if not s.finished] if pending.dead else None
+        self._rejected = 0
         post = self._postprocess
         if out.logprobs is None and out.top_logprobs is None:
             records = [post(seq, t, None, None) for seq, t in zip(sampling, out.tokens) if not seq.finished]
@@ -296,9 +299,11 @@ class Engine:
             records = [post(seq, out.tokens[k], out.logprobs[k] if out.logprobs is not None else None,
                             out.top_logprobs[k] if out.top_logprobs is not None else None)
                        for k, seq in enumerate(sampling) if not seq.finished]
-        # Only the recorded tokens count: one sampled for a sequence that ended meanwhile is dropped.
-        self._recent.append((time.monotonic(), len(records)))
-        self.tokens_generated += len(records)
+        # Only the recorded tokens count: one sampled for a sequence that ended meanwhile is dropped, and one its
+        # constraint rejected.
+        n = len(records) - self._rejected
+        self._recent.append((time.monotonic(), n))
+        self.tokens_generated += n
         self.steps += 1
         if failed:
             records.extend(failed)
@@ -339,7 +344,12 @@ class Engine:
     def _postprocess(self, seq: Sequence, token: int, logprob: float | None,
                      top: list[tuple[int, float]] | None) -> TokenRecord:
         p = seq.params
-        if seq.matcher is not None and not seq.matcher.accept_token(token):  # fail closed: not in the output
+        if seq.matcher is not None and (  # fail closed: the token is not put in the output
+                # EOS while min_new_tokens bans it comes from a row where nothing was left (the grammar's stop
+                # token may be EOS: its matcher would take it)
+                (len(seq.token_ids) - seq.num_prompt < p.min_new_tokens and token in p.eos_token_id)
+                or not seq.matcher.accept_token(token)):
+            self._rejected += 1
             return self._fail(seq, _rejected(seq, token))
         toks = seq.token_ids
         toks.append(token)
@@ -394,7 +404,7 @@ def _rejected(seq: Sequence, token: int) -> str:
         why = (f"min_new_tokens={p.min_new_tokens} forbids ending after {n} tokens, and the constraint allows "
                "nothing but the end here")
     elif p.no_repeat_ngram_size > 0:
-        why = f"no_repeat_ngram_size={p.no_repeat_ngram_size} banned every token the constraint allows here"
+        why = f"no_repeat_ngram_size={p.no_repeat_ngram_size} likely banned every token the constraint allows here"
     else:
         why = "the grammar matcher rejected a token its mask allowed (an inconsistency in xgrammar)"
     return f"{_kind(seq)}: no token that follows the constraint could be sampled: {why} (sampled token {token})"

@@ -298,13 +298,13 @@ class PagedPipeline:
             except queue.Empty:
                 return True
             block = False
-            kind, req = item
-            if kind == "stop":
-                return False
-            if stepper.holding:
+            if stepper.holding:  # a stop too: the loop's handler then covers a flush that raises
                 self._held = item  # if delivering fails, the loop fails what runs and applies this item next
                 stepper.flush()
                 self._held = None
+            kind, req = item
+            if kind == "stop":
+                return False
             if kind == "call":
                 fn, args, fut = req
                 try:
@@ -356,7 +356,7 @@ class PagedPipeline:
             if kind == "call":
                 item[2].set_exception(RuntimeError("pipeline is closed"))
             elif kind == "add":
-                self.delivery.fail(item, "pipeline is closed")
+                self.delivery.fail(item, self._broken or "pipeline is closed")
 
     @property
     def alive(self) -> bool:
