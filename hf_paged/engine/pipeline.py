@@ -346,7 +346,11 @@ class PagedPipeline:
                 logger.exception("engine step failed")
                 stepper.drop()
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
-        stepper.flush()
+        try:
+            stepper.flush()  # what a tensor-parallel failure left held (a stop flushes in _drain)
+        except Exception as exc:  # noqa: BLE001 - the requests must still end, and the queue be answered
+            stepper.drop()
+            self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
         self.delivery.cancel_all()
         while True:  # calls and adds queued behind the stop would otherwise wait forever
             try:
