@@ -26,7 +26,7 @@ import torch
 
 from ..kv.metadata import to_device
 from ..kv.pool import KVPool
-from .grammar import Masks, new_matcher
+from .grammar import Masks, dead_end_error, new_matcher, rejected_error
 from .history import processes
 from .outputs import FinishReason
 from .params import SamplingParams
@@ -290,7 +290,7 @@ class Engine:
         sampling = pending.seqs
         for s in sampling:
             s.num_ahead -= 1
-        failed = [self._fail(s, _dead_end(s)) for s in pending.dead if not s.finished] if pending.dead else None
+        failed = [self._fail(s, dead_end_error(s)) for s in pending.dead if not s.finished] if pending.dead else None
         self._rejected = 0
         post = self._postprocess
         if out.logprobs is None and out.top_logprobs is None:
@@ -350,7 +350,7 @@ class Engine:
                 (len(seq.token_ids) - seq.num_prompt < p.min_new_tokens and token in p.eos_token_id)
                 or not seq.matcher.accept_token(token)):
             self._rejected += 1
-            return self._fail(seq, _rejected(seq, token))
+            return self._fail(seq, rejected_error(seq, token))
         toks = seq.token_ids
         toks.append(token)
         if p.logprobs:
@@ -392,25 +392,3 @@ class Engine:
             prefix_hit_rate=self.pool.allocator.prefix_hit_rate, preemptions=self.scheduler.num_preemptions,
             tokens_generated=self.tokens_generated, tokens_per_s=self.tokens_per_second(), steps=self.steps)
 
-
-def _kind(seq: Sequence) -> str:
-    return seq.params.constraint[0] if seq.params.constraint is not None else "constraint"
-
-
-def _rejected(seq: Sequence, token: int) -> str:
-    """Why a sampled token broke the constraint: the other settings removed every token its mask allowed."""
-    p, n = seq.params, seq.num_generated
-    if n < p.min_new_tokens:
-        why = (f"min_new_tokens={p.min_new_tokens} forbids ending after {n} tokens, and the constraint allows "
-               "nothing but the end here")
-    elif p.no_repeat_ngram_size > 0:
-        why = f"no_repeat_ngram_size={p.no_repeat_ngram_size} likely banned every token the constraint allows here"
-    else:
-        why = "the grammar matcher rejected a token its mask allowed (an inconsistency in xgrammar)"
-    return f"{_kind(seq)}: no token that follows the constraint could be sampled: {why} (sampled token {token})"
-
-
-def _dead_end(seq: Sequence) -> str:
-    return (f"{_kind(seq)}: no token can continue the output ({seq.num_generated} tokens so far): "
-            "the constraint cannot be completed from there (an unsatisfiable schema or pattern, or text this "
-            "tokenizer cannot spell)")

@@ -199,3 +199,28 @@ class Masks:
                                         indices=rows if cpu else to_device(torch.tensor(rows, dtype=torch.int32),
                                                                            logits.device))
         return [i for i, ok in zip(rows, allowed) if not ok]
+
+
+def _kind(seq: Any) -> str:
+    return seq.params.constraint[0] if seq.params.constraint is not None else "constraint"
+
+
+def rejected_error(seq: Any, token: int) -> str:
+    """Why ``seq``'s sampled ``token`` broke its constraint: the other settings removed every token its mask
+    allowed (the engine then fails the sequence instead of recording the token)."""
+    p, n = seq.params, seq.num_generated
+    if n < p.min_new_tokens:
+        why = (f"min_new_tokens={p.min_new_tokens} forbids ending after {n} tokens, and the constraint allows "
+               "nothing but the end here")
+    elif p.no_repeat_ngram_size > 0:
+        why = f"no_repeat_ngram_size={p.no_repeat_ngram_size} likely banned every token the constraint allows here"
+    else:
+        why = "the grammar matcher rejected a token its mask allowed (an inconsistency in xgrammar)"
+    return f"{_kind(seq)}: no token that follows the constraint could be sampled: {why} (sampled token {token})"
+
+
+def dead_end_error(seq: Any) -> str:
+    """Why ``seq`` (an engine Sequence) fails where its grammar allows no token at all."""
+    return (f"{_kind(seq)}: no token can continue the output ({seq.num_generated} tokens so far): "
+            "the constraint cannot be completed from there (an unsatisfiable schema or pattern, or text this "
+            "tokenizer cannot spell)")
