@@ -225,7 +225,8 @@ def test_a_token_the_matcher_rejects_fails_the_request(pipe, monkeypatch):
 
 def test_a_constraint_that_must_end_before_min_new_tokens_fails_saying_so(pipe):
     h = pipe.submit(PROMPT, max_new_tokens=16, choices=["yes", "no"], min_new_tokens=6, do_sample=True, seed=1)
-    with pytest.raises(RuntimeError, match=r"min_new_tokens=6 forbids ending after \d tokens, and the "
+    with pytest.raises(RuntimeError, match=r"choices: no token that follows the constraint could be sampled: "
+                                           r"min_new_tokens=6 forbids ending after \d tokens, and the "
                                            "constraint allows nothing but the end here"):
         h.result(timeout=60)
     assert list(h)[-1].output.text in ("yes", "no")

@@ -202,7 +202,8 @@ class Masks:
 
 
 def _kind(seq: Any) -> str:
-    return seq.params.constraint[0] if seq.params.constraint is not None else "constraint"
+    """The request's own name for its constraint (``choices`` compile as a grammar)."""
+    return next((k for k in KINDS if getattr(seq.params, k, None) is not None), "constraint")
 
 
 def rejected_error(seq: Any, token: int) -> str:
