@@ -217,7 +217,8 @@ class Engine:
     def launch_sample(self, fwd: "LaunchedForward") -> "PendingStep":
         """The second half of :meth:`launch`: queue the sampling of ``fwd``'s rows."""
         sampling = fwd.sampling
-        self._dead = []  # (what a launch that raised left here belongs to no step)
+        if self._dead:  # left by a launch that raised: it belongs to no step
+            self._dead = []
         if isinstance(fwd.logits, Picked):
             out = self._picked(fwd)
         else:
