@@ -19,14 +19,20 @@ from hf_paged.models import _load_tokenizer, ensure_default_model
 class Served:
     """A uvicorn server on a free port, in a background thread."""
 
-    def __init__(self, app, graceful: float | None = None) -> None:
+    def __init__(self, app, graceful: float | None = None, drain: float | None = None) -> None:
+        """uvicorn's own server with ``graceful``; with ``drain``, hf-paged serve's (DrainingServer)."""
         with socket.socket() as s:
             s.bind(("127.0.0.1", 0))
             self.port = s.getsockname()[1]
         self.app = app
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
-                                                    timeout_graceful_shutdown=graceful))
+        if drain is not None:
+            from hf_paged.server.serving import DrainingServer
+
+            self.server = DrainingServer(app, drain=drain, host="127.0.0.1", port=self.port, log_level="warning")
+        else:
+            self.server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=self.port, log_level="warning",
+                                                        timeout_graceful_shutdown=graceful))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30

@@ -449,6 +449,80 @@ def test_shutdown_cancels_streams(pipe):
     t.join(timeout=10)
 
 
+def test_shutdown_drains_then_ends_every_request_with_a_503(pipe, caplog):
+    """hf-paged serve's shutdown: a request that finishes within the drain is answered as usual; those still
+    running after it end with an error that says why (a stream's last frame, a 503 without streaming), on a
+    connection closed cleanly; nothing is cut off mid-body, and new requests meanwhile get 503."""
+    srv = Served(create_app(pipe, model_id=MODEL_ID, ui=False, close_pipeline=False), drain=4.0)
+    long = {"max_new_tokens": 400}
+    calls = {
+        "drained_stream": ("/generate_stream", {"inputs": COUNTING, "parameters": {"max_new_tokens": 30,
+                                                                                  "details": True}}),
+        "tgi_stream": ("/generate_stream", {"inputs": COUNTING, "parameters": long}),
+        "openai_stream": ("/v1/chat/completions", {  # the schema holds it to at least 400 tokens
+            "model": "x", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 400, "stream": True,
+            "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
+                "type": "array", "items": {"type": "integer"}, "minItems": 200}}}}),
+        "completion_stream": ("/v1/completions", {"model": "x", "prompt": [COUNTING, "Hello"], "max_tokens": 400,
+                                                  "stream": True}),
+        "tgi": ("/generate", {"inputs": COUNTING, "parameters": long}),
+        "short": ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
+    }
+    got: dict[str, object] = {}
+    first = {name: threading.Event() for name in calls if "stream" in name}
+    stopping = threading.Event()
+
+    def call(name: str) -> None:
+        path, body = calls[name]
+        try:
+            with httpx.Client(timeout=60) as c:
+                if "stream" not in name:
+                    if name == "short":
+                        stopping.wait(30)  # sent while the server drains
+                        time.sleep(0.2)
+                    r = c.post(f"{srv.url}{path}", json=body)
+                    got[name] = (r.status_code, r.json())
+                    return
+                with c.stream("POST", f"{srv.url}{path}", json=body) as r:
+                    lines = got[name] = []
+                    for line in r.iter_lines():
+                        if line:
+                            lines.append(line)
+                            first[name].set()
+        except httpx.HTTPError as exc:
+            got[name] = exc
+
+    threads = [threading.Thread(target=call, args=(name,)) for name in calls]
+    for t in threads:
+        t.start()
+    assert all(e.wait(30) for e in first.values())  # every stream has its first frame
+    stopping.set()
+    at_stop = len(got["drained_stream"])  # its frames so far
+    srv.stop()
+    for t in threads:
+        t.join(timeout=30)
+    assert not srv.thread.is_alive()
+    for name in ("tgi_stream", "openai_stream", "completion_stream"):
+        lines = got[name]
+        assert isinstance(lines, list) and lines and lines[-1].startswith("data: {"), (name, lines[-2:])
+        last = json.loads(lines[-1].removeprefix("data:"))
+        message = last["error"]["message"] if name != "tgi_stream" else last["error"]
+        assert message.startswith("Server is shutting down: the request was cancelled after"), (name, last)
+        if name == "tgi_stream":
+            assert last["error_type"] == "unhealthy"
+        else:
+            assert last["error"]["http_status_code"] == 503
+    lines = got["drained_stream"]  # finished during the drain, as usual
+    assert at_stop < 30 and len(lines) == 30, (at_stop, lines[-1])
+    assert json.loads(lines[-1].removeprefix("data:"))["details"]["finish_reason"] == "length"
+    status, body = got["tgi"]
+    assert status == 503 and body["error_type"] == "unhealthy" and "cancelled after" in body["error"]
+    # Sent once the server closed its socket: refused there, or a 503 on a kept connection; never a hang.
+    assert isinstance(got["short"], httpx.ConnectError) or got["short"][0] == 503, got["short"]
+    assert not [r for r in caplog.records if "timeout graceful shutdown exceeded" in r.getMessage()]
+    wait_idle(pipe, timeout=5)
+
+
 def test_cli_registers_serve():
     from hf_paged.cli import main
 

@@ -47,6 +47,9 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
     parser.add_argument("--timeout-keep-alive", type=float, default=5.0,
                         help="seconds an idle keep-alive connection stays open (uvicorn's default); behind a load "
                              "balancer, set it above the balancer's idle timeout, or reused connections fail")
+    parser.add_argument("--shutdown-timeout", type=float, default=5.0,
+                        help="on shutdown (SIGTERM, Ctrl-C), seconds that running requests have to finish; new "
+                             "ones get 503 meanwhile, and those still running then end with a 503 error")
     parser.add_argument("--tp-plan", choices=["auto"], default=None,
                         help="tensor parallel over the torch.distributed ranks (under torchrun): rank 0 serves "
                              "HTTP and schedules, the other ranks follow its steps")
@@ -55,12 +58,12 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
 
 
 def serve(args: argparse.Namespace) -> None:
-    import uvicorn
 
     from ..engine.pipeline import PagedPipeline
     from ..engine.tp import TensorParallelError
     from ..models import DEFAULT_MODEL_NAME
     from .app import create_app
+    from .serving import DrainingServer
 
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if args.tensor_parallel_size > 1 and world == 1:
@@ -87,9 +90,8 @@ def serve(args: argparse.Namespace) -> None:
                      validation_workers=args.validation_workers)
     print(f"hf_paged serving {model_id} on http://{args.host}:{args.port}"
           + ("" if args.no_ui else f"  (UI: http://{args.host}:{args.port}/ui)"), flush=True)
-    # A short graceful period: streams still open after it are cancelled by the app's shutdown.
-    server = uvicorn.Server(uvicorn.Config(app, host=args.host, port=args.port, log_level=args.log_level,
-                                           timeout_graceful_shutdown=5, timeout_keep_alive=args.timeout_keep_alive))
+    server = DrainingServer(app, drain=args.shutdown_timeout, host=args.host, port=args.port,
+                            log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive)
     if pipe.tp is not None:
         threading.Thread(target=_stop_when_broken, args=(pipe, server), daemon=True).start()
     try:

@@ -26,7 +26,7 @@ from ..engine.params import SamplingParams
 from ..engine.pipeline import PagedPipeline
 from ..engine.request import Request
 from .encoding import dumps
-from .errors import APIError, ClientGone, internal_error, validation_error
+from .errors import APIError, ClientGone, generation_error, internal_error, validation_error
 from .guard import Outcome
 from .state import Permit, ServerState
 
@@ -62,7 +62,16 @@ class Generation:
         self.submitted = submitted
         self.first_token: float | None = None
         self.output: RequestOutput | None = None
-        self.error: str | None = None
+        # Why the request ended without its result, as the client is answered (a stream's error frame):
+        # the engine's failure (424), or a cancel by the server, which only shutting down does (503).
+        self.failure: APIError | None = None
+
+    def raise_failure(self) -> None:
+        """After its last event: raise what the client is answered if the request has no result."""
+        if self.failure is not None:
+            raise self.failure
+        if self.output is None:
+            raise generation_error("the engine ended the request without a result")
 
     @property
     def input_length(self) -> int:
@@ -90,11 +99,15 @@ class Generation:
     def _finished(self, ev: StreamEvent) -> None:
         self.output = ev.output
         if ev.error is not None:
-            self.error = ev.error
+            self.failure = generation_error(ev.error)
             self.outcome.fail("generation")
             return
         if any(o.finish_reason == "cancelled" for o in ev.output.outputs):
-            self.outcome.fail("cancelled")  # cancelled from elsewhere (shutdown)
+            # Cancelled from elsewhere while we still listen: the server shuts down (serving.DrainingServer).
+            n = sum(len(o.token_ids) for o in ev.output.outputs)
+            self.failure = APIError(503, f"Server is shutting down: the request was cancelled after {n} generated "
+                                         "tokens", "unhealthy")
+            self.outcome.fail("cancelled")
             return
         now = time.monotonic()
         first = self.first_token or now

@@ -20,7 +20,7 @@ from fastapi.responses import Response
 from ..engine.grammar import KINDS as CONSTRAINT_KINDS
 from ..engine.outputs import StreamEvent
 from .encoding import JSONResponse
-from .errors import ERROR_RESPONSES, generation_error, openai_error_frame, validation_error
+from .errors import ERROR_RESPONSES, openai_error_frame, validation_error
 from .generation import (Generation, SSEResponse, check_text_length, collect, merge, openai_finish_reason, sse,
                          start, tokenize_text)
 from .guard import guarded
@@ -68,8 +68,7 @@ def _envelope(state: ServerState, kind: str, rid: str, model: str | None) -> dic
 
 def _raise_failed(gens: list[Generation]) -> None:
     for g in gens:
-        if g.error is not None or g.output is None:
-            raise generation_error(g.error or "the engine ended the request without a result")
+        g.raise_failure()
 
 
 # ---------------------------------------------------------------------------- chat
@@ -120,8 +119,8 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
     held: dict[int, AutoStream] = {}
     async with aclosing(gen.events()) as events:
         async for ev in events:
-            if ev.error is not None:
-                yield sse(openai_error_frame(generation_error(ev.error)))
+            if gen.failure is not None:  # set by its last event
+                yield sse(openai_error_frame(gen.failure))
                 return
             if ev.token_id is None:
                 continue
@@ -230,8 +229,8 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
                 yield chunk
     async with aclosing(merge(gens)) as events:
         async for i, ev in events:
-            if ev.error is not None:
-                yield sse(openai_error_frame(generation_error(ev.error)))
+            if gens[i].failure is not None:  # set by its last event
+                yield sse(openai_error_frame(gens[i].failure))
                 return
             if i in held:
                 held.discard(i)

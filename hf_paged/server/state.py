@@ -68,14 +68,20 @@ class ServerState:
         """Cancel every request and wait until the engine delivered their last events: the engine
         thread must not post to this event loop once it is closed."""
         self.closing = True
-        pending = [h for h in list(self.handles) if not h.done]
-        for h in pending:
-            h.cancel()
+        pending = self.cancel_requests()
         deadline = time.monotonic() + timeout
         while any(not h.done for h in pending) and time.monotonic() < deadline:
             await asyncio.sleep(0.02)
         self.workers.shutdown(wait=False, cancel_futures=True)
         self.grammar_worker.shutdown(wait=False, cancel_futures=True)
+
+    def cancel_requests(self) -> list[Request]:
+        """Cancel every request still running (shutting down); returns them. Each consumer still listening
+        then answers 503 (:class:`~hf_paged.server.generation.Generation`)."""
+        pending = [h for h in list(self.handles) if not h.done]
+        for h in pending:
+            h.cancel()
+        return pending
 
     def healthy(self) -> bool:
         """False while shutting down or once the engine thread died (requests would hang forever)."""

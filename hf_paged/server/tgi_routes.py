@@ -18,7 +18,7 @@ from fastapi import APIRouter, Request
 from fastapi.responses import Response
 
 from .encoding import JSONResponse
-from .errors import ERROR_RESPONSES, APIError, generation_error, validation_error
+from .errors import ERROR_RESPONSES, APIError, validation_error
 from .generation import (Generation, SSEResponse, check_text_length, collect, finish_reason, sse, start,
                          tokenize_text)
 from .guard import guarded
@@ -76,8 +76,7 @@ async def _generate(state: ServerState, req: GenerateRequest, http: Request,
         (events,) = await collect([gen], http)
     finally:
         permit.release()
-    if gen.error is not None or gen.output is None:
-        raise generation_error(gen.error or "the engine ended the request without a result")
+    gen.raise_failure()
     p = req.parameters
     out = gen.output.outputs[0]
     text = out.text
@@ -105,8 +104,8 @@ async def _stream(state: ServerState, gen: Generation, req: GenerateRequest, kwa
     ended = False
     async with aclosing(gen.events()) as events:
         async for ev in events:
-            if ev.error is not None:
-                yield sse(generation_error(ev.error).body())
+            if gen.failure is not None:  # set by its last event
+                yield sse(gen.failure.body())
                 ended = True
                 break
             if ev.token_id is None:
