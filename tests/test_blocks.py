@@ -307,3 +307,28 @@ def test_table_rows_always_equal_the_tables_converted_anew(ops):
         assert rows.pack_into(step, flat, 2) == min(width, 2)  # cut at the static width
         assert np.array_equal(flat[: len(step) * min(width, 2)].reshape(-1, min(width, 2)), want[:, :2])
     a.check(tables)
+
+
+def test_prefix_chain_hashes_are_sha256_of_the_whole_prefix():
+    """A hit compares a block's own tokens and salt; the tokens before it are vouched for by the chain alone, so
+    the chain must be collision-resistant (vLLM's CVE-2025-25183: a crafted prompt colliding with Python's
+    ``hash`` chain shares another user's K/V). Each link is SHA-256 of the parent digest and the int64 tokens."""
+    import hashlib
+    import struct
+
+    from hf_paged.kv.blocks import _root, chain_hash
+
+    roots = {_root(None), _root(1), _root(2)}
+    assert len(roots) == 3 and all(len(r) == 32 for r in roots)
+    first = chain_hash(_root(None), [1, 2, 3, 4])
+    assert first == hashlib.sha256(_root(None) + struct.pack("<4q", 1, 2, 3, 4)).digest()
+    assert chain_hash(first, [5, 6, 7, 8]) != chain_hash(chain_hash(_root(None), [1, 2, 3, 5]), [5, 6, 7, 8])
+    a = BlockAllocator(8, 4)
+    t = BlockTable()
+    a.append_slots(t, 8)
+    a.publish(t, [1, 2, 3, 4, 5, 6, 7, 8])
+    assert t.hashes == [first, chain_hash(first, [5, 6, 7, 8])]
+    hit = a.match_prefix([9, 2, 3, 4, 5, 6, 7, 8])  # the second block's tokens alone do not match
+    assert hit.num_tokens == 0
+    a.free(t)
+    a.check()

@@ -4,7 +4,7 @@ from __future__ import annotations
 from hf_paged.engine.params import SamplingParams
 from hf_paged.engine.scheduler import Scheduler
 from hf_paged.engine.sequence import Sequence, SeqStatus
-from hf_paged.kv.blocks import BlockAllocator
+from hf_paged.kv.blocks import BlockAllocator, BlockTable
 
 
 def _seq(i: int, prompt_len: int) -> Sequence:
@@ -62,6 +62,61 @@ def test_budget_cut_decode_and_preemption_keep_samples_right():
     assert [(s.seq.seq_id, s.num_tokens, s.samples) for s in out.seqs] == [(0, 1, True)]
     assert out.preempted == [b] and b.status is SeqStatus.WAITING and b.num_computed == 0
     assert sched.advance(out.seqs) == [a]
+    for s in (a, b):
+        sched.finish(s, None)
+    alloc.check()
+    assert alloc.num_used == 0
+
+
+def test_a_request_waiting_for_memory_hashes_its_prompt_once(monkeypatch):
+    """The head of the queue looks its prompt up in the prefix cache each step until blocks free up; its chain
+    hashes (SHA-256, ~2 us a block) are computed once and kept on the sequence."""
+    from hf_paged.kv import blocks
+
+    calls = []
+    real = blocks.chain_hash
+    monkeypatch.setattr(blocks, "chain_hash",
+                        lambda parent, tokens: calls.append(tuple(tokens)) or real(parent, tokens))
+    alloc = BlockAllocator(8, 4)
+    sched = Scheduler(alloc, max_num_seqs=4, max_batch_tokens=64)
+    hog, big = _seq(0, 24), _seq(50, 20)  # the hog takes 6 of the 8 blocks; the other needs 5
+    sched.add(hog)
+
+    def step():
+        out = sched.schedule()
+        for s in sched.advance(out.seqs):
+            s.token_ids.append(7)
+        return [s.seq for s in out.seqs]
+
+    assert step() == [hog]
+    alloc.publish(hog.table, hog.token_ids)
+    sched.add(big)
+    calls.clear()
+    for _ in range(4):
+        assert step() == [hog]  # no room for big yet
+    mine = [c for c in calls if c[0] >= 150]  # big's tokens (the hog publishes its own blocks meanwhile)
+    assert mine == [(150, 151, 152, 153)] and len(big.block_hashes) == 1  # the first block missed: no more hashed
+    sched.finish(hog, None)
+    assert big in step()
+    sched.finish(big, None)
+    alloc.check()
+    assert alloc.num_used == 0
+
+
+def test_blocks_taken_between_the_check_and_the_append_leave_the_request_waiting(monkeypatch):
+    """The pool is the wrapped model's: a generate() on another thread can take blocks between the scheduler's
+    check and its append. The request then waits, as if the check had said so; the step goes on."""
+    alloc = BlockAllocator(8, 4)
+    sched = Scheduler(alloc, max_num_seqs=4, max_batch_tokens=64)
+    a, b = _seq(0, 16), _seq(1, 16)
+    sched.add(a)
+    sched.add(b)
+    monkeypatch.setattr(alloc, "blocks_needed", lambda table, n: 0)  # the check passes; 4 + 4 blocks fit anyway
+    other = BlockTable()
+    alloc.append_slots(other, 4 * 4)  # "the other thread": only 4 blocks are left, for a alone
+    out = sched.schedule()
+    assert [s.seq for s in out.seqs] == [a] and list(sched.waiting) == [b] and not b.table.blocks
+    alloc.free(other)
     for s in (a, b):
         sched.finish(s, None)
     alloc.check()

@@ -6,6 +6,7 @@ Clients written by others check the wire format: huggingface_hub's InferenceClie
 from __future__ import annotations
 
 import json
+import logging
 import socket
 import threading
 import time
@@ -454,16 +455,17 @@ def test_shutdown_drains_then_ends_every_request_with_a_503(pipe, caplog):
     running after it end with an error that says why (a stream's last frame, a 503 without streaming), on a
     connection closed cleanly; nothing is cut off mid-body, and new requests meanwhile get 503."""
     srv = Served(create_app(pipe, model_id=MODEL_ID, ui=False, close_pipeline=False), drain=4.0)
-    long = {"max_new_tokens": 400}
+    logging.getLogger("uvicorn").addHandler(caplog.handler)  # uvicorn's loggers do not propagate to the root
+    long = {"max_new_tokens": 1000}  # far from done when the drain ends, even on a fast machine
     calls = {
         "drained_stream": ("/generate_stream", {"inputs": COUNTING, "parameters": {"max_new_tokens": 30,
                                                                                   "details": True}}),
         "tgi_stream": ("/generate_stream", {"inputs": COUNTING, "parameters": long}),
         "openai_stream": ("/v1/chat/completions", {  # the schema holds it to at least 400 tokens
-            "model": "x", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 400, "stream": True,
+            "model": "x", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1000, "stream": True,
             "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
                 "type": "array", "items": {"type": "integer"}, "minItems": 200}}}}),
-        "completion_stream": ("/v1/completions", {"model": "x", "prompt": [COUNTING, "Hello"], "max_tokens": 400,
+        "completion_stream": ("/v1/completions", {"model": "x", "prompt": [COUNTING, "Hello"], "max_tokens": 1000,
                                                   "stream": True}),
         "tgi": ("/generate", {"inputs": COUNTING, "parameters": long}),
         "short": ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
@@ -477,9 +479,10 @@ def test_shutdown_drains_then_ends_every_request_with_a_503(pipe, caplog):
         try:
             with httpx.Client(timeout=60) as c:
                 if "stream" not in name:
-                    if name == "short":
-                        stopping.wait(30)  # sent while the server drains
-                        time.sleep(0.2)
+                    if name == "short":  # sent while the server drains
+                        stopping.wait(30)
+                        while not srv.state.closing:
+                            time.sleep(0.01)
                     r = c.post(f"{srv.url}{path}", json=body)
                     got[name] = (r.status_code, r.json())
                     return
@@ -517,10 +520,27 @@ def test_shutdown_drains_then_ends_every_request_with_a_503(pipe, caplog):
     assert json.loads(lines[-1].removeprefix("data:"))["details"]["finish_reason"] == "length"
     status, body = got["tgi"]
     assert status == 503 and body["error_type"] == "unhealthy" and "cancelled after" in body["error"]
-    # Sent once the server closed its socket: refused there, or a 503 on a kept connection; never a hang.
-    assert isinstance(got["short"], httpx.ConnectError) or got["short"][0] == 503, got["short"]
+    # Sent once the server began to close: refused, closed, or a 503 if it got in; never a hang or an answer.
+    short = got["short"]
+    assert isinstance(short, (httpx.ConnectError, httpx.RemoteProtocolError)) or short[0] == 503, short
+    logging.getLogger("uvicorn").removeHandler(caplog.handler)
     assert not [r for r in caplog.records if "timeout graceful shutdown exceeded" in r.getMessage()]
     wait_idle(pipe, timeout=5)
+
+
+def test_a_request_validated_after_the_drain_ended_is_refused(server):
+    """Once the shutdown's drain cancelled the running requests, one that was still being validated (tokenizing,
+    compiling its grammar) is refused when it would be submitted: nothing would cancel it any more."""
+    state = server.app.state.hf_paged
+    state.requests_cancelled = True
+    try:
+        r = httpx.post(f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                       timeout=30)
+    finally:
+        state.requests_cancelled = False
+    assert r.status_code == 503 and r.json() == {"error": "Server is shutting down", "error_type": "unhealthy"}
+    assert httpx.post(f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
+                      timeout=30).status_code == 200
 
 
 def test_cli_registers_serve():

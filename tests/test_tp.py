@@ -108,6 +108,12 @@ def test_server_with_two_ranks_answers_and_stops_when_a_rank_dies(chat_model_dir
         assert r.status_code == 200 and r.json()["choices"][0]["message"]["content"] == want_chat, r.text
         ranks = _rank_pids((tmp_path / "server.log").read_text())
         assert set(ranks) == {0, 1}, ranks
+        # A follower ignores SIGTERM and Ctrl-C (rank 0 needs it to drain its requests on shutdown).
+        os.kill(ranks[1], signal.SIGTERM)
+        os.kill(ranks[1], signal.SIGINT)
+        time.sleep(0.5)
+        r = httpx.post(url + "/generate", json={"inputs": prompt, "parameters": {"max_new_tokens": 8}}, timeout=60)
+        assert r.status_code == 200 and r.json()["generated_text"] == want_text, r.text
         os.kill(ranks[1], signal.SIGKILL)  # a rank dies: the whole group stops, with a message
         assert proc.wait(timeout=60) != 0
         assert "tensor-parallel rank 1 exited" in (tmp_path / "server.log").read_text()

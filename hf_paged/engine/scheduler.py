@@ -146,17 +146,21 @@ class Scheduler:
                 # Leave one token to compute: its logits give the next token. (A request for prompt
                 # log-probabilities computes its whole prompt: a cached block holds K/V, not logits.)
                 hit = self.allocator.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1,
-                                                 salt=seq.cache_salt)
+                                                 salt=seq.cache_salt, known=seq.block_hashes)
                 seq.table = hit
                 seq.num_computed = hit.num_tokens
             pending = seq.num_pending
             n = min(pending, budget)
-            if self.allocator.blocks_needed(seq.table, n) > self.allocator.num_free:
+            try:
+                if self.allocator.blocks_needed(seq.table, n) > self.allocator.num_free:
+                    raise KVCacheFullError
+                # (raises too if a generate() of the wrapped model on another thread took blocks meanwhile)
+                slots, copies = self.allocator.append_slots(seq.table, n)
+            except KVCacheFullError:
                 # Not now: give back the prefix hit (its blocks stay cached) and wait for space.
                 self.allocator.free(seq.table)
                 seq.table, seq.num_computed = BlockTable(), 0
                 break
-            slots, copies = self.allocator.append_slots(seq.table, n)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -52,6 +52,9 @@ class Sequence:
     # moment), and the row of the latest such step's sampled ids that holds this sequence's token.
     num_ahead: int = 0
     ahead_row: int = -1
+    # Chain hashes of its leading full blocks as the prefix cache looked them up (match_prefix's ``known``):
+    # computed once, though a sequence waiting for memory looks its prompt up again every step.
+    block_hashes: list[bytes] = field(default_factory=list)
 
     @property
     def cache_salt(self) -> int | None:

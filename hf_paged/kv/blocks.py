@@ -16,8 +16,10 @@ Example::
 """
 from __future__ import annotations
 
+import hashlib
 import threading
 import weakref
+from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
@@ -39,7 +41,7 @@ class BlockTable:
     blocks: list[int] = field(default_factory=list)
     num_tokens: int = 0
     # Chain hashes of the leading full blocks already published to the prefix cache.
-    hashes: list[int] = field(default_factory=list)
+    hashes: list[bytes] = field(default_factory=list)
 
 
 _LIVE: "weakref.WeakSet[BlockAllocator]" = weakref.WeakSet()
@@ -50,14 +52,19 @@ def live_allocators() -> list["BlockAllocator"]:
     return list(_LIVE)
 
 
-def _root(salt: int | None) -> int | None:
+def _root(salt: int | None) -> bytes:
     """The parent hash of a chain's first block: chains of different salts never meet."""
-    return None if salt is None else hash(("salt", salt))
+    return hashlib.sha256(b"hf_paged prefix" if salt is None else b"hf_paged prefix, salt %d" % salt).digest()
 
 
-def chain_hash(parent: int | None, tokens: Sequence[int]) -> int:
-    """Hash of a full block given the hash of the block before it; equal prefixes give equal chains."""
-    return hash((parent, tuple(tokens)))
+def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
+    """Hash of a full block given the hash of the block before it; equal prefixes give equal chains.
+
+    SHA-256, as vLLM's prefix cache since CVE-2025-25183: a block found under a hash is checked for its own
+    tokens and salt, but not for the tokens before it, which only the chain stands for. Python's ``hash`` of
+    ints and tuples is not randomised and is easy to invert, so a crafted prompt could collide with another
+    user's chain and read or plant K/V computed after someone else's text. ~2 us a block here."""
+    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
 BLOCK_EMPTY, BLOCK_USED, BLOCK_CACHED = 0, 1, 2
@@ -88,10 +95,10 @@ class BlockAllocator:
         self._free: deque[int] = deque(range(num_blocks))
         # Unreferenced blocks that still hold a published prefix; oldest first (evicted first).
         self._evictable: OrderedDict[int, None] = OrderedDict()
-        self._hash: list[int | None] = [None] * num_blocks
+        self._hash: list[bytes | None] = [None] * num_blocks
         self._tokens: list[tuple[int, ...] | None] = [None] * num_blocks
         self._salt: list[int | None] = [None] * num_blocks  # e.g. the LoRA adapter the K/V was computed under
-        self._by_hash: dict[int, int] = {}
+        self._by_hash: dict[bytes, int] = {}
         self._lock = threading.RLock()
         self.prefix_queries = 0  # full blocks looked up in the prefix cache
         self.prefix_hits = 0
@@ -275,12 +282,15 @@ class BlockAllocator:
 
     # ------------------------------------------------------------------ prefix cache
     def match_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None,
-                     salt: int | None = None) -> BlockTable:
+                     salt: int | None = None, known: list[bytes] | None = None) -> BlockTable:
         """A table holding the longest cached run of full blocks that starts ``token_ids``.
 
         The returned blocks are referenced by the new table. ``max_tokens`` caps the match (an
         engine must leave at least one token to compute). ``salt`` names what else the K/V depends on
         (a LoRA adapter's id): blocks are only shared between lookups and publishes of one salt.
+        ``known``: the chain hashes of the leading full blocks of ``token_ids`` under ``salt`` computed by an
+        earlier call (a sequence's own list; the tokens only ever grow): they are taken from there, and the
+        ones computed here are appended to it. A request that waits for memory retries every step.
         """
         with self._lock:
             table = BlockTable()
@@ -292,7 +302,12 @@ class BlockAllocator:
             self.prefix_queries += limit // bs  # every full block that could have been reused
             for i in range(limit // bs):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
-                h = chain_hash(parent, chunk)
+                if known is not None and i < len(known):
+                    h = known[i]
+                else:
+                    h = chain_hash(parent, chunk)
+                    if known is not None:
+                        known.append(h)
                 b = self._by_hash.get(h)
                 # Compare the tokens too: a hash collision must never return someone else's K/V.
                 if b is None or self._tokens[b] != chunk or self._salt[b] != salt:

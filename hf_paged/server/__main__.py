@@ -14,6 +14,7 @@ import contextlib
 import gc
 import logging
 import os
+import signal
 import threading
 
 from ..config import add_cli_arguments as add_engine_arguments
@@ -77,6 +78,11 @@ def serve(args: argparse.Namespace) -> None:
     pipe = PagedPipeline.from_pretrained(args.model, dtype=cli_dtype(args.dtype), config=from_cli(args),
                                          tp_plan=tp_plan)
     if pipe.follower:  # runs rank 0's steps until rank 0 shuts down
+        # Rank 0 drains its requests on SIGTERM or Ctrl-C, and they need this rank until it closes its
+        # pipeline, which ends follow() here (torchrun sends SIGTERM to every rank, a terminal's Ctrl-C reaches
+        # them all). Should rank 0 die instead, the group's timeout (--tp-timeout-s) ends this rank.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         try:
             with frozen_heap():
                 pipe.follow()

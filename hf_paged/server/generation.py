@@ -221,6 +221,8 @@ def tokenize_text(state: ServerState, text: str, add_special_tokens: bool = True
 
 def submit(state: ServerState, ids: list[int], kwargs: dict[str, Any], outcome: Outcome, started: float) -> Generation:
     """Queue a validated request; the engine's own checks (SamplingParams) still answer 422."""
+    if state.requests_cancelled:  # validated after the shutdown's drain ended: nothing would cancel it
+        raise APIError(503, "Server is shutting down", "unhealthy")
     try:
         handle = state.pipe.submit(ids, **kwargs)
     except ValueError as exc:

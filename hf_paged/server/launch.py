@@ -14,6 +14,9 @@ import socket
 
 
 def _rank_main(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
+    # A process group of its own: a terminal's Ctrl-C reaches the launcher alone, which passes it to rank 0
+    # once (a second SIGINT would make uvicorn skip the drain).
+    os.setpgrp()
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), LOCAL_WORLD_SIZE=str(world),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     if os.environ.get("HF_PAGED_RANK_THREADS"):
@@ -38,7 +41,8 @@ def launch_ranks(args: argparse.Namespace) -> int:
                                                               for r, p in enumerate(ctx.processes)), flush=True)
 
     def forward(signum, _frame) -> None:
-        # SIGTERM / Ctrl-C: rank 0 shuts the server down and closes its pipeline, which stops the others.
+        # SIGTERM / Ctrl-C: rank 0 drains and shuts the server down, then closes its pipeline, which stops the
+        # others (they ignore both signals).
         leader = ctx.processes[0]
         if leader.is_alive() and leader.pid:
             os.kill(leader.pid, signum)
@@ -46,7 +50,9 @@ def launch_ranks(args: argparse.Namespace) -> int:
     signal.signal(signal.SIGTERM, forward)
     signal.signal(signal.SIGINT, forward)
     try:
-        while not ctx.join(timeout=1.0):
+        # A rank that failed: the others have a few seconds to end on their own (rank 0 stops its server when
+        # the group breaks), then SIGTERM, which followers ignore, then SIGKILL.
+        while not ctx.join(timeout=1.0, grace_period=5.0):
             pass
     except mp.ProcessExitedException as exc:
         print(f"hf_paged: tensor-parallel rank {exc.error_index} exited ({exc}); the other ranks were stopped",

@@ -119,7 +119,7 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
     held: dict[int, AutoStream] = {}
     async with aclosing(gen.events()) as events:
         async for ev in events:
-            if gen.failure is not None:  # set by its last event
+            if ev.finished and gen.failure is not None:
                 yield sse(openai_error_frame(gen.failure))
                 return
             if ev.token_id is None:
@@ -229,7 +229,7 @@ async def _completion_stream(state: ServerState, gens: list[Generation], req: Co
                 yield chunk
     async with aclosing(merge(gens)) as events:
         async for i, ev in events:
-            if gens[i].failure is not None:  # set by its last event
+            if ev.finished and gens[i].failure is not None:  # merge reads ahead: not at an earlier event
                 yield sse(openai_error_frame(gens[i].failure))
                 return
             if i in held:

@@ -27,7 +27,7 @@ class DrainingServer(uvicorn.Server):
     """``uvicorn.Server`` for an app of :func:`~hf_paged.server.create_app`, draining it on shutdown."""
 
     def __init__(self, app: Any, drain: float = 5.0, **config: Any) -> None:
-        if drain < 0:
+        if not drain >= 0:  # NaN too
             raise ValueError(f"the shutdown drain must be >= 0 seconds, got {drain}")
         self.drain = drain
         self.app_state = app.state.hf_paged

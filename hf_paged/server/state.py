@@ -44,6 +44,7 @@ class ServerState:
     # Every submitted request still alive (the engine holds running ones); shutdown waits on them.
     handles: weakref.WeakSet[Request] = field(default_factory=weakref.WeakSet)
     closing: bool = False
+    requests_cancelled: bool = False  # set by cancel_requests: the drain is over, nothing more is submitted
     special_ids: frozenset[int] = frozenset()
     token_text: Any = None  # token id -> its string (set in __post_init__)
     workers: ThreadPoolExecutor | None = None
@@ -77,7 +78,9 @@ class ServerState:
 
     def cancel_requests(self) -> list[Request]:
         """Cancel every request still running (shutting down); returns them. Each consumer still listening
-        then answers 503 (:class:`~hf_paged.server.generation.Generation`)."""
+        then answers 503 (:class:`~hf_paged.server.generation.Generation`); one still being validated gets 503
+        when it would be submitted."""
+        self.requests_cancelled = True
         pending = [h for h in list(self.handles) if not h.done]
         for h in pending:
             h.cancel()

@@ -104,7 +104,7 @@ async def _stream(state: ServerState, gen: Generation, req: GenerateRequest, kwa
     ended = False
     async with aclosing(gen.events()) as events:
         async for ev in events:
-            if gen.failure is not None:  # set by its last event
+            if ev.finished and gen.failure is not None:
                 yield sse(gen.failure.body())
                 ended = True
                 break
