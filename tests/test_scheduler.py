@@ -121,3 +121,33 @@ def test_blocks_taken_between_the_check_and_the_append_leave_the_request_waiting
         sched.finish(s, None)
     alloc.check()
     assert alloc.num_used == 0
+
+
+def test_siblings_outlive_a_first_sequence_finished_before_its_prompt():
+    """n > 1: the siblings wait for the first sequence's prompt, then fork its blocks. Should the first end
+    before its prompt is computed, the next one takes over the prompt and forks the rest: none is left waiting."""
+    alloc = BlockAllocator(16, 4)
+    sched = Scheduler(alloc, max_num_seqs=4, max_batch_tokens=4)
+    params = SamplingParams(max_new_tokens=8)
+    first, second, third = (Sequence(i, list(range(10, 20)), 10, params, i) for i in range(3))
+    first.children = [second, third]
+    for s in first.children:
+        s.status = SeqStatus.FORKING
+    sched.add(first)
+    out = sched.schedule()  # a 4-token chunk of the 10-token prompt
+    assert [s.seq for s in out.seqs] == [first] and not out.seqs[0].samples
+    sched.advance(out.seqs)
+    sched.finish(first, None)
+    assert list(sched.waiting) == [second] and second.children == [third] and third.status is SeqStatus.FORKING
+    steps = 0
+    sampling = []
+    while not sampling:  # its prompt: the first's cached block, then two chunks
+        steps += 1
+        sampling = sched.advance(sched.schedule().seqs)
+    assert sampling == [second] and steps == 2
+    sched.fork_siblings(sampling)
+    assert sampling == [second, third] and third.status is SeqStatus.RUNNING
+    for s in (second, third):
+        sched.finish(s, None)
+    alloc.check()
+    assert alloc.num_used == 0

@@ -70,6 +70,12 @@ class Scheduler:
         self.allocator.free(seq.table)
         seq.status = SeqStatus.FINISHED
         seq.finish_reason = reason
+        kids = [c for c in seq.children if not c.finished]
+        seq.children = []
+        if kids:  # siblings still waiting for its prompt: the first computes it now (prefix hits), then forks
+            kids[0].children = kids[1:]
+            kids[0].status = SeqStatus.WAITING
+            self.waiting.appendleft(kids[0])
 
     def fork_siblings(self, sampling: list[Sequence]) -> list[int]:
         """Start the siblings that waited for a sampling sequence's prompt: each gets a copy-on-write
