@@ -70,7 +70,8 @@ def test_budget_cut_decode_and_preemption_keep_samples_right():
 
 def test_a_request_waiting_for_memory_hashes_its_prompt_once(monkeypatch):
     """The head of the queue looks its prompt up in the prefix cache each step until blocks free up; its chain
-    hashes (SHA-256, ~2 us a block) are computed once and kept on the sequence."""
+    hashes (SHA-256, ~2 us a block) are computed once and kept on the sequence, and the hit rate counts the
+    lookup once, when the request is admitted."""
     from hf_paged.kv import blocks
 
     calls = []
@@ -92,12 +93,15 @@ def test_a_request_waiting_for_memory_hashes_its_prompt_once(monkeypatch):
     alloc.publish(hog.table, hog.token_ids)
     sched.add(big)
     calls.clear()
+    queries = alloc.prefix_queries
     for _ in range(4):
         assert step() == [hog]  # no room for big yet
+    assert alloc.prefix_queries == queries
     mine = [c for c in calls if c[0] >= 150]  # big's tokens (the hog publishes its own blocks meanwhile)
     assert mine == [(150, 151, 152, 153)] and len(big.block_hashes) == 1  # the first block missed: no more hashed
     sched.finish(hog, None)
     assert big in step()
+    assert alloc.prefix_queries == queries + (20 - 1) // 4  # its full blocks but the last token's, once
     sched.finish(big, None)
     alloc.check()
     assert alloc.num_used == 0

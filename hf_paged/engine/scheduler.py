@@ -148,13 +148,16 @@ class Scheduler:
             kids = sum(not c.finished for c in seq.children)
             if self.running and len(self.running) + forking + 1 + kids > self.max_num_seqs:
                 break
+            looked = None
             if not seq.table.blocks and seq.params.prompt_logprobs is None:
                 # Leave one token to compute: its logits give the next token. (A request for prompt
                 # log-probabilities computes its whole prompt: a cached block holds K/V, not logits.)
+                # Counted once admitted: a request waiting for memory looks its prompt up every step.
                 hit = self.allocator.match_prefix(seq.token_ids, max_tokens=seq.num_tokens - 1,
-                                                 salt=seq.cache_salt, known=seq.block_hashes)
+                                                 salt=seq.cache_salt, known=seq.block_hashes, count=False)
                 seq.table = hit
                 seq.num_computed = hit.num_tokens
+                looked = ((seq.num_tokens - 1) // self.allocator.block_size, len(hit.blocks))
             pending = seq.num_pending
             n = min(pending, budget)
             try:
@@ -167,6 +170,8 @@ class Scheduler:
                 self.allocator.free(seq.table)
                 seq.table, seq.num_computed = BlockTable(), 0
                 break
+            if looked is not None and self.allocator.enable_prefix_caching:
+                self.allocator.count_prefix(*looked)
             self.waiting.popleft()
             seq.status = SeqStatus.RUNNING
             self.running.append(seq)

@@ -282,7 +282,7 @@ class BlockAllocator:
 
     # ------------------------------------------------------------------ prefix cache
     def match_prefix(self, token_ids: Sequence[int], max_tokens: int | None = None,
-                     salt: int | None = None, known: list[bytes] | None = None) -> BlockTable:
+                     salt: int | None = None, known: list[bytes] | None = None, count: bool = True) -> BlockTable:
         """A table holding the longest cached run of full blocks that starts ``token_ids``.
 
         The returned blocks are referenced by the new table. ``max_tokens`` caps the match (an
@@ -291,6 +291,8 @@ class BlockAllocator:
         ``known``: the chain hashes of the leading full blocks of ``token_ids`` under ``salt`` computed by an
         earlier call (a sequence's own list; the tokens only ever grow): they are taken from there, and the
         ones computed here are appended to it. A request that waits for memory retries every step.
+        ``count=False`` leaves the hit-rate counters alone (the caller counts the lookup with
+        :meth:`count_prefix` once the request is admitted).
         """
         with self._lock:
             table = BlockTable()
@@ -299,7 +301,8 @@ class BlockAllocator:
             bs = self.block_size
             limit = len(token_ids) if max_tokens is None else min(max_tokens, len(token_ids))
             parent = _root(salt)
-            self.prefix_queries += limit // bs  # every full block that could have been reused
+            if count:
+                self.prefix_queries += limit // bs  # every full block that could have been reused
             for i in range(limit // bs):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
                 if known is not None and i < len(known):
@@ -312,7 +315,7 @@ class BlockAllocator:
                 # Compare the tokens too: a hash collision must never return someone else's K/V.
                 if b is None or self._tokens[b] != chunk or self._salt[b] != salt:
                     break
-                self.prefix_hits += 1
+                self.prefix_hits += count
                 if self._ref[b] == 0:
                     del self._evictable[b]
                 self._ref[b] += 1
@@ -345,6 +348,12 @@ class BlockAllocator:
                     self._by_hash[h] = b
                 table.hashes.append(h)
                 parent = h
+
+    def count_prefix(self, queries: int, hits: int) -> None:
+        """Count a lookup made with ``count=False``: ``queries`` full blocks looked up, ``hits`` found."""
+        with self._lock:
+            self.prefix_queries += queries
+            self.prefix_hits += hits
 
     @property
     def prefix_hit_rate(self) -> float:
