@@ -269,3 +269,38 @@ def test_byte_table_text_only_for_whole_characters(tok, path):
     ids = [whole, first, *rest, whole, first, whole]
     _, deltas = run(tok, [], ids)
     assert "".join(deltas) == tok.decode(ids) == "h🙂h\ufffdh"
+
+
+def test_a_stop_string_completed_by_the_final_flush_names_the_reason(tok):
+    """A token holding a finished character and the first byte of the next ("aÃ": "a" and half of "ï") ends the
+    output. The decode window holds both back until the end, where flushing them completes the stop string
+    "a": the sequence then ended at that stop (its reason and stop string say so), not at its length limit."""
+    from hf_paged.engine.delivery import Delivery
+    from hf_paged.engine.engine import TokenRecord
+    from hf_paged.engine.outputs import FinishReason
+    from hf_paged.engine.params import SamplingParams
+    from hf_paged.engine.request import Request
+    from hf_paged.engine.sequence import Sequence, SeqStatus
+
+    class Engine:  # what Delivery asks of the engine
+        def add(self, prompt_ids, params, grammar, adapter):
+            self.seq = Sequence(1, list(prompt_ids), len(prompt_ids), params)
+            return [self.seq]
+
+        def finish(self, seq, reason):
+            seq.status, seq.finish_reason = SeqStatus.FINISHED, reason
+
+    token = tok.convert_tokens_to_ids("aÃ")
+    engine = Engine()
+    delivery = Delivery(engine, tok)
+    params = SamplingParams.from_request(None, max_new_tokens=1, stop=["a"])
+    req = Request("r", "", [], params, lambda r: None)
+    delivery.add(req)
+    engine.seq.token_ids.append(token)
+    engine.finish(engine.seq, FinishReason.LENGTH)  # what the engine did on recording its last token
+    delivery.deliver([TokenRecord(1, token, None, None, FinishReason.LENGTH)])
+    events = list(req)
+    out = events[-1].output.outputs[0]
+    assert (out.text, out.finish_reason, out.stop_string) == ("", FinishReason.STOP, "a")
+    assert [(e.token_id, e.text, e.finish_reason, e.stop_string) for e in events[:-1]] == \
+        [(token, "", FinishReason.STOP, "a")]

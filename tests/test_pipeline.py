@@ -106,3 +106,22 @@ def test_generate_keeps_only_each_requests_output_and_gives_what_submit_gives(ti
     finally:
         pipe.close()
         hf_paged.unwrap(model)
+
+
+def test_work_queued_as_the_loop_ends_is_refused_not_left_waiting(tiny_root):
+    """close() may come between a submit's check and its put. An add or call put after the loop took its last
+    inbox items would never be answered (its result() waits forever): once the loop is past them, they are
+    refused at once."""
+    pipe = PagedPipeline(load(build("llama", tiny_root)), IdTokenizer(), num_blocks=64, block_size=8)
+    try:
+        assert pipe.generate([5, 6, 7], max_new_tokens=2).token_ids
+        pipe._inbox.put(("stop", None))  # the loop stops as for close(), which has not set _closed yet
+        pipe._thread.join(timeout=30)
+        assert not pipe._thread.is_alive() and not pipe._closed
+        with pytest.raises(RuntimeError, match="pipeline is closed"):
+            pipe.submit([5, 6, 7], max_new_tokens=2)
+        with pytest.raises(RuntimeError, match="pipeline is closed"):
+            pipe.unload_adapter("none")
+    finally:
+        pipe.close()
+    assert pipe.pool.allocator.num_used == 0

@@ -427,6 +427,28 @@ def test_api_key_401(limited):
     assert ok.usage.completion_tokens == 2
 
 
+def test_the_api_key_holds_under_a_root_path(pipe):
+    """Served under a prefix (Ray Serve's route_prefix, uvicorn --root-path), the ASGI path keeps the prefix
+    while the router matches without it: the key must be checked on the route the router runs, and on any
+    POST at all (deny by default), not on a list of literal paths."""
+    import asyncio
+
+    app = create_app(pipe, model_id=MODEL_ID, ui=False, close_pipeline=False, api_key="secret")
+    body = {"inputs": "Hi", "parameters": {"max_new_tokens": 2}}
+
+    async def run():
+        transport = httpx.ASGITransport(app=app, root_path="/llm")
+        async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+            for path in ["/llm/generate", "/llm/v1/completions", "/llm/", "/llm/not-a-route", "/generate"]:
+                r = await c.post(path, json=body)
+                assert r.status_code == 401 and r.json()["error_type"] == "unauthorized", (path, r.text)
+            ok = await c.post("/llm/generate", json=body, headers={"Authorization": "Bearer secret"})
+            assert ok.status_code == 200 and "generated_text" in ok.json(), ok.text
+            assert (await c.get("/llm/health")).status_code == 200
+
+    asyncio.run(run())
+
+
 def test_shutdown_cancels_streams(pipe):
     srv = Served(create_app(pipe, model_id=MODEL_ID, ui=False, close_pipeline=False), graceful=0.5)
     got = threading.Event()

@@ -281,3 +281,46 @@ def test_ui_chats_with_a_chosen_lora_adapter(server, pipe, demo, tmp_path):
     finally:
         wait_idle(pipe, timeout=60)
         pipe.unload_adapter("ui-lora")
+
+
+def test_ui_chats_are_admitted_like_api_requests(pipe, monkeypatch):
+    """The UI on the server talks to the engine in-process, and is admitted as an API request is: a concurrency
+    slot (none free: the chat is refused), the prompt within max_input_tokens, its schema compiled on the
+    grammar worker (its queue and time limit). A refusal is an error the chat shows; the slot comes back."""
+    app = create_app(pipe, model_id=MODEL_ID, ui=False, close_pipeline=False, max_concurrent_requests=1,
+                     max_input_tokens=64)
+    state = app.state.hf_paged
+    from hf_paged.server.engine_view import LocalEngineClient
+
+    client = LocalEngineClient(pipe, MODEL_ID, state)
+    kw = dict(temperature=0.0, top_p=1.0, max_new_tokens=4, seed=None)
+    hello = [{"role": "user", "content": "Hello"}]
+    schema = {"type": "object", "properties": {"n": {"type": "integer"}}, "required": ["n"]}
+
+    async def chat(messages, **extra):
+        return "".join([t async for t in client.chat(messages, **kw, **extra)])
+
+    async def run():
+        assert await chat(hello)
+        assert state.in_flight == 0
+        compiled = []
+        real = type(state).compile_grammar
+
+        async def counted(self, constraint):
+            compiled.append(constraint[0])
+            await real(self, constraint)
+
+        monkeypatch.setattr(type(state), "compile_grammar", counted)
+        assert (await chat(hello, json_schema=schema)).startswith("{")  # cut at 4 tokens
+        assert compiled == ["json_schema"] and state.in_flight == 0
+        with pytest.raises(RuntimeError, match="max_input_tokens"):
+            await chat([{"role": "user", "content": "word " * 200}])
+        permit = state.acquire(1)  # the one slot is taken
+        try:
+            with pytest.raises(RuntimeError, match="overloaded"):
+                await chat(hello)
+        finally:
+            permit.release()
+        assert state.in_flight == 0 and await chat(hello)
+
+    asyncio.run(run())

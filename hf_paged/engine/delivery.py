@@ -86,11 +86,13 @@ class Delivery:
                         self._with_prompt_logprobs(st, ev)
                     req.emit(ev, wakeups)
                     continue
+                # The end releases held-back text first (bytes of an unfinished character): it may complete a
+                # stop string, which then names the reason, as it would have a token later.
+                delta += detok.flush()
                 if detok.stopped is not None:
                     st.stop_string = detok.stopped
                     reason = FinishReason.STOP
                     self.engine.finish(st.seq, reason)
-                delta += detok.flush()
                 st.ended = True
                 ev = StreamEvent(req.request_id, st.seq.index, rec.token, delta, rec.logprob, rec.top_logprobs,
                                  reason, stop_string=st.stop_string)

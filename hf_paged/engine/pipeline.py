@@ -111,7 +111,8 @@ class PagedPipeline:
         self._held: tuple[str, Any] | None = None  # an inbox item taken out but not applied yet (_drain)
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
-        self._start_lock = threading.Lock()
+        self._start_lock = threading.Lock()  # also orders _put against the loop's last drain
+        self._inbox_closed = False
         self._closed = False
         self._broken: str | None = None  # why the engine cannot go on (a tensor-parallel rank died)
 
@@ -165,16 +166,10 @@ class PagedPipeline:
         return self._enqueue([self._make_request(prompt, kwargs)])[0]
 
     def _enqueue(self, reqs: list[Request]) -> list[Request]:
-        if self._broken is not None:
-            raise RuntimeError(f"pipeline is broken: {self._broken}")
-        if self._closed:
-            raise RuntimeError("pipeline is closed")
         if self.follower:
             raise RuntimeError("this is a tensor-parallel follower rank: call generate() with the same arguments "
                                "as rank 0, or follow() while rank 0 serves")
-        self._ensure_thread()
-        for r in reqs:
-            self._inbox.put(("add", r))
+        self._put([("add", r) for r in reqs])
         return reqs
 
     def generate(self, prompts: Prompt | Sequence[Prompt], *, progress: bool | None = None,
@@ -264,11 +259,8 @@ class PagedPipeline:
 
     def _call(self, fn, *args) -> Any:
         """Run ``fn(*args)`` on the engine thread between two steps; returns its result or raises."""
-        if self._closed:
-            raise RuntimeError("pipeline is closed")
-        self._ensure_thread()
         fut: Future = Future()
-        self._inbox.put(("call", (fn, args, fut)))
+        self._put([("call", (fn, args, fut))])
         return fut.result()
 
     def stats(self) -> EngineStats:
@@ -279,11 +271,17 @@ class PagedPipeline:
     def _cancel(self, req: Request) -> None:
         self._inbox.put(("cancel", req))
 
-    def _ensure_thread(self) -> None:
+    def _put(self, items: list[tuple[str, Any]]) -> None:
+        """Queue adds or calls (starting the loop); refused once the pipeline is closed or broken, and once
+        the loop took its last items (under the same lock): nothing queued is left unanswered."""
         with self._start_lock:
+            if self._closed or self._broken is not None or self._inbox_closed:
+                raise RuntimeError(f"pipeline is broken: {self._broken}" if self._broken else "pipeline is closed")
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name="hf_paged-engine", daemon=True)
                 self._thread.start()
+            for item in items:
+                self._inbox.put(item)
 
     def _take(self, block: bool) -> tuple[str, Any]:
         item, self._held = self._held, None
@@ -352,6 +350,8 @@ class PagedPipeline:
             stepper.drop()
             self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
         self.delivery.cancel_all()
+        with self._start_lock:  # from here _put refuses: nothing gets queued after the drain below
+            self._inbox_closed = True
         while True:  # calls and adds queued behind the stop would otherwise wait forever
             try:
                 kind, item = self._take(False)

@@ -26,7 +26,7 @@ from .engine_view import LocalEngineClient, blocks_payload, stats_payload
 from .errors import install_error_handlers
 from .generation import default_max_new_tokens
 from .metrics import CONTENT_TYPE, ServerMetrics
-from .middleware import GENERATION_ROUTES, BearerAuth, BodyLimit, Options
+from .middleware import GENERATION_ROUTES, BearerAuth, BodyLimit, Options, route_path
 from .openai_routes import router as openai_router
 from .schemas import Info
 from .state import ServerState
@@ -101,7 +101,7 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
 
     def on_validation_error(request: Request) -> None:
         if request.method == "POST":
-            count_rejected(request.url.path)
+            count_rejected(route_path(request.scope))
 
     install_error_handlers(app, on_validation_error)
     app.include_router(tgi_router)
@@ -123,7 +123,8 @@ def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: i
 
     app.add_middleware(BodyLimit, max_bytes=max_body_bytes, on_reject=count_rejected)
     if api_key:
-        app.add_middleware(BearerAuth, api_key=api_key)  # outermost: no body is read without the key
+        # Outermost: no body is read without the key. The UI asks for the key as its password.
+        app.add_middleware(BearerAuth, api_key=api_key, open_prefix=UI_PATH if ui else None)
     app.add_middleware(Options, router_app=app)
     if ui:
         _mount_ui(app, LocalEngineClient(pipe, model_id, state), api_key)

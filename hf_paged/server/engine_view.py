@@ -11,8 +11,10 @@ import asyncio
 from collections.abc import AsyncIterator
 from typing import Any
 
+from ..engine.grammar import normalize as normalize_constraint
 from ..engine.pipeline import PagedPipeline
 from ..engine.request import Request
+from .errors import APIError
 
 
 
@@ -42,9 +44,38 @@ class LocalEngineClient:
     async def chat(self, messages: list[dict], *, temperature: float, top_p: float, max_new_tokens: int,
                    seed: int | None, json_schema: dict | None = None, adapter: str | None = None) -> AsyncIterator[str]:
         """Text deltas of the reply (JSON following ``json_schema`` when given, from LoRA ``adapter`` when
-        given); cancelling the consumer cancels the request."""
+        given); cancelling the consumer cancels the request. In a server (``state``) a chat is admitted as an
+        API request is: a concurrency slot (429 when none is free), the prompt within ``max_input_tokens``, the
+        schema compiled on the grammar worker (its queue and time limit); refusals raise RuntimeError."""
+        state = self._state
+        if state is None:
+            async for text in self._chat(messages, temperature, top_p, max_new_tokens, seed, json_schema, adapter):
+                yield text
+            return
+        try:
+            permit = state.acquire(1)
+        except APIError as exc:
+            raise RuntimeError(exc.message) from None
+        try:
+            if json_schema is not None:
+                try:
+                    await state.compile_grammar(normalize_constraint("json_schema", json_schema))
+                except (APIError, ValueError) as exc:
+                    raise RuntimeError(getattr(exc, "message", str(exc))) from None
+            async for text in self._chat(messages, temperature, top_p, max_new_tokens, seed, json_schema, adapter,
+                                         max_input=state.limits.max_input_tokens):
+                yield text
+        finally:
+            permit.release()
+
+    async def _chat(self, messages: list[dict], temperature: float, top_p: float, max_new_tokens: int,
+                    seed: int | None, json_schema: dict | None, adapter: str | None,
+                    max_input: int | None = None) -> AsyncIterator[str]:
         def start() -> Request:
             ids = self.pipe.encode(messages)
+            if max_input is not None and len(ids) > max_input:
+                raise RuntimeError(f"the conversation has {len(ids)} tokens; this server takes at most {max_input} "
+                                   "(max_input_tokens): start a new chat")
             room = self.pipe.max_model_len - len(ids)
             return self.pipe.submit(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
                                     do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,

@@ -10,21 +10,38 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from .errors import payload_too_large, unauthorized
 
-# TGI puts these behind the API key (its `base_routes`); info, health, metrics and models stay open.
+# TGI's `base_routes` (behind its API key, as every POST is here); a request refused before one of them ran
+# counts in the metrics. Info, health, metrics and models are GETs and stay open.
 GENERATION_ROUTES = frozenset({"/", "/generate", "/generate_stream", "/tokenize", "/chat_tokenize",
                                "/v1/chat/completions", "/v1/completions"})
 
 
-class BearerAuth:
-    """POSTs to generation routes need ``Authorization: Bearer <api_key>`` (TGI's rule). The scheme is
-    case-insensitive, the key is compared exactly and in constant time."""
+def route_path(scope: Scope) -> str:
+    """The path the app's router matches: ``path`` less the ``root_path`` the app is served under (Ray Serve's
+    ``route_prefix``, ``uvicorn --root-path``, a mount), which ASGI servers may leave in ``path``."""
+    path, root = scope["path"], scope.get("root_path", "")
+    if root and path.startswith(root) and (len(path) == len(root) or path[len(root)] == "/"):
+        return path[len(root):] or "/"
+    return path
 
-    def __init__(self, app: ASGIApp, api_key: str) -> None:
+
+class BearerAuth:
+    """Every POST needs ``Authorization: Bearer <api_key>``: the generation routes (TGI's rule) and any other,
+    so that no route is left open by a path it was not listed under (deny by default). The UI under
+    ``open_prefix`` checks the key itself (its password). The scheme is case-insensitive, the key is compared
+    exactly and in constant time."""
+
+    def __init__(self, app: ASGIApp, api_key: str, open_prefix: str | None = None) -> None:
         self.app = app
         self.expected = api_key.encode()
+        self.open_prefix = open_prefix
+
+    def _open(self, path: str) -> bool:
+        p = self.open_prefix
+        return p is not None and (path == p or path.startswith(p + "/"))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] == "http" and scope["method"] == "POST" and scope["path"] in GENERATION_ROUTES:
+        if scope["type"] == "http" and scope["method"] == "POST" and not self._open(route_path(scope)):
             header = dict(scope["headers"]).get(b"authorization", b"")
             scheme, _, key = header.partition(b" ")
             if scheme.lower() != b"bearer" or not hmac.compare_digest(key.strip(), self.expected):
@@ -85,7 +102,7 @@ class BodyLimit:
     async def _reject(self, scope: Scope, receive: Receive, send: Send, *, body_complete: bool) -> None:
         """413. The rest of the body is read and dropped first (up to ``DRAIN_FACTOR`` times the limit):
         a client still sending when the server closes gets a connection reset, not the answer."""
-        self.on_reject(scope["path"])
+        self.on_reject(route_path(scope))
         response = payload_too_large(self.max_bytes).response()
         drained = body_complete
         budget = DRAIN_FACTOR * self.max_bytes
@@ -120,7 +137,7 @@ class Options:
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] == "http" and scope["method"] == "OPTIONS":
-            allow = self.allowed(scope["path"])
+            allow = self.allowed(route_path(scope))
             if allow:
                 await send({"type": "http.response.start", "status": 204,
                             "headers": [(b"allow", allow.encode()), (b"content-length", b"0")]})
