@@ -102,6 +102,30 @@ def test_bad_constraints_are_value_errors(pipe):
                                      "dependencies": {"not": ["not"]}}, max_new_tokens=1).result(60)
 
 
+def test_schemas_too_costly_to_compile_are_refused_at_once(pipe):
+    """A compile cannot be stopped and holds the server's one grammar worker: schemas that would compile for
+    many seconds (nested hundreds deep, hundreds of objects with optional properties, huge enums) are refused
+    before compiling. What realistic schemas use stays well inside the limits (OpenAI's: 10 levels of nesting,
+    5000 properties, 1000 enum values)."""
+    from hf_paged.engine import grammar
+
+    deep = {"type": "integer"}
+    for _ in range(grammar.MAX_SCHEMA_DEPTH):
+        deep = {"type": "array", "items": deep}
+    with pytest.raises(ValueError, match="json_schema: nested deeper than 64 levels"):
+        pipe.submit(PROMPT, json_schema=deep)
+    pipe.submit(PROMPT, json_schema=deep["items"], max_new_tokens=1).result(60)  # 64 levels: fine
+    objects = {"anyOf": [{"type": "object", "properties": {f"p{i}_{j}": {"type": "string"} for j in range(200)}}
+                         for i in range(6)]}
+    with pytest.raises(ValueError, match="more than 1024 optional properties in all"):
+        pipe.submit(PROMPT, json_schema=objects)
+    with pytest.raises(ValueError, match="more than 10000 enum values"):
+        pipe.submit(PROMPT, json_schema={"anyOf": [{"enum": list(range(6000))}, {"enum": list(range(6000))}]})
+    wide = {"anyOf": [{"const": i} for i in range(grammar.MAX_SCHEMA_NODES)]}
+    with pytest.raises(ValueError, match="larger than 10000 subschemas"):
+        pipe.submit(PROMPT, json_schema=wide)
+
+
 # ---------------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def srv(pipe):

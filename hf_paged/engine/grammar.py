@@ -31,6 +31,11 @@ CACHE_BYTES = 256 * 2**20
 # xgrammar's compile time grows about with the cube of an object's optional properties (here: 256 in
 # 0.12 s, 500 in 1 s, 1000 in 4 s, 3000 in 3 minutes): more than this many in one object are refused.
 MAX_OPTIONAL_PROPERTIES = 256
+# Whole-schema limits, so that any schema accepted compiles in seconds (the compile cannot be stopped and holds
+# the server's one grammar worker): 100 objects of 256 optional properties ran past 20 s, arrays nested 980
+# deep too, 10000 enum values took 3 s (here, 2026-12-02). OpenAI's structured outputs allow 10 levels of
+# nesting, 5000 properties and 1000 enum values.
+MAX_SCHEMA_DEPTH, MAX_SCHEMA_NODES, MAX_OPTIONAL_TOTAL, MAX_ENUM_VALUES = 64, 10000, 1024, 10000
 # Compiled grammars kept here, so that a request compiled off the event loop is found again on it: the last
 # RECENT ones, up to RECENT_BYTES together.
 RECENT, RECENT_BYTES = 16, 64 * 2**20
@@ -130,13 +135,22 @@ class Grammars:
 
 def _check_schema(schema: Any) -> None:
     """Refuse what xgrammar would take minutes to compile or silently ignore: objects with very many
-    optional properties (:data:`MAX_OPTIONAL_PROPERTIES`) and ``not`` (it constrains nothing there).
-    Only the keywords that hold subschemas are followed (data such as ``enum`` or ``example`` is not)."""
-    stack = [schema]
+    optional properties (:data:`MAX_OPTIONAL_PROPERTIES`), schemas too deep, too large or with too many
+    optional properties or enum values in all (the ``MAX_`` limits above), and ``not`` (it constrains nothing
+    there). Only the keywords that hold subschemas are followed (data such as ``example`` is not)."""
+    stack, nodes, optional_total, enum_total = [(schema, 1)], 0, 0, 0
     while stack:
-        node = stack.pop()
+        node, depth = stack.pop()
         if not isinstance(node, dict):
             continue
+        nodes += 1
+        if depth > MAX_SCHEMA_DEPTH or nodes > MAX_SCHEMA_NODES:
+            raise ValueError(f"json_schema: nested deeper than {MAX_SCHEMA_DEPTH} levels or larger than "
+                             f"{MAX_SCHEMA_NODES} subschemas; simplify it")
+        if isinstance(node.get("enum"), list):
+            enum_total += len(node["enum"])
+            if enum_total > MAX_ENUM_VALUES:
+                raise ValueError(f"json_schema: more than {MAX_ENUM_VALUES} enum values in all")
         if "not" in node:
             raise ValueError("json_schema: 'not' is not supported")
         props = node.get("properties")
@@ -149,13 +163,18 @@ def _check_schema(schema: Any) -> None:
                 raise ValueError(f"json_schema: an object with {optional} optional properties; at most "
                                  f"{MAX_OPTIONAL_PROPERTIES} (their compilation time grows with the cube of "
                                  "their number): list some in 'required'")
+            optional_total += optional
+            if optional_total > MAX_OPTIONAL_TOTAL:
+                raise ValueError(f"json_schema: more than {MAX_OPTIONAL_TOTAL} optional properties in all; list "
+                                 "some in 'required'")
         for key, value in node.items():
             if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-                stack.extend(value.values())  # name -> schema (a "dependencies" list of names is skipped)
+                # name -> schema (a "dependencies" list of names is skipped)
+                stack.extend((v, depth + 1) for v in value.values())
             elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-                stack.extend(value)
+                stack.extend((v, depth + 1) for v in value)
             elif key in _SUBSCHEMA:
-                stack.append(value)
+                stack.append((value, depth + 1))
 
 
 _SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "contains", "propertyNames", "if", "then", "else",
