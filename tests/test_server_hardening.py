@@ -243,6 +243,18 @@ def test_health_answers_while_a_huge_input_is_tokenized(srv, http):
     assert worst < 0.3, f"/health took {worst * 1000:.0f} ms while a 4 MB input was tokenized"
 
 
+def test_more_messages_than_tokens_allowed_are_refused_before_templating(srv, http):
+    """Every message costs a chat template a token or more: a chat with more messages than max_input_tokens is
+    refused from its length alone, before seconds of templating and tokenizing on a validation worker."""
+    limit = srv.state.limits.max_input_tokens
+    many = [{"role": "user", "content": "a"}] * (limit + 1)
+    for path in ("/v1/chat/completions", "/chat_tokenize"):
+        t = time.perf_counter()
+        assert_error(http.post(path, json={"messages": many, "max_tokens": 2}), 422, "validation",
+                     f"Given: {limit + 1} messages")
+        assert time.perf_counter() - t < 5
+
+
 # ---------------------------------------------------------------------------- the smaller points
 @pytest.mark.parametrize("body,mentions", [
     ({"messages": [{"role": "wizard", "content": "x"}]}, "messages.0.role"),

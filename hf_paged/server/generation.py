@@ -199,6 +199,10 @@ def check_text_length(state: ServerState, prompt: Any) -> None:
         chars = len(prompt)
     elif isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
         chars = sum(len(m["content"]) for m in prompt if isinstance(m.get("content"), str))
+        limit = state.limits.max_input_tokens
+        if len(prompt) > limit:  # a chat template spends a token or more on every message
+            raise validation_error(f"`messages` must make less than {limit} tokens. Given: {len(prompt)} messages, "
+                                   f"at least a token each")
     else:
         return
     limit = state.limits.max_input_tokens
