@@ -125,3 +125,23 @@ def test_work_queued_as_the_loop_ends_is_refused_not_left_waiting(tiny_root):
     finally:
         pipe.close()
     assert pipe.pool.allocator.num_used == 0
+
+
+def test_a_base_exception_in_a_step_still_ends_every_request(tiny_root, monkeypatch):
+    """Not an Exception (SystemExit, say): the engine thread ends, but not before failing what runs, so no caller
+    waits forever; the pipeline then refuses new work as broken."""
+    from hf_paged.engine import stepping
+
+    pipe = PagedPipeline(load(build("llama", tiny_root)), IdTokenizer(), num_blocks=64, block_size=8)
+    try:
+        monkeypatch.setattr(stepping.Stepper, "step", lambda self: (_ for _ in ()).throw(SystemExit(3)))
+        h = pipe.submit([5, 6, 7], max_new_tokens=4)
+        with pytest.raises(RuntimeError, match="the engine thread ended: SystemExit: 3"):
+            h.result(timeout=30)
+        pipe._thread.join(timeout=30)
+        assert not pipe.alive
+        with pytest.raises(RuntimeError, match="pipeline is broken: the engine thread ended"):
+            pipe.submit([5, 6, 7], max_new_tokens=2)
+    finally:
+        pipe.close()
+    assert pipe.pool.allocator.num_used == 0

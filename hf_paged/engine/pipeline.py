@@ -344,6 +344,10 @@ class PagedPipeline:
                 logger.exception("engine step failed")
                 stepper.drop()
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
+            except BaseException as exc:  # SystemExit and such end the thread: every request ends first
+                self._broken = f"the engine thread ended: {type(exc).__name__}: {exc}"
+                self.delivery.fail_all(self._broken)
+                break
         try:
             stepper.flush()  # what a tensor-parallel failure left held (a stop flushes in _drain)
         except Exception as exc:  # noqa: BLE001 - the requests must still end, and the queue be answered
