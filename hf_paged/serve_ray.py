@@ -17,6 +17,18 @@ from __future__ import annotations
 
 from typing import Any
 
+_REPLICA: dict[str, Any] = {}  # this process's replica app (Ray Serve runs each replica in its own actor)
+
+
+def check_replica() -> None:
+    """Ray Serve's health check of this replica: it raises once the engine stopped (its thread died, or its
+    tensor-parallel group broke). Such a replica answers every request with 503 and never recovers; Ray's proxy
+    does not read ``/health``, but it replaces a replica whose check fails."""
+    app = _REPLICA.get("app")
+    if app is not None and not app.state.hf_paged.pipe.alive:
+        raise RuntimeError("hf_paged: this replica's engine has stopped: "
+                           f"{app.state.hf_paged.pipe._broken or 'its thread ended'}")
+
 
 def _build_app(model: str, engine: dict, server: dict, model_id: str | None) -> Any:
     """Runs on each replica: load the model, build the pipeline and the app (no UI)."""
@@ -39,18 +51,21 @@ def _build_app(model: str, engine: dict, server: dict, model_id: str | None) -> 
         response.headers["x-hf-paged-replica"] = replica
         return response
 
+    _REPLICA["app"] = app
     return app
 
 
 def deployment(model: str = "default", *, engine: dict | None = None, server: dict | None = None,
                model_id: str | None = None, num_replicas: int | None = 1,
                autoscaling_config: dict | None = None, ray_actor_options: dict | None = None,
-               max_ongoing_requests: int = 256) -> Any:
+               max_ongoing_requests: int | None = None) -> Any:
     """The Ray Serve application (``Deployment.bind()``) of ``model``.
 
     ``engine``: :class:`~hf_paged.config.EngineConfig` fields (and ``dtype``/``device``/``tp_plan``);
     ``server``: ``create_app`` options (``max_concurrent_requests``, ``api_key``, ...). Give
-    ``num_replicas`` or ``autoscaling_config`` (then ``num_replicas`` is ignored).
+    ``num_replicas`` or ``autoscaling_config`` (then ``num_replicas`` is ignored). ``max_ongoing_requests``
+    (Ray's per-replica limit) defaults to the app's ``max_concurrent_requests`` (128): with more, Ray would send a
+    replica requests its app answers 429 while another replica is idle.
     """
     from ray import serve
 
@@ -59,6 +74,8 @@ def deployment(model: str = "default", *, engine: dict | None = None, server: di
     def builder() -> Any:  # a plain function: Ray Serve calls it on each replica (a partial looks like an app)
         return _build_app(model, engine, server, model_id)
 
+    if max_ongoing_requests is None:
+        max_ongoing_requests = int(server.get("max_concurrent_requests", 128))
     options: dict[str, Any] = {"max_ongoing_requests": max_ongoing_requests,
                                "ray_actor_options": ray_actor_options or {"num_cpus": 1}}
     if autoscaling_config is not None:
@@ -69,7 +86,10 @@ def deployment(model: str = "default", *, engine: dict | None = None, server: di
     @serve.deployment(name="hf_paged", **options)
     @serve.ingress(builder)
     class HFPaged:
-        pass
+        def check_health(self) -> None:
+            from hf_paged.serve_ray import check_replica
+
+            check_replica()
 
     return HFPaged.bind()
 

@@ -336,3 +336,42 @@ def test_the_lora_benchmark_runs(tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     rounds = json.loads(out.read_text())["rounds"]
     assert len(rounds) == 1 and rounds[0]["none"] > 0 and rounds[0]["lora"] > 0
+
+
+def test_adapters_that_would_change_the_shared_model_are_refused(adapter_dirs, tmp_path):
+    """Adapters the batched path cannot serve as they were trained are refused at load, and leave the base model
+    as it was: biases PEFT would load into the shared base layers (bias="all"), copied decoder layers
+    (layer_replication), LoRA variants (aLoRA), merged weights, transformers-loaded adapters, and a first load
+    that fails halfway (PEFT has then wrapped some layers already)."""
+    base_path, dirs = adapter_dirs
+    prompt = PROMPTS[1]
+    with _pipe(base_path, None) as pipe:  # no adapter yet: the first load makes the PeftModel
+        base_tokens = pipe.generate(prompt, max_new_tokens=6, do_sample=False, ignore_eos=True).token_ids
+        cfg = transformers.AutoConfig.from_pretrained(base_path)
+        cfg.intermediate_size += 32
+        wider = transformers.AutoModelForCausalLM.from_config(cfg)
+        lora = peft.LoraConfig(r=4, target_modules=["q_proj", "up_proj"], init_lora_weights=False)
+        peft.get_peft_model(wider, lora).save_pretrained(tmp_path / "partial")  # q_proj fits, up_proj does not
+        with pytest.raises(ValueError, match="'partial' does not fit this model"):
+            pipe.load_adapter("partial", str(tmp_path / "partial"))
+        for bad, extra, match in (("bias", dict(bias="all"), "bias='all' is not supported"),
+                                  ("rep", dict(layer_replication=[[0, 2], [1, 2]]), "layer_replication"),
+                                  ("alora", dict(alora_invocation_tokens=[5, 9]), "aLoRA")):
+            lora = peft.LoraConfig(r=4, target_modules=["q_proj"], init_lora_weights=False, **extra)
+            peft.get_peft_model(load(base_path), lora).save_pretrained(tmp_path / bad)
+            with pytest.raises(ValueError, match=match):
+                pipe.load_adapter(bad, str(tmp_path / bad))
+        assert pipe.adapter_names == []
+        assert pipe.generate(prompt, max_new_tokens=6, do_sample=False, ignore_eos=True).token_ids == base_tokens
+        pipe.load_adapter("attn", dirs["attn"])  # a good one still loads, and the base is still the base
+        assert pipe.generate(prompt, max_new_tokens=6, do_sample=False, ignore_eos=True).token_ids == base_tokens
+    merged = peft.PeftModel.from_pretrained(load(base_path), dirs["attn"]).eval()
+    merged.merge_adapter()
+    with pytest.raises(ValueError, match="merged into the base weights"):
+        hf_paged.PagedPipeline(merged, IdTokenizer(), num_blocks=32)
+    hf_paged.unwrap(merged)
+    loaded = load(base_path)
+    loaded.load_adapter(dirs["attn"])
+    with pytest.raises(ValueError, match="load_adapter"):
+        hf_paged.PagedPipeline(loaded, IdTokenizer(), num_blocks=32)
+    hf_paged.unwrap(loaded)

@@ -45,3 +45,19 @@ def test_two_replicas_behind_rays_proxy(tmp_path):
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def test_a_replica_whose_engine_stopped_fails_its_health_check(monkeypatch):
+    """Ray Serve calls each replica's check_health; a replica whose engine stopped (its thread died, its
+    tensor-parallel group broke) answers 503 for ever, so the check fails and Ray replaces it."""
+    from types import SimpleNamespace
+
+    from hf_paged import serve_ray
+
+    pipe = SimpleNamespace(alive=True, _broken=None)
+    monkeypatch.setitem(serve_ray._REPLICA, "app", SimpleNamespace(state=SimpleNamespace(
+        hf_paged=SimpleNamespace(pipe=pipe))))
+    serve_ray.check_replica()
+    pipe.alive, pipe._broken = False, "tensor-parallel rank 1 of 2 lost its group"
+    with pytest.raises(RuntimeError, match="engine has stopped: tensor-parallel rank 1"):
+        serve_ray.check_replica()

@@ -50,6 +50,10 @@ class AdapterSet:
     """The adapters of one engine. Not thread-safe: PagedPipeline calls it from its engine thread."""
 
     def __init__(self, model: torch.nn.Module, *, max_rank: int = MAX_RANK) -> None:
+        if getattr(model, "_hf_peft_config_loaded", False) and not is_peft(model):
+            # Its LoRA layers would run for every request as the base model, and stop once an adapter is loaded
+            raise ValueError("the model holds adapters loaded by transformers' load_adapter(): load them with "
+                             "peft.PeftModel.from_pretrained, or name them in lora_adapters, to serve them")
         self.peft = model if is_peft(model) else None
         # A PeftModel made here (adapters loaded into a plain model): PEFT's own forward, which
         # model.generate() runs, keeps answering as the base model, as the caller's model did.
@@ -114,14 +118,19 @@ class AdapterSet:
         except Exception as exc:
             raise ValueError(f"adapter {name!r}: cannot read a PEFT adapter config at {path!r}: {exc}") from exc
         self._check_config(name, config)
+        first = self.peft is None
+        had_config = hasattr(self.base, "peft_config")
         try:
-            if self.peft is None:
+            if first:
                 self.peft = PeftModel.from_pretrained(self.base, str(path), adapter_name=name, config=config)
             else:
                 self.peft.load_adapter(str(path), adapter_name=name)
         except Exception as exc:
             if self.peft is not None and name in self.peft.peft_config:
                 self.peft.delete_adapter(name)
+            if first:  # PEFT failed halfway: the layers it injected would run for every request
+                self.peft = None
+                _strip_lora_layers(self.base, keep_config=had_config)
             raise ValueError(f"adapter {name!r} does not fit this model: {type(exc).__name__}: {exc}") from exc
         self.peft.eval()
         if self._owns_peft:
@@ -165,9 +174,16 @@ class AdapterSet:
         rank = max([config.r, *getattr(config, "rank_pattern", {}).values()])
         if rank > self.max_rank:
             raise ValueError(f"adapter {name!r}: rank {rank} exceeds the largest served rank {self.max_rank}")
-        for flag, what in (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias")):
+        for flag, what in (("use_dora", "DoRA"), ("lora_bias", "a LoRA bias"),
+                           ("alora_invocation_tokens", "activated LoRA (aLoRA)"), ("use_qalora", "QALoRA"),
+                           ("layer_replication", "layer_replication (it copies decoder layers of the shared model)")):
             if getattr(config, flag, False):
                 raise ValueError(f"adapter {name!r}: {what} is not supported by the batched LoRA path")
+        if getattr(config, "bias", "none") != "none":  # PEFT would load its biases into the shared base layers
+            raise ValueError(f"adapter {name!r}: bias={config.bias!r} is not supported (it changes the base "
+                             "model's own biases, for every request); only bias='none'")
+        if rank > 256 and self.base.get_input_embeddings().weight.device.type == "cpu":
+            raise ValueError(f"adapter {name!r}: rank {rank}: the CPU LoRA kernel serves ranks up to 256")
         for flag in ("modules_to_save", "trainable_token_indices"):
             if getattr(config, flag, None):
                 raise ValueError(f"adapter {name!r}: {flag} ({getattr(config, flag)!r}) is not supported: the "
@@ -180,6 +196,16 @@ class AdapterSet:
         odd += [n for n, m in self.base.named_modules() if name in getattr(m, "lora_embedding_A", {})]
         if odd:
             raise ValueError(f"adapter {name!r}: LoRA on non-linear layers is not supported ({odd[:3]})")
+        # A variant (DoRA, aLoRA, VeLoRA, KaSA, ...) changes the forward; the batched path runs plain LoRA.
+        variant = [type(m.lora_variant[name]).__name__ for m in self.base.modules()
+                   if getattr(m, "lora_variant", {}).get(name) is not None]
+        if variant:
+            raise ValueError(f"adapter {name!r}: a LoRA variant ({variant[0]}) is not supported by the batched "
+                             "LoRA path")
+        merged = [n for n, m in self.base.named_modules() if name in getattr(m, "merged_adapters", ())]
+        if merged:  # its update is in the base weights: every request would get it, adapter rows twice
+            raise ValueError(f"adapter {name!r} is merged into the base weights ({merged[0]}); unmerge it "
+                             "(unmerge_adapter()) to serve it")
         head = self.base.get_output_embeddings()
         if head is not None and name in getattr(head, "lora_A", {}):
             # The engine runs the output layer on the sampled rows only, not on every token of the step.
@@ -203,3 +229,15 @@ class AdapterSet:
         stacked_rank = max(16, 1 << (top - 1).bit_length())
         for m in self._layers:
             m._hf_paged_lora = layers.stack(m, slots, num_slots, stacked_rank)
+
+
+def _strip_lora_layers(model: torch.nn.Module, keep_config: bool) -> None:
+    """Put back the base layers that PEFT wrapped in ``model`` (what a failed first load leaves behind)."""
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    for name, module in list(model.named_modules()):
+        if isinstance(module, BaseTunerLayer):
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, module.get_base_layer())
+    if not keep_config and hasattr(model, "peft_config"):
+        del model.peft_config
