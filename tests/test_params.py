@@ -105,3 +105,17 @@ def test_unknown_kwarg_lists_allowed_names():
 def test_alias_and_field_together_is_an_error():
     with pytest.raises(ValueError, match="max_tokens"):
         SamplingParams.from_request(GenerationConfig(), max_tokens=3, max_new_tokens=4)
+
+
+def test_generation_config_settings_the_engine_does_not_apply_are_named_once(caplog):
+    """A model config with beam search or suppressed tokens decodes differently here than with generate(): the
+    engine says which settings it leaves out, once per config, and nothing for a config without them."""
+    import logging
+
+    cfg = GenerationConfig(num_beams=4, suppress_tokens=[5, 6], do_sample=False)
+    with caplog.at_level(logging.WARNING, logger="hf_paged.engine.params"):
+        SamplingParams.from_request(cfg, max_tokens=4)
+        SamplingParams.from_request(cfg, max_tokens=8)
+        SamplingParams.from_request(GenerationConfig(do_sample=True, top_k=5), max_tokens=4)
+    warned = [r.getMessage() for r in caplog.records if "does not apply" in r.getMessage()]
+    assert len(warned) == 1 and "num_beams=4" in warned[0] and "suppress_tokens=[5, 6]" in warned[0], warned

@@ -11,11 +11,23 @@ Example::
 """
 from __future__ import annotations
 
+import logging
 import math
 import numbers
 import re
 from dataclasses import dataclass, field, fields
 from typing import Any
+
+logger = logging.getLogger(__name__)
+
+# generate() settings of a generation_config that the engine does not apply, with the value that means "off":
+# a model config that sets one decodes differently here than with generate() (a warning says so, once).
+_NOT_APPLIED = {"num_beams": 1, "penalty_alpha": 0, "dola_layers": None, "diversity_penalty": 0,
+                "suppress_tokens": None, "begin_suppress_tokens": None, "bad_words_ids": None, "sequence_bias": None,
+                "forced_bos_token_id": None, "forced_eos_token_id": None, "epsilon_cutoff": 0, "eta_cutoff": 0,
+                "top_h": None, "exponential_decay_length_penalty": None, "encoder_repetition_penalty": 1,
+                "renormalize_logits": False, "remove_invalid_values": False}
+_WARNED: set[int] = set()
 
 # Request spellings accepted on top of the field names (OpenAI / TGI / generate() vocabulary).
 _ALIASES = {"max_tokens": "max_new_tokens", "stop_strings": "stop", "n": "num_return_sequences"}
@@ -180,6 +192,14 @@ def _config_defaults(gc: Any, prompt_length: int | None) -> dict[str, Any]:
 
     if gc is None:
         gc = GenerationConfig()
+    elif id(gc) not in _WARNED:
+        _WARNED.add(id(gc))
+        ignored = {k: getattr(gc, k, None) for k in _NOT_APPLIED}
+        ignored = {k: v for k, v in ignored.items() if v not in (None, _NOT_APPLIED[k], [], {})}
+        if ignored:
+            logger.warning("hf_paged: the model's generation_config sets %s, which the engine does not apply: "
+                           "its outputs differ there from generate()'s", ", ".join(f"{k}={v!r}" for k, v in
+                                                                                   ignored.items()))
     base = GenerationConfig._get_default_generation_params()
 
     def get(name: str) -> Any:
