@@ -75,7 +75,9 @@ def deployment(model: str = "default", *, engine: dict | None = None, server: di
         return _build_app(model, engine, server, model_id)
 
     if max_ongoing_requests is None:
-        max_ongoing_requests = int(server.get("max_concurrent_requests", 128))
+        from .server.app import DEFAULT_MAX_CONCURRENT_REQUESTS
+
+        max_ongoing_requests = int(server.get("max_concurrent_requests", DEFAULT_MAX_CONCURRENT_REQUESTS))
     options: dict[str, Any] = {"max_ongoing_requests": max_ongoing_requests,
                                "ray_actor_options": ray_actor_options or {"num_cpus": 1}}
     if autoscaling_config is not None:

@@ -332,3 +332,26 @@ def test_prefix_chain_hashes_are_sha256_of_the_whole_prefix():
     assert hit.num_tokens == 0
     a.free(t)
     a.check()
+
+
+def test_a_sequences_known_hashes_are_reused_by_publish(monkeypatch):
+    """Publishing a block whose hash the sequence already holds (it looked it up before, or published it before
+    a preemption) does not hash it again; a new one is appended to the sequence's list."""
+    from hf_paged.kv import blocks
+
+    calls = []
+    real = blocks.chain_hash
+    monkeypatch.setattr(blocks, "chain_hash", lambda parent, tokens: calls.append(1) or real(parent, tokens))
+    a = BlockAllocator(8, 4)
+    tokens, known = list(range(1, 9)), []
+    t = BlockTable()
+    a.append_slots(t, 8)
+    a.publish(t, tokens, None, known)
+    assert len(calls) == 2 and known == t.hashes
+    a.free(t)  # preempted: recomputed into fresh blocks
+    again = BlockTable()
+    a.append_slots(again, 8)
+    a.publish(again, tokens, None, known)
+    assert len(calls) == 2 and again.hashes == known
+    a.free(again)
+    a.check()

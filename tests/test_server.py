@@ -476,18 +476,19 @@ def test_shutdown_drains_then_ends_every_request_with_a_503(pipe, caplog):
     """hf-paged serve's shutdown: a request that finishes within the drain is answered as usual; those still
     running after it end with an error that says why (a stream's last frame, a 503 without streaming), on a
     connection closed cleanly; nothing is cut off mid-body, and new requests meanwhile get 503."""
-    srv = Served(create_app(pipe, model_id=MODEL_ID, ui=False, close_pipeline=False), drain=4.0)
+    # The drain is long enough for 8 tokens on a loaded 2-core machine, and far too short for 4000.
+    srv = Served(create_app(pipe, model_id=MODEL_ID, ui=False, close_pipeline=False), drain=12.0)
     logging.getLogger("uvicorn").addHandler(caplog.handler)  # uvicorn's loggers do not propagate to the root
-    long = {"max_new_tokens": 1000}  # far from done when the drain ends, even on a fast machine
+    long = {"max_new_tokens": 4000}
     calls = {
-        "drained_stream": ("/generate_stream", {"inputs": COUNTING, "parameters": {"max_new_tokens": 30,
+        "drained_stream": ("/generate_stream", {"inputs": COUNTING, "parameters": {"max_new_tokens": 8,
                                                                                   "details": True}}),
         "tgi_stream": ("/generate_stream", {"inputs": COUNTING, "parameters": long}),
-        "openai_stream": ("/v1/chat/completions", {  # the schema holds it to at least 400 tokens
-            "model": "x", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 1000, "stream": True,
+        "openai_stream": ("/v1/chat/completions", {  # the schema holds it to its 4000 tokens
+            "model": "x", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 4000, "stream": True,
             "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
-                "type": "array", "items": {"type": "integer"}, "minItems": 200}}}}),
-        "completion_stream": ("/v1/completions", {"model": "x", "prompt": [COUNTING, "Hello"], "max_tokens": 1000,
+                "type": "array", "items": {"type": "integer"}, "minItems": 2000}}}}),
+        "completion_stream": ("/v1/completions", {"model": "x", "prompt": [COUNTING, "Hello"], "max_tokens": 4000,
                                                   "stream": True}),
         "tgi": ("/generate", {"inputs": COUNTING, "parameters": long}),
         "short": ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
@@ -538,7 +539,7 @@ def test_shutdown_drains_then_ends_every_request_with_a_503(pipe, caplog):
         else:
             assert last["error"]["http_status_code"] == 503
     lines = got["drained_stream"]  # finished during the drain, as usual
-    assert at_stop < 30 and len(lines) == 30, (at_stop, lines[-1])
+    assert at_stop < 8 and len(lines) == 8, (at_stop, lines[-1])
     assert json.loads(lines[-1].removeprefix("data:"))["details"]["finish_reason"] == "length"
     status, body = got["tgi"]
     assert status == 503 and body["error_type"] == "unhealthy" and "cancelled after" in body["error"]
@@ -563,6 +564,24 @@ def test_a_request_validated_after_the_drain_ended_is_refused(server):
     assert r.status_code == 503 and r.json() == {"error": "Server is shutting down", "error_type": "unhealthy"}
     assert httpx.post(f"{server.url}/generate", json={"inputs": "Hi", "parameters": {"max_new_tokens": 2}},
                       timeout=30).status_code == 200
+
+    class Handle:  # a UI chat's request, submitted from a worker thread as the drain ends
+        cancelled = done = False
+
+        def cancel(self):
+            self.cancelled = True
+
+    late, early = Handle(), Handle()
+    state.track(early)
+    assert not early.cancelled
+    state.requests_cancelled = True
+    try:
+        state.track(late)
+    finally:
+        state.requests_cancelled = False
+        state.handles.discard(late)
+        state.handles.discard(early)
+    assert late.cancelled
 
 
 def test_cli_registers_serve():

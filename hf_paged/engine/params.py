@@ -15,6 +15,7 @@ import logging
 import math
 import numbers
 import re
+import weakref
 from dataclasses import dataclass, field, fields
 from typing import Any
 
@@ -27,7 +28,7 @@ _NOT_APPLIED = {"num_beams": 1, "penalty_alpha": 0, "dola_layers": None, "divers
                 "forced_bos_token_id": None, "forced_eos_token_id": None, "epsilon_cutoff": 0, "eta_cutoff": 0,
                 "top_h": None, "exponential_decay_length_penalty": None, "encoder_repetition_penalty": 1,
                 "renormalize_logits": False, "remove_invalid_values": False}
-_WARNED: set[int] = set()
+_WARNED: dict[int, weakref.ref] = {}  # configs warned about, by id while they live (ids are reused after)
 
 # Request spellings accepted on top of the field names (OpenAI / TGI / generate() vocabulary).
 _ALIASES = {"max_tokens": "max_new_tokens", "stop_strings": "stop", "n": "num_return_sequences"}
@@ -192,8 +193,9 @@ def _config_defaults(gc: Any, prompt_length: int | None) -> dict[str, Any]:
 
     if gc is None:
         gc = GenerationConfig()
-    elif id(gc) not in _WARNED:
-        _WARNED.add(id(gc))
+    elif (seen := _WARNED.get(id(gc))) is None or seen() is not gc:
+        key = id(gc)
+        _WARNED[key] = weakref.ref(gc, lambda _ref: _WARNED.pop(key, None))
         ignored = {k: getattr(gc, k, None) for k in _NOT_APPLIED}
         ignored = {k: v for k, v in ignored.items() if v not in (None, _NOT_APPLIED[k], [], {})}
         if ignored:

@@ -345,7 +345,9 @@ class PagedPipeline:
                 stepper.drop()
                 self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
             except BaseException as exc:  # SystemExit and such end the thread: every request ends first
+                logger.critical("hf_paged: the engine thread ends", exc_info=True)
                 self._broken = f"the engine thread ended: {type(exc).__name__}: {exc}"
+                stepper.drop()
                 self.delivery.fail_all(self._broken)
                 break
         try:

@@ -160,10 +160,7 @@ class Scheduler:
                 looked = ((seq.num_tokens - 1) // self.allocator.block_size, len(hit.blocks))
             pending = seq.num_pending
             n = min(pending, budget)
-            try:
-                if self.allocator.blocks_needed(seq.table, n) > self.allocator.num_free:
-                    raise KVCacheFullError
-                # (raises too if a generate() of the wrapped model on another thread took blocks meanwhile)
+            try:  # all or nothing (the pool may be shared with a generate() of the model on another thread)
                 slots, copies = self.allocator.append_slots(seq.table, n)
             except KVCacheFullError:
                 # Not now: give back the prefix hit (its blocks stay cached) and wait for space.
@@ -203,7 +200,7 @@ class Scheduler:
             table = seq.table
             # A decode step fills a block once every block_size steps: call publish only when one may have.
             if table.num_tokens >= (len(table.hashes) + 1) * bs:
-                publish(table, seq.token_ids, seq.cache_salt)
+                publish(table, seq.token_ids, seq.cache_salt, seq.block_hashes)
             if sched.samples:
                 sampling.append(seq)
         return sampling

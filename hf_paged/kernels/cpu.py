@@ -27,6 +27,7 @@ from . import reference
 
 logger = logging.getLogger(__name__)
 
+LORA_MAX_RANK = 256  # the C++ LoRA kernel's largest rank (csrc/lora_cpu.cpp keeps a row's rank in registers)
 _SOURCES = [Path(__file__).with_name("csrc") / name for name in ("paged_attention_cpu.cpp", "linear_cpu.cpp",
                                                                        "rms_norm_cpu.cpp", "lora_cpu.cpp",
                                                                        "linear_bf16_cpu.cpp", "argmax_cpu.cpp",

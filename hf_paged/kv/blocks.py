@@ -16,6 +16,7 @@ Example::
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import threading
 import weakref
@@ -52,6 +53,7 @@ def live_allocators() -> list["BlockAllocator"]:
     return list(_LIVE)
 
 
+@functools.lru_cache(maxsize=1024)
 def _root(salt: int | None) -> bytes:
     """The parent hash of a chain's first block: chains of different salts never meet."""
     return hashlib.sha256(b"hf_paged prefix" if salt is None else b"hf_paged prefix, salt %d" % salt).digest()
@@ -325,11 +327,12 @@ class BlockAllocator:
             table.num_tokens = len(table.blocks) * bs
             return table
 
-    def publish(self, table: BlockTable, token_ids: Sequence[int], salt: int | None = None) -> None:
+    def publish(self, table: BlockTable, token_ids: Sequence[int], salt: int | None = None,
+                known: list[bytes] | None = None) -> None:
         """Publish the table's full blocks (whose K/V are written) under their chain hashes.
 
-        ``token_ids`` are the sequence's tokens; only the first ``table.num_tokens`` count; ``salt`` as
-        in :meth:`match_prefix`.
+        ``token_ids`` are the sequence's tokens; only the first ``table.num_tokens`` count; ``salt`` and
+        ``known`` as in :meth:`match_prefix` (each block of a sequence is then hashed once, preemptions too).
         """
         bs = self.block_size
         full = min(table.num_tokens, len(token_ids)) // bs
@@ -339,7 +342,12 @@ class BlockAllocator:
             parent = table.hashes[-1] if table.hashes else _root(salt)
             for i in range(len(table.hashes), full):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
-                h = chain_hash(parent, chunk)
+                if known is not None and i < len(known):
+                    h = known[i]
+                else:
+                    h = chain_hash(parent, chunk)
+                    if known is not None and i == len(known):
+                        known.append(h)
                 b = table.blocks[i]
                 if self._hash[b] is None and h not in self._by_hash:
                     self._hash[b] = h

@@ -182,8 +182,10 @@ class AdapterSet:
         if getattr(config, "bias", "none") != "none":  # PEFT would load its biases into the shared base layers
             raise ValueError(f"adapter {name!r}: bias={config.bias!r} is not supported (it changes the base "
                              "model's own biases, for every request); only bias='none'")
-        if rank > 256 and self.base.get_input_embeddings().weight.device.type == "cpu":
-            raise ValueError(f"adapter {name!r}: rank {rank}: the CPU LoRA kernel serves ranks up to 256")
+        from ..kernels.cpu import LORA_MAX_RANK
+
+        if rank > LORA_MAX_RANK and self.base.get_input_embeddings().weight.device.type == "cpu":
+            raise ValueError(f"adapter {name!r}: rank {rank}: the CPU LoRA kernel serves ranks up to {LORA_MAX_RANK}")
         for flag in ("modules_to_save", "trainable_token_indices"):
             if getattr(config, flag, None):
                 raise ValueError(f"adapter {name!r}: {flag} ({getattr(config, flag)!r}) is not supported: the "

@@ -36,6 +36,7 @@ from .validation import Limits
 logger = logging.getLogger(__name__)
 
 UI_PATH = "/ui"
+DEFAULT_MAX_CONCURRENT_REQUESTS = 128  # TGI's default; counts sequences
 DEFAULT_MAX_BODY_BYTES = 4 * 2**20
 DEFAULT_MAX_N = 16
 
@@ -54,7 +55,7 @@ def _limits(pipe: PagedPipeline, max_input_tokens: int | None, max_n: int) -> Li
                   default_max_new_tokens=default_max_new_tokens(pipe), max_n=max_n)
 
 
-def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: int = 128,
+def create_app(pipe: PagedPipeline, *, model_id: str, max_concurrent_requests: int = DEFAULT_MAX_CONCURRENT_REQUESTS,
                api_key: str | None = None, max_input_tokens: int | None = None, ui: bool = True,
                close_pipeline: bool = True, model_sha: str | None = None,
                model_pipeline_tag: str | None = "text-generation", max_n: int = DEFAULT_MAX_N,

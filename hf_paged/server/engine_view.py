@@ -15,6 +15,7 @@ from ..engine.grammar import normalize as normalize_constraint
 from ..engine.pipeline import PagedPipeline
 from ..engine.request import Request
 from .errors import APIError
+from .generation import check_text_length
 
 
 
@@ -53,6 +54,7 @@ class LocalEngineClient:
                 yield text
             return
         try:
+            check_text_length(state, messages)  # a huge pasted text is refused before it is tokenized
             permit = state.acquire(1)
         except APIError as exc:
             raise RuntimeError(exc.message) from None
@@ -89,7 +91,7 @@ class LocalEngineClient:
             starting.add_done_callback(lambda f: f.cancelled() or f.exception() or f.result().cancel())
             raise
         if self._state is not None:
-            self._state.handles.add(handle)  # so that shutdown cancels UI chats too
+            self._state.track(handle)  # so that shutdown cancels UI chats too
         async for ev in handle:
             if ev.error is not None:
                 raise RuntimeError(ev.error)

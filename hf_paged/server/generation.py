@@ -195,17 +195,16 @@ def check_text_length(state: ServerState, prompt: Any) -> None:
     would hold it for a quarter of a second. No token covers more than ``state.max_token_chars``
     characters, so longer texts need more tokens than allowed whatever they hold.
     """
+    limit = state.limits.max_input_tokens
     if isinstance(prompt, str):
         chars = len(prompt)
     elif isinstance(prompt, list) and prompt and isinstance(prompt[0], dict):
         chars = sum(len(m["content"]) for m in prompt if isinstance(m.get("content"), str))
-        limit = state.limits.max_input_tokens
         if len(prompt) > limit:  # a chat template spends a token or more on every message
             raise validation_error(f"`messages` must make less than {limit} tokens. Given: {len(prompt)} messages, "
                                    f"at least a token each")
     else:
         return
-    limit = state.limits.max_input_tokens
     if chars > limit * state.max_token_chars:
         raise validation_error(f"`inputs` must have less than {limit} tokens. Given: {chars} characters, "
                                f"at least {-(-chars // state.max_token_chars)} tokens")
@@ -235,7 +234,7 @@ def submit(state: ServerState, ids: list[int], kwargs: dict[str, Any], outcome: 
         if state.pipe.alive:
             raise  # not the closed pipeline: a bug, answered 500 by the route's guard
         raise APIError(503, str(exc), "unhealthy") from None  # closed under us: shutting down
-    state.handles.add(handle)
+    state.track(handle)
     state.metrics.input_length.observe(len(ids))
     state.metrics.max_new_tokens.observe(handle.params.max_new_tokens)
     return Generation(handle, outcome, started, time.monotonic())

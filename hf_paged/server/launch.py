@@ -8,6 +8,7 @@ and this launcher exits with that error: a dead rank stops the group, it never l
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import signal
 import socket
@@ -52,7 +53,8 @@ def launch_ranks(args: argparse.Namespace) -> int:
     try:
         # A rank that failed: the others have a few seconds to end on their own (rank 0 stops its server when
         # the group breaks), then SIGTERM, which followers ignore, then SIGKILL.
-        while not ctx.join(timeout=1.0, grace_period=5.0):
+        grace = {"grace_period": 5.0} if "grace_period" in inspect.signature(ctx.join).parameters else {}
+        while not ctx.join(timeout=1.0, **grace):  # torch 2.4 has no grace period: SIGTERM at once
             pass
     except mp.ProcessExitedException as exc:
         print(f"hf_paged: tensor-parallel rank {exc.error_index} exited ({exc}); the other ranks were stopped",

@@ -86,6 +86,13 @@ class ServerState:
             h.cancel()
         return pending
 
+    def track(self, handle: Request) -> None:
+        """Hold ``handle`` for the shutdown; one that arrives after the drain ended is cancelled at once (its
+        consumer then answers 503), whichever path started it (an API route, a UI chat)."""
+        self.handles.add(handle)
+        if self.requests_cancelled:
+            handle.cancel()
+
     def healthy(self) -> bool:
         """False while shutting down or once the engine thread died (requests would hang forever)."""
         return not self.closing and self.pipe.alive
