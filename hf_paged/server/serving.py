@@ -5,7 +5,8 @@ cancels their tasks: a stream still open is cut off mid-body (the client reads a
 response, with no final frame) and uvicorn logs the cancellation as an error. Generations are long, so
 here the shutdown (SIGTERM, Ctrl-C) goes in three steps:
 
-1. at once, the app stops admitting requests (503, and ``/health`` 503 for the load balancer);
+1. at once, uvicorn stops accepting connections (a load balancer's probe is refused) and the app admits no
+   request (503, ``/health`` too, on a kept-alive connection);
 2. running requests have ``drain`` seconds to finish as usual;
 3. those still running are then cancelled by the app: a stream ends with an error frame that says the
    server is shutting down (status 503 in the frame), a request without streaming gets a 503; both close
