@@ -16,14 +16,13 @@ Example::
 """
 from __future__ import annotations
 
-import functools
-import hashlib
 import threading
 import weakref
-from array import array
 from collections import OrderedDict, deque
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+
+from .prefix_hash import _root, chain_hash
 
 
 class KVCacheFullError(RuntimeError):
@@ -51,22 +50,6 @@ _LIVE: "weakref.WeakSet[BlockAllocator]" = weakref.WeakSet()
 def live_allocators() -> list["BlockAllocator"]:
     """Every allocator still alive in this process (tests check all of them after each test)."""
     return list(_LIVE)
-
-
-@functools.lru_cache(maxsize=1024)
-def _root(salt: int | None) -> bytes:
-    """The parent hash of a chain's first block: chains of different salts never meet."""
-    return hashlib.sha256(b"hf_paged prefix" if salt is None else b"hf_paged prefix, salt %d" % salt).digest()
-
-
-def chain_hash(parent: bytes, tokens: Sequence[int]) -> bytes:
-    """Hash of a full block given the hash of the block before it; equal prefixes give equal chains.
-
-    SHA-256, as vLLM's prefix cache since CVE-2025-25183: a block found under a hash is checked for its own
-    tokens and salt, but not for the tokens before it, which only the chain stands for. Python's ``hash`` of
-    ints and tuples is not randomised and is easy to invert, so a crafted prompt could collide with another
-    user's chain and read or plant K/V computed after someone else's text. ~2 us a block here."""
-    return hashlib.sha256(parent + array("q", tokens).tobytes()).digest()
 
 
 BLOCK_EMPTY, BLOCK_USED, BLOCK_CACHED = 0, 1, 2
