@@ -52,6 +52,17 @@ def live_allocators() -> list["BlockAllocator"]:
     return list(_LIVE)
 
 
+def _link(known: list[bytes] | None, i: int, parent: bytes, chunk: tuple[int, ...]) -> bytes:
+    """Block ``i``'s chain hash: from a sequence's ``known`` list when there, else computed (and appended to it
+    when it extends the list)."""
+    if known is not None and i < len(known):
+        return known[i]
+    h = chain_hash(parent, chunk)
+    if known is not None and i == len(known):
+        known.append(h)
+    return h
+
+
 BLOCK_EMPTY, BLOCK_USED, BLOCK_CACHED = 0, 1, 2
 
 
@@ -290,12 +301,7 @@ class BlockAllocator:
                 self.prefix_queries += limit // bs  # every full block that could have been reused
             for i in range(limit // bs):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
-                if known is not None and i < len(known):
-                    h = known[i]
-                else:
-                    h = chain_hash(parent, chunk)
-                    if known is not None:
-                        known.append(h)
+                h = _link(known, i, parent, chunk)
                 b = self._by_hash.get(h)
                 # Compare the tokens too: a hash collision must never return someone else's K/V.
                 if b is None or self._tokens[b] != chunk or self._salt[b] != salt:
@@ -325,12 +331,7 @@ class BlockAllocator:
             parent = table.hashes[-1] if table.hashes else _root(salt)
             for i in range(len(table.hashes), full):
                 chunk = tuple(token_ids[i * bs:(i + 1) * bs])
-                if known is not None and i < len(known):
-                    h = known[i]
-                else:
-                    h = chain_hash(parent, chunk)
-                    if known is not None and i == len(known):
-                        known.append(h)
+                h = _link(known, i, parent, chunk)
                 b = table.blocks[i]
                 if self._hash[b] is None and h not in self._by_hash:
                     self._hash[b] = h
