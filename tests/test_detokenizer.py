@@ -52,16 +52,17 @@ def run(tok, prompt_ids, gen, skip=True, stop=()):
 
 
 def reference(tok, gen, skip, stops):
-    """What the output must be: decode(), cut before the stop string that completes first."""
+    """What the output must be: decode(), cut before the stop string that completes first, and the number of
+    tokens read: up to the one that completes it."""
     for k in range(1, len(gen) + 1):
         text = tok.decode(gen[:k], skip_special_tokens=skip)
-        if k < len(gen) and text.endswith(FFFD):
-            continue  # an incomplete character: nothing is known about it yet
+        if k < len(gen):
+            text = text.rstrip(FFFD)  # an incomplete character at the end: nothing is known about it yet
         hits = [(text.find(s) + len(s), text.find(s), s) for s in stops if s in text]
         if hits:
             _, start, s = min(hits)
-            return text[:start], s
-    return tok.decode(gen, skip_special_tokens=skip), None
+            return text[:start], s, k
+    return tok.decode(gen, skip_special_tokens=skip), None, len(gen)
 
 
 def token_lists(vocab: int):
@@ -85,9 +86,10 @@ def test_deltas_add_up_to_decode(tok, data, skip, prompt, stops):
     gen = flatten(tok, data.draw(token_lists(len(tok))))
     prompt_ids = tok(prompt, add_special_tokens=False).input_ids
     d, deltas = run(tok, prompt_ids, gen, skip, stops)
-    want, want_stop = reference(tok, gen, skip, stops)
+    want, want_stop, want_tokens = reference(tok, gen, skip, stops)
     assert "".join(deltas) == d.text == want
     assert d.stopped == want_stop
+    assert d.num_tokens == want_tokens  # stopped at the token that completed the stop, on either path
     for s in stops:
         assert s not in "".join(deltas)
     # Without stops, each delta of valid text is whole characters: U+FFFD only where decode() has one.
@@ -163,8 +165,8 @@ def test_smollm2_tokenizer(smol_tok, data, skip, stops):
     prompt_ids = list(chat["input_ids"] if hasattr(chat, "keys") else chat)
     gen = flatten(smol_tok, data.draw(token_lists(len(smol_tok))))
     d, deltas = run(smol_tok, prompt_ids, gen, skip, stops)
-    want, want_stop = reference(smol_tok, gen, skip, stops)
-    assert "".join(deltas) == d.text == want and d.stopped == want_stop
+    want, want_stop, want_tokens = reference(smol_tok, gen, skip, stops)
+    assert "".join(deltas) == d.text == want and d.stopped == want_stop and d.num_tokens == want_tokens
 
 
 @pytest.fixture(scope="module")
@@ -304,3 +306,17 @@ def test_a_stop_string_completed_by_the_final_flush_names_the_reason(tok):
     assert (out.text, out.finish_reason, out.stop_string) == ("", FinishReason.STOP, "a")
     assert [(e.token_id, e.text, e.finish_reason, e.stop_string) for e in events[:-1]] == \
         [(token, "", FinishReason.STOP, "a")]
+
+
+def test_a_stop_before_an_unfinished_character_ends_at_its_token(tok):
+    """A token holding the end of a stop string and the first byte of the next character ("aÃ": "a", then half
+    of "ï") ends the output at that token, on both paths: the decode window holds such a token back until its
+    character is complete, which found the stop one token late (that token then stayed in the output ids)."""
+    half = tok.convert_tokens_to_ids("aÃ")
+    rest = tok.convert_tokens_to_ids(_byte_level("ï")[1])
+    gen = tok("x", add_special_tokens=False).input_ids + [half, rest] + tok("bc", add_special_tokens=False).input_ids
+    assert tok.decode(gen) == "xaïbc"
+    for stop, text in (["a"], "x"), (["xa"], ""), (["aï"], "x"):
+        d, deltas = run(tok, [], gen, stop=stop)
+        assert (d.stopped, "".join(deltas), d.text) == (stop[0], text, text)
+        assert d.num_tokens == (2 if stop != ["aï"] else 3)

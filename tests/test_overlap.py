@@ -426,3 +426,43 @@ def test_park_openmp_workers_switch(monkeypatch):
     x = torch.randn(1 << 20)
     host_runtime.park_openmp_workers()
     assert torch.equal(x + 1.0, torch.add(x, 1.0))  # the next parallel region builds its team again
+
+
+@pytest.mark.parametrize("mode", ["overlap", "async"])
+def test_a_failed_step_keeps_tokens_and_text_together(model, mode):
+    """A step that fails while the previous step's tokens are recorded but not delivered (overlapped: the
+    launch after them; async with n-gram bans: the sampling launched after recording the step in flight)
+    delivers those tokens before failing the requests: each failed output's token ids are the streamed ones,
+    and its text is theirs."""
+    pipe = PagedPipeline(model, IdTokenizer(), **MODES[mode], max_num_seqs=8)
+    engine = pipe.engine
+    real, calls = engine.launch_sample, []
+
+    def launch_sample(fwd):
+        calls.append(len(fwd.sampling))
+        if len(calls) == 6:
+            raise RuntimeError("device lost")
+        return real(fwd)
+
+    try:
+        pipe.generate([1, 2, 3], max_new_tokens=2)  # warm: the failing run starts all requests in one step
+        engine.launch_sample = launch_sample
+        handles = [pipe.submit([5, 6 + i, 7], max_new_tokens=40, ignore_eos=True, no_repeat_ngram_size=3)
+                   for i in range(4)]
+        for h in handles:
+            events = list(h)
+            last = events[-1]
+            assert last.error is not None and "device lost" in last.error
+            out = last.output.outputs[0]
+            assert out.finish_reason == "error"
+            assert [ev.token_id for ev in events if ev.token_id is not None] == out.token_ids
+            assert "".join(ev.text for ev in events) == out.text == IdTokenizer().decode(out.token_ids)
+            # Overlapped: 5 steps sampled and were recorded (the last of them delivered only after the
+            # failure); async: the step in flight was recorded before the failing sampling.
+            assert len(out.token_ids) == 5
+        del engine.launch_sample
+        assert pipe.generate([1, 2, 3], max_new_tokens=3).token_ids  # still serving
+        assert pipe.stats()["blocks_used"] == 0
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)

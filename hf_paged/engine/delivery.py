@@ -161,11 +161,15 @@ class Delivery:
     @staticmethod
     def _output(req: Request, streams: list[_Stream], error: str | None = None) -> RequestOutput:
         p = req.params
-        outs = [CompletionOutput(st.seq.index, st.detok.text, st.seq.output_ids, st.seq.finish_reason,
-                                 st.seq.logprobs if p.logprobs else None,
-                                 st.seq.top_logprobs if p.top_logprobs else None,
-                                 st.stop_string if st.seq.finish_reason is FinishReason.STOP else None)
-                for st in streams]
+        outs = []
+        for st in streams:
+            seq, ids = st.seq, st.seq.output_ids
+            # A failed step can leave tokens recorded that never reached the text: the output has what was.
+            n = st.detok.num_tokens if error is not None else len(ids)
+            outs.append(CompletionOutput(seq.index, st.detok.text, ids[:n], seq.finish_reason,
+                                         seq.logprobs[:n] if p.logprobs else None,
+                                         seq.top_logprobs[:n] if p.top_logprobs else None,
+                                         st.stop_string if seq.finish_reason is FinishReason.STOP else None))
         prompt_lps = None
         if p.prompt_logprobs is not None and streams:
             prompt_lps = [None, *streams[0].seq.prompt_logprobs]  # siblings share the first one's prompt

@@ -250,7 +250,12 @@ class IncrementalDetokenizer:
         new = self._decode_window()
         if not new or new.endswith(_REPLACEMENT):
             # Incomplete bytes wait for the rest; a token with no text (a skipped special token)
-            # stays in the window so the context keeps real text for the next word's spacing.
+            # stays in the window so the context keeps real text for the next word's spacing. The whole
+            # characters before such bytes may complete a stop string: the output ends at this token then
+            # (as on the byte path, whose UTF-8 decoder gives them at once), not one token later.
+            head = new.rstrip(_REPLACEMENT) if new and self._stops else ""
+            if head and any(s in self._pending + head for s in self._stops):
+                return self._emit(head)
             return ""
         self._advance()
         return self._emit(new)

@@ -342,19 +342,16 @@ class PagedPipeline:
                 break
             except Exception as exc:  # one bad batch must not take the server down
                 logger.exception("engine step failed")
-                stepper.drop()
-                self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
+                stepper.fail(f"{type(exc).__name__}: {exc}")
             except BaseException as exc:  # SystemExit and such end the thread: every request ends first
                 logger.critical("hf_paged: the engine thread ends", exc_info=True)
                 self._broken = f"the engine thread ended: {type(exc).__name__}: {exc}"
-                stepper.drop()
-                self.delivery.fail_all(self._broken)
+                stepper.fail(self._broken)
                 break
         try:
             stepper.flush()  # what a tensor-parallel failure left held (a stop flushes in _drain)
         except Exception as exc:  # noqa: BLE001 - the requests must still end, and the queue be answered
-            stepper.drop()
-            self.delivery.fail_all(f"{type(exc).__name__}: {exc}")
+            stepper.fail(f"{type(exc).__name__}: {exc}")
         self.delivery.cancel_all()
         with self._start_lock:  # from here _put refuses: nothing gets queued after the drain below
             self._inbox_closed = True

@@ -16,10 +16,13 @@ sampling are done, before the host work that follows (see :func:`~hf_paged.engin
 """
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 
 from .delivery import Delivery
 from .engine import Engine, PendingStep, TokenRecord
+
+logger = logging.getLogger(__name__)
 
 
 class Stepper:
@@ -30,7 +33,7 @@ class Stepper:
         self.delivery = delivery
         self.overlap = overlap or ahead
         self.ahead = ahead
-        self._records: list[TokenRecord] = []  # overlap: the last step's tokens, not delivered yet
+        self._records: list[TokenRecord] = []  # tokens recorded, not delivered yet (the last step's, overlapped)
         self._pending: PendingStep | None = None  # async: the launched step whose tokens are not recorded
 
     @property
@@ -47,9 +50,18 @@ class Stepper:
         if records:
             self.delivery.deliver(records)
 
-    def drop(self) -> None:
-        """Forget what is in flight (after a failed step: its requests are failed by the caller)."""
+    def fail(self, error: str) -> None:
+        """After a failed step: forget the step in flight and fail every request. Tokens recorded but not
+        delivered are delivered first: they are in their sequences' token ids, so the outputs' texts and
+        streams must have them too."""
+        records = self._records
         self._pending, self._records = None, []
+        if records:
+            try:
+                self.delivery.deliver(records)
+            except Exception:  # noqa: BLE001 - the requests are failed below all the same
+                logger.exception("delivering the tokens before a failed step failed too")
+        self.delivery.fail_all(error)
 
     def step(self) -> None:
         """Run one step the configured way."""
@@ -66,11 +78,12 @@ class Stepper:
                 # Grammar masks or n-gram bans of this step read the tokens in flight: record them now, while
                 # the device runs this step's forward (they come first in stream order), then sample.
                 self._pending = None
-                early = engine.complete(pending)
+                early = self._records = engine.complete(pending)  # held here until delivered (drop)
                 pending = None
             self._pending = engine.launch_sample(fwd) if fwd is not None else None
             self.park()
             if early is not None:
+                self._records = []
                 delivery.deliver(early)
             if pending is not None:
                 delivery.deliver(engine.complete(pending))
