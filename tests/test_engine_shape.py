@@ -447,3 +447,42 @@ def test_an_asyncio_consumer_leaves_no_events_behind(tiny):
         want = pipe.generate([5, 6, 7], max_new_tokens=300, do_sample=False, ignore_eos=True)
     assert [e.token_id for e in events[:-1]] == want.outputs[0].token_ids and events[-1].finished
     assert h._events.qsize() == 0
+
+
+def test_a_second_consumer_of_a_handle_gets_an_error_not_a_hang(tiny):
+    """A handle's events are read once, by one consumer: a second reader (a thread or an asyncio one, during
+    or after the stream) would wait for ever on a queue nobody fills; it gets a RuntimeError instead, and the
+    request still ends with its output."""
+    import asyncio
+
+    with hf_paged.PagedPipeline(tiny, IdTokenizer(), num_blocks=64, block_size=8, max_num_seqs=4) as pipe:
+        h = pipe.submit([5, 6, 7], max_new_tokens=6, do_sample=False, ignore_eos=True)
+        first = list(h)
+        assert first[-1].finished
+        with pytest.raises(RuntimeError, match="read"):
+            list(h)
+
+        async def read(handle):
+            return [ev async for ev in handle]
+
+        with pytest.raises(RuntimeError, match="read"):
+            asyncio.run(read(h))
+        assert len(h.result(timeout=60).outputs[0].token_ids) == 6
+
+        # An asyncio consumer that read a stream, then a second one, then a thread one.
+        h2 = pipe.submit([5, 6, 7], max_new_tokens=6, do_sample=False, ignore_eos=True)
+        assert asyncio.run(read(h2))[-1].finished
+        for again in (lambda: asyncio.run(read(h2)), lambda: list(h2)):
+            with pytest.raises(RuntimeError, match="read"):
+                again()
+        # A thread reading while another thread reads: refused at once.
+        h3 = pipe.submit([5, 6, 7], max_new_tokens=200, do_sample=False, ignore_eos=True)
+        it = iter(h3)
+        next(it)
+        with pytest.raises(RuntimeError, match="being read"):
+            next(iter(h3))
+        assert list(it)[-1].finished
+        # Events nobody read yet still reach a late asyncio consumer.
+        h4 = pipe.submit([5, 6, 7], max_new_tokens=4, do_sample=False, ignore_eos=True)
+        h4.result(timeout=60)
+        assert len(asyncio.run(read(h4))) == 5

@@ -36,6 +36,7 @@ class Request:
         self._done = threading.Event()
         self._output: RequestOutput | None = None
         self.cancelled = False
+        self._reader = False  # a thread consumer took the events (they are read once: a second one would wait)
         # Only the last event is kept (generate()'s requests, which nobody iterates): a long batch job would
         # otherwise hold every token's event until its request ends (memory, and full GC passes over them).
         self.quiet = False
@@ -85,6 +86,11 @@ class Request:
         return out
 
     def __iter__(self) -> Iterator[StreamEvent]:
+        with self._lock:
+            if self._reader or self._async:  # events go to the asyncio consumers once one is attached
+                raise RuntimeError(f"request {self.request_id}: its events are being read or were read already "
+                                   "(one consumer reads them, once); result() gives the output")
+            self._reader = True
         try:
             while True:
                 ev = self._events.get()
@@ -99,12 +105,17 @@ class Request:
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[StreamEvent] = asyncio.Queue()
         with self._lock:
+            if self._reader:
+                raise RuntimeError(f"request {self.request_id}: a thread reads its events; result() gives the output")
             # Events emitted before we attached are in the thread queue; move them over first.
             while True:
                 try:
                     q.put_nowait(self._events.get_nowait())
                 except queue.Empty:
                     break
+            if q.empty() and self._done.is_set():
+                raise RuntimeError(f"request {self.request_id}: its events were read already; result() gives "
+                                   "the output")
             self._async.append((loop, q))
         try:
             while True:
