@@ -160,11 +160,26 @@ def _pre_hook(model, args, kwargs):
         return None
     batch, q_len = shape_src.shape[0], shape_src.shape[1]
     mask = _bound_input(args, kwargs, "attention_mask", 1)
+    _check_mask(mask, kwargs.get("position_ids"), q_len)
     new_mask = None
     if isinstance(mask, torch.Tensor) and mask.dim() == 2 and mask.shape[1] >= q_len:
         new_mask = mask[:, -q_len:].bool()
     kwargs["paged_metadata"] = cache.plan(batch, q_len, new_mask, ids)
     return args, kwargs
+
+
+def _check_mask(mask: Any, position_ids: Any, q_len: int) -> None:
+    """The paged attention reads a 2D padding mask and attends causally within each row: a mask of another
+    shape (4D, one per layer type) or packed sequences (position ids that restart within a row, which
+    transformers turns into a block-diagonal mask) would be ignored, so they are refused."""
+    if isinstance(mask, dict) or (isinstance(mask, torch.Tensor) and mask.dim() != 2):
+        shape = "a dict of masks" if isinstance(mask, dict) else f"a {mask.dim()}D mask"
+        raise ValueError(f"a model wrapped by hf_paged takes a 2D attention_mask ([batch, length], 1 = token, "
+                         f"0 = padding); got {shape}. Custom and packed-sequence masks are not supported")
+    if mask is None and isinstance(position_ids, torch.Tensor) and q_len > 1 and position_ids.dim() == 2 \
+            and bool((position_ids[:, 1:] - position_ids[:, :-1] != 1).any()):
+        raise ValueError("a model wrapped by hf_paged attends causally over each row: position_ids that restart "
+                         "within a row (packed sequences) are not supported; pass one sequence per row")
 
 
 def _post_hook(model, args, kwargs, output):
@@ -198,6 +213,13 @@ def _paged_generate(model, original, *args, **kwargs):
     state: WrapState = model._hf_paged
     if any(kwargs.get(k) is not None for k in ("cache", "past_key_values")):
         return original(*args, **kwargs)
+    impl = kwargs.get("cache_implementation")
+    if impl is not None:
+        raise ValueError(f"a model wrapped by hf_paged keeps its KV cache in paged blocks: cache_implementation="
+                         f"{impl!r} cannot be used; leave it out (hf_paged.unwrap(model) restores HF's caches)")
+    config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
+    if not kwargs.get("use_cache", getattr(config, "use_cache", True)):
+        return original(*args, **kwargs)  # each forward sees the whole sequence: a cache of its own, then none
     cache = PagedKVCache(state.pool)
     kwargs[state.cache_kwarg] = cache
     # Checkpoints such as Gemma2 ask for a "hybrid" cache; the paged cache replaces it.

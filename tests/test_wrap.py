@@ -65,6 +65,29 @@ def test_beam_search(model):
     assert torch.equal(ref, out)
 
 
+def test_greedy_without_a_cache(model):
+    """use_cache=False: every forward sees the whole sequence (the paged cache of a forward is its own)."""
+    ref, out = _both(model, _batch([5, 12]), max_new_tokens=8, do_sample=False, use_cache=False)
+    assert torch.equal(ref, out)
+
+
+def _repeating(n: int = 20, seed: int = 3) -> dict[str, torch.Tensor]:
+    ids = torch.randint(3, 60, (1, n), generator=torch.Generator().manual_seed(seed))
+    ids = torch.cat([ids, ids[:, : n // 2]], 1)  # the prompt repeats itself: prompt lookup finds drafts
+    return {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+
+def test_prompt_lookup_and_assisted_decoding(model):
+    """Speculative paths crop the cache: crop(-k) after rejected drafts and crop(0) when all were taken (a
+    no-op; it used to drop the whole cache). An identical assistant has every draft accepted."""
+    import copy
+
+    ref = model.generate(**_repeating(), max_new_tokens=16, do_sample=False)
+    for kw in (dict(prompt_lookup_num_tokens=3), dict(assistant_model=copy.deepcopy(model))):
+        _, out = _both(model, _repeating(), max_new_tokens=16, do_sample=False, **kw)
+        assert torch.equal(ref, out), kw.keys()
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 @pytest.mark.parametrize("lengths", [[13], [5, 30, 17, 9]], ids=["one", "mixed"])
 def test_bf16_greedy_equals_unwrapped_bf16(arch, lengths, tiny_root):
@@ -142,4 +165,61 @@ def test_no_mask_creation_on_the_wrapped_forward(tiny_root, monkeypatch):
             hf_paged.unwrap(model)
         with PagedPipeline(model, IdTokenizer(), max_num_seqs=4) as pipe:
             assert len(pipe.generate([[5, 6, 7], [8, 9]], max_new_tokens=5)[0].token_ids) == 5
+        hf_paged.unwrap(model)
+
+
+def test_masks_and_caches_the_paged_attention_cannot_honour_are_refused(tiny_root):
+    """A 4D mask, packed sequences (restarting position ids, no mask) and cache_implementation would be
+    ignored by the paged attention: a clear ValueError, and no block stays taken."""
+    model = load(build("llama", tiny_root))
+    ids = torch.randint(3, VOCAB, (1, 10), generator=torch.Generator().manual_seed(0))
+    mask = torch.zeros(1, 1, 10, 10, dtype=torch.bool)
+    for s in (0, 5):  # two packed documents of 5 tokens
+        mask[0, 0, s:s + 5, s:s + 5] = torch.tril(torch.ones(5, 5, dtype=torch.bool))
+    pos = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4]])
+    hf_paged.wrap(model, num_blocks=32, block_size=8)
+    try:
+        with torch.no_grad():
+            with pytest.raises(ValueError, match="2D attention_mask"):
+                model(input_ids=ids, attention_mask=mask, position_ids=pos)
+            with pytest.raises(ValueError, match="position_ids that restart"):
+                model(input_ids=ids, position_ids=pos)
+            with pytest.raises(ValueError, match="cache_implementation='static'"):
+                model.generate(input_ids=ids, max_new_tokens=2, cache_implementation="static")
+            model(input_ids=ids, position_ids=torch.arange(10).view(1, -1))  # one sequence: fine
+        assert hf_paged.kv_pool(model).allocator.num_free == 32
+    finally:
+        hf_paged.unwrap(model)
+
+
+def test_an_interrupted_forward_is_rolled_back_in_a_passed_cache(tiny_root):
+    """Ctrl-C inside a forward skips the forward hooks that account or roll back its step: the next use of
+    the cache rolls it back, so the cache holds exactly what its length says, and generation goes on from
+    there as an uninterrupted run would."""
+    model = load(build("llama", tiny_root))
+    batch = _batch([12])
+    ref = model.generate(**batch, max_new_tokens=6, do_sample=False)
+    hf_paged.wrap(model, num_blocks=32, block_size=8)
+    try:
+        cache = hf_paged.PagedKVCache(hf_paged.kv_pool(model))
+        key = model._hf_paged.cache_kwarg  # "cache", or "past_key_values" before transformers 5.2x
+        calls = {"n": 0}
+
+        def interrupt(mod, args):
+            calls["n"] += 1
+            if calls["n"] == 3:  # inside the third forward (the second decode step)
+                raise KeyboardInterrupt
+        hook = model.model.layers[1].register_forward_pre_hook(interrupt)
+        with pytest.raises(KeyboardInterrupt):
+            model.generate(**batch, max_new_tokens=6, do_sample=False, **{key: cache})
+        hook.remove()
+        cache.crop(0)
+        assert [t.num_tokens for t in cache.tables] == [cache.get_seq_length()] == [13]
+        # Continue from the cache: the prompt and the first generated token are in it.
+        again = model.generate(input_ids=ref[:, :14], attention_mask=torch.ones_like(ref[:, :14]),
+                               max_new_tokens=4, do_sample=False, **{key: cache})
+        assert torch.equal(again, ref[:, :18])
+        cache.release()
+        assert hf_paged.kv_pool(model).allocator.num_free == 32
+    finally:
         hf_paged.unwrap(model)

@@ -85,7 +85,7 @@ class PagedKVCache(Cache):
         ``new_mask`` ``[B, q]`` marks real tokens (False = padding, not stored). On the first forward,
         rows whose ``input_ids`` equal an earlier row's share that row's blocks.
         """
-        self.end_step()
+        self._settle()
         if not self.tables:
             self.tables.extend(BlockTable() for _ in range(batch_size))
         elif len(self.tables) != batch_size:
@@ -146,6 +146,13 @@ class PagedKVCache(Cache):
                 first[key] = i
         return twin
 
+    def _settle(self) -> None:
+        """Before a new forward (or a crop): a forward whose end was never seen (an interrupt skips forward
+        hooks, so ``end_step`` or ``rollback`` never ran) is rolled back; its K/V may be half written."""
+        if self._before is not None:
+            self.rollback()
+        self.end_step()
+
     def end_step(self) -> None:
         """Account the columns of the forward that just ran."""
         self._seen += self._pending
@@ -191,9 +198,10 @@ class PagedKVCache(Cache):
         self._replace_rows([self.allocator.fork(self.tables[i]) for i in indices.tolist()])
 
     def crop(self, tokens_to_remove: int) -> None:
-        """Drop the last ``-tokens_to_remove`` columns (or keep ``tokens_to_remove`` if positive)."""
-        self.end_step()
-        drop = -tokens_to_remove if tokens_to_remove < 0 else self._seen - tokens_to_remove
+        """Drop the last ``-tokens_to_remove`` columns; 0 drops nothing (generate() calls ``crop(0)`` and
+        ``crop(-0)``); a positive value is transformers' older meaning, the length to keep."""
+        self._settle()
+        drop = -tokens_to_remove if tokens_to_remove <= 0 else self._seen - tokens_to_remove
         if drop <= 0:
             return
         for t in self.tables:
