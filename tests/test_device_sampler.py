@@ -105,6 +105,22 @@ def test_seeded_topk_row_same_tokens_beside_a_larger_top_k():
     assert differ  # the rows do draw apart
 
 
+def test_topk_then_topp_cut_among_equal_scores_draws_what_hf_keeps():
+    """bf16 logits: where TopP (after TopK) cuts through equal scores, the row is drawn over its full processed
+    row (HF's choice of which equal tokens go), as the host sampler does; drawn over the candidates alone it
+    could pick a token HF removed, whose logprob then read as the floor (-9999)."""
+    vocab = 8000
+    logits = (torch.randn(96, vocab, generator=torch.Generator().manual_seed(1)) * 2.5 + 5).bfloat16().float()
+    mixed = [(50, 0.9), (20, 0.8), (50, 1.0), (0, 0.9)]
+    specs = [(params(do_sample=True, top_k=k, top_p=p, logprobs=True), [5], 0, 7 * i)
+             for i, (k, p) in enumerate(mixed * 24)]
+    for _ in range(3):
+        specs = [(p, ids, g, s + 1) for p, ids, g, s in specs]
+        host, dev = both(logits, specs)
+        assert_same(host, dev, specs)
+        assert min(dev.logprobs) > -9999
+
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

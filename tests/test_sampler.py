@@ -290,3 +290,17 @@ def test_unseeded_rows_draw_one_call_of_the_same_uniforms():
     assert batched == per_row[:5]
     torch.manual_seed(12)
     assert _draw(x[:5], [None] * 5) != batched  # another seed, other picks: the rows did draw from it
+
+
+def test_topk_then_topp_cut_among_equal_scores_matches_generate(model):
+    """bf16 logits have many equal scores. Where TopP (after TopK) cuts through a run of them, which go depends
+    on the order HF's sort of the whole row gives them: such rows take HF's full-width warpers, so the kept
+    tokens are HF's (on the k candidates alone another of the equal tokens survived, in ~1 row of 9)."""
+    vocab = 8000
+    logits = (torch.randn(120, vocab, generator=torch.Generator().manual_seed(1)) * 2.5 + 5).bfloat16().float()
+    for k, top_p in ((50, 0.9), (20, 0.8)):
+        p = params(do_sample=True, top_k=k, top_p=top_p)
+        ours = Sampler(vocab).process(logits.clone(), [SamplingRow(p, [1], 0, None)] * len(logits))
+        ref = hf_processors(model, 1, do_sample=True, top_k=k, top_p=top_p)(torch.tensor([[1]] * len(logits)),
+                                                                            logits.clone())
+        assert_same_scores(ours, ref, f"top_k={k} top_p={top_p}")

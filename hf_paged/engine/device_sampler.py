@@ -142,6 +142,9 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
         c = None if every else index_tensor(cand, dev)
         full_c = scores if every else scores.index_select(0, c)
         top_vals, top_idx, kth, tied = _candidates(full_c, [ks[i] for i in cand])
+        if any(rows[i].params.top_p < 1.0 for i in cand):  # a TopP cut among equal scores: the full-row draw
+            cuts = [1 - rows[i].params.top_p if rows[i].params.top_p < 1.0 else -1.0 for i in cand]
+            tied = tied | warpers.top_p_straddles(top_vals, column_tensor(cuts, dev))
         # TopKLogitsWarper on the full rows: every score below the k-th goes (ties stay).
         full_c.masked_fill_(full_c < kth, _NEG_INF)
         if not every:

@@ -31,13 +31,8 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from transformers.generation.logits_process import (
-    MinPLogitsWarper,
-    TemperatureLogitsWarper,
-    TopKLogitsWarper,
-    TopPLogitsWarper,
-    TypicalLogitsWarper,
-)
+from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
+                                                    TopPLogitsWarper, TypicalLogitsWarper)
 
 from . import warpers
 from .history import apply_history, needs_history
@@ -298,11 +293,13 @@ def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, mi
     # Temperature is monotonic, so the TopK survivors are the k largest raw scores: select them
     # first and scale only those (bitwise the same values as scaling the whole row). One extra
     # candidate tells whether the k-th scaled score ties with the next one: HF's TopK keeps every
-    # score >= the k-th, so such rows keep more than k tokens and take the full-width path.
+    # score >= the k-th, so such rows keep more than k tokens and take the full-width path; so do rows
+    # whose TopP cut falls among equal scores (which of them go depends on HF's sort of the whole row).
     vals, index = warpers.topk(scores, top_k + 1)
     for w in temper:
         vals = w(_NO_IDS, vals)
-    tied = (vals[:, top_k] == vals[:, top_k - 1]).tolist()
+    tied = vals[:, top_k] == vals[:, top_k - 1]
+    tied = (tied | warpers.top_p_straddles(vals[:, :top_k], 1 - top_p) if top_p < 1.0 else tied).tolist()
     exact = [j for j in everyone if not tied[j]]
     if exact:
         # The candidates in token order: topk orders equal scores differently for another k, and the draw

@@ -154,6 +154,14 @@ def _sorted_nucleus(scores: torch.Tensor, top_p: float) -> torch.Tensor:
     return out
 
 
+def top_p_straddles(candidates: torch.Tensor, cut: float | torch.Tensor) -> torch.Tensor:
+    """Rows of TopK survivors ``[R, C]`` (any order, -inf padding) whose TopP cut (``cut`` = 1 - top_p, or an
+    ``[R, 1]`` column, -1 for no top-p) falls among equal scores: HF's sort of the whole row decides which go."""
+    remove = (ascending := candidates.sort(dim=-1).values).softmax(dim=-1).cumsum(dim=-1) <= cut
+    remove[..., -1:] = False
+    return ((remove[:, 1:] != remove[:, :-1]) & (ascending[:, 1:] == ascending[:, :-1])).any(dim=-1)
+
+
 def nucleus_margin(top_p, vocab: int):
     """How far from ``top_p`` a mass sum must be to be decided (see NUCLEUS_REL_ERROR); ``top_p`` a float
     or a column tensor."""
@@ -357,8 +365,7 @@ def _cut_column(top_ps: list[float], device: torch.device) -> torch.Tensor:
 def sorted_top_p(scores: torch.Tensor, cut: torch.Tensor) -> torch.Tensor:
     """TopPLogitsWarper with a per-row ``1 - top_p``, as HF computes it (a sort of every row)."""
     sorted_logits, sorted_idx = torch.sort(scores, descending=False)
-    cum = sorted_logits.softmax(dim=-1).cumsum(dim=-1)
-    remove = cum <= cut
+    remove = sorted_logits.softmax(dim=-1).cumsum(dim=-1) <= cut
     remove[..., -1:] = False
     return scores.masked_fill(remove.scatter(1, sorted_idx, remove), _NEG_INF)
 
