@@ -202,6 +202,41 @@ def test_a_batch_without_adapters_runs_the_base_path(adapter_dirs, references):
     assert [o.token_ids for o in outs] == [references[(None, i)] for i in range(len(PROMPTS))]
 
 
+@pytest.mark.parametrize("record", [False, True], ids=["buffers", "recorded"])
+@pytest.mark.parametrize("source", ["config", "peft_model"])
+def test_decode_graphs_serve_base_steps_of_a_lora_pipeline(adapter_dirs, references, record, source):
+    """With LoRA layers in the model the decode graphs are captured (and their static buffers run) as the base
+    model: decode steps with no adapter token replay them, steps with one run eagerly, and every request gets
+    PEFT's own tokens. Before, every step of a LoRA pipeline carried adapter slots, so the graphs captured at
+    start were never used. A PeftModel passed in keeps its adapter active: run as PEFT's forward, the graphs
+    would apply it to every row."""
+    from graph_replay import RecordingGraphs
+
+    base_path, dirs = adapter_dirs
+    if source == "config":
+        pipe = _pipe(base_path, dirs, max_num_seqs=8)
+    else:
+        model = peft.PeftModel.from_pretrained(load(base_path), dirs["attn"], adapter_name="attn").eval()
+        model.load_adapter(dirs["mlp"], adapter_name="mlp")
+        pipe = hf_paged.PagedPipeline(model, IdTokenizer(), num_blocks=96, max_num_seqs=8)
+    with pipe:
+        runner = pipe.engine.runner
+        runner.use_graphs(8, pipe.max_model_len, capture=record, graph_api=RecordingGraphs() if record else None)
+        graphs = runner.graphs
+        base = pipe.generate(PROMPTS, max_new_tokens=10, do_sample=False, ignore_eos=True)
+        assert [o.token_ids for o in base] == [references[(None, i)] for i in range(len(PROMPTS))]
+        assert graphs.replays > 0
+        before = graphs.replays
+        jobs = [(name, i) for i in range(len(PROMPTS)) for name in ("attn", None)]
+        handles = [pipe.submit(PROMPTS[i], adapter=name, max_new_tokens=10, do_sample=False, ignore_eos=True)
+                   for name, i in jobs]
+        assert {job: h.result().token_ids for job, h in zip(jobs, handles)} == {job: references[job] for job in jobs}
+        alone = pipe.generate(PROMPTS[0], adapter="mlp", max_new_tokens=10, do_sample=False, ignore_eos=True)
+        assert alone.token_ids == references[("mlp", 0)]
+        assert graphs.replays == before  # every decode step had adapter tokens
+        runner.graphs = None
+
+
 def test_seeded_sampling_per_adapter_is_batch_independent(adapter_dirs):
     base_path, dirs = adapter_dirs
     kw = dict(max_new_tokens=12, do_sample=True, temperature=1.0, seed=7, ignore_eos=True)

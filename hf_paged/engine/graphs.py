@@ -5,7 +5,8 @@ so its whole forward (HF modeling code, the paged attention kernels and the LM h
 per batch-size bucket and replayed: the host's work per step shrinks to filling six small buffers in
 place and one ``replay()``. Batches are padded up to their bucket: padding rows have no query
 (``cu_seqlens_q`` repeats), no context (``seq_len`` 0) and slot -1 (never written), and their logits
-are dropped. Prefill and mixed steps, LoRA steps and batches above the largest bucket run eagerly.
+are dropped. Prefill and mixed steps, steps with LoRA adapter tokens and batches above the largest bucket
+run eagerly; with LoRA layers in the model, the graphs run (and are captured as) the base model alone.
 
 Nothing inside the captured forward may sync with the host or depend on a host value that changes
 between steps: the attention call gets ``max_seqlen_k`` = the static table width, so the split-K grid
@@ -101,7 +102,7 @@ class CudaGraphApi:
 class DecodeGraphs:
     def __init__(self, model: torch.nn.Module, pool: KVPool, *, max_bs: int, max_model_len: int,
                  device: torch.device, capture: bool = True, compile: bool = False,
-                 graph_api: CudaGraphApi | None = None) -> None:
+                 graph_api: CudaGraphApi | None = None, adapters: Any = None) -> None:
         if max_bs < 1:
             raise ValueError(f"max_bs must be >= 1, got {max_bs}")
         if capture and compile:
@@ -111,7 +112,9 @@ class DecodeGraphs:
         self.device = device
         self.max_bs = max_bs
         self.buckets = bucket_sizes(max_bs)
-        self.width = math.ceil(max_model_len / pool.block_size)  # blocks per table row
+        # Blocks per table row: no table holds more than the pool (a 10M-token context would otherwise size
+        # the tables and their pinned staging in gigabytes).
+        self.width = min(math.ceil(max_model_len / pool.block_size), pool.num_blocks)
         self.max_keys = self.width * pool.block_size
         head = model.get_output_embeddings()
         self.vocab = head.weight.shape[0] if head is not None else model.config.vocab_size
@@ -119,6 +122,7 @@ class DecodeGraphs:
             type(model).forward).parameters else {}
         self.replays_by_bucket: dict[int, int] = {}  # bucket -> decode steps it served
         self.api = graph_api or CudaGraphApi()
+        self.adapters = adapters  # hf_paged.lora.AdapterSet: its layers run base-only in these forwards
         dev = device
         self.ids = torch.zeros(max_bs, dtype=torch.long, device=dev)
         self.positions = torch.zeros(max_bs, dtype=torch.long, device=dev)
@@ -207,17 +211,31 @@ class DecodeGraphs:
         meta = PagedMetadata(self.pool, host, 1, self.max_keys)
         meta._by_device[self.device] = host
         model = self._compiled if compiled else self.model
-        out = model(input_ids=ids, position_ids=positions, paged_metadata=meta, use_cache=False, **self._keep_kwarg)
+        with self._base_only():
+            out = model(input_ids=ids, position_ids=positions, paged_metadata=meta, use_cache=False,
+                        **self._keep_kwarg)
         if self.logits is None:
             return out.logits[0, :, : self.vocab].float()
         self.logits[:b].copy_(out.logits[0, :, : self.vocab])
         return self.logits[:b]
 
+    def _base_only(self) -> Any:
+        """PEFT's LoRA layers as the base model (an empty batch of the engine's batched LoRA): without it they
+        would apply PEFT's active adapter to every row."""
+        if self.adapters is None:
+            return contextlib.nullcontext()
+        from ..lora.layers import LoraBatch
+
+        return self.adapters.active(LoraBatch([]))
+
     # ------------------------------------------------------------------ steps
     def fits(self, plan) -> bool:
-        """A decode-only plan (one query per sequence, every row kept) of at most ``max_bs`` rows."""
+        """A decode-only plan (one query per sequence, every row kept, no adapter tokens: the compiled forward
+        takes none with LoRA layers) of at most ``max_bs`` rows."""
         n = len(plan.q_lens)
-        return (0 < n <= self.max_bs and len(plan.ids) == n and plan.lora_slots is None
+        base = plan.lora_slots is None or (self._compiled is None and self.adapters is not None
+                                           and all(s is None for s in plan.lora_slots))
+        return (0 < n <= self.max_bs and len(plan.ids) == n and base
                 and len(plan.keep) == n and plan.keep[-1] == n - 1 and plan.keep[0] == 0
                 and all(len(t) <= self.width for t in plan.tables))
 

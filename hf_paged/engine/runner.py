@@ -119,7 +119,8 @@ class Runner:
         from .graphs import DecodeGraphs
 
         self.graphs = DecodeGraphs(self.model, self.pool, max_bs=max_bs, max_model_len=max_model_len,
-                                   device=self.device, capture=capture, compile=compile, graph_api=graph_api)
+                                   device=self.device, capture=capture, compile=compile, graph_api=graph_api,
+                                   adapters=self.adapters)
 
     def run(self, schedule: Schedule, every_position: list[bool] | None = None,
             prev_ids: torch.Tensor | None = None,
