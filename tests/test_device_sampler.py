@@ -121,6 +121,25 @@ def test_topk_then_topp_cut_among_equal_scores_draws_what_hf_keeps():
         assert min(dev.logprobs) > -9999
 
 
+def test_a_seeded_topk_row_draws_alike_beside_a_row_wider_than_4096(monkeypatch):
+    """The candidates' draw sums a row of k <= 4096 in float64 (as the host sampler sums its k): a row with
+    top_k > 4096 in the batch used to make every row's sums float32, so uniforms next to a boundary of the
+    cumulative sums picked the neighbouring token only in that batch."""
+    from hf_paged.engine import device_sampler as ds
+
+    vocab = 8000
+    x = torch.randn(2, vocab, generator=torch.Generator().manual_seed(0)) * 2
+    a, b = params(do_sample=True, top_k=50), params(do_sample=True, top_k=5000)
+    cand = x[0][x[0].topk(50).indices.sort().values]  # row 0's candidates, in token order as the draw sums them
+    cdf = torch.softmax(cand.double(), -1).cumsum(-1)
+    uniforms = [float(cdf[j] / cdf[-1]) + e for j in range(0, 49, 4) for e in (-2e-8, 2e-8)]
+    for u in uniforms:
+        monkeypatch.setattr(ds, "_uniforms", lambda rows, dev, u=u: torch.tensor([u] * len(rows), dtype=torch.float64))
+        alone = ds.DeviceSampler(vocab).sample(x[:1].clone(), [SamplingRow(a, [1], 0)]).tokens[0]
+        mixed = ds.DeviceSampler(vocab).sample(x.clone(), [SamplingRow(a, [1], 0), SamplingRow(b, [1], 0)]).tokens
+        assert mixed[0] == alone, u
+
+
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 

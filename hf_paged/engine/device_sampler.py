@@ -154,7 +154,7 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
     if cand:
         sub_rows = [rows[i] for i in cand]
         top_vals = _later_warpers(top_vals, sub_rows, list(range(len(cand))))
-        pos = _draw(top_vals, u if c is None else u.index_select(0, c))
+        pos = _draw_candidates(top_vals, u if c is None else u.index_select(0, c), [ks[i] for i in cand])
         from_cand = top_idx.gather(1, pos.view(-1, 1)).view(-1)
         if c is None:
             return torch.where(tied, picked, from_cand), scores
@@ -225,7 +225,7 @@ def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
     temps = column_tensor([r.params.temperature for r in rows], dev)
     u = _uniforms(rows, dev)
     vals, ids, kth, tied = _candidates(scores, [r.params.top_k for r in rows], temps)
-    from_cand = ids.gather(1, _draw(vals, u).view(-1, 1)).view(-1)
+    from_cand = ids.gather(1, _draw_candidates(vals, u, [r.params.top_k for r in rows]).view(-1, 1)).view(-1)
     full = None
     if _kernel_ok["tied_draw"]:
         try:
@@ -279,13 +279,27 @@ def _top_p(scores: torch.Tensor, top_ps: list[float]) -> torch.Tensor:
     return warpers.top_p_rows(scores, top_ps, kernel=False)
 
 
+def _draw_candidates(vals: torch.Tensor, u: torch.Tensor, ks: list[int]) -> torch.Tensor:
+    """:func:`_draw` over :func:`_candidates`' ``vals``, each row summed as the host sampler sums its ``k``
+    candidates: in float64 for ``k <= _WIDE`` also beside a row with more (the batch's width would make it
+    float32, and a seeded row's token depend on its batch)."""
+    if vals.shape[1] <= _WIDE or min(ks) > _WIDE:
+        return _draw(vals, u)
+    pos = _draw(vals, u)
+    narrow = index_tensor([j for j, k in enumerate(ks) if k <= _WIDE], vals.device)
+    return pos.index_copy_(0, narrow, _draw(vals.index_select(0, narrow)[:, :_WIDE], u.index_select(0, narrow)))
+
+
+_WIDE = 4096  # the widest rows whose draw sums in float64
+
+
 def _draw(scores: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
     """Inverse-CDF draw with the given uniforms, as the host sampler's ``_draw`` (float64 sums up to
     4096 columns, the scores' dtype above). A single row on CUDA sums in float64 too: CUDA scans one row
     in a regrouped order whose float32 sums need not stay level across a run of tokens without mass, so
     the search could land on such a token after the last kept one; in float64 that gap is ~1e-16."""
     probs = torch.softmax(scores, dim=-1)
-    wide = scores.shape[1] <= 4096 or (scores.shape[0] == 1 and scores.is_cuda)
+    wide = scores.shape[1] <= _WIDE or (scores.shape[0] == 1 and scores.is_cuda)
     cdf = probs.cumsum(dim=-1, dtype=torch.float64 if wide else scores.dtype)
     total = cdf[:, -1:]
     pos = torch.searchsorted(cdf, u.to(cdf.dtype).view(-1, 1) * total, right=True)
