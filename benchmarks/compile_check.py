@@ -135,6 +135,9 @@ def main(argv=None) -> int:
             "tied top-k draw": lambda: tied_draw(torch.zeros(rows, 151936), torch.ones(rows), torch.zeros(rows),
                                                  torch.zeros(rows), torch.ones(rows, dtype=torch.bool),
                                                  torch.full((rows,), 0.5)),
+            "tied top-k draw, temperature as a reciprocal (CUDA)": lambda: tied_draw(
+                torch.zeros(rows, 151936), torch.ones(rows), torch.zeros(rows), torch.zeros(rows),
+                torch.ones(rows, dtype=torch.bool), torch.full((rows,), 0.5), recip=True),
             "top-p threshold": lambda: nucleus_threshold(torch.zeros(rows, 151936), torch.zeros(rows),
                                                          torch.ones(rows, dtype=torch.float64),
                                                          torch.full((rows,), 0.9), torch.zeros(rows, dtype=torch.bool),

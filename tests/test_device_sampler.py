@@ -203,12 +203,13 @@ def test_tied_draw_kernel_equals_the_torch_draw():
     tied[:2] = True  # continuous rows, drawn over their k best too
     u = torch.rand(rows, dtype=torch.float64, generator=g)
     u[1] = 1 - 1e-12  # 1.0 in float32: the last kept token
-    scaled = logits / temps
-    want = _draw(scaled.masked_fill(scaled < kth, -float("inf")), u)
-    got = tied_draw(logits, temps, kth, vals[:, 0], tied, u)
-    assert tied.sum() > 5 and (~tied).sum() >= 2
-    assert got[~tied].eq(-1).all()
-    assert got[tied].tolist() == want[tied].tolist()
+    # Division (CPU) and the product with the reciprocal (CUDA: device_sampler.scaled there).
+    for recip, scaled in ((False, logits / temps), (True, logits * (1.0 / temps))):
+        want = _draw(scaled.masked_fill(scaled < kth, -float("inf")), u)
+        got = tied_draw(logits, temps, kth, vals[:, 0], tied, u, recip=recip)
+        assert tied.sum() > 5 and (~tied).sum() >= 2
+        assert got[~tied].eq(-1).all()
+        assert got[tied].tolist() == want[tied].tolist()
 
 
 def test_greedy_ties_pick_the_lowest_index_and_logprobs():
@@ -378,6 +379,21 @@ def test_cuda_host_sampler_penalties_match_hf_bits(monkeypatch):
         assert a.tokens == b.tokens and a.logprobs == b.logprobs and a.top_logprobs == b.top_logprobs, step
         for h, t in zip(hist, a.tokens):
             h.append(t)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_temperature_scaling_equals_hf_bits():
+    """HF's TemperatureLogitsWarper on CUDA (a product with the float32 reciprocal of the Python float): the
+    device sampler's per-row scaling gives the same bits, so ties and top-p boundaries fall where HF's do."""
+    import transformers as tf
+
+    from hf_paged.engine.device_sampler import scaled
+    from hf_paged.kv.metadata import column_tensor
+
+    x = (torch.randn(8, 32000, generator=torch.Generator().manual_seed(3)) * 3).cuda()
+    temps = [0.6, 0.7, 0.9, 1.3, 0.3, 1.7, 0.05, 2.0]
+    want = torch.cat([tf.TemperatureLogitsWarper(t)(None, x[i:i + 1]) for i, t in enumerate(temps)])
+    assert torch.equal(scaled(x, column_tensor(temps, x.device)), want)
 
 
 def test_pipeline_outputs_equal_with_either_sampler(tiny_root, monkeypatch):

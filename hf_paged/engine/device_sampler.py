@@ -133,7 +133,7 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
     n, vocab = scores.shape
     temps = [r.params.temperature for r in rows]
     if any(t != 1.0 for t in temps):
-        scores = scores / column_tensor(temps, dev)  # TemperatureLogitsWarper
+        scores = scaled(scores, column_tensor(temps, dev))  # TemperatureLogitsWarper
     u = _uniforms(rows, dev)
     ks = [r.params.top_k if 0 < r.params.top_k < vocab else 0 for r in rows]
     cand = [i for i, k in enumerate(ks) if k]
@@ -162,6 +162,13 @@ def _sample_rows(scores: torch.Tensor, rows: list[SamplingRow]) -> tuple[torch.T
     return picked, scores
 
 
+def scaled(scores: torch.Tensor, temps: torch.Tensor) -> torch.Tensor:
+    """TemperatureLogitsWarper's bits with a per-row temperature column: HF divides by a Python float, which
+    CUDA computes as a product with the float32 reciprocal (its kernel's shortcut for a scalar divisor), the
+    CPU as a true division. Scores off by an ulp would move ties and top-p boundaries."""
+    return scores * (1.0 / temps) if scores.is_cuda else scores / temps
+
+
 def _candidates(scores: torch.Tensor, ks: list[int], temps: torch.Tensor | None = None):
     """Each row's ``ks[i]`` best candidates as its draw sees them: ``(vals, ids, kth, tied)``.
 
@@ -177,7 +184,7 @@ def _candidates(scores: torch.Tensor, ks: list[int], temps: torch.Tensor | None 
     kmax = max(ks)
     vals, ids = torch.topk(scores, kmax + 1, dim=-1)
     if temps is not None:
-        vals = vals / temps
+        vals = scaled(vals, temps)
     k = index_tensor(ks, dev).view(-1, 1)
     kth = vals.gather(1, k - 1)
     tied = (vals.gather(1, k) == kth).view(-1)
@@ -236,8 +243,8 @@ def _topk_draw_fused(scores: torch.Tensor, rows: list[SamplingRow]) -> torch.Ten
             _kernel_ok["tied_draw"] = False
             logger.warning("hf_paged: the Triton top-k draw failed; sampling uses the torch draw", exc_info=True)
     if full is None:  # the full-width draw of _sample_rows, same uniforms
-        scaled = scores / temps
-        full = _draw(scaled.masked_fill_(scaled < kth, _NEG_INF), u)
+        full = scaled(scores, temps)
+        full = _draw(full.masked_fill_(full < kth, _NEG_INF), u)
     return torch.where(tied, full, from_cand)
 
 

@@ -52,12 +52,12 @@ BLOCK = 4096  # keys per step of a tied row: two passes of ~32 steps over a 128K
 
 @triton.jit
 def _tied_draw_kernel(scores_ptr, stride, temp_ptr, kth_ptr, top_ptr, tied_ptr, u_ptr, out_ptr, vocab,
-                      BLOCK: tl.constexpr):
+                      BLOCK: tl.constexpr, RECIP: tl.constexpr):
     row = tl.program_id(0)
     if tl.load(tied_ptr + row) == 0:
         return
     base = scores_ptr + row.to(tl.int64) * stride
-    temp = tl.load(temp_ptr + row)
+    temp = tl.load(temp_ptr + row)  # RECIP: its reciprocal, computed by torch (see device_sampler.scaled)
     kth = tl.load(kth_ptr + row)  # the k-th best scaled score
     top = tl.load(top_ptr + row)  # the best scaled score
     cols = tl.arange(0, BLOCK)
@@ -66,7 +66,11 @@ def _tied_draw_kernel(scores_ptr, stride, temp_ptr, kth_ptr, top_ptr, tied_ptr, 
     for start in range(0, vocab, BLOCK):
         idx = start + cols
         # div_rn: IEEE division, as torch's scores / temperature (Triton's "/" is an approximation)
-        x = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), temp)
+        x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        if RECIP:
+            x = x * temp
+        else:
+            x = tl.math.div_rn(x, temp)
         p = tl.where(x >= kth, tl.exp(x - top), 0.0)
         c = tl.cumsum(p, 0)
         total += tl.sum(tl.where(cols == BLOCK - 1, c, 0.0), 0)
@@ -76,7 +80,11 @@ def _tied_draw_kernel(scores_ptr, stride, temp_ptr, kth_ptr, top_ptr, tied_ptr, 
     best = vocab - 1
     for start in range(0, vocab, BLOCK):
         idx = start + cols
-        x = tl.math.div_rn(tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32), temp)
+        x = tl.load(base + idx, mask=idx < vocab, other=float("-inf")).to(tl.float32)
+        if RECIP:
+            x = x * temp
+        else:
+            x = tl.math.div_rn(x, temp)
         p = tl.where(x >= kth, tl.exp(x - top), 0.0)
         c = tl.cumsum(p, 0)
         # The first token with mass whose running sum passes the target. Only tokens with mass count: a
@@ -91,12 +99,13 @@ def _tied_draw_kernel(scores_ptr, stride, temp_ptr, kth_ptr, top_ptr, tied_ptr, 
 
 
 def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top: torch.Tensor,
-              tied: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
+              tied: torch.Tensor, u: torch.Tensor, recip: bool | None = None) -> torch.Tensor:
     """Token of each tied row, drawn over ``softmax(scores / temps)`` restricted to scaled scores ``>= kth``
     in vocabulary order with uniform ``u``; -1 for the other rows (not read).
 
     ``scores`` ``[rows, vocab]`` (rows contiguous, any float dtype), and per row: ``temps`` the temperature,
-    ``kth`` the k-th best and ``top`` the best scaled score, ``tied`` bool, ``u`` the uniform.
+    ``kth`` the k-th best and ``top`` the best scaled score, ``tied`` bool, ``u`` the uniform. ``recip``: scale
+    by the temperature's reciprocal (default: on CUDA, as :func:`~hf_paged.engine.device_sampler.scaled`).
     """
     rows, vocab = scores.shape
     if scores.stride(1) != 1:
@@ -105,11 +114,14 @@ def tied_draw(scores: torch.Tensor, temps: torch.Tensor, kth: torch.Tensor, top:
     if rows == 0:
         return out
     f32 = dict(dtype=torch.float32, device=scores.device)
-    args = (temps.reshape(-1).to(**f32).contiguous(), kth.reshape(-1).to(**f32).contiguous(),
+    recip = scores.is_cuda if recip is None else recip
+    temps = temps.reshape(-1).to(**f32)
+    args = ((1.0 / temps if recip else temps).contiguous(), kth.reshape(-1).to(**f32).contiguous(),
             top.reshape(-1).to(**f32).contiguous(), tied.reshape(-1).to(torch.int8).contiguous(),
             u.reshape(-1).to(**f32).contiguous())
     with on_device(scores):
-        _tied_draw_kernel[(rows,)](scores, scores.stride(0), *args, out, vocab, BLOCK=BLOCK, num_warps=8)
+        _tied_draw_kernel[(rows,)](scores, scores.stride(0), *args, out, vocab, BLOCK=BLOCK, RECIP=recip,
+                                   num_warps=8)
     return out
 
 
