@@ -181,7 +181,7 @@ def test_pipeline_factory_like_transformers():
         hf_paged.unwrap(gen.model)
     with pytest.raises(ValueError, match="task"):
         hf_paged.pipeline("summarization", model="default")
-    with pytest.raises(ValueError, match="unknown argument"):
+    with pytest.raises(ValueError, match="unknown generation parameter"):
         hf_paged.pipeline("text-generation", model="default", frobnicate=1)
 
 

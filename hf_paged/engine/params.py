@@ -11,6 +11,7 @@ Example::
 """
 from __future__ import annotations
 
+import copy
 import logging
 import math
 import numbers
@@ -159,16 +160,20 @@ class SamplingParams:
 
         Aliases: ``max_tokens`` -> ``max_new_tokens``, ``stop_strings`` -> ``stop``, ``n`` ->
         ``num_return_sequences``; ``stop`` may be one string. A kwarg whose value is None counts as
-        not given (servers pass optional fields that way). ``prompt_length`` is only needed to turn a
-        config's total ``max_length``/``min_length`` into new-token counts, as generate() does.
+        not given (servers pass optional fields that way). ``max_length``/``min_length`` count the prompt too,
+        as in generate() (``max_new_tokens``/``min_new_tokens`` win over them); ``prompt_length`` turns them,
+        and a config's, into new-token counts. ``pad_token_id`` is accepted and not used (nothing is padded).
 
         Example::
 
             SamplingParams.from_request(GenerationConfig(do_sample=True, top_p=0.9), max_tokens=32, n=2)
         """
-        allowed = {f.name for f in fields(cls)}
+        allowed = {f.name for f in fields(cls) if f.init}
         given: dict[str, Any] = {}
         spelled: dict[str, str] = {}
+        kwargs.pop("pad_token_id", None)
+        totals = {k: kwargs.pop(k) for k in ("max_length", "min_length") if k in kwargs}
+        totals = {k: _int(k, v, low=0) for k, v in totals.items() if v is not None}
         for key, value in kwargs.items():
             name = _ALIASES.get(key, key)
             if name not in allowed:
@@ -179,12 +184,31 @@ class SamplingParams:
             if name in given:
                 raise ValueError(f"{name}: given twice, as {spelled[name]} and as {key}")
             given[name], spelled[name] = value, key
+        for total, new in (("max_length", "max_new_tokens"), ("min_length", "min_new_tokens")):
+            if total in totals and new not in given:
+                n = totals[total] - (prompt_length or 0)
+                given[new] = max(1, n) if new == "max_new_tokens" else max(0, n)
         values = _config_defaults(generation_config, prompt_length)
         values.update(given)
         if "min_new_tokens" not in given and isinstance(values["max_new_tokens"], int):
             # A config-wide minimum must not make a short request invalid.
             values["min_new_tokens"] = min(values["min_new_tokens"], values["max_new_tokens"])
         return cls(**values)
+
+
+def merged_config(model_config: Any, given: Any) -> Any:
+    """The generation config of a call that passes ``generation_config=given``: its settings over the model's."""
+    if given is None:
+        return model_config
+    from transformers import GenerationConfig
+
+    if not isinstance(given, GenerationConfig):
+        raise ValueError(f"generation_config must be a transformers.GenerationConfig, got {type(given).__name__}")
+    if model_config is None:
+        return given
+    merged = copy.deepcopy(model_config)
+    merged.update(**given.to_diff_dict())
+    return merged
 
 
 def _config_defaults(gc: Any, prompt_length: int | None) -> dict[str, Any]:

@@ -30,7 +30,7 @@ from .engine import Engine
 from .stepping import Stepper
 from .grammar import Grammars
 from .outputs import RequestOutput, StreamEvent
-from .params import SamplingParams
+from .params import SamplingParams, merged_config
 from .request import Request, encode_prompt
 from .stats import EngineStats
 from .tp import StepChannel, TensorParallelError, init_group
@@ -136,16 +136,18 @@ class PagedPipeline:
         return cls(model, tok, **kwargs)
 
     # ------------------------------------------------------------------ submission
-    def encode(self, prompt: Prompt, *, tools: list[dict] | None = None) -> list[int]:
-        """Token ids of a string, a chat message list (chat template applied, with ``tools`` where
-        given) or a token id list."""
-        return encode_prompt(self.tokenizer, self.model.config.vocab_size, prompt, tools)
+    def encode(self, prompt: Prompt, *, tools: list[dict] | None = None, continue_final_message: bool = False
+               ) -> list[int]:
+        """Token ids of a string, a chat message list (chat template applied, with ``tools`` where given; with
+        ``continue_final_message`` its last message is left open, to be continued) or a token id list."""
+        return encode_prompt(self.tokenizer, self.model.config.vocab_size, prompt, tools, continue_final_message)
 
     def _make_request(self, prompt: Prompt, kwargs: dict) -> Request:
         kwargs = dict(kwargs)  # generate() shares one dict between its prompts
         adapter = self.adapters.get(kwargs.pop("adapter", None))  # ValueError naming the loaded ones
-        ids = self.encode(prompt)
-        params = SamplingParams.from_request(self.model.generation_config, prompt_length=len(ids), **kwargs)
+        ids = self.encode(prompt, continue_final_message=kwargs.pop("continue_final_message", None) or False)
+        config = merged_config(self.model.generation_config, kwargs.pop("generation_config", None))
+        params = SamplingParams.from_request(config, prompt_length=len(ids), **kwargs)
         total = len(ids) + params.max_new_tokens
         if total > self.max_model_len:
             raise ValueError(f"max_new_tokens: prompt ({len(ids)} tokens) + max_new_tokens "

@@ -160,9 +160,11 @@ def _put_all(items: list[tuple[asyncio.Queue, StreamEvent]]) -> None:
         q.put_nowait(event)
 
 
-def encode_prompt(tokenizer, vocab_size: int, prompt: Any, tools: list[dict] | None = None) -> list[int]:
-    """Token ids of a string, a chat message list (chat template applied, with ``tools`` where given) or a
-    token id list; ValueError naming what is wrong with it."""
+def encode_prompt(tokenizer, vocab_size: int, prompt: Any, tools: list[dict] | None = None,
+                  continue_final_message: bool = False) -> list[int]:
+    """Token ids of a string, a chat message list (chat template applied, with ``tools`` where given; with
+    ``continue_final_message`` the last message stays open, to be continued, instead of a new assistant turn
+    being opened) or a token id list; ValueError naming what is wrong with it."""
     if lone_surrogate(prompt) is not None:
         raise ValueError("prompt: contains a lone UTF-16 surrogate, which is not valid Unicode text")
     if isinstance(prompt, str):
@@ -174,12 +176,19 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: Any, tools: list[dict] | N
         if bad:
             raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary")
         return list(prompt)
+    if continue_final_message and not (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[-1], dict)):
+        raise ValueError("continue_final_message: applies to a list of chat messages only")
+    if continue_final_message is not False and not isinstance(continue_final_message, bool):
+        raise ValueError(f"continue_final_message must be true or false, got {continue_final_message!r}")
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("prompt: chat messages need a tokenizer with a chat template")
         extra = {"tools": tools} if tools else {}
+        if continue_final_message:
+            extra["continue_final_message"] = True
         try:  # a template may refuse the messages (jinja errors: roles that must alternate, a missing field)
-            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=True, tokenize=True, **extra)
+            ids = tokenizer.apply_chat_template(list(prompt), add_generation_prompt=not continue_final_message,
+                                                tokenize=True, **extra)
         except Exception as exc:  # noqa: BLE001
             raise ValueError(f"messages: the chat template failed: {type(exc).__name__}: {exc}") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
