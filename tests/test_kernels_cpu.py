@@ -221,6 +221,78 @@ def test_cpu_linears_leave_training_to_f_linear(monkeypatch):
     assert len(calls) == 2
 
 
+def test_cpu_linears_leave_a_trainable_bias_and_autocast_to_f_linear():
+    """A frozen weight with a trainable bias (BitFit) gets its bias gradient, and CPU autocast its bf16 output:
+    both are F.linear's, which the kernels would skip."""
+    for rows in (3, 40):  # the skinny kernel, then oneDNN
+        model = _mlp()
+        for layer in model:
+            if isinstance(layer, torch.nn.Linear):
+                layer.weight.requires_grad_(False)
+        cpu_layers.install_cpu_linears(model)
+        model(torch.randn(rows, 32)).sum().backward()
+        assert model[0].bias.grad is not None
+        with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+            assert model(torch.randn(rows, 32)).dtype == torch.bfloat16
+        cpu_layers.remove_cpu_linears(model)
+
+
+def test_cpu_linears_keep_a_forward_of_the_instance():
+    """A layer whose forward was replaced per instance (accelerate's hooks, a user's patch) keeps it, also
+    after remove()."""
+    model = _mlp()
+    layer = model[0]
+    layer.forward = lambda x, f=layer.forward: 2 * f(x)
+    assert cpu_layers.install_cpu_linears(model) == 1
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        want = 2 * torch.nn.functional.linear(x, layer.weight, layer.bias)
+        torch.testing.assert_close(layer(x), want)
+        cpu_layers.remove_cpu_linears(model)
+        torch.testing.assert_close(layer(x), want)
+
+
+def test_packed_bf16_weights_follow_a_peft_merge():
+    """PEFT merges an adapter through weight.data (no version counter moves): the packed oneDNN copy is made
+    again after merge/unmerge, so merged outputs are the merged weights'."""
+    peft = pytest.importorskip("peft")
+    if not torch.backends.mkldnn.is_available():
+        pytest.skip("no oneDNN in this torch build")
+
+    class Net(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = torch.nn.Linear(64, 64)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(Net().bfloat16(), peft.LoraConfig(r=4, target_modules=["proj"],
+                                                               init_lora_weights=False))
+    x = torch.randn(4, 64).bfloat16()
+    with torch.no_grad():
+        want = pm(x)
+        cpu_layers.install_cpu_linears(pm.get_base_model())
+        assert pm.base_model.model.proj.base_layer._hf_paged_packed is not None
+        pm.merge_adapter()
+        torch.testing.assert_close(pm(x), want, atol=0.05, rtol=0.02)  # before: 1.9 off, the unmerged weights
+        pm.unmerge_adapter()
+        torch.testing.assert_close(pm(x), want, atol=0.05, rtol=0.02)
+        cpu_layers.remove_cpu_linears(pm.get_base_model())
+        assert "merge" not in pm.base_model.model.proj.__dict__
+
+
+def test_decode_takes_a_query_whose_head_dim_is_strided():
+    batch = make_batch([5, 9], [1, 1], heads=4, kv_heads=2, head_dim=16, block_size=8, dtype=torch.float32)
+    q, rest = batch.query[: batch.num_real], batch.args()[1:]
+    strided = q.transpose(1, 2).contiguous().transpose(1, 2)  # same values, head_dim not unit-stride
+    assert strided.stride(-1) != 1
+    for hint in (1, None):  # the pure-decode path and the general one
+        want = cpu.paged_attention(q, *rest, scale=0.25, max_seqlen_q=hint)
+        torch.testing.assert_close(cpu.paged_attention(strided, *rest, scale=0.25, max_seqlen_q=hint), want)
+
+
 def test_cpu_linears_skip_other_dtypes_and_can_be_disabled(monkeypatch):
     assert cpu_layers.install_cpu_linears(_mlp().double()) == 0
     monkeypatch.setenv("HF_PAGED_CPU_GEMM", "0")

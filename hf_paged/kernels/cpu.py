@@ -177,6 +177,8 @@ def paged_attention(
     """Same contract as ``reference.paged_attention``; decode rows go through the C++ op."""
     if not available():
         raise RuntimeError(f"the C++ CPU kernel is not available: {build_error() or 'disabled'}")
+    if query.stride(-1) != 1:  # the kernel reads and writes head_dim contiguously (the output is like the query)
+        query = query.contiguous()
 
     def decode(out, rows=None):
         paged_decode(query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, out, scale=scale,

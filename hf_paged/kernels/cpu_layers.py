@@ -64,8 +64,10 @@ def _cpu_linear_forward(self: torch.nn.Linear, x: torch.Tensor) -> torch.Tensor:
     # nn.Module.__getattr__ round trip). fp32 and bf16 layers (installed only for those) each have a kernel.
     params = self._parameters
     weight, bias = params["weight"], params["bias"]
+    # Not where autograd or CPU autocast must see F.linear (a trainable bias too: BitFit).
     if x.is_cpu and x.dtype == weight.dtype and not (torch.is_grad_enabled() and (
-            x.requires_grad or weight.requires_grad)):
+            x.requires_grad or weight.requires_grad or (bias is not None and bias.requires_grad))) \
+            and not torch.is_autocast_enabled("cpu"):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         if 0 < rows <= self._hf_paged_skinny_rows:
             ops = torch.ops.hf_paged_cpu
@@ -134,6 +136,9 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
     count = 0
     for mod in model.modules():
         w = getattr(mod, "weight", None)
+        own = mod.__dict__.get("forward")
+        if own is not None and getattr(own, "__func__", None) is not _cpu_linear_forward:
+            continue  # a forward of its own (accelerate's hooks, a user's patch) stays
         if type(mod) is torch.nn.Linear and type(w) is torch.nn.Parameter and w.device.type == "cpu" \
                 and w.dtype == torch.bfloat16 and w.is_contiguous():
             if bf16_rows is None:
@@ -161,7 +166,33 @@ def install_cpu_linears(model: torch.nn.Module) -> int:
                 return count
             _reroute(mod, fp32_skinny_rows(mod.out_features) if skinny else 0, onednn)
             count += 1
+    _repack_after_merges(model)
     return count
+
+
+def _repack_after_merges(model: torch.nn.Module) -> None:
+    """PEFT merges an adapter into its base layer's weight through ``weight.data``, which moves no version
+    counter: the packed copy would go stale unseen. Each PEFT layer over a packed linear re-packs it after
+    its ``merge``/``unmerge`` (which ``merge_adapter``, ``unmerge_adapter`` and ``merge_and_unload`` call)."""
+    for layer in model.modules():
+        base = getattr(layer, "base_layer", None)
+        if base is None or getattr(base, "_hf_paged_packed", None) is None:
+            continue
+        for name in ("merge", "unmerge"):
+            original = getattr(layer, name, None)
+            if callable(original) and not getattr(original, "_hf_paged_repacks", False):
+                layer.__dict__[name] = _repacking(original, base)
+
+
+def _repacking(original, base: torch.nn.Linear):
+    def call(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        finally:
+            if base.__dict__.get("_hf_paged_packed") is not None:
+                _pack(base)
+    call._hf_paged_repacks = True
+    return call
 
 
 def _bf16_pack_enabled(model: torch.nn.Module) -> bool:
@@ -197,7 +228,11 @@ def _reroute(mod: torch.nn.Linear, skinny_rows: int, onednn: bool) -> None:
 
 def remove_cpu_linears(model: torch.nn.Module) -> None:
     for mod in model.modules():
-        if type(mod) is torch.nn.Linear:
+        for name in ("merge", "unmerge"):
+            if getattr(mod.__dict__.get(name), "_hf_paged_repacks", False):
+                del mod.__dict__[name]
+        if type(mod) is torch.nn.Linear and getattr(mod.__dict__.get("forward"), "__func__", None) \
+                is _cpu_linear_forward:
             for name in ("forward", "_hf_paged_skinny_rows", "_hf_paged_onednn", "_hf_paged_packed",
                          "_hf_paged_packed_of"):
                 mod.__dict__.pop(name, None)
