@@ -218,8 +218,13 @@ def _paged_generate(model, original, *args, **kwargs):
         raise ValueError(f"a model wrapped by hf_paged keeps its KV cache in paged blocks: cache_implementation="
                          f"{impl!r} cannot be used; leave it out (hf_paged.unwrap(model) restores HF's caches)")
     config = kwargs.get("generation_config") or getattr(model, "generation_config", None)
-    if not kwargs.get("use_cache", getattr(config, "use_cache", True)):
-        return original(*args, **kwargs)  # each forward sees the whole sequence: a cache of its own, then none
+    use_cache = kwargs.get("use_cache")
+    if use_cache is None:
+        use_cache = getattr(config, "use_cache", True)
+    # Each forward then sees the whole sequence (a paged cache of its own, then none). Not with inputs_embeds:
+    # generate() turns the cache back on for them, and the paged one must be the cache it uses.
+    if use_cache is False and kwargs.get("inputs_embeds") is None:
+        return original(*args, **kwargs)
     cache = PagedKVCache(state.pool)
     kwargs[state.cache_kwarg] = cache
     # Checkpoints such as Gemma2 ask for a "hybrid" cache; the paged cache replaces it.

@@ -69,6 +69,12 @@ def test_greedy_without_a_cache(model):
     """use_cache=False: every forward sees the whole sequence (the paged cache of a forward is its own)."""
     ref, out = _both(model, _batch([5, 12]), max_new_tokens=8, do_sample=False, use_cache=False)
     assert torch.equal(ref, out)
+    # With inputs_embeds generate() turns the cache back on (the paged one).
+    batch = _batch([5, 12])
+    embeds = {"inputs_embeds": model.get_input_embeddings()(batch["input_ids"]),
+              "attention_mask": batch["attention_mask"]}
+    ref, out = _both(model, embeds, max_new_tokens=4, do_sample=False, use_cache=False)
+    assert torch.equal(ref, out)
 
 
 def _repeating(n: int = 20, seed: int = 3) -> dict[str, torch.Tensor]:

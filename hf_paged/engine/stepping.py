@@ -78,7 +78,7 @@ class Stepper:
                 # Grammar masks or n-gram bans of this step read the tokens in flight: record them now, while
                 # the device runs this step's forward (they come first in stream order), then sample.
                 self._pending = None
-                early = self._records = engine.complete(pending)  # held here until delivered (drop)
+                early = self._records = engine.complete(pending)  # held here until delivered (fail)
                 pending = None
             self._pending = engine.launch_sample(fwd) if fwd is not None else None
             self.park()
