@@ -26,10 +26,13 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
 # (name, rows, sampling settings): what OpenAI clients send (temperature, top_p), what TGI clients may add
-# (typical_p), and plain top-k.
+# (typical_p), plain top-k, and top-k with top-p (generate()'s default top_k=50 under a top_p), also on
+# bf16-rounded rows, where the top-p cut falls among equal scores more often.
 SETTINGS = (("A T0.7 top_p0.9", "A", dict(temperature=0.7, top_p=0.9)),
             ("B T1.0 top_p0.95", "B", dict(temperature=1.0, top_p=0.95)),
             ("A T0.7 top_k50", "A", dict(temperature=0.7, top_k=50)),
+            ("A T0.7 top_k50 top_p0.9", "A", dict(temperature=0.7, top_k=50, top_p=0.9)),
+            ("A-bf16 T0.7 top_k50 top_p0.9", "A-bf16", dict(temperature=0.7, top_k=50, top_p=0.9)),
             ("B T1.0 plain", "B", dict(temperature=1.0)),
             ("B T1.0 typical0.95", "B", dict(temperature=1.0, typical_p=0.95)),
             ("flat T1.0 top_p0.9", "flat", dict(temperature=1.0, top_p=0.9)),
@@ -73,6 +76,7 @@ def main() -> None:
     tune_malloc()
     data = load_rows(Path(args.cache), args.rows)
     result = {"label": args.label, "rows": args.rows, "threads": torch.get_num_threads(), "ms": {}}
+    data["A-bf16"] = data["A"].bfloat16().float()  # a bf16 model's logits: many equal scores
     for name, which, settings in SETTINGS:
         logits = data[which][: args.rows]
         sampler = Sampler(logits.shape[1])

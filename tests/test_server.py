@@ -218,6 +218,28 @@ def test_openai_client(server, pipe):
     assert "".join(c.choices[0].text for c in streamed) == comp.choices[0].text
 
 
+def test_openai_routes_take_vllms_sampling_extras(http, pipe):
+    """top_k, min_p, repetition_penalty, min_tokens and ignore_eos (vLLM's extras, sent by clients moving from
+    it) reach the engine: each request equals the engine's own with the same settings."""
+    messages = [{"role": "user", "content": "Name a colour."}]
+    for extra, engine in ((dict(repetition_penalty=1.3), dict(repetition_penalty=1.3)),
+                          (dict(min_tokens=12, ignore_eos=True), dict(min_new_tokens=12, ignore_eos=True)),
+                          (dict(top_k=1, temperature=1.0, seed=5), dict(top_k=1, do_sample=True, seed=5)),
+                          (dict(min_p=1.0, temperature=1.0, seed=5), dict(min_p=1.0, do_sample=True, seed=5))):
+        ref = pipe.generate(messages, max_new_tokens=16, **({"do_sample": False} | engine))
+        body = http.post("/v1/chat/completions", json={"messages": messages, "max_tokens": 16, "temperature": 0,
+                                                        **extra}).json()
+        assert body["choices"][0]["message"]["content"] == ref.text, extra
+        assert body["usage"]["completion_tokens"] == len(ref.token_ids), extra
+        comp = http.post("/v1/completions", json={"prompt": "Colours:", "max_tokens": 16, "temperature": 0,
+                                                  **extra}).json()
+        assert comp["choices"][0]["text"] == pipe.generate("Colours:", max_new_tokens=16,
+                                                           **({"do_sample": False} | engine)).text, extra
+    # top_k 1 and min_p 1 keep only the best token: sampling then equals greedy decoding.
+    assert pipe.generate(messages, max_new_tokens=16, do_sample=True, top_k=1, seed=5).text == \
+        pipe.generate(messages, max_new_tokens=16, do_sample=False).text
+
+
 def test_inference_client_chat(server, pipe):
     from huggingface_hub import InferenceClient
 
@@ -279,6 +301,13 @@ BAD_REQUESTS = [
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {}}]}]}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "presence_penalty": 9}),
     ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "xml"}}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "top_k": -2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_p": 1.5}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "repetition_penalty": 0}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_tokens": -1}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "min_tokens": 9, "max_tokens": 4}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "ignore_eos": "yes"}),
+    ("/v1/completions", {"prompt": "x", "top_k": 1.5}),
     ("/v1/completions", {"prompt": "x", "suffix": "y"}),
     ("/v1/completions", {"prompt": ["a", "b", "c", "d", "e"]}),
     ("/v1/completions", {"prompt": []}),

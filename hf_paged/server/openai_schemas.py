@@ -66,6 +66,12 @@ class ChatRequest(Strict):
     seed: int | None = None
     temperature: float | None = None
     top_p: float | None = None
+    # vLLM's extra sampling fields (OpenAI has none of them): clients moving from vLLM send them.
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
     tools: list[Any] | None = None
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
@@ -90,6 +96,10 @@ class CompletionRequest(Strict):
     frequency_penalty: float | None = None
     presence_penalty: float | None = None
     repetition_penalty: float | None = None
+    top_k: int | None = None  # this and the three below: vLLM's extras, as on chat
+    min_p: float | None = None
+    min_tokens: int | None = None
+    ignore_eos: bool | None = None
     best_of: int | None = None
     logit_bias: dict[str, float] | None = None
     suffix: str | None = None

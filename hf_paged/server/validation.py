@@ -163,10 +163,20 @@ def _openai_sampling(req: ChatRequest | CompletionRequest, limits: Limits, n: in
         raise validation_error(f"`n` must be >= 1 and <= {limits.max_n}. Given: {n}")
     if req.logit_bias:
         raise validation_error("`logit_bias` is not supported by hf_paged")
+    # vLLM's extras: top_k -1 or 0 is off, min_p 0 is off.
+    if req.top_k is not None and req.top_k < -1:
+        raise validation_error(f"`top_k` must be -1 or 0 (off) or positive. Given: {req.top_k}")
+    if req.min_p is not None and not 0.0 <= req.min_p <= 1.0:
+        raise validation_error(f"`min_p` must be >= 0.0 and <= 1.0. Given: {req.min_p}")
+    if req.min_tokens is not None and req.min_tokens < 0:
+        raise validation_error(f"`min_tokens` must be >= 0. Given: {req.min_tokens}")
+    check_repetition_penalty(req.repetition_penalty)
     check_seed(req.seed, n)
     temperature = 1.0 if req.temperature is None else req.temperature
-    return dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0, top_k=0,
-                top_p=1.0 if req.top_p is None else req.top_p, seed=req.seed,
+    return dict(do_sample=temperature > 0, temperature=temperature if temperature > 0 else 1.0,
+                top_k=max(req.top_k or 0, 0), top_p=1.0 if req.top_p is None else req.top_p,
+                min_p=req.min_p or None, repetition_penalty=req.repetition_penalty,
+                min_new_tokens=req.min_tokens, ignore_eos=req.ignore_eos, seed=req.seed,
                 frequency_penalty=req.frequency_penalty, presence_penalty=req.presence_penalty,
                 stop=_stop_list(req.stop, limits), num_return_sequences=n)
 
@@ -219,11 +229,9 @@ def completion_params(req: CompletionRequest, limits: Limits) -> dict[str, Any]:
         raise validation_error("`max_tokens` must be strictly positive (0 only with `echo`)")
     if scoring and req.stream:
         raise validation_error("`max_tokens` 0 (prompt scoring) is not supported when streaming")
-    check_repetition_penalty(req.repetition_penalty)
     out = _openai_sampling(req, limits, 1 if req.n is None else req.n)
     # A scoring request runs one step (the prompt's logits) and returns no generated token.
-    out.update(max_new_tokens=1 if scoring else req.max_tokens, repetition_penalty=req.repetition_penalty,
-               logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
+    out.update(max_new_tokens=1 if scoring else req.max_tokens, logprobs=req.logprobs is not None, top_logprobs=req.logprobs or 0,
                prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
     return out
 
