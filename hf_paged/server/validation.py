@@ -232,7 +232,8 @@ def completion_params(req: CompletionRequest, limits: Limits) -> dict[str, Any]:
     out = _openai_sampling(req, limits, 1 if req.n is None else req.n)
     # A scoring request runs one step (the prompt's logits) and returns no generated token.
     out.update(max_new_tokens=1 if scoring else req.max_tokens, logprobs=req.logprobs is not None,
-               top_logprobs=req.logprobs or 0, prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
+               top_logprobs=req.logprobs or 0,
+               prompt_logprobs=req.logprobs if req.echo and req.logprobs is not None else None)
     return out
 
 
