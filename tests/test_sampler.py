@@ -292,15 +292,25 @@ def test_unseeded_rows_draw_one_call_of_the_same_uniforms():
     assert _draw(x[:5], [None] * 5) != batched  # another seed, other picks: the rows did draw from it
 
 
-def test_topk_then_topp_cut_among_equal_scores_matches_generate(model):
-    """bf16 logits have many equal scores. Where TopP (after TopK) cuts through a run of them, which go depends
-    on the order HF's sort of the whole row gives them: such rows take HF's full-width warpers, so the kept
-    tokens are HF's (on the k candidates alone another of the equal tokens survived, in ~1 row of 9)."""
+def test_topk_rows_of_bf16_logits_match_generate(model, monkeypatch):
+    """bf16 logits have many equal scores: most rows tie at their k-th score, and HF's TopK keeps every tie.
+    Those rows take their candidates among the 4k + 64 best (where the ties end), not the whole row. Where
+    TopP then cuts through a run of equal scores, which go depends on the order HF's sort of the whole row
+    gives them: such rows take HF's full-width warpers (on the candidates alone another of the equal tokens
+    survived, in ~1 row of 9). The processed scores are generate()'s in every case."""
+    from hf_paged.engine import group_warp
+
+    full_calls = []
+    real = group_warp.TopKLogitsWarper
+    monkeypatch.setattr(group_warp, "TopKLogitsWarper", lambda k: full_calls.append(k) or real(k))
     vocab = 8000
     logits = (torch.randn(120, vocab, generator=torch.Generator().manual_seed(1)) * 2.5 + 5).bfloat16().float()
-    for k, top_p in ((50, 0.9), (20, 0.8)):
-        p = params(do_sample=True, top_k=k, top_p=top_p)
+    for opts in (dict(top_k=50, top_p=0.9), dict(top_k=20, top_p=0.8), dict(top_k=50), dict(top_k=40, min_p=0.05),
+                 dict(top_k=50, typical_p=0.9), dict(top_k=50, temperature=0.7, top_p=0.95)):
+        p = params(do_sample=True, **opts)
         ours = Sampler(vocab).process(logits.clone(), [SamplingRow(p, [1], 0, None)] * len(logits))
-        ref = hf_processors(model, 1, do_sample=True, top_k=k, top_p=top_p)(torch.tensor([[1]] * len(logits)),
-                                                                            logits.clone())
-        assert_same_scores(ours, ref, f"top_k={k} top_p={top_p}")
+        ref = hf_processors(model, 1, do_sample=True, **opts)(torch.tensor([[1]] * len(logits)), logits.clone())
+        assert_same_scores(ours, ref, str(opts))
+    v = logits.topk(51).values
+    assert (v[:, 50] == v[:, 49]).sum() > 40  # rows tie at the k-th score...
+    assert len(full_calls) <= 4  # ...and only rows cut by top-p among equal scores take the whole row

@@ -31,10 +31,9 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-from transformers.generation.logits_process import (MinPLogitsWarper, TemperatureLogitsWarper, TopKLogitsWarper,
-                                                    TopPLogitsWarper, TypicalLogitsWarper)
 
 from . import warpers
+from .group_warp import warp_group
 from .history import apply_history, needs_history
 from .params import SamplingParams
 from .penalty_state import PenaltyState, tracked
@@ -43,8 +42,6 @@ from .penalty_state import PenaltyState, tracked
 # own value for "negligible", and a number every JSON encoder accepts.
 LOGPROB_FLOOR = -9999.0
 
-# The warpers never read input_ids; one shared placeholder avoids building a tensor per call.
-_NO_IDS = torch.empty(1, 0, dtype=torch.long)
 
 
 @dataclass(slots=True)
@@ -241,7 +238,7 @@ class Sampler:
                 groups[(p.temperature, p.top_k, p.top_p, p.min_p, p.typical_p)].append(i)
         for key, members in groups.items():
             cuts = key[2] < 1.0 or bool(key[3]) or key[4] < 1.0  # top_p, min_p, typical_p: most scores -inf
-            for sub, scores, index in _warp(stack(members), *key):  # (index None and top_k > 0: TopK's tied rows)
+            for sub, scores, index in warp_group(stack(members), *key):  # (index None and top_k > 0: TopK's tied rows)
                 yield _Part([members[j] for j in sub], scores, index, False,
                             index is None and (cuts or 0 < key[1] < scores.shape[1]))
 
@@ -263,61 +260,6 @@ class Sampler:
                 n = rows[part.rows[j]].params.top_logprobs
                 out.top_logprobs[part.rows[j]] = [(t, max(v, LOGPROB_FLOOR)) for t, v in zip(ts[:n], vs[:n])
                                                 if v > -math.inf]
-
-
-def _warp(scores: torch.Tensor, temperature: float, top_k: int, top_p: float, min_p: float | None,
-          typical_p: float) -> Iterator[tuple[list[int], torch.Tensor, torch.Tensor | None]]:
-    """HF's sampling warpers on ``[G, V]`` rows that share settings.
-
-    Yields ``(row positions, scores, index)``: ``index`` None for full-width scores, else the token
-    ids of the ``k`` TopK survivors that ``scores`` cover (every other token is -inf).
-    """
-    temper = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
-    later = ([TopPLogitsWarper(top_p)] if top_p < 1.0 else []) \
-        + ([MinPLogitsWarper(min_p)] if min_p else []) \
-        + ([TypicalLogitsWarper(typical_p)] if typical_p < 1.0 else [])  # min_p None or 0 removes nothing
-    everyone = list(range(scores.shape[0]))
-    if top_k == 0 or top_k >= scores.shape[1]:  # TopK would keep every token
-        for w in temper:
-            scores = w(_NO_IDS, scores)
-        if top_p < 1.0:  # what TopPLogitsWarper(top_p) returns, without sorting the whole vocabulary
-            scores, later = warpers.nucleus(scores, top_p), later[1:]
-        if typical_p < 1.0:  # likewise TypicalLogitsWarper, the last warper
-            later = later[:-1]
-        for w in later:
-            scores = w(_NO_IDS, scores)
-        if typical_p < 1.0:
-            scores = warpers.typical(scores, typical_p)
-        yield everyone, scores, None
-        return
-    # Temperature is monotonic, so the TopK survivors are the k largest raw scores: select them
-    # first and scale only those (bitwise the same values as scaling the whole row). One extra
-    # candidate tells whether the k-th scaled score ties with the next one: HF's TopK keeps every
-    # score >= the k-th, so such rows keep more than k tokens and take the full-width path; so do rows
-    # whose TopP cut falls among equal scores (which of them go depends on HF's sort of the whole row).
-    vals, index = warpers.topk(scores, top_k + 1)
-    for w in temper:
-        vals = w(_NO_IDS, vals)
-    tied = vals[:, top_k] == vals[:, top_k - 1]
-    tied = (tied | warpers.top_p_straddles(vals[:, :top_k], 1 - top_p) if top_p < 1.0 else tied).tolist()
-    exact = [j for j in everyone if not tied[j]]
-    if exact:
-        # The candidates in token order: topk orders equal scores differently for another k, and the draw
-        # walks them in order, so a seeded row would otherwise depend on its batch (the device sampler
-        # takes its candidates for every row's k at once, and orders them the same way).
-        index, order = index[:, :top_k].sort(dim=-1)
-        vals = vals[:, :top_k].gather(1, order)
-        if len(exact) < len(everyone):
-            vals, index = vals[exact], index[exact]
-        for w in later:  # each is a per-row function of the surviving scores; -inf entries add nothing
-            vals = w(_NO_IDS, vals)
-        yield exact, vals, index
-    if len(exact) < len(everyone):
-        rest = [j for j in everyone if tied[j]]
-        full = scores[rest]
-        for w in temper + [TopKLogitsWarper(top_k)] + later:
-            full = w(_NO_IDS, full)
-        yield rest, full, None
 
 
 def _argmax(scores: torch.Tensor) -> list[int]:
