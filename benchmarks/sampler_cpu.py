@@ -33,6 +33,7 @@ SETTINGS = (("A T0.7 top_p0.9", "A", dict(temperature=0.7, top_p=0.9)),
             ("A T0.7 top_k50", "A", dict(temperature=0.7, top_k=50)),
             ("A T0.7 top_k50 top_p0.9", "A", dict(temperature=0.7, top_k=50, top_p=0.9)),
             ("A-bf16 T0.7 top_k50 top_p0.9", "A-bf16", dict(temperature=0.7, top_k=50, top_p=0.9)),
+            ("B-bf16 T1.0 top_k50", "B-bf16", dict(temperature=1.0, top_k=50)),
             ("B T1.0 plain", "B", dict(temperature=1.0)),
             ("B T1.0 typical0.95", "B", dict(temperature=1.0, typical_p=0.95)),
             ("flat T1.0 top_p0.9", "flat", dict(temperature=1.0, top_p=0.9)),
@@ -76,7 +77,8 @@ def main() -> None:
     tune_malloc()
     data = load_rows(Path(args.cache), args.rows)
     result = {"label": args.label, "rows": args.rows, "threads": torch.get_num_threads(), "ms": {}}
-    data["A-bf16"] = data["A"].bfloat16().float()  # a bf16 model's logits: many equal scores
+    for name in ("A", "B"):  # a bf16 model's logits: many equal scores
+        data[f"{name}-bf16"] = data[name].bfloat16().float()
     for name, which, settings in SETTINGS:
         logits = data[which][: args.rows]
         sampler = Sampler(logits.shape[1])
