@@ -230,8 +230,8 @@ class DecodeGraphs:
 
     # ------------------------------------------------------------------ steps
     def fits(self, plan) -> bool:
-        """A decode-only plan (one query per sequence, every row kept, no adapter tokens: the compiled forward
-        takes none with LoRA layers) of at most ``max_bs`` rows."""
+        """A decode-only plan (one query per sequence, every row kept, no adapter token; with LoRA layers in the
+        model, not through the compiled forward) of at most ``max_bs`` rows."""
         n = len(plan.q_lens)
         base = plan.lora_slots is None or (self._compiled is None and self.adapters is not None
                                            and all(s is None for s in plan.lora_slots))

@@ -176,10 +176,10 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: Any, tools: list[dict] | N
         if bad:
             raise ValueError(f"prompt: token ids {bad[:5]} are outside the vocabulary")
         return list(prompt)
+    if not isinstance(continue_final_message, bool):
+        raise ValueError(f"continue_final_message must be true or false, got {continue_final_message!r}")
     if continue_final_message and not (isinstance(prompt, (list, tuple)) and prompt and isinstance(prompt[-1], dict)):
         raise ValueError("continue_final_message: applies to a list of chat messages only")
-    if continue_final_message is not False and not isinstance(continue_final_message, bool):
-        raise ValueError(f"continue_final_message must be true or false, got {continue_final_message!r}")
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(m, dict) for m in prompt):
         if getattr(tokenizer, "chat_template", None) is None:
             raise ValueError("prompt: chat messages need a tokenizer with a chat template")
