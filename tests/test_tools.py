@@ -129,3 +129,84 @@ def test_bad_tool_requests_are_422(srv, body, mentions):
     r = httpx.post(f"{srv.url}/v1/chat/completions", json={"messages": MSGS, "tools": TOOLS, **body,
                                                             "max_tokens": 4}, timeout=60)
     assert r.status_code == 422 and mentions in r.json()["error"], r.text
+
+
+def test_required_calls_take_schemas_with_defs(srv):
+    """Pydantic's schemas put their subschemas in "$defs": under tool_choice "required" each function's schema
+    sits inside the array's, and its "#/$defs/..." references are rewritten to point there (it was a 422)."""
+    from hf_paged.server.tools import constraint, plan_tools
+
+    loc = {"type": "object", "properties": {"loc": {"$ref": "#/$defs/Loc"}}, "required": ["loc"],
+           "$defs": {"Loc": {"type": "object", "properties": {"city": {"type": "string", "maxLength": 8}},
+                             "required": ["city"]}}}
+    tools = [{"type": "function", "function": {"name": "where", "parameters": loc}}, TOOLS[1]]
+    schema = constraint(plan_tools(tools, "required", False))["json_schema"]
+    assert schema["items"]["anyOf"][0]["properties"]["arguments"]["properties"]["loc"]["$ref"] == \
+        "#/items/anyOf/0/properties/arguments/$defs/Loc"
+    r = srv.client.chat.completions.create(model="tiny", messages=MSGS, tools=tools, tool_choice="required",
+                                           max_tokens=300, temperature=0, parallel_tool_calls=False)
+    c = r.choices[0]
+    assert c.finish_reason == "tool_calls"
+    for call in c.message.tool_calls:
+        jsonschema.validate(json.loads(call.function.arguments), {"where": loc, "add": ADD}[call.function.name])
+
+
+def test_auto_parsing_of_prose_tags_text_around_calls_and_unicode():
+    plan = ToolPlan("auto", [{"name": "add", "description": "", "parameters": ADD},
+                             {"name": "city", "description": "", "parameters": WEATHER}])
+    call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    # A tag in prose before the real call: the call is still found, the prose stays content.
+    content, calls = parse_output(f"I will use a <tool_call> tag. {call}", plan)
+    assert content == "I will use a <tool_call> tag." and [c["function"]["name"] for c in calls] == ["add"]
+    # Arguments keep their characters (OpenAI sends UTF-8, not \u escapes).
+    _, calls = parse_output('<tool_call>{"name": "city", "arguments": {"city": "Zürich", "unit": "C"}}</tool_call>',
+                            plan)
+    assert calls[0]["function"]["arguments"] == '{"city": "Zürich", "unit": "C"}'
+    # Text after a call: streamed at the end as the unstreamed answer has it.
+    assert parse_output(f"Hi {call} done", plan)[0] == "Hi  done"
+    assert parse_output(f"Hi {call} done", plan, strip=False)[0] == "Hi  done"
+
+
+def test_streamed_text_around_calls_equals_the_answer(srv, monkeypatch):
+    """A streamed auto answer sends the text after (or between) its calls too, with the calls, as the
+    unstreamed answer's content has it (the stream used to stop at the first tag)."""
+    from hf_paged.server import openai_routes
+
+    call = '<tool_call>{"name": "add", "arguments": {"a": 1, "b": 2}}</tool_call>'
+    text = f"Hi {call} done"
+    real = openai_routes.AutoStream
+
+    class Scripted(real):  # the model's text replaced by the script, piece by piece
+        def __init__(self):
+            super().__init__()
+            self._script = [text[i:i + 3] for i in range(0, len(text), 3)]
+
+        def push(self, delta):
+            return super().push(self._script.pop(0) if self._script else "")
+
+    monkeypatch.setattr(openai_routes, "AutoStream", Scripted)
+    stream = srv.client.chat.completions.create(model="tiny", messages=MSGS, tools=TOOLS, max_tokens=len(text),
+                                                temperature=0, stream=True, extra_body={"ignore_eos": True})
+    chunks = [ch for chunk in stream for ch in chunk.choices]
+    assert chunks[-1].finish_reason == "tool_calls"
+    assert "".join(ch.delta.content or "" for ch in chunks) == "Hi  done"
+
+
+def test_earlier_calls_reach_a_template_without_tools():
+    """SmolLM2's template ignores tools and tool_calls: an assistant turn that called a tool is written in the
+    <tool_call> convention, so the model sees what it called before the tool's answer."""
+    from hf_paged.server.tools import tool_prompt
+
+    plan = ToolPlan("auto", [{"name": "city", "description": "", "parameters": WEATHER}])
+    msgs = [MSGS[0], {"role": "assistant", "content": None, "tool_calls": [
+        {"id": "call_1", "type": "function", "function": {"name": "city", "arguments": '{"city": "Zürich"}'}}]},
+        {"role": "tool", "tool_call_id": "call_1", "content": "22C"}]
+
+    class NoTools:
+        chat_template = "{% for m in messages %}{{ m.content }}{% endfor %}"
+
+    out, extra = tool_prompt(msgs, plan, NoTools())
+    assert extra == {} and out[0]["role"] == "system"
+    assert out[2] == {"role": "assistant", "content": '<tool_call>{"name": "city", "arguments": {"city": "Zürich"}}'
+                      '</tool_call>'}
+    assert out[3] == msgs[2]

@@ -133,10 +133,13 @@ async def _chat_stream(state: ServerState, gen: Generation, req: ChatRequest, ri
                 if plan.mode != "auto":
                     auto.text += ev.text
                 if ev.finish_reason is not None:
-                    content, calls = parse_output(auto.text, plan)
+                    content, calls = parse_output(auto.text, plan, strip=False)
                     if calls:
                         delta["tool_calls"] = [dict(c, index=k) for k, c in enumerate(calls)]
                         reason = "tool_calls"
+                        sent = auto.text[:auto.sent]
+                        if plan.mode == "auto" and content and content.startswith(sent):
+                            text += content[len(sent):]  # text after or between the calls, as unstreamed
                     else:  # no call after all: what was held back is content
                         text += auto.text[auto.sent:] if plan.mode == "auto" else auto.text
             delta["content"] = text

@@ -82,11 +82,29 @@ def constraint(plan: ToolPlan) -> dict[str, Any]:
         fn = next(f for f in plan.functions if f["name"] == plan.name)
         return {"json_schema": fn["parameters"]}
     if plan.mode == "required":
-        call = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": f["parameters"]},
-                 "required": ["name", "arguments"]} for f in plan.functions]
+        # Each function's schema moves into the array's schema: its local references ("#/$defs/X", "#") are
+        # rewritten to where it now is.
+        call = [{"type": "object", "properties": {"name": {"const": f["name"]}, "arguments": _rebased(
+                 f["parameters"], f"#/items/anyOf/{i}/properties/arguments")}, "required": ["name", "arguments"]}
+                for i, f in enumerate(plan.functions)]
         return {"json_schema": {"type": "array", "minItems": 1, "maxItems": MAX_CALLS if plan.parallel else 1,
                                 "items": {"anyOf": call}}}
     return {}
+
+
+def _rebased(schema: Any, at: str) -> Any:
+    """``schema`` with its local ``$ref``s ("#", "#/...") pointing into a copy of it placed at ``at``."""
+    if isinstance(schema, list):
+        return [_rebased(s, at) for s in schema]
+    if not isinstance(schema, dict):
+        return schema
+    out = {}
+    for key, value in schema.items():
+        if key == "$ref" and isinstance(value, str) and (value == "#" or value.startswith("#/")):
+            out[key] = at + value[1:]
+        else:
+            out[key] = _rebased(value, at)
+    return out
 
 
 def tool_prompt(messages: list[dict], plan: ToolPlan | None, tokenizer: Any) -> tuple[list[dict], dict]:
@@ -100,18 +118,40 @@ def tool_prompt(messages: list[dict], plan: ToolPlan | None, tokenizer: Any) -> 
                                     "parameters": f["parameters"]}) for f in plan.functions)
     text = ("You can call these functions:\n" + listing + "\nTo call one, answer with "
             f'{OPEN}{{"name": <function name>, "arguments": <arguments object>}}{CLOSE}.')
+    messages = [_calls_as_text(m) for m in messages]  # the template would drop an assistant turn's calls
     if messages and messages[0]["role"] == "system":
         return [dict(messages[0], content=messages[0]["content"] + "\n\n" + text), *messages[1:]], {}
     return [{"role": "system", "content": text}, *messages], {}
 
 
+def _calls_as_text(message: dict) -> dict:
+    """An assistant message's ``tool_calls`` written into its content in the convention above."""
+    calls = message.get("tool_calls") if message.get("role") == "assistant" else None
+    if not calls:
+        return message
+    parts = []
+    for c in calls:
+        fn = c.get("function", {}) if isinstance(c, dict) else {}
+        args = fn.get("arguments", {})
+        try:
+            args = json.loads(args) if isinstance(args, str) else args
+        except ValueError:
+            pass  # the client's own text, kept as a string
+        parts.append(OPEN + json.dumps({"name": fn.get("name"), "arguments": args}, ensure_ascii=False) + CLOSE)
+    text = message.get("content")
+    text = text if isinstance(text, str) else ""
+    out = {k: v for k, v in message.items() if k != "tool_calls"}
+    out["content"] = (text + "\n" if text else "") + "\n".join(parts)
+    return out
+
+
 def _call(name: str, arguments: Any) -> dict:
-    args = arguments if isinstance(arguments, str) else json.dumps(arguments)
+    args = arguments if isinstance(arguments, str) else json.dumps(arguments, ensure_ascii=False)
     return {"id": f"call_{uuid.uuid4().hex[:24]}", "type": "function", "function": {"name": name, "arguments": args}}
 
 
-def parse_output(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
-    """``(content, tool_calls)`` of a finished output."""
+def parse_output(text: str, plan: ToolPlan, strip: bool = True) -> tuple[str | None, list[dict]]:
+    """``(content, tool_calls)`` of a finished output (``strip``: the content without its outer whitespace)."""
     if plan.mode == "named":
         try:
             json.loads(text)
@@ -127,7 +167,13 @@ def parse_output(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
     known = {f["name"] for f in plan.functions}
     while OPEN in rest:
         before, _, after = rest.partition(OPEN)
-        body, closed, rest = after.partition(CLOSE)
+        body, closed, tail = after.partition(CLOSE)
+        inner = body.rfind(OPEN)
+        if inner >= 0:  # a tag in prose before the real one: a call can only start at the last
+            content.append(before + OPEN + body[:inner])
+            rest = body[inner:] + closed + tail
+            continue
+        rest = tail
         content.append(before)
         try:
             call = json.loads(body)
@@ -138,7 +184,7 @@ def parse_output(text: str, plan: ToolPlan) -> tuple[str | None, list[dict]]:
         except ValueError:
             content.append(OPEN + body + closed)  # not a well-formed call: leave it as text
     content.append(rest)
-    joined = "".join(content).strip()
+    joined = "".join(content).strip() if strip else "".join(content)
     return (joined or None) if calls else text, calls
 
 
