@@ -517,8 +517,9 @@ def test_shutdown_drains_then_ends_every_request_with_a_503(pipe, caplog):
             "model": "x", "messages": [{"role": "user", "content": "Count."}], "max_tokens": 4000, "stream": True,
             "response_format": {"type": "json_schema", "json_schema": {"name": "n", "schema": {
                 "type": "array", "items": {"type": "integer"}, "minItems": 2000}}}}),
+        # Sampled (OpenAI's default temperature): ignore_eos keeps it from ending by chance within the drain.
         "completion_stream": ("/v1/completions", {"model": "x", "prompt": [COUNTING, "Hello"], "max_tokens": 4000,
-                                                  "stream": True}),
+                                                  "stream": True, "ignore_eos": True}),
         "tgi": ("/generate", {"inputs": COUNTING, "parameters": long}),
         "short": ("/generate", {"inputs": "Hello", "parameters": {"max_new_tokens": 2}}),
     }
