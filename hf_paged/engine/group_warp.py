@@ -56,8 +56,8 @@ def warp_group(scores: torch.Tensor, temperature: float, top_k: int, top_p: floa
     tied = (vals[:, top_k] == vals[:, top_k - 1]).tolist()
     exact = [j for j in everyone if not tied[j]]
     rest = [j for j in everyone if tied[j]]
-    groups = [(exact, vals[exact, :top_k], index[exact, :top_k])] if rest else [(exact, vals[:, :top_k],
-                                                                                  index[:, :top_k])]
+    keep = exact if rest else slice(None)  # every row: no copy
+    groups = [(exact, vals[keep, :top_k], index[keep, :top_k])]
     width = min(4 * top_k + 64, scores.shape[1])
     if rest and width > top_k + 1:
         wide, wide_index = warpers.topk(scores[rest], width)

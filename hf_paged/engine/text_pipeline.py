@@ -88,8 +88,7 @@ class TextGenerationPipeline:
             continued.append(bool(cont))
             ids.append(self._encode(prompt, prefix, add_special_tokens, tools, bool(cont), handle_long_generation,
                                     kwargs))
-        results = [self._generate(i, kwargs, prefix) for i in ids] if len(batch) == 1 else \
-            self._generate_all(ids, kwargs, prefix)
+        results = self._generate_all(ids, kwargs, prefix)
         decode = dict(skip_special_tokens=True if skip_special_tokens is None else skip_special_tokens)
         if clean_up_tokenization_spaces is not None:
             decode["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
@@ -138,9 +137,6 @@ class TextGenerationPipeline:
             return kwargs
         extra = len(self.tokenizer(prefix, add_special_tokens=False)["input_ids"])
         return {k: (v + extra if k in ("max_length", "min_length") else v) for k, v in kwargs.items()}
-
-    def _generate(self, ids: list[int], kwargs: dict, prefix: str | None):
-        return self.engine.generate([ids], progress=False, **self._length_kwargs(ids, kwargs, prefix))[0]
 
     def _generate_all(self, ids: list[list[int]], kwargs: dict, prefix: str | None):
         if prefix or any(k in kwargs for k in ("max_length", "min_length")):  # lengths per prompt
