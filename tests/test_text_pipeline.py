@@ -2,6 +2,8 @@
 (the default model's tokenizer and chat template): the same records for the same arguments."""
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import transformers as tf
@@ -130,3 +132,47 @@ def test_hole_keeps_the_end_of_a_prompt_too_long_for_the_context(tiny_chat):
     ids = tok(long)["input_ids"][-(512 - 4):]
     model_out = model.generate(input_ids=torch.tensor([ids]), max_new_tokens=4, do_sample=False)
     assert out[0]["generated_text"] == tok.decode(model_out[0, len(ids):], skip_special_tokens=True)
+
+
+def test_generators_and_datasets_are_read_lazily_and_answered_by_an_iterator(tiny_chat):
+    """As transformers' pipeline: a generator or a torch Dataset gets an iterator, each item's records in order,
+    reading the input only as far as the requests in flight (twice max_num_seqs); leaving early cancels them."""
+    from transformers.pipelines.pt_utils import KeyDataset
+
+    model, tok = tiny_chat
+    prompts = ["Hello world", "The sky is", "Once", "A cat", "Why"]
+    read = []
+
+    def source():
+        for p in prompts:
+            read.append(p)
+            yield p
+
+    expected = list(theirs(tiny_chat, (p for p in prompts), **GREEDY))
+    gen = hf_paged.pipeline("text-generation", model=model, tokenizer=tok, kv_memory="32MiB", max_num_seqs=1)
+    try:
+        it = gen(source(), **GREEDY)
+        assert not read and iter(it) is it  # nothing is read before the first record is asked for
+        first = next(it)
+        assert len(read) == 2  # the window: two requests in flight for max_num_seqs=1
+        assert [first] + list(it) == expected
+        assert list(gen(KeyDataset([{"text": p} for p in prompts], "text"), **GREEDY)) == expected
+        assert gen(prompts, **GREEDY) == expected  # a list is answered with a list, as before
+
+        read.clear()
+        it = gen(source(), do_sample=False, max_new_tokens=200)
+        next(it)
+        it.close()  # the one still in flight is cancelled, and its blocks come back
+        deadline = time.monotonic() + 30
+        while gen.engine.pool.allocator.num_used and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert gen.engine.pool.allocator.num_used == 0 and len(read) == 2
+
+        def bad():
+            yield "Hello world"
+            yield ""
+        with pytest.raises(ValueError, match="must not be empty"):
+            list(gen(bad(), **GREEDY))
+    finally:
+        gen.close()
+        hf_paged.unwrap(model)

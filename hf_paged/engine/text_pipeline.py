@@ -14,10 +14,14 @@ Example::
 """
 from __future__ import annotations
 
+import collections
 import enum
+import types
+from collections.abc import Iterator
 from typing import Any
 
 import torch
+from torch.utils.data import Dataset
 
 from ..config import EngineConfig
 from .pipeline import PagedPipeline
@@ -37,6 +41,11 @@ class ReturnType(enum.Enum):
     TENSORS = 0
     NEW_TEXT = 1
     FULL_TEXT = 2
+
+
+def _is_lazy(x: Any) -> bool:
+    """Inputs transformers' pipelines consume lazily (and answer with an iterator): generators, torch datasets."""
+    return isinstance(x, (types.GeneratorType, Dataset))
 
 
 def _is_chat(x: Any) -> bool:
@@ -75,25 +84,52 @@ class TextGenerationPipeline:
         if handle_long_generation not in (None, "hole"):
             raise ValueError(f"handle_long_generation: expected None or 'hole', got {handle_long_generation!r}")
         kind = _return_type(return_full_text, return_tensors, return_text, return_type)
-        single = isinstance(text_inputs, str) or _is_chat(text_inputs)
-        batch = [text_inputs] if single else list(text_inputs)
         kwargs = self._kwargs(generate_kwargs)
         if stop_sequence is not None:
             kwargs["stop_strings"] = stop_sequence
-        ids, continued = [], []
-        for prompt in batch:
-            cont = continue_final_message
-            if _is_chat(prompt) and cont is None:  # a final assistant message is a prefill to continue
-                cont = prompt[-1].get("role") == "assistant"
-            continued.append(bool(cont))
-            ids.append(self._encode(prompt, prefix, add_special_tokens, tools, bool(cont), handle_long_generation,
-                                    kwargs))
-        results = self._generate_all(ids, kwargs, prefix)
         decode = dict(skip_special_tokens=True if skip_special_tokens is None else skip_special_tokens)
         if clean_up_tokenization_spaces is not None:
             decode["clean_up_tokenization_spaces"] = clean_up_tokenization_spaces
-        out = [self._records(prompt, res, kind, cont, decode) for prompt, res, cont in zip(batch, results, continued)]
+
+        def encode(prompt) -> tuple[list[int], bool]:
+            cont = continue_final_message
+            if _is_chat(prompt) and cont is None:  # a final assistant message is a prefill to continue
+                cont = prompt[-1].get("role") == "assistant"
+            return self._encode(prompt, prefix, add_special_tokens, tools, bool(cont), handle_long_generation,
+                                kwargs), bool(cont)
+
+        def records(prompt, res, cont: bool) -> list[dict]:
+            return self._records(prompt, res, kind, cont, decode)
+
+        if _is_lazy(text_inputs) and not self.engine.follower:
+            # As transformers does for generators and datasets: an iterator, consumed as it is read.
+            return self._iterate(text_inputs, encode, records, kwargs, prefix)
+        single = isinstance(text_inputs, str) or _is_chat(text_inputs)
+        batch = [text_inputs] if single else list(text_inputs)
+        encoded = [encode(prompt) for prompt in batch]  # every prompt is checked before any runs
+        results = self._generate_all([ids for ids, _ in encoded], kwargs, prefix)
+        out = [records(prompt, res, cont) for prompt, res, (_, cont) in zip(batch, results, encoded)]
         return out[0] if single else out
+
+    def _iterate(self, inputs, encode, records, kwargs: dict, prefix: str | None) -> Iterator[list[dict]]:
+        """Records of each input in order, while later inputs run: up to twice ``max_num_seqs`` requests are
+        in flight, so the engine's batch stays full. Leaving the loop early cancels the ones in flight."""
+        window = 2 * self.engine.config.max_num_seqs
+        items = (inputs[i] for i in range(len(inputs))) if isinstance(inputs, Dataset) else iter(inputs)
+        flight: collections.deque = collections.deque()
+        try:
+            for prompt in items:
+                ids, cont = encode(prompt)
+                flight.append((prompt, self._submit(ids, kwargs, prefix), cont))
+                while len(flight) >= window:
+                    prompt, handle, cont = flight.popleft()
+                    yield records(prompt, handle.result(), cont)
+            while flight:
+                prompt, handle, cont = flight.popleft()
+                yield records(prompt, handle.result(), cont)
+        finally:
+            for _, handle, _ in flight:
+                handle.cancel()
 
     # ------------------------------------------------------------------ internals
     def _kwargs(self, call: dict) -> dict:
@@ -138,9 +174,14 @@ class TextGenerationPipeline:
         extra = len(self.tokenizer(prefix, add_special_tokens=False)["input_ids"])
         return {k: (v + extra if k in ("max_length", "min_length") else v) for k, v in kwargs.items()}
 
+    def _submit(self, ids: list[int], kwargs: dict, prefix: str | None):
+        req = self.engine._make_request(ids, self._length_kwargs(ids, kwargs, prefix))
+        req.quiet = True  # only its result is read
+        return self.engine._enqueue([req])[0]
+
     def _generate_all(self, ids: list[list[int]], kwargs: dict, prefix: str | None):
         if prefix or any(k in kwargs for k in ("max_length", "min_length")):  # lengths per prompt
-            handles = [self.engine.submit(i, **self._length_kwargs(i, kwargs, prefix)) for i in ids]
+            handles = [self._submit(i, kwargs, prefix) for i in ids]
             return [h.result() for h in handles]
         return self.engine.generate(ids, progress=False, **kwargs)
 
