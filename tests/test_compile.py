@@ -116,6 +116,7 @@ def test_failed_compiled_step_falls_back_to_eager(tiny_root, caplog):
     eager, _ = _run(model, prompts)
     pipe = PagedPipeline(model, IdTokenizer(), max_num_seqs=6, max_batch_tokens=128, compile=True)
     graphs = pipe.engine.runner.graphs
+    assert pipe.stats().decode_path == "compiled"
 
     def broken(**kwargs):
         raise RuntimeError("a recompile failed")
@@ -130,6 +131,7 @@ def test_failed_compiled_step_falls_back_to_eager(tiny_root, caplog):
         hf_paged.unwrap(model)
     assert got == eager
     assert graphs._compiled is None and "decode steps run eagerly" in caplog.text
+    assert graphs.mode == "static"  # the static buffers, eagerly: what stats and /metrics then report
 
 
 def test_compile_option_is_validated():

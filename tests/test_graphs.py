@@ -92,6 +92,7 @@ def test_static_buffers_equal_eager_greedy(llama, ahead, record):
                               async_scheduling=ahead, record=record)
     assert got == eager
     assert graphs.replays > 0 and stats["prefix_hit_rate"] > 0
+    assert stats["graph_steps"] == graphs.replays and stats["decode_path"] == ("cuda_graphs" if record else "static")
     if record:
         assert graphs.captured and sum(g.replays for g in graphs.api.graphs) == graphs.replays
     for ids, new in prompts[:3]:  # and both equal generate()

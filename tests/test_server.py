@@ -411,6 +411,9 @@ def test_metrics(http, pipe):
         assert value(f"hf_paged_kv_{key}") == stats[key]
     assert value("hf_paged_prefix_hit_rate") == pytest.approx(stats["prefix_hit_rate"])
     assert fams["hf_paged_preemptions"].type == "counter"
+    # A CPU server decodes eagerly: the path an operator checks for a failed CUDA graph capture.
+    assert [(x.labels, x.value) for x in fams["hf_paged_decode_path"].samples] == [({"path": "eager"}, 1.0)]
+    assert fams["hf_paged_graph_steps"].samples[0].value == stats["graph_steps"] == 0
 
 
 def test_engine_views(http, pipe):

@@ -275,6 +275,19 @@ def test_chat_message_shapes_that_are_fine(http):
     assert http.post("/v1/chat/completions", json={"messages": msgs, "max_tokens": 2}).status_code == 200
 
 
+def test_chat_messages_keep_what_templates_render():
+    from hf_paged.server.openai_schemas import ChatMessage
+    from hf_paged.server.validation import chat_messages
+
+    msgs = [ChatMessage(role="developer", content="Be brief."),
+            ChatMessage(role="user", content=[{"type": "text", "text": "Hi, "}, {"type": "text", "text": "all"}],
+                        name="ann"),
+            ChatMessage(role="tool", tool_call_id="c1", content="4", name="add")]
+    assert chat_messages(msgs) == [{"role": "system", "content": "Be brief."},
+                                   {"role": "user", "content": "Hi, all", "name": "ann"},
+                                   {"role": "tool", "content": "4", "name": "add", "tool_call_id": "c1"}]
+
+
 @pytest.mark.parametrize("body,mentions", [
     (b'{"inputs": "caf\xe9"}', "UnicodeDecodeError"),
     (b'{"inputs": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", "RecursionError"),

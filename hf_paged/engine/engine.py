@@ -387,9 +387,12 @@ class Engine:
 
     def stats(self) -> EngineStats:
         snap = self.pool.allocator.snapshot(with_states=False)
+        graphs = self.runner.graphs
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting), blocks_total=snap.total,
             blocks_used=snap.used, blocks_free=snap.free, blocks_cached=snap.cached,
             prefix_hit_rate=self.pool.allocator.prefix_hit_rate, preemptions=self.scheduler.num_preemptions,
-            tokens_generated=self.tokens_generated, tokens_per_s=self.tokens_per_second(), steps=self.steps)
+            tokens_generated=self.tokens_generated, tokens_per_s=self.tokens_per_second(), steps=self.steps,
+            decode_path="eager" if graphs is None else graphs.mode,
+            graph_steps=0 if graphs is None else graphs.steps_served)
 

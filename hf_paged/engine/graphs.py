@@ -121,6 +121,7 @@ class DecodeGraphs:
         self._keep_kwarg = {"logits_to_keep": 0} if "logits_to_keep" in inspect.signature(
             type(model).forward).parameters else {}
         self.replays_by_bucket: dict[int, int] = {}  # bucket -> decode steps it served
+        self.steps_served = 0  # their sum, read by other threads (EngineStats)
         self.api = graph_api or CudaGraphApi()
         self.adapters = adapters  # hf_paged.lora.AdapterSet: its layers run base-only in these forwards
         dev = device
@@ -156,6 +157,11 @@ class DecodeGraphs:
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
             self._compiled = torch.compile(model, fullgraph=True, dynamic=False)
             self._warm_up()
+
+    @property
+    def mode(self) -> str:
+        """How its steps run: ``cuda_graphs``, ``compiled`` or ``static`` (the buffers, eagerly)."""
+        return "cuda_graphs" if self.captured else "compiled" if self._compiled is not None else "static"
 
     @property
     def replays(self) -> int:
@@ -288,6 +294,7 @@ class DecodeGraphs:
             self._copied[turn] = torch.cuda.Event()
             self._copied[turn].record(torch.cuda.current_stream(self.device))
         self.replays_by_bucket[b] = self.replays_by_bucket.get(b, 0) + 1
+        self.steps_served += 1
         if self.captured:
             self._graphs[b].replay()
             return self.logits[:n]

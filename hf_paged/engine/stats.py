@@ -28,6 +28,11 @@ class EngineStats:
     tokens_generated: int
     tokens_per_s: float  # over the last few seconds; 0 when idle
     steps: int
+    # How decode steps run: "cuda_graphs" (captured; larger and mixed steps eager), "compiled" (CPU
+    # torch.compile), "static" (static buffers run eagerly, tests) or "eager"; a failed capture or
+    # compile leaves "eager", which an operator should see.
+    decode_path: str = "eager"
+    graph_steps: int = 0  # decode steps served by the graphs (or the compiled forward)
 
     @property
     def blocks_allocatable(self) -> int:

@@ -240,8 +240,8 @@ def completion_params(req: CompletionRequest, limits: Limits) -> dict[str, Any]:
 def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
     """Messages for the chat template: text parts joined; anything else (images, audio) refused.
 
-    ``developer`` becomes ``system``; a tool call id and an assistant's tool calls are passed on
-    for templates that render them."""
+    ``developer`` becomes ``system``; a participant's ``name``, a tool call id and an assistant's tool calls
+    are passed on for templates that render them."""
     out = []
     for i, m in enumerate(messages):
         content = m.content
@@ -258,6 +258,8 @@ def chat_messages(messages: list[ChatMessage]) -> list[dict[str, Any]]:
                 texts.append(part.text)
             content = "".join(texts)
         msg: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": content or ""}
+        if m.name is not None:
+            msg["name"] = m.name
         if m.tool_call_id is not None:
             msg["tool_call_id"] = m.tool_call_id
         if m.tool_calls:
