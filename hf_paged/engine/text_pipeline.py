@@ -150,9 +150,13 @@ class TextGenerationPipeline:
             if prefix and isinstance(prefix, str):
                 prompt = prefix + prompt
             extra = {} if add_special_tokens is None else {"add_special_tokens": add_special_tokens}
-            if not prompt:
-                raise ValueError("prompt: must not be empty")
-            ids = list(self.tokenizer(prompt, **extra)["input_ids"])
+            ids = list(self.tokenizer(prompt, **extra)["input_ids"]) if prompt else []
+            if not ids:  # as generate() without input ids: from the BOS token
+                bos = getattr(self.model.generation_config, "bos_token_id", None)
+                if bos is None:
+                    raise ValueError("prompt: empty, and the model's generation config has no bos_token_id to "
+                                     "start from")
+                ids = [bos]
         else:
             ids = self.engine.encode(prompt, tools=tools, continue_final_message=cont)
         if hole == "hole":  # keep the prompt's end, so that it and the new tokens fit the model's context
