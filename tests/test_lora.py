@@ -4,6 +4,7 @@ and unload while running, the prefix cache kept apart per adapter, and the error
 from __future__ import annotations
 
 import os
+import random
 import threading
 
 import pytest
@@ -410,3 +411,23 @@ def test_adapters_that_would_change_the_shared_model_are_refused(adapter_dirs, t
     with pytest.raises(ValueError, match="load_adapter"):
         hf_paged.PagedPipeline(loaded, IdTokenizer(), num_blocks=32)
     hf_paged.unwrap(loaded)
+
+
+def test_adapters_of_a_later_pipeline_on_the_same_model_miss_the_earlier_ones_blocks(adapter_dirs):
+    """The KV pool, and its prefix cache, belong to the model and outlive a pipeline; an adapter's uid salts its
+    cached blocks. A second pipeline's first adapter must not get the uid (and so the blocks) of the first's."""
+    base_path, dirs = adapter_dirs
+    prompt = [random.Random(1).randrange(3, 250) for _ in range(40)]
+    ref = _reference(base_path, dirs["mlp"], prompt, n=10)
+    model = load(base_path)
+    outs = []
+    for name in ("attn", "mlp"):
+        pipe = hf_paged.PagedPipeline(model, IdTokenizer(), num_blocks=64, block_size=8,
+                                      lora_adapters={name: dirs[name]})
+        try:
+            outs.append(pipe.generate(prompt, max_new_tokens=10, do_sample=False, ignore_eos=True,
+                                      adapter=name).token_ids)
+        finally:
+            pipe.close()
+    hf_paged.unwrap(model)
+    assert outs[1] == ref

@@ -145,3 +145,54 @@ def test_a_base_exception_in_a_step_still_ends_every_request(tiny_root, monkeypa
     finally:
         pipe.close()
     assert pipe.pool.allocator.num_used == 0
+
+
+def test_changed_weights_do_not_serve_cached_prefixes(tiny_root):
+    """An RL loop (update the weights in place, roll out again) or load_state_dict between two requests: the
+    prefix cache holds K/V of the old weights, which must not serve the next request. Edits through ``.data``
+    leave no trace; reset_prefix_cache() is for them."""
+    model = load(build("llama", tiny_root))
+    prompt = [random.Random(0).randrange(3, VOCAB) for _ in range(40)]
+    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=64, block_size=8)
+    try:
+        pipe.generate(prompt, max_new_tokens=4, do_sample=False)
+        layers = model.model.layers
+        with torch.no_grad():  # as an optimizer step does it
+            for layer in layers:
+                layer.self_attn.k_proj.weight.mul_(-1.7)
+        after_step = pipe.generate(prompt, max_new_tokens=12, do_sample=False).token_ids
+        ref_step = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        model.load_state_dict({f"model.layers.{i}.self_attn.v_proj.weight": layer.self_attn.v_proj.weight * 1.9
+                               for i, layer in enumerate(layers)}, strict=False, assign=True)
+        after_load = pipe.generate(prompt, max_new_tokens=12, do_sample=False).token_ids
+        ref_load = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        for layer in layers:
+            layer.self_attn.k_proj.weight.data.mul_(0.5)
+        pipe.reset_prefix_cache()
+        after_data = pipe.generate(prompt, max_new_tokens=12, do_sample=False).token_ids
+        ref_data = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=12, do_sample=False)
+        unchanged = pipe.generate(prompt, max_new_tokens=12, do_sample=False).token_ids
+        assert pipe.stats().prefix_hit_rate > 0  # the cache still serves while the weights stay put
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+    assert after_step == ref_step[0, 40:].tolist()
+    assert after_load == ref_load[0, 40:].tolist()
+    assert after_data == unchanged == ref_data[0, 40:].tolist()
+
+
+def test_a_prompt_that_encodes_to_no_tokens_is_refused(tiny_root):
+    """It would take the logits row of the sequence packed before it (or fail every request if alone)."""
+    from hf_paged.engine.params import SamplingParams
+
+    model = load(build("llama", tiny_root))
+    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=64, block_size=8)
+    try:
+        with pytest.raises(ValueError, match="encodes to no tokens"):
+            pipe.submit("   ", max_new_tokens=2)  # IdTokenizer: no ids in blank text
+        with pytest.raises(ValueError, match="encodes to no tokens"):
+            pipe.engine.add([], SamplingParams.from_request(None, max_new_tokens=1))
+        assert pipe.generate("5 6", max_new_tokens=2, do_sample=False).token_ids
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)

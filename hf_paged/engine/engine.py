@@ -104,6 +104,10 @@ class Engine:
         ``adapter``: the :class:`~hf_paged.lora.Adapter` they run (None: the base model)."""
         if adapter is not None and adapter.unloaded:
             raise ValueError(f"adapter: {adapter.name!r} was unloaded before this request started")
+        if not prompt_ids:
+            raise ValueError("prompt: encodes to no tokens")
+        if self.runner.weights_changed():  # the prefix cache holds K/V of the old weights
+            self.pool.allocator.reset_prefix_cache()
         seqs = []
         for i in range(params.num_return_sequences):
             gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
@@ -386,13 +390,11 @@ class Engine:
         return sum(n for _, n in recent[1:]) / span
 
     def stats(self) -> EngineStats:
-        snap = self.pool.allocator.snapshot(with_states=False)
-        graphs = self.runner.graphs
+        snap, g = self.pool.allocator.snapshot(with_states=False), self.runner.graphs
         return EngineStats(
             running=len(self.scheduler.running), waiting=len(self.scheduler.waiting), blocks_total=snap.total,
             blocks_used=snap.used, blocks_free=snap.free, blocks_cached=snap.cached,
             prefix_hit_rate=self.pool.allocator.prefix_hit_rate, preemptions=self.scheduler.num_preemptions,
             tokens_generated=self.tokens_generated, tokens_per_s=self.tokens_per_second(), steps=self.steps,
-            decode_path="eager" if graphs is None else graphs.mode,
-            graph_steps=0 if graphs is None else graphs.steps_served)
+            decode_path=g.mode if g is not None else "eager", graph_steps=g.steps_served if g is not None else 0)
 

@@ -80,31 +80,10 @@ class PagedPipeline:
         if self.tp is not None and self.tp.leader:
             self.engine.runner.broadcast = self.tp
         self._cpu = self.engine.runner.device.type == "cpu"
-        if config.compile:
-            if not self._cpu or self.tp is not None or len({p.device for p in model.parameters()}) != 1:
-                raise ValueError("compile=True is for a model on one CPU device (on CUDA, decode steps run as "
-                                 "CUDA graphs; tensor-parallel and multi-device models run eagerly)")
-            try:
-                self.engine.runner.use_graphs(min(config.max_num_seqs, 512), self.max_model_len, capture=False,
-                                              compile=True)
-            except Exception:  # a model torch.compile cannot trace still serves, eagerly
-                logger.warning("hf_paged: compiling the decode forward failed; decode steps run eagerly",
-                               exc_info=True)
-                self.engine.runner.graphs = None
         if self._cpu:
             tune_malloc()  # per-step tensors reuse heap memory instead of mmap/munmap each step
             release_openmp_pool()  # this thread's idle OpenMP team would slow the engine thread's
-        if self.engine.runner.device.type == "cuda" and not config.enforce_eager and self.tp is None \
-                and len({p.device for p in model.parameters()}) == 1:
-            # Decode steps as CUDA graphs (tensor parallel and multi-device models stay eager: their
-            # collectives and cross-device copies are not captured). Larger batches run eagerly.
-            max_bs = min(config.cuda_graph_max_bs or config.max_num_seqs, config.max_num_seqs, 512)
-            try:
-                self.engine.runner.use_graphs(max_bs, self.max_model_len)
-            except Exception:  # a model whose forward cannot be captured still serves, eagerly
-                logger.warning("hf_paged: CUDA graph capture failed; decode steps run eagerly "
-                               "(enforce_eager=True skips the attempt)", exc_info=True)
-                self.engine.runner.graphs = None
+        self.engine.runner.choose_decode_path(config, self.max_model_len, tp=self.tp is not None)
         self.delivery = Delivery(self.engine, tokenizer)  # used by the background thread only
         self.grammars = Grammars(tokenizer, model.config.vocab_size)
         self._inbox: queue.SimpleQueue[tuple[str, Any]] = queue.SimpleQueue()
@@ -268,6 +247,11 @@ class PagedPipeline:
     def stats(self) -> EngineStats:
         """Engine counters now (attributes, or ``stats()["blocks_used"]``; ``.as_dict()`` for JSON)."""
         return self.engine.stats()
+
+    def reset_prefix_cache(self) -> None:
+        """Forget every cached prefix, between two steps. A parameter replaced or edited in place resets it by
+        itself (the next request sees the change); weights edited through ``.data`` leave no trace: call this."""
+        self._call(self.pool.allocator.reset_prefix_cache)
 
     # ------------------------------------------------------------------ background loop
     def _cancel(self, req: Request) -> None:

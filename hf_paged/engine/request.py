@@ -170,7 +170,10 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: Any, tools: list[dict] | N
     if isinstance(prompt, str):
         if not prompt:
             raise ValueError("prompt: must not be empty")
-        return list(tokenizer(prompt)["input_ids"])
+        ids = list(tokenizer(prompt)["input_ids"])
+        if not ids:
+            raise ValueError("prompt: encodes to no tokens")
+        return ids
     if isinstance(prompt, (list, tuple)) and prompt and all(isinstance(t, int) for t in prompt):
         bad = [t for t in prompt if not 0 <= t < vocab_size]
         if bad:
@@ -193,5 +196,7 @@ def encode_prompt(tokenizer, vocab_size: int, prompt: Any, tools: list[dict] | N
             raise ValueError(f"messages: the chat template failed: {type(exc).__name__}: {exc}") from None
         if isinstance(ids, dict) or hasattr(ids, "keys"):
             ids = ids["input_ids"]
+        if not len(ids):
+            raise ValueError("prompt: the chat template rendered no tokens")
         return list(ids)
     raise ValueError("prompt: must be a non-empty string, a list of chat messages or a list of token ids")

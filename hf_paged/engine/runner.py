@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import inspect
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any
@@ -19,6 +20,8 @@ from ..kv.metadata import PagedMetadata, TableRows, host_tensor, to_device
 from ..lora.layers import LoraBatch
 from ..kv.pool import KVPool
 from .scheduler import Schedule
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -96,6 +99,13 @@ def fused_head(model: torch.nn.Module) -> tuple[torch.nn.Module, torch.nn.Linear
     return base, head, vocab
 
 
+def _data_ptr(p: torch.Tensor) -> int:
+    try:
+        return p.data_ptr()
+    except RuntimeError:  # a tensor subclass without storage of its own (a DTensor)
+        return 0
+
+
 class Runner:
     def __init__(self, model: torch.nn.Module, pool: KVPool, adapters: Any = None) -> None:
         self.model = model
@@ -110,6 +120,44 @@ class Runner:
         self.graphs: Any = None  # a graphs.DecodeGraphs once use_graphs() ran
         self.head = fused_head(model)  # (base, output layer, vocab) for the fused greedy head, or None
         self._rows = TableRows()  # the running sequences' block tables, kept between steps
+        self._weights = self._weights_key()
+
+    def _weights_key(self) -> int:
+        return hash(tuple((id(p), _data_ptr(p), p._version) for p in self.model.parameters()))
+
+    def weights_changed(self) -> bool:
+        """Whether a parameter was replaced or edited in place (an optimizer step, ``load_state_dict``) since the
+        last call: K/V cached under the old weights must not serve new requests. Edits through ``.data`` leave
+        no trace (``PagedPipeline.reset_prefix_cache()`` is for those)."""
+        key = self._weights_key()
+        changed, self._weights = key != self._weights, key
+        return changed
+
+    def choose_decode_path(self, config: Any, max_model_len: int, *, tp: bool) -> None:
+        """Decode steps as CUDA graphs on CUDA (not with ``enforce_eager``; tensor-parallel and multi-device
+        models stay eager: their collectives and cross-device copies are not captured), or through
+        torch.compile on CPU with ``config.compile``. A model that cannot be captured or compiled still
+        serves, eagerly, with a warning (``EngineStats.decode_path`` then says ``eager``)."""
+        one_device = len({p.device for p in self.model.parameters()}) == 1
+        if config.compile:
+            if self.device.type != "cpu" or tp or not one_device:
+                raise ValueError("compile=True is for a model on one CPU device (on CUDA, decode steps run as "
+                                 "CUDA graphs; tensor-parallel and multi-device models run eagerly)")
+            try:
+                self.use_graphs(min(config.max_num_seqs, 512), max_model_len, capture=False, compile=True)
+            except Exception:  # a model torch.compile cannot trace still serves, eagerly
+                logger.warning("hf_paged: compiling the decode forward failed; decode steps run eagerly",
+                               exc_info=True)
+                self.graphs = None
+        if self.device.type == "cuda" and not config.enforce_eager and not tp and one_device:
+            # Larger batches than the biggest bucket run eagerly.
+            max_bs = min(config.cuda_graph_max_bs or config.max_num_seqs, config.max_num_seqs, 512)
+            try:
+                self.use_graphs(max_bs, max_model_len)
+            except Exception:  # a model whose forward cannot be captured still serves, eagerly
+                logger.warning("hf_paged: CUDA graph capture failed; decode steps run eagerly "
+                               "(enforce_eager=True skips the attempt)", exc_info=True)
+                self.graphs = None
 
     def use_graphs(self, max_bs: int, max_model_len: int, *, capture: bool = True, compile: bool = False,
                    graph_api: Any = None) -> None:

@@ -28,6 +28,10 @@ from . import layers
 from .layers import LoraBatch
 
 logger = logging.getLogger(__name__)
+# An adapter's uid salts its prefix-cache hashes. The KV pool, and so its prefix cache, belongs to the model and
+# outlives a pipeline: uids are unique in the process, so that a later pipeline's adapter never meets blocks
+# computed under an earlier pipeline's.
+_UIDS = itertools.count(1)
 
 MAX_RANK = 64
 
@@ -63,7 +67,6 @@ class AdapterSet:
         # Set by the runner for the duration of one engine forward (see layers._batched_forward).
         self.batch: LoraBatch | None = None
         self._by_name: dict[str, Adapter] = {}
-        self._uids = itertools.count(1)
         self._layers: list[torch.nn.Module] = []
         if self.peft is not None:
             for name, config in self.peft.peft_config.items():
@@ -219,7 +222,7 @@ class AdapterSet:
         targets = config.target_modules
         targets = sorted(targets) if isinstance(targets, (set, list, tuple)) else [str(targets)]
         rank = max([config.r, *getattr(config, "rank_pattern", {}).values()])
-        adapter = Adapter(name, next(self._uids), slot, rank, targets, path)
+        adapter = Adapter(name, next(_UIDS), slot, rank, targets, path)
         self._by_name[name] = adapter
         return adapter
 
