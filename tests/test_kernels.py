@@ -361,6 +361,26 @@ def test_strided_query():
     check(batch, out, scale=0.125, with_oracle=False)
 
 
+
+def test_strided_metadata_and_slots():
+    """seq_lens, cu_seqlens_q and slot_mapping as strided views (columns of a wider tensor): read as the values
+    they show, not as their storage (which would read the other column, or write out of the pool)."""
+    batch = make_batch([40, 17], [40, 17], heads=2, kv_heads=1, head_dim=64, block_size=16,
+                       dtype=torch.float32, pad_rows=0)
+    q, kc, vc, tables, cu, lens = batch.args()
+    column = lambda t: torch.stack([t, torch.full_like(t, 10_000)], 1)[:, 0]  # noqa: E731
+    assert not column(lens).is_contiguous()
+    out = paged_attention_triton(q, kc, vc, tables, column(cu), column(lens), scale=0.125, max_seqlen_q=40)
+    check(batch, out, scale=0.125, with_oracle=False)
+    key, value = torch.randn(4, 1, 16, device=DEVICE), torch.randn(4, 1, 16, device=DEVICE)
+    slots = column(torch.tensor([3, 9, 1, 12], dtype=torch.int32, device=DEVICE))
+    k_tri, v_tri = torch.zeros(2, 8, 1, 16, device=DEVICE), torch.zeros(2, 8, 1, 16, device=DEVICE)
+    k_ref, v_ref = k_tri.clone(), v_tri.clone()
+    write_kv_triton(key, value, k_tri, v_tri, slots)
+    reference.write_kv(key, value, k_ref, v_ref, slots.long())
+    assert torch.equal(k_tri, k_ref) and torch.equal(v_tri, v_ref)
+
+
 # ---------------------------------------------------------------------------------------------
 # Randomised
 # ---------------------------------------------------------------------------------------------

@@ -90,14 +90,18 @@ def _batch(segments, T):
     return batch
 
 
+@pytest.mark.parametrize("strided", [False, True], ids=["contiguous", "strided"])
 @pytest.mark.parametrize("backend", ["torch", "triton", "cpu"])
-def test_segmented_lora_matches_the_oracle(backend):
+def test_segmented_lora_matches_the_oracle(backend, strided):
     if backend == "cpu" and not cpu_kernels.available():
         pytest.skip("the C++ CPU kernel did not build here")
     T, K, N, R = 45, 52, 75, 32  # K and N not multiples of 8 or 16: the kernels' tails run
     ranks, scales = [8, 0, 20, 32], [2.0, 1.0, 0.5, 0.25]  # slot 1 does not target this layer
     dev = "cuda" if backend == "triton" and ON_CUDA else "cpu"
     a, b = (t.to(dev) for t in _stacks(ranks, K, N, R))
+    if strided:  # views with the same values over other layouts (b as a transposed [S, R, N])
+        a, b = a.transpose(1, 2).contiguous().transpose(1, 2), b.transpose(1, 2).contiguous().transpose(1, 2)
+        assert not a.is_contiguous() and not b.is_contiguous()
     x = torch.randn(T, K, device=dev)
     out = torch.randn(T, N, device=dev)
     # Base tokens before, between and after; segments longer than a tile (4 rows in C++, 16 in Triton).

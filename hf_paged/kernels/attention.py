@@ -100,6 +100,8 @@ def paged_attention_triton(
         query = query.contiguous()
     if block_tables.stride(-1) != 1:
         block_tables = block_tables.contiguous()  # the kernels walk a table row with unit stride
+    # The kernels index these by sequence with unit stride (no copy when they are contiguous already).
+    cu_seqlens_q, seq_lens = cu_seqlens_q.contiguous(), seq_lens.contiguous()
     if max_seqlen_q is None:
         # One device sync; callers that know the batch shape pass the hint and avoid it.
         q_lens = cu_seqlens_q[1:] - cu_seqlens_q[:-1]

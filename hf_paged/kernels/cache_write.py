@@ -78,6 +78,7 @@ def write_kv_triton(
     # The kernel indexes the last dim with unit stride; HF hands K/V over as transposed views.
     key = key if key.stride(-1) == 1 else key.contiguous()
     value = value if value.stride(-1) == 1 else value.contiguous()
+    slot_mapping = slot_mapping.contiguous()  # read by token index with unit stride
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache/v_cache need a contiguous head_dim (stride 1)")
     num_kv_heads, head_dim = k_cache.shape[2], k_cache.shape[3]

@@ -289,4 +289,5 @@ def lora_sgmv(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, bt: torch.Ten
     """In place, fp32: ``out[t] += scales[s] * (a[s, :r] @ x[t]) @ bt[s, :r]`` for each token ``t`` of slot
     ``s = token_slot[t]`` (-1: none) of rank ``r = ranks[s]``; one C++ call for all adapters."""
     x = x if x.stride(-1) == 1 else x.contiguous()
+    a, bt, ranks, scales, token_slot = (t.contiguous() for t in (a, bt, ranks, scales, token_slot))
     torch.ops.hf_paged_cpu.lora_sgmv(out, x, a, bt, ranks, scales, token_slot)

@@ -98,7 +98,10 @@ def lora_add_triton(out: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torc
     n_seg = seg_slot.shape[0]
     if n_seg == 0 or max_len == 0:
         return
-    x = x.contiguous()
+    # The kernels take x's, a's and b's last dim and the per-slot and per-segment vectors with unit stride.
+    x, a, b = x.contiguous(), a.contiguous(), b.contiguous()
+    ranks, scales = ranks.contiguous(), scales.contiguous()
+    seg_start, seg_len, seg_slot = seg_start.contiguous(), seg_len.contiguous(), seg_slot.contiguous()
     ieee = x.dtype == torch.float32
     block_m = 16
     v = torch.empty((x.shape[0], R), dtype=torch.float32, device=x.device)
