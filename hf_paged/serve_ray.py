@@ -61,15 +61,17 @@ def deployment(model: str = "default", *, engine: dict | None = None, server: di
                max_ongoing_requests: int | None = None) -> Any:
     """The Ray Serve application (``Deployment.bind()``) of ``model``.
 
-    ``engine``: :class:`~hf_paged.config.EngineConfig` fields (and ``dtype``/``device``/``tp_plan``);
+    ``engine``: :class:`~hf_paged.config.EngineConfig` fields (and ``dtype``/``device``; not ``tp_plan``);
     ``server``: ``create_app`` options (``max_concurrent_requests``, ``api_key``, ...). Give
     ``num_replicas`` or ``autoscaling_config`` (then ``num_replicas`` is ignored). ``max_ongoing_requests``
     (Ray's per-replica limit) defaults to the app's ``max_concurrent_requests`` (128): with more, Ray would send a
     replica requests its app answers 429 while another replica is idle.
     """
-    from ray import serve
-
     engine, server = dict(engine or {}), dict(server or {})
+    if engine.get("tp_plan") is not None:
+        raise ValueError("engine: tp_plan is not supported under Ray Serve (a replica is one process, with no ranks "
+                         "to shard over): serve a tensor-parallel model with hf-paged serve --tensor-parallel-size")
+    from ray import serve
 
     def builder() -> Any:  # a plain function: Ray Serve calls it on each replica (a partial looks like an app)
         return _build_app(model, engine, server, model_id)

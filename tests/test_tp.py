@@ -51,6 +51,31 @@ def test_a_dead_rank_is_a_clear_error_not_a_hang(tiny_root, tmp_path):
     assert s["seconds"] < 60 and not s["alive"]
 
 
+def test_an_idle_leader_keeps_its_followers_and_a_failed_step_ends_the_group_at_once(tiny_root, tmp_path):
+    """Without rank 0's heartbeat an idle server's followers gave up after tp_timeout_s (and the server died);
+    a step failing on rank 0 after its plan went out left the group out of step until the next request hung."""
+    seen = _run(tp_worker.idle_leader, build("llama", tiny_root), tmp_path)
+    s = seen[0]
+    assert s is not None and len(s["tokens"]) == 12, s
+    assert "not supported under tensor parallelism" in s["load_adapter"]
+    assert "out of step" in s["error"] and "injected" in s["error"], s["error"]
+    assert s["seconds"] < 10 and not s["alive"]
+    follower = seen[1]
+    assert follower is not None and "TensorParallelError" in follower["follow"], follower
+
+
+def test_tp_plan_outside_a_launch_is_refused(tiny_root, monkeypatch):
+    """A process no launcher started (a Ray Serve replica, a plain script) would run the model unsharded."""
+    import hf_paged
+    from hf_paged import serve_ray
+
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    with pytest.raises(ValueError, match="not one of a launch of ranks"):
+        hf_paged.PagedPipeline.from_pretrained(str(build("llama", tiny_root)), tp_plan="auto")
+    with pytest.raises(ValueError, match="tp_plan is not supported under Ray Serve"):
+        serve_ray.deployment("default", engine={"tp_plan": "auto"})
+
+
 @pytest.fixture(scope="module")
 def chat_model_dir(tmp_path_factory):
     """A tiny Llama (4 heads, 2 KV heads) with the default model's tokenizer, saved as a model folder."""

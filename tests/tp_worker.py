@@ -76,3 +76,48 @@ def dead_follower(rank: int, world: int, port: int, model_path: str, out: str) -
     seen["alive"] = pipe.alive
     Path(out, f"{rank}.json").write_text(json.dumps(seen))
     os._exit(0)  # the group is broken: skip the collective teardown
+
+
+def idle_leader(rank: int, world: int, port: int, model_path: str, out: str) -> None:
+    """A server's ranks: rank 0 leads (a heartbeat while idle), rank 1 follows. Idle for longer than
+    tp_timeout_s, a request is still served; adapters cannot be loaded; then a step that fails on rank 0 after
+    its plan went out ends the engine at once with a clear error (the group is out of step), not a hang."""
+    import hf_paged
+    from tiny_models import IdTokenizer
+
+    _join(rank, world, port)
+    model = tf.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, tp_plan="auto").eval()
+    pipe = hf_paged.PagedPipeline(model, IdTokenizer(), num_blocks=64, tp_timeout_s=3)
+    seen: dict = {}
+    if pipe.follower:
+        try:
+            pipe.follow()
+            seen["follow"] = "stopped"
+        except Exception as exc:  # noqa: BLE001 - what it raised is the finding
+            seen["follow"] = f"{type(exc).__name__}: {exc}"
+        Path(out, f"{rank}.json").write_text(json.dumps(seen))
+        os._exit(0)
+    pipe.lead()
+    time.sleep(8)  # idle: more than twice tp_timeout_s
+    seen["tokens"] = pipe.submit(PROMPTS[0], max_new_tokens=12, do_sample=False, ignore_eos=True).result(
+        timeout=60).outputs[0].token_ids
+    try:
+        pipe.load_adapter("a", "/no/such/adapter")
+    except ValueError as exc:
+        seen["load_adapter"] = str(exc)
+
+    def broken(plan, prev_ids=None):
+        raise RuntimeError("injected after the plan went out")
+
+    pipe.engine.runner.execute = broken
+    started = time.monotonic()
+    try:
+        pipe.submit(PROMPTS[1], max_new_tokens=4, do_sample=False).result(timeout=60)
+        seen["error"] = None
+    except Exception as exc:  # noqa: BLE001
+        seen["error"] = f"{type(exc).__name__}: {exc}"
+    seen["seconds"] = time.monotonic() - started
+    seen["alive"] = pipe.alive
+    Path(out, f"{rank}.json").write_text(json.dumps(seen))
+    time.sleep(1)  # the follower writes what it saw once this process is gone
+    os._exit(0)

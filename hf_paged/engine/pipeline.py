@@ -91,9 +91,9 @@ class PagedPipeline:
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._start_lock = threading.Lock()  # also orders _put against the loop's last drain
-        self._inbox_closed = False
-        self._closed = False
+        self._inbox_closed = self._closed = False
         self._broken: str | None = None  # why the engine cannot go on (a tensor-parallel rank died)
+        self._leading = False  # lead(): the other ranks follow() for good
 
     @property
     def follower(self) -> bool:
@@ -192,11 +192,23 @@ class PagedPipeline:
             raise RuntimeError("follow() is for tensor-parallel ranks other than 0")
         self._follow(until_results=False)
 
+    def lead(self) -> None:
+        """Tensor-parallel rank 0 of a server, whose other ranks :meth:`follow`: the engine starts, and sends them a
+        heartbeat while idle (they wait beyond ``tp_timeout_s``; a rank that died is found at once)."""
+        if self.tp is None or self.follower:
+            raise RuntimeError("lead() is for rank 0 of a tensor-parallel pipeline")
+        self._leading = True
+        self._put([])
+
     def _follow(self, *, until_results: bool) -> Any:
         while True:
             kind, payload = self.tp.recv()
             if kind == "step":
-                self.engine.runner.execute(payload)
+                try:
+                    self.engine.runner.execute(payload)
+                except Exception as exc:  # rank 0 and the others are inside this step's collectives
+                    raise TensorParallelError(f"a step failed on tensor-parallel rank {self.tp.rank}, so the "
+                                              f"group is out of step: {type(exc).__name__}: {exc}") from exc
             elif kind == "results" and until_results:
                 return payload
             elif kind == "error" and until_results:
@@ -225,13 +237,14 @@ class PagedPipeline:
     def load_adapter(self, name: str, path: str) -> None:
         """Load the PEFT LoRA adapter folder ``path`` as ``name``, while serving: it is loaded between
         two engine steps. Raises ValueError (bad folder, rank above ``max_lora_rank``, name taken...)."""
+        if self.tp is not None:
+            raise ValueError("LoRA adapters are not supported under tensor parallelism yet")
         self._call(self.adapters.load, name, path)
 
     def unload_adapter(self, name: str) -> None:
         """Unload adapter ``name``; refused (ValueError) while sequences run or wait on it."""
         def unload() -> None:
-            in_use = self.engine.sequences_of(self.adapters.get(name))
-            if in_use:
+            if in_use := self.engine.sequences_of(self.adapters.get(name)):
                 raise ValueError(f"adapter {name!r} is in use by {in_use} running or waiting sequences; "
                                  "cancel them or wait for them to finish")
             self.adapters.unload(name)
@@ -271,7 +284,11 @@ class PagedPipeline:
 
     def _take(self, block: bool) -> tuple[str, Any]:
         item, self._held = self._held, None
-        return item if item is not None else self._inbox.get(block=block)
+        if item is not None:
+            return item
+        if block and self._leading:
+            return self.tp.get_with_heartbeat(self._inbox)
+        return self._inbox.get(block=block)
 
     def _drain(self, block: bool, stepper: Stepper) -> bool:
         """Apply queued adds/cancels/calls, each after every token launched so far is delivered (a cancel

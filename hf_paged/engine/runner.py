@@ -20,6 +20,7 @@ from ..kv.metadata import PagedMetadata, TableRows, host_tensor, to_device
 from ..lora.layers import LoraBatch
 from ..kv.pool import KVPool
 from .scheduler import Schedule
+from .tp import TensorParallelError
 
 logger = logging.getLogger(__name__)
 
@@ -183,6 +184,11 @@ class Runner:
             plan.pick, plan.pick_logprob = pick
         if self.broadcast is not None:
             self.broadcast.send_step(plan)
+            try:
+                return self.execute(plan, prev_ids)
+            except Exception as exc:  # the other ranks run (or wait in) this step's collectives: no next step
+                raise TensorParallelError(f"a step failed on tensor-parallel rank 0 after the other ranks got it, "
+                                          f"so the group is out of step: {type(exc).__name__}: {exc}") from exc
         return self.execute(plan, prev_ids)
 
     def plan(self, schedule: Schedule, every_position: list[bool] | None = None) -> StepPlan:

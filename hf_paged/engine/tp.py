@@ -7,7 +7,9 @@ the sampler and delivery, and before each forward broadcasts the step's :class:`
 gloo group of its own; the other ranks (followers) execute every plan they receive on their own KV
 pool (1/N of the heads, the same block ids: the plan carries the slots and block tables), so the
 collectives inside the forwards line up. Messages: ``("step", plan)``, ``("results", outputs)`` for
-``generate()`` on every rank, ``("error", text)`` and ``("stop", None)``.
+``generate()`` on every rank, ``("error", text)``, ``("stop", None)`` and ``("ping", None)`` (rank 0's
+heartbeat while idle, in a server: a follower's receive gives up after ``tp_timeout_s``). A step that fails on any rank
+once the plan was sent leaves the group out of step: it ends the engine (:class:`TensorParallelError`).
 
 Example (every rank runs the same script)::
 
@@ -18,6 +20,7 @@ Example (every rank runs the same script)::
 from __future__ import annotations
 
 import datetime
+import queue
 import threading
 from typing import Any
 
@@ -31,9 +34,13 @@ def init_group(timeout_s: float = DEFAULT_TIMEOUT_S) -> None:
     """Join the torch.distributed group of this launch (RANK/WORLD_SIZE from torchrun or
     ``--tensor-parallel-size``) before transformers would, so that the collectives inside the forwards
     also give up after ``timeout_s`` instead of torch's default 30 minutes. NCCL with one GPU per rank
-    where CUDA is available, gloo otherwise; nothing to do when already joined or alone."""
+    where CUDA is available, gloo otherwise; nothing to do when already joined or alone (WORLD_SIZE=1). A
+    process that no launcher started (no WORLD_SIZE) is refused: the model would run unsharded."""
     import os
 
+    if "WORLD_SIZE" not in os.environ and not dist.is_initialized():
+        raise ValueError("tp_plan: this process is not one of a launch of ranks (torchrun, or hf-paged serve "
+                         "--tensor-parallel-size N): the model would run unsharded on one device")
     if dist.is_initialized() or int(os.environ.get("WORLD_SIZE", "1")) <= 1:
         return
     backend = "nccl" if torch.cuda.is_available() else "gloo"
@@ -55,6 +62,7 @@ class StepChannel:
         if not dist.is_initialized():
             raise ValueError("tensor parallelism needs torch.distributed initialized (torchrun, or "
                              "from_pretrained(..., tp_plan='auto') under RANK/WORLD_SIZE)")
+        self.timeout_s = timeout_s
         self.rank = dist.get_rank()
         self.world = dist.get_world_size()
         self.group = dist.new_group(backend="gloo", timeout=datetime.timedelta(seconds=timeout_s))
@@ -70,6 +78,15 @@ class StepChannel:
 
     def send_step(self, plan: Any) -> None:
         self.send("step", plan)
+
+    def get_with_heartbeat(self, inbox: Any) -> Any:
+        """``inbox.get()``, sending ``("ping", None)`` every ``timeout_s / 4`` while it waits (rank 0, idle, with
+        followers in ``follow()``): their receive gives up after ``timeout_s``; a dead rank fails the ping."""
+        while True:
+            try:
+                return inbox.get(timeout=self.timeout_s / 4)
+            except queue.Empty:
+                self.send("ping")
 
     def recv(self) -> tuple[str, Any]:
         box: list[Any] = [None]

@@ -144,7 +144,14 @@ class AdapterSet:
             self.peft.delete_adapter(name)
             raise
         adapter = self._register(name, config, str(path))
-        self._restack()
+        try:
+            self._restack()
+        except Exception as exc:  # nothing of it may stay: a request naming it would fail inside a step
+            del self._by_name[name]
+            adapter.unloaded = True
+            self.peft.delete_adapter(name)
+            self._restack()
+            raise ValueError(f"adapter {name!r} could not be stacked: {type(exc).__name__}: {exc}") from exc
         logger.info("hf_paged: loaded LoRA adapter %r (rank %d, slot %d) from %s", name, adapter.rank,
                     adapter.slot, path)
         return adapter

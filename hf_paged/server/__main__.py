@@ -99,6 +99,7 @@ def serve(args: argparse.Namespace) -> None:
     server = DrainingServer(app, drain=args.shutdown_timeout, host=args.host, port=args.port,
                             log_level=args.log_level, timeout_keep_alive=args.timeout_keep_alive)
     if pipe.tp is not None:
+        pipe.lead()  # the engine's heartbeat keeps the followers waiting for requests
         threading.Thread(target=_stop_when_broken, args=(pipe, server), daemon=True).start()
     try:
         with frozen_heap():
