@@ -126,6 +126,58 @@ def test_schemas_too_costly_to_compile_are_refused_at_once(pipe):
         pipe.submit(PROMPT, json_schema=wide)
 
 
+@pytest.mark.parametrize("schema,mentions", [
+    # xgrammar would ignore these, and the output break the schema while finishing as "stop"
+    ({"allOf": [{"type": "integer"}, {"minimum": 0, "maximum": 3}]}, "'allOf' of more than one schema"),
+    ({"type": "array", "contains": {"const": 7}}, "'contains' is not supported"),
+    ({"type": "string", "pattern": "^(?!foo).*$"}, "Lookahead is not supported"),
+    ({"type": "object", "patternProperties": {"^(?<=x)y$": {"type": "integer"}}}, "Lookbehind is not supported"),
+    ({"$ref": "http://example.com/schema.json"}, "only references within the schema"),
+    ({"anyOf": []}, "an empty 'anyOf' allows nothing"),
+    # xgrammar's converter recursed out of the stack on this one (the process ended)
+    ({"type": "string", "pattern": "(" * 30000 + "a" + ")" * 30000}, "a pattern of 60001 characters"),
+    # chained references compile in minutes; nesting through references counts as nesting
+    ({"$defs": {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(300)} | {"a300": {"type": "integer"}},
+      "$ref": "#/$defs/a0"}, "more than 256 '$ref's"),
+    ({"$defs": {f"a{i}": {"type": "array", "items": {"type": "array", "items": {"$ref": f"#/$defs/a{i + 1}"}}}
+                for i in range(40)} | {"a40": {"type": "integer"}}, "$ref": "#/$defs/a0"},
+     "nested deeper than 64 levels with its references expanded"),
+])
+def test_schemas_xgrammar_would_ignore_or_choke_on_are_refused(pipe, schema, mentions):
+    with pytest.raises(ValueError, match=re.escape(mentions)):
+        pipe.submit(PROMPT, json_schema=schema)
+
+
+def test_what_the_refusals_leave_alone_still_runs(pipe):
+    """One-schema allOf (pydantic writes it), recursive and chained references within limits, plain patterns,
+    nesting given as JSON text too deep for Python's parser refused as a ValueError."""
+    tree = {"$defs": {"node": {"type": "object", "properties": {"kids": {"type": "array", "items": {
+        "$ref": "#/$defs/node"}, "maxItems": 1}}, "required": ["kids"]}}, "$ref": "#/$defs/node"}
+    chain = {"$defs": {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(20)} | {"a20": {"type": "integer"}},
+             "$ref": "#/$defs/a0"}
+    for schema in (tree, chain, {"allOf": [{"type": "integer", "minimum": 0, "maximum": 3}]},
+                   {"type": "string", "pattern": "^[a-z]{2}[0-9]$"}):
+        res = pipe.generate(PROMPT, max_new_tokens=BUDGET, json_schema=schema, do_sample=False)
+        jsonschema.validate(json.loads(res.text), schema)
+    with pytest.raises(ValueError, match="nested too deep"):
+        pipe.submit(PROMPT, json_schema="[" * 50000 + "]" * 50000)
+
+
+def test_choices_beyond_the_basic_plane(pipe):
+    for seed in (1, 2):
+        res = pipe.generate(PROMPT, max_new_tokens=16, choices=["😀 yes", "🙂 no"], do_sample=True, seed=seed)
+        assert res.finish_reason == "stop" and res.text in ("😀 yes", "🙂 no"), res.text
+
+
+def test_a_complete_output_ends_with_the_requests_own_stop_token(pipe):
+    """A chat model's end-of-turn token need not be its tokenizer's EOS (xgrammar's default stop token)."""
+    tok = pipe.tokenizer
+    end = tok.convert_tokens_to_ids("<|im_start|>")
+    assert end != tok.eos_token_id
+    res = pipe.generate(PROMPT, max_new_tokens=16, choices=["red"], eos_token_id=[end], do_sample=False)
+    assert res.text == "red" and res.outputs[0].token_ids[-1] == end and res.finish_reason == "stop"
+
+
 # ---------------------------------------------------------------------------- server
 @pytest.fixture(scope="module")
 def srv(pipe):
@@ -144,6 +196,24 @@ def test_tgi_grammar_with_inference_client(srv):
     out = client.text_generation("Code:", max_new_tokens=32, grammar={"type": "regex", "value": "[A-Z]{3}[0-9]"},
                                  return_full_text=False)
     assert re.fullmatch("[A-Z]{3}[0-9]", out)
+
+
+def test_tgis_response_format_is_a_schema_too(srv):
+    """TGI's chat route takes {"type": "json" | "json_object", "value": schema} (huggingface_hub sends it); the
+    schema was ignored (json_object) or refused (json)."""
+    import httpx
+
+    schema = SCHEMAS[13]
+    for kind in ("json", "json_object"):
+        r = httpx.post(f"{srv.url}/v1/chat/completions", timeout=120, json={
+            "messages": PROMPT, "max_tokens": BUDGET, "temperature": 0,
+            "response_format": {"type": kind, "value": schema}})
+        assert r.status_code == 200, r.text
+        jsonschema.validate(json.loads(r.json()["choices"][0]["message"]["content"]), schema)
+    r = httpx.post(f"{srv.url}/generate", timeout=120, json={"inputs": "Point:", "parameters": {
+        "max_new_tokens": BUDGET, "grammar": {"type": "json_object", "value": schema}}})
+    assert r.status_code == 200, r.text
+    jsonschema.validate(json.loads(r.json()["generated_text"]), schema)
 
 
 def test_openai_response_format_and_parse(srv):
@@ -170,6 +240,8 @@ def test_openai_response_format_and_parse(srv):
      "objec"),
     ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "regex", "value": "a(b"}}}, "parenthesis"),
     ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "xml", "value": "x"}}}, "grammar.type"),
+    ("/generate", {"inputs": "x", "parameters": {"grammar": {"type": "json", "value": "[" * 50000 + "]" * 50000}}},
+     "nested too deep"),  # JSON text too deep for Python's parser: it was a 500
     ("/v1/chat/completions", {"messages": PROMPT, "response_format": {"type": "json_schema", "json_schema": {
         "name": "x", "schema": {"type": "objec"}}}}, "objec"),
     ("/v1/chat/completions", {"messages": PROMPT, "response_format": {"type": "yaml"}}, "response_format.type"),
@@ -223,8 +295,8 @@ def test_a_token_the_matcher_rejects_fails_the_request(pipe, monkeypatch):
     real = engine_mod.new_matcher
 
     class Rejecting:
-        def __init__(self, compiled):
-            self.m, self.n = real(compiled), 0
+        def __init__(self, compiled, stop_tokens=None):
+            self.m, self.n = real(compiled, stop_tokens), 0
 
         def accept_token(self, token):
             self.n += 1

@@ -117,8 +117,11 @@ def test_auto_parsing_and_streaming_holdback():
     ({"tool_choice": {"type": "function", "function": 5}}, "`tool_choice` must be"),
     ({"tool_choice": {"type": "function", "function": {"name": ["add"]}}}, "`tool_choice` must be"),
     ({"response_format": {"type": "json_object"}}, "cannot be combined"),
-    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "objec"}}}],
-      "tool_choice": "required"}, "objec"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {
+        "type": "object", "properties": {"a": {"type": "strin"}}}}}], "tool_choice": "required"}, "strin"),
+    # a call's arguments are an object (its text was passed on as arguments that are not JSON)
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": {"type": "string"}}}],
+      "tool_choice": "required"}, "must be a JSON schema of an object"),
     ({"tools": [{"type": "function"}]}, "tools[0]"),
     ({"tools": TOOLS * 2}, "unique"),
     ({"tools": [], "tool_choice": "required"}, "needs `tools`"),

@@ -112,7 +112,7 @@ class Engine:
         for i in range(params.num_return_sequences):
             gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None
             seqs.append(Sequence(next(self._ids), list(prompt_ids), len(prompt_ids), params, i, generator=gen,
-                                 matcher=new_matcher(grammar) if grammar is not None else None,
+                                 matcher=new_matcher(grammar, params.eos_token_id) if grammar is not None else None,
                                  adapter=adapter))
         first = seqs[0]
         # Siblings wait for the first one's prompt and then share its blocks (copy-on-write).

@@ -36,6 +36,10 @@ MAX_OPTIONAL_PROPERTIES = 256
 # deep too, 10000 enum values took 3 s (here, 2026-12-02). OpenAI's structured outputs allow 10 levels of
 # nesting, 5000 properties and 1000 enum values.
 MAX_SCHEMA_DEPTH, MAX_SCHEMA_NODES, MAX_OPTIONAL_TOTAL, MAX_ENUM_VALUES = 64, 10000, 1024, 10000
+# References, and the nesting they add (a chain of 128 definitions each 60 arrays deep took 6 s; 3000 chained
+# references 7 s); a `pattern`'s length (xgrammar's schema converter recursed out of the stack on a pattern
+# nested 30000 deep, ending the process).
+MAX_REFS, MAX_PATTERN_CHARS = 256, 4096
 # Compiled grammars kept here, so that a request compiled off the event loop is found again on it: the last
 # RECENT ones, up to RECENT_BYTES together.
 RECENT, RECENT_BYTES = 16, 64 * 2**20
@@ -52,12 +56,17 @@ def normalize(kind: str, value: Any) -> tuple[str, str]:
         if isinstance(value, type) and hasattr(value, "model_json_schema"):
             value = value.model_json_schema()
         if isinstance(value, dict):
-            return (kind, json.dumps(value))
+            try:
+                return (kind, json.dumps(value))
+            except RecursionError:
+                raise ValueError("json_schema: nested too deep") from None
         if isinstance(value, str):
             try:
                 json.loads(value)
             except ValueError as exc:
                 raise ValueError(f"json_schema: not valid JSON ({exc})") from None
+            except RecursionError:
+                raise ValueError("json_schema: nested too deep") from None
             return (kind, value)
         raise ValueError(f"json_schema must be a dict, JSON text, a pydantic model class or True, got {value!r}")
     if kind in ("regex", "grammar"):
@@ -67,7 +76,8 @@ def normalize(kind: str, value: Any) -> tuple[str, str]:
     if kind == "choices":
         if not isinstance(value, (list, tuple)) or not value or not all(isinstance(c, str) and c for c in value):
             raise ValueError(f"choices must be a non-empty list of non-empty strings, got {value!r}")
-        alternatives = " | ".join(json.dumps(c) for c in value)  # EBNF string literals: JSON escapes
+        # EBNF string literals: JSON escapes, with characters beyond U+FFFF as they are (not surrogate pairs)
+        alternatives = " | ".join(json.dumps(c, ensure_ascii=False) for c in value)
         return ("grammar", f"root ::= {alternatives}")
     raise ValueError(f"unknown constraint kind {kind!r}; one of {KINDS}")
 
@@ -117,8 +127,7 @@ class Grammars:
             else:
                 compiled = compiler.compile_grammar(text)
         except (RuntimeError, ValueError) as exc:
-            lines = str(exc).strip().splitlines() or [type(exc).__name__]
-            reason = _LOG_PREFIX.sub("", lines[0]).strip()  # drop "[hh:mm:ss] file.cc:123: "
+            reason = _reason(exc)
             raise ValueError(reason if reason.startswith(kind) else f"{kind}: {reason}") from None
         with self._lock:
             self._recent[constraint] = compiled
@@ -133,12 +142,20 @@ class Grammars:
             return constraint in self._recent
 
 
+def _reason(exc: BaseException) -> str:
+    lines = [line for line in str(exc).strip().splitlines() if line.strip()] or [type(exc).__name__]
+    return _LOG_PREFIX.sub("", lines[0]).strip()  # drop "[hh:mm:ss] file.cc:123: "
+
+
 def _check_schema(schema: Any) -> None:
-    """Refuse what xgrammar would take minutes to compile or silently ignore: objects with very many
-    optional properties (:data:`MAX_OPTIONAL_PROPERTIES`), schemas too deep, too large or with too many
-    optional properties or enum values in all (the ``MAX_`` limits above), and ``not`` (it constrains nothing
-    there). Only the keywords that hold subschemas are followed (data such as ``example`` is not)."""
-    stack, nodes, optional_total, enum_total = [(schema, 1)], 0, 0, 0
+    """Refuse what xgrammar would take minutes to compile, crash on or silently ignore (its output would then
+    break the schema): objects with very many optional properties (:data:`MAX_OPTIONAL_PROPERTIES`), schemas
+    too deep (counting the nesting that references add), too large, or with too many optional properties, enum
+    values or references in all (the ``MAX_`` limits above); ``not``, ``allOf`` of several schemas,
+    ``contains``, an empty ``anyOf``/``oneOf``, references outside the schema, and patterns xgrammar's regex
+    parser refuses (lookarounds) or that are too long. Only the keywords that hold subschemas are followed
+    (data such as ``example`` is not)."""
+    stack, nodes, optional_total, enum_total, refs = [(schema, 1)], 0, 0, 0, 0
     while stack:
         node, depth = stack.pop()
         if not isinstance(node, dict):
@@ -153,6 +170,27 @@ def _check_schema(schema: Any) -> None:
                 raise ValueError(f"json_schema: more than {MAX_ENUM_VALUES} enum values in all")
         if "not" in node:
             raise ValueError("json_schema: 'not' is not supported")
+        for key in ("contains", "minContains", "maxContains"):
+            if key in node:
+                raise ValueError(f"json_schema: {key!r} is not supported")
+        if isinstance(node.get("allOf"), list) and len(node["allOf"]) > 1:
+            raise ValueError("json_schema: 'allOf' of more than one schema is not supported; merge them into one")
+        for key in ("anyOf", "oneOf"):
+            if node.get(key) == []:
+                raise ValueError(f"json_schema: an empty {key!r} allows nothing")
+        ref = node.get("$ref")
+        if ref is not None:
+            refs += 1
+            if not isinstance(ref, str) or not ref.startswith("#"):
+                raise ValueError(f"json_schema: only references within the schema ('#/...') are supported, got "
+                                 f"{str(ref)[:80]!r}")
+            if refs > MAX_REFS:
+                raise ValueError(f"json_schema: more than {MAX_REFS} '$ref's")
+        patterns = [node["pattern"]] if isinstance(node.get("pattern"), str) else []
+        if isinstance(node.get("patternProperties"), dict):
+            patterns += list(node["patternProperties"])
+        for pattern in patterns:
+            _check_pattern(pattern)
         props = node.get("properties")
         if isinstance(props, dict):
             required = node.get("required")
@@ -167,14 +205,72 @@ def _check_schema(schema: Any) -> None:
             if optional_total > MAX_OPTIONAL_TOTAL:
                 raise ValueError(f"json_schema: more than {MAX_OPTIONAL_TOTAL} optional properties in all; list "
                                  "some in 'required'")
-        for key, value in node.items():
-            if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
-                # name -> schema (a "dependencies" list of names is skipped)
-                stack.extend((v, depth + 1) for v in value.values())
-            elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
-                stack.extend((v, depth + 1) for v in value)
-            elif key in _SUBSCHEMA:
-                stack.append((value, depth + 1))
+        stack.extend((child, depth + 1) for child in _children(node))
+    if refs and _ref_depth(schema) > MAX_SCHEMA_DEPTH:
+        raise ValueError(f"json_schema: nested deeper than {MAX_SCHEMA_DEPTH} levels with its references expanded; "
+                         "simplify it")
+
+
+def _check_pattern(pattern: str) -> None:
+    if len(pattern) > MAX_PATTERN_CHARS:
+        raise ValueError(f"json_schema: a pattern of {len(pattern)} characters; at most {MAX_PATTERN_CHARS}")
+    import xgrammar as xgr
+
+    try:
+        xgr.Grammar.from_regex(pattern)  # parsing only: what the schema's compilation would ignore or choke on
+    except (RuntimeError, ValueError) as exc:
+        raise ValueError(f"json_schema: pattern {pattern[:60]!r}: {_reason(exc)}") from None
+
+
+def _ref_depth(schema: Any) -> int:
+    """The deepest nesting of ``schema`` with each reference expanded in place (a recursive one counts once)."""
+    memo: dict[str, int] = {}
+    visiting: set[str] = set()
+
+    def depth_of(pointer: str) -> int:
+        if pointer in memo or pointer in visiting:
+            return memo.get(pointer, 0)
+        visiting.add(pointer)
+        best, stack = 0, [(_resolve(schema, pointer), 1)]
+        while stack:
+            node, depth = stack.pop()
+            if not isinstance(node, dict):
+                continue
+            best = max(best, depth)
+            if isinstance(node.get("$ref"), str):
+                best = max(best, depth - 1 + depth_of(node["$ref"]))
+            stack.extend((child, depth + 1) for child in _children(node, definitions=False))
+        visiting.discard(pointer)
+        memo[pointer] = best
+        return best
+
+    return depth_of("#")
+
+
+def _resolve(schema: Any, pointer: str) -> Any:
+    node = schema
+    for part in pointer.lstrip("#").split("/")[1:]:
+        part = part.replace("~1", "/").replace("~0", "~")
+        if isinstance(node, dict):
+            node = node.get(part)
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _children(node: dict, definitions: bool = True) -> list:
+    out = []
+    for key, value in node.items():
+        if key in _SUBSCHEMA_MAPS and isinstance(value, dict):
+            if definitions or key not in ("$defs", "definitions"):
+                out.extend(value.values())  # name -> schema (a "dependencies" list of names is skipped)
+        elif key in _SUBSCHEMA_LISTS and isinstance(value, list):
+            out.extend(value)
+        elif key in _SUBSCHEMA:
+            out.append(value)
+    return out
 
 
 _SUBSCHEMA = ("items", "additionalProperties", "additionalItems", "contains", "propertyNames", "if", "then", "else",
@@ -183,10 +279,12 @@ _SUBSCHEMA_LISTS = ("allOf", "anyOf", "oneOf", "prefixItems", "items")
 _SUBSCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas", "dependencies")
 
 
-def new_matcher(compiled: Any) -> Any:
+def new_matcher(compiled: Any, stop_tokens: list[int] | None = None) -> Any:
+    """A matcher of ``compiled`` whose complete output ends with one of ``stop_tokens`` (the request's EOS ids:
+    a chat model's end-of-turn token need not be its tokenizer's EOS, xgrammar's default)."""
     import xgrammar as xgr
 
-    return xgr.GrammarMatcher(compiled)
+    return xgr.GrammarMatcher(compiled, override_stop_tokens=list(stop_tokens) if stop_tokens else None)
 
 
 class Masks:

@@ -55,8 +55,9 @@ def plan_tools(tools: list[Any] | None, tool_choice: Any, parallel: bool | None 
         if not isinstance(fn, dict) or not isinstance(fn.get("name"), str) or not fn["name"]:
             raise validation_error(f"`tools[{i}]` must be {{\"type\": \"function\", \"function\": {{\"name\", ...}}}}")
         params = fn.get("parameters", {"type": "object", "properties": {}})
-        if not isinstance(params, dict):
-            raise validation_error(f"`tools[{i}].function.parameters` must be a JSON schema object")
+        if not isinstance(params, dict) or params.get("type", "object") != "object":
+            raise validation_error(f"`tools[{i}].function.parameters` must be a JSON schema of an object "
+                                   "(`\"type\": \"object\"`): a call's arguments are an object")
         functions.append({"name": fn["name"], "description": fn.get("description", ""), "parameters": params})
     names = [f["name"] for f in functions]
     if len(set(names)) != len(names):

@@ -124,13 +124,14 @@ def openai_adapter(model: str | None, adapters: list[str]) -> dict[str, Any]:
 
 def tgi_grammar(grammar: Any) -> dict[str, Any]:
     """TGI's ``parameters.grammar``: ``{"type": "json", "value": schema}`` (a schema object or its
-    JSON text) or ``{"type": "regex", "value": pattern}``, as engine kwargs."""
+    JSON text; ``json_object`` is TGI's other name for it) or ``{"type": "regex", "value": pattern}``, as
+    engine kwargs."""
     if grammar is None:
         return {}
     if not isinstance(grammar, dict) or set(grammar) != {"type", "value"}:
         raise validation_error("`grammar` must be {\"type\": \"json\" | \"regex\", \"value\": ...}")
     kind, value = grammar["type"], grammar["value"]
-    if kind == "json":
+    if kind in ("json", "json_object"):
         if not isinstance(value, (dict, str)):
             raise validation_error("`grammar.value` must be a JSON schema (an object or its JSON text)")
         return {"json_schema": value}
@@ -198,12 +199,15 @@ def chat_params(req: ChatRequest, limits: Limits) -> dict[str, Any]:
 
 def response_format(fmt: Any) -> dict[str, Any]:
     """OpenAI's ``response_format``: ``text`` (the default), ``json_object`` (any JSON object) or
-    ``json_schema`` with ``{"name", "schema", "strict"}``, as engine kwargs."""
+    ``json_schema`` with ``{"name", "schema", "strict"}``, as engine kwargs. TGI's form, ``{"type": "json" |
+    "json_object", "value": schema}`` (huggingface_hub's clients send it), is a JSON schema too."""
     if fmt is None:
         return {}
     kind = fmt.get("type") if isinstance(fmt, dict) else None
     if kind == "text":
         return {}
+    if kind in ("json", "json_object") and fmt.get("value") is not None:
+        return tgi_grammar({"type": "json", "value": fmt["value"]})
     if kind == "json_object":
         return {"json_schema": True}
     if kind == "json_schema":
