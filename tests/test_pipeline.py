@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import random
+import time
 
 import pytest
 import torch
@@ -194,5 +195,34 @@ def test_a_prompt_that_encodes_to_no_tokens_is_refused(tiny_root):
             pipe.engine.add([], SamplingParams.from_request(None, max_new_tokens=1))
         assert pipe.generate("5 6", max_new_tokens=2, do_sample=False).token_ids
     finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+
+
+def test_a_request_waiting_for_blocks_held_outside_the_engine_waits_without_spinning(tiny_root, monkeypatch):
+    """A wrapped model's generate() (or a PagedKVCache kept by its caller) holds blocks of the pipeline's pool:
+    the request that does not fit waits, trying every STALL_S instead of spinning a core, and runs once the
+    blocks come back."""
+    from hf_paged.engine import stepping
+
+    model = load(build("llama", tiny_root))
+    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=8, block_size=8)
+    steps = []
+    real = stepping.Stepper.step
+    monkeypatch.setattr(stepping.Stepper, "step", lambda self: (steps.append(1), real(self))[1])
+    from hf_paged.kv.cache import PagedKVCache
+
+    held = PagedKVCache(pipe.pool)  # a cache its caller keeps, after a forward of 48 tokens
+    try:
+        with torch.no_grad():
+            model(input_ids=torch.tensor([list(range(3, 51))]), past_key_values=held, use_cache=True)
+        assert pipe.pool.allocator.num_used == 6
+        handle = pipe.submit(list(range(3, 30)), max_new_tokens=4, do_sample=False)
+        time.sleep(0.5)
+        assert not handle.done and len(steps) < 0.5 / stepping.STALL_S
+        held.release()
+        assert len(handle.result(timeout=60).token_ids) == 4
+    finally:
+        held.release()
         pipe.close()
         hf_paged.unwrap(model)

@@ -17,12 +17,17 @@ sampling are done, before the host work that follows (see :func:`~hf_paged.engin
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Callable
 
 from .delivery import Delivery
 from .engine import Engine, PendingStep, TokenRecord
 
 logger = logging.getLogger(__name__)
+# Nothing runs and the first waiting request does not fit: the pool's blocks are held outside the engine (a
+# wrapped model's generate() on the same model, a kept PagedKVCache). The loop waits this long between tries
+# instead of spinning a core.
+STALL_S = 0.002
 
 
 class Stepper:
@@ -101,6 +106,8 @@ class Stepper:
             records = engine.step()
             self.park()
             delivery.deliver(records)
+        if not self.holding and not engine.scheduler.running and engine.scheduler.waiting:
+            time.sleep(STALL_S)
 
 
 def _nothing() -> None:
