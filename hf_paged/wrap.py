@@ -26,7 +26,7 @@ import torch
 from . import attention
 from .config import EngineConfig
 from .kv.cache import PagedKVCache
-from .kv.pool import KVPool, LayerSpec
+from .kv.pool import KVPool, LayerSpec, default_kv_memory
 
 logger = logging.getLogger(__name__)
 
@@ -102,6 +102,20 @@ def _check_supported(model: torch.nn.Module) -> list[torch.nn.Module]:
 def tp_size(model: torch.nn.Module) -> int:
     """How many ranks share this model's layers (``from_pretrained(..., tp_plan="auto")``); 1 otherwise."""
     return int(getattr(base_model(model), "_tp_size", None) or 1)
+
+
+def _agreed_num_blocks(specs: list[LayerSpec], block_size: int) -> int | None:
+    """Tensor parallel with the default KV budget (a share of the free memory, which differs between ranks):
+    the fewest blocks any rank's budget holds, so that every rank's pool has the same blocks (a rank out of
+    blocks alone would leave the others waiting in the forward's collectives). Every rank wraps alike."""
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        return None
+    blocks = default_kv_memory(specs[0].device) // KVPool.bytes_per_block(specs, block_size)
+    t = torch.tensor([blocks], dtype=torch.int64, device=specs[0].device if dist.get_backend() == "nccl" else "cpu")
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return max(int(t.item()), 1)
 
 
 def _layer_specs(model: torch.nn.Module, mods: list[torch.nn.Module]) -> list[LayerSpec]:
@@ -270,7 +284,10 @@ def wrap(model: torch.nn.Module, *, config: EngineConfig | None = None, **option
         unwrap(model)
     mods = _check_supported(model)
     attention.register()
-    pool = KVPool.sized(_layer_specs(model, mods), block_size, kv_memory=kv_memory, num_blocks=num_blocks,
+    specs = _layer_specs(model, mods)
+    if kv_memory is None and num_blocks is None and tp_size(model) > 1:
+        num_blocks = _agreed_num_blocks(specs, block_size)
+    pool = KVPool.sized(specs, block_size, kv_memory=kv_memory, num_blocks=num_blocks,
                         enable_prefix_caching=config.enable_prefix_caching)
     previous = getattr(model.config, "_attn_implementation", None)
     state = WrapState(pool, previous, _cache_kwarg(model), options)

@@ -87,8 +87,19 @@ def idle_leader(rank: int, world: int, port: int, model_path: str, out: str) -> 
 
     _join(rank, world, port)
     model = tf.AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32, tp_plan="auto").eval()
-    pipe = hf_paged.PagedPipeline(model, IdTokenizer(), num_blocks=64, tp_timeout_s=3)
     seen: dict = {}
+    # The default KV budget is a share of each rank's free memory: the ranks' pools must still agree.
+    import importlib
+
+    wrap_module = importlib.import_module("hf_paged.wrap")  # the module (hf_paged.wrap is also the function)
+
+    budget = wrap_module.default_kv_memory
+    wrap_module.default_kv_memory = lambda device: (3 + 2 * rank) * 2**20
+    hf_paged.wrap(model)
+    seen["default_blocks"] = hf_paged.kv_pool(model).num_blocks
+    hf_paged.unwrap(model)
+    wrap_module.default_kv_memory = budget
+    pipe = hf_paged.PagedPipeline(model, IdTokenizer(), num_blocks=64, tp_timeout_s=3)
     if pipe.follower:
         try:
             pipe.follow()
