@@ -23,7 +23,7 @@
 #                                                     -> profile.log, profile/{profile,trace}_{graphs,eager}.*
 #   4. benchmarks/throughput_gpu.py (nano-vllm's workload on Llama-3.2-1B / Qwen3-0.6B shapes: hf_paged
 #      with and without CUDA graphs vs generate_batch vs padded generate; --budget-s: what is left)
-#                                                                     -> throughput.log, gpu_throughput.json
+#                                                                     -> throughput.log, gpu_throughput_<YYYY-MM-DD>.json
 #   FULL=1:
 #   5. benchmarks/kernels.py (decode/prefill vs SDPA, flex, torch reference)            -> kernels.{log,json}
 #   6. benchmarks/e2e_gpu.py (random ~1B Llama, generate, plain vs wrapped)            -> e2e.{log,json}
@@ -115,7 +115,7 @@ stage profile 60 "$PY" benchmarks/profile_gpu.py "${DRY[@]}" --eager --steps 10 
 # The throughput benchmark gets what is left; its own budget ends it (JSON written) 25 s before the stage's limit.
 T_LIMIT=$(left)
 [ "${FULL:-0}" = 1 ] && [ "$T_LIMIT" -gt 155 ] && T_LIMIT=155  # leave time for the FULL stages
-stage throughput "$T_LIMIT" "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput.json" \
+stage throughput "$T_LIMIT" "$PY" benchmarks/throughput_gpu.py "${DRY[@]}" --out "$RESULTS/gpu_throughput_$(date -u +%F).json" \
     --budget-s $((T_LIMIT - 25)) ${THROUGHPUT_ARGS:-}
 # The device sampler by sampling setting, kernels on and off: only in what the throughput stage leaves.
 stage sampler 20 "$PY" benchmarks/sampler_gpu.py "${DRY[@]}" --out "$RESULTS/sampler.json"

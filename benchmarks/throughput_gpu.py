@@ -24,7 +24,8 @@ Systems, on the same requests, each on both models before the next system (llama
 of what matters most if the budget runs out:
   hf_paged        PagedPipeline, CUDA graphs for decode (EngineConfig default enforce_eager=False) and
                   async scheduling (the CUDA default, set explicitly so the CPU dry run takes it too),
-                  max_num_seqs 256, --max-batch-tokens, --kv-memory; per-request max_new_tokens (submit()).
+                  max_num_seqs 256, --max-batch-tokens, a KV budget of --kv-memory capped as generate_batch's
+                  (max_num_seqs sequences of the longest length); per-request max_new_tokens (submit()).
   hf_paged_eager  the same with enforce_eager=True.
   generate_batch  transformers' continuous batching (the manager behind ``model.generate_batch``), used
                   directly so that each request keeps its own max_new_tokens (``generate_batch`` takes one
@@ -52,7 +53,8 @@ Metrics per (model, system):
                       mean context of the measured window: the time the H200's HBM needs to read the
                       weights and the KV once, over the measured decode step time.
   peak_gib            torch.cuda.max_memory_allocated() after reset_peak_memory_stats() before the system's
-                      model is built (so it includes the weights and the KV pool: --kv-memory for hf_paged).
+                      model is built (so it includes the weights and the KV pool, the same budget for hf_paged
+                      and generate_batch; hf_static's cache grows with its batches).
 A system that fails records its error and the others still run. --budget-s (default 420) bounds the
 whole run: a system that would start after it is recorded with error "skipped: time budget", and a run
 still going at the deadline is stopped and recorded as cut, with the rate of what it generated until then
@@ -231,8 +233,10 @@ def paged_decode_step(pipe, prompts: list[list[int]], new: int, samp: dict,
 def run_hf_paged(model, args, work, side, deadline, res, notes, eager: bool) -> None:
     from hf_paged import EngineConfig, PagedPipeline, unwrap
 
-    # async_scheduling is the CUDA default; set here so that the CPU dry run takes the same loop.
-    config = EngineConfig(kv_memory=args.kv_memory, max_num_seqs=args.max_num_seqs,
+    # async_scheduling is the CUDA default; set here so that the CPU dry run takes the same loop. The KV budget
+    # is generate_batch's (_kv_tokens), so that the systems' peak memory compares like for like.
+    kv_memory = min(_bytes(args.kv_memory), _kv_tokens(args, work, side) * kv_bytes_per_token(model))
+    config = EngineConfig(kv_memory=kv_memory, max_num_seqs=args.max_num_seqs,
                           max_batch_tokens=args.max_batch_tokens, enforce_eager=eager, async_scheduling=True)
     pipe = PagedPipeline(model, make_tokenizer(model.config.vocab_size), config=config)
     samp = dict(do_sample=True, temperature=args.temperature, ignore_eos=True)
@@ -326,10 +330,10 @@ def run_generate_batch(model, args, work, side, deadline, res, notes) -> None:
     all_prompts = prompts + side["decode"] + side["mixed"][0] + side["sweep"][0]
     longest = max(map(len, all_prompts)) + max(outs + side["sweep"][1] + [args.decode_output + 1])
     # The KV byte budget of --kv-memory, but no more blocks than max_num_seqs sequences of the longest length
-    # can hold: paged|sdpa's CUDA-graph warm-up attends over every block at once (time and mask memory grow
-    # with num_blocks), and more blocks than that are never used by this workload.
+    # can hold (_kv_tokens): paged|sdpa's CUDA-graph warm-up attends over every block at once (time and mask
+    # memory grow with num_blocks), and more blocks than that are never used by this workload.
     num_blocks = max(1, min(_bytes(args.kv_memory) // (block_size * kv_bytes_per_token(model)),
-                            args.max_num_seqs * (-(-longest // block_size) + 1)))
+                            _kv_tokens(args, work, side) // block_size))
     hints = WorkloadHints(max_prompt_length=max(map(len, all_prompts)), max_generated_length=longest,
                           num_requests=len(prompts))
     graphs = {"on": True, "off": False, "auto": None}[args.gb_cuda_graph]
@@ -452,6 +456,15 @@ def _cb_partial(manager, finished: dict, outs: list[int], seconds: float, res: d
                  "(finished ones and those handed back by the hard stop)")
     if useful:  # no output_tok_s: as hf_paged's partial rate, the batch was still full
         res["partial_tok_s"] = useful / seconds
+
+
+def _kv_tokens(args, work, side, block_size: int = 256) -> int:
+    """KV tokens enough for max_num_seqs sequences of the workload's longest length, in whole blocks of 256 plus
+    one: the budget of both engines (hf_paged's --kv-memory and generate_batch's num_blocks are capped to it)."""
+    prompts, outs = work
+    all_prompts = prompts + side["decode"] + side["mixed"][0] + side["sweep"][0]
+    longest = max(map(len, all_prompts)) + max(outs + side["sweep"][1] + [args.decode_output + 1])
+    return args.max_num_seqs * (-(-longest // block_size) + 1) * block_size
 
 
 def _bytes(value: str) -> int:

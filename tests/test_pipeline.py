@@ -226,3 +226,18 @@ def test_a_request_waiting_for_blocks_held_outside_the_engine_waits_without_spin
         held.release()
         pipe.close()
         hf_paged.unwrap(model)
+
+
+def test_a_model_made_under_inference_mode_is_served(tiny_root):
+    """Its parameters are inference tensors, which keep no version counter (the weights check must not fail)."""
+    import transformers as tf
+
+    with torch.inference_mode():
+        model = tf.AutoModelForCausalLM.from_config(tf.AutoConfig.from_pretrained(build("llama", tiny_root))).eval()
+    assert model.lm_head.weight.is_inference()
+    pipe = PagedPipeline(model, IdTokenizer(), num_blocks=64, block_size=8)
+    try:
+        assert len(pipe.generate([5, 6, 7], max_new_tokens=3, do_sample=False).token_ids) == 3
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)

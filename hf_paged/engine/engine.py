@@ -106,8 +106,8 @@ class Engine:
             raise ValueError(f"adapter: {adapter.name!r} was unloaded before this request started")
         if not prompt_ids:
             raise ValueError("prompt: encodes to no tokens")
-        if self.runner.weights_changed():  # the prefix cache holds K/V of the old weights
-            self.pool.allocator.reset_prefix_cache()
+        if not self.scheduler.has_work() and self.runner.weights_changed():  # checked when idle: cached K/V
+            self.pool.allocator.reset_prefix_cache()  # of the old weights must not serve (an RL loop's update)
         seqs = []
         for i in range(params.num_return_sequences):
             gen = torch.Generator().manual_seed(params.seed + i) if params.seed is not None else None

@@ -263,7 +263,8 @@ class PagedPipeline:
 
     def reset_prefix_cache(self) -> None:
         """Forget every cached prefix, between two steps. A parameter replaced or edited in place resets it by
-        itself (the next request sees the change); weights edited through ``.data`` leave no trace: call this."""
+        itself (seen by a request that finds the engine idle); after edits through ``.data``, or while serving,
+        call this."""
         self._call(self.pool.allocator.reset_prefix_cache)
 
     # ------------------------------------------------------------------ background loop

@@ -107,6 +107,13 @@ def _data_ptr(p: torch.Tensor) -> int:
         return 0
 
 
+def _version(p: torch.Tensor) -> int:
+    try:
+        return p._version
+    except RuntimeError:  # an inference tensor (made under torch.inference_mode) keeps no version counter
+        return -1
+
+
 class Runner:
     def __init__(self, model: torch.nn.Module, pool: KVPool, adapters: Any = None) -> None:
         self.model = model
@@ -124,12 +131,13 @@ class Runner:
         self._weights = self._weights_key()
 
     def _weights_key(self) -> int:
-        return hash(tuple((id(p), _data_ptr(p), p._version) for p in self.model.parameters()))
+        return hash(tuple((id(p), _data_ptr(p), _version(p)) for p in self.model.parameters()))
 
     def weights_changed(self) -> bool:
         """Whether a parameter was replaced or edited in place (an optimizer step, ``load_state_dict``) since the
         last call: K/V cached under the old weights must not serve new requests. Edits through ``.data`` leave
-        no trace (``PagedPipeline.reset_prefix_cache()`` is for those)."""
+        no trace (``PagedPipeline.reset_prefix_cache()`` is for those). A few hundred microseconds for a model
+        of 300 parameters: the engine asks only when a request finds it idle."""
         key = self._weights_key()
         changed, self._weights = key != self._weights, key
         return changed
