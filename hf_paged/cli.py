@@ -12,13 +12,14 @@ import sys
 import time
 
 from .config import add_cli_arguments, from_cli
-from .models import DTYPE_CHOICES, DTYPE_HELP, cli_dtype
+from .models import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, cli_device, cli_dtype
 
 
 def _pipeline(args):
     from .engine.pipeline import PagedPipeline
 
-    return PagedPipeline.from_pretrained(args.model, dtype=cli_dtype(args.dtype), config=from_cli(args))
+    return PagedPipeline.from_pretrained(args.model, dtype=cli_dtype(args.dtype), device=cli_device(args.device),
+                                         config=from_cli(args))
 
 
 def cmd_generate(args) -> None:
@@ -39,10 +40,19 @@ def cmd_chat(args) -> None:
             if not line:
                 break
             history.append({"role": "user", "content": line})
+            # No more new tokens than the context has room for (the reply is cut there, with its length).
+            room = pipe.max_model_len - len(pipe.encode(history))
             reply = ""
-            for ev in pipe.stream(history, max_new_tokens=args.max_new_tokens, do_sample=False):
-                print(ev.text, end="", flush=True)
-                reply += ev.text
+            try:
+                if room < 1:
+                    raise ValueError(f"the conversation fills the model's context of {pipe.max_model_len} tokens")
+                for ev in pipe.stream(history, max_new_tokens=min(args.max_new_tokens, room), do_sample=False):
+                    print(ev.text, end="", flush=True)
+                    reply += ev.text
+            except ValueError as exc:  # this turn cannot run: say why, keep the conversation so far
+                history.pop()
+                print(f"[{exc}; start a new chat to go on]", file=sys.stderr)
+                continue
             print()
             history.append({"role": "assistant", "content": reply})
 
@@ -52,11 +62,15 @@ def cmd_demo(args) -> None:
 
     import hf_paged
 
+    from .models import load_model
+
     t0 = time.perf_counter()
-    model, tok = hf_paged.load_default_model()
-    print(f"default model loaded in {time.perf_counter() - t0:.1f} s")
+    # float32, so that the wrapped model's greedy tokens equal the unwrapped model's
+    model, tok = load_model(args.model, dtype=torch.float32, device=cli_device(args.device))
+    print(f"model loaded in {time.perf_counter() - t0:.1f} s ({args.model}, {model.device})")
     chat = [{"role": "user", "content": "What is the capital of France?"}]
-    inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+    inputs = tok.apply_chat_template(chat, add_generation_prompt=True, return_tensors="pt", return_dict=True
+                                     ).to(model.device)
     ref = model.generate(**inputs, max_new_tokens=32, do_sample=False)
     hf_paged.wrap(model, config=from_cli(args))
     out = model.generate(**inputs, max_new_tokens=32, do_sample=False)
@@ -88,20 +102,35 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--model", default="default", help='local model folder or "default"')
     ap.add_argument("--dtype", default="auto", choices=DTYPE_CHOICES,
                     help=DTYPE_HELP + "; for generate, chat and serve (demo stays float32)")
+    ap.add_argument("--device", default="auto", help=DEVICE_HELP)
     add_cli_arguments(ap)  # the engine options, with EngineConfig's defaults
     sub = ap.add_subparsers(dest="cmd", required=True)
-    g = sub.add_parser("generate")
+    g = _common(sub.add_parser("generate"))
     g.add_argument("prompts", nargs="+")
     g.add_argument("--max-new-tokens", type=int, default=128)
     g.add_argument("--temperature", type=float, default=0.0)
-    c = sub.add_parser("chat")
+    c = _common(sub.add_parser("chat"))
     c.add_argument("--max-new-tokens", type=int, default=256)
-    sub.add_parser("demo")
+    _common(sub.add_parser("demo"))
     from .server.__main__ import add_arguments as add_serve_arguments
 
     add_serve_arguments(sub.add_parser("serve", help="HTTP server (TGI + OpenAI routes, UI at /ui)"), common=False)
     args = ap.parse_args(argv)
+    try:
+        from_cli(args), cli_device(args.device)
+    except ValueError as exc:  # a bad engine option or device: a usage error, not a traceback
+        ap.error(str(exc))
     {"generate": cmd_generate, "chat": cmd_chat, "demo": cmd_demo, "serve": cmd_serve}[args.cmd](args)
+
+
+def _common(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``--model``, ``--dtype``, ``--device`` and the engine options after the subcommand too (as ``serve``
+    takes them); given there, they win over the same option before it."""
+    parser.add_argument("--model", default=argparse.SUPPRESS, help='local model folder or "default"')
+    parser.add_argument("--dtype", default=argparse.SUPPRESS, choices=DTYPE_CHOICES, help=DTYPE_HELP)
+    parser.add_argument("--device", default=argparse.SUPPRESS, help=DEVICE_HELP)
+    add_cli_arguments(parser, suppress_defaults=True)
+    return parser
 
 
 if __name__ == "__main__":

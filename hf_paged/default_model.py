@@ -322,6 +322,7 @@ def _convert_default_model(target: pathlib.Path) -> None:
         missing = [n for n in _REQUIRED_FILES if not (out_dir / n).is_file()]
         if missing:
             raise RuntimeError(f"Conversion did not write {missing} in {out_dir}")
+        _readable_as_umask_allows(out_dir)
         (out_dir / COMPLETE_MARKER).write_text(
             f"{WHEEL_PACKAGE}=={WHEEL_VERSION} {GGUF_FILENAME}\n"
         )
@@ -334,6 +335,16 @@ def _convert_default_model(target: pathlib.Path) -> None:
     finally:
         shutil.rmtree(work, ignore_errors=True)
     logger.info("Converted %s in %.1f s", DEFAULT_MODEL_NAME, time.monotonic() - start)
+
+
+def _readable_as_umask_allows(folder: pathlib.Path) -> None:
+    """safetensors writes its file for the owner alone (0600): a cache converted by root (a container build) or
+    shared between users must be readable as the other files are (the umask decides)."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for f in folder.iterdir():
+        if f.is_file():
+            f.chmod(0o666 & ~umask)
 
 
 def _remove_stale_work_dirs(root: pathlib.Path) -> None:

@@ -51,6 +51,23 @@ DTYPE_HELP = ("weights and KV cache dtype (auto: the checkpoint's; the default m
               "bfloat16 decodes ~1.2-1.4x faster, but its greedy tokens no longer equal float32 generate())")
 
 
+DEVICE_HELP = ("where the model and its KV cache live: auto (the GPU where torch sees one, else the CPU), cpu, "
+               "cuda or cuda:N")
+
+
+def cli_device(name: str | None) -> str:
+    """The device a ``--device`` value names; ``auto``: ``cuda`` where torch sees a GPU, else ``cpu``."""
+    if name in (None, "auto"):
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as exc:
+        raise ValueError(f"device: {exc}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device: {name!r}, but torch sees no CUDA GPU here")
+    return str(device)
+
+
 def cli_dtype(name: str) -> torch.dtype | None:
     """The torch dtype a ``--dtype`` value names; None for "auto" (load in the checkpoint's dtype)."""
     if name not in DTYPE_CHOICES:
@@ -179,7 +196,7 @@ def load_model(
         if device_map is not None or tp_plan is not None:
             raise ValueError("device_map and tp_plan only apply when loading from a path")
         if dtype is not None:
-            model = model.to(dtype=dtype)
+            model = model.to(dtype=cli_dtype(dtype) if isinstance(dtype, str) else dtype)
         if tokenizer is None:
             name = getattr(model, "name_or_path", None) or getattr(
                 getattr(model, "config", None), "_name_or_path", None

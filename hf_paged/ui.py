@@ -224,6 +224,25 @@ def _text(content: Any) -> str:
     return "".join(p.get("text", "") for p in content if isinstance(p, dict))  # Gradio's typed parts
 
 
+ERROR_MARK = "\n\n**Error:** "  # how a failed reply shows its error in the chat
+
+
+def model_turns(chat: list) -> list[dict]:
+    """The chat as the model gets it: a reply's error text (ERROR_MARK on) is the UI's, not the model's; a turn
+    whose reply failed before any text is left out with its question."""
+    turns: list[dict] = []
+    for m in chat:
+        content = _text(m["content"])
+        if m["role"] == "assistant" and ERROR_MARK in content:
+            content = content.split(ERROR_MARK)[0]
+            if not content:
+                if turns and turns[-1]["role"] == "user":
+                    turns.pop()
+                continue
+        turns.append({"role": m["role"], "content": content})
+    return turns
+
+
 BASE_MODEL = "(base model)"
 
 
@@ -242,7 +261,7 @@ def build_ui(client: Any, *, title: str = "hf_paged") -> gr.Blocks:
         if not chat or chat[-1]["role"] != "user":
             return
         msgs = ([{"role": "system", "content": system}] if system.strip() else [])
-        msgs += [{"role": m["role"], "content": _text(m["content"])} for m in chat]
+        msgs += model_turns(chat)
         chat = [{"role": m["role"], "content": _text(m["content"])} for m in chat]
         chat.append({"role": "assistant", "content": ""})
         try:
@@ -254,7 +273,7 @@ def build_ui(client: Any, *, title: str = "hf_paged") -> gr.Blocks:
                 chat[-1]["content"] += delta
                 yield chat
         except Exception as exc:  # shown in the chat: the demo must keep running
-            chat[-1]["content"] += f"\n\n**Error:** {exc}"
+            chat[-1]["content"] += f"{ERROR_MARK}{exc}"
         yield chat
 
     async def adapter_choices():

@@ -486,3 +486,50 @@ def test_a_second_consumer_of_a_handle_gets_an_error_not_a_hang(tiny):
         h4 = pipe.submit([5, 6, 7], max_new_tokens=4, do_sample=False, ignore_eos=True)
         h4.result(timeout=60)
         assert len(asyncio.run(read(h4))) == 5
+
+
+def test_cli_device_model_and_option_positions(tmp_path, monkeypatch, capsys):
+    """`--device` (auto: the GPU where torch sees one) reaches every command (they all loaded on the CPU); `demo`
+    loads `--model` (it ignored it); `--model`, `--dtype`, `--device` and the engine options are taken after
+    `generate`/`chat`/`demo` too; a bad option is a usage error (exit 2), not a traceback."""
+    from served import save_tiny_chat_model
+
+    from hf_paged.cli import main
+    from hf_paged.models import cli_device
+
+    save_tiny_chat_model(tmp_path)
+    seen = []
+    real = hf_paged.PagedPipeline.from_pretrained.__func__
+    monkeypatch.setattr(hf_paged.PagedPipeline, "from_pretrained",
+                        classmethod(lambda cls, *a, **k: seen.append(k) or real(cls, *a, **k)))
+    main(["generate", "--model", str(tmp_path), "--dtype", "bfloat16", "--num-blocks", "32", "Hi",
+          "--max-new-tokens", "2"])
+    assert seen[-1]["device"] == cli_device("auto") == "cpu" and seen[-1]["dtype"] == torch.bfloat16
+    assert seen[-1]["config"].num_blocks == 32
+    import io
+
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    main(["--model", str(tmp_path), "--num-blocks", "48", "--max-model-len", "40", "chat", "--max-new-tokens", "30"])
+    assert seen[-1]["config"].num_blocks == 48
+    for bad in (["--max-num-seqs", "0", "generate", "hi"], ["--device", "cuda:0", "generate", "hi"],
+                ["--device", "nonsense", "generate", "hi"]):
+        with pytest.raises(SystemExit) as exc:
+            main(bad)
+        assert exc.value.code == 2, bad
+    with pytest.raises(ValueError, match="Model path"):
+        main(["demo", "--model", str(tmp_path / "missing")])
+
+
+def test_cli_chat_outgrowing_the_context_keeps_going(tmp_path, monkeypatch, capsys):
+    """A turn that cannot fit the context is refused with a message; the chat goes on (it ended with a traceback)."""
+    import io
+
+    from served import save_tiny_chat_model
+
+    from hf_paged.cli import main
+
+    save_tiny_chat_model(tmp_path)
+    monkeypatch.setattr("sys.stdin", io.StringIO("hello there\n" + "a long question " * 20 + "\nhi\n\n"))
+    main(["--model", str(tmp_path), "--num-blocks", "32", "--max-model-len", "64", "chat", "--max-new-tokens", "8"])
+    err = capsys.readouterr().err
+    assert err.count("fills the model's context") + err.count("exceeds the model's context") >= 1

@@ -630,3 +630,22 @@ def test_greedy_logprobs_come_from_the_kernel_and_match_the_general_path(monkeyp
         else:
             assert got.logprobs[i] == pytest.approx(want.logprobs[i], abs=2e-5)
             assert [t for t, _ in got.top_logprobs[i]] == [t for t, _ in want.top_logprobs[i]]
+
+
+def test_a_build_killed_midway_does_not_block_later_ones():
+    """torch's build lock is a plain file, removed only when its builder ends normally; a start killed while the
+    kernel compiled left it, and every later start waited on it forever."""
+    import os
+    import threading
+
+    from torch.utils import cpp_extension
+
+    if not cpu.available():
+        pytest.skip("the C++ CPU kernel did not build here")
+    name = f"hf_paged_cpu_{cpu._host_key()}"
+    stale = os.path.join(cpp_extension._get_build_directory(name, False), "lock")
+    open(stale, "w").close()  # what a killed build leaves
+    done = threading.Event()
+    threading.Thread(target=lambda: (cpu._build(), done.set()), daemon=True).start()
+    assert done.wait(120), "the build waited on a stale lock"
+    assert not os.path.exists(stale)

@@ -115,3 +115,19 @@ def test_download_failure_message(tmp_path, monkeypatch):
     leftovers = [p.name for p in tmp_path.iterdir() if p.name not in {"wheels"}]
     assert leftovers == [".SmolLM2-135M-Instruct.lock"]
     assert list((tmp_path / "wheels").iterdir()) == []
+
+
+def test_converted_files_are_readable_as_the_umask_allows(tmp_path):
+    """safetensors writes 0600: a cache converted by root could not be loaded by anyone else."""
+    import os
+
+    from hf_paged import default_model as dm
+
+    (tmp_path / "model.safetensors").write_bytes(b"x")
+    (tmp_path / "model.safetensors").chmod(0o600)
+    old = os.umask(0o022)
+    try:
+        dm._readable_as_umask_allows(tmp_path)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "model.safetensors").stat().st_mode & 0o777 == 0o644

@@ -324,3 +324,29 @@ def test_ui_chats_are_admitted_like_api_requests(pipe, monkeypatch):
         assert state.in_flight == 0 and await chat(hello)
 
     asyncio.run(run())
+
+
+def test_a_failed_reply_is_not_fed_back_to_the_model():
+    """The chat shows a reply's error; the next turn sends the model the conversation without it."""
+    from hf_paged.ui import ERROR_MARK, model_turns
+
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": ERROR_MARK + "HTTP 429: overloaded"},
+            {"role": "user", "content": "Tell me"},
+            {"role": "assistant", "content": [{"type": "text", "text": "Once" + ERROR_MARK + "cancelled"}]},
+            {"role": "user", "content": "Go on"}]
+    assert model_turns(chat) == [{"role": "user", "content": "Tell me"}, {"role": "assistant", "content": "Once"},
+                                 {"role": "user", "content": "Go on"}]
+
+
+def test_ui_replies_are_capped_by_the_kv_pool_too(monkeypatch):
+    """A pool smaller than the context: the slider's value is cut to what one sequence can hold (it failed)."""
+    from hf_paged.server.engine_view import LocalEngineClient
+
+    with hf_paged.PagedPipeline.from_pretrained("default", num_blocks=12, block_size=16) as small:
+        client = LocalEngineClient(small, MODEL_ID, None)
+
+        async def run():
+            return "".join([t async for t in client.chat([{"role": "user", "content": "Hello"}], temperature=0.0,
+                                                         top_p=1.0, max_new_tokens=512, seed=None)])
+
+        assert asyncio.run(run())

@@ -14,11 +14,13 @@ to the torch path. A failed build is logged once and never retried in that proce
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import logging
 import os
 import platform
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
@@ -55,15 +57,32 @@ def _host_key() -> str:
 def _build() -> None:
     from torch.utils import cpp_extension
 
+    name = f"hf_paged_cpu_{_host_key()}"
+    verbose = os.environ.get("HF_PAGED_CPU_KERNEL_VERBOSE") == "1"
     march = ["-march=native"] if platform.machine() in ("x86_64", "AMD64") else ["-mcpu=native"]
-    cpp_extension.load(
-        name=f"hf_paged_cpu_{_host_key()}",
-        sources=[str(src) for src in _SOURCES],
-        extra_cflags=["-O3", "-fopenmp", *march],
-        extra_ldflags=["-fopenmp"],
-        is_python_module=False,
-        verbose=os.environ.get("HF_PAGED_CPU_KERNEL_VERBOSE") == "1",
-    )
+    with _build_lock(cpp_extension._get_build_directory(name, verbose)):
+        cpp_extension.load(name=name, sources=[str(src) for src in _SOURCES], extra_cflags=["-O3", "-fopenmp", *march],
+                           extra_ldflags=["-fopenmp"], is_python_module=False, verbose=verbose)
+
+
+@contextlib.contextmanager
+def _build_lock(build_dir: str) -> Iterator[None]:
+    """Hold an flock next to the build folder while torch builds or loads the extension. Torch's own lock there
+    is a plain file removed only when its builder ends normally: a process killed mid-build (SIGTERM from a
+    service manager, the OOM killer) leaves it, and every later start then waits on it forever. The kernel
+    releases an flock with its process, so whoever holds this one knows any torch lock left is stale."""
+    import fcntl
+
+    with open(build_dir.rstrip(os.sep) + ".hf_paged.lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            stale = os.path.join(build_dir, "lock")
+            if os.path.exists(stale):
+                logger.warning("hf_paged: removing %s, left by a build that was killed", stale)
+                os.remove(stale)
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def available() -> bool:

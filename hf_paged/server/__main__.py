@@ -19,7 +19,7 @@ import threading
 
 from ..config import add_cli_arguments as add_engine_arguments
 from ..config import from_cli
-from ..models import DTYPE_CHOICES, DTYPE_HELP, cli_dtype
+from ..models import DEVICE_HELP, DTYPE_CHOICES, DTYPE_HELP, cli_device, cli_dtype
 
 
 def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> None:
@@ -29,6 +29,7 @@ def add_arguments(parser: argparse.ArgumentParser, *, common: bool = True) -> No
                         help='local model folder or "default"')
     parser.add_argument("--dtype", default="auto" if common else argparse.SUPPRESS, choices=DTYPE_CHOICES,
                         help=DTYPE_HELP)
+    parser.add_argument("--device", default="auto" if common else argparse.SUPPRESS, help=DEVICE_HELP)
     add_engine_arguments(parser, suppress_defaults=not common)
     parser.add_argument("--model-id", default=None, help="name reported by /info and /v1/models")
     parser.add_argument("--host", default="127.0.0.1")
@@ -75,8 +76,9 @@ def serve(args: argparse.Namespace) -> None:
         raise SystemExit("hf_paged: started as one of several ranks: add --tp-plan auto to serve tensor parallel")
     tp_plan = "auto" if world > 1 else None
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Tensor parallel: transformers puts rank r on GPU r (LOCAL_RANK); otherwise --device.
     pipe = PagedPipeline.from_pretrained(args.model, dtype=cli_dtype(args.dtype), config=from_cli(args),
-                                         tp_plan=tp_plan)
+                                         tp_plan=tp_plan, device=None if tp_plan else cli_device(args.device))
     if pipe.follower:  # runs rank 0's steps until rank 0 shuts down
         # Rank 0 drains its requests on SIGTERM or Ctrl-C, and they need this rank until it closes its
         # pipeline, which ends follow() here (torchrun sends SIGTERM to every rank, a terminal's Ctrl-C reaches

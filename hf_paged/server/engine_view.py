@@ -78,7 +78,8 @@ class LocalEngineClient:
             if max_input is not None and len(ids) > max_input:
                 raise RuntimeError(f"the conversation has {len(ids)} tokens; this server takes at most {max_input} "
                                    "(max_input_tokens): start a new chat")
-            room = self.pipe.max_model_len - len(ids)
+            pool = self.pipe.pool  # one sequence can outgrow neither the context nor the whole KV pool
+            room = min(self.pipe.max_model_len, pool.num_blocks * pool.block_size) - len(ids)
             return self.pipe.submit(ids, max_new_tokens=max(1, min(max_new_tokens, room)),
                                     do_sample=temperature > 0, temperature=temperature or 1.0, top_p=top_p,
                                     top_k=0, seed=seed, json_schema=json_schema, adapter=adapter)
