@@ -40,12 +40,13 @@ def cmd_chat(args) -> None:
             if not line:
                 break
             history.append({"role": "user", "content": line})
-            # No more new tokens than the context has room for (the reply is cut there, with its length).
-            room = pipe.max_model_len - len(pipe.encode(history))
+            # No more new tokens than the context (or the whole KV pool) has room for: the reply is cut there.
+            limit = min(pipe.max_model_len, pipe.pool.num_blocks * pipe.pool.block_size)
             reply = ""
             try:
+                room = limit - len(pipe.encode(history))
                 if room < 1:
-                    raise ValueError(f"the conversation fills the model's context of {pipe.max_model_len} tokens")
+                    raise ValueError(f"the conversation fills the model's context of {limit} tokens")
                 for ev in pipe.stream(history, max_new_tokens=min(args.max_new_tokens, room), do_sample=False):
                     print(ev.text, end="", flush=True)
                     reply += ev.text

@@ -340,8 +340,12 @@ def _convert_default_model(target: pathlib.Path) -> None:
 def _readable_as_umask_allows(folder: pathlib.Path) -> None:
     """safetensors writes its file for the owner alone (0600): a cache converted by root (a container build) or
     shared between users must be readable as the other files are (the umask decides)."""
-    umask = os.umask(0)
-    os.umask(umask)
+    umask = 0o022
+    try:  # read, not set and reset: another thread creating files meanwhile would get mode 0666
+        with open("/proc/self/status") as status:
+            umask = next(int(line.split()[1], 8) for line in status if line.startswith("Umask:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        pass
     for f in folder.iterdir():
         if f.is_file():
             f.chmod(0o666 & ~umask)

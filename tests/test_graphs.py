@@ -295,3 +295,32 @@ def test_cuda_graphs_equal_eager_preemption(tiny_root):
     eager, _, _ = _run(model, prompts, graphs=False, sampling=True, async_scheduling=False, overlap=False, **opts)
     got, stats, graphs = _run(model, prompts, graphs=True, capture=True, sampling=True, **opts)
     assert got == eager and stats["preemptions"] > 0 and graphs.replays > 0
+
+
+def test_replaced_parameters_end_the_captured_graphs(tiny_root, caplog):
+    """load_state_dict(assign=True) puts new tensors in place of the old: captured graphs would go on reading
+    the old ones (freed memory, on a GPU). The next request that finds the engine idle turns them off; decode
+    steps then run eagerly, on the new weights. In-place edits keep them (the graphs read that memory)."""
+    import logging
+
+    model = load(build("llama", tiny_root))
+    prompt = [5, 9, 12, 7, 30, 41]
+    pipe = PagedPipeline(model, IdTokenizer(), enforce_eager=True, max_num_seqs=4, num_blocks=64)
+    runner = pipe.engine.runner
+    runner.use_graphs(4, pipe.max_model_len, capture=True, graph_api=RecordingGraphs())
+    try:
+        pipe.generate(prompt, max_new_tokens=4, do_sample=False)
+        with torch.no_grad():
+            model.model.layers[0].mlp.down_proj.weight.mul_(1.5)  # in place: the graphs stay
+        pipe.generate(prompt, max_new_tokens=4, do_sample=False)
+        assert runner.graphs is not None and runner.graphs.replays > 0
+        name = "model.layers.1.mlp.down_proj.weight"
+        with caplog.at_level(logging.WARNING, logger="hf_paged"):
+            model.load_state_dict({name: model.get_parameter(name) * -2.0}, strict=False, assign=True)
+            got = pipe.generate(prompt, max_new_tokens=8, do_sample=False).token_ids
+        assert runner.graphs is None and "decode steps run eagerly now" in caplog.text
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+    ref = model.generate(input_ids=torch.tensor([prompt]), max_new_tokens=8, do_sample=False)
+    assert got == ref[0, len(prompt):].tolist()

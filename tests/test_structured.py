@@ -136,6 +136,7 @@ def test_schemas_too_costly_to_compile_are_refused_at_once(pipe):
     ({"anyOf": []}, "an empty 'anyOf' allows nothing"),
     # xgrammar's converter recursed out of the stack on this one (the process ended)
     ({"type": "string", "pattern": "(" * 30000 + "a" + ")" * 30000}, "a pattern of 60001 characters"),
+    ({"type": "string", "pattern": "(" * 300 + "[(]" + ")" * 300}, "groups nested 300 deep"),
     # chained references compile in minutes; nesting through references counts as nesting
     ({"$defs": {f"a{i}": {"$ref": f"#/$defs/a{i + 1}"} for i in range(300)} | {"a300": {"type": "integer"}},
       "$ref": "#/$defs/a0"}, "more than 256 '$ref's"),

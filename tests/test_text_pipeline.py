@@ -159,6 +159,12 @@ def test_generators_and_datasets_are_read_lazily_and_answered_by_an_iterator(tin
         assert len(read) == 2  # the window: two requests in flight for max_num_seqs=1
         assert [first] + list(it) == expected
         assert list(gen(KeyDataset([{"text": p} for p in prompts], "text"), **GREEDY)) == expected
+
+        class Stream(torch.utils.data.IterableDataset):  # no len(): read by iterating
+            def __iter__(self):
+                return iter(prompts)
+
+        assert list(gen(Stream(), **GREEDY)) == expected
         assert gen(prompts, **GREEDY) == expected  # a list is answered with a list, as before
 
         read.clear()

@@ -96,7 +96,8 @@ def idle_leader(rank: int, world: int, port: int, model_path: str, out: str) -> 
     budget = wrap_module.default_kv_memory
     wrap_module.default_kv_memory = lambda device: (3 + 2 * rank) * 2**20
     hf_paged.wrap(model)
-    seen["default_blocks"] = hf_paged.kv_pool(model).num_blocks
+    pool = hf_paged.kv_pool(model)
+    seen["default_blocks"], seen["block_bytes"] = pool.num_blocks, pool.nbytes // pool.num_blocks
     hf_paged.unwrap(model)
     wrap_module.default_kv_memory = budget
     pipe = hf_paged.PagedPipeline(model, IdTokenizer(), num_blocks=64, tp_timeout_s=3)

@@ -39,7 +39,7 @@ MAX_SCHEMA_DEPTH, MAX_SCHEMA_NODES, MAX_OPTIONAL_TOTAL, MAX_ENUM_VALUES = 64, 10
 # References, and the nesting they add (a chain of 128 definitions each 60 arrays deep took 6 s; 3000 chained
 # references 7 s); a `pattern`'s length (xgrammar's schema converter recursed out of the stack on a pattern
 # nested 30000 deep, ending the process).
-MAX_REFS, MAX_PATTERN_CHARS = 256, 4096
+MAX_REFS, MAX_PATTERN_CHARS, MAX_PATTERN_DEPTH = 256, 4096, 256
 # Compiled grammars kept here, so that a request compiled off the event loop is found again on it: the last
 # RECENT ones, up to RECENT_BYTES together.
 RECENT, RECENT_BYTES = 16, 64 * 2**20
@@ -214,6 +214,22 @@ def _check_schema(schema: Any) -> None:
 def _check_pattern(pattern: str) -> None:
     if len(pattern) > MAX_PATTERN_CHARS:
         raise ValueError(f"json_schema: a pattern of {len(pattern)} characters; at most {MAX_PATTERN_CHARS}")
+    depth = deepest = 0
+    escaped = in_class = False
+    for ch in pattern:  # group nesting (xgrammar's parsers recurse on it), outside character classes
+        if escaped:
+            escaped = False
+        elif ch == "\\":
+            escaped = True
+        elif in_class:
+            in_class = ch != "]"
+        elif ch == "[":
+            in_class = True
+        elif ch in "()":
+            depth += 1 if ch == "(" else -1
+            deepest = max(deepest, depth)
+    if deepest > MAX_PATTERN_DEPTH:
+        raise ValueError(f"json_schema: a pattern with groups nested {deepest} deep; at most {MAX_PATTERN_DEPTH}")
     import xgrammar as xgr
 
     try:

@@ -147,9 +147,6 @@ class PagedPipeline:
         return self._enqueue([self._make_request(prompt, kwargs)])[0]
 
     def _enqueue(self, reqs: list[Request]) -> list[Request]:
-        if self.follower:
-            raise RuntimeError("this is a tensor-parallel follower rank: call generate() with the same arguments "
-                               "as rank 0, or follow() while rank 0 serves")
         self._put([("add", r) for r in reqs])
         return reqs
 
@@ -274,6 +271,8 @@ class PagedPipeline:
     def _put(self, items: list[tuple[str, Any]]) -> None:
         """Queue adds or calls (starting the loop); refused once the pipeline is closed or broken, and once
         the loop took its last items (under the same lock): nothing queued is left unanswered."""
+        if self.follower:  # its engine runs rank 0's steps only
+            raise RuntimeError("a tensor-parallel follower rank: call generate() as rank 0 does, or follow()")
         with self._start_lock:
             if self._closed or self._broken is not None or self._inbox_closed:
                 raise RuntimeError(f"pipeline is broken: {self._broken}" if self._broken else "pipeline is closed")

@@ -130,8 +130,12 @@ class Runner:
         self._rows = TableRows()  # the running sequences' block tables, kept between steps
         self._weights = self._weights_key()
 
-    def _weights_key(self) -> int:
-        return hash(tuple((id(p), _data_ptr(p), _version(p)) for p in self.model.parameters()))
+    def _weights_key(self) -> tuple[int, int]:
+        """(where the base model's parameters are, what every parameter holds): the first changes when one of
+        the base model's parameters is replaced (LoRA adapters come and go without it)."""
+        named = list(self.model.named_parameters())
+        where = hash(tuple((name, _data_ptr(p)) for name, p in named if "lora_" not in name))
+        return where, hash(tuple((id(p), _version(p)) for _, p in named))
 
     def weights_changed(self) -> bool:
         """Whether a parameter was replaced or edited in place (an optimizer step, ``load_state_dict``) since the
@@ -139,7 +143,12 @@ class Runner:
         no trace (``PagedPipeline.reset_prefix_cache()`` is for those). A few hundred microseconds for a model
         of 300 parameters: the engine asks only when a request finds it idle."""
         key = self._weights_key()
-        changed, self._weights = key != self._weights, key
+        changed, moved, self._weights = key != self._weights, key[0] != self._weights[0], key
+        if moved and self.graphs is not None and self.graphs.captured:
+            # The captured graphs read the old parameters' memory: from here on decode steps run eagerly.
+            logger.warning("hf_paged: parameters were replaced (not edited in place); the decode CUDA graphs read "
+                           "the old ones, so decode steps run eagerly now (a new pipeline captures them again)")
+            self.graphs = None
         return changed
 
     def choose_decode_path(self, config: Any, max_model_len: int, *, tp: bool) -> None:

@@ -86,6 +86,7 @@ class Stepper:
                 early = self._records = engine.complete(pending)  # held here until delivered (fail)
                 pending = None
             self._pending = engine.launch_sample(fwd) if fwd is not None else None
+            launched = fwd is not None
             self.park()
             if early is not None:
                 self._records = []
@@ -102,11 +103,15 @@ class Stepper:
                 delivery.deliver(records)
             if launched is not None:
                 self._records = engine.complete(launched)
+            launched = launched is not None
         else:
+            steps = engine.steps
             records = engine.step()
             self.park()
             delivery.deliver(records)
-        if not self.holding and not engine.scheduler.running and engine.scheduler.waiting:
+            launched = engine.steps != steps
+        # launched: whether this step scheduled anything
+        if not launched and not self.holding and engine.scheduler.waiting and not engine.scheduler.running:
             time.sleep(STALL_S)
 
 

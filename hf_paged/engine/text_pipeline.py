@@ -21,7 +21,7 @@ from collections.abc import Iterator
 from typing import Any
 
 import torch
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, IterableDataset
 
 from ..config import EngineConfig
 from .pipeline import PagedPipeline
@@ -101,8 +101,9 @@ class TextGenerationPipeline:
         def records(prompt, res, cont: bool) -> list[dict]:
             return self._records(prompt, res, kind, cont, decode)
 
-        if _is_lazy(text_inputs) and not self.engine.follower:
-            # As transformers does for generators and datasets: an iterator, consumed as it is read.
+        if _is_lazy(text_inputs) and self.engine.tp is None:
+            # As transformers does for generators and datasets: an iterator, consumed as it is read. (Under tensor
+            # parallelism every rank takes the list path: its generate() is what the ranks run together.)
             return self._iterate(text_inputs, encode, records, kwargs, prefix)
         single = isinstance(text_inputs, str) or _is_chat(text_inputs)
         batch = [text_inputs] if single else list(text_inputs)
@@ -115,7 +116,10 @@ class TextGenerationPipeline:
         """Records of each input in order, while later inputs run: up to twice ``max_num_seqs`` requests are
         in flight, so the engine's batch stays full. Leaving the loop early cancels the ones in flight."""
         window = 2 * self.engine.config.max_num_seqs
-        items = (inputs[i] for i in range(len(inputs))) if isinstance(inputs, Dataset) else iter(inputs)
+        if isinstance(inputs, Dataset) and not isinstance(inputs, IterableDataset):
+            items = (inputs[i] for i in range(len(inputs)))  # a map-style dataset: by index, as its sampler reads it
+        else:
+            items = iter(inputs)
         flight: collections.deque = collections.deque()
         try:
             for prompt in items:

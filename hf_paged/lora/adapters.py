@@ -129,11 +129,7 @@ class AdapterSet:
             else:
                 self.peft.load_adapter(str(path), adapter_name=name)
         except Exception as exc:
-            if self.peft is not None and name in self.peft.peft_config:
-                self.peft.delete_adapter(name)
-            if first:  # PEFT failed halfway: the layers it injected would run for every request
-                self.peft = None
-                _strip_lora_layers(self.base, keep_config=had_config)
+            self._undo(name, first, had_config)
             raise ValueError(f"adapter {name!r} does not fit this model: {type(exc).__name__}: {exc}") from exc
         self.peft.eval()
         if self._owns_peft:
@@ -141,20 +137,32 @@ class AdapterSet:
         try:
             self._check_layers(name)
         except ValueError:
-            self.peft.delete_adapter(name)
+            self._undo(name, first, had_config)
             raise
         adapter = self._register(name, config, str(path))
         try:
             self._restack()
-        except Exception as exc:  # nothing of it may stay: a request naming it would fail inside a step
-            del self._by_name[name]
+        except Exception as exc:
             adapter.unloaded = True
-            self.peft.delete_adapter(name)
-            self._restack()
+            self._undo(name, first, had_config)
             raise ValueError(f"adapter {name!r} could not be stacked: {type(exc).__name__}: {exc}") from exc
         logger.info("hf_paged: loaded LoRA adapter %r (rank %d, slot %d) from %s", name, adapter.rank,
                     adapter.slot, path)
         return adapter
+
+    def _undo(self, name: str, first: bool, had_config: bool) -> None:
+        """Take a half-loaded adapter out again: a request naming it would fail inside a step, and the layers
+        PEFT injected for a first one would run for every request."""
+        self._by_name.pop(name, None)
+        if self.peft is not None and name in self.peft.peft_config:
+            self.peft.delete_adapter(name)
+        if first:
+            self.peft = None
+            _strip_lora_layers(self.base, keep_config=had_config)
+        try:
+            self._restack()
+        except Exception:  # noqa: BLE001 - the load's own error is the one to report
+            logger.exception("hf_paged: restacking the adapters after a failed load failed too")
 
     def unload(self, name: str) -> None:
         """Forget adapter ``name`` (its weights leave the model; its cached prefix blocks age out)."""
