@@ -32,7 +32,7 @@ class EngineStats:
     # torch.compile), "static" (static buffers run eagerly, tests) or "eager"; a failed capture or
     # compile leaves "eager", which an operator should see.
     decode_path: str = "eager"
-    graph_steps: int = 0  # decode steps served by the graphs (or the compiled forward)
+    graph_steps: int = 0  # decode steps served by the graph runner (graphs, compiled forward or static buffers)
 
     @property
     def blocks_allocatable(self) -> int:
