@@ -64,10 +64,15 @@ def paged_attention_forward(
         out = kernels.varlen_attention(flat_q, flat_k, flat_v, t.cu_seqlens_q, meta.q_lens, meta.max_seqlen_q,
                                        scale=scale, sliding_window=sliding_window, softcap=softcap)
     if out is None:
+        new_kv = None
+        if meta.max_seqlen_q > 1 and not flat_q.is_cuda:
+            # Prompts without cached context read the K/V just computed, not their blocks.
+            new_kv = (flat_k, flat_v) if t.token_index is None else \
+                (flat_k.index_select(0, t.token_index), flat_v.index_select(0, t.token_index))
         out = kernels.paged_attention(
             flat_q, k_cache, v_cache, t.block_tables, t.cu_seqlens_q, t.seq_lens,
             scale=scale, sliding_window=sliding_window, softcap=softcap,
-            max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k,
+            max_seqlen_q=meta.max_seqlen_q, max_seqlen_k=meta.max_seqlen_k, new_kv=new_kv,
         )
     if t.token_index is not None:
         full = out.new_zeros(b * q, h, value.shape[3])

@@ -47,6 +47,42 @@ def test_mixed_batch_and_block_sizes(block_size):
     torch.testing.assert_close(got[:n].double(), want[:n], atol=1e-4, rtol=0)
 
 
+def _new_kv(batch):
+    """Each sequence's last q_len keys and values, packed like the queries (what the layer just computed)."""
+    q, kc, vc, tables, cu, lens = batch.args()
+    bs, ks, vs = kc.shape[1], [], []
+    for i in range(len(lens)):
+        n, q_len = int(lens[i]), int(cu[i + 1] - cu[i])
+        for p in range(n - q_len, n):
+            ks.append(kc[int(tables[i, p // bs]), p % bs])
+            vs.append(vc[int(tables[i, p // bs]), p % bs])
+    return torch.stack(ks), torch.stack(vs)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("window", [None, 6])
+def test_prompts_without_context_attend_over_the_new_kv(dtype, window):
+    # Decode rows, two fresh prompts (seq_len == q_len), chunks over cached context, a 1-token prompt.
+    ctx, q_lens = [40, 23, 70, 9, 1, 130], [1, 23, 12, 9, 1, 50]
+    batch = make_batch(ctx, q_lens, heads=6, kv_heads=2, head_dim=32, block_size=8, dtype=dtype, seed=5)
+    want = oracle(batch, scale=0.2, sliding_window=window)
+    new_kv = _new_kv(batch)
+    # The fresh prompts' blocks are spoiled: a path that read them instead of new_kv would fail.
+    spoiled = make_batch(ctx, q_lens, heads=6, kv_heads=2, head_dim=32, block_size=8, dtype=dtype, seed=5)
+    for i in (1, 3):
+        for b in spoiled.block_tables[i, : -(-ctx[i] // 8)].tolist():
+            spoiled.k_cache[b] = 1e3
+            spoiled.v_cache[b] = -1e3
+    n = batch.num_real
+    for impl in (reference.paged_attention, cpu.paged_attention):
+        got = impl(*spoiled.args(), scale=0.2, sliding_window=window, new_kv=new_kv)
+        torch.testing.assert_close(got[:n].double(), want[:n], atol=TOL[dtype], rtol=0)
+        assert not got[n:].any()
+        # Without new_kv every prompt reads its blocks (the unspoiled batch gives the same rows).
+        plain = impl(*batch.args(), scale=0.2, sliding_window=window)
+        torch.testing.assert_close(plain[:n].double(), want[:n], atol=TOL[dtype], rtol=0)
+
+
 def test_decode_equals_torch_path_on_many_sequences():
     gen = torch.Generator().manual_seed(3)
     ctx = torch.randint(1, 600, (48,), generator=gen).tolist()

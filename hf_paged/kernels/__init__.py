@@ -87,12 +87,15 @@ def paged_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     backend: str = "auto",
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Causal attention of packed new tokens ``[T, H, D]`` over paged K/V; returns ``[T, H, D]``.
 
     ``cu_seqlens_q`` ``[S+1]`` delimits the new tokens of S sequences; ``seq_lens`` ``[S]`` counts each
     sequence's tokens including the new ones; ``block_tables`` ``[S, max_blocks]``. ``max_seqlen_q``/
-    ``max_seqlen_k`` are optional host-side hints that spare a device sync.
+    ``max_seqlen_k`` are optional host-side hints that spare a device sync. ``new_kv``: the step's own K/V
+    ``[T, KVH, D]`` packed like the queries; the torch and CPU backends attend prompts without cached
+    context over them instead of their blocks (the Triton kernel reads the pages).
     """
     chosen = resolve_backend(backend, query)
     if chosen == "triton":
@@ -110,7 +113,7 @@ def paged_attention(
     return impl(
         query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
         sliding_window=sliding_window, softcap=softcap,
-        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+        max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k, new_kv=new_kv,
     )
 
 

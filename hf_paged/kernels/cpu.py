@@ -192,6 +192,7 @@ def paged_attention(
     softcap: float | None = None,
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Same contract as ``reference.paged_attention``; decode rows go through the C++ op."""
     if not available():
@@ -211,7 +212,7 @@ def paged_attention(
     return reference.paged_attention(
         query, k_cache, v_cache, block_tables, cu_seqlens_q, seq_lens, scale=scale,
         sliding_window=sliding_window, softcap=softcap, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
-        decode_rows=decode,
+        decode_rows=decode, new_kv=new_kv,
     )
 
 

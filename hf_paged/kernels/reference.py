@@ -16,6 +16,8 @@ import threading
 import torch
 import torch.nn.functional as F
 
+from .varlen import causal_sdpa
+
 # Pad prefill rows into one batch only while the padded work stays within this factor of the real work.
 _PAD_WASTE_LIMIT = 1.5
 # Decode rows are grouped so that no row in a group is shorter than the longest / this factor: the
@@ -136,12 +138,16 @@ def paged_attention(
     max_seqlen_q: int | None = None,
     max_seqlen_k: int | None = None,
     decode_rows=None,
+    new_kv: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Attention of packed queries ``[T, H, D]`` over paged K/V. Returns ``[T, H, D]``.
 
     Tokens past ``cu_seqlens_q[-1]`` (padding rows) get zeros. ``decode_rows(out, rows)``, if given,
     computes the rows of the sequences with one query (``rows``: their indices) into ``out`` instead
-    of the gather + SDPA path here (the compiled CPU backend passes its kernel).
+    of the gather + SDPA path here (the compiled CPU backend passes its kernel). ``new_kv``: this step's
+    own keys and values ``[T, KVH, D]``, packed like the queries; a prompt with no cached context
+    (``seq_len == q_len``) then attends over its slice of them, without gathering its blocks or building a
+    mask (the common case of a step that mixes decodes and new prompts).
     """
     out = torch.zeros_like(query)
     num_seqs = seq_lens.shape[0]
@@ -161,13 +167,25 @@ def paged_attention(
         for group in _length_groups(decode, lens):
             _decode(query, k_cache, v_cache, block_tables, cu, lens, group, out,
                     scale, sliding_window, softcap, work_dtype)
+    if prefill and new_kv is not None and not softcap:
+        fresh = [i for i in prefill if lens[i] == q_lens[i]]
+        for i in fresh:
+            s, e = cu[i], cu[i + 1]
+            out[s:e] = causal_sdpa(query[s:e], new_kv[0][s:e], new_kv[1][s:e], scale, sliding_window)
+        if fresh:
+            prefill = [i for i in prefill if lens[i] != q_lens[i]]
     if prefill:
         real = sum(q_lens[i] * lens[i] for i in prefill)
         padded = len(prefill) * max(q_lens[i] for i in prefill) * max(lens[i] for i in prefill)
         groups = [prefill] if padded <= _PAD_WASTE_LIMIT * real else [[i] for i in prefill]
         for group in groups:
-            _prefill(query, k_cache, v_cache, block_tables, cu, lens, q_lens, group, out,
-                     scale, sliding_window, softcap, work_dtype, device)
+            if len(group) == 1 and not softcap and not (sliding_window and sliding_window > 0):
+                i = group[0]
+                _prefill_row(query, k_cache, v_cache, block_tables[i], cu[i], cu[i + 1], lens[i], out, scale,
+                             work_dtype)
+            else:
+                _prefill(query, k_cache, v_cache, block_tables, cu, lens, q_lens, group, out,
+                         scale, sliding_window, softcap, work_dtype, device)
     return out
 
 
@@ -202,6 +220,31 @@ def _decode(query, k_cache, v_cache, block_tables, cu, lens, rows, out,
     q = _cast(query.index_select(0, tok), work_dtype).unsqueeze(2)  # [n, H, 1, D]
     res = _attend(q, k.to(device), v.to(device), mask[:, None, None, :], scale, softcap)
     out.index_copy_(0, tok, res.squeeze(2).to(out.dtype))
+
+
+def _prefill_row(query, k_cache, v_cache, table, start, end, seq_len, out, scale, work_dtype) -> None:
+    """One prompt chunk (queries ``start:end``, the last of its ``seq_len`` tokens) over exactly its tokens'
+    K/V, gathered from its blocks: nothing past its end is read (so no NaN clean-up), and the mask is one
+    comparison (query ``i`` sees keys ``j <= context + i``)."""
+    block_size, kvh, dim = k_cache.shape[1], k_cache.shape[2], k_cache.shape[3]
+    idx = table[: -(-seq_len // block_size)].to(device=k_cache.device, dtype=torch.long)
+    k = k_cache.index_select(0, idx).view(-1, kvh, dim)[:seq_len].to(query.device)
+    v = v_cache.index_select(0, idx).view(-1, kvh, dim)[:seq_len].to(query.device)
+    pos = _positions(seq_len, query.device)
+    mask = pos[None, :] <= pos[seq_len - (end - start):, None]
+    q, k, v = (_cast(t.transpose(0, 1), work_dtype)[None] for t in (query[start:end], k, v))
+    res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    out[start:end] = res[0].transpose(0, 1).to(out.dtype)
+
+
+def _positions(n: int, device: torch.device) -> torch.Tensor:
+    """``arange(n)`` from a per-thread buffer (grown as needed)."""
+    key = ("positions", torch.int64, device)
+    buf = _scratch.bufs.get(key)
+    if buf is None or buf.numel() < n:
+        buf = torch.arange(max(n, 1024, 2 * (buf.numel() if buf is not None else 0)), device=device)
+        _scratch.bufs[key] = buf
+    return buf[:n]
 
 
 def _prefill(query, k_cache, v_cache, block_tables, cu, lens, q_lens, rows, out,

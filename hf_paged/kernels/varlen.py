@@ -71,20 +71,27 @@ _refused: set = set()
 
 def _cpu(query, key, value, lens, scale, window) -> torch.Tensor:
     out = torch.empty_like(query)
-    work = torch.float32 if query.dtype == torch.float16 else None  # as the reference: fp16 SDPA is slow on CPU
     start = 0
     for n in lens:
-        q = query[start : start + n].transpose(0, 1)[None]
-        k = key[start : start + n].transpose(0, 1)[None]
-        v = value[start : start + n].transpose(0, 1)[None]
-        if work is not None:
-            q, k, v = q.to(work), k.to(work), v.to(work)
-        if window is not None and n > window:
-            pos = torch.arange(n)
-            mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
-            res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
-        else:
-            res = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
-        out[start : start + n] = res[0].transpose(0, 1).to(out.dtype)
+        out[start : start + n] = causal_sdpa(query[start : start + n], key[start : start + n],
+                                             value[start : start + n], scale, window)
         start += n
     return out
+
+
+def causal_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, scale: float,
+                window: int | None) -> torch.Tensor:
+    """One sequence's causal attention by SDPA: ``query [n, H, D]`` over its own ``key``/``value [n, KVH, D]``
+    (query i sees keys i - window < j <= i), in ``query``'s dtype. fp16 on CPU runs in fp32, as the reference
+    does (fp16 SDPA is slow there)."""
+    n = query.shape[0]
+    q, k, v = (t.transpose(0, 1)[None] for t in (query, key, value))
+    if query.dtype == torch.float16 and query.device.type == "cpu":
+        q, k, v = q.float(), k.float(), v.float()
+    if window is not None and window > 0 and n > window:
+        pos = torch.arange(n, device=query.device)
+        mask = (pos[None, :] <= pos[:, None]) & (pos[None, :] > pos[:, None] - window)
+        res = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale, enable_gqa=True)
+    else:
+        res = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=True)
+    return res[0].transpose(0, 1).to(query.dtype)
