@@ -479,6 +479,9 @@ def test_validation_errors(mutate, match):
 def test_negative_softcap_rejected():
     with pytest.raises(ValueError, match="softcap"):
         paged_attention_triton(*_valid(), scale=0.1, softcap=-1.0)
+    for backend in ("torch", "cpu", "auto"):  # every backend, not only Triton's validation
+        with pytest.raises(ValueError, match="softcap must be positive"):
+            kernels.paged_attention(*_valid(), scale=0.1, softcap=-1.0, backend=backend)
 
 
 def test_scale_matters():

@@ -466,3 +466,38 @@ def test_a_failed_step_keeps_tokens_and_text_together(model, mode):
     finally:
         pipe.close()
         hf_paged.unwrap(model)
+
+
+@pytest.mark.parametrize("mode", list(MODES))
+def test_a_failed_step_fails_its_requests_and_keeps_the_waiting_ones(model, mode):
+    """A step that raises fails the requests it ran (as TGI fails a batch); a request still waiting for its
+    first step then runs as if nothing happened, and the prefix cache, which the failed step may have
+    published unwritten blocks to, is emptied."""
+    pipe = PagedPipeline(model, IdTokenizer(), **MODES[mode], max_num_seqs=1, block_size=8)
+    engine = pipe.engine
+    real, calls = engine.runner.run, []
+
+    def run(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:
+            raise RuntimeError("device lost")
+        return real(*args, **kwargs)
+
+    try:
+        want = pipe.generate([5, 9, 7], max_new_tokens=4, ignore_eos=True).token_ids  # 7 tokens: no full block
+        pipe.generate(list(range(1, 30)), max_new_tokens=1)  # publishes 3 blocks
+        assert pipe.stats()["blocks_cached"] == 3
+        engine.runner.run = run
+        first = pipe.submit([1, 2, 3], max_new_tokens=20, ignore_eos=True)
+        second = pipe.submit([5, 9, 7], max_new_tokens=4, ignore_eos=True)  # waits: max_num_seqs=1
+        with pytest.raises(RuntimeError, match="device lost"):
+            first.result(timeout=60)
+        assert second.result(timeout=60).token_ids == want
+        assert len(calls) > 3
+        stats = pipe.stats()
+        assert stats["blocks_used"] == 0 and stats["blocks_cached"] == 0
+        pipe.pool.allocator.check()
+        assert pipe.alive
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)

@@ -19,7 +19,7 @@ from .detokenizer import IncrementalDetokenizer
 from .engine import Engine, TokenRecord
 from .outputs import CompletionOutput, FinishReason, RequestOutput, StreamEvent
 from .request import Request, Wakeups
-from .sequence import Sequence
+from .sequence import Sequence, SeqStatus
 
 
 @dataclass(slots=True, eq=False)
@@ -118,6 +118,15 @@ class Delivery:
     def fail_all(self, error: str) -> None:
         for streams in list(self.requests.values()):
             self.fail(streams[0].request, error)
+
+    def fail_started(self, error: str) -> None:
+        """Fail every request but those whose open sequences all wait (never scheduled, or preempted: no
+        blocks, nothing in flight): a running sequence, or one finished whose last token was not delivered,
+        fails its request."""
+        for streams in list(self.requests.values()):
+            open_ = [st for st in streams if not st.ended]
+            if not open_ or any(st.seq.status is not SeqStatus.WAITING for st in open_):
+                self.fail(streams[0].request, error)
 
     def cancel_all(self) -> None:
         for streams in list(self.requests.values()):

@@ -343,9 +343,9 @@ class PagedPipeline:
                 self._broken = str(exc)
                 self.delivery.fail_all(str(exc))
                 break
-            except Exception as exc:  # one bad batch must not take the server down
+            except Exception as exc:  # one bad batch must not take the server down, nor fail what waits
                 logger.exception("engine step failed")
-                stepper.fail(f"{type(exc).__name__}: {exc}")
+                stepper.fail(f"{type(exc).__name__}: {exc}", everyone=False)
             except BaseException as exc:  # SystemExit and such end the thread: every request ends first
                 logger.critical("hf_paged: the engine thread ends", exc_info=True)
                 self._broken = f"the engine thread ended: {type(exc).__name__}: {exc}"

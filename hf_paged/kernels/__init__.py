@@ -97,6 +97,8 @@ def paged_attention(
     ``[T, KVH, D]`` packed like the queries; the torch and CPU backends attend prompts without cached
     context over them instead of their blocks (the Triton kernel reads the pages).
     """
+    if softcap is not None and softcap < 0:  # the C++ kernel would take it as "off", the torch path as |softcap|
+        raise ValueError(f"softcap must be positive (or 0/None for none); got {softcap}")
     chosen = resolve_backend(backend, query)
     if chosen == "triton":
         from .attention import paged_attention_triton
