@@ -47,6 +47,32 @@ def test_mixed_batch_and_block_sizes(block_size):
     torch.testing.assert_close(got[:n].double(), want[:n], atol=1e-4, rtol=0)
 
 
+@pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 64), (16, 8, 128), (8, 1, 128), (4, 2, 80),
+                                                     (4, 1, 256), (16, 1, 64)])
+@pytest.mark.parametrize("window,softcap", [(None, None), (24, None), (None, 30.0)])
+def test_bf16_decode_blocks_avx512_against_avx2_and_the_oracle(heads, kv_heads, head_dim, window, softcap):
+    """The AVX-512 BF16 blocks (where this CPU has them; shapes they cannot take fall back) against the AVX2
+    blocks and the fp64 oracle, on shuffled blocks with huge values past each sequence's end."""
+    ctx = [1, 15, 16, 17, 100, 333, 40]
+    batch = make_batch(ctx, [1] * len(ctx), heads=heads, kv_heads=kv_heads, head_dim=head_dim, block_size=16,
+                       dtype=torch.bfloat16, seed=head_dim + heads)
+    scale = head_dim ** -0.5
+    want = oracle(batch, scale=scale, sliding_window=window, softcap=softcap)
+    n = batch.num_real
+    outs = {}
+    try:
+        for on in (True, False):
+            outs[torch.ops.hf_paged_cpu.set_paged_decode_dpbf16(on)] = cpu.paged_attention(
+                *batch.args(), scale=scale, sliding_window=window, softcap=softcap)
+    finally:
+        torch.ops.hf_paged_cpu.set_paged_decode_dpbf16(True)
+    for got in outs.values():
+        torch.testing.assert_close(got[:n].double(), want[:n], atol=TOL[torch.bfloat16], rtol=0)
+    if len(outs) == 2:  # both paths exist here: they agree to bf16 rounding
+        a, b = outs.values()
+        torch.testing.assert_close(a[:n].float(), b[:n].float(), atol=8e-3, rtol=1e-2)
+
+
 def _new_kv(batch):
     """Each sequence's last q_len keys and values, packed like the queries (what the layer just computed)."""
     q, kc, vc, tables, cu, lens = batch.args()

@@ -13,17 +13,35 @@
 // Math per head: s_j = scale * q.k_j (then softcap * tanh(s_j / softcap) if softcap > 0), softmax
 // over the keys in the causal (and sliding) window, o = sum_j p_j v_j; accumulated in fp32, exactly
 // two passes (scores, then values), no online rescaling.
+//
+// bf16 caches: the AVX2 blocks widen eight values at a time to fp32. Where the compiler targets AVX-512 BF16
+// (-march=native on such a CPU), the scores are vdpbf16ps products instead (the query rounded to bf16, which
+// is exact when the model runs in bf16) and the values' sums are 16 lanes wide; each K or V row is read
+// once for all query heads of its group. set_paged_decode_dpbf16(false) keeps the AVX2 blocks.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <string>
 #include <cmath>
 #include <cstring>
 #include <utility>
 #include <vector>
 
 #include "simd.h"
+
+#if HF_PAGED_AVX2 && defined(__AVX512F__) && defined(__AVX512BW__) && defined(__AVX512BF16__)
+#define HF_PAGED_AVX512_BF16 1
+#else
+#define HF_PAGED_AVX512_BF16 0
+#endif
+// Register budgets of the AVX-512 bf16 blocks: 32-value chunks of a head (head_dim up to 256) and
+// 16-value accumulators of a GQA group (group * head_dim / 16); larger shapes take the AVX2 blocks.
+constexpr int64_t kMaxHeadChunks = 8;
+constexpr int64_t kMaxAccumulators = 32;
+// Whether bf16 decode takes the AVX-512 BF16 blocks (where built with them); tests and benchmarks switch it.
+static bool g_decode_dpbf16 = true;
 
 namespace {
 
@@ -195,15 +213,104 @@ void pv_block<float>(const float* p, int64_t n, const float* base, int64_t t0, i
   pv_block_widened(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
 }
 
+#if HF_PAGED_AVX512_BF16
+// Lane t of the result: the sum of the 16 lanes of v[t] (16 horizontal sums at once: halves, quarters, pairs
+// and single lanes of two vectors are added in four rounds, then one permutation puts token t in lane t).
+inline __m512 sum16x16(const __m512* v) {
+  __m512 w[8], z[4], u[2];
+  for (int j = 0; j < 8; ++j)  // w[j]: lanes 0-7 partial sums of v[2j], lanes 8-15 of v[2j+1]
+    w[j] = _mm512_add_ps(_mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0x44),
+                         _mm512_shuffle_f32x4(v[2 * j], v[2 * j + 1], 0xEE));
+  for (int j = 0; j < 4; ++j)  // z[j]: quarter q holds 4 partial sums of v[4j + q]
+    z[j] = _mm512_add_ps(_mm512_shuffle_f32x4(w[2 * j], w[2 * j + 1], 0x88),
+                         _mm512_shuffle_f32x4(w[2 * j], w[2 * j + 1], 0xDD));
+  for (int j = 0; j < 2; ++j)  // u[j]: quarter q holds 2 of v[8j + q], then 2 of v[8j + 4 + q]
+    u[j] = _mm512_add_ps(_mm512_shuffle_ps(z[2 * j], z[2 * j + 1], _MM_SHUFFLE(1, 0, 1, 0)),
+                         _mm512_shuffle_ps(z[2 * j], z[2 * j + 1], _MM_SHUFFLE(3, 2, 3, 2)));
+  // Lane 4q + m holds the sum of v[q + 4m].
+  const __m512 r = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(2, 0, 2, 0)),
+                                 _mm512_shuffle_ps(u[0], u[1], _MM_SHUFFLE(3, 1, 3, 1)));
+  return _mm512_permutexvar_ps(_mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15), r);
+}
+
+// bf16 caches on AVX-512 BF16 (see the top of the file): scores by vdpbf16ps, 32 bf16 products an
+// instruction, of the query rounded to bf16 (exact for a bf16 model, whose queries are bf16) and the keys as
+// stored; fp32 accumulation. Sixteen tokens at a time per head, summed together (sum16x16) and stored as one
+// vector. head_dim a multiple of 32.
+void qk_block_dpbf16(const float* qf, const c10::BFloat16* base, int64_t t0, int64_t t1, int64_t c_tok,
+                     int64_t kv_heads, int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+  const int64_t nd = head_dim / 32;
+  const __m512 vscale = _mm512_set1_ps(scale);
+  for (int64_t h = 0; h < kv_heads * group; ++h) {
+    __m512bh qv[kMaxHeadChunks];
+    for (int64_t j = 0; j < nd; ++j) {
+      const float* qh = qf + h * head_dim + 32 * j;
+      qv[j] = _mm512_cvtne2ps_pbh(_mm512_loadu_ps(qh + 16), _mm512_loadu_ps(qh));
+    }
+    const c10::BFloat16* k = base + (h / group) * head_dim;
+    float* o = out + h * n - t0;
+    for (int64_t t = t0; t < t1; t += 16) {
+      const int64_t m = std::min<int64_t>(16, t1 - t);
+      __m512 a[16];
+      for (int64_t i = 0; i < 16; ++i) {
+        a[i] = _mm512_setzero_ps();
+        if (i >= m) continue;
+        const c10::BFloat16* kt = k + (t + i) * c_tok;
+        for (int64_t j = 0; j < nd; ++j)
+          a[i] = _mm512_dpbf16_ps(a[i], qv[j], (__m512bh)_mm512_loadu_si512(kt + 32 * j));
+      }
+      _mm512_mask_storeu_ps(o + t, static_cast<__mmask16>((1u << m) - 1), _mm512_mul_ps(sum16x16(a), vscale));
+    }
+  }
+}
+
+inline __m512 widen16(const c10::BFloat16* p) {
+  const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(p));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+// Values: fp32 weights times the values widened to fp32 (the weights stay fp32), 16 lanes; a value row is
+// widened once for the heads of its group. head_dim a multiple of 16, at most 16 * kMaxHeadChunks.
+void pv_block_avx512(const float* p, int64_t n, const c10::BFloat16* base, int64_t t0, int64_t t1, int64_t c_tok,
+                     int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+  const int64_t nv = head_dim / 16;
+  for (int64_t kh = 0; kh < kv_heads; ++kh) {
+    __m512 a[kMaxAccumulators];
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < nv; ++i) a[g * nv + i] = _mm512_loadu_ps(acc + (kh * group + g) * head_dim + 16 * i);
+    const c10::BFloat16* v = base + kh * head_dim;
+    for (int64_t t = t0; t < t1; ++t) {
+      __m512 vv[kMaxHeadChunks * 2];
+      for (int64_t i = 0; i < nv; ++i) vv[i] = widen16(v + t * c_tok + 16 * i);
+      for (int64_t g = 0; g < group; ++g) {
+        const __m512 w = _mm512_set1_ps(p[(kh * group + g) * n + t - t0]);
+        for (int64_t i = 0; i < nv; ++i) a[g * nv + i] = _mm512_fmadd_ps(w, vv[i], a[g * nv + i]);
+      }
+    }
+    for (int64_t g = 0; g < group; ++g)
+      for (int64_t i = 0; i < nv; ++i) _mm512_storeu_ps(acc + (kh * group + g) * head_dim + 16 * i, a[g * nv + i]);
+  }
+}
+#endif
+
 template <>
 void qk_block<c10::BFloat16>(const float* qf, const c10::BFloat16* base, int64_t t0, int64_t t1, int64_t c_tok,
                              int64_t kv_heads, int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+#if HF_PAGED_AVX512_BF16
+  if (g_decode_dpbf16 && head_dim % 32 == 0 && head_dim / 32 <= kMaxHeadChunks)
+    return qk_block_dpbf16(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
+#endif
   qk_block_widened(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
 }
 
 template <>
 void pv_block<c10::BFloat16>(const float* p, int64_t n, const c10::BFloat16* base, int64_t t0, int64_t t1,
                              int64_t c_tok, int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+#if HF_PAGED_AVX512_BF16
+  if (g_decode_dpbf16 && head_dim % 16 == 0 && head_dim / 16 <= 2 * kMaxHeadChunks &&
+      group * (head_dim / 16) <= kMaxAccumulators)
+    return pv_block_avx512(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
+#endif
   pv_block_widened(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
 }
 #endif
@@ -384,9 +491,23 @@ void write_kv(const at::Tensor& key, const at::Tensor& value, const at::Tensor& 
   });
 }
 
+// "avx512_bf16" where bf16 decode takes the AVX-512 BF16 blocks, else "avx2" (or "scalar" without AVX2).
+std::string paged_decode_bf16_path() {
+  if (HF_PAGED_AVX512_BF16 && g_decode_dpbf16) return "avx512_bf16";
+  return HF_PAGED_AVX2 ? "avx2" : "scalar";
+}
+
+// Turn the AVX-512 BF16 blocks on or off (tests compare the paths); returns the path now taken.
+std::string set_paged_decode_dpbf16(bool on) {
+  g_decode_dpbf16 = on;
+  return paged_decode_bf16_path();
+}
+
 }  // namespace
 
 TORCH_LIBRARY(hf_paged_cpu, m) {
+  m.def("paged_decode_bf16_path() -> str", &paged_decode_bf16_path);
+  m.def("set_paged_decode_dpbf16(bool on) -> str", &set_paged_decode_dpbf16);
   m.def("write_kv(Tensor key, Tensor value, Tensor(a!) k_cache, Tensor(b!) v_cache, Tensor slot_mapping) -> ()");
   m.def(
       "paged_decode(Tensor query, Tensor k_cache, Tensor v_cache, Tensor block_tables, Tensor cu_seqlens_q, "
