@@ -65,7 +65,7 @@ def paged_attention_forward(
                                        scale=scale, sliding_window=sliding_window, softcap=softcap)
     if out is None:
         new_kv = None
-        if meta.max_seqlen_q > 1 and not flat_q.is_cuda:
+        if meta.max_seqlen_q > 1 and not flat_q.is_cuda and not softcap:
             # Prompts without cached context read the K/V just computed, not their blocks.
             new_kv = (flat_k, flat_v) if t.token_index is None else \
                 (flat_k.index_select(0, t.token_index), flat_v.index_select(0, t.token_index))

@@ -47,15 +47,27 @@ def test_mixed_batch_and_block_sizes(block_size):
     torch.testing.assert_close(got[:n].double(), want[:n], atol=1e-4, rtol=0)
 
 
+def _has_avx512_bf16() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("flags") and " avx512_bf16" in line for line in f)
+    except OSError:
+        return False
+
+
 @pytest.mark.parametrize("heads,kv_heads,head_dim", [(9, 3, 64), (32, 8, 64), (16, 8, 128), (8, 1, 128), (4, 2, 80),
-                                                     (4, 1, 256), (16, 1, 64)])
+                                                     (4, 1, 256), (4, 2, 256), (16, 1, 64), (8, 1, 64)])
 @pytest.mark.parametrize("window,softcap", [(None, None), (24, None), (None, 30.0)])
-def test_bf16_decode_blocks_avx512_against_avx2_and_the_oracle(heads, kv_heads, head_dim, window, softcap):
-    """The AVX-512 BF16 blocks (where this CPU has them; shapes they cannot take fall back) against the AVX2
-    blocks and the fp64 oracle, on shuffled blocks with huge values past each sequence's end."""
+@pytest.mark.parametrize("block_size", [1, 16, 64])
+def test_bf16_decode_blocks_avx512_against_avx2_and_the_oracle(heads, kv_heads, head_dim, window, softcap,
+                                                               block_size):
+    """The AVX-512 BF16 blocks (on a CPU that has them; shapes they cannot take fall back) against the AVX2
+    blocks and the fp64 oracle, on shuffled blocks with huge values past each sequence's end. Contexts of
+    1, 15, 16 and 17 tokens end in partial groups of 16 scores; block 64 has several groups per block; a
+    window starts inside a block."""
     ctx = [1, 15, 16, 17, 100, 333, 40]
-    batch = make_batch(ctx, [1] * len(ctx), heads=heads, kv_heads=kv_heads, head_dim=head_dim, block_size=16,
-                       dtype=torch.bfloat16, seed=head_dim + heads)
+    batch = make_batch(ctx, [1] * len(ctx), heads=heads, kv_heads=kv_heads, head_dim=head_dim,
+                       block_size=block_size, dtype=torch.bfloat16, seed=head_dim + heads)
     scale = head_dim ** -0.5
     want = oracle(batch, scale=scale, sliding_window=window, softcap=softcap)
     n = batch.num_real
@@ -66,6 +78,8 @@ def test_bf16_decode_blocks_avx512_against_avx2_and_the_oracle(heads, kv_heads, 
                 *batch.args(), scale=scale, sliding_window=window, softcap=softcap)
     finally:
         torch.ops.hf_paged_cpu.set_paged_decode_dpbf16(True)
+    if _has_avx512_bf16():  # built with -march=native: the blocks must be there
+        assert set(outs) == {"avx512_bf16", "avx2"}
     for got in outs.values():
         torch.testing.assert_close(got[:n].double(), want[:n], atol=TOL[torch.bfloat16], rtol=0)
     if len(outs) == 2:  # both paths exist here: they agree to bf16 rounding

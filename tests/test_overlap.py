@@ -485,19 +485,91 @@ def test_a_failed_step_fails_its_requests_and_keeps_the_waiting_ones(model, mode
 
     try:
         want = pipe.generate([5, 9, 7], max_new_tokens=4, ignore_eos=True).token_ids  # 7 tokens: no full block
+        pair = dict(max_new_tokens=3, ignore_eos=True, n=2, do_sample=True, seed=7)  # siblings fork from the first
+        want_pair = [o.token_ids for o in pipe.submit([6, 2], **pair).result(timeout=60).outputs]
         pipe.generate(list(range(1, 30)), max_new_tokens=1)  # publishes 3 blocks
         assert pipe.stats()["blocks_cached"] == 3
         engine.runner.run = run
         first = pipe.submit([1, 2, 3], max_new_tokens=20, ignore_eos=True)
         second = pipe.submit([5, 9, 7], max_new_tokens=4, ignore_eos=True)  # waits: max_num_seqs=1
+        third = pipe.submit([6, 2], **pair)  # waits too, its second sequence forking
         with pytest.raises(RuntimeError, match="device lost"):
             first.result(timeout=60)
         assert second.result(timeout=60).token_ids == want
+        assert [o.token_ids for o in third.result(timeout=60).outputs] == want_pair
         assert len(calls) > 3
         stats = pipe.stats()
         assert stats["blocks_used"] == 0 and stats["blocks_cached"] == 0
         pipe.pool.allocator.check()
         assert pipe.alive
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+
+
+def test_a_failed_step_fails_a_sequence_preempted_with_its_token_in_flight(model):
+    """Async scheduling: a sequence preempted while its token of the step in flight is not recorded yet
+    waits again with that token owed; when the next step fails, its request fails with the step's error
+    (kept waiting, it would later take a token of another step, or break the step after)."""
+    prompts = [[1, 4 + i, 9, 2, 7, 3] for i in range(4)]
+    kw = dict(async_scheduling=True, num_blocks=10, block_size=8, max_num_seqs=4)
+    with PagedPipeline(model, IdTokenizer(), **kw) as pipe:
+        want = [r.token_ids for r in pipe.generate(prompts, max_new_tokens=30, ignore_eos=True)]
+    hf_paged.unwrap(model)
+    pipe = PagedPipeline(model, IdTokenizer(), **kw)
+    sched, engine = pipe.engine.scheduler, pipe.engine
+    real_preempt, real_run = sched._preempt, engine.runner.run
+    state = {"owed": False, "fired": False}
+
+    def preempt(seq, out):
+        real_preempt(seq, out)
+        state["owed"] |= seq.num_ahead > 0
+
+    def run(*args, **kwargs):
+        if state["owed"] and not state["fired"]:
+            state["fired"] = True
+            raise RuntimeError("device lost")
+        return real_run(*args, **kwargs)
+
+    sched._preempt, engine.runner.run = preempt, run
+    try:
+        handles = [pipe.submit(p, max_new_tokens=30, ignore_eos=True) for p in prompts]
+        failed = 0
+        for h, w in zip(handles, want):
+            try:
+                out = h.result(timeout=60)
+            except RuntimeError as exc:
+                assert "device lost" in str(exc)
+                failed += 1
+            else:
+                assert out.token_ids == w
+        assert state["fired"] and failed
+        assert pipe.generate(prompts[0], max_new_tokens=30, ignore_eos=True).token_ids == want[0]
+        assert pipe.stats()["blocks_used"] == 0
+        pipe.pool.allocator.check()
+    finally:
+        pipe.close()
+        hf_paged.unwrap(model)
+
+
+def test_a_failure_no_started_request_explains_fails_every_request(model):
+    """A step failing before any request started (scheduling itself raising) would fail again at every step:
+    the waiting requests fail with it instead of waiting forever."""
+    pipe = PagedPipeline(model, IdTokenizer(), max_num_seqs=4)
+    real = pipe.engine.scheduler.schedule
+
+    def schedule(*args, **kwargs):
+        raise RuntimeError("allocator broken")
+
+    try:
+        pipe.engine.scheduler.schedule = schedule
+        handles = [pipe.submit([1, 2 + i, 3], max_new_tokens=4) for i in range(2)]
+        for h in handles:
+            with pytest.raises(RuntimeError, match="allocator broken"):
+                h.result(timeout=60)
+        pipe.engine.scheduler.schedule = real
+        assert pipe.generate([1, 2, 3], max_new_tokens=3).token_ids
+        assert pipe.stats()["blocks_used"] == 0
     finally:
         pipe.close()
         hf_paged.unwrap(model)

@@ -21,6 +21,8 @@ from .outputs import CompletionOutput, FinishReason, RequestOutput, StreamEvent
 from .request import Request, Wakeups
 from .sequence import Sequence, SeqStatus
 
+_RAN = (SeqStatus.RUNNING, SeqStatus.FINISHED)
+
 
 @dataclass(slots=True, eq=False)
 class _Stream:
@@ -119,14 +121,18 @@ class Delivery:
         for streams in list(self.requests.values()):
             self.fail(streams[0].request, error)
 
-    def fail_started(self, error: str) -> None:
-        """Fail every request but those whose open sequences all wait (never scheduled, or preempted: no
-        blocks, nothing in flight): a running sequence, or one finished whose last token was not delivered,
-        fails its request."""
+    def fail_started(self, error: str) -> int:
+        """Fail the requests a failed step may have touched: those with an open sequence that is running, or
+        finished with its last token not delivered, or has a token in flight (preempted while a step ahead
+        ran). Requests whose open sequences all wait (never scheduled: the first waiting, its siblings forking
+        from it; or preempted with nothing in flight) are left. Returns how many requests failed."""
+        failed = 0
         for streams in list(self.requests.values()):
             open_ = [st for st in streams if not st.ended]
-            if not open_ or any(st.seq.status is not SeqStatus.WAITING for st in open_):
+            if not open_ or any(st.seq.status in _RAN or st.seq.num_ahead for st in open_):
                 self.fail(streams[0].request, error)
+                failed += 1
+        return failed
 
     def cancel_all(self) -> None:
         for streams in list(self.requests.values()):

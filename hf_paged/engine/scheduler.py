@@ -177,6 +177,14 @@ class Scheduler:
             budget -= n
         return out
 
+    def release_waiting(self) -> None:
+        """Give back blocks a waiting sequence holds (a prefix hit looked up by a step that then failed): it
+        looks its prompt up again when admitted."""
+        for seq in self.waiting:
+            if seq.table.blocks:
+                self.allocator.free(seq.table)
+                seq.table, seq.num_computed = BlockTable(), 0
+
     def _preempt(self, seq: Sequence, out: Schedule) -> None:
         """Free ``seq``'s blocks and queue it first in line for recomputation."""
         # The victim is the newest running sequence, never one already scheduled this step.

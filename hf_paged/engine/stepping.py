@@ -56,12 +56,13 @@ class Stepper:
             self.delivery.deliver(records)
 
     def fail(self, error: str, *, everyone: bool = True) -> None:
-        """After a failed step: forget the step in flight and fail the requests it may have touched: those
-        with a sequence the engine has started (``everyone``: every request, when the engine stops). Requests
-        still waiting for their first step keep their place, as a batch's failure in TGI fails that batch
-        only. Tokens recorded but not delivered are delivered first: they are in their sequences' token ids,
-        so the outputs' texts and streams must have them too. The prefix cache is emptied: the failed step
-        may have published blocks (at launch) whose K/V it never wrote."""
+        """After a failed step: forget the step in flight and fail the requests it may have touched
+        (:meth:`Delivery.fail_started`); ``everyone``: every request, when the engine stops, and also when no
+        started request failed (the failure would come back at every step). Requests still waiting for their
+        first step keep their place, as a batch's failure in TGI fails that batch only, and hold no blocks
+        after it. Tokens recorded but not delivered are delivered first: they are in their sequences' token
+        ids, so the outputs' texts and streams must have them too. The prefix cache is emptied: the failed
+        step may have published blocks (at launch) whose K/V it never wrote."""
         records = self._records
         self._pending, self._records = None, []
         if records:
@@ -69,10 +70,11 @@ class Stepper:
                 self.delivery.deliver(records)
             except Exception:  # noqa: BLE001 - the requests are failed below all the same
                 logger.exception("delivering the tokens before a failed step failed too")
-        if everyone:
+        # A failure no started request explains (before the first waiting request was admitted) would come
+        # back at every step: then every request fails.
+        if everyone or not self.delivery.fail_started(error):
             self.delivery.fail_all(error)
-        else:
-            self.delivery.fail_started(error)
+        self.engine.scheduler.release_waiting()
         self.engine.scheduler.allocator.reset_prefix_cache()
 
     def step(self) -> None:

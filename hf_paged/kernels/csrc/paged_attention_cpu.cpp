@@ -16,13 +16,15 @@
 //
 // bf16 caches: the AVX2 blocks widen eight values at a time to fp32. Where the compiler targets AVX-512 BF16
 // (-march=native on such a CPU), the scores are vdpbf16ps products instead (the query rounded to bf16, which
-// is exact when the model runs in bf16) and the values' sums are 16 lanes wide; each K or V row is read
-// once for all query heads of its group. set_paged_decode_dpbf16(false) keeps the AVX2 blocks.
+// is exact when the model runs in bf16), summed sixteen tokens at a time, and the values' sums are 16 lanes
+// wide, each V row widened once for all query heads of its group (K rows are read again per head, from L1).
+// set_paged_decode_dpbf16(false) keeps the AVX2 blocks (the switch, not the path a shape ends up taking).
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <atomic>
 #include <string>
 #include <cmath>
 #include <cstring>
@@ -41,7 +43,8 @@
 constexpr int64_t kMaxHeadChunks = 8;
 constexpr int64_t kMaxAccumulators = 32;
 // Whether bf16 decode takes the AVX-512 BF16 blocks (where built with them); tests and benchmarks switch it.
-static bool g_decode_dpbf16 = true;
+// Read once per call (a call runs one path), so a switch while another thread decodes is harmless.
+static std::atomic<bool> g_decode_dpbf16{true};
 
 namespace {
 
@@ -120,13 +123,13 @@ void pv_block_generic(const float* p, int64_t n, const scalar_t* base, int64_t t
 
 template <typename scalar_t>
 void qk_block(const float* qf, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
-              int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+              int64_t group, int64_t head_dim, float scale, float* out, int64_t n, bool /*dp*/) {
   qk_block_generic(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
 }
 
 template <typename scalar_t>
 void pv_block(const float* p, int64_t n, const scalar_t* base, int64_t t0, int64_t t1, int64_t c_tok,
-              int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+              int64_t kv_heads, int64_t group, int64_t head_dim, float* acc, bool /*dp*/) {
   pv_block_generic(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
 }
 
@@ -203,13 +206,13 @@ void pv_block_widened(const float* p, int64_t n, const scalar_t* base, int64_t t
 
 template <>
 void qk_block<float>(const float* qf, const float* base, int64_t t0, int64_t t1, int64_t c_tok, int64_t kv_heads,
-                     int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+                     int64_t group, int64_t head_dim, float scale, float* out, int64_t n, bool /*dp*/) {
   qk_block_widened(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
 }
 
 template <>
 void pv_block<float>(const float* p, int64_t n, const float* base, int64_t t0, int64_t t1, int64_t c_tok,
-                     int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+                     int64_t kv_heads, int64_t group, int64_t head_dim, float* acc, bool /*dp*/) {
   pv_block_widened(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
 }
 
@@ -270,7 +273,7 @@ inline __m512 widen16(const c10::BFloat16* p) {
 }
 
 // Values: fp32 weights times the values widened to fp32 (the weights stay fp32), 16 lanes; a value row is
-// widened once for the heads of its group. head_dim a multiple of 16, at most 16 * kMaxHeadChunks.
+// widened once for the heads of its group. head_dim a multiple of 16, at most 32 * kMaxHeadChunks.
 void pv_block_avx512(const float* p, int64_t n, const c10::BFloat16* base, int64_t t0, int64_t t1, int64_t c_tok,
                      int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
   const int64_t nv = head_dim / 16;
@@ -295,9 +298,10 @@ void pv_block_avx512(const float* p, int64_t n, const c10::BFloat16* base, int64
 
 template <>
 void qk_block<c10::BFloat16>(const float* qf, const c10::BFloat16* base, int64_t t0, int64_t t1, int64_t c_tok,
-                             int64_t kv_heads, int64_t group, int64_t head_dim, float scale, float* out, int64_t n) {
+                             int64_t kv_heads, int64_t group, int64_t head_dim, float scale, float* out, int64_t n,
+                             [[maybe_unused]] bool dp) {
 #if HF_PAGED_AVX512_BF16
-  if (g_decode_dpbf16 && head_dim % 32 == 0 && head_dim / 32 <= kMaxHeadChunks)
+  if (dp && head_dim % 32 == 0 && head_dim / 32 <= kMaxHeadChunks)
     return qk_block_dpbf16(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
 #endif
   qk_block_widened(qf, base, t0, t1, c_tok, kv_heads, group, head_dim, scale, out, n);
@@ -305,9 +309,10 @@ void qk_block<c10::BFloat16>(const float* qf, const c10::BFloat16* base, int64_t
 
 template <>
 void pv_block<c10::BFloat16>(const float* p, int64_t n, const c10::BFloat16* base, int64_t t0, int64_t t1,
-                             int64_t c_tok, int64_t kv_heads, int64_t group, int64_t head_dim, float* acc) {
+                             int64_t c_tok, int64_t kv_heads, int64_t group, int64_t head_dim, float* acc,
+                             [[maybe_unused]] bool dp) {
 #if HF_PAGED_AVX512_BF16
-  if (g_decode_dpbf16 && head_dim % 16 == 0 && head_dim / 16 <= 2 * kMaxHeadChunks &&
+  if (dp && head_dim % 16 == 0 && head_dim / 16 <= 2 * kMaxHeadChunks &&
       group * (head_dim / 16) <= kMaxAccumulators)
     return pv_block_avx512(p, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc);
 #endif
@@ -321,7 +326,7 @@ template <typename scalar_t>
 void decode_one(const scalar_t* qrow, int64_t q_head, const scalar_t* kc, const scalar_t* vc, const int32_t* table,
                 int64_t len, int64_t start, int64_t block_size, int64_t c_blk, int64_t c_tok, int64_t kv_heads,
                 int64_t group, int64_t head_dim, float scale, float cap, scalar_t* orow, int64_t o_head,
-                std::vector<float>& qf, std::vector<float>& acc, std::vector<float>& scores) {
+                std::vector<float>& qf, std::vector<float>& acc, std::vector<float>& scores, bool dp) {
   const int64_t heads = kv_heads * group;
   const int64_t n = len - start;
   const int64_t block_bytes = block_size * c_tok * static_cast<int64_t>(sizeof(scalar_t));
@@ -340,9 +345,9 @@ void decode_one(const scalar_t* qrow, int64_t q_head, const scalar_t* kc, const 
       const int64_t t1 = std::min<int64_t>(len, (b + 1) * block_size) - b * block_size;
       const int64_t j0 = b * block_size + t0 - start;
       if (pass == 0)
-        qk_block(qf.data(), base, t0, t1, c_tok, kv_heads, group, head_dim, scale, scores.data() + j0, n);
+        qk_block(qf.data(), base, t0, t1, c_tok, kv_heads, group, head_dim, scale, scores.data() + j0, n, dp);
       else
-        pv_block(scores.data() + j0, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc.data());
+        pv_block(scores.data() + j0, n, base, t0, t1, c_tok, kv_heads, group, head_dim, acc.data(), dp);
     }
     if (pass == 1) break;
     // Softmax per head, left unnormalised (the sum is divided out at the end).
@@ -402,6 +407,7 @@ void decode_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at:
   if (items.empty()) return;
   const int64_t lanes = std::max<int64_t>(1, std::min<int64_t>(at::get_num_threads(), items.size()));
   const auto plan = balance(items, lanes);
+  const bool dp = g_decode_dpbf16.load(std::memory_order_relaxed);  // one path for the whole call
 
   at::parallel_for(0, lanes, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> qf, acc, scores;
@@ -411,7 +417,7 @@ void decode_kernel(const at::Tensor& query, const at::Tensor& k_cache, const at:
         const int64_t start = window > 0 ? std::max<int64_t>(0, len - window) : 0;
         decode_one<scalar_t>(q + cu[s] * q_tok, q_head, kc, vc, tables + s * table_stride, len, start, block_size,
                              c_blk, c_tok, kv_heads, group, head_dim, static_cast<float>(scale),
-                             static_cast<float>(softcap), o + cu[s] * o_tok, o_head, qf, acc, scores);
+                             static_cast<float>(softcap), o + cu[s] * o_tok, o_head, qf, acc, scores, dp);
       }
     }
   });
