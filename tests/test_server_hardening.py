@@ -558,3 +558,42 @@ def test_echo_with_max_tokens_0_and_no_logprobs_returns_the_prompt_alone(http):
     assert r.status_code == 200, r.text
     body = r.json()
     assert body["choices"][0]["text"] == "hello world" and body["usage"]["completion_tokens"] == 0
+
+
+def test_a_failed_engine_step_is_a_424_for_its_request_and_the_queued_one_is_served():
+    """An engine step that raises answers 424 `generation` to the request it was running (not a 5xx); a request
+    queued behind it (max_num_seqs=1) is served with the tokens it gets on its own, and the server goes on."""
+    p = tiny_chat_pipeline(max_num_seqs=1)
+    second = {"inputs": "Second", "parameters": {"max_new_tokens": 6}}
+    try:
+        with serving(p) as s, httpx.Client(base_url=s.url, timeout=60) as c, \
+                httpx.Client(base_url=s.url, timeout=60) as c1:
+            want = c.post("/generate", json=second).json()["generated_text"]
+            before = failures(s.state)
+            real, fired = p.engine.runner.run, []
+
+            def run(*args, **kwargs):
+                if p.engine.scheduler.waiting and not fired:  # the second request is queued now
+                    fired.append(1)
+                    raise RuntimeError("device lost")
+                return real(*args, **kwargs)
+
+            p.engine.runner.run = run
+            result = {}
+            t = threading.Thread(target=lambda: result.setdefault("r", c1.post(
+                "/generate", json={"inputs": "First", "parameters": {"max_new_tokens": 100}})))
+            t.start()
+            deadline = time.monotonic() + 10
+            while p.stats()["running"] == 0 and time.monotonic() < deadline:
+                time.sleep(0.002)
+            r2 = c.post("/generate", json=second)
+            t.join(60)
+            assert fired
+            assert_error(result["r"], 424, "generation", "device lost")
+            assert r2.status_code == 200 and r2.json()["generated_text"] == want
+            del p.engine.runner.run
+            assert c.post("/generate", json=second).json()["generated_text"] == want
+            after = failures(s.state)
+            assert after["generation"] - before["generation"] == 1 and after["internal"] == before["internal"]
+    finally:
+        p.close()
